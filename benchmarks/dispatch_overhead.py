@@ -1,0 +1,56 @@
+"""Dispatch overhead: N `true` jobs on 2 slots through mpmsub, against `xargs -P2` in the same run.
+
+Prints the ratio of medians (mpmsub / xargs). Targets: at most 1.5 (engine issue), 1.3 (scheduling
+issue). Usage: python benchmarks/dispatch_overhead.py [--jobs 1000] [--runs 5] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import best_of, machine, median, record, xargs_true
+
+import mpmsub
+
+
+def run_mpmsub(n: int, slots: int) -> None:
+    with mpmsub.MemoryAwareExecutor(cpus=slots, memory="1G") as ex:
+        futures = [ex.submit(["true"]) for _ in range(n)]
+        for f in futures:
+            if not f.result().success:
+                raise RuntimeError(f.result().error)
+
+
+def main() -> float:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--record", action="store_true", help="append the figures to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    slots = 2
+    xargs_times, mpmsub_times = [], []
+    for _ in range(args.runs):  # interleaved, so that both see the same machine load
+        xargs_times += best_of(1, lambda: xargs_true(args.jobs, slots))
+        mpmsub_times += best_of(1, lambda: run_mpmsub(args.jobs, slots))
+    ratio = median(mpmsub_times) / median(xargs_times)
+    lines = [
+        f"| {args.jobs} `true` jobs, {slots} slots | median of {args.runs} | per job |",
+        "|---|---|---|",
+        f"| xargs -P{slots} | {median(xargs_times):.3f} s | {median(xargs_times) / args.jobs * 1e3:.3f} ms |",
+        f"| mpmsub | {median(mpmsub_times):.3f} s | {median(mpmsub_times) / args.jobs * 1e3:.3f} ms |",
+        "",
+        f"**ratio mpmsub / xargs: {ratio:.2f}** (target: at most 1.5)",
+    ]
+    print(f"machine: {machine()}")
+    print("\n".join(lines))
+    if args.record:
+        record("Dispatch overhead", lines)
+    return ratio
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""MemoryAwareExecutor: a concurrent.futures.Executor that runs commands under a CPU and memory
+budget.
+
+Callers only validate and enqueue; one event-loop thread owns the queue, the ledger and the
+running jobs, and is woken by submits, process exits, output and timers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures import Executor, Future
+from typing import Any, Dict, Optional, Set
+
+from typing_extensions import Literal
+
+from mpmsub import _result as kinds
+from mpmsub._job import JobSpec, to_spec
+from mpmsub._launcher import Handle, Launcher, Outcome
+from mpmsub._ledger import Ledger, Request
+from mpmsub._local import LocalLauncher
+from mpmsub._loop import EventLoop
+from mpmsub._monitor import Monitor
+from mpmsub._result import JobResult
+from mpmsub._scheduler import FifoScheduler
+from mpmsub._system import detect_cpus, detect_memory
+from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
+
+logger = logging.getLogger("mpmsub")
+
+_live_executors: weakref.WeakSet[MemoryAwareExecutor] = weakref.WeakSet()
+
+
+class _Item:
+    """A submitted job on its way through the executor."""
+
+    __slots__ = ("future", "handle", "job_id", "request", "seq", "spec")
+
+    def __init__(self, seq: int, spec: JobSpec, job_id: str, future: Future[JobResult]) -> None:
+        self.seq = seq
+        self.spec = spec
+        self.job_id = job_id
+        self.request = Request(spec.cpus, spec.memory or 0)
+        self.future = future
+        self.handle: Optional[Handle] = None
+
+
+def make_result(item: _Item, outcome: Outcome) -> JobResult:
+    """Turn what a launcher measured into the JobResult users see, with the failure explained."""
+    spec = item.spec
+    codes = outcome.returncodes
+    nonzero = [(i, rc) for i, rc in enumerate(codes) if rc not in (0, None)]
+    returncode = nonzero[-1][1] if nonzero else (codes[-1] if codes else None)
+    failure, error = outcome.failure, outcome.error
+    if failure is None and nonzero:
+        index, rc = nonzero[-1]
+        where = f" (pipeline stage {index + 1}: {spec.stages[index][0]!r})" if spec.is_pipeline else ""
+        if rc is not None and rc < 0:
+            failure, error = kinds.SIGNAL, f"killed by signal {_signal_name(-rc)}{where}"
+        else:
+            failure, error = kinds.EXIT, f"exited with status {rc}{where}"
+    return JobResult(
+        job_id=item.job_id,
+        cmd=spec.cmd,
+        returncode=returncode,
+        stdout=outcome.stdout,
+        stderr=outcome.stderr,
+        runtime=outcome.runtime,
+        memory_used=outcome.peak_memory / MB,
+        cpu_used=outcome.cpu_time,
+        start_time=outcome.start_time,
+        end_time=outcome.start_time + outcome.runtime,
+        error=error,
+        failure=failure,
+        cpus=spec.cpus,
+        memory_requested=None if spec.memory is None else spec.memory / MB,
+        stage_returncodes=list(codes),
+    )
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+class MemoryAwareExecutor(Executor):
+    """Run commands in parallel without exceeding a CPU and memory budget.
+
+    `cpus` and `memory` default to what this machine (or its container) offers; `memory` takes
+    MB as a number or a string such as '8G'. `max_workers` caps how many jobs run at once; given
+    without `cpus`, it is also the number of CPUs handed out (as ProcessPoolExecutor's workers).
+    `kill_grace` is the time between SIGTERM and SIGKILL when a job is stopped.
+    """
+
+    def __init__(
+        self,
+        cpus: Optional[int] = None,
+        memory: Optional[MemoryLike] = None,
+        *,
+        max_workers: Optional[int] = None,
+        kill_grace: float = 2.0,
+        _launcher: Optional[Launcher] = None,
+        _monitor_interval: float = 0.1,
+    ) -> None:
+        slots = None if max_workers is None else parse_cpus(max_workers, "max_workers")
+        ncpus = parse_cpus(cpus, "cpus") if cpus is not None else slots if slots is not None else detect_cpus()
+        budget = detect_memory() if memory is None else parse_memory(memory, "memory")
+        if budget <= 0:
+            raise ValueError(f"invalid memory {memory!r}: the executor needs a positive memory budget")
+        if isinstance(kill_grace, bool) or not isinstance(kill_grace, (int, float)) or not kill_grace >= 0:
+            raise ValueError(f"invalid kill_grace {kill_grace!r}: expected a number of seconds, 0 or more")
+        self.cpus = ncpus
+        self.memory = budget
+        self.max_workers = slots
+        self._ledger = Ledger(ncpus, budget, slots)
+        self._scheduler: FifoScheduler[_Item] = FifoScheduler()
+        self._running: Dict[int, _Item] = {}
+        self._lock = threading.Lock()
+        self._ids: Set[str] = set()
+        self._seq = itertools.count()
+        self._auto_id = itertools.count(1)
+        self._shutdown = False
+        self._closing = False
+        self._dispatch_pending = False
+        self._loop = EventLoop("mpmsub-executor")
+        self._launcher = _launcher if _launcher is not None else LocalLauncher(self._loop, kill_grace)
+        self._monitor = Monitor(_monitor_interval)
+        self._loop.start()
+        _live_executors.add(self)
+        weakref.finalize(self, _stop_loop, self._loop, self._monitor)
+
+    def __repr__(self) -> str:
+        cap = f", max_workers={self.max_workers}" if self.max_workers else ""
+        return f"MemoryAwareExecutor(cpus={self.cpus}, memory={format_memory(self.memory)!r}{cap})"
+
+    # -- the public interface (any thread) -------------------------------------------------------
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[JobResult]:  # type: ignore[override]
+        """Queue a job (a Job, a job dict, a Pipeline or a list of strings); return its Future.
+
+        Bad input raises ValueError/TypeError here, at once, as does a job larger than the
+        executor. The Future resolves to a JobResult, also when the command fails.
+        """
+        if args or kwargs:
+            raise TypeError(
+                "submit() takes one job (a Job, a job dict, a Pipeline or a list of strings), "
+                f"not extra arguments {args!r} {kwargs!r}"
+            )
+        spec = to_spec(fn)
+        request = Request(spec.cpus, spec.memory or 0)
+        future: Future[JobResult] = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit a job after the executor has been shut down")
+            job_id = self._claim_id(spec.job_id)
+            why = self._ledger.why_never_fits(request)
+            if why is not None:
+                self._ids.discard(job_id)
+                raise ValueError(f"job {job_id!r} can never run on this executor: {why}")
+            item = _Item(next(self._seq), spec, job_id, future)
+            self._loop.call_soon_threadsafe(self._enqueue, item)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting jobs; with `cancel_futures`, cancel the queued ones; with `wait`, return
+        once every started job has finished."""
+        with self._lock:
+            self._shutdown = True
+            if self._loop.is_alive():
+                self._loop.call_soon_threadsafe(self._on_shutdown, cancel_futures, None)
+        if wait:
+            self._wait()
+
+    def terminate(self, reason: str = "the executor was terminated") -> None:
+        """Stop now: cancel the queued jobs and kill the process trees of the running ones."""
+        with self._lock:
+            self._shutdown = True
+            if self._loop.is_alive():
+                self._loop.call_soon_threadsafe(self._on_shutdown, True, reason)
+        self._wait()
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> Literal[False]:
+        if exc_type is None:
+            self.shutdown(wait=True)
+        else:
+            self.terminate(f"stopped by {exc_type.__name__} in the executor's with block")
+        return False
+
+    def _wait(self) -> None:
+        if self._loop.in_loop_thread():
+            return  # called from a done-callback: the loop finishes on its own
+        try:
+            self._loop.join()
+        except BaseException:  # Ctrl-C while waiting: nothing of ours may outlive the wait
+            with self._lock:
+                self._shutdown = True
+                if self._loop.is_alive():
+                    self._loop.call_soon_threadsafe(self._on_shutdown, True, "interrupted while waiting for jobs")
+            self._loop.join()
+            raise
+
+    def _claim_id(self, wanted: Optional[str]) -> str:
+        if wanted is not None:
+            if wanted in self._ids:
+                raise ValueError(f"duplicate job id {wanted!r}: ids must be unique within an executor")
+            self._ids.add(wanted)
+            return wanted
+        while True:
+            job_id = f"job_{next(self._auto_id):04d}"
+            if job_id not in self._ids:
+                self._ids.add(job_id)
+                return job_id
+
+    # -- on the loop thread ----------------------------------------------------------------------
+
+    def _enqueue(self, item: _Item) -> None:
+        self._scheduler.push(item)
+        if not self._dispatch_pending:
+            self._dispatch_pending = True
+            self._loop.call_soon_threadsafe(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_pending = False
+        while True:
+            chosen = self._scheduler.select(self._ledger)
+            if not chosen:
+                return
+            for item in chosen:
+                if item.future.set_running_or_notify_cancel():
+                    self._start(item)
+                else:  # cancelled while queued
+                    self._ledger.release(item.request)
+
+    def _start(self, item: _Item) -> None:
+        self._running[item.seq] = item
+        logger.debug("mpmsub: start %s (%s): %s", item.job_id, item.spec.resources(), item.spec.describe())
+
+        def on_exit(outcome: Outcome) -> None:
+            self._loop.call_soon_threadsafe(self._on_exit, item, outcome)
+
+        try:
+            item.handle = self._launcher.start(item.spec, item.job_id, on_exit)
+        except Exception as exc:  # a launcher bug or a backend failure: record it on the job
+            logger.exception("mpmsub: could not start job %s", item.job_id)
+            on_exit(
+                Outcome(
+                    [None] * len(item.spec.stages),
+                    None,
+                    None,
+                    time.time(),
+                    0.0,
+                    0.0,
+                    0,
+                    kinds.ERROR,
+                    f"mpmsub could not start the job: {exc!r}",
+                )
+            )
+            return
+        self._monitor.watch(item.handle)
+
+    def _on_exit(self, item: _Item, outcome: Outcome) -> None:
+        if self._running.pop(item.seq, None) is None:
+            return
+        self._ledger.release(item.request)
+        if item.handle is not None:
+            self._monitor.unwatch(item.handle)
+        result = make_result(item, outcome)
+        self._dispatch()  # start the next jobs before running the user's callbacks
+        logger.debug("mpmsub: end %s: %s", item.job_id, result.error or "ok")
+        item.future.set_result(result)
+        self._maybe_close()
+
+    def _on_shutdown(self, cancel_queued: bool, kill_reason: Optional[str]) -> None:
+        # After a plain shutdown the queued jobs still run, as in the standard library.
+        self._closing = True
+        if cancel_queued:
+            for item in self._scheduler.clear():
+                item.future.cancel()
+        if kill_reason is not None:
+            for item in list(self._running.values()):
+                if item.handle is not None:
+                    item.handle.kill(kinds.CANCELLED, f"killed: {kill_reason}")
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._closing and not self._running and not self._scheduler:
+            self._monitor.close()
+            self._launcher.close()
+            self._loop.stop()
+            _live_executors.discard(self)
+
+
+def _stop_loop(loop: EventLoop, monitor: Monitor) -> None:
+    monitor.close()
+    loop.call_soon_threadsafe(loop.stop)
+
+
+def _at_exit() -> None:
+    """At interpreter exit: finish the work of executors never shut down, or kill it if the
+    program is dying of an exception (such as Ctrl-C)."""
+    dying = getattr(sys, "last_value", None) is not None
+    for executor in list(_live_executors):
+        if dying:
+            executor.terminate("the program is exiting on an uncaught exception")
+        else:
+            executor.shutdown(wait=True)
+
+
+try:
+    threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - Python without the hook
+    import atexit
+
+    atexit.register(_at_exit)

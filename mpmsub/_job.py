@@ -1,0 +1,361 @@
+"""Job descriptions: the seed's `Job` builder, `Pipeline`, `job()`/`pipeline()` helpers, and the
+normalisation of a Job, a dict or an argv list into one validated, immutable `JobSpec`."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from typing_extensions import Self
+
+from mpmsub._units import MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory
+
+Argv = Tuple[str, ...]
+StrPath = Union[str, "os.PathLike[str]"]
+CommandLike = Union[Sequence[StrPath], "Pipeline"]
+
+
+def _argv(cmd: object, what: str = "cmd") -> Argv:
+    """Validate one command: a non-empty list or tuple of strings or paths."""
+    if isinstance(cmd, (str, bytes)):
+        raise TypeError(
+            f"{what} must be a list of arguments, not the string {cmd!r}; "
+            f"split it (e.g. {str(cmd).split()!r}) or run it through a shell: ['sh', '-c', {cmd!r}]"
+        )
+    if not isinstance(cmd, (list, tuple)):
+        raise TypeError(f"{what} must be a list of strings; got {cmd!r} ({type(cmd).__name__})")
+    if not cmd:
+        raise ValueError(f"{what} is empty: give the program to run and its arguments")
+    argv = []
+    for index, arg in enumerate(cmd):
+        if isinstance(arg, os.PathLike):
+            arg = os.fspath(arg)
+        if not isinstance(arg, str):
+            raise TypeError(
+                f"{what}[{index}] must be a string or a path; got {arg!r} ({type(arg).__name__}) in {list(cmd)!r}"
+            )
+        argv.append(arg)
+    if not argv[0]:
+        raise ValueError(f"{what} names no program: its first argument is empty in {argv!r}")
+    return tuple(argv)
+
+
+def _optional_path(value: object, what: str) -> Optional[str]:
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{what} must be a non-empty path string; got {value!r}")
+    return value
+
+
+def _env(value: object) -> Optional[Dict[str, str]]:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"env must be a dict of variable names to string values; got {value!r}")
+    env = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key or "=" in key:
+            raise ValueError(f"env has an invalid variable name {key!r}")
+        if not isinstance(item, str):
+            raise TypeError(f"env[{key!r}] must be a string; got {item!r} ({type(item).__name__})")
+        env[key] = item
+    return env
+
+
+def _job_id(value: object) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or str(value) == "":
+        raise TypeError(f"id must be a non-empty string; got {value!r}")
+    return str(value)
+
+
+class Pipeline:
+    """Commands connected like a shell pipe: each stage's stdout feeds the next one's stdin.
+
+    The pipeline fails if any stage fails (as `set -o pipefail`).
+    """
+
+    def __init__(self, commands: Iterable[Sequence[StrPath]]) -> None:
+        if isinstance(commands, (str, bytes)) or not isinstance(commands, Iterable):
+            raise TypeError(f"Pipeline takes a list of commands (each a list of strings); got {commands!r}")
+        self.commands: List[List[str]] = [list(_argv(c, f"pipeline stage {i}")) for i, c in enumerate(commands)]
+        if not self.commands:
+            raise ValueError("a Pipeline needs at least one command")
+
+    def pipe_to(self, cmd: Sequence[StrPath]) -> Pipeline:
+        """Return a new pipeline with `cmd` added as its last stage."""
+        return Pipeline([*self.commands, cmd])
+
+    def __len__(self) -> int:
+        return len(self.commands)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pipeline) and other.commands == self.commands
+
+    def __hash__(self) -> int:
+        return hash(tuple(tuple(c) for c in self.commands))
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.commands!r})"
+
+    def __str__(self) -> str:
+        return " | ".join(" ".join(c) for c in self.commands)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job, as the engine sees it. Bytes and seconds; `memory` None reserves nothing."""
+
+    stages: Tuple[Argv, ...]
+    cpus: int = 1
+    memory: Optional[int] = None
+    job_id: Optional[str] = None
+    cwd: Optional[str] = None
+    env: Optional[Mapping[str, str]] = None
+    timeout: Optional[float] = None
+    stdout: Optional[str] = None
+    stderr: Optional[str] = None
+
+    @property
+    def is_pipeline(self) -> bool:
+        return len(self.stages) > 1
+
+    @property
+    def cmd(self) -> Union[List[str], List[List[str]]]:
+        """The command as users wrote it: an argv list, or a list of argv lists for a pipeline."""
+        if self.is_pipeline:
+            return [list(stage) for stage in self.stages]
+        return list(self.stages[0])
+
+    def describe(self) -> str:
+        """The command as one line of text, for messages and logs."""
+        return " | ".join(" ".join(stage) for stage in self.stages)
+
+    def resources(self) -> str:
+        mem = format_memory(self.memory) if self.memory is not None else "no memory reservation"
+        return f"{self.cpus} CPU{'s' if self.cpus != 1 else ''}, {mem}"
+
+
+class Job:
+    """A command and what it needs, built step by step (each builder validates and returns the job).
+
+    >>> Job(["echo", "hi"]).cpu(2).memory("1G").with_timeout(60).with_id("greet").to_dict()["p"]
+    2
+    """
+
+    def __init__(
+        self,
+        cmd: Optional[CommandLike] = None,
+        p: Optional[int] = None,
+        m: Optional[MemoryLike] = None,
+        id: Optional[str] = None,
+        cwd: Optional[StrPath] = None,
+        env: Optional[Mapping[str, str]] = None,
+        timeout: Optional[float] = None,
+        pipeline: Optional[Union[Pipeline, Sequence[Sequence[StrPath]]]] = None,
+        stdout: Optional[StrPath] = None,
+        stderr: Optional[StrPath] = None,
+    ) -> None:
+        if cmd is not None and pipeline is not None:
+            raise ValueError("give a Job either cmd or pipeline, not both")
+        self.cmd: Union[List[str], Pipeline]
+        if isinstance(pipeline, Pipeline) or isinstance(cmd, Pipeline):
+            self.cmd = pipeline if isinstance(pipeline, Pipeline) else cmd  # type: ignore[assignment]
+        elif pipeline is not None:
+            self.cmd = Pipeline(pipeline)
+        elif cmd is not None:
+            self.cmd = list(_argv(cmd))
+        else:
+            raise ValueError("a Job needs a command: Job(['program', 'arg', ...]) or Job(pipeline=[[...], [...]])")
+        self.p: int = 1
+        self.m: Optional[MemoryLike] = None
+        self.id: Optional[str] = None
+        self.cwd: Optional[str] = None
+        self.env: Optional[Dict[str, str]] = None
+        self.timeout: Optional[float] = None
+        self.stdout: Optional[str] = None
+        self.stderr: Optional[str] = None
+        if p is not None:
+            self.cpu(p)
+        if m is not None:
+            self.memory(m)
+        if id is not None:
+            self.with_id(id)
+        if cwd is not None:
+            self.working_dir(cwd)
+        if env is not None:
+            self.environment(env)
+        if timeout is not None:
+            self.with_timeout(timeout)
+        if stdout is not None:
+            self.stdout_to(stdout)
+        if stderr is not None:
+            self.stderr_to(stderr)
+
+    def cpu(self, cpus: int) -> Self:
+        """Set the number of CPUs the job needs (a whole number, at least 1)."""
+        self.p = parse_cpus(cpus, "p (cpus)")
+        return self
+
+    def memory(self, memory: Optional[MemoryLike]) -> Self:
+        """Set the memory the job needs: MB as a number, or '500M', '4G', ...; None for no reservation."""
+        if memory is not None:
+            parse_memory(memory, "m (memory)")
+        self.m = memory
+        return self
+
+    def with_timeout(self, seconds: Optional[float]) -> Self:
+        """Kill the job's whole process tree if it runs longer than `seconds`."""
+        self.timeout = None if seconds is None else parse_duration(seconds)
+        return self
+
+    def with_id(self, job_id: str) -> Self:
+        """Name the job; ids must be unique within one executor or cluster."""
+        self.id = _job_id(job_id)
+        return self
+
+    def working_dir(self, path: StrPath) -> Self:
+        """Run the job in `path`."""
+        self.cwd = _optional_path(path, "cwd")
+        return self
+
+    def environment(self, env: Mapping[str, str]) -> Self:
+        """Add (or override) environment variables for the job; the rest is inherited."""
+        self.env = _env(env)
+        return self
+
+    def stdout_to(self, path: StrPath) -> Self:
+        """Write the job's stdout to a file instead of capturing it (the cheap path for big output)."""
+        self.stdout = _optional_path(path, "stdout")
+        return self
+
+    def stderr_to(self, path: StrPath) -> Self:
+        """Write the job's stderr to a file instead of capturing it."""
+        self.stderr = _optional_path(path, "stderr")
+        return self
+
+    def pipe_to(self, cmd: Sequence[StrPath]) -> Self:
+        """Send this job's stdout into another command, like a shell `|`."""
+        base = self.cmd if isinstance(self.cmd, Pipeline) else Pipeline([self.cmd])
+        self.cmd = base.pipe_to(cmd)
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The job as a seed-style dict (keys cmd, p, m, id, cwd, env, timeout, stdout, stderr)."""
+        if isinstance(self.cmd, Pipeline):
+            data: Dict[str, Any] = {"pipeline": [list(c) for c in self.cmd.commands]}
+        else:
+            data = {"cmd": list(self.cmd)}
+        data.update(p=self.p, m=self.m)
+        for key in ("id", "cwd", "env", "timeout", "stdout", "stderr"):
+            value = getattr(self, key)
+            if value is not None:
+                data[key] = dict(value) if key == "env" else value
+        return data
+
+    def spec(self) -> JobSpec:
+        """Validate the whole job and return its immutable engine form."""
+        stages = tuple(tuple(c) for c in self.cmd.commands) if isinstance(self.cmd, Pipeline) else (tuple(self.cmd),)
+        return JobSpec(
+            stages=stages,
+            cpus=self.p,
+            memory=None if self.m is None else parse_memory(self.m, "m (memory)"),
+            job_id=self.id,
+            cwd=self.cwd,
+            env=dict(self.env) if self.env is not None else None,
+            timeout=self.timeout,
+            stdout=self.stdout,
+            stderr=self.stderr,
+        )
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        return f"Job({fields})"
+
+
+# Keys a job dict may carry; aliases map the original library's alternative spellings.
+_DICT_KEYS = ("cmd", "p", "m", "id", "cwd", "env", "timeout", "stdout", "stderr", "pipeline")
+_DICT_ALIASES = {"cpu": "p", "cpus": "p", "memory": "m"}
+
+
+def job_from_dict(data: Mapping[str, Any]) -> Job:
+    """Build a Job from a seed-style dict; an unknown key is an error that names it."""
+    known = set(_DICT_KEYS) | set(_DICT_ALIASES)
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown job key {key!r}{hint}; accepted keys: {', '.join(_DICT_KEYS)}")
+    kwargs: Dict[str, Any] = {}
+    for key, value in data.items():
+        name = _DICT_ALIASES.get(key, key)
+        if name in kwargs:
+            raise ValueError(f"job dict gives {name!r} twice (as {key!r} and another spelling)")
+        kwargs[name] = value
+    if "cmd" not in kwargs and "pipeline" not in kwargs:
+        raise ValueError(f"job dict has no 'cmd': {dict(data)!r}")
+    cmd = kwargs.get("cmd")
+    if isinstance(cmd, list) and cmd and all(isinstance(c, (list, tuple)) for c in cmd):
+        kwargs["pipeline"] = kwargs.pop("cmd")  # a list of commands is a pipeline
+    return Job(**kwargs)
+
+
+def to_spec(item: object) -> JobSpec:
+    """Normalise what `submit` accepts (Job, dict, argv list, Pipeline) into a validated JobSpec."""
+    if isinstance(item, Job):
+        return item.spec()
+    if isinstance(item, Mapping):
+        return job_from_dict(item).spec()
+    if isinstance(item, Pipeline):
+        return Job(pipeline=item).spec()
+    if isinstance(item, (list, tuple)):
+        return Job(list(item)).spec()
+    if isinstance(item, (str, bytes)):
+        _argv(item)  # raises with a message that explains the string case
+    raise TypeError(f"cannot run {item!r}: submit a Job, a job dict, a Pipeline or a list of strings")
+
+
+def job(
+    cmd: CommandLike,
+    p: Optional[int] = None,
+    m: Optional[MemoryLike] = None,
+    *,
+    cpu: Optional[int] = None,
+    cpus: Optional[int] = None,
+    memory: Optional[MemoryLike] = None,
+    id: Optional[str] = None,
+    cwd: Optional[StrPath] = None,
+    env: Optional[Mapping[str, str]] = None,
+    timeout: Optional[float] = None,
+    stdout: Optional[StrPath] = None,
+    stderr: Optional[StrPath] = None,
+) -> Job:
+    """Create a Job in one call: `job(["sort", "x"], p=1, m="100M", timeout=60)`."""
+    given_cpus = [v for v in (p, cpu, cpus) if v is not None]
+    given_mem = [v for v in (m, memory) if v is not None]
+    if len(given_cpus) > 1:
+        raise ValueError(f"give the CPU count once (p, cpu or cpus); got {given_cpus!r}")
+    if len(given_mem) > 1:
+        raise ValueError(f"give the memory once (m or memory); got {given_mem!r}")
+    return Job(
+        cmd,
+        p=given_cpus[0] if given_cpus else None,
+        m=given_mem[0] if given_mem else None,
+        id=id,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+def pipeline(commands: Iterable[Sequence[StrPath]], **kwargs: Any) -> Job:
+    """Create a pipeline Job: `pipeline([["cat", f], ["sort"]], p=1, m="200M", stdout="out.txt")`."""
+    return job(Pipeline(commands), **kwargs)

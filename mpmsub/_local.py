@@ -1,0 +1,334 @@
+"""The local launcher: jobs as process trees on this machine, driven by the executor's event loop.
+
+Each pipeline stage starts in a session of its own, so its whole tree can be signalled. Exits are
+learnt through a pidfd registered on the loop (a waiter thread where pidfds do not exist), output
+pipes are read on the loop, and every stage is reaped with os.wait4 to get the kernel's rusage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, Callable, Dict, List, Optional
+
+from mpmsub import _proctree
+from mpmsub import _result as kinds
+from mpmsub._job import JobSpec
+from mpmsub._launcher import Handle, Launcher, Outcome
+from mpmsub._loop import EventLoop, Timer
+
+logger = logging.getLogger("mpmsub")
+
+# ru_maxrss is in kilobytes on Linux and in bytes on macOS.
+_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
+# How long captured output may stay open after every stage has exited before the rest of the
+# job's session is killed, and then before mpmsub stops waiting for it.
+_LEFTOVER_GRACE = 0.2
+_READ_SIZE = 1 << 16
+
+
+def _start_error(spec: JobSpec, argv0: str, exc: OSError) -> str:
+    """A sentence saying why a process could not be started."""
+    if spec.cwd is not None and exc.filename == spec.cwd:
+        if isinstance(exc, FileNotFoundError):
+            return f"working directory not found: {spec.cwd!r}"
+        if isinstance(exc, NotADirectoryError):
+            return f"working directory is not a directory: {spec.cwd!r}"
+        return f"cannot enter working directory {spec.cwd!r}: {exc.strerror}"
+    if isinstance(exc, FileNotFoundError):
+        return f"command not found: {argv0!r}"
+    if isinstance(exc, PermissionError):
+        return f"permission denied: cannot execute {argv0!r}"
+    return f"cannot start {argv0!r}: {exc.strerror or exc}"
+
+
+class LocalLauncher(Launcher):
+    """Runs jobs as local process trees; every callback runs on `loop`'s thread."""
+
+    def __init__(self, loop: EventLoop, kill_grace: float = 2.0) -> None:
+        self.loop = loop
+        self.kill_grace = kill_grace
+
+    def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
+        handle = LocalHandle(self, spec, job_id, on_exit)
+        handle.launch()
+        return handle
+
+
+class LocalHandle(Handle):
+    """One job's processes, output pipes and timers."""
+
+    def __init__(self, launcher: LocalLauncher, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> None:
+        self._launcher = launcher
+        self._loop = launcher.loop
+        self.spec = spec
+        self.job_id = job_id
+        self._on_exit = on_exit
+        self.pids: List[int] = []  # stage roots, each a session leader
+        self._returncodes: List[Optional[int]] = [None] * len(spec.stages)
+        self._unreaped: Dict[int, int] = {}  # pid -> stage index
+        self._pidfds: Dict[int, int] = {}  # pid -> pidfd
+        self._outputs: Dict[int, List[bytes]] = {}  # capture fd -> chunks
+        self._stdout_fd: Optional[int] = None
+        self._stderr_fd: Optional[int] = None
+        self._chunks_out: List[bytes] = []
+        self._chunks_err: List[bytes] = []
+        self._cpu_time = 0.0
+        self._max_rss = 0
+        self.sampled_peak = 0  # written by the monitor thread
+        self._timers: List[Timer] = []
+        self.failure: Optional[str] = None
+        self.error: Optional[str] = None
+        self._killing = False
+        self._finished = False
+        self._start_time = time.time()
+        self._start_mono = time.monotonic()
+
+    # -- starting -------------------------------------------------------------------------------
+
+    def launch(self) -> None:
+        spec = self.spec
+        env = None if spec.env is None else {**os.environ, **spec.env}
+        parent_fds: List[int] = []  # our copies of the children's ends, closed once they started
+        files: List[IO[bytes]] = []
+        try:
+            out_target = self._output_target("stdout", spec.stdout, files, parent_fds)
+            err_target = self._output_target("stderr", spec.stderr, files, parent_fds)
+        except OSError as exc:
+            self._close_all(parent_fds, files)
+            self._fail_start(f"cannot open {exc.filename!r} for the job's output: {exc.strerror}")
+            return
+        stdin: Optional[int] = None  # read end of the previous stage's pipe
+        argv = spec.stages[0]
+        try:
+            for index, argv in enumerate(spec.stages):
+                last = index == len(spec.stages) - 1
+                pipe_r, pipe_w = (None, None) if last else os.pipe()
+                try:
+                    proc = subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL if stdin is None else stdin,
+                        stdout=out_target if pipe_w is None else pipe_w,
+                        stderr=err_target,
+                        cwd=spec.cwd,
+                        env=env,
+                        start_new_session=True,
+                        close_fds=True,
+                    )
+                except OSError:
+                    if pipe_r is not None:
+                        os.close(pipe_r)
+                    raise
+                finally:
+                    if stdin is not None:
+                        os.close(stdin)
+                        stdin = None
+                    if pipe_w is not None:
+                        os.close(pipe_w)
+                stdin = pipe_r
+                # Popen's bookkeeping is ours now: the stage is reaped with os.wait4 on the loop.
+                proc.returncode = 0
+                self.pids.append(proc.pid)
+                self._unreaped[proc.pid] = index
+        except OSError as exc:
+            self._close_all(parent_fds, files)
+            self.failure, self.error = kinds.START, _start_error(spec, argv[0], exc)
+            if not self.pids:
+                self._fail_start(self.error)
+                return
+            self._killing = True
+            self._signal(signal.SIGKILL)  # the stages of a pipeline that could not be completed
+        else:
+            self._close_all(parent_fds, files)
+        for pid in self.pids:
+            self._watch_exit(pid)
+        for fd in list(self._outputs):
+            os.set_blocking(fd, False)
+            self._loop.add_reader(fd, self._on_readable, fd)
+        if spec.timeout is not None and not self._killing and self.failure is None:
+            self._timers.append(
+                self._loop.call_later(spec.timeout, self.kill, kinds.TIMEOUT, f"timed out after {spec.timeout:g} s")
+            )
+
+    def _output_target(self, name: str, path: Optional[str], files: List[IO[bytes]], parent_fds: List[int]) -> int:
+        """The fd a stream goes to: a file the user named, or a pipe we capture."""
+        if path is not None:
+            f = open(path, "wb")  # noqa: SIM115 - closed in launch() once the children hold it
+            files.append(f)
+            return f.fileno()
+        read_fd, write_fd = os.pipe()
+        parent_fds.append(write_fd)
+        self._outputs[read_fd] = self._chunks_out if name == "stdout" else self._chunks_err
+        if name == "stdout":
+            self._stdout_fd = read_fd
+        else:
+            self._stderr_fd = read_fd
+        return write_fd
+
+    @staticmethod
+    def _close_all(fds: List[int], files: List[IO[bytes]]) -> None:
+        for fd in fds:
+            os.close(fd)
+        for f in files:
+            f.close()
+        fds.clear()
+        files.clear()
+
+    def _fail_start(self, message: str) -> None:
+        self.failure, self.error = kinds.START, message
+        for fd in list(self._outputs):
+            os.close(fd)
+        self._outputs.clear()
+        # Report on a later loop iteration, never from inside start().
+        self._loop.call_soon_threadsafe(self._finish)
+
+    def _watch_exit(self, pid: int) -> None:
+        try:
+            pidfd = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
+        except (AttributeError, OSError):
+            threading.Thread(target=self._wait_thread, args=(pid,), name=f"mpmsub-wait-{pid}", daemon=True).start()
+            return
+        self._pidfds[pid] = pidfd
+        self._loop.add_reader(pidfd, self._on_pidfd, pid)
+
+    def _wait_thread(self, pid: int) -> None:
+        """Where there is no pidfd: wait for the exit without reaping, then reap on the loop."""
+        if hasattr(os, "waitid"):
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            self._loop.call_soon_threadsafe(self._reap, pid)
+        else:  # reaping here gives up the killpg safety of an unreaped leader; rare platforms only
+            _, status, usage = os.wait4(pid, 0)
+            self._loop.call_soon_threadsafe(self._record_exit, pid, status, usage)
+
+    # -- events on the loop ---------------------------------------------------------------------
+
+    def _on_pidfd(self, pid: int) -> None:
+        pidfd = self._pidfds.pop(pid)
+        self._loop.remove_reader(pidfd)
+        os.close(pidfd)
+        self._reap(pid)
+
+    def _reap(self, pid: int) -> None:
+        # The stage is a zombie: its pid still holds its process group, so killing what is left
+        # of the group cannot hit an unrelated process.
+        _proctree.kill_group(pid)
+        _, status, usage = os.wait4(pid, 0)
+        self._record_exit(pid, status, usage)
+
+    def _record_exit(self, pid: int, status: int, usage: object) -> None:
+        index = self._unreaped.pop(pid)
+        self._returncodes[index] = os.waitstatus_to_exitcode(status)
+        self._cpu_time += usage.ru_utime + usage.ru_stime  # type: ignore[attr-defined]
+        # A child's ru_maxrss also counts the memory of the process it was forked from (this one)
+        # as it stood at exec time. It is the program's own peak only where it is above ours.
+        max_rss = usage.ru_maxrss * _MAXRSS_UNIT  # type: ignore[attr-defined]
+        if max_rss > resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_UNIT:
+            self._max_rss = max(self._max_rss, max_rss)
+        if not self._unreaped:
+            self._stages_done()
+
+    def _stages_done(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        if self._killing:
+            self._kill_session()  # a killed job's processes outside its process group
+        if self._outputs:
+            # Something still holds our output pipes: a process of the job that left its group.
+            self._timers.append(self._loop.call_later(_LEFTOVER_GRACE, self._kill_leftovers))
+        else:
+            self._finish()
+
+    def _kill_session(self) -> None:
+        # The roots are reaped, so only the session ids are safe to match on now.
+        for pid, proc in _proctree.snapshot().items():
+            if proc.sid in self.pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def _kill_leftovers(self) -> None:
+        self._kill_session()
+        self._timers.append(self._loop.call_later(_LEFTOVER_GRACE, self._abandon_output))
+
+    def _abandon_output(self) -> None:
+        if self._outputs:
+            logger.warning(
+                "mpmsub: job %s: a process outside the job's session keeps its output open; "
+                "output after its end is not captured",
+                self.job_id,
+            )
+            for fd in list(self._outputs):
+                self._close_output(fd)
+        self._finish()
+
+    def _on_readable(self, fd: int) -> None:
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        if data:
+            self._outputs[fd].append(data)
+            return
+        self._close_output(fd)
+        if not self._outputs and not self._unreaped:
+            self._finish()
+
+    def _close_output(self, fd: int) -> None:
+        self._loop.remove_reader(fd)
+        os.close(fd)
+        del self._outputs[fd]
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        for timer in self._timers:
+            timer.cancel()
+        runtime = time.monotonic() - self._start_mono
+        outcome = Outcome(
+            returncodes=self._returncodes,
+            stdout=None if self._stdout_fd is None else b"".join(self._chunks_out).decode("utf-8", "replace"),
+            stderr=None if self._stderr_fd is None else b"".join(self._chunks_err).decode("utf-8", "replace"),
+            start_time=self._start_time,
+            runtime=runtime,
+            cpu_time=self._cpu_time,
+            peak_memory=max(self._max_rss, self.sampled_peak),
+            failure=self.failure,
+            error=self.error,
+        )
+        self._on_exit(outcome)
+
+    # -- killing and measuring ------------------------------------------------------------------
+
+    def kill(self, failure: str, message: str, grace: Optional[float] = None) -> None:
+        if self._finished or self._killing or not self._unreaped:
+            return
+        self._killing = True
+        self.failure, self.error = failure, message
+        grace = self._launcher.kill_grace if grace is None else grace
+        if grace <= 0:
+            self._signal(signal.SIGKILL)
+            return
+        self._signal(signal.SIGTERM)
+        self._timers.append(self._loop.call_later(grace, self._signal, signal.SIGKILL))
+
+    def _signal(self, sig: int) -> None:
+        if self._unreaped:
+            _proctree.signal_tree(list(self._unreaped), sig)
+
+    def sample(self, snapshot: _proctree.Snapshot) -> Optional[int]:
+        roots = list(self._unreaped)
+        if not roots:
+            return None
+        rss = _proctree.tree_rss(snapshot, roots)
+        if rss > self.sampled_peak:
+            self.sampled_peak = rss
+        return rss

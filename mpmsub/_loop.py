@@ -1,0 +1,161 @@
+"""A small event loop on one thread: file-descriptor readiness, timers and thread-safe callbacks.
+
+The executor's bookkeeping runs here, so dispatch, process exits, output and timeouts are handled
+by one thread woken by events (a wake-up pipe, a pidfd, a pipe, the next timer), never by polling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+logger = logging.getLogger("mpmsub")
+
+Callback = Callable[..., None]
+
+
+class Timer:
+    """A handle on a callback scheduled with EventLoop.call_later; cancel() stops it."""
+
+    __slots__ = ("args", "callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callback, args: Tuple[Any, ...]) -> None:
+        self.when = when
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class EventLoop:
+    """One thread waiting on a selector; everything registered runs on that thread."""
+
+    def __init__(self, name: str) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._ready: Deque[Tuple[Callback, Tuple[Any, ...]]] = deque()
+        self._timers: List[Tuple[float, int, Timer]] = []
+        self._tiebreak = itertools.count()
+        self._readers: Dict[int, Tuple[Callback, Tuple[Any, ...]]] = {}
+        self._wake_pending = False
+        self._stopping = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    # -- from any thread ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def in_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def call_soon_threadsafe(self, callback: Callback, *args: Any) -> None:
+        """Run `callback(*args)` on the loop thread, after what is already queued."""
+        if self._closed:
+            logger.debug("mpmsub: event loop closed, dropped %r", callback)
+            return
+        self._ready.append((callback, args))
+        if not self._wake_pending and not self.in_loop_thread():
+            self._wake_pending = True
+            # A full pipe means a wake-up is pending anyway.
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"\0")
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- on the loop thread only ----------------------------------------------------------------
+
+    def call_later(self, delay: float, callback: Callback, *args: Any) -> Timer:
+        timer = Timer(time.monotonic() + max(0.0, delay), callback, args)
+        heapq.heappush(self._timers, (timer.when, next(self._tiebreak), timer))
+        return timer
+
+    def add_reader(self, fd: int, callback: Callback, *args: Any) -> None:
+        self._readers[fd] = (callback, args)
+        self._selector.register(fd, selectors.EVENT_READ, None)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None:
+            self._selector.unregister(fd)
+
+    def stop(self) -> None:
+        """Leave the loop after the current iteration; pending callbacks are dropped."""
+        self._stopping = True
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._run_once()
+        finally:
+            self._close()
+
+    def _run_once(self) -> None:
+        timeout: Optional[float]
+        if self._ready:
+            timeout = 0.0
+        elif self._timers:
+            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+        else:
+            timeout = None
+        for key, _ in self._selector.select(timeout):
+            fd = key.fd
+            if fd == self._wake_r:
+                self._drain_wakeups()
+            elif fd in self._readers:
+                callback, args = self._readers[fd]
+                self._invoke(callback, args)
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            timer = heapq.heappop(self._timers)[2]
+            if not timer.cancelled:
+                self._invoke(timer.callback, timer.args)
+        # Run only what was queued before this point, so that callbacks that queue more
+        # callbacks cannot starve the selector.
+        for _ in range(len(self._ready)):
+            callback, args = self._ready.popleft()
+            self._invoke(callback, args)
+            if self._stopping:
+                return
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._wake_pending = False
+
+    @staticmethod
+    def _invoke(callback: Callback, args: Tuple[Any, ...]) -> None:
+        try:
+            callback(*args)
+        except Exception:  # a bug in mpmsub: keep the loop alive so that other jobs finish
+            logger.exception("mpmsub internal error in %r", callback)
+
+    def _close(self) -> None:
+        self._closed = True
+        for fd in list(self._readers):
+            self.remove_reader(fd)
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

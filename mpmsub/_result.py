@@ -1,0 +1,61 @@
+"""JobResult: what a finished (or failed, or stopped) job did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Union
+
+from mpmsub._errors import JobFailedError
+
+# Kinds of failure, recorded on JobResult.failure (None for a success).
+EXIT = "exit"  # ran and exited non-zero
+SIGNAL = "signal"  # killed by a signal it was not sent by mpmsub
+TIMEOUT = "timeout"
+MEMORY = "memory"
+START = "start"  # could not be started: program or working directory not found, not executable, ...
+CANCELLED = "cancelled"  # stopped by shutdown, Ctrl-C or cancellation while running
+ERROR = "error"  # mpmsub itself failed while running the job
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """The outcome of one job. A non-zero exit is data here, as with `subprocess.run`.
+
+    Times are seconds (`start_time`/`end_time` are Unix timestamps); `memory_used` is the peak of
+    the whole process tree in MB; `cpu_used` is CPU time (user + system) in seconds.
+    """
+
+    job_id: str
+    cmd: Union[List[str], List[List[str]]]
+    returncode: Optional[int]
+    stdout: Optional[str]
+    stderr: Optional[str]
+    runtime: float
+    memory_used: float
+    cpu_used: float
+    start_time: float
+    end_time: float
+    error: Optional[str] = None
+    failure: Optional[str] = None
+    cpus: int = 1
+    memory_requested: Optional[float] = None
+    stage_returncodes: List[Optional[int]] = field(default_factory=list)
+
+    @property
+    def success(self) -> bool:
+        """True when the job ran and every process of it exited 0."""
+        return self.failure is None
+
+    @property
+    def id(self) -> str:
+        """Alias of job_id."""
+        return self.job_id
+
+    @property
+    def timed_out(self) -> bool:
+        return self.failure == TIMEOUT
+
+    def check_returncode(self) -> None:
+        """Raise JobFailedError if the job did not succeed (as CompletedProcess.check_returncode)."""
+        if not self.success:
+            raise JobFailedError(self)

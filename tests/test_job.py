@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import mpmsub
+from mpmsub._job import to_spec
+from mpmsub._units import MB
+
+
+def test_builder_methods_of_the_seed() -> None:
+    job = (
+        mpmsub.Job(["my_program", "input.txt"])
+        .cpu(2)
+        .memory("4G")
+        .with_timeout(300)
+        .with_id("analysis_job")
+        .working_dir("/tmp")
+        .environment({"PYTHONPATH": "/custom/path"})
+        .stdout_to("o.txt")
+        .stderr_to("e.txt")
+    )
+    assert job.to_dict() == {
+        "cmd": ["my_program", "input.txt"],
+        "p": 2,
+        "m": "4G",
+        "id": "analysis_job",
+        "cwd": "/tmp",
+        "env": {"PYTHONPATH": "/custom/path"},
+        "timeout": 300.0,
+        "stdout": "o.txt",
+        "stderr": "e.txt",
+    }
+    spec = job.spec()
+    assert (spec.cpus, spec.memory, spec.timeout, spec.job_id) == (2, 4096 * MB, 300.0, "analysis_job")
+
+
+def test_dict_round_trip_and_convenience_function() -> None:
+    job = mpmsub.job(["echo", "convenience"], p=1, m="100M", timeout=300)
+    assert to_spec(job.to_dict()) == job.spec()
+    assert mpmsub.job(["x"], cpus=3, memory=200).spec().cpus == 3
+    with pytest.raises(ValueError, match="CPU count once"):
+        mpmsub.job(["x"], p=1, cpu=2)
+
+
+def test_dict_aliases_of_the_original_library() -> None:
+    assert to_spec({"cmd": ["x"], "cpu": 2, "memory": "1G"}) == to_spec({"cmd": ["x"], "p": 2, "m": "1G"})
+    with pytest.raises(ValueError, match="'p' twice"):
+        to_spec({"cmd": ["x"], "p": 1, "cpus": 2})
+
+
+def test_pipelines_three_ways() -> None:
+    a = mpmsub.Job(["cat", "f"]).pipe_to(["grep", "x"]).pipe_to(["sort"])
+    b = mpmsub.Job(cmd=mpmsub.Pipeline([["cat", "f"], ["grep", "x"], ["sort"]]))
+    c = mpmsub.pipeline([["cat", "f"], ["grep", "x"], ["sort"]])
+    d = {"pipeline": [["cat", "f"], ["grep", "x"], ["sort"]]}
+    assert a.spec() == b.spec() == c.spec() == to_spec(d) == to_spec({"cmd": [["cat", "f"], ["grep", "x"], ["sort"]]})
+    assert a.spec().cmd == [["cat", "f"], ["grep", "x"], ["sort"]]
+    assert str(mpmsub.Pipeline([["a", "1"], ["b"]])) == "a 1 | b"
+
+
+def test_paths_are_accepted_as_arguments(tmp_path: Path) -> None:
+    assert to_spec(["cat", tmp_path / "x"]).stages == (("cat", str(tmp_path / "x")),)
+
+
+@pytest.mark.parametrize(
+    ("item", "error", "message"),
+    [
+        ({"cmd": []}, ValueError, "cmd is empty"),
+        ({"p": 1}, ValueError, "has no 'cmd'"),
+        ({"cmd": "echo hi"}, TypeError, "not the string 'echo hi'"),
+        ({"cmd": ["echo", 1]}, TypeError, r"cmd\[1\] must be a string"),
+        ({"cmd": [""]}, ValueError, "names no program"),
+        ({"cmd": ["x"], "p": 0}, ValueError, "invalid p \\(cpus\\) 0"),
+        ({"cmd": ["x"], "p": -2}, ValueError, "invalid p \\(cpus\\) -2"),
+        ({"cmd": ["x"], "p": 1.5}, ValueError, "invalid p \\(cpus\\) 1.5"),
+        ({"cmd": ["x"], "p": "many"}, ValueError, "invalid p \\(cpus\\) 'many'"),
+        ({"cmd": ["x"], "m": "-1G"}, ValueError, "invalid m \\(memory\\) '-1G'"),
+        ({"cmd": ["x"], "m": ""}, ValueError, "invalid m \\(memory\\) ''"),
+        ({"cmd": ["x"], "m": "4Q"}, ValueError, "invalid m \\(memory\\) '4Q'"),
+        ({"cmd": ["x"], "m": "lots"}, ValueError, "invalid m \\(memory\\) 'lots'"),
+        ({"cmd": ["x"], "timeout": -1}, ValueError, "invalid timeout -1"),
+        ({"cmd": ["x"], "timeout": "soon"}, ValueError, "invalid timeout 'soon'"),
+        ({"cmd": ["x"], "mem": "1G"}, ValueError, "unknown job key 'mem' \\(did you mean 'memory'\\?\\)"),
+        ({"cmd": ["x"], "env": {"A": 1}}, TypeError, "env\\['A'\\] must be a string"),
+        ({"cmd": ["x"], "cwd": 3}, TypeError, "cwd must be"),
+        ("echo hi", TypeError, "not the string 'echo hi'"),
+        (42, TypeError, "cannot run 42"),
+    ],
+)
+def test_bad_input_is_refused_with_a_message_naming_it(item: object, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        to_spec(item)
+
+
+def test_job_objects_validate_at_creation() -> None:
+    with pytest.raises(ValueError):
+        mpmsub.Job([])
+    with pytest.raises(ValueError):
+        mpmsub.Job(["echo"]).cpu(-1)
+    with pytest.raises(ValueError, match="needs a command"):
+        mpmsub.Job()
