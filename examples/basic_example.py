@@ -1,8 +1,8 @@
-"""A batch of jobs with different memory needs, run under a memory budget.
+"""The seed API in one batch: jobs with different memory needs under a memory budget.
 
-Each job is a small Python program that allocates some memory, holds it, and exits. The executor
-admits a job only when its declared memory fits in what the running jobs have not reserved, so
-the 600 MB jobs never run together under the 1 GB budget while the small ones fill the gaps.
+Each job is a small Python program that allocates memory, holds it and exits. The cluster starts
+a job only when its declared memory fits beside the running jobs' reservations, so the two 600 MB
+jobs never run together under the 1 GB budget while the small ones fill the gaps.
 
 Run it with:  python examples/basic_example.py
 """
@@ -10,47 +10,32 @@ Run it with:  python examples/basic_example.py
 from __future__ import annotations
 
 import sys
-import time
-from concurrent.futures import as_completed
 
 import mpmsub
 
 
 def allocate(mb: int, seconds: float) -> list[str]:
-    """A real command: allocate `mb` MB, hold it for `seconds`."""
-    code = f"import time; block = bytearray({mb} * 2**20); time.sleep({seconds}); print('held {mb} MB')"
-    return [sys.executable, "-c", code]
+    """A real command: allocate `mb` MB, hold it for `seconds`, say so."""
+    return [sys.executable, "-c", f"import time; b = bytearray({mb} * 2**20); time.sleep({seconds}); print({mb})"]
 
 
 def main() -> None:
-    batch = [
-        mpmsub.Job(allocate(600, 1.0)).memory("700M").with_id("large-1"),
-        mpmsub.Job(allocate(600, 1.0)).memory("700M").with_id("large-2"),
-        mpmsub.Job(allocate(200, 0.6)).memory("250M").with_id("medium-1"),
-        mpmsub.Job(allocate(200, 0.6)).memory("250M").with_id("medium-2"),
-        mpmsub.Job(allocate(50, 0.3)).memory("100M").with_id("small-1"),
-        mpmsub.Job(allocate(50, 0.3)).memory("100M").with_id("small-2"),
-        {"cmd": ["sh", "-c", "echo from a shell; exit 0"], "p": 1, "m": "10M", "id": "shell"},
-        ["no-such-program", "--help"],  # a missing program is a failed result, not an exception
-    ]
-    started = time.monotonic()
-    with mpmsub.MemoryAwareExecutor(cpus=2, memory="1G") as executor:
-        print(f"{executor}: {len(batch)} jobs\n")
-        futures = [executor.submit(job) for job in batch]
-        print(f"{'job':<10} {'ok':<4} {'asked':>7} {'peak':>8} {'runtime':>8}  note")
-        for future in as_completed(futures):
-            r = future.result()
-            asked = f"{r.memory_requested:.0f}M" if r.memory_requested is not None else "-"
-            note = r.error if r.error else (r.stdout or "").strip()
-            print(
-                f"{r.job_id:<10} {'yes' if r.success else 'no':<4} {asked:>7} {r.memory_used:7.1f}M "
-                f"{r.runtime:7.2f}s  {note}"
-            )
-    results = [f.result() for f in futures]
-    failed = sum(not r.success for r in results)
+    p = mpmsub.cluster(p=2, m="1G")
+    p.describe_resources()
+    print()
+    p.jobs.append({"cmd": allocate(600, 1.0), "p": 1, "m": "700M", "id": "large-1"})
+    p.jobs.append({"cmd": allocate(600, 1.0), "p": 1, "m": "700M", "id": "large-2"})
+    p.jobs.append(mpmsub.Job(allocate(200, 0.5)).cpu(1).memory("250M").with_id("medium-1"))
+    p.jobs.append(mpmsub.Job(allocate(200, 0.5)).cpu(1).memory("250M").with_id("medium-2"))
+    p.jobs.extend([mpmsub.job(allocate(50, 0.2), p=1, m="100M") for _ in range(4)])
+    p.jobs.append({"cmd": ["no-such-program", "--version"]})  # fails cleanly: the batch goes on
+
+    stats = p.run()
+    print()
+    p.print_summary()
     print(
-        f"\n{len(results) - failed} succeeded, {failed} failed, in {time.monotonic() - started:.1f} s "
-        f"(the two large jobs ran one after the other: together they would exceed the 1G budget)"
+        f"\n{stats['jobs']['completed']} of {stats['jobs']['total']} jobs succeeded; "
+        f"the largest peak was {stats['memory']['peak_job_mb']:.0f} MB under a {stats['cluster']['memory']} budget"
     )
 
 

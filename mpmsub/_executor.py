@@ -14,6 +14,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Set
 
 from typing_extensions import Literal
@@ -33,6 +34,16 @@ from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memor
 logger = logging.getLogger("mpmsub")
 
 _live_executors: weakref.WeakSet[MemoryAwareExecutor] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class ExecutorStatus:
+    """A moment's view of an executor: jobs waiting and running, and what the running ones reserve."""
+
+    queued: int
+    running: int
+    reserved_cpus: int
+    reserved_memory: int  # bytes
 
 
 class _Item:
@@ -168,6 +179,13 @@ class MemoryAwareExecutor(Executor):
             item = _Item(next(self._seq), spec, job_id, future)
             self._loop.call_soon_threadsafe(self._enqueue, item)
         return future
+
+    def status(self) -> ExecutorStatus:
+        """Jobs queued and running now, and the CPUs and memory the running ones reserve."""
+        # Plain reads of the loop thread's counters: each is consistent, together a moment's view.
+        return ExecutorStatus(
+            len(self._scheduler), len(self._running), self._ledger.used_cpus, self._ledger.used_memory
+        )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting jobs; with `cancel_futures`, cancel the queued ones; with `wait`, return

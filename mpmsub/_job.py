@@ -308,6 +308,8 @@ def job_from_dict(data: Mapping[str, Any]) -> Job:
 
 def to_spec(item: object) -> JobSpec:
     """Normalise what `submit` accepts (Job, dict, argv list, Pipeline) into a validated JobSpec."""
+    if isinstance(item, JobSpec):
+        return item
     if isinstance(item, Job):
         return item.spec()
     if isinstance(item, Mapping):

@@ -11,7 +11,6 @@ from mpmsub._errors import JobFailedError
 EXIT = "exit"  # ran and exited non-zero
 SIGNAL = "signal"  # killed by a signal it was not sent by mpmsub
 TIMEOUT = "timeout"
-MEMORY = "memory"
 START = "start"  # could not be started: program or working directory not found, not executable, ...
 CANCELLED = "cancelled"  # stopped by shutdown, Ctrl-C or cancellation while running
 ERROR = "error"  # mpmsub itself failed while running the job

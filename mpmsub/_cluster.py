@@ -1,0 +1,329 @@
+"""The seed's batch API: `mpmsub.cluster(...)`, `.jobs.append(...)`, `.run()`, `.profile()`.
+
+A thin layer over MemoryAwareExecutor: it validates and queues jobs, runs them through one
+executor per run, and keeps the results, the statistics and the progress bar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
+
+from mpmsub import _report
+from mpmsub._executor import MemoryAwareExecutor
+from mpmsub._job import JobSpec, to_spec
+from mpmsub._ledger import Ledger, Request
+from mpmsub._progress import ProgressBar
+from mpmsub._result import CANCELLED, JobResult
+from mpmsub._system import detect_cpus, detect_memory
+from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
+
+logger = logging.getLogger("mpmsub")
+
+_REFRESH = 0.5  # seconds between redraws of the progress bar while no job ends
+
+
+class JobList:
+    """The cluster's queue of jobs. `append` and `extend` validate at once and return job ids."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+        self._specs: List[JobSpec] = []
+
+    def append(self, job: Any) -> str:
+        """Queue one job (a dict, a Job, a Pipeline or a list of strings); return its id."""
+        return self.extend([job])[0]
+
+    def extend(self, jobs: Iterable[Any]) -> List[str]:
+        """Queue several jobs; all are validated before any is queued. Return their ids."""
+        specs = self._cluster._admit(list(jobs))
+        self._specs.extend(specs)
+        return [spec.job_id or "" for spec in specs]
+
+    def clear(self) -> None:
+        self._cluster._release_ids(self._specs)
+        self._specs.clear()
+
+    def _take(self) -> List[JobSpec]:
+        specs, self._specs = self._specs, []
+        return specs
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __iter__(self) -> Iterator[JobSpec]:
+        return iter(list(self._specs))
+
+    def __getitem__(self, index: int) -> JobSpec:
+        return self._specs[index]
+
+    def __repr__(self) -> str:
+        return f"<JobList of {len(self)} queued job(s)>"
+
+
+class Cluster:
+    """A batch of jobs run under a CPU and memory budget (the seed's API).
+
+    `cpus`/`memory` default to what this machine offers. `verbose` logs job starts and ends to
+    stderr through the 'mpmsub' logger; `progress_bar` shows progress on stderr.
+    """
+
+    def __init__(
+        self,
+        cpus: Optional[int] = None,
+        memory: Optional[MemoryLike] = None,
+        verbose: bool = True,
+        progress_bar: bool = True,
+    ) -> None:
+        self.max_cpus: int = detect_cpus() if cpus is None else parse_cpus(cpus, "cpus")
+        self._memory: int = detect_memory() if memory is None else parse_memory(memory, "memory")
+        if self._memory <= 0:
+            raise ValueError(f"invalid memory {memory!r}: the cluster needs a positive memory budget")
+        self.verbose = bool(verbose)
+        self.progress_bar = bool(progress_bar)
+        self.jobs = JobList(self)
+        self.completed_jobs: List[JobResult] = []
+        self.failed_jobs: List[JobResult] = []
+        self._results: List[JobResult] = []
+        self._ids: Set[str] = set()
+        self._custom_ids: Set[str] = set()
+        self._next_auto = 1
+        self._capacity = Ledger(self.max_cpus, self._memory)
+        self._wall_time: Optional[float] = None
+        self._max_workers: Optional[int] = None
+
+    @property
+    def max_memory_mb(self) -> float:
+        return self._memory / MB
+
+    @property
+    def max_memory(self) -> int:
+        """The memory budget in bytes."""
+        return self._memory
+
+    def __repr__(self) -> str:
+        return (
+            f"mpmsub.Cluster(cpus={self.max_cpus}, memory={self.max_memory_mb:.0f}M, "
+            f"{len(self.jobs)} queued, {len(self.completed_jobs)} completed, {len(self.failed_jobs)} failed)"
+        )
+
+    # -- queueing ---------------------------------------------------------------------------------
+
+    def _admit(self, items: List[Any]) -> List[JobSpec]:
+        specs: List[JobSpec] = []
+        claimed: List[str] = []
+        next_auto = self._next_auto
+        try:
+            for item in items:
+                spec = to_spec(item)
+                request = Request(spec.cpus, spec.memory or 0)
+                if spec.job_id is not None:
+                    if spec.job_id in self._ids:
+                        raise ValueError(f"duplicate job id {spec.job_id!r}: ids must be unique within a cluster")
+                    job_id = spec.job_id
+                    self._custom_ids.add(job_id)
+                else:
+                    job_id = self._next_auto_id()
+                self._ids.add(job_id)
+                claimed.append(job_id)
+                why = self._capacity.why_never_fits(request)
+                if why is not None:
+                    raise ValueError(f"job {job_id!r} can never run on this cluster: {why}")
+                specs.append(dataclasses.replace(spec, job_id=job_id))
+        except BaseException:  # nothing of a refused batch stays claimed, auto ids included
+            self._ids.difference_update(claimed)
+            self._custom_ids.difference_update(claimed)
+            self._next_auto = next_auto
+            raise
+        return specs
+
+    def _next_auto_id(self) -> str:
+        while True:
+            job_id = f"job_{self._next_auto:04d}"
+            self._next_auto += 1
+            if job_id not in self._ids:
+                return job_id
+
+    def _release_ids(self, specs: Iterable[JobSpec]) -> None:
+        for spec in specs:
+            self._ids.discard(spec.job_id or "")
+            self._custom_ids.discard(spec.job_id or "")
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def run(self, max_workers: Optional[int] = None) -> Dict[str, Any]:
+        """Run every queued job with the scheduler; return the stats dict.
+
+        Ctrl-C kills the running jobs, records the queued ones as cancelled, keeps the results so
+        far, and re-raises KeyboardInterrupt.
+        """
+        workers = None if max_workers is None else parse_cpus(max_workers, "max_workers")
+        specs = self.jobs._take()
+        self._max_workers = workers
+        executor = self._executor(max_workers=workers)
+        self._execute(executor, specs, label="")
+        return self.stats
+
+    def profile(self, verbose: bool = True) -> List[JobResult]:
+        """Run the queued jobs one at a time, ignoring their memory reservations, and measure each.
+
+        Prints (when `verbose`) each job's measured peak and a recommended `m` (peak + 20%), with
+        a ready-to-paste snippet. Returns the results; the jobs move to completed/failed.
+        """
+        specs = self.jobs._take()
+        originals = {spec.job_id or "": spec for spec in specs}
+        unreserved = [dataclasses.replace(spec, memory=None) for spec in specs]
+        executor = self._executor(max_workers=1)
+        results = self._execute(executor, unreserved, label="profiling")
+        if verbose:
+            print(_report.profile_text(results, originals, self._custom_ids, self.max_cpus, self._memory))
+        return results
+
+    def _executor(self, max_workers: Optional[int]) -> MemoryAwareExecutor:
+        # The executor takes a bare number of memory as MB (the seed's unit).
+        return MemoryAwareExecutor(cpus=self.max_cpus, memory=self._memory / MB, max_workers=max_workers)
+
+    def _execute(self, executor: MemoryAwareExecutor, specs: List[JobSpec], label: str) -> List[JobResult]:
+        started = time.monotonic()
+        bar = ProgressBar(len(specs), label=label, enabled=self.progress_bar)
+        handler = self._attach_verbose_handler(bar)
+        results: List[JobResult] = []
+        futures: Dict[Future[JobResult], JobSpec] = {}
+        try:
+            if self.verbose:
+                logger.info(
+                    "mpmsub: running %d job(s) on %d CPUs, %s memory",
+                    len(specs),
+                    self.max_cpus,
+                    format_memory(self._memory),
+                )
+            for spec in specs:
+                futures[executor.submit(spec)] = spec
+            pending: Set[Future[JobResult]] = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=_REFRESH, return_when=FIRST_COMPLETED)
+                for future in done:
+                    results.append(self._record(future.result()))
+                status = executor.status()
+                bar.update(
+                    len(results), len(results) - sum(r.success for r in results), status.running, status.reserved_memory
+                )
+            executor.shutdown(wait=True)
+        except BaseException as exc:
+            executor.terminate(f"stopped by {type(exc).__name__}")
+            seen = {r.job_id for r in results}
+            for future, spec in futures.items():
+                if spec.job_id in seen:
+                    continue
+                result = future.result() if not future.cancelled() else _cancelled(spec, exc)
+                results.append(self._record(result))
+            raise
+        finally:
+            self._wall_time = time.monotonic() - started
+            bar.close()
+            if handler is not None:
+                logger.removeHandler(handler)
+        return results
+
+    def _record(self, result: JobResult) -> JobResult:
+        self._results.append(result)
+        (self.completed_jobs if result.success else self.failed_jobs).append(result)
+        if self.verbose:
+            if result.success:
+                logger.info(
+                    "mpmsub: %s done in %.2f s, peak %.1f MB", result.job_id, result.runtime, result.memory_used
+                )
+            else:
+                logger.info("mpmsub: %s FAILED: %s", result.job_id, result.error)
+        return result
+
+    def _attach_verbose_handler(self, bar: ProgressBar) -> Optional[logging.Handler]:
+        if not self.verbose:
+            return None
+        handler = _BarHandler(bar)
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
+        return handler
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """Statistics of every job run so far: `stats["jobs"]["total"|"completed"|"failed"]`, ..."""
+        return _report.job_stats(
+            self._results,
+            cpus=self.max_cpus,
+            memory=self._memory,
+            wall_time=self._wall_time,
+            max_workers=self._max_workers,
+        )
+
+    def print_summary(self) -> None:
+        """Print a readable report of the jobs run so far."""
+        print(_report.summary_text(self.stats, self._results))
+
+    def describe_resources(self) -> None:
+        """Print the cluster's CPUs and memory next to what this machine has."""
+        print(_report.resources_text(self.max_cpus, self._memory))
+
+
+class _BarHandler(logging.Handler):
+    """Verbose output on stderr that keeps the progress bar intact."""
+
+    def __init__(self, bar: ProgressBar) -> None:
+        super().__init__(logging.DEBUG)
+        self.bar = bar
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.bar.write_above(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+def _cancelled(spec: JobSpec, exc: BaseException) -> JobResult:
+    now = time.time()
+    return JobResult(
+        job_id=spec.job_id or "",
+        cmd=spec.cmd,
+        returncode=None,
+        stdout=None,
+        stderr=None,
+        runtime=0.0,
+        memory_used=0.0,
+        cpu_used=0.0,
+        start_time=now,
+        end_time=now,
+        error=f"cancelled before it started: {type(exc).__name__}",
+        failure=CANCELLED,
+        cpus=spec.cpus,
+        memory_requested=None if spec.memory is None else spec.memory / MB,
+    )
+
+
+def cluster(
+    p: Optional[int] = None,
+    m: Optional[MemoryLike] = None,
+    cpu: Optional[int] = None,
+    cpus: Optional[int] = None,
+    memory: Optional[MemoryLike] = None,
+    verbose: bool = True,
+    progress_bar: bool = True,
+) -> Cluster:
+    """Create a Cluster: `mpmsub.cluster(p=4, m="8G")`; `cpu`/`cpus` and `memory` are aliases."""
+    given_cpus = [v for v in (p, cpu, cpus) if v is not None]
+    given_mem = [v for v in (m, memory) if v is not None]
+    if len(given_cpus) > 1:
+        raise ValueError(f"give the CPU count once (p, cpu or cpus); got {given_cpus!r}")
+    if len(given_mem) > 1:
+        raise ValueError(f"give the memory once (m or memory); got {given_mem!r}")
+    return Cluster(
+        cpus=given_cpus[0] if given_cpus else None,
+        memory=given_mem[0] if given_mem else None,
+        verbose=verbose,
+        progress_bar=progress_bar,
+    )

@@ -1,0 +1,111 @@
+"""A progress bar on stderr, standard library only.
+
+On a terminal it redraws one line in place; elsewhere (a log file, CI) it writes a plain line now
+and then (every tenth of the batch, or every 30 s) instead of carriage-return noise.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from typing import Optional, TextIO
+
+from mpmsub._units import format_memory
+
+_PLAIN_EVERY = 30.0  # seconds between plain lines when nothing else calls for one
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+class ProgressBar:
+    """done/total, percent, elapsed, ETA, and what is running (count and memory reserved)."""
+
+    def __init__(self, total: int, *, label: str = "", stream: Optional[TextIO] = None, enabled: bool = True) -> None:
+        self.total = total
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled and total > 0
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.started = time.monotonic()
+        self.done = 0
+        self.failed = 0
+        self.running = 0
+        self.reserved = 0
+        self._last_plain = -1.0
+        self._last_decile = -1
+        self._drawn = False
+        self._plain_done = -1
+
+    def update(self, done: int, failed: int, running: int, reserved_memory: int) -> None:
+        self.done, self.failed, self.running, self.reserved = done, failed, running, reserved_memory
+        if not self.enabled:
+            return
+        if self.interactive:
+            self._draw()
+            return
+        now = time.monotonic()
+        decile = 10 * done // self.total
+        if decile != self._last_decile or now - self._last_plain >= _PLAIN_EVERY:
+            self._last_decile, self._last_plain = decile, now
+            self._write_plain()
+
+    def line(self, width: int = 80) -> str:
+        elapsed = time.monotonic() - self.started
+        fraction = self.done / self.total if self.total else 1.0
+        eta = elapsed / self.done * (self.total - self.done) if self.done else None
+        parts = [
+            f"{self.done}/{self.total} ({100 * fraction:.1f}%)",
+            f"elapsed {format_duration(elapsed)}",
+            f"ETA {format_duration(eta) if eta is not None else '?'}",
+            f"running {self.running} ({format_memory(self.reserved)} reserved)",
+        ]
+        if self.failed:
+            parts.append(f"failed {self.failed}")
+        text = " | ".join(parts)
+        if self.label:
+            text = f"{self.label} {text}"
+        bar_width = max(10, min(40, width - len(text) - 4))  # "[", "] " and a spare column
+        filled = int(bar_width * fraction)
+        return f"[{'█' * filled}{'░' * (bar_width - filled)}] {text}"
+
+    def _draw(self) -> None:
+        width = shutil.get_terminal_size((100, 20)).columns
+        text = self.line(width)[: width - 1]
+        self.stream.write("\r" + text + "\x1b[K")
+        self.stream.flush()
+        self._drawn = True
+
+    def write_above(self, message: str) -> None:
+        """Print a message on its own line without breaking the bar (used by verbose logging)."""
+        if self.enabled and self.interactive and self._drawn:
+            self.stream.write("\r\x1b[K" + message + "\n")
+            self._draw()
+        else:
+            self.stream.write(message + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Draw the final state and end the line."""
+        if not self.enabled:
+            return
+        if self.interactive:
+            self._draw()
+            self.stream.write("\n")
+        elif self._plain_done != self.done:
+            self._write_plain()
+        self.stream.flush()
+
+    def _write_plain(self) -> None:
+        self._plain_done = self.done
+        self.stream.write(self.line() + "\n")
+        self.stream.flush()

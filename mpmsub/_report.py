@@ -1,0 +1,175 @@
+"""Plain-text reports on finished jobs: statistics, summary, resources and profiling advice.
+
+Pure functions of results and figures; printing is the caller's choice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Set
+
+import psutil
+
+from mpmsub._job import JobSpec
+from mpmsub._result import CANCELLED, JobResult
+from mpmsub._system import cgroup_memory_limit, detect_cpus
+from mpmsub._units import MB, format_memory
+
+PROFILE_BUFFER = 0.20  # the margin profile() adds to a measured peak
+
+
+def recommend_memory(peak_mb: float, buffer: float = PROFILE_BUFFER) -> str:
+    """A memory request for a job that peaked at `peak_mb`: the peak plus `buffer`, rounded up
+    to two significant figures ('150M', '2.5G')."""
+    if peak_mb < 0 or not math.isfinite(peak_mb):
+        raise ValueError(f"invalid peak {peak_mb!r}: expected a number of MB, 0 or more")
+    want = max(1.0, peak_mb * (1 + buffer))
+    if want >= 1024:
+        return f"{math.ceil(want / 1024 * 10) / 10:g}G"
+    step = 10 ** max(0, math.floor(math.log10(want)) - 1)
+    return f"{math.ceil(want / step) * step:g}M"
+
+
+def job_stats(
+    results: Sequence[JobResult],
+    *,
+    cpus: int,
+    memory: int,
+    wall_time: Optional[float],
+    max_workers: Optional[int] = None,
+) -> Dict[str, Any]:
+    """The stats dict of `cluster.run()`: cluster figures, job counts, time, memory and CPU."""
+    ok = [r for r in results if r.success]
+    runtimes = [r.runtime for r in results if r.failure != CANCELLED or r.runtime > 0]
+    peaks = [r.memory_used for r in results]
+    job_time = sum(runtimes)
+    return {
+        "cluster": {
+            "cpus": cpus,
+            "memory_mb": memory / MB,
+            "memory": format_memory(memory),
+            "max_workers": max_workers,
+        },
+        "jobs": {
+            "total": len(results),
+            "completed": len(ok),
+            "failed": len(results) - len(ok),
+            "cancelled": sum(r.failure == CANCELLED for r in results),
+            "success_rate": len(ok) / len(results) if results else 0.0,
+        },
+        "time": {
+            "wall": wall_time,
+            "job_total": job_time,
+            "job_mean": job_time / len(runtimes) if runtimes else 0.0,
+            "job_max": max(runtimes, default=0.0),
+            "speedup": job_time / wall_time if wall_time else None,
+        },
+        "memory": {
+            "peak_job_mb": max(peaks, default=0.0),
+            "mean_job_mb": sum(peaks) / len(peaks) if peaks else 0.0,
+            "requested_mb": sum(r.memory_requested or 0.0 for r in results),
+        },
+        "cpu": {"cpu_seconds": sum(r.cpu_used for r in results)},
+    }
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _command(result: JobResult) -> str:
+    cmd = result.cmd
+    if cmd and isinstance(cmd[0], list):
+        return " | ".join(" ".join(stage) for stage in cmd)
+    return " ".join(cmd)  # type: ignore[arg-type]
+
+
+def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int = 5) -> str:
+    jobs, times, mem = stats["jobs"], stats["time"], stats["memory"]
+    cluster = stats["cluster"]
+    lines = [
+        "mpmsub summary",
+        f"  resources: {cluster['cpus']} CPUs, {cluster['memory']} memory"
+        + (f", at most {cluster['max_workers']} jobs at once" if cluster.get("max_workers") else ""),
+        f"  jobs:      {jobs['total']} total, {jobs['completed']} completed, {jobs['failed']} failed"
+        + (f" ({jobs['cancelled']} cancelled)" if jobs["cancelled"] else ""),
+    ]
+    if times["wall"] is not None:
+        speed = f", {times['speedup']:.1f}x the serial time" if times["speedup"] else ""
+        lines.append(f"  time:      {times['wall']:.2f} s wall, {times['job_total']:.2f} s of job time{speed}")
+    if results:
+        biggest = max(results, key=lambda r: r.memory_used)
+        lines.append(
+            f"  memory:    largest peak {biggest.memory_used:.1f} MB ({biggest.job_id}), "
+            f"mean {mem['mean_job_mb']:.1f} MB"
+        )
+    failed = [r for r in results if not r.success]
+    if failed:
+        lines.append("")
+        lines.append(f"Failed jobs ({len(failed)}):")
+        for r in failed[: top * 4]:
+            lines.append(f"  {r.job_id:<14} {_short(r.error or '', 50):<50} {_short(_command(r), 40)}")
+        if len(failed) > top * 4:
+            lines.append(f"  ... and {len(failed) - top * 4} more")
+    ran = sorted((r for r in results if r.failure != CANCELLED), key=lambda r: r.runtime, reverse=True)
+    if ran:
+        lines.append("")
+        lines.append(f"{'job':<14} {'status':<8} {'runtime':>9} {'peak MB':>9} {'asked MB':>9}  command")
+        for r in ran[:top]:
+            asked = f"{r.memory_requested:.0f}" if r.memory_requested is not None else "-"
+            lines.append(
+                f"{r.job_id:<14} {'ok' if r.success else 'FAILED':<8} {r.runtime:8.2f}s "
+                f"{r.memory_used:9.1f} {asked:>9}  {_short(_command(r), 40)}"
+            )
+        if len(ran) > top:
+            lines.append(f"({len(ran) - top} faster jobs not shown)")
+    return "\n".join(lines)
+
+
+def resources_text(cpus: int, memory: int) -> str:
+    vm = psutil.virtual_memory()
+    limit = cgroup_memory_limit()
+    return "\n".join(
+        [
+            "mpmsub resources",
+            f"  CPUs:   {cpus} for jobs (this machine: {detect_cpus()} usable, {psutil.cpu_count()} in all)",
+            f"  memory: {format_memory(memory)} for jobs (this machine: {format_memory(vm.total)} total, "
+            f"{format_memory(vm.available)} available now"
+            + (f", container limit {format_memory(limit)}" if limit else "")
+            + ")",
+        ]
+    )
+
+
+def profile_text(
+    results: List[JobResult], specs: Dict[str, JobSpec], custom_ids: Set[str], cpus: int, memory: int
+) -> str:
+    lines = [
+        "mpmsub profile: jobs run one at a time; peak memory of each job's whole process tree",
+        "",
+        f"{'job':<14} {'status':<7} {'runtime':>9} {'peak MB':>9} {'declared':>9} {'recommend':>10}  command",
+    ]
+    snippet = [f"p = mpmsub.cluster(p={cpus}, m={format_memory(memory)!r})"]
+    for r in results:
+        spec = specs[r.job_id]
+        rec = recommend_memory(r.memory_used)
+        declared = format_memory(spec.memory) if spec.memory is not None else "-"
+        lines.append(
+            f"{r.job_id:<14} {'ok' if r.success else 'FAILED':<7} {r.runtime:8.2f}s {r.memory_used:9.1f} "
+            f"{declared:>9} {rec:>10}  {_short(spec.describe(), 40)}"
+        )
+        entry: Dict[str, Any] = {"pipeline": spec.cmd} if spec.is_pipeline else {"cmd": spec.cmd}
+        entry.update(p=spec.cpus, m=rec)
+        if r.job_id in custom_ids:
+            entry["id"] = r.job_id
+        for key in ("cwd", "env", "timeout", "stdout", "stderr"):
+            value = getattr(spec, key)
+            if value is not None:
+                entry[key] = dict(value) if key == "env" else value
+        snippet.append(f"p.jobs.append({entry!r})")
+    failed = [r for r in results if not r.success]
+    lines += ["", f"Recommended m = measured peak + {PROFILE_BUFFER:.0%}, rounded up."]
+    if failed:
+        lines.append(f"{len(failed)} job(s) failed; their peaks may be below what a successful run needs.")
+    lines += ["", "Ready to paste:", "", "import mpmsub", *snippet, "p.run()"]
+    return "\n".join(lines)

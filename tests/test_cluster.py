@@ -1,0 +1,220 @@
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+from helpers import alloc_cmd, unique_sleep, wait_gone
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mpmsub
+from mpmsub import recommend_memory
+from mpmsub._units import parse_memory
+
+
+def quiet(**kwargs: object) -> mpmsub.Cluster:
+    return mpmsub.cluster(verbose=False, progress_bar=False, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "cpus", "memory_mb"),
+    [
+        ({"p": 4, "m": "8G"}, 4, 8192),
+        ({"p": 4, "m": "8192M"}, 4, 8192),
+        ({"p": 4, "m": 8192}, 4, 8192),
+        ({"cpu": 2, "memory": "1024"}, 2, 1024),
+        ({"cpus": 2, "memory": "1048576K"}, 2, 1024),
+        ({"p": 1, "m": "1T"}, 1, 1024 * 1024),
+    ],
+)
+def test_cluster_arguments(kwargs: dict, cpus: int, memory_mb: float) -> None:
+    p = quiet(**kwargs)
+    assert (p.max_cpus, p.max_memory_mb) == (cpus, memory_mb)
+
+
+def test_cluster_detects_the_machine() -> None:
+    p = quiet()
+    assert p.max_cpus >= 1 and p.max_memory_mb > 64
+    assert mpmsub.Cluster(cpus=3, memory="2G", verbose=False, progress_bar=False).max_cpus == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"p": 0}, "invalid cpus 0"),
+        ({"p": -2}, "invalid cpus -2"),
+        ({"m": "8Q"}, "invalid memory '8Q'"),
+        ({"m": -5}, "invalid memory -5"),
+        ({"p": 2, "cpus": 3}, "CPU count once"),
+        ({"m": "1G", "memory": "2G"}, "memory once"),
+    ],
+)
+def test_bad_cluster_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        quiet(**kwargs)
+
+
+def test_append_and_extend_return_stable_ids_and_validate_at_once() -> None:
+    p = quiet(p=2, m="1G")
+    assert p.jobs.append({"cmd": ["echo", "a"]}) == "job_0001"
+    assert p.jobs.append(mpmsub.Job(["echo", "b"]).with_id("mine")) == "mine"
+    assert p.jobs.extend([["echo", "c"], mpmsub.job(["echo", "d"], p=1)]) == ["job_0002", "job_0003"]
+    assert len(p.jobs) == 4
+    with pytest.raises(ValueError, match="duplicate job id 'mine'"):
+        p.jobs.append({"cmd": ["x"], "id": "mine"})
+    with pytest.raises(ValueError, match="unknown job key 'comand' \\(did you mean 'cmd'\\?\\)"):
+        p.jobs.append({"comand": ["x"]})
+    with pytest.raises(ValueError, match="can never run on this cluster: it asks for 3 CPUs but the executor has 2"):
+        p.jobs.append({"cmd": ["x"], "p": 3})
+    with pytest.raises(ValueError, match="asks for 2G of memory"):
+        p.jobs.append({"cmd": ["x"], "m": "2G"})
+    with pytest.raises(ValueError, match="cmd is empty"):
+        p.jobs.extend([{"cmd": ["ok"]}, {"cmd": []}])
+    assert len(p.jobs) == 4  # a failed extend queues nothing
+    assert p.jobs.append({"cmd": ["echo", "e"]}) == "job_0004"
+
+
+def test_run_returns_stats_and_sorts_results() -> None:
+    p = quiet(p=2, m="1G")
+    p.jobs.append({"cmd": ["echo", "hello"], "p": 1, "m": "10M"})
+    p.jobs.append({"cmd": ["sh", "-c", "echo bad >&2; exit 1"]})
+    p.jobs.append(mpmsub.Job(alloc_cmd(100, 0.2)).memory("200M"))
+    stats = p.run()
+    assert len(p.jobs) == 0
+    assert stats["jobs"] == {"total": 3, "completed": 2, "failed": 1, "cancelled": 0, "success_rate": 2 / 3}
+    assert stats["cluster"]["cpus"] == 2 and stats["cluster"]["memory_mb"] == 1024
+    assert stats["time"]["wall"] > 0 and stats["memory"]["peak_job_mb"] >= 100
+    assert p.stats == stats or p.stats["jobs"] == stats["jobs"]
+    assert sorted(r.job_id for r in p.completed_jobs) == ["job_0001", "job_0003"]
+    assert [r.stderr for r in p.failed_jobs] == ["bad\n"]
+
+
+def test_run_with_max_workers_runs_one_at_a_time() -> None:
+    p = quiet(p=2, m="1G")
+    p.jobs.extend([["sleep", "0.2"]] * 3)
+    p.run(max_workers=1)
+    spans = sorted((r.start_time, r.end_time) for r in p.completed_jobs)
+    assert all(a[1] <= b[0] + 0.01 for a, b in zip(spans, spans[1:]))
+
+
+def test_print_summary_and_describe_resources() -> None:
+    p = quiet(p=2, m="1G")
+    p.jobs.extend([["echo", "x"], {"cmd": ["false"], "id": "falsy"}])
+    p.run()
+    out = io.StringIO()
+    with redirect_stdout(out):
+        p.print_summary()
+        p.describe_resources()
+    text = out.getvalue()
+    assert "2 total, 1 completed, 1 failed" in text
+    assert "falsy" in text and "exited with status 1" in text
+    assert "CPUs:   2 for jobs" in text and "memory: 1G for jobs" in text
+
+
+def test_profile_runs_one_at_a_time_ignoring_reservations_and_recommends(capsys: pytest.CaptureFixture) -> None:
+    p = quiet(p=2, m="1G")
+    p.jobs.append(mpmsub.Job(alloc_cmd(150, 0.1)).memory("900M").with_id("big"))
+    p.jobs.append(mpmsub.Job(alloc_cmd(60, 0.1)).memory("900M"))  # together they would not fit
+    results = p.profile()
+    out = capsys.readouterr().out
+    assert [r.job_id for r in results] == ["big", "job_0001"]
+    assert results[0].end_time <= results[1].start_time + 0.01
+    assert 150 <= results[0].memory_used <= 200
+    rec = recommend_memory(results[0].memory_used)
+    assert f"{rec:>10}" in out and "Ready to paste" in out and "'id': 'big'" in out
+    assert parse_memory(rec) >= 1.2 * results[0].memory_used * 2**20
+    snippet = out[out.index("import mpmsub") :]
+    assert "p.run()" in snippet
+    compile(snippet, "snippet", "exec")
+    assert len(p.completed_jobs) == 2 and len(p.jobs) == 0
+
+
+@given(st.floats(min_value=0, max_value=10**7, allow_nan=False))
+def test_recommend_memory_is_at_least_peak_plus_buffer(peak: float) -> None:
+    rec = recommend_memory(peak)
+    assert parse_memory(rec) >= peak * 1.2 * 2**20 - 1
+    assert parse_memory(rec) <= max(peak * 1.2 * 1.1 + 1.0, 1.0) * 2**20 + 1  # rounded up by little
+
+
+def test_recommend_memory_examples() -> None:
+    assert [recommend_memory(x) for x in (125, 62.5, 0, 2000, 9.3)] == ["150M", "75M", "1M", "2.4G", "12M"]
+
+
+def test_verbose_logs_job_ends_and_progress_goes_to_stderr(capsys: pytest.CaptureFixture) -> None:
+    logger = logging.getLogger("mpmsub")
+    level, handlers = logger.level, list(logger.handlers)
+    try:
+        p = mpmsub.cluster(p=1, m="1G", verbose=True, progress_bar=True)
+        p.jobs.extend([["echo", "x"], ["false"]])
+        p.run()
+        err = capsys.readouterr().err
+    finally:
+        logger.setLevel(level)
+    assert "job_0001 done" in err and "job_0002 FAILED: exited with status 1" in err
+    assert "2/2 (100.0%)" in err
+    assert logger.handlers == handlers  # the handler is removed after the run
+
+
+def test_quiet_cluster_prints_nothing(capsys: pytest.CaptureFixture) -> None:
+    p = quiet(p=1, m="1G")
+    p.jobs.append(["echo", "x"])
+    p.run()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_ctrl_c_during_run(tmp_path: Path) -> None:
+    marker = unique_sleep()
+    script = tmp_path / "driver.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import json, sys, threading, mpmsub
+        p = mpmsub.cluster(p=2, m="1G", verbose=False, progress_bar=False)
+        p.jobs.append(["echo", "quick"])
+        p.jobs.extend([["sh", "-c", "sleep {marker} & sleep {marker}"] for _ in range(5)])
+        threading.Timer(1.0, lambda: print("ready", flush=True)).start()
+        try:
+            p.run()
+        except KeyboardInterrupt:
+            print(json.dumps(p.stats["jobs"]), flush=True)
+            print(json.dumps(sorted(r.error or "" for r in p.failed_jobs)), flush=True)
+            raise
+    """)
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mpmsub.__file__).parent.parent), *sys.path])}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert "KeyboardInterrupt" in err
+    lines = out.splitlines()
+    import json
+
+    jobs, errors = json.loads(lines[0]), json.loads(lines[1])
+    assert jobs["total"] == 6 and jobs["completed"] == 1 and jobs["failed"] == 5 and jobs["cancelled"] == 5
+    assert errors.count("cancelled before it started: KeyboardInterrupt") == 3
+    assert errors.count("killed: stopped by KeyboardInterrupt") == 2
+    assert not wait_gone(marker)
+
+
+def test_run_never_overlaps_jobs_past_the_memory_budget() -> None:
+    p = quiet(p=4, m="1000M")
+    for i in range(4):
+        p.jobs.append({"cmd": ["sleep", "0.2"], "m": "400M" if i % 2 else "600M"})
+    p.run()
+    results = p.completed_jobs
+    assert len(results) == 4
+    for r in results:
+        moment = r.start_time + 1e-3
+        in_force = sum(o.memory_requested or 0 for o in results if o.start_time <= moment < o.end_time)
+        assert in_force <= 1000, f"{in_force} MB reserved at the start of {r.job_id}"
