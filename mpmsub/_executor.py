@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Set
 from typing_extensions import Literal
 
 from mpmsub import _result as kinds
+from mpmsub._delivery import Delivery
 from mpmsub._job import JobSpec, to_spec
 from mpmsub._launcher import Handle, Launcher, Outcome
 from mpmsub._ledger import Ledger, Request
@@ -141,6 +142,7 @@ class MemoryAwareExecutor(Executor):
         self._shutdown = False
         self._closing = False
         self._dispatch_pending = False
+        self._delivery = Delivery()
         self._loop = EventLoop("mpmsub-executor")
         self._launcher = _launcher if _launcher is not None else LocalLauncher(self._loop, kill_grace)
         self._monitor = Monitor(_monitor_interval)
@@ -180,6 +182,13 @@ class MemoryAwareExecutor(Executor):
             self._loop.call_soon_threadsafe(self._enqueue, item)
         return future
 
+    def map(self, fn: Any, *iterables: Any, timeout: Optional[float] = None, chunksize: int = 1) -> Any:
+        """Not available: this executor runs commands, submitted one by one with submit()."""
+        raise TypeError(
+            "MemoryAwareExecutor runs commands: submit each job with submit(job); map() over Python "
+            "functions is not supported"
+        )
+
     def status(self) -> ExecutorStatus:
         """Jobs queued and running now, and the CPUs and memory the running ones reserve."""
         # Plain reads of the loop thread's counters: each is consistent, together a moment's view.
@@ -214,7 +223,7 @@ class MemoryAwareExecutor(Executor):
 
     def _wait(self) -> None:
         if self._loop.in_loop_thread():
-            return  # called from a done-callback: the loop finishes on its own
+            return  # the loop cannot wait for itself; it finishes on its own
         try:
             self._loop.join()
         except BaseException:  # Ctrl-C while waiting: nothing of ours may outlive the wait
@@ -224,6 +233,7 @@ class MemoryAwareExecutor(Executor):
                     self._loop.call_soon_threadsafe(self._on_shutdown, True, "interrupted while waiting for jobs")
             self._loop.join()
             raise
+        self._delivery.join()  # results and cancellations handed over are all visible on return
 
     def _claim_id(self, wanted: Optional[str]) -> str:
         if wanted is not None:
@@ -293,7 +303,7 @@ class MemoryAwareExecutor(Executor):
         result = make_result(item, outcome)
         self._dispatch()  # start the next jobs before running the user's callbacks
         logger.debug("mpmsub: end %s: %s", item.job_id, result.error or "ok")
-        item.future.set_result(result)
+        self._delivery.set_result(item.future, result)
         self._maybe_close()
 
     def _on_shutdown(self, cancel_queued: bool, kill_reason: Optional[str]) -> None:
@@ -301,7 +311,7 @@ class MemoryAwareExecutor(Executor):
         self._closing = True
         if cancel_queued:
             for item in self._scheduler.clear():
-                item.future.cancel()
+                self._delivery.cancel(item.future)
         if kill_reason is not None:
             for item in list(self._running.values()):
                 if item.handle is not None:
@@ -312,6 +322,7 @@ class MemoryAwareExecutor(Executor):
         if self._closing and not self._running and not self._scheduler:
             self._monitor.close()
             self._launcher.close()
+            self._delivery.close()
             self._loop.stop()
             _live_executors.discard(self)
 
@@ -325,7 +336,13 @@ def _at_exit() -> None:
     """At interpreter exit: finish the work of executors never shut down, or kill it if the
     program is dying of an exception (such as Ctrl-C)."""
     dying = getattr(sys, "last_value", None) is not None
-    for executor in list(_live_executors):
+    while True:
+        try:
+            executors = list(_live_executors)
+            break
+        except RuntimeError:  # the set changed while it was copied: an executor closed
+            continue
+    for executor in executors:
         if dying:
             executor.terminate("the program is exiting on an uncaught exception")
         else:

@@ -32,6 +32,8 @@ def _argv(cmd: object, what: str = "cmd") -> Argv:
     for index, arg in enumerate(cmd):
         if isinstance(arg, os.PathLike):
             arg = os.fspath(arg)
+        if isinstance(arg, str) and "\0" in arg:
+            raise ValueError(f"{what}[{index}] contains a NUL byte, which no program can receive: {arg!r}")
         if not isinstance(arg, str):
             raise TypeError(
                 f"{what}[{index}] must be a string or a path; got {arg!r} ({type(arg).__name__}) in {list(cmd)!r}"
@@ -49,6 +51,8 @@ def _optional_path(value: object, what: str) -> Optional[str]:
         value = os.fspath(value)
     if not isinstance(value, str) or not value:
         raise TypeError(f"{what} must be a non-empty path string; got {value!r}")
+    if "\0" in value:
+        raise ValueError(f"{what} contains a NUL byte: {value!r}")
     return value
 
 
@@ -59,10 +63,12 @@ def _env(value: object) -> Optional[Dict[str, str]]:
         raise TypeError(f"env must be a dict of variable names to string values; got {value!r}")
     env = {}
     for key, item in value.items():
-        if not isinstance(key, str) or not key or "=" in key:
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
             raise ValueError(f"env has an invalid variable name {key!r}")
         if not isinstance(item, str):
             raise TypeError(f"env[{key!r}] must be a string; got {item!r} ({type(item).__name__})")
+        if "\0" in item:
+            raise ValueError(f"env[{key!r}] contains a NUL byte: {item!r}")
         env[key] = item
     return env
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Callable, Dict, List, Optional
+from typing import IO, Callable, Dict, List, Optional, Set
 
 from mpmsub import _proctree
 from mpmsub import _result as kinds
@@ -74,6 +74,7 @@ class LocalHandle(Handle):
         self.pids: List[int] = []  # stage roots, each a session leader
         self._returncodes: List[Optional[int]] = [None] * len(spec.stages)
         self._unreaped: Dict[int, int] = {}  # pid -> stage index
+        self._gone: Set[int] = set()  # reaped by a waiter thread, not yet recorded on the loop
         self._pidfds: Dict[int, int] = {}  # pid -> pidfd
         self._outputs: Dict[int, List[bytes]] = {}  # capture fd -> chunks
         self._stdout_fd: Optional[int] = None
@@ -110,8 +111,11 @@ class LocalHandle(Handle):
         try:
             for index, argv in enumerate(spec.stages):
                 last = index == len(spec.stages) - 1
-                pipe_r, pipe_w = (None, None) if last else os.pipe()
+                pipe_r: Optional[int] = None
+                pipe_w: Optional[int] = None
                 try:
+                    if not last:
+                        pipe_r, pipe_w = os.pipe()
                     proc = subprocess.Popen(
                         argv,
                         stdin=subprocess.DEVNULL if stdin is None else stdin,
@@ -122,7 +126,7 @@ class LocalHandle(Handle):
                         start_new_session=True,
                         close_fds=True,
                     )
-                except OSError:
+                except BaseException:
                     if pipe_r is not None:
                         os.close(pipe_r)
                     raise
@@ -137,9 +141,12 @@ class LocalHandle(Handle):
                 proc.returncode = 0
                 self.pids.append(proc.pid)
                 self._unreaped[proc.pid] = index
-        except OSError as exc:
+        except Exception as exc:
             self._close_all(parent_fds, files)
-            self.failure, self.error = kinds.START, _start_error(spec, argv[0], exc)
+            message = (
+                _start_error(spec, argv[0], exc) if isinstance(exc, OSError) else f"cannot start {argv[0]!r}: {exc}"
+            )
+            self.failure, self.error = kinds.START, message
             if not self.pids:
                 self._fail_start(self.error)
                 return
@@ -204,8 +211,16 @@ class LocalHandle(Handle):
             with contextlib.suppress(ChildProcessError):
                 os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
             self._loop.call_soon_threadsafe(self._reap, pid)
-        else:  # reaping here gives up the killpg safety of an unreaped leader; rare platforms only
-            _, status, usage = os.wait4(pid, 0)
+        else:
+            # macOS has no waitid: reaping here gives up the killpg safety of an unreaped leader,
+            # and leftovers in the job's group are not killed after a normal exit.
+            try:
+                _, status, usage = os.wait4(pid, 0)
+            except ChildProcessError:
+                self._gone.add(pid)
+                self._loop.call_soon_threadsafe(self._record_lost, pid)
+                return
+            self._gone.add(pid)  # never signal this pid again: it may be reused
             self._loop.call_soon_threadsafe(self._record_exit, pid, status, usage)
 
     # -- events on the loop ---------------------------------------------------------------------
@@ -220,8 +235,24 @@ class LocalHandle(Handle):
         # The stage is a zombie: its pid still holds its process group, so killing what is left
         # of the group cannot hit an unrelated process.
         _proctree.kill_group(pid)
-        _, status, usage = os.wait4(pid, 0)
+        try:
+            _, status, usage = os.wait4(pid, 0)
+        except ChildProcessError:
+            self._record_lost(pid)
+            return
         self._record_exit(pid, status, usage)
+
+    def _record_lost(self, pid: int) -> None:
+        """Another part of the program reaped this stage (a SIGCHLD handler, os.wait())."""
+        self._unreaped.pop(pid, None)
+        if self.failure is None:
+            self.failure = kinds.ERROR
+            self.error = (
+                "its exit status was collected by another part of this program (os.wait() or a SIGCHLD "
+                "handler), so how it ended is unknown"
+            )
+        if not self._unreaped:
+            self._stages_done()
 
     def _record_exit(self, pid: int, status: int, usage: object) -> None:
         index = self._unreaped.pop(pid)
@@ -321,8 +352,9 @@ class LocalHandle(Handle):
         self._timers.append(self._loop.call_later(grace, self._signal, signal.SIGKILL))
 
     def _signal(self, sig: int) -> None:
-        if self._unreaped:
-            _proctree.signal_tree(list(self._unreaped), sig)
+        roots = [pid for pid in self._unreaped if pid not in self._gone]
+        if roots:
+            _proctree.signal_tree(roots, sig)
 
     def sample(self, snapshot: _proctree.Snapshot) -> Optional[int]:
         roots = list(self._unreaped)

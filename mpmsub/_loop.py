@@ -21,20 +21,28 @@ logger = logging.getLogger("mpmsub")
 
 Callback = Callable[..., None]
 
+# epoll takes its timeout in int milliseconds; a longer wait is cut short and re-evaluated.
+_MAX_WAIT = 86400.0
+
 
 class Timer:
     """A handle on a callback scheduled with EventLoop.call_later; cancel() stops it."""
 
-    __slots__ = ("args", "callback", "cancelled", "when")
+    __slots__ = ("args", "callback", "cancelled", "loop", "when")
 
-    def __init__(self, when: float, callback: Callback, args: Tuple[Any, ...]) -> None:
+    def __init__(self, loop: EventLoop, when: float, callback: Callback, args: Tuple[Any, ...]) -> None:
+        self.loop = loop
         self.when = when
-        self.callback = callback
+        self.callback: Optional[Callback] = callback
         self.args = args
         self.cancelled = False
 
     def cancel(self) -> None:
-        self.cancelled = True
+        """Stop the timer and drop what it holds (the entry may stay in the heap until its time)."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.callback, self.args = None, ()
+            self.loop._timer_cancelled()
 
 
 class EventLoop:
@@ -48,11 +56,13 @@ class EventLoop:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._ready: Deque[Tuple[Callback, Tuple[Any, ...]]] = deque()
         self._timers: List[Tuple[float, int, Timer]] = []
+        self._cancelled_timers = 0
         self._tiebreak = itertools.count()
         self._readers: Dict[int, Tuple[Callback, Tuple[Any, ...]]] = {}
-        self._wake_pending = False
         self._stopping = False
         self._closed = False
+        # Guards the wake-up pipe against being closed (and its fd number reused) during a write.
+        self._close_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # -- from any thread ------------------------------------------------------------------------
@@ -65,13 +75,16 @@ class EventLoop:
 
     def call_soon_threadsafe(self, callback: Callback, *args: Any) -> None:
         """Run `callback(*args)` on the loop thread, after what is already queued."""
-        if self._closed:
-            logger.debug("mpmsub: event loop closed, dropped %r", callback)
+        if self.in_loop_thread():
+            self._ready.append((callback, args))  # the loop runs it before it waits again
             return
-        self._ready.append((callback, args))
-        if not self._wake_pending and not self.in_loop_thread():
-            self._wake_pending = True
-            # A full pipe means a wake-up is pending anyway.
+        with self._close_lock:
+            if self._closed:
+                logger.debug("mpmsub: event loop closed, dropped %r", callback)
+                return
+            self._ready.append((callback, args))
+            # Always write: a wake-up flag could be left set by an interrupt between setting it
+            # and writing, and the loop would then sleep forever. A full pipe wakes it anyway.
             with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"\0")
 
@@ -84,9 +97,18 @@ class EventLoop:
     # -- on the loop thread only ----------------------------------------------------------------
 
     def call_later(self, delay: float, callback: Callback, *args: Any) -> Timer:
-        timer = Timer(time.monotonic() + max(0.0, delay), callback, args)
+        timer = Timer(self, time.monotonic() + max(0.0, delay), callback, args)
         heapq.heappush(self._timers, (timer.when, next(self._tiebreak), timer))
         return timer
+
+    def _timer_cancelled(self) -> None:
+        self._cancelled_timers += 1
+        # Rebuild the heap when cancelled timers are most of it, so that a long batch of jobs
+        # with long timeouts does not keep one dead entry per finished job.
+        if self._cancelled_timers > 256 and self._cancelled_timers > len(self._timers) // 2:
+            self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled_timers = 0
 
     def add_reader(self, fd: int, callback: Callback, *args: Any) -> None:
         self._readers[fd] = (callback, args)
@@ -105,7 +127,10 @@ class EventLoop:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                self._run_once()
+                try:
+                    self._run_once()
+                except Exception:  # a bug in the loop itself: keep serving the jobs
+                    logger.exception("mpmsub internal error in the event loop")
         finally:
             self._close()
 
@@ -114,7 +139,7 @@ class EventLoop:
         if self._ready:
             timeout = 0.0
         elif self._timers:
-            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            timeout = min(_MAX_WAIT, max(0.0, self._timers[0][0] - time.monotonic()))
         else:
             timeout = None
         for key, _ in self._selector.select(timeout):
@@ -127,7 +152,9 @@ class EventLoop:
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             timer = heapq.heappop(self._timers)[2]
-            if not timer.cancelled:
+            if timer.cancelled:
+                self._cancelled_timers -= 1
+            elif timer.callback is not None:
                 self._invoke(timer.callback, timer.args)
         # Run only what was queued before this point, so that callbacks that queue more
         # callbacks cannot starve the selector.
@@ -138,24 +165,22 @@ class EventLoop:
                 return
 
     def _drain_wakeups(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 4096):
                 pass
-        except BlockingIOError:
-            pass
-        self._wake_pending = False
 
     @staticmethod
     def _invoke(callback: Callback, args: Tuple[Any, ...]) -> None:
         try:
             callback(*args)
-        except Exception:  # a bug in mpmsub: keep the loop alive so that other jobs finish
+        except BaseException:  # a bug in mpmsub: keep the loop alive so that other jobs finish
             logger.exception("mpmsub internal error in %r", callback)
 
     def _close(self) -> None:
-        self._closed = True
-        for fd in list(self._readers):
-            self.remove_reader(fd)
-        self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._close_lock:
+            self._closed = True
+            for fd in list(self._readers):
+                self.remove_reader(fd)
+            self._selector.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)

@@ -1,0 +1,154 @@
+"""Engine robustness: what a review of the event loop, the launcher and the futures found."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import wait
+from pathlib import Path
+
+import pytest
+from helpers import unique_sleep, wait_gone
+
+import mpmsub
+from mpmsub import MemoryAwareExecutor
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mpmsub.__file__).parent.parent), *sys.path])}
+
+
+def test_a_timeout_of_weeks_does_not_break_the_loop() -> None:
+    with MemoryAwareExecutor(cpus=1, memory="1G", kill_grace=30 * 86400) as ex:
+        long = ex.submit(mpmsub.Job(["echo", "ok"]).with_timeout("30d"))
+        assert long.result(timeout=10).success
+        assert ex.submit(["echo", "after"]).result(timeout=10).stdout == "after\n"
+
+
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [
+        ({"cmd": ["echo", "a\0b"]}, "contains a NUL byte"),
+        ({"cmd": ["echo"], "env": {"X": "a\0b"}}, "contains a NUL byte"),
+        ({"cmd": ["echo"], "cwd": "/tmp\0x"}, "contains a NUL byte"),
+        ({"pipeline": [["echo", "x"], ["cat", "\0"]]}, "contains a NUL byte"),
+    ],
+)
+def test_nul_bytes_are_refused_at_submit(job: object, message: str) -> None:
+    with MemoryAwareExecutor(cpus=1, memory="1G") as ex, pytest.raises(ValueError, match=message):
+        ex.submit(job)
+
+
+def test_a_foreign_reaper_fails_the_job_instead_of_hanging(tmp_path: Path) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(
+        textwrap.dedent("""
+        import signal, mpmsub
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps every child at once
+        with mpmsub.MemoryAwareExecutor(cpus=1, memory="1G") as ex:
+            r = ex.submit(["sh", "-c", "sleep 0.2"]).result(timeout=20)
+        print(r.failure, "|", r.error)
+    """)
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("error | its exit status was collected by another part of this program")
+
+
+def test_a_slow_done_callback_does_not_stall_timeouts_or_dispatch() -> None:
+    with MemoryAwareExecutor(cpus=2, memory="1G") as ex:
+        first = ex.submit(["echo", "first"])
+        first.add_done_callback(lambda f: time.sleep(2))
+        first.result(timeout=10)
+        t0 = time.monotonic()
+        timed = ex.submit(mpmsub.Job(["sleep", "30"]).with_timeout(0.3))
+        quick = ex.submit(["echo", "quick"])
+        done, _ = wait([timed, quick], timeout=10)
+        assert len(done) == 2 and time.monotonic() - t0 < 1.5
+        assert timed.result().timed_out and quick.result().success
+
+
+def test_a_done_callback_may_wait_for_another_future_of_the_executor() -> None:
+    seen = []
+    with MemoryAwareExecutor(cpus=2, memory="1G") as ex:
+        other = ex.submit(["sleep", "0.3"])
+        first = ex.submit(["echo", "x"])
+        first.add_done_callback(lambda f: seen.append(other.result(timeout=10).success))
+        first.result(timeout=10)
+    assert seen == [True]
+
+
+def test_a_callback_that_raises_systemexit_does_not_stop_the_executor() -> None:
+    def bad(_: object) -> None:
+        raise SystemExit(3)
+
+    with MemoryAwareExecutor(cpus=1, memory="1G") as ex:
+        first = ex.submit(["echo", "x"])
+        first.add_done_callback(bad)
+        first.result(timeout=10)
+        assert ex.submit(["echo", "still"]).result(timeout=10).stdout == "still\n"
+
+
+def test_finished_jobs_with_long_timeouts_are_not_kept_alive_by_their_timers() -> None:
+    with MemoryAwareExecutor(cpus=2, memory="1G") as ex:
+        futures = [ex.submit(mpmsub.Job(["true"]).with_timeout("1h")) for _ in range(600)]
+        assert all(f.result(timeout=60).success for f in futures)
+        live_timers = sum(not entry[2].cancelled for entry in ex._loop._timers)
+        assert live_timers == 0
+        assert len(ex._loop._timers) < 600  # cancelled entries are compacted away
+
+
+def test_map_is_refused_clearly() -> None:
+    with MemoryAwareExecutor(cpus=1, memory="1G") as ex, pytest.raises(TypeError, match="submit each job"):
+        ex.map(["echo"], [["x"]])
+
+
+def test_threads_waiting_on_queued_futures_are_woken_by_cancel_futures() -> None:
+    ex = MemoryAwareExecutor(cpus=1, memory="1G")
+    blocker = ex.submit(["sleep", "0.5"])
+    queued = ex.submit(["sleep", "5"])
+    woken = threading.Event()
+
+    def waiter() -> None:
+        wait([queued], timeout=20)
+        woken.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.1)
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert queued.cancelled() and blocker.result().success
+    assert woken.wait(5), "a thread waiting on a cancelled future was not woken"
+    thread.join()
+
+
+def test_a_pipeline_whose_later_stage_cannot_start_leaves_nothing_running() -> None:
+    marker = unique_sleep()
+    with MemoryAwareExecutor(cpus=1, memory="1G") as ex:
+        r = ex.submit(mpmsub.pipeline([["sleep", marker], ["no-such-program-xyz"]])).result(timeout=10)
+    assert r.failure == "start" and "no-such-program-xyz" in (r.error or "")
+    assert not wait_gone(marker)
+
+
+def test_no_file_descriptor_leaks_over_many_jobs() -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd")
+    with MemoryAwareExecutor(cpus=2, memory="1G") as ex:
+        ex.submit(["true"]).result(timeout=10)
+        before = open_fds()
+        futures = [
+            ex.submit(j)
+            for j in (
+                ["true"],
+                ["no-such-program-xyz"],
+                mpmsub.pipeline([["echo"], ["cat"]]),
+                mpmsub.Job(["pwd"]).working_dir("/no/such/dir"),
+            )
+        ] * 25
+        wait(futures, timeout=60)
+        assert open_fds() <= before + 2
