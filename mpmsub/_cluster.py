@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
 
 from mpmsub import _report
 from mpmsub._executor import MemoryAwareExecutor
-from mpmsub._job import JobSpec, to_spec
+from mpmsub._job import JobSpec, pick_one, to_spec
 from mpmsub._ledger import Ledger, Request
 from mpmsub._progress import ProgressBar
 from mpmsub._result import CANCELLED, JobResult
@@ -315,15 +315,9 @@ def cluster(
     progress_bar: bool = True,
 ) -> Cluster:
     """Create a Cluster: `mpmsub.cluster(p=4, m="8G")`; `cpu`/`cpus` and `memory` are aliases."""
-    given_cpus = [v for v in (p, cpu, cpus) if v is not None]
-    given_mem = [v for v in (m, memory) if v is not None]
-    if len(given_cpus) > 1:
-        raise ValueError(f"give the CPU count once (p, cpu or cpus); got {given_cpus!r}")
-    if len(given_mem) > 1:
-        raise ValueError(f"give the memory once (m or memory); got {given_mem!r}")
     return Cluster(
-        cpus=given_cpus[0] if given_cpus else None,
-        memory=given_mem[0] if given_mem else None,
+        cpus=pick_one("CPU count", p=p, cpu=cpu, cpus=cpus),
+        memory=pick_one("memory", m=m, memory=memory),
         verbose=verbose,
         progress_bar=progress_bar,
     )

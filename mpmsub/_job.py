@@ -329,6 +329,15 @@ def to_spec(item: object) -> JobSpec:
     raise TypeError(f"cannot run {item!r}: submit a Job, a job dict, a Pipeline or a list of strings")
 
 
+def pick_one(what: str, **given: Any) -> Any:
+    """The one value given under one of several names (p, cpu, cpus); None if none was given."""
+    values = {name: value for name, value in given.items() if value is not None}
+    if len(values) > 1:
+        spelled = ", ".join(f"{name}={value!r}" for name, value in values.items())
+        raise ValueError(f"give the {what} once, under one of {', '.join(given)}; got {spelled}")
+    return next(iter(values.values()), None)
+
+
 def job(
     cmd: CommandLike,
     p: Optional[int] = None,
@@ -345,16 +354,10 @@ def job(
     stderr: Optional[StrPath] = None,
 ) -> Job:
     """Create a Job in one call: `job(["sort", "x"], p=1, m="100M", timeout=60)`."""
-    given_cpus = [v for v in (p, cpu, cpus) if v is not None]
-    given_mem = [v for v in (m, memory) if v is not None]
-    if len(given_cpus) > 1:
-        raise ValueError(f"give the CPU count once (p, cpu or cpus); got {given_cpus!r}")
-    if len(given_mem) > 1:
-        raise ValueError(f"give the memory once (m or memory); got {given_mem!r}")
     return Job(
         cmd,
-        p=given_cpus[0] if given_cpus else None,
-        m=given_mem[0] if given_mem else None,
+        p=pick_one("CPU count", p=p, cpu=cpu, cpus=cpus),
+        m=pick_one("memory", m=m, memory=memory),
         id=id,
         cwd=cwd,
         env=env,
