@@ -7,20 +7,25 @@ running jobs, and is woken by submits, process exits, output and timers.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import math
 import sys
 import threading
 import time
 import weakref
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
+import psutil
 from typing_extensions import Literal
 
+from mpmsub import _proctree
 from mpmsub import _result as kinds
 from mpmsub._delivery import Delivery
+from mpmsub._enforce import Usage, budget_stops, newest, strict_stops
 from mpmsub._job import JobSpec, to_spec
 from mpmsub._launcher import Handle, Launcher, Outcome
 from mpmsub._ledger import Ledger, Request
@@ -33,6 +38,9 @@ from mpmsub._system import detect_cpus, detect_memory
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
 
 logger = logging.getLogger("mpmsub")
+
+_GATE_RETRY = 0.5  # seconds between looks at the machine's free memory while a job waits for it
+_MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memory error
 
 _live_executors: weakref.WeakSet[MemoryAwareExecutor] = weakref.WeakSet()
 
@@ -50,7 +58,22 @@ class ExecutorStatus:
 class _Item:
     """A submitted job on its way through the executor."""
 
-    __slots__ = ("future", "handle", "job_id", "request", "seq", "spec")
+    __slots__ = (
+        "attempts",
+        "future",
+        "handle",
+        "job_id",
+        "last_rss",
+        "oom_baseline",
+        "request",
+        "requeue",
+        "requeued",
+        "retries_left",
+        "seq",
+        "spec",
+        "started",
+        "stopping",
+    )
 
     def __init__(self, seq: int, spec: JobSpec, job_id: str, future: Future[JobResult]) -> None:
         self.seq = seq
@@ -59,6 +82,18 @@ class _Item:
         self.request = Request(spec.cpus, spec.memory or 0)
         self.future = future
         self.handle: Optional[Handle] = None
+        self.attempts = 0
+        self.retries_left = spec.retries
+        self.requeued = 0
+        self.started = 0.0  # monotonic
+        self.last_rss = 0  # written by the monitor thread
+        self.stopping = False  # a stop for memory is on its way (set by the monitor thread)
+        self.requeue = False  # put it back in the queue when it has stopped
+        self.oom_baseline: Optional[int] = None
+
+    def respec(self, spec: JobSpec) -> None:
+        self.spec = spec
+        self.request = Request(spec.cpus, spec.memory or 0)
 
 
 def make_result(item: _Item, outcome: Outcome) -> JobResult:
@@ -110,6 +145,13 @@ class MemoryAwareExecutor(Executor):
     MB as a number or a string such as '8G'. `max_workers` caps how many jobs run at once; given
     without `cpus`, it is also the number of CPUs handed out (as ProcessPoolExecutor's workers).
     `kill_grace` is the time between SIGTERM and SIGKILL when a job is stopped.
+
+    Memory is enforced while jobs run: when the running jobs together use more than `memory`, the
+    one furthest over its declaration is killed and fails with a memory error; with
+    `strict_memory`, any job with `m` is killed as soon as it uses more than its `m`. Jobs with
+    `m` start only while the machine's available memory, less `memory_reserve` (default: 5% of
+    RAM, at most 2G; 0 turns the gate off), can hold them; when it falls under the reserve, the
+    newest job is stopped and put back at the head of the queue.
     """
 
     def __init__(
@@ -119,6 +161,8 @@ class MemoryAwareExecutor(Executor):
         *,
         max_workers: Optional[int] = None,
         kill_grace: float = 2.0,
+        strict_memory: bool = False,
+        memory_reserve: Optional[MemoryLike] = None,
         _launcher: Optional[Launcher] = None,
         _monitor_interval: float = 0.1,
     ) -> None:
@@ -129,9 +173,21 @@ class MemoryAwareExecutor(Executor):
             raise ValueError(f"invalid memory {memory!r}: the executor needs a positive memory budget")
         if isinstance(kill_grace, bool) or not isinstance(kill_grace, (int, float)) or not kill_grace >= 0:
             raise ValueError(f"invalid kill_grace {kill_grace!r}: expected a number of seconds, 0 or more")
+        if not isinstance(strict_memory, bool):
+            raise TypeError(f"strict_memory must be True or False; got {strict_memory!r}")
+        if memory_reserve is None:
+            reserve = min(2 * 1024 * MB, int(0.05 * psutil.virtual_memory().total))
+        else:
+            reserve = parse_memory(memory_reserve, "memory_reserve")
         self.cpus = ncpus
         self.memory = budget
         self.max_workers = slots
+        self.strict_memory = strict_memory
+        self.memory_reserve = reserve
+        self._terminating = False
+        self._gate_room: Optional[int] = None  # free memory above the reserve, this dispatch round
+        self._gate_timer = False
+        self._gate_warned = False
         self._ledger = Ledger(ncpus, budget, slots)
         self._scheduler: FifoScheduler[_Item] = FifoScheduler()
         self._running: Dict[int, _Item] = {}
@@ -143,9 +199,10 @@ class MemoryAwareExecutor(Executor):
         self._closing = False
         self._dispatch_pending = False
         self._delivery = Delivery()
+        self._oom_kills = _proctree.oom_kill_count()
         self._loop = EventLoop("mpmsub-executor")
         self._launcher = _launcher if _launcher is not None else LocalLauncher(self._loop, kill_grace)
-        self._monitor = Monitor(_monitor_interval)
+        self._monitor = Monitor(_monitor_interval, self._check_memory)
         self._loop.start()
         _live_executors.add(self)
         weakref.finalize(self, _stop_loop, self._loop, self._monitor)
@@ -257,18 +314,58 @@ class MemoryAwareExecutor(Executor):
 
     def _dispatch(self) -> None:
         self._dispatch_pending = False
-        while True:
-            chosen = self._scheduler.select(self._ledger)
-            if not chosen:
-                return
-            for item in chosen:
-                if item.future.set_running_or_notify_cancel():
-                    self._start(item)
-                else:  # cancelled while queued
-                    self._ledger.release(item.request)
+        self._gate_room = None
+        try:
+            while True:
+                chosen = self._scheduler.select(self._ledger, self._gate)
+                if not chosen:
+                    return
+                for item in chosen:
+                    # A retried or requeued job's future is running already.
+                    if item.future.running() or item.future.set_running_or_notify_cancel():
+                        self._start(item)
+                    else:  # cancelled while queued
+                        self._ledger.release(item.request)
+        finally:
+            if self._gate_room is not None and self._scheduler and not self._gate_timer:
+                # The machine's free memory changes without an event to wait on: look again soon.
+                self._gate_timer = True
+                self._loop.call_later(_GATE_RETRY, self._gate_retry)
+
+    def _gate_retry(self) -> None:
+        self._gate_timer = False
+        self._dispatch()
+
+    def _gate(self, item: _Item) -> bool:
+        """The live memory gate: the machine's available memory, less the reserve and what running
+        jobs have reserved but not yet touched, must hold the job's `m`."""
+        need = item.spec.memory
+        if not need or not self.memory_reserve:
+            return True
+        if self._gate_room is None:
+            unrealized = sum(max(0, (i.spec.memory or 0) - i.last_rss) for i in self._running.values())
+            self._gate_room = int(psutil.virtual_memory().available) - self.memory_reserve - unrealized
+        if need <= self._gate_room:
+            self._gate_room -= need
+            return True
+        if not self._gate_warned:
+            self._gate_warned = True
+            logger.warning(
+                "mpmsub: job %s waits for memory: it needs %s, the machine has %s available above the %s reserve",
+                item.job_id,
+                format_memory(need),
+                format_memory(max(0, self._gate_room)),
+                format_memory(self.memory_reserve),
+            )
+        return False
 
     def _start(self, item: _Item) -> None:
         self._running[item.seq] = item
+        item.attempts += 1
+        item.started = time.monotonic()
+        item.last_rss = 0
+        item.stopping = item.requeue = False
+        item.oom_baseline = self._oom_kills
         logger.debug("mpmsub: start %s (%s): %s", item.job_id, item.spec.resources(), item.spec.describe())
 
         def on_exit(outcome: Outcome) -> None:
@@ -292,7 +389,7 @@ class MemoryAwareExecutor(Executor):
                 )
             )
             return
-        self._monitor.watch(item.handle)
+        self._monitor.watch(item.handle, item)
 
     def _on_exit(self, item: _Item, outcome: Outcome) -> None:
         if self._running.pop(item.seq, None) is None:
@@ -300,15 +397,103 @@ class MemoryAwareExecutor(Executor):
         self._ledger.release(item.request)
         if item.handle is not None:
             self._monitor.unwatch(item.handle)
+        self._classify_oom(item, outcome)
         result = make_result(item, outcome)
+        if self._again(item, result):
+            self._dispatch()
+            return
+        result = dataclasses.replace(result, attempts=item.attempts, requeued=item.requeued)
         self._dispatch()  # start the next jobs before running the user's callbacks
         logger.debug("mpmsub: end %s: %s", item.job_id, result.error or "ok")
         self._delivery.set_result(item.future, result)
         self._maybe_close()
 
+    def _again(self, item: _Item, result: JobResult) -> bool:
+        """Requeue or retry a job that ended; False when its result is final."""
+        if self._terminating:
+            return False
+        if item.requeue and item.requeued < _MAX_REQUEUES:
+            item.requeued += 1
+            item.attempts -= 1  # a stop for the machine's sake is not the job's failure
+            logger.info("mpmsub: %s requeued: %s", item.job_id, result.error)
+            self._scheduler.push_front(item)
+            return True
+        if result.success or item.retries_left <= 0 or result.failure in (kinds.START, kinds.CANCELLED):
+            return False
+        item.retries_left -= 1
+        if result.failure == kinds.MEMORY:
+            spec = item.spec
+            base = spec.memory if spec.memory is not None else int(result.memory_used * MB)
+            grown = min(self.memory, max(base + MB, math.ceil(base * spec.memory_growth)))
+            item.respec(dataclasses.replace(spec, memory=grown))
+        logger.info("mpmsub: %s failed (%s); retrying with %s", item.job_id, result.error, item.spec.resources())
+        self._scheduler.push_front(item)
+        return True
+
+    def _classify_oom(self, item: _Item, outcome: Outcome) -> None:
+        """A SIGKILL (or a shell's 137) we did not send, while the kernel's OOM killer struck, is a
+        memory failure."""
+        if outcome.failure is not None or item.oom_baseline is None:
+            return
+        if not any(rc in (-9, 137) for rc in outcome.returncodes):
+            return
+        count = _proctree.oom_kill_count()
+        if count is not None and count > item.oom_baseline:
+            outcome.failure = kinds.MEMORY
+            outcome.error = (
+                f"killed by the kernel's out-of-memory killer (SIGKILL) after using "
+                f"{format_memory(outcome.peak_memory)}"
+            )
+
+    # -- on the monitor thread ---------------------------------------------------------------------
+
+    def _check_memory(self, measures: List[Tuple[Any, int]]) -> None:
+        """After each sample: stop jobs over the budget, strict jobs over their `m`, and the newest
+        job when the machine runs short."""
+        self._oom_kills = _proctree.oom_kill_count()
+        usages: List[Usage] = []
+        items: Dict[int, _Item] = {}
+        for item, rss in measures:
+            item.last_rss = rss
+            if item.stopping:
+                continue
+            strict = self.strict_memory if item.spec.strict is None else item.spec.strict
+            usages.append(
+                Usage(item.seq, rss, item.spec.memory or 0, strict and item.spec.memory is not None, item.started)
+            )
+            items[item.seq] = item
+        stops = strict_stops(usages)
+        stopped = {s.key for s in stops}
+        stops += budget_stops([u for u in usages if u.key not in stopped], self.memory)
+        for stop in stops:
+            items[stop.key].stopping = True
+            self._loop.call_soon_threadsafe(self._stop, items[stop.key], stop.message, False)
+        if stops or not self.memory_reserve or not usages:
+            return
+        available = int(psutil.virtual_memory().available)
+        if available < self.memory_reserve:
+            victim = newest([u for u in usages if u.key not in stopped])
+            if victim is not None:
+                item = items[victim.key]
+                item.stopping = True
+                message = (
+                    f"stopped and requeued: the machine had {format_memory(available)} available, under the "
+                    f"{format_memory(self.memory_reserve)} reserve"
+                )
+                self._loop.call_soon_threadsafe(self._stop, item, message, True)
+
+    def _stop(self, item: _Item, message: str, requeue: bool) -> None:
+        if self._running.get(item.seq) is not item or item.handle is None:
+            return
+        item.requeue = requeue
+        if requeue and item.requeued >= _MAX_REQUEUES:
+            message += f" ({_MAX_REQUEUES} times; giving up)"
+        item.handle.kill(kinds.MEMORY, message, grace=0)
+
     def _on_shutdown(self, cancel_queued: bool, kill_reason: Optional[str]) -> None:
         # After a plain shutdown the queued jobs still run, as in the standard library.
         self._closing = True
+        self._terminating = self._terminating or kill_reason is not None
         if cancel_queued:
             for item in self._scheduler.clear():
                 self._delivery.cancel(item.future)

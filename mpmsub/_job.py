@@ -73,6 +73,22 @@ def _env(value: object) -> Optional[Dict[str, str]]:
     return env
 
 
+def _retries(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"retries must be a whole number, 0 or more; got {value!r}")
+    if value < 0:
+        raise ValueError(f"invalid retries {value!r}: expected a whole number, 0 or more")
+    return value
+
+
+def _growth(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"memory_growth must be a number, at least 1; got {value!r}")
+    if not value >= 1 or value == float("inf"):
+        raise ValueError(f"invalid memory_growth {value!r}: expected a number, at least 1 (2 doubles m on each retry)")
+    return float(value)
+
+
 def _job_id(value: object) -> Optional[str]:
     if value is None:
         return None
@@ -127,6 +143,9 @@ class JobSpec:
     timeout: Optional[float] = None
     stdout: Optional[str] = None
     stderr: Optional[str] = None
+    retries: int = 0
+    memory_growth: float = 2.0
+    strict: Optional[bool] = None  # None: the executor's default
 
     @property
     def is_pipeline(self) -> bool:
@@ -167,6 +186,9 @@ class Job:
         pipeline: Optional[Union[Pipeline, Sequence[Sequence[StrPath]]]] = None,
         stdout: Optional[StrPath] = None,
         stderr: Optional[StrPath] = None,
+        retries: Optional[int] = None,
+        memory_growth: Optional[float] = None,
+        strict: Optional[bool] = None,
     ) -> None:
         if cmd is not None and pipeline is not None:
             raise ValueError("give a Job either cmd or pipeline, not both")
@@ -187,6 +209,13 @@ class Job:
         self.timeout: Optional[float] = None
         self.stdout: Optional[str] = None
         self.stderr: Optional[str] = None
+        self.retries: int = 0
+        self.memory_growth: float = 2.0
+        self.strict: Optional[bool] = None
+        if retries is not None or memory_growth is not None:
+            self.with_retries(0 if retries is None else retries, 2.0 if memory_growth is None else memory_growth)
+        if strict is not None:
+            self.strict_memory(strict)
         if p is not None:
             self.cpu(p)
         if m is not None:
@@ -246,6 +275,20 @@ class Job:
         self.stderr = _optional_path(path, "stderr")
         return self
 
+    def with_retries(self, retries: int, memory_growth: float = 2.0) -> Self:
+        """Run the job again, up to `retries` more times, if it fails. A job stopped for memory
+        is retried with its `m` multiplied by `memory_growth`; other failures as they were."""
+        self.retries = _retries(retries)
+        self.memory_growth = _growth(memory_growth)
+        return self
+
+    def strict_memory(self, enabled: bool = True) -> Self:
+        """Stop the job as soon as it uses more than its `m` (needs `m`), room or not."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"strict must be True or False; got {enabled!r}")
+        self.strict = enabled
+        return self
+
     def pipe_to(self, cmd: Sequence[StrPath]) -> Self:
         """Send this job's stdout into another command, like a shell `|`."""
         base = self.cmd if isinstance(self.cmd, Pipeline) else Pipeline([self.cmd])
@@ -259,15 +302,19 @@ class Job:
         else:
             data = {"cmd": list(self.cmd)}
         data.update(p=self.p, m=self.m)
-        for key in ("id", "cwd", "env", "timeout", "stdout", "stderr"):
+        for key in ("id", "cwd", "env", "timeout", "stdout", "stderr", "strict"):
             value = getattr(self, key)
             if value is not None:
                 data[key] = dict(value) if key == "env" else value
+        if self.retries:
+            data.update(retries=self.retries, memory_growth=self.memory_growth)
         return data
 
     def spec(self) -> JobSpec:
         """Validate the whole job and return its immutable engine form."""
         stages = tuple(tuple(c) for c in self.cmd.commands) if isinstance(self.cmd, Pipeline) else (tuple(self.cmd),)
+        if self.strict and self.m is None:
+            raise ValueError("strict memory needs the job's memory (m): there is nothing to hold it to")
         return JobSpec(
             stages=stages,
             cpus=self.p,
@@ -278,6 +325,9 @@ class Job:
             timeout=self.timeout,
             stdout=self.stdout,
             stderr=self.stderr,
+            retries=self.retries,
+            memory_growth=self.memory_growth,
+            strict=self.strict,
         )
 
     def __repr__(self) -> str:
@@ -286,7 +336,21 @@ class Job:
 
 
 # Keys a job dict may carry; aliases map the original library's alternative spellings.
-_DICT_KEYS = ("cmd", "p", "m", "id", "cwd", "env", "timeout", "stdout", "stderr", "pipeline")
+_DICT_KEYS = (
+    "cmd",
+    "p",
+    "m",
+    "id",
+    "cwd",
+    "env",
+    "timeout",
+    "stdout",
+    "stderr",
+    "pipeline",
+    "retries",
+    "memory_growth",
+    "strict",
+)
 _DICT_ALIASES = {"cpu": "p", "cpus": "p", "memory": "m"}
 
 
@@ -352,6 +416,9 @@ def job(
     timeout: Optional[float] = None,
     stdout: Optional[StrPath] = None,
     stderr: Optional[StrPath] = None,
+    retries: Optional[int] = None,
+    memory_growth: Optional[float] = None,
+    strict: Optional[bool] = None,
 ) -> Job:
     """Create a Job in one call: `job(["sort", "x"], p=1, m="100M", timeout=60)`."""
     return Job(
@@ -364,6 +431,9 @@ def job(
         timeout=timeout,
         stdout=stdout,
         stderr=stderr,
+        retries=retries,
+        memory_growth=memory_growth,
+        strict=strict,
     )
 
 

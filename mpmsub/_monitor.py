@@ -1,37 +1,41 @@
-"""One sampling thread for all running jobs: each tick takes one process snapshot of the machine
-and lets every running job measure its tree in it. Idle (waiting, not polling) when nothing runs."""
+"""One sampling thread for all running jobs: each tick takes one process snapshot of the machine,
+lets every running job measure its tree in it, and hands the figures to the executor's policy.
+Idle (waiting, not polling) when nothing runs."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Set
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mpmsub import _proctree
 from mpmsub._launcher import Handle
 
 logger = logging.getLogger("mpmsub")
 
+Measure = Tuple[Any, int]  # (what the job was watched with, resident bytes now)
+
 
 class Monitor:
-    def __init__(self, interval: float = 0.1) -> None:
+    def __init__(self, interval: float = 0.1, on_tick: Optional[Callable[[List[Measure]], None]] = None) -> None:
         self.interval = interval
-        self._handles: Set[Handle] = set()
+        self._on_tick = on_tick
+        self._handles: Dict[Handle, Any] = {}
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="mpmsub-monitor", daemon=True)
         self._thread.start()
 
-    def watch(self, handle: Handle) -> None:
+    def watch(self, handle: Handle, tag: Any) -> None:
         with self._cond:
             was_idle = not self._handles
-            self._handles.add(handle)
+            self._handles[handle] = tag
             if was_idle:
                 self._cond.notify()
 
     def unwatch(self, handle: Handle) -> None:
         with self._cond:
-            self._handles.discard(handle)
+            self._handles.pop(handle, None)
 
     def close(self) -> None:
         with self._cond:
@@ -45,11 +49,16 @@ class Monitor:
                     self._cond.wait()
                 if self._closed:
                     return
-                handles = list(self._handles)
+                watched = list(self._handles.items())
             try:
                 snap = _proctree.snapshot()
-                for handle in handles:
-                    handle.sample(snap)
+                measures = []
+                for handle, tag in watched:
+                    rss = handle.sample(snap)
+                    if rss is not None:
+                        measures.append((tag, rss))
+                if self._on_tick is not None:
+                    self._on_tick(measures)
             except Exception:  # a bug: measuring must never take the executor down
                 logger.exception("mpmsub: memory sampling failed")
             with self._cond:

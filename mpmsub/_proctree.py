@@ -10,7 +10,7 @@ import contextlib
 import os
 import signal
 import sys
-from typing import Dict, Iterable, NamedTuple, Set
+from typing import Dict, Iterable, NamedTuple, Optional, Set
 
 import psutil
 
@@ -60,6 +60,18 @@ def _snapshot_psutil() -> Snapshot:
         rss = info["memory_info"].rss if info.get("memory_info") is not None else 0
         procs[proc.pid] = Proc(info.get("ppid") or 0, sid, rss)
     return procs
+
+
+def oom_kill_count() -> Optional[int]:
+    """How many processes the kernel's out-of-memory killer has killed since boot (Linux 4.13+)."""
+    try:
+        with open("/proc/vmstat", "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def members(snap: Snapshot, roots: Iterable[int]) -> Set[int]:

@@ -11,6 +11,7 @@ from mpmsub._errors import JobFailedError
 EXIT = "exit"  # ran and exited non-zero
 SIGNAL = "signal"  # killed by a signal it was not sent by mpmsub
 TIMEOUT = "timeout"
+MEMORY = "memory"  # stopped by mpmsub for memory, or killed by the kernel's out-of-memory killer
 START = "start"  # could not be started: program or working directory not found, not executable, ...
 CANCELLED = "cancelled"  # stopped by shutdown, Ctrl-C or cancellation while running
 ERROR = "error"  # mpmsub itself failed while running the job
@@ -39,6 +40,8 @@ class JobResult:
     cpus: int = 1
     memory_requested: Optional[float] = None
     stage_returncodes: List[Optional[int]] = field(default_factory=list)
+    attempts: int = 1
+    requeued: int = 0  # times it was stopped and put back because the machine ran short of memory
 
     @property
     def success(self) -> bool:

@@ -7,7 +7,7 @@ order and every one that fits starts.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Generic, Iterator, List, TypeVar
+from typing import Callable, Generic, Iterator, List, Optional, TypeVar
 
 from typing_extensions import Protocol
 
@@ -42,6 +42,11 @@ class FifoScheduler(Generic[E]):
     def push(self, entry: E) -> None:
         self._queue[entry.seq] = entry
 
+    def push_front(self, entry: E) -> None:
+        """Put a job back at the head of the queue (a retry, or a job stopped and requeued)."""
+        self._queue[entry.seq] = entry
+        self._queue.move_to_end(entry.seq, last=False)
+
     def discard(self, entry: E) -> None:
         self._queue.pop(entry.seq, None)
 
@@ -50,13 +55,17 @@ class FifoScheduler(Generic[E]):
         self._queue.clear()
         return entries
 
-    def select(self, ledger: Ledger) -> List[E]:
-        """Remove and return the jobs to start now, reserving their resources on `ledger`."""
+    def select(self, ledger: Ledger, admit: Optional[Callable[[E], bool]] = None) -> List[E]:
+        """Remove and return the jobs to start now, reserving their resources on `ledger`.
+
+        `admit`, when given, is a further condition (the live memory gate) asked of a job that
+        fits the ledger; it is asked at most once per job and may count what it admits.
+        """
         chosen: List[E] = []
         if ledger.full:
             return chosen
         for entry in self._queue.values():
-            if ledger.fits(entry.request):
+            if ledger.fits(entry.request) and (admit is None or admit(entry)):
                 ledger.reserve(entry.request)
                 chosen.append(entry)
                 if ledger.full:

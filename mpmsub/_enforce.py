@@ -1,0 +1,77 @@
+"""Memory enforcement policy: which running jobs to stop, given what each one uses now.
+
+Pure logic, no threads or I/O: the monitor measures, this decides, the loop kills.
+
+- Budget: a job may use more than it declared while there is room, but when the running jobs
+  together use more than the executor's budget, the job furthest over its declaration (a job
+  without `m` counts as declaring 0) is stopped, then the next, until the rest fit.
+- Strict: a job in strict mode is stopped as soon as it uses more than its own `m`.
+- Machine: when the machine's available memory falls under the reserve, the newest job is
+  stopped and requeued (see `newest`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+from mpmsub._units import format_memory
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One running job as the policy sees it."""
+
+    key: int  # the job's submission sequence number
+    rss: int  # bytes its process tree holds now
+    declared: int  # bytes it reserved (0 without `m`)
+    strict: bool
+    started: float  # monotonic start time
+
+
+@dataclass(frozen=True)
+class Stop:
+    key: int
+    message: str
+
+
+def strict_stops(usages: Sequence[Usage]) -> List[Stop]:
+    """Jobs in strict mode that use more than they declared."""
+    return [
+        Stop(
+            u.key,
+            f"exceeded its memory limit: used {format_memory(u.rss)} of the "
+            f"{format_memory(u.declared)} it declared (strict memory)",
+        )
+        for u in usages
+        if u.strict and u.rss > u.declared
+    ]
+
+
+def budget_stops(usages: Sequence[Usage], budget: int) -> List[Stop]:
+    """The jobs to stop so that the rest fit in `budget`: furthest over its declaration first."""
+    total = sum(u.rss for u in usages)
+    if total <= budget:
+        return []
+    stops: List[Stop] = []
+    # Furthest over its declaration first; among equals, the newest (it has lost the least work).
+    candidates = sorted(usages, key=lambda u: (u.rss - u.declared, u.started), reverse=True)
+    for u in candidates:
+        if total <= budget:
+            break
+        declared = format_memory(u.declared) if u.declared else "no memory"
+        stops.append(
+            Stop(
+                u.key,
+                f"exceeded memory: used {format_memory(u.rss)} having declared {declared}, while "
+                f"the running jobs together used {format_memory(total)} of the "
+                f"{format_memory(budget)} budget",
+            )
+        )
+        total -= u.rss
+    return stops
+
+
+def newest(usages: Sequence[Usage]) -> Optional[Usage]:
+    """The job to stop and requeue when the machine runs short: the most recently started."""
+    return max(usages, key=lambda u: u.started, default=None)
