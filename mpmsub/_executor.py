@@ -69,6 +69,7 @@ class _Item:
         "requeue",
         "requeued",
         "retries_left",
+        "seen_peak",
         "seq",
         "spec",
         "started",
@@ -90,6 +91,7 @@ class _Item:
         self.stopping = False  # a stop for memory is on its way (set by the monitor thread)
         self.requeue = False  # put it back in the queue when it has stopped
         self.oom_baseline: Optional[int] = None
+        self.seen_peak = 0  # bytes: the largest peak of its runs stopped for the machine's sake
 
     def respec(self, spec: JobSpec) -> None:
         self.spec = spec
@@ -339,8 +341,10 @@ class MemoryAwareExecutor(Executor):
     def _gate(self, item: _Item) -> bool:
         """The live memory gate: the machine's available memory, less the reserve and what running
         jobs have reserved but not yet touched, must hold the job's `m`."""
-        need = item.spec.memory
-        if not need or not self.memory_reserve:
+        # A job stopped for the machine's sake comes back when what it was seen to use fits; with
+        # nothing else running it comes back at once, or it would wait for memory it frees itself.
+        need = max(item.spec.memory or 0, item.seen_peak)
+        if not need or not self.memory_reserve or (item.requeued and not self._running):
             return True
         if self._gate_room is None:
             unrealized = sum(max(0, (i.spec.memory or 0) - i.last_rss) for i in self._running.values())
@@ -414,6 +418,7 @@ class MemoryAwareExecutor(Executor):
             return False
         if item.requeue and item.requeued < _MAX_REQUEUES:
             item.requeued += 1
+            item.seen_peak = max(item.seen_peak, int(result.memory_used * MB))
             item.attempts -= 1  # a stop for the machine's sake is not the job's failure
             logger.info("mpmsub: %s requeued: %s", item.job_id, result.error)
             self._scheduler.push_front(item)

@@ -1,0 +1,247 @@
+"""Memory enforcement, retries, the live memory gate and OOM recognition, with real processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import List
+
+import psutil
+import pytest
+
+import mpmsub
+from mpmsub import MemoryAwareExecutor
+
+MB = 2**20
+
+
+def grower(
+    total_mb: int, step_mb: int = 100, step_delay: float = 0.1, hold: float = 1.0, marker: str = ""
+) -> List[str]:
+    """A real program that grows by `step_mb` every `step_delay` s up to `total_mb`, then holds."""
+    code = (
+        "import time\n"
+        "chunks = []\n"
+        f"while sum(map(len, chunks)) < {total_mb} * 2**20:\n"
+        f"    chunks.append(bytearray({step_mb} * 2**20))\n"
+        f"    time.sleep({step_delay})\n"
+        f"time.sleep({hold})\n"
+    )
+    return [sys.executable, "-c", code, marker or uuid.uuid4().hex]
+
+
+def settled_available() -> int:
+    """The machine's available memory once it has stopped moving: the kernel's figure trails
+    allocations and frees (of the previous test's processes) by up to a second."""
+    last = int(psutil.virtual_memory().available)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.4)
+        now = int(psutil.virtual_memory().available)
+        if abs(now - last) < 20 * MB:
+            return now
+        last = now
+    return last
+
+
+class TreeSampler:
+    """A sampler in the test: the summed RSS of processes whose command line holds a marker."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for proc in psutil.process_iter(["cmdline", "memory_info"]):
+                try:
+                    if self.marker in (proc.info["cmdline"] or []):
+                        total += proc.info["memory_info"].rss
+                except (psutil.Error, TypeError):
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.02)
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_a_liar_is_stopped_and_an_honest_job_beside_it_succeeds() -> None:
+    marker = uuid.uuid4().hex
+    with TreeSampler(marker) as sampler, MemoryAwareExecutor(cpus=2, memory="1G", memory_reserve=0) as ex:
+        honest = ex.submit(mpmsub.Job(grower(250, step_mb=250, hold=3.0, marker=marker)).memory("300M"))
+        time.sleep(0.3)
+        liar = ex.submit(mpmsub.Job(grower(1500, marker=marker)).memory("200M"))
+        liar_result, honest_result = liar.result(timeout=60), honest.result(timeout=60)
+    assert honest_result.success, honest_result.error
+    assert liar_result.failure == "memory" and not liar_result.success
+    assert liar_result.error is not None
+    assert liar_result.error.startswith("exceeded memory: used ") and "having declared 200M" in liar_result.error
+    assert "of the 1G budget" in liar_result.error
+    assert 600 <= liar_result.memory_used <= 1300
+    # the total stays near the budget: at most a few hundred MB over it, never the liar's 1.5G
+    assert sampler.peak <= 1024 * MB + 350 * MB, f"sampled total peaked at {sampler.peak / MB:.0f} MB"
+
+
+def test_strict_mode_per_job_and_per_executor() -> None:
+    with MemoryAwareExecutor(cpus=2, memory="4G") as ex:
+        strict = ex.submit(mpmsub.Job(grower(400, hold=0.5)).memory("150M").strict_memory())
+        lenient = ex.submit(mpmsub.Job(grower(250, hold=0.3)).memory("150M"))  # over, but there is room
+        r = strict.result(timeout=60)
+        assert r.failure == "memory"
+        assert r.error is not None and r.error.startswith("exceeded its memory limit: used ")
+        assert r.error.endswith("of the 150M it declared (strict memory)")
+        assert lenient.result(timeout=60).success
+    with MemoryAwareExecutor(cpus=2, memory="4G", strict_memory=True) as ex:
+        over = ex.submit({"cmd": grower(300, hold=0.5), "m": "120M"})
+        within = ex.submit({"cmd": grower(50, step_mb=50, hold=0.3), "m": "200M"})
+        opted_out = ex.submit({"cmd": grower(250, hold=0.3), "m": "120M", "strict": False})
+        no_m = ex.submit({"cmd": grower(250, hold=0.3)})  # nothing to hold it to: the budget only
+        assert over.result(timeout=60).failure == "memory"
+        assert within.result(timeout=60).success and opted_out.result(timeout=60).success
+        assert no_m.result(timeout=60).success
+
+
+def test_a_memory_failure_is_retried_with_more_memory() -> None:
+    with MemoryAwareExecutor(cpus=1, memory="2G") as ex:
+        job = mpmsub.Job(grower(260, step_mb=130, hold=0.6)).memory("100M").strict_memory().with_retries(3)
+        r = ex.submit(job).result(timeout=60)
+    assert r.success, r.error
+    assert r.attempts == 3  # 100M and 200M were too little, 400M held it
+    assert r.memory_requested == 400
+
+
+def test_memory_growth_is_capped_at_the_budget() -> None:
+    with MemoryAwareExecutor(cpus=1, memory="300M") as ex:
+        job = mpmsub.Job(grower(500, hold=0.5)).memory("200M").strict_memory().with_retries(2, memory_growth=4)
+        r = ex.submit(job).result(timeout=60)
+    assert r.failure == "memory" and r.attempts == 3
+    assert r.memory_requested == 300
+
+
+def test_other_failures_are_retried_as_they_were(tmp_path: Path) -> None:
+    flag = tmp_path / "ran-once"
+    script = f"import os, sys; sys.exit(0 if os.path.exists({str(flag)!r}) else open({str(flag)!r}, 'w').close() or 3)"
+    with MemoryAwareExecutor(cpus=1, memory="1G") as ex:
+        ok = ex.submit(mpmsub.job([sys.executable, "-c", script], m="50M", retries=2)).result(timeout=30)
+        never = ex.submit({"cmd": ["sh", "-c", "exit 5"], "retries": 2}).result(timeout=30)
+        missing = ex.submit({"cmd": ["no-such-program-xyz"], "retries": 3}).result(timeout=30)
+    assert ok.success and ok.attempts == 2 and ok.memory_requested == 50
+    assert never.returncode == 5 and never.attempts == 3
+    assert missing.failure == "start" and missing.attempts == 1  # retrying cannot find it either
+
+
+def test_the_live_gate_holds_jobs_the_machine_cannot_take() -> None:
+    room = 400 * MB
+    reserve = settled_available() - room
+    with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=f"{reserve // MB}M") as ex:
+        a = ex.submit(mpmsub.Job(grower(250, step_mb=250, hold=1.0)).memory("300M"))
+        b = ex.submit(mpmsub.Job(grower(250, step_mb=250, hold=0.2)).memory("300M"))
+        ra, rb = a.result(timeout=60), b.result(timeout=60)
+    assert ra.success and rb.success
+    assert rb.start_time >= ra.end_time - 0.05, "the gate let two 300M jobs share 400M of free memory"
+
+
+def test_the_newest_job_is_stopped_and_requeued_when_the_machine_runs_short() -> None:
+    room = 600 * MB
+    reserve = settled_available() - room
+    with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=f"{reserve // MB}M") as ex:
+        # A declares 100M but takes 400M (there is budget); B, declaring 100M, then takes 500M:
+        # the machine runs short, B (the newest) is stopped, and comes back once A is done. The
+        # kernel's count of available memory trails allocations by up to a second: B holds longer.
+        a = ex.submit(mpmsub.Job(grower(400, step_mb=200, hold=3.0)).memory("100M"))
+        time.sleep(0.6)
+        b = ex.submit(mpmsub.Job(grower(500, step_mb=250, hold=1.5)).memory("100M"))
+        ra, rb = a.result(timeout=60), b.result(timeout=60)
+    assert ra.success and ra.requeued == 0
+    assert rb.success and rb.requeued == 1 and rb.attempts == 1
+    assert rb.start_time >= ra.end_time - 0.05  # its final run waited for A to free the memory
+
+
+def test_a_job_requeued_too_often_fails_with_a_memory_error() -> None:
+    room = 300 * MB
+    reserve = settled_available() - room
+    with MemoryAwareExecutor(cpus=1, memory="20G", memory_reserve=f"{reserve // MB}M") as ex:
+        r = ex.submit(grower(600, step_mb=150, hold=1.0)).result(timeout=60)
+    assert r.failure == "memory" and r.requeued == 3
+    assert r.error is not None and "under the" in r.error and "giving up" in r.error
+
+
+def _memory_cgroup() -> str:
+    base = "/sys/fs/cgroup/memory"
+    if os.geteuid() != 0 or not os.access(base, os.W_OK) or not os.path.exists(f"{base}/memory.limit_in_bytes"):
+        pytest.skip("needs root and a writable cgroup v1 memory hierarchy to provoke a kernel OOM kill")
+    return base
+
+
+def test_a_kernel_oom_kill_is_reported_as_a_memory_failure() -> None:
+    base = _memory_cgroup()
+    group = f"{base}/mpmsub-test-{uuid.uuid4().hex[:8]}"
+    os.mkdir(group)
+    try:
+        with open(f"{group}/memory.limit_in_bytes", "w") as f:
+            f.write(str(100 * MB))
+        alloc = f"{sys.executable} -c 'x = bytearray(400 * 2**20)'"
+        with MemoryAwareExecutor(cpus=1, memory="2G") as ex:
+            r = ex.submit(["sh", "-c", f"echo $$ > {group}/cgroup.procs && exec {alloc}"]).result(timeout=60)
+        assert r.failure == "memory", (r.returncode, r.error)
+        assert r.error is not None and r.error.startswith("killed by the kernel's out-of-memory killer (SIGKILL)")
+    finally:
+        os.rmdir(group)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"cpus": 0}, ValueError, "invalid cpus 0"),
+        ({"cpus": 1.5}, ValueError, "invalid cpus 1.5"),
+        ({"cpus": "x"}, ValueError, "invalid cpus 'x'"),
+        ({"memory": "-1G"}, ValueError, "invalid memory '-1G'"),
+        ({"memory": "many"}, ValueError, "invalid memory 'many'"),
+        ({"memory": 0}, ValueError, "positive memory budget"),
+        ({"max_workers": 0}, ValueError, "invalid max_workers 0"),
+        ({"kill_grace": -1}, ValueError, "invalid kill_grace -1"),
+        ({"strict_memory": "yes"}, TypeError, "strict_memory must be True or False; got 'yes'"),
+        ({"memory_reserve": "lots"}, ValueError, "invalid memory_reserve 'lots'"),
+    ],
+)
+def test_bad_executor_arguments_are_refused_naming_the_value(kwargs: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        MemoryAwareExecutor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("job", "error", "message"),
+    [
+        ({"cmd": ["x"], "retries": -1}, ValueError, "invalid retries -1"),
+        ({"cmd": ["x"], "retries": 1.5}, TypeError, "retries must be a whole number"),
+        ({"cmd": ["x"], "retries": 1, "memory_growth": 0.5}, ValueError, "invalid memory_growth 0.5"),
+        ({"cmd": ["x"], "strict": "yes"}, TypeError, "strict must be True or False"),
+        ({"cmd": ["x"], "strict": True}, ValueError, "strict memory needs the job's memory"),
+    ],
+)
+def test_bad_retry_and_strict_options(job: dict, error: type, message: str) -> None:
+    with MemoryAwareExecutor(cpus=1, memory="1G") as ex, pytest.raises(error, match=message):
+        ex.submit(job)
+
+
+def test_an_output_flood_does_not_deadlock(tmp_path: Path) -> None:
+    flood = "import sys; chunk = 'x' * 2**20\nfor _ in range({n}): sys.stdout.write(chunk)"
+    with MemoryAwareExecutor(cpus=2, memory="2G") as ex:
+        to_file = ex.submit(mpmsub.Job([sys.executable, "-c", flood.format(n=300)]).stdout_to(tmp_path / "out"))
+        captured = ex.submit([sys.executable, "-c", flood.format(n=100)])
+        rf, rc = to_file.result(timeout=120), captured.result(timeout=120)
+    assert rf.success and (tmp_path / "out").stat().st_size == 300 * MB
+    assert rc.success and len(rc.stdout or "") == 100 * MB
