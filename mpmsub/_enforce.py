@@ -15,7 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-from mpmsub._units import format_memory
+from mpmsub._units import MB
+
+
+def _mb(size: int) -> str:
+    # Whole megabytes: rounded units would hide an overshoot of a few MB ("1G of the 1G budget").
+    return f"{size / MB:.0f}M"
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,7 @@ def strict_stops(usages: Sequence[Usage]) -> List[Stop]:
     return [
         Stop(
             u.key,
-            f"exceeded its memory limit: used {format_memory(u.rss)} of the "
-            f"{format_memory(u.declared)} it declared (strict memory)",
+            f"exceeded its memory limit: used {_mb(u.rss)} of the {_mb(u.declared)} it declared (strict memory)",
         )
         for u in usages
         if u.strict and u.rss > u.declared
@@ -59,13 +63,13 @@ def budget_stops(usages: Sequence[Usage], budget: int) -> List[Stop]:
     for u in candidates:
         if total <= budget:
             break
-        declared = format_memory(u.declared) if u.declared else "no memory"
+        declared = _mb(u.declared) if u.declared else "no memory"
         stops.append(
             Stop(
                 u.key,
-                f"exceeded memory: used {format_memory(u.rss)} having declared {declared}, while "
-                f"the running jobs together used {format_memory(total)} of the "
-                f"{format_memory(budget)} budget",
+                f"exceeded memory: used {_mb(u.rss)} having declared {declared}, while "
+                f"the running jobs together used {_mb(total)} of the "
+                f"{_mb(budget)} budget",
             )
         )
         total -= u.rss

@@ -15,7 +15,8 @@ def test_the_job_furthest_over_its_declaration_is_stopped_first() -> None:
     stops = budget_stops([liar, honest, undeclared], budget=1024 * MB)
     assert [s.key for s in stops] == [1]
     assert stops[0].message == (
-        "exceeded memory: used 900M having declared 200M, while the running jobs together used 1.3G of the 1G budget"
+        "exceeded memory: used 900M having declared 200M, while the running jobs together used 1300M of the "
+        "1024M budget"
     )
 
 

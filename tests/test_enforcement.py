@@ -89,7 +89,7 @@ def test_a_liar_is_stopped_and_an_honest_job_beside_it_succeeds() -> None:
     assert liar_result.failure == "memory" and not liar_result.success
     assert liar_result.error is not None
     assert liar_result.error.startswith("exceeded memory: used ") and "having declared 200M" in liar_result.error
-    assert "of the 1G budget" in liar_result.error
+    assert "of the 1024M budget" in liar_result.error
     assert 600 <= liar_result.memory_used <= 1300
     # the total stays near the budget: at most a few hundred MB over it, never the liar's 1.5G
     assert sampler.peak <= 1024 * MB + 350 * MB, f"sampled total peaked at {sampler.peak / MB:.0f} MB"
