@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import psutil
 
@@ -34,6 +35,22 @@ def best_of(runs: int, fn: Callable[[], object]) -> List[float]:
 
 def median(values: List[float]) -> float:
     return statistics.median(values)
+
+
+def arguments(description: Optional[str], runs: int) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --runs and --record."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--record", action="store_true", help="append the figures to benchmarks/RESULTS.md")
+    return parser
+
+
+def report(title: str, lines: List[str], keep: bool) -> None:
+    """Print the figures with the machine they were measured on; with `keep`, append them to RESULTS.md."""
+    print(f"machine: {machine()}")
+    print("\n".join(lines))
+    if keep:
+        record(title, lines)
 
 
 def record(title: str, lines: List[str]) -> None:

@@ -6,13 +6,12 @@ issue). Usage: python benchmarks/dispatch_overhead.py [--jobs 1000] [--runs 5] [
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import best_of, machine, median, record, xargs_true
+from _common import arguments, best_of, median, report, xargs_true
 
 import mpmsub
 
@@ -26,10 +25,8 @@ def run_mpmsub(n: int, slots: int) -> None:
 
 
 def main() -> float:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = arguments(__doc__, runs=5)
     parser.add_argument("--jobs", type=int, default=1000)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--record", action="store_true", help="append the figures to benchmarks/RESULTS.md")
     args = parser.parse_args()
     slots = 2
     xargs_times, mpmsub_times = [], []
@@ -45,10 +42,7 @@ def main() -> float:
         "",
         f"**ratio mpmsub / xargs: {ratio:.2f}** (target: at most 1.5)",
     ]
-    print(f"machine: {machine()}")
-    print("\n".join(lines))
-    if args.record:
-        record("Dispatch overhead", lines)
+    report("Dispatch overhead", lines, args.record)
     return ratio
 
 

@@ -8,7 +8,6 @@ Usage: python benchmarks/enforcement_overshoot.py [--runs 3] [--record]
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import machine, record
+from _common import arguments, report
 
 import mpmsub
 
@@ -71,10 +70,7 @@ def one_run() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--record", action="store_true", help="append the figures to benchmarks/RESULTS.md")
-    args = parser.parse_args()
+    args = arguments(__doc__, runs=3).parse_args()
     overs = [one_run() for _ in range(args.runs)]
     lines = [
         "| run | sampled total past the 1G budget |",
@@ -83,10 +79,7 @@ def main() -> None:
         "",
         f"**worst overshoot: {max(overs):+.0f} MB** (target: at most a few hundred MB)",
     ]
-    print(f"machine: {machine()}")
-    print("\n".join(lines))
-    if args.record:
-        record("Enforcement overshoot (liar growing 100 MB / 100 ms beside an honest job, 1G budget)", lines)
+    report("Enforcement overshoot (liar growing 100 MB / 100 ms beside an honest job, 1G budget)", lines, args.record)
 
 
 if __name__ == "__main__":
