@@ -63,14 +63,17 @@ class _Item:
         "future",
         "handle",
         "job_id",
+        "last_result",
         "last_rss",
         "oom_baseline",
         "request",
         "requeue",
         "requeued",
         "retries_left",
+        "runs",
         "seen_peak",
         "seq",
+        "shortage_final",
         "spec",
         "started",
         "stopping",
@@ -92,6 +95,9 @@ class _Item:
         self.requeue = False  # put it back in the queue when it has stopped
         self.oom_baseline: Optional[int] = None
         self.seen_peak = 0  # bytes: the largest peak of its runs stopped for the machine's sake
+        self.runs = 0  # runs started; identifies the current run to stops and exits
+        self.shortage_final = False  # stopped for the machine's sake once too often
+        self.last_result: Optional[JobResult] = None
 
     def respec(self, spec: JobSpec) -> None:
         self.spec = spec
@@ -189,7 +195,9 @@ class MemoryAwareExecutor(Executor):
         self._terminating = False
         self._gate_room: Optional[int] = None  # free memory above the reserve, this dispatch round
         self._gate_timer = False
-        self._gate_warned = False
+        self._gate_warned: Set[int] = set()
+        self._gate_admitted = 0
+
         self._ledger = Ledger(ncpus, budget, slots)
         self._scheduler: FifoScheduler[_Item] = FifoScheduler()
         self._running: Dict[int, _Item] = {}
@@ -317,6 +325,7 @@ class MemoryAwareExecutor(Executor):
     def _dispatch(self) -> None:
         self._dispatch_pending = False
         self._gate_room = None
+        self._gate_admitted = 0  # jobs the gate let through in this round (not yet running)
         try:
             while True:
                 chosen = self._scheduler.select(self._ledger, self._gate)
@@ -340,20 +349,23 @@ class MemoryAwareExecutor(Executor):
 
     def _gate(self, item: _Item) -> bool:
         """The live memory gate: the machine's available memory, less the reserve and what running
-        jobs have reserved but not yet touched, must hold the job's `m`."""
-        # A job stopped for the machine's sake comes back when what it was seen to use fits; with
-        # nothing else running it comes back at once, or it would wait for memory it frees itself.
-        need = max(item.spec.memory or 0, item.seen_peak)
-        if not need or not self.memory_reserve or (item.requeued and not self._running):
+        jobs have reserved (or were seen to need) but not yet touched, must hold the job."""
+        need = _need(item)
+        if not need or not self.memory_reserve:
             return True
         if self._gate_room is None:
-            unrealized = sum(max(0, (i.spec.memory or 0) - i.last_rss) for i in self._running.values())
+            unrealized = sum(max(0, _need(i) - i.last_rss) for i in self._running.values())
             self._gate_room = int(psutil.virtual_memory().available) - self.memory_reserve - unrealized
-        if need <= self._gate_room:
+        # With nothing of ours running (or admitted in this round) a job may always start: waiting
+        # could last forever (for memory the machine never has free), and if the machine then runs
+        # short, the job is stopped and requeued, and fails after a few tries.
+        alone = not self._running and not self._gate_admitted
+        if need <= self._gate_room or alone:
             self._gate_room -= need
+            self._gate_admitted += 1
             return True
-        if not self._gate_warned:
-            self._gate_warned = True
+        if item.seq not in self._gate_warned:
+            self._gate_warned.add(item.seq)
             logger.warning(
                 "mpmsub: job %s waits for memory: it needs %s, the machine has %s available above the %s reserve",
                 item.job_id,
@@ -364,16 +376,21 @@ class MemoryAwareExecutor(Executor):
         return False
 
     def _start(self, item: _Item) -> None:
+        if not self._running:  # the monitor's count may be stale after an idle spell
+            self._oom_kills = _proctree.oom_kill_count()
         self._running[item.seq] = item
+        self._gate_warned.discard(item.seq)
+        item.runs += 1
         item.attempts += 1
         item.started = time.monotonic()
         item.last_rss = 0
-        item.stopping = item.requeue = False
+        item.stopping = item.requeue = item.shortage_final = False
         item.oom_baseline = self._oom_kills
+        run = item.runs
         logger.debug("mpmsub: start %s (%s): %s", item.job_id, item.spec.resources(), item.spec.describe())
 
         def on_exit(outcome: Outcome) -> None:
-            self._loop.call_soon_threadsafe(self._on_exit, item, outcome)
+            self._loop.call_soon_threadsafe(self._on_exit, item, run, outcome)
 
         try:
             item.handle = self._launcher.start(item.spec, item.job_id, on_exit)
@@ -393,16 +410,17 @@ class MemoryAwareExecutor(Executor):
                 )
             )
             return
-        self._monitor.watch(item.handle, item)
+        self._monitor.watch(item.handle, (item, run))
 
-    def _on_exit(self, item: _Item, outcome: Outcome) -> None:
-        if self._running.pop(item.seq, None) is None:
-            return
+    def _on_exit(self, item: _Item, run: int, outcome: Outcome) -> None:
+        if item.runs != run or self._running.pop(item.seq, None) is None:
+            return  # the end of an earlier run of a job started again
         self._ledger.release(item.request)
         if item.handle is not None:
             self._monitor.unwatch(item.handle)
         self._classify_oom(item, outcome)
         result = make_result(item, outcome)
+        item.last_result = result
         if self._again(item, result):
             self._dispatch()
             return
@@ -414,9 +432,9 @@ class MemoryAwareExecutor(Executor):
 
     def _again(self, item: _Item, result: JobResult) -> bool:
         """Requeue or retry a job that ended; False when its result is final."""
-        if self._terminating:
+        if self._terminating or item.shortage_final:
             return False
-        if item.requeue and item.requeued < _MAX_REQUEUES:
+        if item.requeue:
             item.requeued += 1
             item.seen_peak = max(item.seen_peak, int(result.memory_used * MB))
             item.attempts -= 1  # a stop for the machine's sake is not the job's failure
@@ -454,11 +472,13 @@ class MemoryAwareExecutor(Executor):
 
     def _check_memory(self, measures: List[Tuple[Any, int]]) -> None:
         """After each sample: stop jobs over the budget, strict jobs over their `m`, and the newest
-        job when the machine runs short."""
+        job when the machine runs short. Each stop names the run it was decided for."""
         self._oom_kills = _proctree.oom_kill_count()
         usages: List[Usage] = []
-        items: Dict[int, _Item] = {}
-        for item, rss in measures:
+        items: Dict[int, Tuple[_Item, int]] = {}
+        for (item, run), rss in measures:
+            if item.runs != run:
+                continue  # sampled before the job was started again
             item.last_rss = rss
             if item.stopping:
                 continue
@@ -466,42 +486,51 @@ class MemoryAwareExecutor(Executor):
             usages.append(
                 Usage(item.seq, rss, item.spec.memory or 0, strict and item.spec.memory is not None, item.started)
             )
-            items[item.seq] = item
+            items[item.seq] = (item, run)
         stops = strict_stops(usages)
         stopped = {s.key for s in stops}
         stops += budget_stops([u for u in usages if u.key not in stopped], self.memory)
         for stop in stops:
-            items[stop.key].stopping = True
-            self._loop.call_soon_threadsafe(self._stop, items[stop.key], stop.message, False)
+            item, run = items[stop.key]
+            item.stopping = True
+            self._loop.call_soon_threadsafe(self._stop, item, run, stop.message, False)
         if stops or not self.memory_reserve or not usages:
             return
         available = int(psutil.virtual_memory().available)
         if available < self.memory_reserve:
-            victim = newest([u for u in usages if u.key not in stopped])
+            victim = newest(usages)
             if victim is not None:
-                item = items[victim.key]
+                item, run = items[victim.key]
                 item.stopping = True
                 message = (
                     f"stopped and requeued: the machine had {format_memory(available)} available, under the "
                     f"{format_memory(self.memory_reserve)} reserve"
                 )
-                self._loop.call_soon_threadsafe(self._stop, item, message, True)
+                self._loop.call_soon_threadsafe(self._stop, item, run, message, True)
 
-    def _stop(self, item: _Item, message: str, requeue: bool) -> None:
-        if self._running.get(item.seq) is not item or item.handle is None:
+    def _stop(self, item: _Item, run: int, message: str, requeue: bool) -> None:
+        if self._running.get(item.seq) is not item or item.runs != run or item.handle is None:
             return
-        item.requeue = requeue
-        if requeue and item.requeued >= _MAX_REQUEUES:
-            message += f" ({_MAX_REQUEUES} times; giving up)"
-        item.handle.kill(kinds.MEMORY, message, grace=0)
+        final = requeue and item.requeued >= _MAX_REQUEUES
+        if final:
+            message = message.replace("stopped and requeued", "stopped") + f" ({_MAX_REQUEUES} times; giving up)"
+        # Only a stop that started the kill decides what follows: a job already ending (exited,
+        # or in a timeout's grace) keeps its own outcome.
+        started = item.handle.kill(kinds.MEMORY, message, grace=0)
+        item.requeue = started and requeue and not final
+        item.shortage_final = started and final
 
     def _on_shutdown(self, cancel_queued: bool, kill_reason: Optional[str]) -> None:
         # After a plain shutdown the queued jobs still run, as in the standard library.
         self._closing = True
         self._terminating = self._terminating or kill_reason is not None
         if cancel_queued:
+            reason = kill_reason or "the executor was shut down with cancel_futures=True"
             for item in self._scheduler.clear():
-                self._delivery.cancel(item.future)
+                if item.last_result is None:
+                    self._delivery.cancel(item.future)
+                else:  # a retry or a requeued run that had not started: its future is running
+                    self._delivery.set_result(item.future, _cancelled_again(item, item.last_result, reason))
         if kill_reason is not None:
             for item in list(self._running.values()):
                 if item.handle is not None:
@@ -515,6 +544,22 @@ class MemoryAwareExecutor(Executor):
             self._delivery.close()
             self._loop.stop()
             _live_executors.discard(self)
+
+
+def _need(item: _Item) -> int:
+    """Bytes a job is expected to need: its `m`, or more if a stopped run was seen to use more."""
+    return max(item.spec.memory or 0, item.seen_peak)
+
+
+def _cancelled_again(item: _Item, last: JobResult, reason: str) -> JobResult:
+    """The result of a job whose next run (a retry, or after a requeue) was cancelled."""
+    return dataclasses.replace(
+        last,
+        failure=kinds.CANCELLED,
+        error=f"{last.error}; cancelled before it could run again: {reason}",
+        attempts=item.attempts,
+        requeued=item.requeued,
+    )
 
 
 def _stop_loop(loop: EventLoop, monitor: Monitor) -> None:

@@ -7,8 +7,9 @@ touching the rest. Contract:
 - `Launcher.start(spec, job_id, on_exit)` starts the job without blocking for long and returns a
   Handle. `on_exit(outcome)` is called exactly once, from any thread, when the job is over
   (including when it could not be started at all).
-- `Handle.kill(failure, message, grace)` is called on the executor's loop thread; it is
-  idempotent, and the job still ends through `on_exit`, whose outcome carries that failure.
+- `Handle.kill(failure, message, grace)` is called on the executor's loop thread; it returns
+  whether it started the kill, and the job still ends through `on_exit`, whose outcome carries
+  the failure of the kill that started first.
 - `Handle.sample(snapshot)` is called from the monitor thread with a process snapshot of this
   machine; it returns the job's current resident bytes, or None where the job's processes are
   not on this machine.
@@ -44,8 +45,12 @@ class Handle(abc.ABC):
     """One started job."""
 
     @abc.abstractmethod
-    def kill(self, failure: str, message: str, grace: Optional[float] = None) -> None:
-        """Stop the job's whole process tree; `grace` seconds between SIGTERM and SIGKILL."""
+    def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
+        """Stop the job's whole process tree; `grace` seconds between SIGTERM and SIGKILL.
+
+        True if this call started the kill (and so decides the failure); False if the job had
+        ended or was being killed already. A kill with no grace during another's grace hastens it.
+        """
 
     def sample(self, snapshot: Snapshot) -> Optional[int]:
         """Current resident bytes of the job's processes on this machine, or None if not here."""

@@ -339,17 +339,22 @@ class LocalHandle(Handle):
 
     # -- killing and measuring ------------------------------------------------------------------
 
-    def kill(self, failure: str, message: str, grace: Optional[float] = None) -> None:
-        if self._finished or self._killing or not self._unreaped:
-            return
+    def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
+        if self._finished or not self._unreaped:
+            return False
+        grace = self._launcher.kill_grace if grace is None else grace
+        if self._killing:
+            if grace <= 0:  # e.g. a memory stop during a timeout's grace: no more waiting
+                self._signal(signal.SIGKILL)
+            return False
         self._killing = True
         self.failure, self.error = failure, message
-        grace = self._launcher.kill_grace if grace is None else grace
         if grace <= 0:
             self._signal(signal.SIGKILL)
-            return
+            return True
         self._signal(signal.SIGTERM)
         self._timers.append(self._loop.call_later(grace, self._signal, signal.SIGKILL))
+        return True
 
     def _signal(self, sig: int) -> None:
         roots = [pid for pid in self._unreaped if pid not in self._gone]

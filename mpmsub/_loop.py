@@ -19,7 +19,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 logger = logging.getLogger("mpmsub")
 
-Callback = Callable[..., None]
+Callback = Callable[..., object]
 
 # epoll takes its timeout in int milliseconds; a longer wait is cut short and re-evaluated.
 _MAX_WAIT = 86400.0

@@ -196,8 +196,11 @@ def test_a_kernel_oom_kill_is_reported_as_a_memory_failure() -> None:
         alloc = f"{sys.executable} -c 'x = bytearray(400 * 2**20)'"
         with MemoryAwareExecutor(cpus=1, memory="2G") as ex:
             r = ex.submit(["sh", "-c", f"echo $$ > {group}/cgroup.procs && exec {alloc}"]).result(timeout=60)
+            time.sleep(0.5)  # idle: the executor's count of OOM kills must not go stale
+            own = ex.submit(["sh", "-c", "kill -9 $$"]).result(timeout=60)
         assert r.failure == "memory", (r.returncode, r.error)
         assert r.error is not None and r.error.startswith("killed by the kernel's out-of-memory killer (SIGKILL)")
+        assert (own.failure, own.error) == ("signal", "killed by signal SIGKILL")
     finally:
         os.rmdir(group)
 
@@ -245,3 +248,74 @@ def test_an_output_flood_does_not_deadlock(tmp_path: Path) -> None:
         rf, rc = to_file.result(timeout=120), captured.result(timeout=120)
     assert rf.success and (tmp_path / "out").stat().st_size == 300 * MB
     assert rc.success and len(rc.stdout or "") == 100 * MB
+
+
+# -- regressions found by review: a stop acts only on the run and the state it was decided for ----
+
+ON_TERM_ALLOCATE = """
+import signal, sys, time
+open(sys.argv[1], 'a').write('run\\n')
+hold = []
+signal.signal(signal.SIGTERM, lambda *a: hold.append(bytearray({mb} * 2**20)))
+time.sleep(30)
+"""
+
+
+def test_a_job_in_its_timeout_grace_is_not_requeued_when_the_machine_runs_short(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    reserve = settled_available() - 500 * MB
+    with MemoryAwareExecutor(cpus=1, memory="4G", kill_grace=1.5, memory_reserve=f"{reserve // MB}M") as ex:
+        job = mpmsub.Job([sys.executable, "-c", ON_TERM_ALLOCATE.format(mb=1024), str(runs)]).with_timeout(0.3)
+        r = ex.submit(job).result(timeout=30)
+    assert (r.failure, r.requeued, r.attempts) == ("timeout", 0, 1)
+    assert runs.read_text().count("run") == 1
+
+
+def test_a_memory_stop_during_a_timeouts_grace_kills_at_once(tmp_path: Path) -> None:
+    with MemoryAwareExecutor(cpus=1, memory="4G", kill_grace=5, memory_reserve=0) as ex:
+        job = mpmsub.Job([sys.executable, "-c", ON_TERM_ALLOCATE.format(mb=800), str(tmp_path / "runs")])
+        r = ex.submit(job.memory("100M").strict_memory().with_timeout(0.3)).result(timeout=30)
+    assert r.failure == "timeout"  # the first reason stands
+    assert r.runtime < 3, "the strict stop waited for the timeout's 5 s grace"
+
+
+@pytest.mark.parametrize("how", ["shutdown", "terminate"])
+def test_cancelling_a_queued_retry_resolves_its_future(how: str) -> None:
+    ex = MemoryAwareExecutor(cpus=2, memory="1000M", memory_reserve=0)
+    a = ex.submit(mpmsub.Job([sys.executable, "-c", "import time; time.sleep(3)"]).memory("500M"))
+    # killed at 400M over its strict 300M; the retry asks 600M, which waits beside A's 500M
+    b = ex.submit(mpmsub.Job(grower(400, step_mb=400, hold=5)).memory("300M").strict_memory().with_retries(1))
+    deadline = time.monotonic() + 20
+    while ex.status().queued == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if how == "shutdown":
+        ex.shutdown(wait=True, cancel_futures=True)
+    else:
+        ex.terminate()
+    r = b.result(timeout=5)
+    assert r.failure == "cancelled" and r.attempts == 1
+    assert (
+        r.error is not None
+        and "exceeded its memory limit" in r.error
+        and "cancelled before it could run again" in r.error
+    )
+    assert a.done()
+
+
+def test_a_job_larger_than_the_free_memory_starts_when_nothing_else_runs() -> None:
+    free = settled_available()
+    with MemoryAwareExecutor(cpus=1, memory=f"{free // MB + 1024}M", memory_reserve="1G") as ex:
+        # declares more than the machine has free (it uses 50M): alone, it may start; it is not held forever
+        r = ex.submit(mpmsub.Job(grower(50, step_mb=50, hold=0.2)).memory(f"{free // MB}M")).result(timeout=30)
+    assert r.success and r.requeued == 0
+
+
+def test_requeued_jobs_come_back_one_by_one_when_together_they_do_not_fit() -> None:
+    reserve = settled_available() - 900 * MB
+    with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=f"{reserve // MB}M") as ex:
+        big = ex.submit(mpmsub.Job(grower(1400, step_mb=700, hold=1.0)).with_id("big"))
+        time.sleep(0.05)
+        small = ex.submit(mpmsub.Job(grower(300, step_mb=300, hold=3.0)).with_id("small"))
+        rb, rs = big.result(timeout=60), small.result(timeout=60)
+    assert rb.failure == "memory" and rb.requeued == 3  # needs more than the machine spares
+    assert rs.success and rs.requeued >= 1, rs.error  # fine once it runs on its own
