@@ -158,8 +158,8 @@ class MemoryAwareExecutor(Executor):
     one furthest over its declaration is killed and fails with a memory error; with
     `strict_memory`, any job with `m` is killed as soon as it uses more than its `m`. Jobs with
     `m` start only while the machine's available memory, less `memory_reserve` (default: 5% of
-    RAM, at most 2G; 0 turns the gate off), can hold them; when it falls under the reserve, the
-    newest job is stopped and put back at the head of the queue.
+    RAM, at most 2G; 0 turns the gate off), can hold them, or nothing else runs; when it falls
+    under the reserve, the newest job is stopped and put back at the head of the queue.
     """
 
     def __init__(
