@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
 from mpmsub import _report
 from mpmsub._executor import MemoryAwareExecutor
 from mpmsub._job import JobSpec, pick_one, to_spec
-from mpmsub._ledger import Ledger, Request
+from mpmsub._ledger import Ledger
 from mpmsub._progress import ProgressBar
 from mpmsub._result import CANCELLED, JobResult
 from mpmsub._system import detect_cpus, detect_memory
@@ -119,7 +119,7 @@ class Cluster:
         try:
             for item in items:
                 spec = to_spec(item)
-                request = Request(spec.cpus, spec.memory or 0)
+                request = spec.request
                 if spec.job_id is not None:
                     if spec.job_id in self._ids:
                         raise ValueError(f"duplicate job id {spec.job_id!r}: ids must be unique within a cluster")

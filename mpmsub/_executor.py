@@ -66,7 +66,6 @@ class _Item:
         "last_result",
         "last_rss",
         "oom_baseline",
-        "request",
         "requeue",
         "requeued",
         "retries_left",
@@ -83,7 +82,6 @@ class _Item:
         self.seq = seq
         self.spec = spec
         self.job_id = job_id
-        self.request = Request(spec.cpus, spec.memory or 0)
         self.future = future
         self.handle: Optional[Handle] = None
         self.attempts = 0
@@ -99,9 +97,9 @@ class _Item:
         self.shortage_final = False  # stopped for the machine's sake once too often
         self.last_result: Optional[JobResult] = None
 
-    def respec(self, spec: JobSpec) -> None:
-        self.spec = spec
-        self.request = Request(spec.cpus, spec.memory or 0)
+    @property
+    def request(self) -> Request:
+        return self.spec.request
 
 
 def make_result(item: _Item, outcome: Outcome) -> JobResult:
@@ -235,7 +233,7 @@ class MemoryAwareExecutor(Executor):
                 f"not extra arguments {args!r} {kwargs!r}"
             )
         spec = to_spec(fn)
-        request = Request(spec.cpus, spec.memory or 0)
+        request = spec.request
         future: Future[JobResult] = Future()
         with self._lock:
             if self._shutdown:
@@ -448,7 +446,7 @@ class MemoryAwareExecutor(Executor):
             spec = item.spec
             base = spec.memory if spec.memory is not None else int(result.memory_used * MB)
             grown = min(self.memory, max(base + MB, math.ceil(base * spec.memory_growth)))
-            item.respec(dataclasses.replace(spec, memory=grown))
+            item.spec = dataclasses.replace(spec, memory=grown)
         logger.info("mpmsub: %s failed (%s); retrying with %s", item.job_id, result.error, item.spec.resources())
         self._scheduler.push_front(item)
         return True

@@ -6,10 +6,12 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from typing_extensions import Self
 
+from mpmsub._ledger import Request
 from mpmsub._units import MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory
 
 Argv = Tuple[str, ...]
@@ -146,6 +148,11 @@ class JobSpec:
     retries: int = 0
     memory_growth: float = 2.0
     strict: Optional[bool] = None  # None: the executor's default
+
+    @cached_property
+    def request(self) -> Request:
+        """What the job reserves on the ledger while it runs (no memory without `m`)."""
+        return Request(self.cpus, self.memory or 0)
 
     @property
     def is_pipeline(self) -> bool:
