@@ -189,8 +189,10 @@ class Cluster:
     def _execute(self, executor: MemoryAwareExecutor, specs: List[JobSpec], label: str) -> List[JobResult]:
         started = time.monotonic()
         bar = ProgressBar(len(specs), label=label, enabled=self.progress_bar)
+        level = logger.level
         handler = self._attach_verbose_handler(bar)
         results: List[JobResult] = []
+        failed = 0
         futures: Dict[Future[JobResult], JobSpec] = {}
         try:
             if self.verbose:
@@ -207,10 +209,9 @@ class Cluster:
                 done, pending = wait(pending, timeout=_REFRESH, return_when=FIRST_COMPLETED)
                 for future in done:
                     results.append(self._record(future.result()))
+                    failed += not results[-1].success
                 status = executor.status()
-                bar.update(
-                    len(results), len(results) - sum(r.success for r in results), status.running, status.reserved_memory
-                )
+                bar.update(len(results), failed, status.running, status.reserved_memory)
             executor.shutdown(wait=True)
         except BaseException as exc:
             executor.terminate(f"stopped by {type(exc).__name__}")
@@ -226,6 +227,7 @@ class Cluster:
             bar.close()
             if handler is not None:
                 logger.removeHandler(handler)
+                logger.setLevel(level)
         return results
 
     def _record(self, result: JobResult) -> JobResult:

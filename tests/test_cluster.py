@@ -151,16 +151,14 @@ def test_recommend_memory_examples() -> None:
 def test_verbose_logs_job_ends_and_progress_goes_to_stderr(capsys: pytest.CaptureFixture) -> None:
     logger = logging.getLogger("mpmsub")
     level, handlers = logger.level, list(logger.handlers)
-    try:
-        p = mpmsub.cluster(p=1, m="1G", verbose=True, progress_bar=True)
-        p.jobs.extend([["echo", "x"], ["false"]])
-        p.run()
-        err = capsys.readouterr().err
-    finally:
-        logger.setLevel(level)
+    p = mpmsub.cluster(p=1, m="1G", verbose=True, progress_bar=True)
+    p.jobs.extend([["echo", "x"], ["false"]])
+    p.run()
+    err = capsys.readouterr().err
     assert "job_0001 done" in err and "job_0002 FAILED: exited with status 1" in err
     assert "2/2 (100.0%)" in err
     assert logger.handlers == handlers  # the handler is removed after the run
+    assert logger.level == level  # and the logger's level is as it was
 
 
 def test_quiet_cluster_prints_nothing(capsys: pytest.CaptureFixture) -> None:
