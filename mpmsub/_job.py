@@ -99,6 +99,23 @@ def _job_id(value: object) -> Optional[str]:
     return str(value)
 
 
+def describe_command(stages: Iterable[Sequence[str]]) -> str:
+    """Pipeline stages (argv lists) as one line of text: 'cat x | sort'."""
+    return " | ".join(" ".join(stage) for stage in stages)
+
+
+def optional_fields(job: Union[Job, JobSpec]) -> Dict[str, Any]:
+    """The options of a job dict that are set, beyond its command, CPUs, memory and id."""
+    data: Dict[str, Any] = {}
+    for key in ("cwd", "env", "timeout", "stdout", "stderr", "strict"):
+        value = getattr(job, key)
+        if value is not None:
+            data[key] = dict(value) if key == "env" else value
+    if job.retries:
+        data.update(retries=job.retries, memory_growth=job.memory_growth)
+    return data
+
+
 class Pipeline:
     """Commands connected like a shell pipe: each stage's stdout feeds the next one's stdin.
 
@@ -167,7 +184,7 @@ class JobSpec:
 
     def describe(self) -> str:
         """The command as one line of text, for messages and logs."""
-        return " | ".join(" ".join(stage) for stage in self.stages)
+        return describe_command(self.stages)
 
     def resources(self) -> str:
         mem = format_memory(self.memory) if self.memory is not None else "no memory reservation"
@@ -309,12 +326,9 @@ class Job:
         else:
             data = {"cmd": list(self.cmd)}
         data.update(p=self.p, m=self.m)
-        for key in ("id", "cwd", "env", "timeout", "stdout", "stderr", "strict"):
-            value = getattr(self, key)
-            if value is not None:
-                data[key] = dict(value) if key == "env" else value
-        if self.retries:
-            data.update(retries=self.retries, memory_growth=self.memory_growth)
+        if self.id is not None:
+            data["id"] = self.id
+        data.update(optional_fields(self))
         return data
 
     def spec(self) -> JobSpec:

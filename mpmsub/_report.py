@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 
 import psutil
 
-from mpmsub._job import JobSpec
+from mpmsub._job import JobSpec, describe_command, optional_fields
 from mpmsub._result import CANCELLED, JobResult
 from mpmsub._system import cgroup_memory_limit, detect_cpus
 from mpmsub._units import MB, format_memory
@@ -79,9 +79,8 @@ def _short(text: str, width: int) -> str:
 
 def _command(result: JobResult) -> str:
     cmd = result.cmd
-    if cmd and isinstance(cmd[0], list):
-        return " | ".join(" ".join(stage) for stage in cmd)
-    return " ".join(cmd)  # type: ignore[arg-type]
+    stages = cmd if cmd and isinstance(cmd[0], list) else [cmd]
+    return describe_command(stages)  # type: ignore[arg-type]
 
 
 def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int = 5) -> str:
@@ -162,10 +161,7 @@ def profile_text(
         entry.update(p=spec.cpus, m=rec)
         if r.job_id in custom_ids:
             entry["id"] = r.job_id
-        for key in ("cwd", "env", "timeout", "stdout", "stderr"):
-            value = getattr(spec, key)
-            if value is not None:
-                entry[key] = dict(value) if key == "env" else value
+        entry.update(optional_fields(spec))
         snippet.append(f"p.jobs.append({entry!r})")
     failed = [r for r in results if not r.success]
     lines += ["", f"Recommended m = measured peak + {PROFILE_BUFFER:.0%}, rounded up."]

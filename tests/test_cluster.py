@@ -216,3 +216,11 @@ def test_run_never_overlaps_jobs_past_the_memory_budget() -> None:
         moment = r.start_time + 1e-3
         in_force = sum(o.memory_requested or 0 for o in results if o.start_time <= moment < o.end_time)
         assert in_force <= 1000, f"{in_force} MB reserved at the start of {r.job_id}"
+
+
+def test_the_profile_snippet_keeps_the_jobs_options(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    p = quiet(p=1, m="1G")
+    p.jobs.append(mpmsub.Job(["echo", "x"]).memory("50M").strict_memory().with_retries(2, 3).working_dir(tmp_path))
+    p.profile()
+    out = capsys.readouterr().out
+    assert f"'cwd': '{tmp_path}'" in out and "'strict': True" in out and "'retries': 2, 'memory_growth': 3.0" in out
