@@ -14,6 +14,8 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Optional, Tuple
 
+from mpmsub._future import LazyFuture
+
 logger = logging.getLogger("mpmsub")
 
 _Action = Tuple[Callable[..., Any], Tuple[Any, ...]]
@@ -45,6 +47,8 @@ class Delivery:
 
     def cancel(self, future: Future[Any]) -> None:
         """Cancel a queued future and wake the threads waiting on it (wait, as_completed)."""
+        if isinstance(future, LazyFuture) and future.cancel_unobserved():
+            return  # no one was waiting on it: nothing to wake
         self._put(_cancel_and_notify, future)
 
     def close(self) -> None:

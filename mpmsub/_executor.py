@@ -26,6 +26,7 @@ from mpmsub import _proctree
 from mpmsub import _result as kinds
 from mpmsub._delivery import Delivery
 from mpmsub._enforce import Usage, budget_stops, newest, strict_stops
+from mpmsub._future import LazyFuture
 from mpmsub._job import JobSpec, to_spec
 from mpmsub._launcher import Handle, Launcher, Outcome
 from mpmsub._ledger import Ledger, Request
@@ -33,7 +34,7 @@ from mpmsub._local import LocalLauncher
 from mpmsub._loop import EventLoop
 from mpmsub._monitor import Monitor
 from mpmsub._result import JobResult
-from mpmsub._scheduler import FifoScheduler
+from mpmsub._scheduler import Scheduler, check_policy
 from mpmsub._system import detect_cpus, detect_memory
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
 
@@ -60,6 +61,7 @@ class _Item:
 
     __slots__ = (
         "attempts",
+        "bound",
         "future",
         "handle",
         "job_id",
@@ -78,9 +80,11 @@ class _Item:
         "stopping",
     )
 
-    def __init__(self, seq: int, spec: JobSpec, job_id: str, future: Future[JobResult]) -> None:
+    def __init__(self, seq: int, spec: JobSpec, job_id: str, future: Future[JobResult], grace: float) -> None:
         self.seq = seq
         self.spec = spec
+        # The longest a run can last: its timeout, then the kill's grace and a margin to reap it.
+        self.bound = None if spec.timeout is None else spec.timeout + grace + 1.0
         self.job_id = job_id
         self.future = future
         self.handle: Optional[Handle] = None
@@ -100,6 +104,15 @@ class _Item:
     @property
     def request(self) -> Request:
         return self.spec.request
+
+    @property
+    def priority(self) -> int:
+        return self.spec.priority
+
+    @property
+    def ends_by(self) -> Optional[float]:
+        """The latest (monotonic) time the current run can end; None without a timeout."""
+        return None if self.bound is None else self.started + self.bound
 
 
 def make_result(item: _Item, outcome: Outcome) -> JobResult:
@@ -152,6 +165,11 @@ class MemoryAwareExecutor(Executor):
     without `cpus`, it is also the number of CPUs handed out (as ProcessPoolExecutor's workers).
     `kill_grace` is the time between SIGTERM and SIGKILL when a job is stopped.
 
+    `schedule` picks the order of queued jobs: "fifo" (the default: priority, then submission
+    order), "pack" (priority, then largest memory first) or "greedy" (fifo order, and any job
+    that fits starts at once). With "fifo" and "pack" the first job that does not fit holds a
+    reservation: later jobs start before it only if that cannot delay it (backfill).
+
     Memory is enforced while jobs run: when the running jobs together use more than `memory`, the
     one furthest over its declaration is killed and fails with a memory error; with
     `strict_memory`, any job with `m` is killed as soon as it uses more than its `m`. Jobs with
@@ -169,6 +187,7 @@ class MemoryAwareExecutor(Executor):
         kill_grace: float = 2.0,
         strict_memory: bool = False,
         memory_reserve: Optional[MemoryLike] = None,
+        schedule: str = "fifo",
         _launcher: Optional[Launcher] = None,
         _monitor_interval: float = 0.1,
     ) -> None:
@@ -196,8 +215,12 @@ class MemoryAwareExecutor(Executor):
         self._gate_warned: Set[int] = set()
         self._gate_admitted = 0
 
+        self.schedule = check_policy(schedule)
+        self.kill_grace = float(kill_grace)
         self._ledger = Ledger(ncpus, budget, slots)
-        self._scheduler: FifoScheduler[_Item] = FifoScheduler()
+        self._scheduler: Scheduler[_Item] = Scheduler(self.schedule)
+        self._inbox: List[_Item] = []  # submitted, not yet queued by the loop (guarded by _lock)
+        self._inbox_pending = False
         self._running: Dict[int, _Item] = {}
         self._lock = threading.Lock()
         self._ids: Set[str] = set()
@@ -205,7 +228,7 @@ class MemoryAwareExecutor(Executor):
         self._auto_id = itertools.count(1)
         self._shutdown = False
         self._closing = False
-        self._dispatch_pending = False
+        self._closed = False
         self._delivery = Delivery()
         self._oom_kills = _proctree.oom_kill_count()
         self._loop = EventLoop("mpmsub-executor")
@@ -234,7 +257,7 @@ class MemoryAwareExecutor(Executor):
             )
         spec = to_spec(fn)
         request = spec.request
-        future: Future[JobResult] = Future()
+        future: Future[JobResult] = LazyFuture()
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit a job after the executor has been shut down")
@@ -243,8 +266,10 @@ class MemoryAwareExecutor(Executor):
             if why is not None:
                 self._ids.discard(job_id)
                 raise ValueError(f"job {job_id!r} can never run on this executor: {why}")
-            item = _Item(next(self._seq), spec, job_id, future)
-            self._loop.call_soon_threadsafe(self._enqueue, item)
+            self._inbox.append(_Item(next(self._seq), spec, job_id, future, self.kill_grace))
+            if not self._inbox_pending:  # one call to the loop for a burst of submits
+                self._loop.call_soon_threadsafe(self._take_inbox)
+                self._inbox_pending = True
         return future
 
     def map(self, fn: Any, *iterables: Any, timeout: Optional[float] = None, chunksize: int = 1) -> Any:
@@ -257,9 +282,8 @@ class MemoryAwareExecutor(Executor):
     def status(self) -> ExecutorStatus:
         """Jobs queued and running now, and the CPUs and memory the running ones reserve."""
         # Plain reads of the loop thread's counters: each is consistent, together a moment's view.
-        return ExecutorStatus(
-            len(self._scheduler), len(self._running), self._ledger.used_cpus, self._ledger.used_memory
-        )
+        queued = len(self._scheduler) + len(self._inbox)
+        return ExecutorStatus(queued, len(self._running), self._ledger.used_cpus, self._ledger.used_memory)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting jobs; with `cancel_futures`, cancel the queued ones; with `wait`, return
@@ -314,26 +338,33 @@ class MemoryAwareExecutor(Executor):
 
     # -- on the loop thread ----------------------------------------------------------------------
 
-    def _enqueue(self, item: _Item) -> None:
-        self._scheduler.push(item)
-        if not self._dispatch_pending:
-            self._dispatch_pending = True
-            self._loop.call_soon_threadsafe(self._dispatch)
+    def _take_inbox(self) -> None:
+        with self._lock:
+            items, self._inbox = self._inbox, []
+            self._inbox_pending = False
+        for item in items:
+            self._scheduler.push(item)
+        self._dispatch()
 
     def _dispatch(self) -> None:
-        self._dispatch_pending = False
         self._gate_room = None
         self._gate_admitted = 0  # jobs the gate let through in this round (not yet running)
         try:
             while True:
-                chosen = self._scheduler.select(self._ledger, self._gate)
+                chosen, cancelled = self._scheduler.select(
+                    self._ledger, self._running.values(), time.monotonic(), self._gate, _cancelled
+                )
+                for item in cancelled:
+                    item.future.set_running_or_notify_cancel()  # wakes wait() and as_completed()
                 if not chosen:
+                    if cancelled:
+                        self._maybe_close()
                     return
                 for item in chosen:
                     # A retried or requeued job's future is running already.
                     if item.future.running() or item.future.set_running_or_notify_cancel():
                         self._start(item)
-                    else:  # cancelled while queued
+                    else:  # cancelled since it was chosen
                         self._ledger.release(item.request)
         finally:
             if self._gate_room is not None and self._scheduler and not self._gate_timer:
@@ -529,6 +560,8 @@ class MemoryAwareExecutor(Executor):
                     self._delivery.cancel(item.future)
                 else:  # a retry or a requeued run that had not started: its future is running
                     self._delivery.set_result(item.future, _cancelled_again(item, item.last_result, reason))
+        else:
+            self._dispatch()  # drops the jobs cancelled while queued, which may be all that is left
         if kill_reason is not None:
             for item in list(self._running.values()):
                 if item.handle is not None:
@@ -536,12 +569,18 @@ class MemoryAwareExecutor(Executor):
         self._maybe_close()
 
     def _maybe_close(self) -> None:
-        if self._closing and not self._running and not self._scheduler:
+        if self._closing and not self._closed and not self._running and not self._scheduler:
+            self._closed = True
             self._monitor.close()
             self._launcher.close()
             self._delivery.close()
             self._loop.stop()
             _live_executors.discard(self)
+
+
+def _cancelled(item: _Item) -> bool:
+    """A queued job whose future was cancelled (a retry's future is running, and cannot be)."""
+    return item.future.cancelled()
 
 
 def _need(item: _Item) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
-from functools import cached_property
+from collections import abc
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from typing_extensions import Self
@@ -32,6 +32,9 @@ def _argv(cmd: object, what: str = "cmd") -> Argv:
         raise ValueError(f"{what} is empty: give the program to run and its arguments")
     argv = []
     for index, arg in enumerate(cmd):
+        if type(arg) is str and "\0" not in arg:  # the common case, first
+            argv.append(arg)
+            continue
         if isinstance(arg, os.PathLike):
             arg = os.fspath(arg)
         if isinstance(arg, str) and "\0" in arg:
@@ -91,6 +94,12 @@ def _growth(value: object) -> float:
     return float(value)
 
 
+def _priority(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"priority must be a whole number (higher runs first); got {value!r}")
+    return value
+
+
 def _job_id(value: object) -> Optional[str]:
     if value is None:
         return None
@@ -111,6 +120,8 @@ def optional_fields(job: Union[Job, JobSpec]) -> Dict[str, Any]:
         value = getattr(job, key)
         if value is not None:
             data[key] = dict(value) if key == "env" else value
+    if job.priority:
+        data["priority"] = job.priority
     if job.retries:
         data.update(retries=job.retries, memory_growth=job.memory_growth)
     return data
@@ -165,11 +176,12 @@ class JobSpec:
     retries: int = 0
     memory_growth: float = 2.0
     strict: Optional[bool] = None  # None: the executor's default
+    priority: int = 0
+    # What the job reserves on the ledger while it runs (no memory without `m`).
+    request: Request = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def request(self) -> Request:
-        """What the job reserves on the ledger while it runs (no memory without `m`)."""
-        return Request(self.cpus, self.memory or 0)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "request", Request(self.cpus, self.memory or 0))
 
     @property
     def is_pipeline(self) -> bool:
@@ -213,6 +225,7 @@ class Job:
         retries: Optional[int] = None,
         memory_growth: Optional[float] = None,
         strict: Optional[bool] = None,
+        priority: Optional[int] = None,
     ) -> None:
         if cmd is not None and pipeline is not None:
             raise ValueError("give a Job either cmd or pipeline, not both")
@@ -236,6 +249,9 @@ class Job:
         self.retries: int = 0
         self.memory_growth: float = 2.0
         self.strict: Optional[bool] = None
+        self.priority: int = 0
+        if priority is not None:
+            self.with_priority(priority)
         if retries is not None or memory_growth is not None:
             self.with_retries(0 if retries is None else retries, 2.0 if memory_growth is None else memory_growth)
         if strict is not None:
@@ -313,6 +329,11 @@ class Job:
         self.strict = enabled
         return self
 
+    def with_priority(self, priority: int) -> Self:
+        """Start this job before queued jobs of lower priority (default 0; negative runs later)."""
+        self.priority = _priority(priority)
+        return self
+
     def pipe_to(self, cmd: Sequence[StrPath]) -> Self:
         """Send this job's stdout into another command, like a shell `|`."""
         base = self.cmd if isinstance(self.cmd, Pipeline) else Pipeline([self.cmd])
@@ -349,6 +370,7 @@ class Job:
             retries=self.retries,
             memory_growth=self.memory_growth,
             strict=self.strict,
+            priority=self.priority,
         )
 
     def __repr__(self) -> str:
@@ -371,6 +393,7 @@ _DICT_KEYS = (
     "retries",
     "memory_growth",
     "strict",
+    "priority",
 )
 _DICT_ALIASES = {"cpu": "p", "cpus": "p", "memory": "m"}
 
@@ -399,11 +422,13 @@ def job_from_dict(data: Mapping[str, Any]) -> Job:
 
 def to_spec(item: object) -> JobSpec:
     """Normalise what `submit` accepts (Job, dict, argv list, Pipeline) into a validated JobSpec."""
+    if type(item) is list:  # the common case, first: an argv list
+        return JobSpec((_argv(item),))
     if isinstance(item, JobSpec):
         return item
     if isinstance(item, Job):
         return item.spec()
-    if isinstance(item, Mapping):
+    if isinstance(item, (dict, abc.Mapping)):
         return job_from_dict(item).spec()
     if isinstance(item, Pipeline):
         return Job(pipeline=item).spec()
@@ -440,6 +465,7 @@ def job(
     retries: Optional[int] = None,
     memory_growth: Optional[float] = None,
     strict: Optional[bool] = None,
+    priority: Optional[int] = None,
 ) -> Job:
     """Create a Job in one call: `job(["sort", "x"], p=1, m="100M", timeout=60)`."""
     return Job(
@@ -455,6 +481,7 @@ def job(
         retries=retries,
         memory_growth=memory_growth,
         strict=strict,
+        priority=priority,
     )
 
 

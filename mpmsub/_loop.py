@@ -61,7 +61,9 @@ class EventLoop:
         self._readers: Dict[int, Tuple[Callback, Tuple[Any, ...]]] = {}
         self._stopping = False
         self._closed = False
-        # Guards the wake-up pipe against being closed (and its fd number reused) during a write.
+        self._wake_pending = False  # a byte is in the wake-up pipe (guarded by _close_lock)
+        # Guards the wake-up pipe against being closed (and its fd number reused) during a write,
+        # and the wake-up flag.
         self._close_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -83,10 +85,14 @@ class EventLoop:
                 logger.debug("mpmsub: event loop closed, dropped %r", callback)
                 return
             self._ready.append((callback, args))
-            # Always write: a wake-up flag could be left set by an interrupt between setting it
-            # and writing, and the loop would then sleep forever. A full pipe wakes it anyway.
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._wake_w, b"\0")
+            # One byte per wake-up, not per call. The flag is set only after the write and
+            # cleared only with the drain, both under this lock: when it is set, a byte is
+            # waiting in the pipe. (An interrupt between the write and the flag costs one extra
+            # wake-up; a full pipe wakes the loop anyway.)
+            if not self._wake_pending:
+                with contextlib.suppress(BlockingIOError):
+                    os.write(self._wake_w, b"\0")
+                self._wake_pending = True
 
     def join(self, timeout: Optional[float] = None) -> None:
         self._thread.join(timeout)
@@ -165,9 +171,11 @@ class EventLoop:
                 return
 
     def _drain_wakeups(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._wake_r, 4096):
-                pass
+        with self._close_lock:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._wake_r, 4096):
+                    pass
+            self._wake_pending = False
 
     @staticmethod
     def _invoke(callback: Callback, args: Tuple[Any, ...]) -> None:

@@ -286,7 +286,9 @@ def test_cancelling_a_queued_retry_resolves_its_future(how: str) -> None:
     # killed at 400M over its strict 300M; the retry asks 600M, which waits beside A's 500M
     b = ex.submit(mpmsub.Job(grower(400, step_mb=400, hold=5)).memory("300M").strict_memory().with_retries(1))
     deadline = time.monotonic() + 20
-    while ex.status().queued == 0 and time.monotonic() < deadline:
+    while ex.status().running != 2 and time.monotonic() < deadline:  # both started
+        time.sleep(0.01)
+    while ex.status().queued != 1 and time.monotonic() < deadline:  # B's retry waits
         time.sleep(0.05)
     if how == "shutdown":
         ex.shutdown(wait=True, cancel_futures=True)

@@ -1,58 +1,314 @@
+"""The scheduling policy as pure functions: a simulated clock, no processes."""
+
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Tuple
 
-from hypothesis import given
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpmsub._ledger import Ledger, Request
-from mpmsub._scheduler import FifoScheduler
+from mpmsub._scheduler import Scheduler, _least_release, check_policy
 
 
-@dataclass(frozen=True)
-class E:
+@dataclass(eq=False)
+class J:
+    """A simulated job: what the scheduler sees, and how long it really runs."""
+
     seq: int
     request: Request
+    priority: int = 0
+    bound: Optional[float] = None
+    duration: float = 1.0
+    started: float = -1.0
+    cancelled: bool = False
+    ahead: Optional[List[J]] = None  # set by simulate(): the running jobs when it became the head
+
+    @property
+    def ends_by(self) -> Optional[float]:
+        return None if self.bound is None else self.started + self.bound
+
+    @property
+    def ends(self) -> float:
+        return self.started + self.duration
 
 
-def test_first_come_first_served_with_first_fit() -> None:
-    sched: FifoScheduler[E] = FifoScheduler()
-    jobs = [E(0, Request(1, 800)), E(1, Request(1, 800)), E(2, Request(1, 100))]
+def order_key(policy: str, job: J) -> Tuple[int, ...]:
+    if policy == "pack":
+        return (-job.priority, -job.request.memory, -job.request.cpus, job.seq)
+    return (-job.priority, job.seq)
+
+
+def simulate(policy: str, jobs: List[J], cpus: int, memory: int, slots: Optional[int] = None) -> List[J]:
+    """Run `jobs` (all queued at time 0) to the end; check capacity at every step, and record
+    for each job that held the reservation the jobs that had started when it first did."""
+    sched: Scheduler[J] = Scheduler(policy)
+    for job in jobs:
+        sched.push(job)
+    ledger = Ledger(cpus, memory, slots)
+    running: List[J] = []
+    now = 0.0
+    while len(sched) or running:
+        before = list(running)
+        chosen, dropped = sched.select(ledger, running, now, dropped=lambda j: j.cancelled)
+        assert all(j.cancelled for j in dropped)
+        head = sched.head
+        if head is not None and head.ahead is None:
+            head.ahead = before + [j for j in chosen if order_key(policy, j) < order_key(policy, head)]
+        for job in chosen:
+            job.started = now
+        running += chosen
+        assert sum(j.request.cpus for j in running) <= cpus
+        assert sum(j.request.memory for j in running) <= memory
+        assert slots is None or len(running) <= slots
+        if not running:
+            assert not len(sched), "jobs wait while nothing runs: a deadlock"
+            break
+        now = min(j.ends for j in running)
+        for job in [j for j in running if j.ends <= now]:
+            running.remove(job)
+            ledger.release(job.request)
+    return jobs
+
+
+def first_fit_time(head: J, cpus: int, memory: int, slots: Optional[int], ends: List[float]) -> float:
+    """When `head` fits if only the jobs ahead of it had started (ending at `ends`)."""
+    ahead = head.ahead or []
+    for t in sorted(set(ends)):
+        still = [j for j, e in zip(ahead, ends) if e > t]
+        if (
+            cpus - sum(j.request.cpus for j in still) >= head.request.cpus
+            and memory - sum(j.request.memory for j in still) >= head.request.memory
+            and (slots is None or slots - len(still) >= 1)
+        ):
+            return t
+    raise AssertionError("the head never fits")
+
+
+# -- ordering ----------------------------------------------------------------------------------
+
+
+def test_fifo_starts_in_submission_order_and_first_fit_beyond_the_head_is_bounded() -> None:
+    jobs = [J(0, Request(1, 800)), J(1, Request(1, 800)), J(2, Request(1, 100))]
+    sched: Scheduler[J] = Scheduler("fifo")
     for job in jobs:
         sched.push(job)
     ledger = Ledger(cpus=4, memory=1000)
-    assert [e.seq for e in sched.select(ledger)] == [0, 2]
-    assert len(sched) == 1
+    chosen, _ = sched.select(ledger, [], 0.0)
+    # Job 1 is the head and waits for job 0's 800; job 2 fits in the 200 left beyond it.
+    assert [j.seq for j in chosen] == [0, 2]
     ledger.release(jobs[0].request)
-    assert [e.seq for e in sched.select(ledger)] == [1]
+    assert [j.seq for j in sched.select(ledger, [jobs[2]], 1.0)[0]] == [1]
 
 
-def test_discard_and_clear() -> None:
-    sched: FifoScheduler[E] = FifoScheduler()
-    a, b = E(0, Request(1)), E(1, Request(1))
-    sched.push(a)
-    sched.push(b)
-    sched.discard(a)
-    assert list(sched) == [b]
-    assert sched.clear() == [b]
-    assert len(sched) == 0
+def test_backfill_never_takes_what_the_head_waits_for() -> None:
+    # 1000 of memory: A (500) and B (300) run, 200 is free; the head H needs 500. A small job S
+    # (100) fits now, but if B ends first H would start at once with 500 free: S would delay it.
+    a, b, h, s = J(0, Request(1, 500)), J(1, Request(1, 300)), J(2, Request(1, 500)), J(3, Request(1, 100))
+    sched: Scheduler[J] = Scheduler("fifo")
+    ledger = Ledger(cpus=4, memory=1000)
+    ledger.reserve(a.request)
+    ledger.reserve(b.request)
+    sched.push(h)
+    sched.push(s)
+    assert sched.select(ledger, [a, b], 0.0)[0] == []
 
 
+def test_backfill_takes_what_is_sure_to_be_left_beside_the_head() -> None:
+    # A (600) runs and H needs 600: when H fits, 400 is sure to be left. S (300) may go first;
+    # then T (200) may not, as 100 is left.
+    a, h, s, t = J(0, Request(1, 600)), J(1, Request(1, 600)), J(2, Request(1, 300)), J(3, Request(1, 200))
+    sched: Scheduler[J] = Scheduler("fifo")
+    ledger = Ledger(cpus=4, memory=1000)
+    ledger.reserve(a.request)
+    for job in (h, s, t):
+        sched.push(job)
+    assert sched.select(ledger, [a], 0.0)[0] == [s]
+
+
+def test_greedy_lets_small_jobs_pass_a_big_one() -> None:
+    a, h, s = J(0, Request(1, 600)), J(1, Request(1, 600)), J(2, Request(1, 300))
+    sched: Scheduler[J] = Scheduler("greedy")
+    ledger = Ledger(cpus=4, memory=1000)
+    ledger.reserve(a.request)
+    sched.push(h)
+    sched.push(s)
+    assert sched.select(ledger, [a], 0.0)[0] == [s]
+
+
+def test_pack_puts_the_largest_memory_first() -> None:
+    jobs = [J(i, Request(1, m)) for i, m in enumerate([100, 300, 200, 300, 0])]
+    started = simulate("pack", jobs, cpus=1, memory=1000)
+    assert [j.seq for j in sorted(started, key=lambda j: j.started)] == [1, 3, 2, 0, 4]
+
+
+@pytest.mark.parametrize("policy", ["fifo", "pack", "greedy"])
+def test_priority_comes_first(policy: str) -> None:
+    jobs = [J(0, Request(1, 10)), J(1, Request(1, 10), priority=5), J(2, Request(1, 10), priority=-1)]
+    jobs.append(J(3, Request(1, 10), priority=5))
+    simulate(policy, jobs, cpus=1, memory=100)
+    assert [j.seq for j in sorted(jobs, key=lambda j: j.started)] == [1, 3, 0, 2]
+
+
+def test_a_job_put_back_goes_first_within_its_priority() -> None:
+    sched: Scheduler[J] = Scheduler("fifo")
+    jobs = [J(i, Request(1)) for i in range(3)]
+    for job in jobs:
+        sched.push(job)
+    urgent = J(9, Request(1), priority=1)
+    sched.push(urgent)
+    again = J(7, Request(1))
+    sched.push_front(again)
+    ledger = Ledger(cpus=1, memory=10)
+    order = []
+    running: List[J] = []
+    while len(sched):
+        chosen, _ = sched.select(ledger, running, 0.0)
+        order += [j.seq for j in chosen]
+        ledger.release(chosen[0].request)
+    assert order == [9, 7, 0, 1, 2]
+
+
+def test_time_bounds_let_a_short_job_run_before_the_heads_reservation() -> None:
+    # A (600, ends by t=10) runs; the head H needs 600, sure to fit at t=10. S (300) fits now
+    # and is sure to end by t=5: it may start. L (300) might run until t=20: it may not.
+    a = J(0, Request(1, 600), bound=10.0, started=0.0)
+    h, s, long = J(1, Request(1, 600)), J(2, Request(1, 300), bound=5.0), J(3, Request(1, 300), bound=20.0)
+    sched: Scheduler[J] = Scheduler("fifo")
+    ledger = Ledger(cpus=4, memory=1000)
+    ledger.reserve(a.request)
+    for job in (h, long, s):
+        sched.push(job)
+    assert sched.select(ledger, [a], 0.0)[0] == [s]
+
+
+def test_cancelled_jobs_are_dropped_and_do_not_hold_a_reservation() -> None:
+    a, big, small = J(0, Request(1, 600)), J(1, Request(1, 900), cancelled=True), J(2, Request(1, 300))
+    sched: Scheduler[J] = Scheduler("fifo")
+    ledger = Ledger(cpus=4, memory=1000)
+    ledger.reserve(a.request)
+    sched.push(big)
+    sched.push(small)
+    chosen, dropped = sched.select(ledger, [a], 0.0, dropped=lambda j: j.cancelled)
+    assert chosen == [small] and dropped == [big] and len(sched) == 0
+
+
+def test_a_refusal_by_the_admit_condition_makes_the_head() -> None:
+    a, b, c = J(0, Request(1, 100)), J(1, Request(1, 90)), J(2, Request(1, 50))
+    sched: Scheduler[J] = Scheduler("fifo")
+    for job in (a, b, c):
+        sched.push(job)
+    ledger = Ledger(cpus=4, memory=1000)
+    asked = []
+
+    def admit(job: J) -> bool:
+        asked.append(job.seq)
+        return job.seq != 0
+
+    # A is refused: it holds the reservation (its 100 stays free), the others start beside it.
+    assert sched.select(ledger, [], 0.0, admit)[0] == [b, c]
+    assert asked == [0, 1, 2]
+    # A job like the refused one is not asked again in the same round: it would be refused too.
+    sched.push(J(3, Request(1, 100)))
+    asked.clear()
+    assert sched.select(ledger, [], 0.0, admit)[0] == [] and asked == [0]
+
+
+def test_unknown_policy_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"'lifo'.*'fifo', 'pack', 'greedy'"):
+        check_policy("lifo")
+
+
+def test_many_identical_jobs_are_one_bucket() -> None:
+    sched: Scheduler[J] = Scheduler("fifo")
+    for i in range(10_000):
+        sched.push(J(i, Request(1, 10)))
+    assert len(sched._buckets) == 1 and len(sched._heap) == 1
+    ledger = Ledger(cpus=2, memory=100)
+    chosen, _ = sched.select(ledger, [], 0.0)
+    assert [j.seq for j in chosen] == [0, 1] and len(sched) == 9_998
+
+
+# -- properties --------------------------------------------------------------------------------
+
+sizes = st.tuples(st.integers(1, 4), st.integers(0, 1000), st.integers(-1, 1), st.integers(1, 50))
+
+
+@settings(max_examples=150, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(1, 4), st.integers(0, 1000)), max_size=60), st.integers(1, 4), st.integers(1, 2000)
+    st.lists(sizes, min_size=1, max_size=25),
+    st.sampled_from(["fifo", "pack", "greedy"]),
+    st.integers(1, 4),
+    st.integers(1, 2000),
+    st.one_of(st.none(), st.integers(1, 4)),
 )
-def test_select_never_exceeds_capacity_and_keeps_order(sizes: list, cpus: int, memory: int) -> None:
-    sched: FifoScheduler[E] = FifoScheduler()
-    for seq, (c, m) in enumerate(sizes):
-        sched.push(E(seq, Request(min(c, cpus), min(m, memory))))
-    ledger = Ledger(cpus, memory)
-    running: List[E] = []
-    while len(sched) or running:
-        chosen = sched.select(ledger)
-        assert [e.seq for e in chosen] == sorted(e.seq for e in chosen)
-        running.extend(chosen)
-        assert sum(e.request.cpus for e in running) <= cpus
-        assert sum(e.request.memory for e in running) <= memory
-        assert running, "a job that fits an idle ledger must start"
-        ledger.release(running.pop(0).request)
+def test_no_schedule_exceeds_capacity_and_every_job_runs(
+    shapes: list, policy: str, cpus: int, memory: int, slots: Optional[int]
+) -> None:
+    jobs = [
+        J(i, Request(min(c, cpus), min(m, memory)), priority=p, duration=float(d))
+        for i, (c, m, p, d) in enumerate(shapes)
+    ]
+    simulate(policy, jobs, cpus, memory, slots)
+    assert all(j.started >= 0 for j in jobs)
+
+
+heads = st.tuples(st.integers(1, 3), st.integers(0, 10), st.integers(1, 20))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(heads, min_size=2, max_size=14),
+    st.sampled_from(["fifo", "pack"]),
+    st.integers(1, 6),
+    st.one_of(st.none(), st.integers(1, 6)),
+)
+def test_backfill_never_delays_the_head(shapes: list, policy: str, cpus: int, slots: Optional[int]) -> None:
+    """Without time bounds, every job that held the reservation starts at the very moment it
+    would have if no job had started after it became the head."""
+    jobs = [J(i, Request(min(c, cpus), 100 * m), duration=float(d)) for i, (c, m, d) in enumerate(shapes)]
+    simulate(policy, jobs, cpus, 1000, slots)
+    for job in jobs:
+        if job.ahead is not None:
+            assert job.started == first_fit_time(job, cpus, 1000, slots, [j.ends for j in job.ahead])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(heads, st.integers(0, 10)), min_size=2, max_size=14),
+    st.sampled_from(["fifo", "pack"]),
+    st.integers(1, 6),
+)
+def test_with_time_bounds_the_head_starts_by_its_reservation(shapes: list, policy: str, cpus: int) -> None:
+    """Jobs that may run at most `bound` (a timeout), and run at most that long: each job that
+    held the reservation starts no later than the time it was then sure to fit."""
+    jobs = [
+        J(i, Request(min(c, cpus), 100 * m), duration=float(d), bound=float(d + extra))
+        for i, ((c, m, d), extra) in enumerate(shapes)
+    ]
+    simulate(policy, jobs, cpus, 1000)
+    for job in jobs:
+        if job.ahead is not None:
+            sure = first_fit_time(job, cpus, 1000, None, [j.started + (j.bound or 0) for j in job.ahead])
+            assert job.started <= sure
+
+
+@given(st.lists(st.integers(0, 40), max_size=8), st.integers(1, 150))
+def test_least_release_is_exact_for_small_numbers(values: List[int], target: int) -> None:
+    sums = [sum(c) for n in range(len(values) + 1) for c in itertools.combinations(values, n)]
+    reaching = [s for s in sums if s >= target]
+    expected = min(reaching) if reaching else sum(values)
+    assert _least_release(values, target) == expected
+
+
+@given(st.lists(st.integers(0, 2**40), min_size=1, max_size=8), st.integers(1, 2**41))
+def test_least_release_for_memory_is_a_safe_lower_bound(values: List[int], target: int) -> None:
+    sums = [sum(c) for n in range(len(values) + 1) for c in itertools.combinations(values, n)]
+    reaching = [s for s in sums if s >= target]
+    if not reaching:
+        return
+    bound = _least_release(values, target)
+    assert target <= bound <= min(reaching)  # never more than what is sure to be released
