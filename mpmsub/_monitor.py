@@ -21,6 +21,7 @@ class Monitor:
         self.interval = interval
         self._on_tick = on_tick
         self._handles: Dict[Handle, Any] = {}
+        self._scanner = _proctree.Scanner()
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="mpmsub-monitor", daemon=True)
@@ -51,12 +52,13 @@ class Monitor:
                     return
                 watched = list(self._handles.items())
             try:
-                snap = _proctree.snapshot()
+                snap = self._scanner.scan()
                 measures = []
                 for handle, tag in watched:
                     rss = handle.sample(snap)
                     if rss is not None:
                         measures.append((tag, rss))
+                self._scanner.settle(snap)
                 if self._on_tick is not None:
                     self._on_tick(measures)
             except Exception:  # a bug: measuring must never take the executor down

@@ -10,7 +10,7 @@ import contextlib
 import os
 import signal
 import sys
-from typing import Dict, Iterable, NamedTuple, Optional, Set
+from typing import Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 import psutil
 
@@ -24,33 +24,89 @@ class Proc(NamedTuple):
     rss: int  # bytes
 
 
-Snapshot = Dict[int, Proc]
+class Snapshot(Dict[int, Proc]):
+    """Processes seen in one scan: pid -> (parent, session, resident bytes).
+
+    It indexes itself by parent and by session on first use, and records in `claimed` the
+    processes that `members` found to belong to a job.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claimed: Set[int] = set()
+        self._children: Optional[Dict[int, List[int]]] = None
+        self._sessions: Optional[Dict[int, List[int]]] = None
+
+    def index(self) -> Tuple[Dict[int, List[int]], Dict[int, List[int]]]:
+        if self._children is None or self._sessions is None:
+            self._children, self._sessions = {}, {}
+            for pid, proc in self.items():
+                self._children.setdefault(proc.ppid, []).append(pid)
+                self._sessions.setdefault(proc.sid, []).append(pid)
+        return self._children, self._sessions
 
 
 def snapshot() -> Snapshot:
-    """Every process on the machine: pid -> (parent, session, resident bytes)."""
-    return _snapshot_proc() if _LINUX else _snapshot_psutil()
+    """Every process on the machine."""
+    return _snapshot_proc(_listing()) if _LINUX else _snapshot_psutil()
 
 
-def _snapshot_proc() -> Snapshot:
-    procs: Snapshot = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+def _listing() -> List[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _snapshot_proc(pids: Iterable[int]) -> Snapshot:
+    procs = Snapshot()
+    for pid in pids:
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
+            with open(f"/proc/{pid}/stat", "rb") as f:
                 data = f.read()
         except OSError:  # the process ended between listdir and open
             continue
         # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
         fields = data[data.rindex(b")") + 2 :].split()
         # fields[0] is the state (field 3): ppid is field 4, session 6, rss (pages) 24.
-        procs[int(name)] = Proc(int(fields[1]), int(fields[3]), int(fields[21]) * _PAGE)
+        procs[pid] = Proc(int(fields[1]), int(fields[3]), int(fields[21]) * _PAGE)
     return procs
 
 
+class Scanner:
+    """Repeated scans for the monitor, reading only the processes that may belong to a job.
+
+    A process seen unclaimed by any job in two scans in a row is another program's: it cannot
+    become part of a job later (a job's processes are its roots and what they start, and a
+    process is never re-parented to a job), so it is not read again while it lives. Every
+    `full_every` scans everything is read again, which bounds the effect of a pid reused within
+    one interval. Elsewhere than Linux every scan is a full one.
+    """
+
+    def __init__(self, full_every: int = 20) -> None:
+        self.full_every = full_every
+        self._scans = 0
+        self._foreign: Set[int] = set()
+        self._unclaimed: Set[int] = set()
+
+    def scan(self) -> Snapshot:
+        if not _LINUX:
+            return _snapshot_psutil()
+        listing = _listing()
+        if self._scans % self.full_every == 0:
+            self._foreign.clear()
+        else:
+            self._foreign.intersection_update(listing)
+        self._scans += 1
+        foreign = self._foreign
+        return _snapshot_proc([pid for pid in listing if pid not in foreign])
+
+    def settle(self, snap: Snapshot) -> None:
+        """After the jobs have measured themselves in `snap`: learn which processes are not theirs."""
+        unclaimed = snap.keys() - snap.claimed
+        self._foreign |= unclaimed & self._unclaimed
+        self._unclaimed = unclaimed
+
+
 def _snapshot_psutil() -> Snapshot:
-    procs: Snapshot = {}
+    procs = Snapshot()
     for proc in psutil.process_iter(["ppid", "memory_info"]):
         try:
             sid = os.getsid(proc.pid)
@@ -80,17 +136,19 @@ def members(snap: Snapshot, roots: Iterable[int]) -> Set[int]:
     Each job's roots start their own session, so the session catches orphans that were
     re-parented to init; the parent links catch descendants that started a session of their own.
     """
-    roots = set(roots)
-    found = {pid for pid, proc in snap.items() if pid in roots or proc.sid in roots}
-    children: Dict[int, list[int]] = {}
-    for pid, proc in snap.items():
-        children.setdefault(proc.ppid, []).append(pid)
+    children, sessions = snap.index()
+    found = set()
+    for root in roots:
+        if root in snap:
+            found.add(root)
+        found.update(sessions.get(root, ()))
     stack = list(found)
     while stack:
         for child in children.get(stack.pop(), ()):
             if child not in found:
                 found.add(child)
                 stack.append(child)
+    snap.claimed |= found
     return found
 
 
