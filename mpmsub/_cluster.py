@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
 
 from mpmsub import _report
 from mpmsub._executor import MemoryAwareExecutor
-from mpmsub._job import JobSpec, pick_one, to_spec
+from mpmsub._job import JobSpec, describe_command, pick_one, to_spec
 from mpmsub._ledger import Ledger
 from mpmsub._progress import ProgressBar
 from mpmsub._result import CANCELLED, JobResult
+from mpmsub._scheduler import check_policy
 from mpmsub._system import detect_cpus, detect_memory
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
 
@@ -68,7 +70,10 @@ class Cluster:
     """A batch of jobs run under a CPU and memory budget (the seed's API).
 
     `cpus`/`memory` default to what this machine offers. `verbose` logs job starts and ends to
-    stderr through the 'mpmsub' logger; `progress_bar` shows progress on stderr.
+    stderr through the 'mpmsub' logger; `progress_bar` shows progress on stderr. `schedule` is
+    the order in which `run()` starts jobs: "pack" (the default: largest memory first, and among
+    equals the longest runtime measured so far first), "fifo" (the order they were added) or
+    "greedy"; see MemoryAwareExecutor. A job's `priority` comes before all of these.
     """
 
     def __init__(
@@ -77,7 +82,9 @@ class Cluster:
         memory: Optional[MemoryLike] = None,
         verbose: bool = True,
         progress_bar: bool = True,
+        schedule: str = "pack",
     ) -> None:
+        self.schedule = check_policy(schedule)
         self.max_cpus: int = detect_cpus() if cpus is None else parse_cpus(cpus, "cpus")
         self._memory: int = detect_memory() if memory is None else parse_memory(memory, "memory")
         if self._memory <= 0:
@@ -94,6 +101,7 @@ class Cluster:
         self._capacity = Ledger(self.max_cpus, self._memory)
         self._wall_time: Optional[float] = None
         self._max_workers: Optional[int] = None
+        self._runtimes: Dict[str, float] = {}  # command line -> runtime of its last successful run
 
     @property
     def max_memory_mb(self) -> float:
@@ -154,16 +162,21 @@ class Cluster:
 
     # -- running ----------------------------------------------------------------------------------
 
-    def run(self, max_workers: Optional[int] = None) -> Dict[str, Any]:
+    def run(self, max_workers: Optional[int] = None, schedule: Optional[str] = None) -> Dict[str, Any]:
         """Run every queued job with the scheduler; return the stats dict.
 
-        Ctrl-C kills the running jobs, records the queued ones as cancelled, keeps the results so
-        far, and re-raises KeyboardInterrupt.
+        `schedule` overrides the cluster's for this run. Ctrl-C kills the running jobs, records
+        the queued ones as cancelled, keeps the results so far, and re-raises KeyboardInterrupt.
         """
         workers = None if max_workers is None else parse_cpus(max_workers, "max_workers")
+        policy = self.schedule if schedule is None else check_policy(schedule)
         specs = self.jobs._take()
+        if policy == "pack":
+            # The executor orders by memory; within equal memory it keeps this order: the
+            # longest known runtime first, and jobs never measured (perhaps long) before those.
+            specs.sort(key=lambda spec: -self._runtimes.get(spec.describe(), math.inf))
         self._max_workers = workers
-        executor = self._executor(max_workers=workers)
+        executor = self._executor(max_workers=workers, schedule=policy)
         self._execute(executor, specs, label="")
         return self.stats
 
@@ -176,15 +189,17 @@ class Cluster:
         specs = self.jobs._take()
         originals = {spec.job_id or "": spec for spec in specs}
         unreserved = [dataclasses.replace(spec, memory=None) for spec in specs]
-        executor = self._executor(max_workers=1)
+        executor = self._executor(max_workers=1, schedule="fifo")
         results = self._execute(executor, unreserved, label="profiling")
         if verbose:
             print(_report.profile_text(results, originals, self._custom_ids, self.max_cpus, self._memory))
         return results
 
-    def _executor(self, max_workers: Optional[int]) -> MemoryAwareExecutor:
+    def _executor(self, max_workers: Optional[int], schedule: str) -> MemoryAwareExecutor:
         # The executor takes a bare number of memory as MB (the seed's unit).
-        return MemoryAwareExecutor(cpus=self.max_cpus, memory=self._memory / MB, max_workers=max_workers)
+        return MemoryAwareExecutor(
+            cpus=self.max_cpus, memory=self._memory / MB, max_workers=max_workers, schedule=schedule
+        )
 
     def _execute(self, executor: MemoryAwareExecutor, specs: List[JobSpec], label: str) -> List[JobResult]:
         started = time.monotonic()
@@ -232,6 +247,8 @@ class Cluster:
 
     def _record(self, result: JobResult) -> JobResult:
         self._results.append(result)
+        if result.success:
+            self._runtimes[describe_command(_stages(result.cmd))] = result.runtime
         (self.completed_jobs if result.success else self.failed_jobs).append(result)
         if self.verbose:
             if result.success:
@@ -287,6 +304,11 @@ class _BarHandler(logging.Handler):
             self.handleError(record)
 
 
+def _stages(cmd: Any) -> List[List[str]]:
+    """A result's command as a list of stages (a pipeline's is one already)."""
+    return cmd if cmd and isinstance(cmd[0], list) else [cmd]
+
+
 def _cancelled(spec: JobSpec, exc: BaseException) -> JobResult:
     now = time.time()
     return JobResult(
@@ -315,6 +337,7 @@ def cluster(
     memory: Optional[MemoryLike] = None,
     verbose: bool = True,
     progress_bar: bool = True,
+    schedule: str = "pack",
 ) -> Cluster:
     """Create a Cluster: `mpmsub.cluster(p=4, m="8G")`; `cpu`/`cpus` and `memory` are aliases."""
     return Cluster(
@@ -322,4 +345,5 @@ def cluster(
         memory=pick_one("memory", m=m, memory=memory),
         verbose=verbose,
         progress_bar=progress_bar,
+        schedule=schedule,
     )

@@ -85,8 +85,13 @@ def test_paths_are_accepted_as_arguments(tmp_path: Path) -> None:
         ({"cmd": ["x"], "mem": "1G"}, ValueError, "unknown job key 'mem' \\(did you mean 'memory'\\?\\)"),
         ({"cmd": ["x"], "env": {"A": 1}}, TypeError, "env\\['A'\\] must be a string"),
         ({"cmd": ["x"], "cwd": 3}, TypeError, "cwd must be"),
+        ({"cmd": ["x"], "priority": "high"}, TypeError, "priority must be a whole number .*; got 'high'"),
+        ({"cmd": ["x"], "priority": 1.5}, TypeError, "priority must be a whole number .*; got 1.5"),
+        ({"cmd": ["x"], "priority": True}, TypeError, "priority must be a whole number .*; got True"),
         ("echo hi", TypeError, "not the string 'echo hi'"),
         (42, TypeError, "cannot run 42"),
+        (["echo", None], TypeError, r"cmd\[1\] must be a string or a path; got None"),
+        ([], ValueError, "cmd is empty"),
     ],
 )
 def test_bad_input_is_refused_with_a_message_naming_it(item: object, error: type, message: str) -> None:
@@ -101,3 +106,12 @@ def test_job_objects_validate_at_creation() -> None:
         mpmsub.Job(["echo"]).cpu(-1)
     with pytest.raises(ValueError, match="needs a command"):
         mpmsub.Job()
+
+
+def test_priority_three_ways_and_in_the_dict() -> None:
+    assert to_spec(mpmsub.Job(["x"]).with_priority(3)).priority == 3
+    assert to_spec({"cmd": ["x"], "priority": -2}).priority == -2
+    assert to_spec(mpmsub.job(["x"], priority=1)).priority == 1
+    assert to_spec(["x"]).priority == 0
+    assert mpmsub.Job(["x"], priority=5).to_dict()["priority"] == 5
+    assert "priority" not in mpmsub.Job(["x"]).to_dict()
