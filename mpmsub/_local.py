@@ -11,12 +11,14 @@ import contextlib
 import logging
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import IO, Callable, Dict, List, Optional, Set
+from subprocess import Popen
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from mpmsub import _proctree
 from mpmsub import _result as kinds
@@ -55,6 +57,28 @@ class LocalLauncher(Launcher):
     def __init__(self, loop: EventLoop, kill_grace: float = 2.0) -> None:
         self.loop = loop
         self.kill_grace = kill_grace
+        self._programs: Dict[Tuple[str, str], str] = {}
+
+    def program(self, name: str, env: Optional[Dict[str, str]]) -> Optional[str]:
+        """The file that running `name` executes, looked up in PATH once per executor (Popen
+        would build and try every PATH entry on each start); None to let Popen search."""
+        if os.sep in name:
+            return None
+        path = (os.environ if env is None else env).get("PATH", os.defpath)
+        key = (name, path)
+        found = self._programs.get(key)
+        if found is None:
+            if not all(os.path.isabs(d) for d in path.split(os.pathsep) if d):
+                return None  # an entry relative to the working directory: search at each start
+            found = shutil.which(name, path=path)
+            if found is None:
+                return None  # Popen reports it as it would
+            self._programs[key] = found
+        return found
+
+    def forget(self, name: str, env: Optional[Dict[str, str]]) -> None:
+        path = (os.environ if env is None else env).get("PATH", os.defpath)
+        self._programs.pop((name, path), None)
 
     def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
         handle = LocalHandle(self, spec, job_id, on_exit)
@@ -116,16 +140,7 @@ class LocalHandle(Handle):
                 try:
                     if not last:
                         pipe_r, pipe_w = os.pipe()
-                    proc = subprocess.Popen(
-                        argv,
-                        stdin=subprocess.DEVNULL if stdin is None else stdin,
-                        stdout=out_target if pipe_w is None else pipe_w,
-                        stderr=err_target,
-                        cwd=spec.cwd,
-                        env=env,
-                        start_new_session=True,
-                        close_fds=True,
-                    )
+                    proc = self._popen(argv, stdin, out_target if pipe_w is None else pipe_w, err_target, env)
                 except BaseException:
                     if pipe_r is not None:
                         os.close(pipe_r)
@@ -163,6 +178,27 @@ class LocalHandle(Handle):
             self._timers.append(
                 self._loop.call_later(spec.timeout, self.kill, kinds.TIMEOUT, f"timed out after {spec.timeout:g} s")
             )
+
+    def _popen(self, argv: Sequence[str], stdin: Optional[int], stdout: Any, stderr: Any, env: Any) -> Popen[bytes]:
+        program = self._launcher.program(argv[0], env)
+        while True:
+            try:
+                return subprocess.Popen(
+                    argv,
+                    executable=program,
+                    stdin=subprocess.DEVNULL if stdin is None else stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    cwd=self.spec.cwd,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except FileNotFoundError:
+                if program is None:
+                    raise
+                self._launcher.forget(argv[0], env)  # removed since it was looked up: search again
+                program = None
 
     def _output_target(self, name: str, path: Optional[str], files: List[IO[bytes]], parent_fds: List[int]) -> int:
         """The fd a stream goes to: a file the user named, or a pipe we capture."""

@@ -152,3 +152,20 @@ def test_no_file_descriptor_leaks_over_many_jobs() -> None:
         ] * 25
         wait(futures, timeout=60)
         assert open_fds() <= before + 2
+
+
+def test_a_program_looked_up_once_is_looked_up_again_when_it_is_gone(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    for d in (first, second):
+        d.mkdir()
+        tool = d / "mpmsub-test-tool"
+        tool.write_text(f"#!/bin/sh\necho {d.name}\n")
+        tool.chmod(0o755)
+    env = {"PATH": f"{first}{os.pathsep}{second}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with mpmsub.MemoryAwareExecutor(cpus=1, memory="100M") as ex:
+        assert ex.submit(mpmsub.Job(["mpmsub-test-tool"]).environment(env)).result().stdout == "a\n"
+        (first / "mpmsub-test-tool").unlink()
+        assert ex.submit(mpmsub.Job(["mpmsub-test-tool"]).environment(env)).result().stdout == "b\n"
+        (second / "mpmsub-test-tool").unlink()
+        r = ex.submit(mpmsub.Job(["mpmsub-test-tool"]).environment(env)).result()
+        assert r.failure == "start" and "mpmsub-test-tool" in (r.error or "")
