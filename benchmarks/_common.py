@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import psutil
 
@@ -65,3 +67,53 @@ def record(title: str, lines: List[str]) -> None:
 
 def xargs_true(n: int, parallel: int) -> None:
     subprocess.run(["xargs", f"-P{parallel}", "-n1", "true"], input="\n".join(["x"] * n).encode(), check=True)
+
+
+class Figure(NamedTuple):
+    """One benchmark's verdict: the figure measured, its target, and the detail behind it."""
+
+    name: str
+    value: str  # as printed, e.g. "1.04x the lower bound"
+    target: str
+    ok: bool
+    detail: List[str]  # markdown lines
+
+
+def show(title: str, figures: List[Figure], keep: bool) -> None:
+    """Print figures (detail, then a summary table); with `keep`, append them to RESULTS.md."""
+    lines: List[str] = []
+    for figure in figures:
+        if figure.detail:
+            lines += [*figure.detail, ""]
+    lines += ["| benchmark | measured | target | met |", "|---|---|---|---|"]
+    lines += [f"| {f.name} | {f.value} | {f.target} | {'yes' if f.ok else '**no**'} |" for f in figures]
+    report(title, lines, keep)
+
+
+class TreeSampler:
+    """Samples, every `interval` seconds on a thread, the resident memory of all of this
+    process's descendants together, and keeps the peak (bytes)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_info().rss
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)

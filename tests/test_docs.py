@@ -26,11 +26,13 @@ def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         exec(compile(block, "README.md", "exec"), namespace)
 
 
+ARGS = {"benchmark_demo.py": ["--quick"]}  # the full demonstration takes a minute
+
+
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
 def test_example_runs(example: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / example)], capture_output=True, text=True, timeout=120, env=env
-    )
+    command = [sys.executable, str(ROOT / "examples" / example), *ARGS.get(example, [])]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout

@@ -1,0 +1,42 @@
+"""Run the scheduling and performance benchmarks in one go; print a table and append it to
+benchmarks/RESULTS.md (unless --no-record).
+
+1. mixed memory-bound batch: makespan / lower bound (target <= 1.10, memory within budget)
+2. dispatch overhead: 1000 `true` jobs on 2 slots / xargs -P2 (target <= 1.3)
+3. scaling: per-job cost at 5000 / at 500 jobs (<= 1.15); 100,000 queued submits (< 2 s,
+   < 200 MB); shutdown(cancel_futures=True) of them (< 1 s)
+4. monitoring cost: executor CPU / wall while 8 `sleep 5` jobs run (< 2% of a core)
+
+Exits with status 1 if a target is missed. Takes about a minute and a half.
+Usage: python benchmarks/run_all_benchmarks.py [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import dispatch_overhead
+import mixed_batch
+import monitor_cost
+import scaling
+from _common import show
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-record", action="store_true", help="do not append the figures to RESULTS.md")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    figures = [mixed_batch.measure(), dispatch_overhead.measure(), *scaling.measure(), monitor_cost.measure()]
+    show("All benchmarks", figures, keep=not args.no_record)
+    print(f"\n{sum(f.ok for f in figures)} of {len(figures)} targets met in {time.perf_counter() - started:.0f} s")
+    return 0 if all(f.ok for f in figures) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
