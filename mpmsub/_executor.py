@@ -15,9 +15,10 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 import psutil
 from typing_extensions import Literal
@@ -42,6 +43,9 @@ logger = logging.getLogger("mpmsub")
 
 _GATE_RETRY = 0.5  # seconds between looks at the machine's free memory while a job waits for it
 _MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memory error
+# How long the kernel's count of available memory may take to show an allocation (measured: up
+# to about a second; its per-CPU counters are folded into it once a second).
+_AVAILABLE_LAG = 1.5
 
 _live_executors: weakref.WeakSet[MemoryAwareExecutor] = weakref.WeakSet()
 
@@ -71,6 +75,8 @@ class _Item:
         "requeue",
         "requeued",
         "retries_left",
+        "rss_floor",
+        "rss_window",
         "runs",
         "seen_peak",
         "seq",
@@ -93,6 +99,10 @@ class _Item:
         self.requeued = 0
         self.started = 0.0  # monotonic
         self.last_rss = 0  # written by the monitor thread
+        # The least it used over the last _AVAILABLE_LAG seconds (0 while younger than that): what
+        # the kernel's count of available memory is sure to show (written by the monitor thread).
+        self.rss_floor = 0
+        self.rss_window: Deque[Tuple[float, int]] = deque()  # the monitor thread's own
         self.stopping = False  # a stop for memory is on its way (set by the monitor thread)
         self.requeue = False  # put it back in the queue when it has stopped
         self.oom_baseline: Optional[int] = None
@@ -357,8 +367,6 @@ class MemoryAwareExecutor(Executor):
                 for item in cancelled:
                     item.future.set_running_or_notify_cancel()  # wakes wait() and as_completed()
                 if not chosen:
-                    if cancelled:
-                        self._maybe_close()
                     return
                 for item in chosen:
                     # A retried or requeued job's future is running already.
@@ -375,6 +383,7 @@ class MemoryAwareExecutor(Executor):
     def _gate_retry(self) -> None:
         self._gate_timer = False
         self._dispatch()
+        self._maybe_close()  # the round may have dropped the last (cancelled) jobs
 
     def _gate(self, item: _Item) -> bool:
         """The live memory gate: the machine's available memory, less the reserve and what running
@@ -383,7 +392,7 @@ class MemoryAwareExecutor(Executor):
         if not need or not self.memory_reserve:
             return True
         if self._gate_room is None:
-            unrealized = sum(max(0, _need(i) - i.last_rss) for i in self._running.values())
+            unrealized = sum(max(0, _need(i) - i.rss_floor) for i in self._running.values())
             self._gate_room = int(psutil.virtual_memory().available) - self.memory_reserve - unrealized
         # With nothing of ours running (or admitted in this round) a job may always start: waiting
         # could last forever (for memory the machine never has free), and if the machine then runs
@@ -412,7 +421,8 @@ class MemoryAwareExecutor(Executor):
         item.runs += 1
         item.attempts += 1
         item.started = time.monotonic()
-        item.last_rss = 0
+        item.last_rss = item.rss_floor = 0
+        item.rss_window = deque()
         item.stopping = item.requeue = item.shortage_final = False
         item.oom_baseline = self._oom_kills
         run = item.runs
@@ -509,6 +519,7 @@ class MemoryAwareExecutor(Executor):
             if item.runs != run:
                 continue  # sampled before the job was started again
             item.last_rss = rss
+            item.rss_floor = _floor(item.rss_window, rss, item.started)
             if item.stopping:
                 continue
             strict = self.strict_memory if item.spec.strict is None else item.spec.strict
@@ -581,6 +592,18 @@ class MemoryAwareExecutor(Executor):
 def _cancelled(item: _Item) -> bool:
     """A queued job whose future was cancelled (a retry's future is running, and cannot be)."""
     return item.future.cancelled()
+
+
+def _floor(window: Deque[Tuple[float, int]], rss: int, started: float) -> int:
+    """Record a sample; return the least resident size over the last _AVAILABLE_LAG seconds, or
+    0 for a job younger than that (its memory may not show in the machine's figure yet)."""
+    now = time.monotonic()
+    window.append((now, rss))
+    while len(window) > 1 and window[1][0] <= now - _AVAILABLE_LAG:
+        window.popleft()  # keep one sample at or before the start of the window
+    if now - started < _AVAILABLE_LAG:
+        return 0
+    return min(sample for _, sample in window)
 
 
 def _need(item: _Item) -> int:

@@ -68,8 +68,8 @@ class LocalLauncher(Launcher):
         key = (name, path)
         found = self._programs.get(key)
         if found is None:
-            if not all(os.path.isabs(d) for d in path.split(os.pathsep) if d):
-                return None  # an entry relative to the working directory: search at each start
+            if not all(d and os.path.isabs(d) for d in path.split(os.pathsep)):
+                return None  # an entry relative to the job's directory (empty is '.'): search each time
             found = shutil.which(name, path=path)
             if found is None:
                 return None  # Popen reports it as it would

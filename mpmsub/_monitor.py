@@ -22,6 +22,7 @@ class Monitor:
         self._on_tick = on_tick
         self._handles: Dict[Handle, Any] = {}
         self._scanner = _proctree.Scanner()
+        self._new_job = False  # a job started since the last scan: read every process again
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="mpmsub-monitor", daemon=True)
@@ -31,6 +32,7 @@ class Monitor:
         with self._cond:
             was_idle = not self._handles
             self._handles[handle] = tag
+            self._new_job = True
             if was_idle:
                 self._cond.notify()
 
@@ -51,8 +53,11 @@ class Monitor:
                 if self._closed:
                     return
                 watched = list(self._handles.items())
+                full, self._new_job = self._new_job, False
             try:
-                snap = self._scanner.scan()
+                # A new job's processes may have a pid reused from another program's process:
+                # read everything once, so that they are found and claimed from the start.
+                snap = self._scanner.scan(full=full)
                 measures = []
                 for handle, tag in watched:
                     rss = handle.sample(snap)

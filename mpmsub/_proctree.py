@@ -76,8 +76,9 @@ class Scanner:
     A process seen unclaimed by any job in two scans in a row is another program's: it cannot
     become part of a job later (a job's processes are its roots and what they start, and a
     process is never re-parented to a job), so it is not read again while it lives. Every
-    `full_every` scans everything is read again, which bounds the effect of a pid reused within
-    one interval. Elsewhere than Linux every scan is a full one.
+    `full_every` scans, and when asked (the monitor asks after a job starts), everything is read
+    again, which bounds the effect of a pid reused within one interval. Elsewhere than Linux
+    every scan is a full one.
     """
 
     def __init__(self, full_every: int = 20) -> None:
@@ -86,11 +87,11 @@ class Scanner:
         self._foreign: Set[int] = set()
         self._unclaimed: Set[int] = set()
 
-    def scan(self) -> Snapshot:
+    def scan(self, full: bool = False) -> Snapshot:
         if not _LINUX:
             return _snapshot_psutil()
         listing = _listing()
-        if self._scans % self.full_every == 0:
+        if full or self._scans % self.full_every == 0:
             self._foreign.clear()
         else:
             self._foreign.intersection_update(listing)

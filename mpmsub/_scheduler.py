@@ -97,6 +97,7 @@ class Reservation:
     memory: int
     slots: int
     shadow: float
+    before_shadow: int = 0  # jobs admitted because they end before the shadow time
 
     def admits(self, entry: Entry, now: float) -> bool:
         request = entry.request
@@ -105,7 +106,10 @@ class Reservation:
             self.memory -= request.memory
             self.slots -= 1
             return True
-        return entry.bound is not None and now + entry.bound <= self.shadow
+        if entry.bound is not None and not math.isinf(self.shadow) and now + entry.bound <= self.shadow:
+            self.before_shadow += 1
+            return True
+        return False
 
     @property
     def closed(self) -> bool:
@@ -172,6 +176,7 @@ class Scheduler(Generic[E]):
         self._count = 0
         self._versions = itertools.count()
         self.head: Optional[E] = None  # the job that held the reservation in the last select
+        self.reservation: Optional[Reservation] = None  # and its reservation
 
     def __len__(self) -> int:
         return self._count
@@ -188,9 +193,14 @@ class Scheduler(Generic[E]):
             self._index(_shape(entry), bucket)
 
     def push_front(self, entry: E) -> None:
-        """Put a job back at the head of its priority (a retry, or a job stopped and requeued)."""
+        """Put a job back at the head of its priority (a retry, or a job stopped and requeued).
+        Jobs put back come before the others, in the order they were first submitted."""
         bucket = self._bucket(entry)
-        bucket.entries.appendleft(entry)
+        entries = bucket.entries
+        at = 0
+        while at < len(entries) and entries[at].seq in self._front and entries[at].seq < entry.seq:
+            at += 1
+        entries.insert(at, entry)
         self._front.add(entry.seq)
         self._count += 1
         self._index(_shape(entry), bucket)
@@ -223,7 +233,7 @@ class Scheduler(Generic[E]):
         visited: List[Tuple[Tuple[int, ...], int, Shape]] = []
         reservation: Optional[Reservation] = None
         reserving = self.policy != "greedy"
-        self.head = None
+        self.head = self.reservation = None
         while self._heap and not ledger.full and not (reservation is not None and reservation.closed):
             _, version, shape = heapq.heappop(self._heap)
             bucket = self._buckets.get(shape)
@@ -251,7 +261,7 @@ class Scheduler(Generic[E]):
                         held = [(r.request, r.ends_by) for r in running]
                         held += [(c.request, None if c.bound is None else now + c.bound) for c in chosen]
                         reservation = reserve_for(request, ledger, held)
-                        self.head = entry
+                        self.head, self.reservation = entry, reservation
                     blocked = True
                     break
                 ledger.reserve(request)

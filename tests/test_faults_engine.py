@@ -169,3 +169,33 @@ def test_a_program_looked_up_once_is_looked_up_again_when_it_is_gone(tmp_path: P
         (second / "mpmsub-test-tool").unlink()
         r = ex.submit(mpmsub.Job(["mpmsub-test-tool"]).environment(env)).result()
         assert r.failure == "start" and "mpmsub-test-tool" in (r.error or "")
+
+
+@pytest.mark.parametrize("delivery_started", [False, True])
+def test_the_last_result_is_delivered_when_only_cancelled_jobs_remain(delivery_started: bool) -> None:
+    ex = mpmsub.MemoryAwareExecutor(cpus=1, memory="1G", memory_reserve=0)
+    if delivery_started:  # the results thread runs already when the last job ends
+        first = ex.submit(["true"])
+        first.add_done_callback(lambda f: None)
+        first.result(timeout=10)
+    seen = []
+    a = ex.submit(["sleep", "0.5"])
+    a.add_done_callback(lambda f: seen.append(f.result().returncode))
+    b = ex.submit(["sleep", "5"])
+    time.sleep(0.1)
+    assert b.cancel()
+    done = threading.Thread(target=ex.shutdown, daemon=True)
+    done.start()
+    done.join(10)
+    assert not done.is_alive(), "shutdown() hung"
+    assert a.result(timeout=1).returncode == 0 and seen == [0]
+
+
+def test_an_empty_path_entry_still_means_the_jobs_directory(tmp_path: Path) -> None:
+    tool = tmp_path / "echo"
+    tool.write_text("#!/bin/sh\necho from the job directory\n")
+    tool.chmod(0o755)
+    env = {"PATH": f"{os.pathsep}/usr/bin{os.pathsep}/bin"}  # the empty first entry is '.'
+    with mpmsub.MemoryAwareExecutor(cpus=1, memory="100M") as ex:
+        r = ex.submit(mpmsub.Job(["echo", "x"]).environment(env).working_dir(tmp_path)).result()
+    assert r.stdout == "from the job directory\n"
