@@ -46,6 +46,7 @@ _MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memo
 # How long the kernel's count of available memory may take to show an allocation (measured: up
 # to about a second; its per-CPU counters are folded into it once a second).
 _AVAILABLE_LAG = 1.5
+_NO_SAMPLES: Deque[Tuple[float, int]] = deque(maxlen=0)  # shared while a job waits: made per run
 
 _live_executors: weakref.WeakSet[MemoryAwareExecutor] = weakref.WeakSet()
 
@@ -102,7 +103,7 @@ class _Item:
         # The least it used over the last _AVAILABLE_LAG seconds (0 while younger than that): what
         # the kernel's count of available memory is sure to show (written by the monitor thread).
         self.rss_floor = 0
-        self.rss_window: Deque[Tuple[float, int]] = deque()  # the monitor thread's own
+        self.rss_window: Deque[Tuple[float, int]] = _NO_SAMPLES  # the monitor thread's; one per run
         self.stopping = False  # a stop for memory is on its way (set by the monitor thread)
         self.requeue = False  # put it back in the queue when it has stopped
         self.oom_baseline: Optional[int] = None
