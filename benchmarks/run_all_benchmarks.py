@@ -7,7 +7,7 @@ benchmarks/RESULTS.md (unless --no-record).
    < 200 MB); shutdown(cancel_futures=True) of them (< 1 s)
 4. monitoring cost: executor CPU / wall while 8 `sleep 5` jobs run (< 2% of a core)
 
-Exits with status 1 if a target is missed. Takes about a minute and a half.
+Exits with status 1 if a target is missed. Takes about a minute.
 Usage: python benchmarks/run_all_benchmarks.py [--no-record]
 """
 
