@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
 
 from mpmsub import _report
 from mpmsub._executor import MemoryAwareExecutor
-from mpmsub._job import JobSpec, describe_command, pick_one, to_spec
+from mpmsub._job import JobSpec, pick_one, to_spec
 from mpmsub._ledger import Ledger
 from mpmsub._progress import ProgressBar
 from mpmsub._result import CANCELLED, JobResult
@@ -223,7 +223,7 @@ class Cluster:
             while pending:
                 done, pending = wait(pending, timeout=_REFRESH, return_when=FIRST_COMPLETED)
                 for future in done:
-                    results.append(self._record(future.result()))
+                    results.append(self._record(future.result(), futures[future]))
                     failed += not results[-1].success
                 status = executor.status()
                 bar.update(len(results), failed, status.running, status.reserved_memory)
@@ -235,7 +235,7 @@ class Cluster:
                 if spec.job_id in seen:
                     continue
                 result = future.result() if not future.cancelled() else _cancelled(spec, exc)
-                results.append(self._record(result))
+                results.append(self._record(result, spec))
             raise
         finally:
             self._wall_time = time.monotonic() - started
@@ -245,10 +245,10 @@ class Cluster:
                 logger.setLevel(level)
         return results
 
-    def _record(self, result: JobResult) -> JobResult:
+    def _record(self, result: JobResult, spec: JobSpec) -> JobResult:
         self._results.append(result)
         if result.success:
-            self._runtimes[describe_command(_stages(result.cmd))] = result.runtime
+            self._runtimes[spec.describe()] = result.runtime  # the key run() orders by
         (self.completed_jobs if result.success else self.failed_jobs).append(result)
         if self.verbose:
             if result.success:
@@ -302,11 +302,6 @@ class _BarHandler(logging.Handler):
             self.bar.write_above(self.format(record))
         except Exception:
             self.handleError(record)
-
-
-def _stages(cmd: Any) -> List[List[str]]:
-    """A result's command as a list of stages (a pipeline's is one already)."""
-    return cmd if cmd and isinstance(cmd[0], list) else [cmd]
 
 
 def _cancelled(spec: JobSpec, exc: BaseException) -> JobResult:

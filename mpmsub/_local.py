@@ -51,6 +51,11 @@ def _start_error(spec: JobSpec, argv0: str, exc: OSError) -> str:
     return f"cannot start {argv0!r}: {exc.strerror or exc}"
 
 
+def _search_path(env: Optional[Dict[str, str]]) -> str:
+    """The PATH a job's program is searched in, as Popen does: the job's environment's, or ours."""
+    return (os.environ if env is None else env).get("PATH", os.defpath)
+
+
 class LocalLauncher(Launcher):
     """Runs jobs as local process trees; every callback runs on `loop`'s thread."""
 
@@ -64,7 +69,7 @@ class LocalLauncher(Launcher):
         would build and try every PATH entry on each start); None to let Popen search."""
         if os.sep in name:
             return None
-        path = (os.environ if env is None else env).get("PATH", os.defpath)
+        path = _search_path(env)
         key = (name, path)
         found = self._programs.get(key)
         if found is None:
@@ -77,8 +82,7 @@ class LocalLauncher(Launcher):
         return found
 
     def forget(self, name: str, env: Optional[Dict[str, str]]) -> None:
-        path = (os.environ if env is None else env).get("PATH", os.defpath)
-        self._programs.pop((name, path), None)
+        self._programs.pop((name, _search_path(env)), None)
 
     def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
         handle = LocalHandle(self, spec, job_id, on_exit)

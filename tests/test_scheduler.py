@@ -93,6 +93,17 @@ def first_fit_time(head: J, cpus: int, memory: int, slots: Optional[int], ends: 
     raise AssertionError("the head never fits")
 
 
+def beside(policy: str, running: List[J], queued: List[J]) -> Tuple[Scheduler[J], Ledger]:
+    """A scheduler with `queued` waiting, on a 4-CPU, 1000-memory ledger where `running` run."""
+    sched: Scheduler[J] = Scheduler(policy)
+    ledger = Ledger(cpus=4, memory=1000)
+    for job in running:
+        ledger.reserve(job.request)
+    for job in queued:
+        sched.push(job)
+    return sched, ledger
+
+
 # -- ordering ----------------------------------------------------------------------------------
 
 
@@ -113,12 +124,7 @@ def test_backfill_never_takes_what_the_head_waits_for() -> None:
     # 1000 of memory: A (500) and B (300) run, 200 is free; the head H needs 500. A small job S
     # (100) fits now, but if B ends first H would start at once with 500 free: S would delay it.
     a, b, h, s = J(0, Request(1, 500)), J(1, Request(1, 300)), J(2, Request(1, 500)), J(3, Request(1, 100))
-    sched: Scheduler[J] = Scheduler("fifo")
-    ledger = Ledger(cpus=4, memory=1000)
-    ledger.reserve(a.request)
-    ledger.reserve(b.request)
-    sched.push(h)
-    sched.push(s)
+    sched, ledger = beside("fifo", [a, b], [h, s])
     assert sched.select(ledger, [a, b], 0.0)[0] == []
     # With a timeout S has a latest end, but H's start is unknown (A and B have none): still no.
     sched.push(J(4, Request(1, 100), bound=3600.0))
@@ -129,21 +135,13 @@ def test_backfill_takes_what_is_sure_to_be_left_beside_the_head() -> None:
     # A (600) runs and H needs 600: when H fits, 400 is sure to be left. S (300) may go first;
     # then T (200) may not, as 100 is left.
     a, h, s, t = J(0, Request(1, 600)), J(1, Request(1, 600)), J(2, Request(1, 300)), J(3, Request(1, 200))
-    sched: Scheduler[J] = Scheduler("fifo")
-    ledger = Ledger(cpus=4, memory=1000)
-    ledger.reserve(a.request)
-    for job in (h, s, t):
-        sched.push(job)
+    sched, ledger = beside("fifo", [a], [h, s, t])
     assert sched.select(ledger, [a], 0.0)[0] == [s]
 
 
 def test_greedy_lets_small_jobs_pass_a_big_one() -> None:
     a, h, s = J(0, Request(1, 600)), J(1, Request(1, 600)), J(2, Request(1, 300))
-    sched: Scheduler[J] = Scheduler("greedy")
-    ledger = Ledger(cpus=4, memory=1000)
-    ledger.reserve(a.request)
-    sched.push(h)
-    sched.push(s)
+    sched, ledger = beside("greedy", [a], [h, s])
     assert sched.select(ledger, [a], 0.0)[0] == [s]
 
 
@@ -185,21 +183,13 @@ def test_time_bounds_let_a_short_job_run_before_the_heads_reservation() -> None:
     # and is sure to end by t=5: it may start. L (300) might run until t=20: it may not.
     a = J(0, Request(1, 600), bound=10.0, started=0.0)
     h, s, long = J(1, Request(1, 600)), J(2, Request(1, 300), bound=5.0), J(3, Request(1, 300), bound=20.0)
-    sched: Scheduler[J] = Scheduler("fifo")
-    ledger = Ledger(cpus=4, memory=1000)
-    ledger.reserve(a.request)
-    for job in (h, long, s):
-        sched.push(job)
+    sched, ledger = beside("fifo", [a], [h, long, s])
     assert sched.select(ledger, [a], 0.0)[0] == [s]
 
 
 def test_cancelled_jobs_are_dropped_and_do_not_hold_a_reservation() -> None:
     a, big, small = J(0, Request(1, 600)), J(1, Request(1, 900), cancelled=True), J(2, Request(1, 300))
-    sched: Scheduler[J] = Scheduler("fifo")
-    ledger = Ledger(cpus=4, memory=1000)
-    ledger.reserve(a.request)
-    sched.push(big)
-    sched.push(small)
+    sched, ledger = beside("fifo", [a], [big, small])
     chosen, dropped = sched.select(ledger, [a], 0.0, dropped=lambda j: j.cancelled)
     assert chosen == [small] and dropped == [big] and len(sched) == 0
 
