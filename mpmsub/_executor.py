@@ -20,7 +20,6 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-import psutil
 from typing_extensions import Literal
 
 from mpmsub import _proctree
@@ -36,7 +35,7 @@ from mpmsub._loop import EventLoop
 from mpmsub._monitor import Monitor
 from mpmsub._result import JobResult
 from mpmsub._scheduler import Scheduler, check_policy
-from mpmsub._system import detect_cpus, detect_memory
+from mpmsub._system import available_memory, detect_cpus, detect_memory, memory_groups
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
 
 logger = logging.getLogger("mpmsub")
@@ -184,8 +183,9 @@ class MemoryAwareExecutor(Executor):
     Memory is enforced while jobs run: when the running jobs together use more than `memory`, the
     one furthest over its declaration is killed and fails with a memory error; with
     `strict_memory`, any job with `m` is killed as soon as it uses more than its `m`. Jobs with
-    `m` start only while the machine's available memory, less `memory_reserve` (default: 5% of
-    RAM, at most 2G; 0 turns the gate off), can hold them, or nothing else runs; when it falls
+    `m` start only while the machine's available memory (or, in a container, what its memory
+    limit leaves), less `memory_reserve` (default: 5% of that memory, at most 2G; 0 turns the
+    gate off), can hold them, or nothing else runs; when it falls
     under the reserve, the newest job is stopped and put back at the head of the queue.
     """
 
@@ -212,7 +212,7 @@ class MemoryAwareExecutor(Executor):
         if not isinstance(strict_memory, bool):
             raise TypeError(f"strict_memory must be True or False; got {strict_memory!r}")
         if memory_reserve is None:
-            reserve = min(2 * 1024 * MB, int(0.05 * psutil.virtual_memory().total))
+            reserve = min(2 * 1024 * MB, int(0.05 * detect_memory()))
         else:
             reserve = parse_memory(memory_reserve, "memory_reserve")
         self.cpus = ncpus
@@ -220,6 +220,7 @@ class MemoryAwareExecutor(Executor):
         self.max_workers = slots
         self.strict_memory = strict_memory
         self.memory_reserve = reserve
+        self._memory_groups = memory_groups()  # a container's limit, read with the machine's figure
         self._terminating = False
         self._gate_room: Optional[int] = None  # free memory above the reserve, this dispatch round
         self._gate_timer = False
@@ -394,7 +395,7 @@ class MemoryAwareExecutor(Executor):
             return True
         if self._gate_room is None:
             unrealized = sum(max(0, _need(i) - i.rss_floor) for i in self._running.values())
-            self._gate_room = int(psutil.virtual_memory().available) - self.memory_reserve - unrealized
+            self._gate_room = available_memory(self._memory_groups) - self.memory_reserve - unrealized
         # With nothing of ours running (or admitted in this round) a job may always start: waiting
         # could last forever (for memory the machine never has free), and if the machine then runs
         # short, the job is stopped and requeued, and fails after a few tries.
@@ -537,7 +538,7 @@ class MemoryAwareExecutor(Executor):
             self._loop.call_soon_threadsafe(self._stop, item, run, stop.message, False)
         if stops or not self.memory_reserve or not usages:
             return
-        available = int(psutil.virtual_memory().available)
+        available = available_memory(self._memory_groups)
         if available < self.memory_reserve:
             victim = newest(usages)
             if victim is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import psutil
 
@@ -89,3 +89,63 @@ def detect_memory() -> int:
     total = int(psutil.virtual_memory().total)
     limit = cgroup_memory_limit()
     return min(total, limit) if limit else total
+
+
+class MemoryGroup(NamedTuple):
+    """A cgroup of this process whose memory limit caps what its jobs may use."""
+
+    limit: str  # file holding the limit in bytes
+    usage: str  # file holding the usage in bytes, page cache included
+    stat: str  # memory.stat, for the reclaimable part of that usage
+    inactive_key: str  # the memory.stat line of inactive file pages
+
+
+def memory_groups(root: str = "/") -> List[MemoryGroup]:
+    """The cgroups of this process (v2 or v1) that have a memory limit below physical RAM."""
+    total = int(psutil.virtual_memory().total)
+    groups: List[MemoryGroup] = []
+    for d in _cgroup_dirs(root, ""):
+        value = _read(os.path.join(d, "memory.max"))
+        if value and value.isdigit() and int(value) < total and os.path.exists(os.path.join(d, "memory.current")):
+            groups.append(
+                MemoryGroup(
+                    os.path.join(d, "memory.max"),
+                    os.path.join(d, "memory.current"),
+                    os.path.join(d, "memory.stat"),
+                    "inactive_file",
+                )
+            )
+    for d in _cgroup_dirs(root, "memory"):
+        value = _read(os.path.join(d, "memory.limit_in_bytes"))
+        if value and value.isdigit() and int(value) < total:
+            groups.append(
+                MemoryGroup(
+                    os.path.join(d, "memory.limit_in_bytes"),
+                    os.path.join(d, "memory.usage_in_bytes"),
+                    os.path.join(d, "memory.stat"),
+                    "total_inactive_file",
+                )
+            )
+    return groups
+
+
+def _stat_value(path: str, key: str) -> int:
+    for line in (_read(path) or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.isdigit():
+            return int(value)
+    return 0
+
+
+def available_memory(groups: List[MemoryGroup]) -> int:
+    """Bytes that can still be used: the machine's available memory, or less where one of `groups`
+    (from memory_groups()) is nearer its limit. A group's usage counts as its working set (less
+    its inactive page cache, which the kernel reclaims before it kills), as container tools do."""
+    available = int(psutil.virtual_memory().available)
+    for group in groups:
+        limit, usage = _read(group.limit), _read(group.usage)
+        if not (limit and usage and limit.isdigit() and usage.isdigit()):
+            continue  # the group went away or its limit was lifted
+        working_set = max(0, int(usage) - _stat_value(group.stat, group.inactive_key))
+        available = min(available, int(limit) - working_set)
+    return max(0, available)

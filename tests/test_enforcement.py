@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
 import sys
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import List
+from typing import Iterator, List, Optional
 
 import psutil
 import pytest
+from shortage_scenarios import ON_TERM_ALLOCATE
 
 import mpmsub
-from mpmsub import MemoryAwareExecutor
+from mpmsub import JobResult, MemoryAwareExecutor
 
 MB = 2**20
 
@@ -35,27 +38,61 @@ def grower(
     return [sys.executable, "-c", code, marker or uuid.uuid4().hex]
 
 
-def available() -> int:
-    """The machine's available memory, with the kernel's per-CPU counters folded in first where
-    we may ask for it (root, Linux 4.4+): otherwise the figure trails allocations and frees by up
-    to a second."""
-    with contextlib.suppress(OSError), open("/proc/sys/vm/stat_refresh", "w") as f:
-        f.write("1")
-    return int(psutil.virtual_memory().available)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+CGROUP_V1 = "/sys/fs/cgroup/memory"
+CGROUP_V2 = "/sys/fs/cgroup"
 
 
-def settled_available() -> int:
-    """The machine's available memory once it has stopped moving (the previous test's processes
-    may still be freeing theirs)."""
-    last = available()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        time.sleep(0.4)
-        now = available()
-        if abs(now - last) < 20 * MB:
-            return now
-        last = now
-    return last
+@contextlib.contextmanager
+def memory_cgroup(limit: int) -> Iterator[Optional[str]]:
+    """A fresh memory cgroup (v1, or v2 where its memory controller is enabled) limited to
+    `limit` bytes; yields its cgroup.procs file, or None where this process may not make one."""
+    name = f"mpmsub-test-{uuid.uuid4().hex[:8]}"
+    if os.path.exists(f"{CGROUP_V1}/memory.limit_in_bytes") and os.access(CGROUP_V1, os.W_OK):
+        group, limit_file = f"{CGROUP_V1}/{name}", "memory.limit_in_bytes"
+    elif "memory" in _text(f"{CGROUP_V2}/cgroup.subtree_control").split() and os.access(CGROUP_V2, os.W_OK):
+        group, limit_file = f"{CGROUP_V2}/{name}", "memory.max"
+    else:
+        yield None
+        return
+    os.mkdir(group)
+    try:
+        with open(f"{group}/{limit_file}", "w") as f:
+            f.write(str(limit))
+        yield f"{group}/cgroup.procs"
+    finally:
+        deadline = time.monotonic() + 5
+        while True:  # the last processes may take a moment to leave
+            try:
+                os.rmdir(group)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+def _text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def shortage(scenario: str, *args: str) -> List[JobResult]:
+    """Play a scenario of shortage_scenarios.py in a child process, in a 3G memory cgroup of its
+    own where one can be made (there the available memory moves only with our processes), else
+    on the machine's figure."""
+    with memory_cgroup(3 * 1024 * MB) as procs:
+        enter = f"open({procs!r}, 'w').write(str(os.getpid()))\n" if procs else ""
+        code = (
+            f"import json, os, sys\n{enter}sys.path.insert(0, {TESTS!r})\n"
+            f"import shortage_scenarios\nprint(json.dumps(shortage_scenarios.{scenario}(*sys.argv[1:])))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    return [JobResult(**d) for d in json.loads(out.stdout.splitlines()[-1])]
 
 
 class TreeSampler:
@@ -154,67 +191,36 @@ def test_other_failures_are_retried_as_they_were(tmp_path: Path) -> None:
 
 
 def test_the_live_gate_holds_jobs_the_machine_cannot_take() -> None:
-    room = 400 * MB
-    reserve = settled_available() - room
-    with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=f"{reserve // MB}M") as ex:
-        a = ex.submit(mpmsub.Job(grower(250, step_mb=250, hold=1.0)).memory("300M"))
-        b = ex.submit(mpmsub.Job(grower(250, step_mb=250, hold=0.2)).memory("300M"))
-        ra, rb = a.result(timeout=60), b.result(timeout=60)
+    ra, rb = shortage("live_gate")
     assert ra.success and rb.success
     assert rb.start_time >= ra.end_time - 0.05, "the gate let two 300M jobs share 400M of free memory"
 
 
 def test_the_newest_job_is_stopped_and_requeued_when_the_machine_runs_short() -> None:
-    room = 600 * MB
-    reserve = settled_available() - room
-    with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=f"{reserve // MB}M") as ex:
-        # A declares 100M but takes 400M (there is budget); B, declaring 100M, then takes 500M:
-        # the machine runs short, B (the newest) is stopped, and comes back once A is done. The
-        # kernel's count of available memory trails allocations by up to a second: B holds longer.
-        a = ex.submit(mpmsub.Job(grower(400, step_mb=200, hold=3.0)).memory("100M"))
-        time.sleep(0.6)
-        b = ex.submit(mpmsub.Job(grower(500, step_mb=250, hold=1.5)).memory("100M"))
-        ra, rb = a.result(timeout=60), b.result(timeout=60)
+    ra, rb = shortage("newest_requeued")
     assert ra.success and ra.requeued == 0
     assert rb.success and rb.requeued == 1 and rb.attempts == 1
     assert rb.start_time >= ra.end_time - 0.05  # its final run waited for A to free the memory
 
 
 def test_a_job_requeued_too_often_fails_with_a_memory_error() -> None:
-    room = 300 * MB
-    reserve = settled_available() - room
-    with MemoryAwareExecutor(cpus=1, memory="20G", memory_reserve=f"{reserve // MB}M") as ex:
-        # 900M against 300M of room: on some machines the available figure falls by less than a
-        # job uses (by about 350M for 600M here), so the margin is wide.
-        r = ex.submit(grower(900, step_mb=150, hold=3.0)).result(timeout=60)
+    (r,) = shortage("requeued_too_often")
     assert r.failure == "memory" and r.requeued == 3
     assert r.error is not None and "under the" in r.error and "giving up" in r.error
 
 
-def _memory_cgroup() -> str:
-    base = "/sys/fs/cgroup/memory"
-    if os.geteuid() != 0 or not os.access(base, os.W_OK) or not os.path.exists(f"{base}/memory.limit_in_bytes"):
-        pytest.skip("needs root and a writable cgroup v1 memory hierarchy to provoke a kernel OOM kill")
-    return base
-
-
 def test_a_kernel_oom_kill_is_reported_as_a_memory_failure() -> None:
-    base = _memory_cgroup()
-    group = f"{base}/mpmsub-test-{uuid.uuid4().hex[:8]}"
-    os.mkdir(group)
-    try:
-        with open(f"{group}/memory.limit_in_bytes", "w") as f:
-            f.write(str(100 * MB))
+    with memory_cgroup(100 * MB) as procs:
+        if procs is None:
+            pytest.skip("needs root and a writable memory cgroup to provoke a kernel OOM kill")
         alloc = f"{sys.executable} -c 'x = bytearray(400 * 2**20)'"
         with MemoryAwareExecutor(cpus=1, memory="2G") as ex:
-            r = ex.submit(["sh", "-c", f"echo $$ > {group}/cgroup.procs && exec {alloc}"]).result(timeout=60)
+            r = ex.submit(["sh", "-c", f"echo $$ > {procs} && exec {alloc}"]).result(timeout=60)
             time.sleep(0.5)  # idle: the executor's count of OOM kills must not go stale
             own = ex.submit(["sh", "-c", "kill -9 $$"]).result(timeout=60)
         assert r.failure == "memory", (r.returncode, r.error)
         assert r.error is not None and r.error.startswith("killed by the kernel's out-of-memory killer (SIGKILL)")
         assert (own.failure, own.error) == ("signal", "killed by signal SIGKILL")
-    finally:
-        os.rmdir(group)
 
 
 @pytest.mark.parametrize(
@@ -264,21 +270,10 @@ def test_an_output_flood_does_not_deadlock(tmp_path: Path) -> None:
 
 # -- regressions found by review: a stop acts only on the run and the state it was decided for ----
 
-ON_TERM_ALLOCATE = """
-import signal, sys, time
-open(sys.argv[1], 'a').write('run\\n')
-hold = []
-signal.signal(signal.SIGTERM, lambda *a: hold.append(bytearray({mb} * 2**20)))
-time.sleep(30)
-"""
-
 
 def test_a_job_in_its_timeout_grace_is_not_requeued_when_the_machine_runs_short(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    reserve = settled_available() - 500 * MB
-    with MemoryAwareExecutor(cpus=1, memory="4G", kill_grace=1.5, memory_reserve=f"{reserve // MB}M") as ex:
-        job = mpmsub.Job([sys.executable, "-c", ON_TERM_ALLOCATE.format(mb=1024), str(runs)]).with_timeout(0.3)
-        r = ex.submit(job).result(timeout=30)
+    (r,) = shortage("grace_not_requeued", str(runs))
     assert (r.failure, r.requeued, r.attempts) == ("timeout", 0, 1)
     assert runs.read_text().count("run") == 1
 
@@ -317,19 +312,11 @@ def test_cancelling_a_queued_retry_resolves_its_future(how: str) -> None:
 
 
 def test_a_job_larger_than_the_free_memory_starts_when_nothing_else_runs() -> None:
-    free = settled_available()
-    with MemoryAwareExecutor(cpus=1, memory=f"{free // MB + 1024}M", memory_reserve="1G") as ex:
-        # declares more than the machine has free (it uses 50M): alone, it may start; it is not held forever
-        r = ex.submit(mpmsub.Job(grower(50, step_mb=50, hold=0.2)).memory(f"{free // MB}M")).result(timeout=30)
+    (r,) = shortage("larger_than_free")
     assert r.success and r.requeued == 0
 
 
 def test_requeued_jobs_come_back_one_by_one_when_together_they_do_not_fit() -> None:
-    reserve = settled_available() - 900 * MB
-    with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=f"{reserve // MB}M") as ex:
-        big = ex.submit(mpmsub.Job(grower(1400, step_mb=700, hold=1.0)).with_id("big"))
-        time.sleep(0.05)
-        small = ex.submit(mpmsub.Job(grower(300, step_mb=300, hold=3.0)).with_id("small"))
-        rb, rs = big.result(timeout=60), small.result(timeout=60)
+    rb, rs = shortage("one_by_one")
     assert rb.failure == "memory" and rb.requeued == 3  # needs more than the machine spares
     assert rs.success and rs.requeued >= 1, rs.error  # fine once it runs on its own
