@@ -155,6 +155,7 @@ def make_result(item: _Item, outcome: Outcome) -> JobResult:
         cpus=spec.cpus,
         memory_requested=None if spec.memory is None else spec.memory / MB,
         stage_returncodes=list(codes),
+        memory_series=[(round(t, 3), round(b / MB, 1)) for t, b in outcome.memory_series],
     )
 
 
@@ -495,11 +496,22 @@ class MemoryAwareExecutor(Executor):
         return True
 
     def _classify_oom(self, item: _Item, outcome: Outcome) -> None:
-        """A SIGKILL (or a shell's 137) we did not send, while the kernel's OOM killer struck, is a
-        memory failure."""
-        if outcome.failure is not None or item.oom_baseline is None:
+        """A job that failed after the kernel's OOM killer killed one of its processes (known
+        exactly where the job had a memory cgroup), or a SIGKILL (or a shell's 137) we did not
+        send while the OOM killer struck somewhere on the machine, is a memory failure."""
+        if outcome.failure is not None or all(rc == 0 for rc in outcome.returncodes):
             return
-        if not any(rc in (-9, 137) for rc in outcome.returncodes):
+        if outcome.oom_kills:
+            outcome.failure = kinds.MEMORY
+            used = format_memory(outcome.peak_memory)
+            if any(rc in (-9, 137) for rc in outcome.returncodes):
+                outcome.error = f"killed by the kernel's out-of-memory killer (SIGKILL) after using {used}"
+            else:
+                outcome.error = (
+                    f"failed after the kernel's out-of-memory killer killed one of its processes; it used {used}"
+                )
+            return
+        if item.oom_baseline is None or not any(rc in (-9, 137) for rc in outcome.returncodes):
             return
         count = _proctree.oom_kill_count()
         if count is not None and count > item.oom_baseline:

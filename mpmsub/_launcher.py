@@ -12,14 +12,15 @@ touching the rest. Contract:
   the failure of the kill that started first.
 - `Handle.sample(snapshot)` is called from the monitor thread with a process snapshot of this
   machine; it returns the job's current resident bytes, or None where the job's processes are
-  not on this machine.
+  not on this machine. `Handle.roots()` names the job's first processes on this machine, so
+  that the monitor reads them from the first sample on.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from mpmsub._job import JobSpec
 from mpmsub._proctree import Snapshot
@@ -38,7 +39,33 @@ class Outcome:
     peak_memory: int  # bytes, whole process tree
     failure: Optional[str] = None  # a kind from mpmsub._result, when the launcher knows it
     error: Optional[str] = None  # the sentence that goes with `failure`
-    memory_series: List[float] = field(default_factory=list)
+    memory_series: List[Tuple[float, int]] = field(default_factory=list)  # (seconds in, bytes)
+    oom_kills: Optional[int] = None  # the job's processes killed by the kernel's OOM killer, if known
+
+
+class MemorySeries:
+    """A job's sampled memory over time, in at most `limit` points: (seconds since its start,
+    bytes). When full, neighbouring points merge in pairs (keeping the larger, so no peak is
+    lost) and later samples closer than the new spacing merge into the last point."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self.points: List[Tuple[float, int]] = []
+        self._spacing = 0.0
+
+    def add(self, seconds: float, value: int) -> None:
+        points = self.points
+        if points and seconds - points[-1][0] < self._spacing:
+            if value > points[-1][1]:
+                points[-1] = (points[-1][0], value)
+            return
+        points.append((seconds, value))
+        if len(points) >= self.limit:
+            merged = [(a[0], max(a[1], b[1])) for a, b in zip(points[::2], points[1::2])]
+            if len(points) % 2:
+                merged.append(points[-1])
+            self.points = merged
+            self._spacing = (merged[-1][0] - merged[0][0]) / max(1, len(merged) - 1)
 
 
 class Handle(abc.ABC):
@@ -55,6 +82,10 @@ class Handle(abc.ABC):
     def sample(self, snapshot: Snapshot) -> Optional[int]:
         """Current resident bytes of the job's processes on this machine, or None if not here."""
         return None
+
+    def roots(self) -> Sequence[int]:
+        """Pids of the job's first processes on this machine (none where it runs elsewhere)."""
+        return ()
 
 
 class Launcher(abc.ABC):

@@ -3,6 +3,11 @@
 Each pipeline stage starts in a session of its own, so its whole tree can be signalled. Exits are
 learnt through a pidfd registered on the loop (a waiter thread where pidfds do not exist), output
 pipes are read on the loop, and every stage is reaped with os.wait4 to get the kernel's rusage.
+
+A job's peak memory is the largest of three measures: the kernel's ru_maxrss of each stage from
+wait4 (exact for the largest single process, however short-lived), the sampled sum of its tree's
+resident memory (the monitor's ticks, faster while the job is young), and, where per-job memory
+cgroups can be made (see _cgroups), the group's peak, exact for the whole tree.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from mpmsub import _proctree
 from mpmsub import _result as kinds
+from mpmsub._cgroups import JobGroup, JobGroups
 from mpmsub._job import JobSpec
-from mpmsub._launcher import Handle, Launcher, Outcome
+from mpmsub._launcher import Handle, Launcher, MemorySeries, Outcome
 from mpmsub._loop import EventLoop, Timer
 
 logger = logging.getLogger("mpmsub")
@@ -59,10 +65,15 @@ def _search_path(env: Optional[Dict[str, str]]) -> str:
 class LocalLauncher(Launcher):
     """Runs jobs as local process trees; every callback runs on `loop`'s thread."""
 
-    def __init__(self, loop: EventLoop, kill_grace: float = 2.0) -> None:
+    def __init__(self, loop: EventLoop, kill_grace: float = 2.0, cgroups: bool = True) -> None:
         self.loop = loop
         self.kill_grace = kill_grace
         self._programs: Dict[Tuple[str, str], str] = {}
+        self.groups = JobGroups.detect() if cgroups else None  # a memory cgroup per job, if we may
+
+    def close(self) -> None:
+        if self.groups is not None:
+            self.groups.close()
 
     def program(self, name: str, env: Optional[Dict[str, str]]) -> Optional[str]:
         """The file that running `name` executes, looked up in PATH once per executor (Popen
@@ -112,6 +123,8 @@ class LocalHandle(Handle):
         self._cpu_time = 0.0
         self._max_rss = 0
         self.sampled_peak = 0  # written by the monitor thread
+        self.series = MemorySeries()  # written by the monitor thread
+        self._group: Optional[JobGroup] = None
         self._timers: List[Timer] = []
         self.failure: Optional[str] = None
         self.error: Optional[str] = None
@@ -124,6 +137,8 @@ class LocalHandle(Handle):
 
     def launch(self) -> None:
         spec = self.spec
+        if self._launcher.groups is not None:
+            self._group = self._launcher.groups.create()
         env = None if spec.env is None else {**os.environ, **spec.env}
         parent_fds: List[int] = []  # our copies of the children's ends, closed once they started
         files: List[IO[bytes]] = []
@@ -158,6 +173,8 @@ class LocalHandle(Handle):
                 stdin = pipe_r
                 # Popen's bookkeeping is ours now: the stage is reaped with os.wait4 on the loop.
                 proc.returncode = 0
+                if self._group is not None:
+                    self._group.adopt(proc.pid)
                 self.pids.append(proc.pid)
                 self._unreaped[proc.pid] = index
         except Exception as exc:
@@ -187,17 +204,18 @@ class LocalHandle(Handle):
         program = self._launcher.program(argv[0], env)
         while True:
             try:
-                return subprocess.Popen(
-                    argv,
-                    executable=program,
-                    stdin=subprocess.DEVNULL if stdin is None else stdin,
-                    stdout=stdout,
-                    stderr=stderr,
-                    cwd=self.spec.cwd,
-                    env=env,
-                    start_new_session=True,
-                    close_fds=True,
-                )
+                with self._group.placing() if self._group is not None else contextlib.nullcontext():
+                    return subprocess.Popen(
+                        argv,
+                        executable=program,
+                        stdin=subprocess.DEVNULL if stdin is None else stdin,
+                        stdout=stdout,
+                        stderr=stderr,
+                        cwd=self.spec.cwd,
+                        env=env,
+                        start_new_session=True,
+                        close_fds=True,
+                    )
             except FileNotFoundError:
                 if program is None:
                     raise
@@ -364,6 +382,13 @@ class LocalHandle(Handle):
         for timer in self._timers:
             timer.cancel()
         runtime = time.monotonic() - self._start_mono
+        group_peak: Optional[int] = None
+        oom_kills: Optional[int] = None
+        if self._group is not None:
+            group_peak, oom_kills = self._group.peak(), self._group.oom_kills()
+            assert self._launcher.groups is not None
+            self._launcher.groups.release(self._group)
+            self._group = None
         outcome = Outcome(
             returncodes=self._returncodes,
             stdout=None if self._stdout_fd is None else b"".join(self._chunks_out).decode("utf-8", "replace"),
@@ -371,9 +396,11 @@ class LocalHandle(Handle):
             start_time=self._start_time,
             runtime=runtime,
             cpu_time=self._cpu_time,
-            peak_memory=max(self._max_rss, self.sampled_peak),
+            peak_memory=max(self._max_rss, self.sampled_peak, group_peak or 0),
             failure=self.failure,
             error=self.error,
+            memory_series=list(self.series.points),
+            oom_kills=oom_kills,
         )
         self._on_exit(outcome)
 
@@ -408,4 +435,8 @@ class LocalHandle(Handle):
         rss = _proctree.tree_rss(snapshot, roots)
         if rss > self.sampled_peak:
             self.sampled_peak = rss
+        self.series.add(time.monotonic() - self._start_mono, rss)
         return rss
+
+    def roots(self) -> Sequence[int]:
+        return list(self.pids)

@@ -75,10 +75,10 @@ class Scanner:
 
     A process seen unclaimed by any job in two scans in a row is another program's: it cannot
     become part of a job later (a job's processes are its roots and what they start, and a
-    process is never re-parented to a job), so it is not read again while it lives. Every
-    `full_every` scans, and when asked (the monitor asks after a job starts), everything is read
-    again, which bounds the effect of a pid reused within one interval. Elsewhere than Linux
-    every scan is a full one.
+    process is never re-parented to a job), so it is not read again while it lives. The `fresh`
+    processes given to a scan (a new job's first ones) are read whatever was learnt of their
+    pids, and every `full_every` scans (or when asked) everything is read again, which bounds the
+    effect of a pid reused within one interval. Elsewhere than Linux every scan is a full one.
     """
 
     def __init__(self, full_every: int = 20) -> None:
@@ -87,7 +87,7 @@ class Scanner:
         self._foreign: Set[int] = set()
         self._unclaimed: Set[int] = set()
 
-    def scan(self, full: bool = False) -> Snapshot:
+    def scan(self, full: bool = False, fresh: Iterable[int] = ()) -> Snapshot:
         if not _LINUX:
             return _snapshot_psutil()
         listing = _listing()
@@ -95,6 +95,7 @@ class Scanner:
             self._foreign.clear()
         else:
             self._foreign.intersection_update(listing)
+            self._foreign.difference_update(fresh)
         self._scans += 1
         foreign = self._foreign
         return _snapshot_proc([pid for pid in listing if pid not in foreign])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 from mpmsub._errors import JobFailedError
 
@@ -22,7 +22,9 @@ class JobResult:
     """The outcome of one job. A non-zero exit is data here, as with `subprocess.run`.
 
     Times are seconds (`start_time`/`end_time` are Unix timestamps); `memory_used` is the peak of
-    the whole process tree in MB; `cpu_used` is CPU time (user + system) in seconds.
+    the whole process tree in MB; `cpu_used` is CPU time (user + system) of every process of the
+    job that was waited for, in seconds; `memory_series` is the tree's sampled resident memory
+    over the run, as (seconds since start, MB) pairs, at most 256 of them.
     """
 
     job_id: str
@@ -42,6 +44,7 @@ class JobResult:
     stage_returncodes: List[Optional[int]] = field(default_factory=list)
     attempts: int = 1
     requeued: int = 0  # times it was stopped and put back because the machine ran short of memory
+    memory_series: List[Tuple[float, float]] = field(default_factory=list)
 
     @property
     def success(self) -> bool:
