@@ -71,6 +71,10 @@ class MemorySeries:
 class Handle(abc.ABC):
     """One started job."""
 
+    # True when the launcher measures the job's whole-tree peak exactly (a memory cgroup), so
+    # sampling need not be fast to catch it.
+    exact_peak = False
+
     @abc.abstractmethod
     def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
         """Stop the job's whole process tree; `grace` seconds between SIGTERM and SIGKILL.

@@ -139,6 +139,7 @@ class LocalHandle(Handle):
         spec = self.spec
         if self._launcher.groups is not None:
             self._group = self._launcher.groups.create()
+            self.exact_peak = self._group is not None
         env = None if spec.env is None else {**os.environ, **spec.env}
         parent_fds: List[int] = []  # our copies of the children's ends, closed once they started
         files: List[IO[bytes]] = []

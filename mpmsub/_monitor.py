@@ -2,8 +2,9 @@
 lets every running job measure its tree in it, and hands the figures to the executor's policy.
 Idle (waiting, not polling) when nothing runs.
 
-Ticks are fast while a job is young, when short jobs and start-up spikes would slip between slow
-ones, and slow down as the youngest job ages (see `pace`)."""
+Ticks are fast while a job whose peak is not otherwise known exactly (it has no memory cgroup) is
+young, when short trees and start-up spikes would slip between slow ones, and slow down as the
+youngest such job ages (see `pace`)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ logger = logging.getLogger("mpmsub")
 Measure = Tuple[Any, int]  # (what the job was watched with, resident bytes now)
 
 # (age of the youngest job below which, tick interval): 50 ticks a second in a job's first
-# second, 20 in its next four, then the monitor's own interval.
-PACE = ((1.0, 0.02), (5.0, 0.05))
+# quarter second, 20 until its first second is over, then the monitor's own interval.
+PACE = ((0.25, 0.02), (1.0, 0.05))
 
 
 def pace(age: float, interval: float) -> float:
@@ -39,7 +40,7 @@ class Monitor:
         self._handles: Dict[Handle, Any] = {}
         self._scanner = _proctree.Scanner()
         self._fresh: Set[int] = set()  # first processes of jobs started since the last scan
-        self._youngest = 0.0  # monotonic time the last job was watched at
+        self._youngest = float("-inf")  # when the last job without an exact peak was watched
         self._deadline = float("inf")  # when the thread will tick next (inf: idle)
         self._cond = threading.Condition()
         self._closed = False
@@ -50,8 +51,9 @@ class Monitor:
         with self._cond:
             self._handles[handle] = tag
             self._fresh.update(handle.roots())
-            self._youngest = time.monotonic()
-            if self._deadline > self._youngest + PACE[0][1]:
+            if not handle.exact_peak:
+                self._youngest = time.monotonic()
+            if self._deadline > time.monotonic() + PACE[0][1]:
                 self._cond.notify()  # idle, or in a slow tick's wait: the new job is due sooner
 
     def unwatch(self, handle: Handle) -> None:
