@@ -45,3 +45,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000)
     args = parser.parse_args()
     show("Dispatch overhead", [measure(args.jobs, args.runs)], args.record)
+
+
+if __name__ == "__main__":
+    main()

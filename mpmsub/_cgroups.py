@@ -8,11 +8,16 @@ Both also count the page cache the job's reads and writes bring in, which the ke
 back at will; the peak reported is the group's peak less the page cache still charged to the
 group at the end (see `JobGroup.peak`).
 
-Placing a process: in v1 a single thread may change group, and a process it starts is born in
-the thread's group; the launching thread steps into the job's group around the fork, so that
-nothing of the job runs outside it. v2 moves whole processes only: the job's first process is
-moved right after it started (anything it forks in that instant stays outside, and is still
-measured by sampling). Nothing here raises: where a step fails the job runs without a group.
+A job is placed in its group by the monitor once it has run 0.1 s, not at its start: moving a
+process between groups takes a kernel lock every fork on the machine shares, for an RCU grace
+period (about 5 ms measured here), which would multiply the cost of starting tiny jobs. Every
+process of the tree found then is moved in, and what they start later is born inside. A job
+that ends sooner needs no group: the kernel's ru_maxrss from wait4 is exact for its largest
+process, and the monitor samples young jobs 50 times a second. In v1 the memory
+the processes already hold moves with them (memory.move_charge_at_immigrate); v2 leaves it
+charged where it was, so the group's peak is a floor there too. Every measure is a floor of the
+true peak, and the executor reports the highest. Nothing here raises: where a step fails the job
+runs without a group.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import logging
 import os
 import signal
 import sys
-import threading
-from typing import Iterator, List, Optional
+import time
+from typing import Iterable, List, Optional
 
 logger = logging.getLogger("mpmsub")
 
@@ -44,6 +49,11 @@ def _read(path: str) -> Optional[str]:
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
+
+
+def _number(path: str) -> Optional[int]:
+    text = (_read(path) or "").strip()
+    return int(text) if text.isdigit() else None
 
 
 def _keyed(text: Optional[str], key: str) -> Optional[int]:
@@ -67,10 +77,9 @@ def _own_path(controller: str) -> Optional[str]:
 class JobGroups:
     """The parent group mpmsub made for this launcher's jobs, and a way to make one per job."""
 
-    def __init__(self, parent: str, version: int, home: str) -> None:
+    def __init__(self, parent: str, version: int) -> None:
         self.parent = parent
         self.version = version
-        self._home = home  # v1: the group our launching thread returns to
         self._names = itertools.count(1)
         self._leftover: List[str] = []  # job groups not yet empty when their job ended
 
@@ -108,7 +117,7 @@ class JobGroups:
         except OSError:
             os.rmdir(parent)
             raise
-        return cls(parent, 2, here)
+        return cls(parent, 2)
 
     @classmethod
     def _v1(cls) -> Optional[JobGroups]:
@@ -118,7 +127,7 @@ class JobGroups:
         here = os.path.join(_V1_ROOT, own.strip("/"))
         if not os.path.isdir(here):  # inside a container the path may not be visible
             return None
-        return cls(cls._make_parent(here), 1, here)
+        return cls(cls._make_parent(here), 1)
 
     @staticmethod
     def _make_parent(here: str) -> str:
@@ -132,23 +141,24 @@ class JobGroups:
         path = os.path.join(self.parent, f"job-{next(self._names)}")
         try:
             os.mkdir(path)
+            if self.version == 1:  # the memory a process holds moves into the group with it
+                with contextlib.suppress(OSError):
+                    _write(os.path.join(path, "memory.move_charge_at_immigrate"), "1")
         except OSError as exc:
             logger.debug("mpmsub: no memory cgroup for a job: %s", exc)
             return None
         return JobGroup(path, self)
 
     def release(self, group: JobGroup) -> None:
-        """Remove a job's group once its processes are gone; kill any that are left."""
+        """Remove a job's group (and any the job made inside it) once its processes are gone;
+        kill any that are left."""
         group.kill_all()
-        try:
-            os.rmdir(group.path)
-        except OSError:
+        if not _remove_tree(group.path):
             self._leftover.append(group.path)  # its last processes are still dying
 
     def _sweep(self) -> None:
         for path in list(self._leftover):
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
+            if _remove_tree(path):
                 self._leftover.remove(path)
 
     def close(self) -> None:
@@ -158,9 +168,26 @@ class JobGroups:
             self._sweep()
             if not self._leftover:
                 break
-            threading.Event().wait(0.01)
+            time.sleep(0.01)
         with contextlib.suppress(OSError):
             os.rmdir(self.parent)
+
+
+def _tree(path: str) -> List[str]:
+    """A group and the groups inside it, innermost first."""
+    found = [root for root, _, _ in os.walk(path, topdown=False)]
+    return found or [path]
+
+
+def _remove_tree(path: str) -> bool:
+    """Remove a group and those inside it; True when it is gone."""
+    for d in _tree(path):
+        with contextlib.suppress(FileNotFoundError):
+            try:
+                os.rmdir(d)
+            except OSError:
+                return False
+    return True
 
 
 class JobGroup:
@@ -170,61 +197,44 @@ class JobGroup:
         self.path = path
         self._owner = owner
 
-    @contextlib.contextmanager
-    def placing(self) -> Iterator[None]:
-        """Around starting a job's process (v1): the calling thread is in the job's group, so
-        the process starts there."""
-        if self._owner.version != 1:
-            yield
-            return
-        tid = str(threading.get_native_id()) if hasattr(threading, "get_native_id") else None
-        entered = False
-        if tid is not None:
-            try:
-                _write(os.path.join(self.path, "tasks"), tid)
-                entered = True
-            except OSError as exc:
-                logger.debug("mpmsub: cannot start a job in %s: %s", self.path, exc)
-        try:
-            yield
-        finally:
-            if entered:
-                try:
-                    _write(os.path.join(self._owner._home, "tasks"), tid or "")
-                except OSError:  # our home group vanished: the root group is always there
-                    with contextlib.suppress(OSError):
-                        _write(os.path.join(_V1_ROOT, "tasks"), tid or "")
-
-    def adopt(self, pid: int) -> None:
-        """After starting a job's process (v2): move it into the group."""
-        if self._owner.version == 2:
+    def adopt(self, pids: Iterable[int]) -> bool:
+        """Move a job's processes into the group; False if not one could be moved."""
+        moved = False
+        for pid in pids:
             try:
                 _write(os.path.join(self.path, "cgroup.procs"), str(pid))
-            except OSError as exc:  # it may have exited already
-                logger.debug("mpmsub: cannot move %d into %s: %s", pid, self.path, exc)
+                moved = True
+            except OSError:  # it may have exited already
+                pass
+        return moved
 
     def peak(self) -> Optional[int]:
-        """The group's peak memory, less the page cache charged to it at the end: bytes of file
-        data the job read or wrote that the kernel may take back, not memory the job needs."""
-        name = "memory.peak" if self._owner.version == 2 else "memory.max_usage_in_bytes"
-        text = (_read(os.path.join(self.path, name)) or "").strip()
-        if not text.isdigit():
+        """The group's peak memory less what is still charged to it once its processes are
+        gone: page cache of the files the job read or wrote, which the kernel may take back,
+        and kernel objects; not memory the job needed."""
+        v2 = self._owner.version == 2
+        peak = _number(os.path.join(self.path, "memory.peak" if v2 else "memory.max_usage_in_bytes"))
+        if peak is None:
             return None
-        stat = _read(os.path.join(self.path, "memory.stat"))
-        cache = _keyed(stat, "file" if self._owner.version == 2 else "cache") or 0
-        return max(0, int(text) - cache)
+        left = _number(os.path.join(self.path, "memory.current" if v2 else "memory.usage_in_bytes")) or 0
+        return max(0, peak - left)
 
     def oom_kills(self) -> Optional[int]:
-        """Processes of the group the kernel's OOM killer killed; None where it does not say."""
-        name = "memory.events" if self._owner.version == 2 else "memory.oom_control"
-        return _keyed(_read(os.path.join(self.path, name)), "oom_kill")
+        """Processes of the group (or of groups the job made inside it) that the kernel's OOM
+        killer killed; None where the kernel does not say."""
+        if self._owner.version == 2:  # memory.events counts the groups inside too
+            return _keyed(_read(os.path.join(self.path, "memory.events")), "oom_kill")
+        counts = [_keyed(_read(os.path.join(d, "memory.oom_control")), "oom_kill") for d in _tree(self.path)]
+        known = [c for c in counts if c is not None]
+        return sum(known) if known else None
 
     def kill_all(self) -> None:
-        """SIGKILL every process still in the group (they can only be the job's)."""
+        """SIGKILL every process still in the group or inside it (they can only be the job's)."""
         if self._owner.version == 2 and os.path.exists(os.path.join(self.path, "cgroup.kill")):
             with contextlib.suppress(OSError):
                 _write(os.path.join(self.path, "cgroup.kill"), "1")
             return
-        for pid in (_read(os.path.join(self.path, "cgroup.procs")) or "").split():
-            with contextlib.suppress(OSError):
-                os.kill(int(pid), signal.SIGKILL)
+        for d in _tree(self.path):
+            for pid in (_read(os.path.join(d, "cgroup.procs")) or "").split():
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), signal.SIGKILL)

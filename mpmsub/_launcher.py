@@ -71,8 +71,8 @@ class MemorySeries:
 class Handle(abc.ABC):
     """One started job."""
 
-    # True when the launcher measures the job's whole-tree peak exactly (a memory cgroup), so
-    # sampling need not be fast to catch it.
+    # True once the launcher measures the job's whole-tree peak by other means than sampling
+    # (a memory cgroup), so that sampling need not be fast to catch it.
     exact_peak = False
 
     @abc.abstractmethod

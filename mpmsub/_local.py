@@ -40,6 +40,11 @@ _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 # job's session is killed, and then before mpmsub stops waiting for it.
 _LEFTOVER_GRACE = 0.2
 _READ_SIZE = 1 << 16
+# A job gets its memory cgroup once it has run this long. Moving processes between groups makes
+# the kernel wait for an RCU grace period (about 5 ms measured here) during which every fork on
+# the machine waits too: worth it for a job that runs a while, not for a burst of tiny ones,
+# whose largest process wait4's ru_maxrss measures exactly anyway.
+_PLACE_AFTER = 0.1
 
 
 def _start_error(spec: JobSpec, argv0: str, exc: OSError) -> str:
@@ -124,7 +129,8 @@ class LocalHandle(Handle):
         self._max_rss = 0
         self.sampled_peak = 0  # written by the monitor thread
         self.series = MemorySeries()  # written by the monitor thread
-        self._group: Optional[JobGroup] = None
+        self._group: Optional[JobGroup] = None  # made by the monitor thread, released on the loop
+        self._group_lock = threading.Lock()
         self._timers: List[Timer] = []
         self.failure: Optional[str] = None
         self.error: Optional[str] = None
@@ -137,9 +143,6 @@ class LocalHandle(Handle):
 
     def launch(self) -> None:
         spec = self.spec
-        if self._launcher.groups is not None:
-            self._group = self._launcher.groups.create()
-            self.exact_peak = self._group is not None
         env = None if spec.env is None else {**os.environ, **spec.env}
         parent_fds: List[int] = []  # our copies of the children's ends, closed once they started
         files: List[IO[bytes]] = []
@@ -174,8 +177,6 @@ class LocalHandle(Handle):
                 stdin = pipe_r
                 # Popen's bookkeeping is ours now: the stage is reaped with os.wait4 on the loop.
                 proc.returncode = 0
-                if self._group is not None:
-                    self._group.adopt(proc.pid)
                 self.pids.append(proc.pid)
                 self._unreaped[proc.pid] = index
         except Exception as exc:
@@ -205,18 +206,17 @@ class LocalHandle(Handle):
         program = self._launcher.program(argv[0], env)
         while True:
             try:
-                with self._group.placing() if self._group is not None else contextlib.nullcontext():
-                    return subprocess.Popen(
-                        argv,
-                        executable=program,
-                        stdin=subprocess.DEVNULL if stdin is None else stdin,
-                        stdout=stdout,
-                        stderr=stderr,
-                        cwd=self.spec.cwd,
-                        env=env,
-                        start_new_session=True,
-                        close_fds=True,
-                    )
+                return subprocess.Popen(
+                    argv,
+                    executable=program,
+                    stdin=subprocess.DEVNULL if stdin is None else stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    cwd=self.spec.cwd,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
             except FileNotFoundError:
                 if program is None:
                     raise
@@ -385,11 +385,13 @@ class LocalHandle(Handle):
         runtime = time.monotonic() - self._start_mono
         group_peak: Optional[int] = None
         oom_kills: Optional[int] = None
-        if self._group is not None:
-            group_peak, oom_kills = self._group.peak(), self._group.oom_kills()
-            assert self._launcher.groups is not None
-            self._launcher.groups.release(self._group)
-            self._group = None
+        with self._group_lock:  # no group is made for this job from now on
+            group, self._group = self._group, None
+        if group is not None and self._launcher.groups is not None:
+            group_peak = group.peak()
+            if any(rc != 0 for rc in self._returncodes):
+                oom_kills = group.oom_kills()
+            self._launcher.groups.release(group)
         outcome = Outcome(
             returncodes=self._returncodes,
             stdout=None if self._stdout_fd is None else b"".join(self._chunks_out).decode("utf-8", "replace"),
@@ -433,11 +435,33 @@ class LocalHandle(Handle):
         roots = list(self._unreaped)
         if not roots:
             return None
-        rss = _proctree.tree_rss(snapshot, roots)
+        pids = _proctree.members(snapshot, roots)
+        rss = sum(snapshot[pid].rss for pid in pids)
         if rss > self.sampled_peak:
             self.sampled_peak = rss
         self.series.add(time.monotonic() - self._start_mono, rss)
+        if (
+            not self.exact_peak
+            and self._launcher.groups is not None
+            and time.monotonic() - self._start_mono >= _PLACE_AFTER
+        ):
+            self._place(pids)
         return rss
+
+    def _place(self, pids: Set[int]) -> None:
+        """Give the job a memory cgroup and move its processes in (once it has run a while)."""
+        assert self._launcher.groups is not None
+        self.exact_peak = True  # tried once, whatever happens
+        with self._group_lock:
+            if self._finished:
+                return
+            group = self._launcher.groups.create()
+            if group is None:
+                return
+            if group.adopt(sorted(pids)):
+                self._group = group
+                return
+        self._launcher.groups.release(group)  # the job had ended
 
     def roots(self) -> Sequence[int]:
         return list(self.pids)

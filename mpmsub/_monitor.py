@@ -38,9 +38,9 @@ class Monitor:
         self.interval = interval
         self._on_tick = on_tick
         self._handles: Dict[Handle, Any] = {}
+        self._watched_at: Dict[Handle, float] = {}
         self._scanner = _proctree.Scanner()
         self._fresh: Set[int] = set()  # first processes of jobs started since the last scan
-        self._youngest = float("-inf")  # when the last job without an exact peak was watched
         self._deadline = float("inf")  # when the thread will tick next (inf: idle)
         self._cond = threading.Condition()
         self._closed = False
@@ -50,15 +50,15 @@ class Monitor:
     def watch(self, handle: Handle, tag: Any) -> None:
         with self._cond:
             self._handles[handle] = tag
+            self._watched_at[handle] = time.monotonic()
             self._fresh.update(handle.roots())
-            if not handle.exact_peak:
-                self._youngest = time.monotonic()
             if self._deadline > time.monotonic() + PACE[0][1]:
                 self._cond.notify()  # idle, or in a slow tick's wait: the new job is due sooner
 
     def unwatch(self, handle: Handle) -> None:
         with self._cond:
             self._handles.pop(handle, None)
+            self._watched_at.pop(handle, None)
 
     def close(self) -> None:
         with self._cond:
@@ -77,7 +77,8 @@ class Monitor:
                         self._cond.wait()
                         continue
                     now = time.monotonic()
-                    self._deadline = last + pace(now - self._youngest, self.interval)
+                    youngest = max((t for h, t in self._watched_at.items() if not h.exact_peak), default=-1e9)
+                    self._deadline = last + pace(now - youngest, self.interval)
                     if self._deadline <= now:
                         break
                     self._cond.wait(self._deadline - now)

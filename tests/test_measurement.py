@@ -1,0 +1,169 @@
+"""How jobs are measured: peaks against the kernel's figures, CPU time, the memory series, and
+per-job memory cgroups where this process may make them. Real processes throughout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+from helpers import processes_with, unique_sleep
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mpmsub
+from mpmsub import MemoryAwareExecutor
+from mpmsub._cgroups import JobGroups
+from mpmsub._launcher import MemorySeries
+from mpmsub._monitor import pace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import accuracy
+
+HOLD = "import time; x = bytearray({mb} * 2**20); time.sleep({hold})"
+
+
+def program(mb: int, hold: float) -> List[str]:
+    return [sys.executable, "-c", HOLD.format(mb=mb, hold=hold)]
+
+
+def cgroups() -> JobGroups:
+    groups = JobGroups.detect()
+    if groups is None:
+        pytest.skip("no per-job memory cgroups here (needs root on cgroup v1, or a delegated cgroup v2 tree)")
+    groups.close()
+    return groups
+
+
+def test_reported_peaks_match_the_kernels_figures() -> None:
+    """The accuracy benchmark with loose bounds: a 300 MB program held 0.05 s, and two 200 MB
+    programs at once under a shell, in every configuration this machine offers."""
+    for case, reference, got, _ in accuracy.run(accuracy.cases(holds=(0.05,), tree_hold=0.3)):
+        for configuration, peak in got.items():
+            assert 0.75 * reference <= peak <= 1.25 * reference, (case.name, configuration, peak, reference)
+
+
+def test_a_short_peak_in_a_large_executor_process_is_still_seen() -> None:
+    """ru_maxrss of a child also counts its parent's peak at exec time, so it is trusted only
+    above ours: here the executor's process holds 600 MB, and sampling (or the job's cgroup)
+    must find the 300 MB program's peak alone."""
+    code = (
+        "import sys, mpmsub\n"
+        "ballast = bytearray(600 * 2**20)\n"
+        "with mpmsub.MemoryAwareExecutor(cpus=1, memory='2G') as ex:\n"
+        f"    print(ex.submit({program(300, 0.3)!r}).result().memory_used)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert 280 <= float(out.stdout) <= 360, out.stdout
+
+
+def test_cpu_time_is_user_plus_system_of_the_whole_tree() -> None:
+    burn = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass"
+    with MemoryAwareExecutor(cpus=2, memory="1G") as ex:
+        busy = ex.submit(["sh", "-c", f"{sys.executable} -c '{burn}'; true"])
+        idle = ex.submit(["sleep", "0.4"])
+        rb, ri = busy.result(timeout=30), idle.result(timeout=30)
+    assert 0.35 <= rb.cpu_used <= 1.0, rb.cpu_used  # the grandchild's CPU, reaped by the shell
+    assert ri.cpu_used < 0.1 and ri.runtime >= 0.4
+
+
+def test_the_memory_series_is_small_ordered_and_holds_the_sampled_peak() -> None:
+    grow = (
+        "import time\nx = []\nfor _ in range(6):\n    x.append(bytearray(50 * 2**20)); time.sleep(0.1)\ntime.sleep(0.3)"
+    )
+    with MemoryAwareExecutor(cpus=1, memory="1G") as ex:
+        r = ex.submit([sys.executable, "-c", grow]).result(timeout=30)
+    series = r.memory_series
+    assert 5 <= len(series) <= 256
+    times = [t for t, _ in series]
+    assert times == sorted(times) and times[0] >= 0 and times[-1] <= r.runtime
+    assert 250 <= max(mb for _, mb in series) <= r.memory_used * 1.01
+    assert series[0][1] < series[-1][1]  # it shows the growth
+
+
+@given(st.lists(st.tuples(st.floats(0, 0.5), st.integers(0, 2**40)), max_size=2000), st.integers(4, 64))
+def test_memory_series_stays_bounded_ordered_and_keeps_the_peak(steps: list, limit: int) -> None:
+    series = MemorySeries(limit)
+    t = 0.0
+    for gap, value in steps:
+        t += gap
+        series.add(t, value)
+    points = series.points
+    assert len(points) < limit or not steps
+    assert [p[0] for p in points] == sorted(p[0] for p in points)
+    if steps:
+        assert max(v for _, v in points) == max(v for _, v in steps)
+
+
+def test_the_monitor_ticks_fast_while_a_job_is_young() -> None:
+    assert pace(0.1, 0.1) == 0.02 and pace(0.5, 0.1) == 0.05 and pace(3, 0.1) == 0.1
+    assert pace(0.1, 0.01) == 0.01  # never slower than asked
+
+
+def test_profile_measures_as_runs_do() -> None:
+    c = mpmsub.cluster(p=1, m="2G", progress_bar=False)
+    c.jobs.append({"cmd": program(300, 0.05), "id": "short"})
+    (r,) = c.profile(verbose=False)
+    assert 300 <= r.memory_used <= 345, r.memory_used
+
+
+# -- per-job memory cgroups ------------------------------------------------------------------
+
+
+def test_a_jobs_cgroup_catches_a_brief_overlap_that_sampling_misses() -> None:
+    cgroups()
+    # placed at 0.1 s; then two 200 MB programs overlap for a few tens of ms, between slow ticks
+    brief = program(200, 0.03)
+    both = " & ".join([" ".join(f"'{a}'" for a in brief)] * 2)
+    with MemoryAwareExecutor(cpus=1, memory="2G", _monitor_interval=0.5) as ex:
+        r = ex.submit(["sh", "-c", f"sleep 0.5; {both} & wait"]).result(timeout=30)
+    assert r.success, r.error
+    assert r.memory_used >= 390, r.memory_used
+
+
+def test_a_process_that_escaped_the_jobs_session_dies_with_the_job() -> None:
+    cgroups()
+    duration = unique_sleep()
+    escape = f"sleep 0.3; setsid sleep {duration} </dev/null >/dev/null 2>&1 & exit 0"
+    with MemoryAwareExecutor(cpus=1, memory="1G") as ex:
+        r = ex.submit(["sh", "-c", escape]).result(timeout=30)
+    assert r.success
+    deadline = time.monotonic() + 3
+    while processes_with(duration) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not processes_with(duration), "a process the job started outlived it"
+
+
+def test_an_oom_kill_inside_the_job_is_attributed_to_it() -> None:
+    groups = cgroups()
+    if groups.version != 1:
+        pytest.skip("the nested limit below is written for cgroup v1")
+    # The job, once in its group, makes a group inside it limited to 100M and runs a 400M
+    # program there; the shell then exits 3 (not 137): only the group's count can tell.
+    inner = f"exec {sys.executable} -c 'x = bytearray(400 * 2**20)'"
+    script = (
+        "sleep 0.4\n"
+        "cg=/sys/fs/cgroup/memory$(grep ':memory:' /proc/self/cgroup | cut -d: -f3)/inner\n"
+        "mkdir $cg && echo 104857600 > $cg/memory.limit_in_bytes\n"
+        f'sh -c "echo \\$\\$ > $cg/cgroup.procs && {inner}"\n'
+        "exit 3\n"
+    )
+    with MemoryAwareExecutor(cpus=1, memory="2G") as ex:
+        r = ex.submit(["sh", "-c", script]).result(timeout=30)
+    assert (r.failure, r.returncode) == ("memory", 3), r.error
+    assert r.error is not None and "out-of-memory killer killed one of its processes" in r.error
+
+
+def test_the_executors_cgroups_are_removed_when_it_closes() -> None:
+    groups = cgroups()
+    home = os.path.dirname(groups.parent)
+    before = {d for d in os.listdir(home) if d.startswith(f"mpmsub-{os.getpid()}-")}
+    with MemoryAwareExecutor(cpus=2, memory="1G") as ex:
+        for f in [ex.submit(["sleep", "0.3"]) for _ in range(3)]:
+            assert f.result(timeout=30).success
+    after = {d for d in os.listdir(home) if d.startswith(f"mpmsub-{os.getpid()}-")}
+    assert after <= before
