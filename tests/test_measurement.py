@@ -167,3 +167,35 @@ def test_the_executors_cgroups_are_removed_when_it_closes() -> None:
             assert f.result(timeout=30).success
     after = {d for d in os.listdir(home) if d.startswith(f"mpmsub-{os.getpid()}-")}
     assert after <= before
+
+
+def test_cgroup_v2_files_are_read_as_the_kernel_writes_them(tmp_path: Path) -> None:
+    """The v2 reading rules on files laid out as the kernel does (this machine may have no v2
+    memory controller to try them on)."""
+    groups = JobGroups(str(tmp_path), version=2)
+    group = groups.create()
+    assert group is not None
+    job = Path(group.path)
+    (job / "memory.peak").write_text(f"{700 * 2**20}\n")
+    (job / "memory.current").write_text(f"{100 * 2**20}\n")  # page cache left once the job is gone
+    (job / "memory.events").write_text("low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\noom_group_kill 0\n")
+    assert group.peak() == 600 * 2**20
+    assert group.oom_kills() == 1
+    (job / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
+    assert group.oom_kills() == 0
+    (job / "memory.peak").unlink()
+    assert group.peak() is None  # a kernel before 5.19: the group says nothing
+
+
+def test_cgroup_v1_files_are_read_as_the_kernel_writes_them(tmp_path: Path) -> None:
+    groups = JobGroups(str(tmp_path), version=1)
+    group = groups.create()
+    assert group is not None
+    job = Path(group.path)
+    (job / "memory.max_usage_in_bytes").write_text(f"{420 * 2**20}\n")
+    (job / "memory.usage_in_bytes").write_text(f"{20 * 2**20}\n")
+    (job / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    (job / "inner").mkdir()  # a group the job made inside its own
+    (job / "inner" / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    assert group.peak() == 400 * 2**20
+    assert group.oom_kills() == 3
