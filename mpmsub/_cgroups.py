@@ -1,5 +1,6 @@
 """A memory cgroup per job, where this process may make them (Linux; root with cgroup v1, or a
-cgroup v2 tree whose memory controller is delegated to us).
+cgroup v2 group of ours that already hands the memory controller to its children, which for a
+group holding processes means the root group).
 
 The kernel then counts every page the job's whole tree touches, however short-lived its
 processes: the group's peak (`memory.peak` in v2, `memory.max_usage_in_bytes` in v1) is exact
@@ -131,6 +132,10 @@ class JobGroups:
 
     @staticmethod
     def _make_parent(here: str) -> str:
+        for name in os.listdir(here):  # empty groups left by an mpmsub process that was killed
+            pid = name.split("-")[1] if name.startswith("mpmsub-") and name.count("-") == 2 else ""
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                _remove_tree(os.path.join(here, name))
         parent = os.path.join(here, f"mpmsub-{os.getpid()}-{os.urandom(3).hex()}")
         os.mkdir(parent)
         return parent
@@ -162,6 +167,10 @@ class JobGroups:
                 self._leftover.remove(path)
 
     def close(self) -> None:
+        """Kill what is left in the job groups and remove them all, with the parent."""
+        with contextlib.suppress(OSError):
+            self._leftover = [os.path.join(self.parent, name) for name in os.listdir(self.parent)]
+            self._leftover = [path for path in self._leftover if os.path.isdir(path)]
         for path in self._leftover:
             JobGroup(path, self).kill_all()
         for _ in range(50):  # SIGKILLed processes leave their group within a few ms
@@ -182,12 +191,23 @@ def _tree(path: str) -> List[str]:
 def _remove_tree(path: str) -> bool:
     """Remove a group and those inside it; True when it is gone."""
     for d in _tree(path):
-        with contextlib.suppress(FileNotFoundError):
-            try:
-                os.rmdir(d)
-            except OSError:
-                return False
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
     return True
+
+
+def _process_of(pid: int) -> Optional[int]:
+    """The process (thread group) a pid belongs to: a thread's id is also accepted by
+    cgroup.procs, which then moves the whole process it is part of."""
+    for line in (_read(f"/proc/{pid}/status") or "").splitlines():
+        if line.startswith("Tgid:"):
+            value = line[5:].strip()
+            return int(value) if value.isdigit() else None
+    return None
 
 
 class JobGroup:
@@ -200,7 +220,10 @@ class JobGroup:
     def adopt(self, pids: Iterable[int]) -> bool:
         """Move a job's processes into the group; False if not one could be moved."""
         moved = False
+        me = os.getpid()
         for pid in pids:
+            if pid == me or _process_of(pid) == me:  # a pid reused since the scan, by one of ours
+                continue
             try:
                 _write(os.path.join(self.path, "cgroup.procs"), str(pid))
                 moved = True
@@ -229,12 +252,18 @@ class JobGroup:
         return sum(known) if known else None
 
     def kill_all(self) -> None:
-        """SIGKILL every process still in the group or inside it (they can only be the job's)."""
-        if self._owner.version == 2 and os.path.exists(os.path.join(self.path, "cgroup.kill")):
+        """SIGKILL every process still in the group or inside it (they can only be the job's;
+        this process itself is never signalled)."""
+        me = str(os.getpid())
+        trees = _tree(self.path)
+        listed = {d: (_read(os.path.join(d, "cgroup.procs")) or "").split() for d in trees}
+        if any(me in pids for pids in listed.values()):
+            listed = {d: [p for p in pids if p != me] for d, pids in listed.items()}
+        elif self._owner.version == 2 and os.path.exists(os.path.join(self.path, "cgroup.kill")):
             with contextlib.suppress(OSError):
                 _write(os.path.join(self.path, "cgroup.kill"), "1")
-            return
-        for d in _tree(self.path):
-            for pid in (_read(os.path.join(d, "cgroup.procs")) or "").split():
-                with contextlib.suppress(OSError):
+                return
+        for pids in listed.values():
+            for pid in pids:
+                with contextlib.suppress(OSError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)

@@ -131,6 +131,7 @@ class LocalHandle(Handle):
         self.series = MemorySeries()  # written by the monitor thread
         self._group: Optional[JobGroup] = None  # made by the monitor thread, released on the loop
         self._group_lock = threading.Lock()
+        self._placed = False  # the monitor thread's
         self._timers: List[Timer] = []
         self.failure: Optional[str] = None
         self.error: Optional[str] = None
@@ -441,7 +442,7 @@ class LocalHandle(Handle):
             self.sampled_peak = rss
         self.series.add(time.monotonic() - self._start_mono, rss)
         if (
-            not self.exact_peak
+            not self._placed
             and self._launcher.groups is not None
             and time.monotonic() - self._start_mono >= _PLACE_AFTER
         ):
@@ -450,18 +451,23 @@ class LocalHandle(Handle):
 
     def _place(self, pids: Set[int]) -> None:
         """Give the job a memory cgroup and move its processes in (once it has run a while)."""
-        assert self._launcher.groups is not None
-        self.exact_peak = True  # tried once, whatever happens
+        groups = self._launcher.groups
+        assert groups is not None
+        self._placed = True  # tried once, whatever happens
+        if self._finished:
+            return
+        group = groups.create()
+        if group is None:
+            return
+        moved = group.adopt(sorted(pids))  # slow (the kernel's grace period): not under the lock
         with self._group_lock:
-            if self._finished:
-                return
-            group = self._launcher.groups.create()
-            if group is None:
-                return
-            if group.adopt(sorted(pids)):
+            if moved and not self._finished:
                 self._group = group
+                # In v1 the memory the processes held moved with them, so the group's peak is
+                # the tree's; in v2 it stayed where it was charged, and sampling stays fast.
+                self.exact_peak = groups.version == 1
                 return
-        self._launcher.groups.release(group)  # the job had ended
+        groups.release(group)  # nothing moved, or the job ended meanwhile
 
     def roots(self) -> Sequence[int]:
         return list(self.pids)
