@@ -23,7 +23,9 @@ MB = 2**20
 Results = List[Dict[str, Any]]
 
 
-def grower(total_mb: int, step_mb: int = 100, step_delay: float = 0.1, hold: float = 1.0) -> List[str]:
+def grower(
+    total_mb: int, step_mb: int = 100, step_delay: float = 0.1, hold: float = 1.0, marker: str = ""
+) -> List[str]:
     """A real program that grows by `step_mb` every `step_delay` s up to `total_mb`, then holds."""
     code = (
         "import time\n"
@@ -33,7 +35,7 @@ def grower(total_mb: int, step_mb: int = 100, step_delay: float = 0.1, hold: flo
         f"    time.sleep({step_delay})\n"
         f"time.sleep({hold})\n"
     )
-    return [sys.executable, "-c", code, uuid.uuid4().hex]
+    return [sys.executable, "-c", code, marker or uuid.uuid4().hex]
 
 
 ON_TERM_ALLOCATE = """

@@ -15,27 +15,12 @@ from typing import Iterator, List, Optional
 
 import psutil
 import pytest
-from shortage_scenarios import ON_TERM_ALLOCATE
+from shortage_scenarios import ON_TERM_ALLOCATE, grower
 
 import mpmsub
 from mpmsub import JobResult, MemoryAwareExecutor
 
 MB = 2**20
-
-
-def grower(
-    total_mb: int, step_mb: int = 100, step_delay: float = 0.1, hold: float = 1.0, marker: str = ""
-) -> List[str]:
-    """A real program that grows by `step_mb` every `step_delay` s up to `total_mb`, then holds."""
-    code = (
-        "import time\n"
-        "chunks = []\n"
-        f"while sum(map(len, chunks)) < {total_mb} * 2**20:\n"
-        f"    chunks.append(bytearray({step_mb} * 2**20))\n"
-        f"    time.sleep({step_delay})\n"
-        f"time.sleep({hold})\n"
-    )
-    return [sys.executable, "-c", code, marker or uuid.uuid4().hex]
 
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
