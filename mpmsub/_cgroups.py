@@ -32,19 +32,12 @@ import sys
 import time
 from typing import Iterable, List, Optional
 
+from mpmsub._system import flat_keyed, own_cgroup, read_file
+
 logger = logging.getLogger("mpmsub")
 
 _V2_ROOT = "/sys/fs/cgroup"
-_V1_ROOT = "/sys/fs/cgroup/memory"
 _OFF = ("0", "off", "no", "false")
-
-
-def _read(path: str) -> Optional[str]:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
 
 
 def _write(path: str, text: str) -> None:
@@ -53,26 +46,8 @@ def _write(path: str, text: str) -> None:
 
 
 def _number(path: str) -> Optional[int]:
-    text = (_read(path) or "").strip()
+    text = read_file(path) or ""
     return int(text) if text.isdigit() else None
-
-
-def _keyed(text: Optional[str], key: str) -> Optional[int]:
-    """The number on the line `key N` of a flat-keyed cgroup file."""
-    for line in (text or "").splitlines():
-        name, _, value = line.partition(" ")
-        if name == key and value.strip().isdigit():
-            return int(value)
-    return None
-
-
-def _own_path(controller: str) -> Optional[str]:
-    """This process's cgroup path in the hierarchy of `controller` ("" for v2)."""
-    for line in (_read("/proc/self/cgroup") or "").splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3 and (parts[1] == controller if controller == "" else controller in parts[1].split(",")):
-            return parts[2].strip()
-    return None
 
 
 class JobGroups:
@@ -102,13 +77,12 @@ class JobGroups:
 
     @classmethod
     def _v2(cls) -> Optional[JobGroups]:
-        own = _own_path("")
-        if own is None or not os.path.exists(os.path.join(_V2_ROOT, "cgroup.controllers")):
+        here = own_cgroup("")
+        if here is None or not os.path.exists(os.path.join(_V2_ROOT, "cgroup.controllers")):
             return None
-        here = os.path.join(_V2_ROOT, own.strip("/"))
         # Our own group can hand the memory controller to children only if it holds no process
         # (the root group excepted): then it is delegated to us as a subtree we may fill.
-        if "memory" not in (_read(os.path.join(here, "cgroup.subtree_control")) or "").split():
+        if "memory" not in (read_file(os.path.join(here, "cgroup.subtree_control")) or "").split():
             return None
         parent = cls._make_parent(here)
         try:
@@ -122,11 +96,9 @@ class JobGroups:
 
     @classmethod
     def _v1(cls) -> Optional[JobGroups]:
-        own = _own_path("memory")
-        if own is None or not os.path.exists(os.path.join(_V1_ROOT, "memory.max_usage_in_bytes")):
-            return None
-        here = os.path.join(_V1_ROOT, own.strip("/"))
-        if not os.path.isdir(here):  # inside a container the path may not be visible
+        here = own_cgroup("memory")
+        # Inside a container the group's path may not be visible under the mount.
+        if here is None or not os.path.exists(os.path.join(here, "memory.max_usage_in_bytes")):
             return None
         return cls(cls._make_parent(here), 1)
 
@@ -203,7 +175,7 @@ def _remove_tree(path: str) -> bool:
 def _process_of(pid: int) -> Optional[int]:
     """The process (thread group) a pid belongs to: a thread's id is also accepted by
     cgroup.procs, which then moves the whole process it is part of."""
-    for line in (_read(f"/proc/{pid}/status") or "").splitlines():
+    for line in (read_file(f"/proc/{pid}/status") or "").splitlines():
         if line.startswith("Tgid:"):
             value = line[5:].strip()
             return int(value) if value.isdigit() else None
@@ -246,8 +218,8 @@ class JobGroup:
         """Processes of the group (or of groups the job made inside it) that the kernel's OOM
         killer killed; None where the kernel does not say."""
         if self._owner.version == 2:  # memory.events counts the groups inside too
-            return _keyed(_read(os.path.join(self.path, "memory.events")), "oom_kill")
-        counts = [_keyed(_read(os.path.join(d, "memory.oom_control")), "oom_kill") for d in _tree(self.path)]
+            return flat_keyed(read_file(os.path.join(self.path, "memory.events")), "oom_kill")
+        counts = [flat_keyed(read_file(os.path.join(d, "memory.oom_control")), "oom_kill") for d in _tree(self.path)]
         known = [c for c in counts if c is not None]
         return sum(known) if known else None
 
@@ -256,7 +228,7 @@ class JobGroup:
         this process itself is never signalled)."""
         me = str(os.getpid())
         trees = _tree(self.path)
-        listed = {d: (_read(os.path.join(d, "cgroup.procs")) or "").split() for d in trees}
+        listed = {d: (read_file(os.path.join(d, "cgroup.procs")) or "").split() for d in trees}
         if any(me in pids for pids in listed.values()):
             listed = {d: [p for p in pids if p != me] for d, pids in listed.items()}
         elif self._owner.version == 2 and os.path.exists(os.path.join(self.path, "cgroup.kill")):

@@ -440,12 +440,9 @@ class LocalHandle(Handle):
         rss = sum(snapshot[pid].rss for pid in pids)
         if rss > self.sampled_peak:
             self.sampled_peak = rss
-        self.series.add(time.monotonic() - self._start_mono, rss)
-        if (
-            not self._placed
-            and self._launcher.groups is not None
-            and time.monotonic() - self._start_mono >= _PLACE_AFTER
-        ):
+        age = time.monotonic() - self._start_mono
+        self.series.add(age, rss)
+        if not self._placed and self._launcher.groups is not None and age >= _PLACE_AFTER:
             self._place(pids)
         return rss
 

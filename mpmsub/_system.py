@@ -4,19 +4,52 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import psutil
 
 _UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a number near 2**63
 
 
-def _read(path: str) -> Optional[str]:
+def read_file(path: str) -> Optional[str]:
+    """A small file's text, stripped; None if it cannot be read."""
     try:
         with open(path) as f:
             return f.read().strip()
     except OSError:
         return None
+
+
+def flat_keyed(text: Optional[str], key: str) -> Optional[int]:
+    """The number on the line `key N` of a flat-keyed cgroup file (memory.stat, memory.events)."""
+    for line in (text or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def _own_cgroups(root: str, controller: str) -> List[Tuple[str, str]]:
+    """(mount directory, path) of this process's cgroup for `controller` ("" for v2's unified
+    hierarchy), as /proc/self/cgroup names it."""
+    found = []
+    for line in (read_file(os.path.join(root, "proc/self/cgroup")) or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controller == "" and controllers == "":
+            found.append((os.path.join(root, "sys/fs/cgroup"), path))  # v2: one unified hierarchy
+        elif controller and controller in controllers.split(","):
+            found.append((os.path.join(root, "sys/fs/cgroup", controllers), path))
+    return found
+
+
+def own_cgroup(controller: str, root: str = "/") -> Optional[str]:
+    """This process's cgroup directory for `controller` ("" for v2), whether visible or not."""
+    for base, path in _own_cgroups(root, controller):
+        return os.path.join(base, path.strip("/"))
+    return None
 
 
 def _cgroup_dirs(root: str, controller: str) -> List[str]:
@@ -25,19 +58,8 @@ def _cgroup_dirs(root: str, controller: str) -> List[str]:
     /proc/self/cgroup names the cgroup path; inside a container that path is often not visible
     under the mount, so the mount root itself is the last candidate.
     """
-    text = _read(os.path.join(root, "proc/self/cgroup")) or ""
     dirs: List[str] = []
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        if controller == "" and controllers == "":
-            base = os.path.join(root, "sys/fs/cgroup")  # v2: one unified hierarchy
-        elif controller and controller in controllers.split(","):
-            base = os.path.join(root, "sys/fs/cgroup", controllers)
-        else:
-            continue
+    for base, path in _own_cgroups(root, controller):
         rel = path.strip("/")
         while rel:
             dirs.append(os.path.join(base, rel))
@@ -46,32 +68,58 @@ def _cgroup_dirs(root: str, controller: str) -> List[str]:
     return [d for d in dirs if os.path.isdir(d)]
 
 
+class MemoryGroup(NamedTuple):
+    """A cgroup of this process whose memory limit caps what its jobs may use."""
+
+    limit: str  # file holding the limit in bytes
+    usage: str  # file holding the usage in bytes, page cache included
+    stat: str  # memory.stat, for the reclaimable part of that usage
+    inactive_key: str  # the memory.stat line of inactive file pages
+
+
+# Per hierarchy (v2, then v1): its limit file, its usage file (page cache included), and the
+# memory.stat line of its inactive page cache.
+_MEMORY_FILES = (
+    ("", "memory.max", "memory.current", "inactive_file"),
+    ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+)
+
+
+def _memory_limits(root: str) -> List[Tuple[int, MemoryGroup]]:
+    """Every memory cgroup of ours with a limit, and that limit. v2 says "max" for no limit, v1 a
+    number near 2**63."""
+    found = []
+    for controller, limit_name, usage_name, inactive_key in _MEMORY_FILES:
+        for d in _cgroup_dirs(root, controller):
+            value = read_file(os.path.join(d, limit_name)) or ""
+            if value.isdigit() and int(value) < _UNLIMITED:
+                group = MemoryGroup(
+                    os.path.join(d, limit_name),
+                    os.path.join(d, usage_name),
+                    os.path.join(d, "memory.stat"),
+                    inactive_key,
+                )
+                found.append((int(value), group))
+    return found
+
+
 def cgroup_memory_limit(root: str = "/") -> Optional[int]:
     """The lowest memory limit (bytes) of this process's cgroups, v2 or v1; None when unlimited."""
-    limits: List[int] = []
-    for d in _cgroup_dirs(root, ""):
-        value = _read(os.path.join(d, "memory.max"))
-        if value and value != "max" and value.isdigit():
-            limits.append(int(value))
-    for d in _cgroup_dirs(root, "memory"):
-        value = _read(os.path.join(d, "memory.limit_in_bytes"))
-        if value and value.isdigit() and int(value) < _UNLIMITED:
-            limits.append(int(value))
-    return min(limits) if limits else None
+    return min((limit for limit, _ in _memory_limits(root)), default=None)
 
 
 def cgroup_cpu_limit(root: str = "/") -> Optional[int]:
     """CPUs allowed by a cgroup CPU quota (v2 cpu.max, v1 cfs quota), rounded up; None if none."""
     limits: List[float] = []
     for d in _cgroup_dirs(root, ""):
-        value = _read(os.path.join(d, "cpu.max"))
+        value = read_file(os.path.join(d, "cpu.max"))
         if value:
             quota, _, period = value.partition(" ")
             if quota.isdigit() and period.isdigit() and int(period) > 0:
                 limits.append(int(quota) / int(period))
     for d in _cgroup_dirs(root, "cpu"):
-        quota_text = _read(os.path.join(d, "cpu.cfs_quota_us"))
-        period_text = _read(os.path.join(d, "cpu.cfs_period_us"))
+        quota_text = read_file(os.path.join(d, "cpu.cfs_quota_us"))
+        period_text = read_file(os.path.join(d, "cpu.cfs_period_us"))
         if quota_text and period_text and quota_text.isdigit() and period_text.isdigit() and int(period_text) > 0:
             limits.append(int(quota_text) / int(period_text))
     return max(1, math.ceil(min(limits))) if limits else None
@@ -91,50 +139,10 @@ def detect_memory() -> int:
     return min(total, limit) if limit else total
 
 
-class MemoryGroup(NamedTuple):
-    """A cgroup of this process whose memory limit caps what its jobs may use."""
-
-    limit: str  # file holding the limit in bytes
-    usage: str  # file holding the usage in bytes, page cache included
-    stat: str  # memory.stat, for the reclaimable part of that usage
-    inactive_key: str  # the memory.stat line of inactive file pages
-
-
 def memory_groups(root: str = "/") -> List[MemoryGroup]:
     """The cgroups of this process (v2 or v1) that have a memory limit below physical RAM."""
     total = int(psutil.virtual_memory().total)
-    groups: List[MemoryGroup] = []
-    for d in _cgroup_dirs(root, ""):
-        value = _read(os.path.join(d, "memory.max"))
-        if value and value.isdigit() and int(value) < total and os.path.exists(os.path.join(d, "memory.current")):
-            groups.append(
-                MemoryGroup(
-                    os.path.join(d, "memory.max"),
-                    os.path.join(d, "memory.current"),
-                    os.path.join(d, "memory.stat"),
-                    "inactive_file",
-                )
-            )
-    for d in _cgroup_dirs(root, "memory"):
-        value = _read(os.path.join(d, "memory.limit_in_bytes"))
-        if value and value.isdigit() and int(value) < total:
-            groups.append(
-                MemoryGroup(
-                    os.path.join(d, "memory.limit_in_bytes"),
-                    os.path.join(d, "memory.usage_in_bytes"),
-                    os.path.join(d, "memory.stat"),
-                    "total_inactive_file",
-                )
-            )
-    return groups
-
-
-def _stat_value(path: str, key: str) -> int:
-    for line in (_read(path) or "").splitlines():
-        name, _, value = line.partition(" ")
-        if name == key and value.isdigit():
-            return int(value)
-    return 0
+    return [group for limit, group in _memory_limits(root) if limit < total and os.path.exists(group.usage)]
 
 
 def available_memory(groups: List[MemoryGroup]) -> int:
@@ -143,9 +151,9 @@ def available_memory(groups: List[MemoryGroup]) -> int:
     its inactive page cache, which the kernel reclaims before it kills), as container tools do."""
     available = int(psutil.virtual_memory().available)
     for group in groups:
-        limit, usage = _read(group.limit), _read(group.usage)
+        limit, usage = read_file(group.limit), read_file(group.usage)
         if not (limit and usage and limit.isdigit() and usage.isdigit()):
             continue  # the group went away or its limit was lifted
-        working_set = max(0, int(usage) - _stat_value(group.stat, group.inactive_key))
+        working_set = max(0, int(usage) - (flat_keyed(read_file(group.stat), group.inactive_key) or 0))
         available = min(available, int(limit) - working_set)
     return max(0, available)
