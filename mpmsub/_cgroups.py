@@ -1,6 +1,5 @@
 """A memory cgroup per job, where this process may make them (Linux; root with cgroup v1, or a
-cgroup v2 group of ours that already hands the memory controller to its children, which for a
-group holding processes means the root group).
+cgroup v2 group delegated to us: see `_Delegation`).
 
 The kernel then counts every page the job's whole tree touches, however short-lived its
 processes: the group's peak (`memory.peak` in v2, `memory.max_usage_in_bytes` in v1) is exact
@@ -29,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Iterable, List, Optional
 
@@ -58,6 +58,7 @@ class JobGroups:
         self.version = version
         self._names = itertools.count(1)
         self._leftover: List[str] = []  # job groups not yet empty when their job ended
+        self._delegation: Optional[_Delegation] = None  # v2: what was changed to make them
 
     @classmethod
     def detect(cls) -> Optional[JobGroups]:
@@ -76,23 +77,32 @@ class JobGroups:
         return None
 
     @classmethod
-    def _v2(cls) -> Optional[JobGroups]:
-        here = own_cgroup("")
-        if here is None or not os.path.exists(os.path.join(_V2_ROOT, "cgroup.controllers")):
+    def _v2(cls, mount: str = _V2_ROOT, controller: str = "memory", needs: str = "memory.peak") -> Optional[JobGroups]:
+        """Job groups in cgroup v2, when our group may hand `controller` to children of ours.
+        (`mount`, `controller` and `needs` are parameters so that the steps can be tested on a
+        hierarchy without the memory controller.)"""
+        here = own_cgroup("", mount=mount)
+        if here is None or not os.path.exists(os.path.join(mount, "cgroup.controllers")):
             return None
-        # Our own group can hand the memory controller to children only if it holds no process
-        # (the root group excepted): then it is delegated to us as a subtree we may fill.
-        if "memory" not in (read_file(os.path.join(here, "cgroup.subtree_control")) or "").split():
-            return None
-        parent = cls._make_parent(here)
-        try:
-            _write(os.path.join(parent, "cgroup.subtree_control"), "+memory")
-            if not os.path.exists(os.path.join(parent, "memory.peak")):
-                raise OSError(f"{parent}: no memory.peak (Linux 5.19 or later has it)")
-        except OSError:
-            os.rmdir(parent)
-            raise
-        return cls(parent, 2)
+        with _DELEGATION_LOCK:
+            delegation = _Delegation.hold(here, controller)
+            if delegation is None:
+                return None
+            try:
+                parent = cls._make_parent(delegation.group)
+                try:
+                    _write(os.path.join(parent, "cgroup.subtree_control"), f"+{controller}")
+                    if not os.path.exists(os.path.join(parent, needs)):
+                        raise OSError(f"{parent}: no {needs} (for memory.peak: Linux 5.19 or later)")
+                except OSError:
+                    os.rmdir(parent)
+                    raise
+            except OSError:
+                delegation.release()
+                raise
+        groups = cls(parent, 2)
+        groups._delegation = delegation
+        return groups
 
     @classmethod
     def _v1(cls) -> Optional[JobGroups]:
@@ -152,6 +162,104 @@ class JobGroups:
             time.sleep(0.01)
         with contextlib.suppress(OSError):
             os.rmdir(self.parent)
+        if self._delegation is not None:
+            with _DELEGATION_LOCK:
+                self._delegation.release()
+            self._delegation = None
+
+
+def _words(path: str) -> List[str]:
+    return (read_file(path) or "").split()
+
+
+class _Delegation:
+    """A cgroup v2 group whose children may be given a controller (the memory controller), and
+    what this process changed to make it so, to be undone when the last user is done.
+
+    The kernel lets a group other than the root hand a controller to its children only while it
+    holds no process itself. When it already does (the root, or a delegated group whose owner
+    arranged it), nothing is changed. When it does not, but the group is delegated to us (it
+    offers the controller, we may write to it) and this process is its only member, as with
+    `systemd-run -p Delegate=yes` or a container's own cgroup, this process moves into a leaf
+    group of its own inside it (`mpmsub-<pid>-main`), and the controller is enabled for the
+    group's children; the job groups are made beside the leaf. Any step that fails undoes the
+    ones before it. Everything is undone when the last executor using it closes: the controller is
+    disabled, this process (and any process it started meanwhile) moves back, the leaf is
+    removed. A group shared with other processes is left alone.
+    """
+
+    _held: Optional[_Delegation] = None  # one per process: every executor shares it
+
+    def __init__(self, group: str, leaf: Optional[str], controller: str) -> None:
+        self.group = group
+        self.leaf = leaf  # None when nothing had to be changed
+        self.controller = controller
+        self.users = 0
+        self.pid = os.getpid()  # a forked child inherits this object, not what it changed
+
+    @classmethod
+    def hold(cls, here: str, controller: str) -> Optional[_Delegation]:
+        """The delegation for job groups beside `here` (our cgroup), taken if need be; None if
+        the controller cannot be handed to children here. Raises OSError when a step fails (the
+        steps before it undone)."""
+        held = cls._held
+        if held is not None and held.pid != os.getpid():
+            held = cls._held = None
+        if held is not None and held.controller == controller and here in (held.group, held.leaf):
+            held.users += 1
+            return held
+        if controller not in _words(os.path.join(here, "cgroup.controllers")):
+            return None
+        if controller in _words(os.path.join(here, "cgroup.subtree_control")):
+            delegation = cls(here, None, controller)
+        elif not os.path.exists(os.path.join(here, "cgroup.type")):
+            return None  # the root group: not ours to change the whole machine's hierarchy
+        elif _words(os.path.join(here, "cgroup.procs")) != [str(os.getpid())]:
+            return None  # other processes share the group: it was not delegated to us alone
+        else:
+            delegation = cls(here, cls._take(here, controller), controller)
+        delegation.users = 1
+        if held is None:
+            cls._held = delegation
+        return delegation
+
+    @staticmethod
+    def _take(here: str, controller: str) -> str:
+        """Move this process into a leaf of `here` and enable `controller` for `here`'s children."""
+        leaf = os.path.join(here, f"mpmsub-{os.getpid()}-main")
+        os.mkdir(leaf)
+        try:
+            _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+            _write(os.path.join(here, "cgroup.subtree_control"), f"+{controller}")
+        except OSError:
+            with contextlib.suppress(OSError):
+                _write(os.path.join(here, "cgroup.procs"), str(os.getpid()))
+            with contextlib.suppress(OSError):
+                os.rmdir(leaf)
+            raise
+        return leaf
+
+    def release(self) -> None:
+        """One user is done; the last undoes what was changed. Never raises: what cannot be
+        undone (a process started meanwhile that left the leaf) is logged and left."""
+        self.users -= 1
+        if self.users > 0 or self.pid != os.getpid():
+            return
+        if _Delegation._held is self:
+            _Delegation._held = None
+        if self.leaf is None:
+            return
+        try:
+            _write(os.path.join(self.group, "cgroup.subtree_control"), f"-{self.controller}")
+            for pid in _words(os.path.join(self.leaf, "cgroup.procs")):
+                with contextlib.suppress(OSError):  # it may have exited since
+                    _write(os.path.join(self.group, "cgroup.procs"), pid)
+            os.rmdir(self.leaf)
+        except OSError as exc:
+            logger.debug("mpmsub: cgroup %s left as it is: %s", self.group, exc)
+
+
+_DELEGATION_LOCK = threading.Lock()
 
 
 def _tree(path: str) -> List[str]:

@@ -45,10 +45,11 @@ def _own_cgroups(root: str, controller: str) -> List[Tuple[str, str]]:
     return found
 
 
-def own_cgroup(controller: str, root: str = "/") -> Optional[str]:
-    """This process's cgroup directory for `controller` ("" for v2), whether visible or not."""
+def own_cgroup(controller: str, root: str = "/", mount: Optional[str] = None) -> Optional[str]:
+    """This process's cgroup directory for `controller` ("" for v2), whether visible or not;
+    under `mount` instead of the usual mount point when given."""
     for base, path in _own_cgroups(root, controller):
-        return os.path.join(base, path.strip("/"))
+        return os.path.join(mount or base, path.strip("/"))
     return None
 
 

@@ -3,12 +3,15 @@ per-job memory cgroups where this process may make them. Real processes througho
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 from helpers import processes_with, unique_sleep
@@ -199,3 +202,78 @@ def test_cgroup_v1_files_are_read_as_the_kernel_writes_them(tmp_path: Path) -> N
     (job / "inner" / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
     assert group.peak() == 400 * 2**20
     assert group.oom_kills() == 3
+
+
+UNIFIED = "/sys/fs/cgroup/unified"  # cgroup v2 beside v1 ("hybrid"), as on this machine
+
+
+@pytest.fixture
+def delegated() -> Iterator[Callable[[str], Dict[str, Any]]]:
+    """Play a scenario of delegation_scenarios.py in a child process alone in a fresh cgroup v2
+    group offering a controller (hugetlb), as systemd's Delegate=yes leaves a service's group."""
+    root = Path(UNIFIED)
+    offered = (root / "cgroup.controllers").read_text().split() if (root / "cgroup.controllers").exists() else []
+    if os.geteuid() != 0 or "hugetlb" not in offered:
+        pytest.skip("needs root and a hybrid cgroup v2 hierarchy offering the hugetlb controller")
+    enabled = "hugetlb" in (root / "cgroup.subtree_control").read_text().split()
+    if not enabled:  # the controller, unused elsewhere, offered to the root's children meanwhile
+        (root / "cgroup.subtree_control").write_text("+hugetlb")
+    group = root / f"mpmsub-test-{os.urandom(4).hex()}"
+    group.mkdir()
+    needs = next(n for n in os.listdir(group) if n.startswith("hugetlb.") and n.endswith(".current"))
+
+    def play(scenario: str) -> Dict[str, Any]:
+        code = (
+            f"import json, os, sys\nopen({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r})\nimport delegation_scenarios\n"
+            f"print(json.dumps(delegation_scenarios.{scenario}(*sys.argv[1:])))\n"
+        )
+        args = [UNIFIED, str(group), "hugetlb", needs]
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.splitlines()[-1])
+
+    try:
+        yield play
+    finally:
+        for d in [Path(d) for d, _, _ in os.walk(group, topdown=False)]:  # innermost first
+            for pid in (d / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), signal.SIGKILL)
+            for _ in range(100):
+                with contextlib.suppress(OSError):
+                    (d / "cgroup.subtree_control").write_text("-hugetlb")
+                    d.rmdir()
+                    break
+                time.sleep(0.02)
+        if not enabled:
+            (root / "cgroup.subtree_control").write_text("-hugetlb")
+
+
+def test_a_delegated_v2_group_is_taken_shared_and_given_back(delegated: Callable[[str], Dict[str, Any]]) -> None:
+    """Alone in a delegated group, mpmsub moves into a leaf, hands the controller to the group's
+    children, and makes job groups beside the leaf; a second executor shares that; a job is
+    adopted and killed with cgroup.kill; closing the last executor undoes everything."""
+    seen = delegated("alone")
+    group = os.path.dirname(seen["taken"]["here"])
+    leaf = f"mpmsub-{os.path.basename(seen['taken']['here']).split('-')[1]}-main"
+    assert seen["taken"]["here"] == os.path.join(group, leaf)
+    assert seen["taken"]["subtree_control"] == ["hugetlb"]
+    assert len(seen["taken"]["children"]) == 2 and leaf in seen["taken"]["children"]  # leaf, job parent
+    assert seen["adopted"] and seen["job_cgroup"]
+    assert seen["after_second_closed"]["subtree_control"] == ["hugetlb"]  # the first still uses it
+    assert seen["killed_by"] == -signal.SIGKILL
+    assert seen["closed"] == {"here": group, "subtree_control": [], "children": []}
+
+
+def test_a_shared_v2_group_is_left_alone(delegated: Callable[[str], Dict[str, Any]]) -> None:
+    seen = delegated("shared")
+    assert seen["groups"] is False
+    assert seen["after"]["subtree_control"] == [] and seen["after"]["children"] == []
+
+
+def test_a_failed_step_of_delegation_is_undone(delegated: Callable[[str], Dict[str, Any]]) -> None:
+    seen = delegated("fails")
+    assert "no-such-file" in seen["raised"]
+    assert seen["after"]["subtree_control"] == [] and seen["after"]["children"] == []
+    assert seen["after"]["here"].startswith(UNIFIED + "/mpmsub-test-")
