@@ -28,6 +28,7 @@ from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 from mpmsub import _proctree
 from mpmsub import _result as kinds
 from mpmsub._cgroups import JobGroup, JobGroups
+from mpmsub._guard import Watchman
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Handle, Launcher, MemorySeries, Outcome
 from mpmsub._loop import EventLoop, Timer
@@ -75,10 +76,12 @@ class LocalLauncher(Launcher):
         self.kill_grace = kill_grace
         self._programs: Dict[Tuple[str, str], str] = {}
         self.groups = JobGroups.detect() if cgroups else None  # a memory cgroup per job, if we may
+        self.watchman = Watchman()  # kills the jobs if this process dies without closing
 
     def close(self) -> None:
         if self.groups is not None:
             self.groups.close()
+        self.watchman.close()
 
     def program(self, name: str, env: Optional[Dict[str, str]]) -> Optional[str]:
         """The file that running `name` executes, looked up in PATH once per executor (Popen
@@ -179,6 +182,7 @@ class LocalHandle(Handle):
                 # Popen's bookkeeping is ours now: the stage is reaped with os.wait4 on the loop.
                 proc.returncode = 0
                 self.pids.append(proc.pid)
+                self._launcher.watchman.watch(proc.pid)  # its session id
                 self._unreaped[proc.pid] = index
         except Exception as exc:
             self._close_all(parent_fds, files)
@@ -383,6 +387,8 @@ class LocalHandle(Handle):
         self._finished = True
         for timer in self._timers:
             timer.cancel()
+        for pid in self.pids:
+            self._launcher.watchman.forget(pid)
         runtime = time.monotonic() - self._start_mono
         group_peak: Optional[int] = None
         oom_kills: Optional[int] = None
@@ -436,6 +442,7 @@ class LocalHandle(Handle):
         roots = list(self._unreaped)
         if not roots:
             return None
+        self._launcher.watchman.flush()  # the sessions started since the last tick
         pids = _proctree.members(snapshot, roots)
         rss = sum(snapshot[pid].rss for pid in pids)
         if rss > self.sampled_peak:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -199,3 +200,22 @@ def test_an_empty_path_entry_still_means_the_jobs_directory(tmp_path: Path) -> N
     with mpmsub.MemoryAwareExecutor(cpus=1, memory="100M") as ex:
         r = ex.submit(mpmsub.Job(["echo", "x"]).environment(env).working_dir(tmp_path)).result()
     assert r.stdout == "from the job directory\n"
+
+
+def test_jobs_die_with_a_driver_killed_by_sigkill() -> None:
+    """Nothing in a process runs after SIGKILL: the watchman kills what it left running, the
+    whole session of each job, a process that left the job's process group included."""
+    a, b, c = unique_sleep(), unique_sleep(), unique_sleep()
+    own_group = "import os, sys, time; os.setpgid(0, 0); time.sleep(float(sys.argv[1]))"
+    code = (
+        "import os, signal, time, mpmsub\n"
+        "ex = mpmsub.MemoryAwareExecutor(cpus=2, memory='1G')\n"
+        f"ex.submit(['sleep', {a!r}])\n"
+        f"ex.submit(['sh', '-c', {sys.executable!r} + ' -c \"{own_group}\" {c} & sleep {b}'])\n"
+        "time.sleep(1)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    driver = subprocess.run([sys.executable, "-c", code], env=ENV, timeout=30)
+    assert driver.returncode == -signal.SIGKILL
+    for arg in (a, b, c):
+        assert not wait_gone(arg, timeout=3), arg
