@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, TextIO
 
 from mpmsub import _report
 from mpmsub._executor import MemoryAwareExecutor
@@ -102,6 +102,7 @@ class Cluster:
         self._wall_time: Optional[float] = None
         self._max_workers: Optional[int] = None
         self._runtimes: Dict[str, float] = {}  # command line -> runtime of its last successful run
+        self._bar: Optional[ProgressBar] = None  # while jobs run
 
     @property
     def max_memory_mb(self) -> float:
@@ -162,11 +163,17 @@ class Cluster:
 
     # -- running ----------------------------------------------------------------------------------
 
-    def run(self, max_workers: Optional[int] = None, schedule: Optional[str] = None) -> Dict[str, Any]:
+    def run(
+        self,
+        max_workers: Optional[int] = None,
+        schedule: Optional[str] = None,
+        on_result: Optional[Callable[[JobResult], None]] = None,
+    ) -> Dict[str, Any]:
         """Run every queued job with the scheduler; return the stats dict.
 
-        `schedule` overrides the cluster's for this run. Ctrl-C kills the running jobs, records
-        the queued ones as cancelled, keeps the results so far, and re-raises KeyboardInterrupt.
+        `schedule` overrides the cluster's for this run. `on_result` is called with each job's
+        result as it ends, in this thread. Ctrl-C kills the running jobs, records the queued ones
+        as cancelled, keeps the results so far, and re-raises KeyboardInterrupt.
         """
         workers = None if max_workers is None else parse_cpus(max_workers, "max_workers")
         policy = self.schedule if schedule is None else check_policy(schedule)
@@ -177,7 +184,7 @@ class Cluster:
             specs.sort(key=lambda spec: -self._runtimes.get(spec.describe(), math.inf))
         self._max_workers = workers
         executor = self._executor(max_workers=workers, schedule=policy)
-        self._execute(executor, specs, label="")
+        self._execute(executor, specs, label="", on_result=on_result)
         return self.stats
 
     def profile(self, verbose: bool = True) -> List[JobResult]:
@@ -201,9 +208,15 @@ class Cluster:
             cpus=self.max_cpus, memory=self._memory / MB, max_workers=max_workers, schedule=schedule
         )
 
-    def _execute(self, executor: MemoryAwareExecutor, specs: List[JobSpec], label: str) -> List[JobResult]:
+    def _execute(
+        self,
+        executor: MemoryAwareExecutor,
+        specs: List[JobSpec],
+        label: str,
+        on_result: Optional[Callable[[JobResult], None]] = None,
+    ) -> List[JobResult]:
         started = time.monotonic()
-        bar = ProgressBar(len(specs), label=label, enabled=self.progress_bar)
+        bar = self._bar = ProgressBar(len(specs), label=label, enabled=self.progress_bar)
         level = logger.level
         handler = self._attach_verbose_handler(bar)
         results: List[JobResult] = []
@@ -225,6 +238,8 @@ class Cluster:
                 for future in done:
                     results.append(self._record(future.result(), futures[future]))
                     failed += not results[-1].success
+                    if on_result is not None:
+                        on_result(results[-1])
                 status = executor.status()
                 bar.update(len(results), failed, status.running, status.reserved_memory)
             executor.shutdown(wait=True)
@@ -236,10 +251,13 @@ class Cluster:
                     continue
                 result = future.result() if not future.cancelled() else _cancelled(spec, exc)
                 results.append(self._record(result, spec))
+                if on_result is not None:
+                    on_result(result)
             raise
         finally:
             self._wall_time = time.monotonic() - started
             bar.close()
+            self._bar = None
             if handler is not None:
                 logger.removeHandler(handler)
                 logger.setLevel(level)
@@ -258,6 +276,14 @@ class Cluster:
             else:
                 logger.info("mpmsub: %s FAILED: %s", result.job_id, result.error)
         return result
+
+    def _echo(self, text: str, stream: TextIO) -> None:
+        """Write text to a stream without breaking the progress bar, if one is drawn."""
+        if self._bar is not None:
+            self._bar.write_above(text, stream, end="")
+        else:
+            stream.write(text)
+            stream.flush()
 
     def _attach_verbose_handler(self, bar: ProgressBar) -> Optional[logging.Handler]:
         if not self.verbose:

@@ -85,14 +85,21 @@ class ProgressBar:
         self.stream.flush()
         self._drawn = True
 
-    def write_above(self, message: str) -> None:
-        """Print a message on its own line without breaking the bar (used by verbose logging)."""
+    def write_above(self, message: str, stream: Optional[TextIO] = None, end: str = "\n") -> None:
+        """Print a message (to `stream`, the bar's own by default) without breaking the bar: used
+        by verbose logging, and by the command line for its jobs' output."""
+        out = self.stream if stream is None else stream
         if self.enabled and self.interactive and self._drawn:
-            self.stream.write("\r\x1b[K" + message + "\n")
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            out.write(message + end)
+            if not (message + end).endswith("\n"):
+                out.write("\n")  # the bar is redrawn on a line of its own
+            out.flush()
             self._draw()
         else:
-            self.stream.write(message + "\n")
-        self.stream.flush()
+            out.write(message + end)
+        out.flush()
 
     def close(self) -> None:
         """Draw the final state and end the line."""

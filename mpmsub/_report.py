@@ -141,14 +141,21 @@ def resources_text(cpus: int, memory: int) -> str:
 
 
 def profile_text(
-    results: List[JobResult], specs: Dict[str, JobSpec], custom_ids: Set[str], cpus: int, memory: int
+    results: List[JobResult],
+    specs: Dict[str, JobSpec],
+    custom_ids: Set[str],
+    cpus: int,
+    memory: int,
+    snippet: bool = True,
 ) -> str:
+    """The profile table, and (with `snippet`) Python code that queues the jobs with the
+    recommended memory."""
     lines = [
         "mpmsub profile: jobs run one at a time; peak memory of each job's whole process tree",
         "",
         f"{'job':<14} {'status':<7} {'runtime':>9} {'peak MB':>9} {'declared':>9} {'recommend':>10}  command",
     ]
-    snippet = [f"p = mpmsub.cluster(p={cpus}, m={format_memory(memory)!r})"]
+    code = [f"p = mpmsub.cluster(p={cpus}, m={format_memory(memory)!r})"]
     for r in results:
         spec = specs[r.job_id]
         rec = recommend_memory(r.memory_used)
@@ -162,10 +169,11 @@ def profile_text(
         if r.job_id in custom_ids:
             entry["id"] = r.job_id
         entry.update(optional_fields(spec))
-        snippet.append(f"p.jobs.append({entry!r})")
+        code.append(f"p.jobs.append({entry!r})")
     failed = [r for r in results if not r.success]
     lines += ["", f"Recommended m = measured peak + {PROFILE_BUFFER:.0%}, rounded up."]
     if failed:
         lines.append(f"{len(failed)} job(s) failed; their peaks may be below what a successful run needs.")
-    lines += ["", "Ready to paste:", "", "import mpmsub", *snippet, "p.run()"]
+    if snippet:
+        lines += ["", "Ready to paste:", "", "import mpmsub", *code, "p.run()"]
     return "\n".join(lines)

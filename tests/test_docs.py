@@ -36,3 +36,28 @@ def test_example_runs(example: str) -> None:
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout
+
+
+def test_readme_command_line_example_runs(tmp_path: Path) -> None:
+    """The shell session of the README's command line section, in a fresh directory, with the
+    console script and python3 of this environment first on PATH."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## The command line", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    assert blocks
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "python3").symlink_to(sys.executable)
+    path = os.pathsep.join([str(bindir), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    for block in blocks:
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block],
+            cwd=tmp_path,
+            env={**os.environ, "PATH": path},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+    assert "held 200 MB" in (tmp_path / "results.json").read_text()
+    assert len((tmp_path / "run.log").read_text().splitlines()) == 4  # header and 3 jobs, run once

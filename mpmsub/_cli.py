@@ -1,0 +1,337 @@
+"""The `mpmsub` command: run a job file like GNU parallel, under a CPU and memory budget."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+from types import FrameType
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, TextIO
+
+from mpmsub import __version__, _joblog, _report
+from mpmsub._cluster import Cluster
+from mpmsub._jobfile import FORMATS, FileJob, JobFileError, read_jobs
+from mpmsub._result import CANCELLED, JobResult
+from mpmsub._scheduler import POLICIES
+from mpmsub._units import parse_cpus, parse_duration, parse_memory
+
+# Exit statuses. GNU parallel exits with the number of failed jobs, but there 2 would also mean
+# two failed jobs; mpmsub keeps 2 for usage errors alone, as argparse does.
+OK, FAILED, USAGE = 0, 1, 2
+INTERRUPTED = 128 + signal.SIGINT
+TERMINATED = 128 + signal.SIGTERM
+
+_EPILOG_RUN = """\
+job files:
+  text   one shell command per line, run with /bin/sh -c; blank lines and # comments skipped;
+         every job gets --job-cpus and --job-mem
+  jsonl  (.jsonl, .ndjson) one job object per line with the keys of the Python API:
+         {"cmd": ["bwa", "mem", "ref.fa", "r1.fq"], "p": 4, "m": "6G", "id": "s1", "timeout": 3600}
+         "cmd" may also be a shell command string; --job-cpus etc. fill keys a line leaves out
+
+memory sizes: a number of MB, or 512M, 4G, 1.5T.   durations: seconds, or 30s, 5m, 2h.
+
+exit status: 0 all jobs succeeded; 1 one or more failed; 2 usage or job file error;
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Running jobs are killed on either.
+
+examples:
+  mpmsub run jobs.txt -p 8 -m 32G --job-mem 2G
+  mpmsub run samples.jsonl --joblog run.log          # then, after a crash or kill:
+  mpmsub run samples.jsonl --joblog run.log --resume
+  printf 'gzip -k a.txt\\ngzip -k b.txt\\n' | mpmsub run - --job-mem 100M
+  mpmsub run jobs.txt --json > results.json
+"""
+
+_EPILOG_PROFILE = """\
+Jobs run one at a time with no memory reserved, and each job's peak is measured over its whole
+process tree. The recommended memory is the peak plus 20%%, rounded up.
+
+examples:
+  mpmsub profile sample_jobs.txt
+  mpmsub profile sample_jobs.jsonl -o sized.jsonl && mpmsub run sized.jsonl -m 64G
+"""
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that running jobs are killed as on Ctrl-C."""
+
+
+def _arg(parse: Callable[[object, str], Any], what: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text, what)
+        except (ValueError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = what  # argparse names the type in its message
+    return convert
+
+
+def _memory(what: str) -> Callable[[str], str]:
+    """A memory size, checked here and kept as written (a bare number means MB to the API too)."""
+    check = _arg(parse_memory, what)
+
+    def convert(text: str) -> str:
+        check(text)
+        return text.strip()
+
+    convert.__name__ = what
+    return convert
+
+
+def _count(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"invalid retries {text!r}: expected a whole number, 0 or more")
+    return int(text)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("jobfile", metavar="JOBFILE", help="the job file; - reads standard input")
+    parser.add_argument("-p", "--cpus", type=_arg(parse_cpus, "cpus"), help="CPUs to use (default: all)")
+    parser.add_argument("-m", "--memory", type=_memory("memory"), help="memory to use (default: all, less a reserve)")
+    parser.add_argument("--job-cpus", type=_arg(parse_cpus, "job cpus"), default=1, help="CPUs of each job (1)")
+    parser.add_argument("--job-mem", type=_memory("job memory"), help="memory each job reserves (default: none)")
+    parser.add_argument("--timeout", type=_arg(parse_duration, "timeout"), help="kill a job running longer")
+    parser.add_argument("--format", choices=FORMATS, default="auto", help="job file format (default: by extension)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="mpmsub",
+        description="Run many commands in parallel without running the machine out of memory.",
+        epilog="Run 'mpmsub run -h' or 'mpmsub profile -h' for their options and examples.",
+    )
+    top.add_argument("--version", action="version", version=f"mpmsub {__version__}")
+    commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = commands.add_parser(
+        "run",
+        help="run the jobs of a job file",
+        description="Run the jobs of a job file in parallel, each admitted only when its CPUs and memory fit.",
+        epilog=_EPILOG_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(run)
+    run.set_defaults(parser=run)
+    run.add_argument("--retries", type=_count, default=None, help="rerun a failed job up to N times")
+    run.add_argument("--schedule", choices=POLICIES, default="pack", help="start order (default: pack)")
+    run.add_argument("--joblog", metavar="FILE", help="record each finished job in FILE (GNU parallel's format)")
+    resume = run.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="skip the jobs the joblog records")
+    resume.add_argument(
+        "--resume-failed", action="store_true", help="skip the jobs the joblog records as succeeded; rerun the rest"
+    )
+    run.add_argument("--json", action="store_true", help="print stats and per-job results as JSON on stdout")
+    profile = commands.add_parser(
+        "profile",
+        help="measure each job's peak memory and recommend a request",
+        description="Run the jobs of a job file one at a time and recommend each one's memory.",
+        epilog=_EPILOG_PROFILE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(profile)
+    profile.set_defaults(parser=profile)
+    profile.add_argument("-o", "--output", metavar="FILE", help="write the jobs as JSON Lines with memory filled in")
+    return top
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line's entry point; returns the exit status."""
+    args = parser().parse_args(argv)
+
+    def usage(message: str) -> NoReturn:
+        command: argparse.ArgumentParser = args.parser
+        command.error(message)  # prints the command's usage and the message; exits 2
+
+    if args.command == "run" and (args.resume or args.resume_failed) and not args.joblog:
+        usage("--resume and --resume-failed need --joblog FILE")
+    try:
+        jobs = _read(args)
+        cluster = Cluster(
+            cpus=args.cpus,
+            memory=args.memory,
+            verbose=False,
+            progress_bar=not (args.no_progress or args.quiet),
+            schedule=getattr(args, "schedule", "pack"),
+        )
+        for job in jobs:  # every job is checked against the budget before any runs
+            try:
+                cluster.jobs.append(_named(job))
+            except (ValueError, TypeError) as exc:
+                raise JobFileError(f"{_label(args.jobfile)}:{job.line}: {exc}") from None
+        if args.command == "run":
+            return _run(args, cluster, jobs)
+        return _profile(args, cluster, jobs)
+    except (JobFileError, ValueError) as exc:
+        usage(str(exc))
+
+
+def _named(job: FileJob) -> Dict[str, Any]:
+    """The job's dict with an id: its own, or job_0001... by its number in the file, so that a
+    resumed run names a job as the first run did."""
+    if "id" in job.job:
+        return job.job
+    return {**job.job, "id": f"job_{job.seq:04d}"}
+
+
+def _label(name: str) -> str:
+    return "<stdin>" if name == "-" else name
+
+
+def _read(args: argparse.Namespace) -> List[FileJob]:
+    try:
+        if args.jobfile == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.jobfile, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read the job file {args.jobfile!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"cannot read the job file {args.jobfile!r}: not UTF-8 text ({exc.reason})") from None
+    retries = getattr(args, "retries", None)
+    defaults = {"p": args.job_cpus, "m": args.job_mem, "timeout": args.timeout, "retries": retries}
+    jobs = read_jobs(text, args.jobfile, args.format, defaults)
+    if not jobs:
+        raise ValueError(f"the job file {_label(args.jobfile)} holds no job")
+    return jobs
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the run prints and records as each job ends."""
+
+    cluster: Cluster
+    by_id: Dict[str, FileJob]
+    joblog: Optional[_joblog.JobLog]
+    echo: bool  # print each job's captured output as it ends
+
+    def finished(self, result: JobResult) -> None:
+        job = self.by_id[result.job_id]
+        if self.joblog is not None and result.failure != CANCELLED:  # cancelled jobs run again
+            self.joblog.write(job.seq, job.command, result)
+        if self.echo:
+            self._print(result.stdout, sys.stdout)
+            self._print(result.stderr, sys.stderr)
+
+    def _print(self, text: Optional[str], stream: TextIO) -> None:
+        if text:
+            self.cluster._echo(text, stream)
+
+
+def _run(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) -> int:
+    skipped = 0
+    if args.resume or args.resume_failed:
+        recorded = _joblog.read(args.joblog)
+        run = [j for j in jobs if not _done(recorded.get(_joblog.key(j.seq, j.command)), args.resume_failed)]
+        skipped = len(jobs) - len(run)
+        if skipped:
+            cluster.jobs.clear()
+            cluster.jobs.extend(_named(j) for j in run)
+        jobs = run
+    log = _joblog.JobLog(args.joblog, append=args.resume or args.resume_failed) if args.joblog else None
+    by_id = {spec.job_id or "": job for spec, job in zip(cluster.jobs, jobs)}
+    state = _Run(cluster, by_id, log, echo=not args.json)
+    if skipped and not args.quiet:
+        print(f"mpmsub: {skipped} job(s) skipped: the joblog records them", file=sys.stderr)
+    if not jobs:
+        if args.json:
+            _print_json(cluster, [], by_id, skipped)
+        return OK
+    status = _execute(lambda: cluster.run(on_result=state.finished))
+    if log is not None:
+        log.close()
+    results = cluster.completed_jobs + cluster.failed_jobs
+    results.sort(key=lambda r: by_id[r.job_id].seq)
+    if args.json:
+        _print_json(cluster, results, by_id, skipped)
+    elif not args.quiet:
+        print(_report.summary_text(cluster.stats, results), file=sys.stderr)
+    if status != OK:
+        return status
+    return OK if all(r.success for r in results) else FAILED
+
+
+def _done(success: Optional[bool], only_succeeded: bool) -> bool:
+    """Whether the joblog's record of a job (None: no record) means it is not run again."""
+    return success is not None and (success or not only_succeeded)
+
+
+def _execute(run: Callable[[], Any]) -> int:
+    """Run with Ctrl-C and SIGTERM killing the running jobs; OK or the interrupted status."""
+
+    def terminate(signum: int, frame: Optional[FrameType]) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        run()
+    except KeyboardInterrupt:
+        print("mpmsub: interrupted; running jobs were killed", file=sys.stderr)
+        return INTERRUPTED
+    except _Terminated:
+        print("mpmsub: terminated; running jobs were killed", file=sys.stderr)
+        return TERMINATED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return OK
+
+
+def _print_json(cluster: Cluster, results: List[JobResult], by_id: Dict[str, FileJob], skipped: int) -> None:
+    rows = []
+    for result in results:
+        job = by_id[result.job_id]
+        row: Dict[str, Any] = {"seq": job.seq, "line": job.line, "command": job.command}
+        row.update(dataclasses.asdict(result))
+        row["success"] = result.success
+        rows.append(row)
+    json.dump({"stats": cluster.stats, "skipped": skipped, "results": rows}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+def _profile(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) -> int:
+    by_id = {spec.job_id or "": job for spec, job in zip(cluster.jobs, jobs)}
+    outcome: List[JobResult] = []
+    status = _execute(lambda: outcome.extend(cluster.profile(verbose=False)))
+    if status != OK:
+        return status
+    quiet = args.quiet
+    if not quiet:
+        specs = {r.job_id: by_id[r.job_id].spec for r in outcome}
+        print(_report.profile_text(outcome, specs, set(), cluster.max_cpus, cluster.max_memory, snippet=False))
+        if not args.output:
+            print("\nmpmsub profile -o FILE writes the jobs with this memory filled in, for mpmsub run.")
+    failed = [r for r in outcome if not r.success]
+    if args.output:
+        rows = [_sized(by_id[r.job_id], r) for r in sorted(outcome, key=lambda r: by_id[r.job_id].seq)]
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        except OSError as exc:
+            raise ValueError(f"cannot write {args.output!r}: {exc.strerror}") from None
+        if not quiet:
+            print(f"mpmsub: wrote {len(rows)} job(s) with measured memory to {args.output}", file=sys.stderr)
+    for r in failed:
+        job = by_id[r.job_id]
+        message = f"mpmsub: job {job.seq} (line {job.line}) failed: {r.error}; its memory is left as given"
+        print(message, file=sys.stderr)
+    return FAILED if failed else OK
+
+
+def _sized(job: FileJob, result: JobResult) -> Dict[str, Any]:
+    """The job's line as a JSON object, its memory the recommendation (kept as given if it failed)."""
+    row = dict(job.given)
+    if not any(key in row for key in ("p", "cpu", "cpus")):
+        row["p"] = job.spec.cpus
+    if result.success:
+        row.pop("memory", None)
+        row["m"] = _report.recommend_memory(result.memory_used)
+    return row
+
+
+def entry() -> None:
+    """The console script."""
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Job files for the command line: shell lines, or JSON Lines of seed-style job dicts.
+
+A text file holds one shell command per line, run with `/bin/sh -c`; blank lines and lines whose
+first non-blank character is `#` are skipped. A JSON Lines file (`.jsonl`, `.ndjson`) holds one
+job dict per line, with the keys `cluster.jobs.append` accepts; its `cmd` may also be a string,
+then run with `/bin/sh -c` as a text line is. Every line is checked when the file is read, and
+the first bad one is reported with its line number before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from mpmsub._job import JobSpec, to_spec
+
+SHELL = "/bin/sh"
+FORMATS = ("auto", "text", "jsonl")
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# Where a file's line does not say, these defaults apply; a line may name them under any alias.
+_ALIASES = {"p": ("p", "cpu", "cpus"), "m": ("m", "memory"), "timeout": ("timeout",), "retries": ("retries",)}
+
+
+class JobFileError(ValueError):
+    """A job file that cannot be run as it is: names the file and line."""
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """One job of a job file."""
+
+    seq: int  # its place among the file's jobs, from 1 (GNU parallel's job sequence number)
+    line: int  # its line in the file, from 1
+    command: str  # the command as the joblog records it: the shell line, or the argv as text
+    given: Dict[str, Any]  # what the line said, as a job dict ({"cmd": line} for a text line)
+    job: Dict[str, Any] = field(repr=False)  # the job dict to run: `given` with the defaults filled in
+    spec: JobSpec = field(repr=False, compare=False)
+
+
+def detect_format(name: str, text: str) -> str:
+    """ "jsonl" for a .jsonl/.ndjson file, or for standard input whose first job line is a JSON
+    object; "text" otherwise."""
+    if name.lower().endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    if name != "-":
+        return "text"
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        try:
+            return "jsonl" if isinstance(json.loads(stripped), dict) else "text"
+        except ValueError:
+            return "text"
+    return "text"
+
+
+def read_jobs(text: str, name: str, fmt: str = "auto", defaults: Optional[Mapping[str, Any]] = None) -> List[FileJob]:
+    """The jobs of a job file's text. `name` is the file's name for messages ("-" for standard
+    input); `defaults` fills `p`, `m`, `timeout` and `retries` where a line leaves them out (None
+    values are ignored). Raises JobFileError naming the first bad line."""
+    if fmt not in FORMATS:
+        raise ValueError(f"invalid job file format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "auto":
+        fmt = detect_format(name, text)
+    filled = {key: value for key, value in (defaults or {}).items() if value is not None}
+    for key in filled:
+        if key not in _ALIASES:
+            raise ValueError(f"invalid default {key!r}: expected one of {', '.join(_ALIASES)}")
+    label = "<stdin>" if name == "-" else name
+    jobs: List[FileJob] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or (fmt == "text" and stripped.startswith("#")):
+            continue
+        try:
+            if fmt == "text":
+                given: Dict[str, Any] = {"cmd": stripped}
+            else:
+                given = _json_job(stripped)
+            job, command = _to_job(given, filled)
+            spec = to_spec(job)
+        except (ValueError, TypeError) as exc:
+            raise JobFileError(f"{label}:{number}: {exc}") from None
+        if command is None:  # an argv list (or pipeline) as a shell would take it
+            command = " | ".join(shlex.join(stage) for stage in spec.stages)
+        jobs.append(FileJob(len(jobs) + 1, number, command, given, job, spec))
+    return jobs
+
+
+def _json_job(line: str) -> Dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc}): {line[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f'expected a job object such as {{"cmd": [...], "m": "2G"}}; got {line[:80]!r}')
+    return value
+
+
+def _to_job(given: Dict[str, Any], defaults: Mapping[str, Any]) -> Tuple[Dict[str, Any], Optional[str]]:
+    """The job dict to run, and the command's text when it is a shell line."""
+    job = dict(given)
+    command = None
+    if isinstance(job.get("cmd"), str):
+        command = job["cmd"]
+        job["cmd"] = [SHELL, "-c", command]
+    for key, value in defaults.items():
+        if not any(alias in job for alias in _ALIASES[key]):
+            job[key] = value
+    return job, command

@@ -1,0 +1,213 @@
+"""The `mpmsub` command line, driven through the real console script in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+from helpers import unique_sleep, wait_gone
+
+from mpmsub import _joblog, parse_memory
+
+SCRIPT = Path(sys.executable).with_name("mpmsub")
+
+
+def mpmsub(*args: str, cwd: Path, stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+    assert SCRIPT.exists(), f"the console script is not installed next to {sys.executable}"
+    return subprocess.run([str(SCRIPT), *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def rows(joblog: Path) -> List[List[str]]:
+    lines = joblog.read_text().splitlines()
+    assert lines[0].split("\t") == [*_joblog.PARALLEL_COLUMNS, "PeakMemMB", "Cpus", "ReqMemMB", "Attempts", "JobId"]
+    parallel = "Seq Host Starttime JobRuntime Send Receive Exitval Signal Command"  # GNU parallel's header
+    assert "\t".join(_joblog.PARALLEL_COLUMNS) == parallel.replace(" ", "\t")
+    return [line.split("\t") for line in lines[1:]]
+
+
+def test_a_text_job_file_runs_with_its_output_a_joblog_and_a_summary(tmp_path: Path) -> None:
+    (tmp_path / "jobs.txt").write_text("echo one\n# a comment\n\n  echo two >&2\nprintf '%s' \"$PWD\" > where.txt\n")
+    out = mpmsub("run", "jobs.txt", "-p", "2", "-m", "1G", "--job-mem", "50M", "--joblog", "log.tsv", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "one\n"
+    assert "two\n" in out.stderr and "mpmsub summary" in out.stderr and "3 total, 3 completed" in out.stderr
+    assert (tmp_path / "where.txt").read_text() == str(tmp_path)
+    logged = sorted(rows(tmp_path / "log.tsv"), key=lambda r: int(r[0]))
+    assert [(r[0], r[1], r[6], r[7], r[8]) for r in logged] == [
+        ("1", ":", "0", "0", "echo one"),
+        ("2", ":", "0", "0", "echo two >&2"),
+        ("3", ":", "0", "0", "printf '%s' \"$PWD\" > where.txt"),
+    ]
+    assert [(r[5], r[10], r[11], r[12], r[13]) for r in logged] == [
+        ("4", "1", "50", "1", "job_0001"),
+        ("0", "1", "50", "1", "job_0002"),
+        ("0", "1", "50", "1", "job_0003"),
+    ]
+
+
+def test_a_jsonl_job_file_gives_each_job_its_own_settings(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    lines = [
+        {
+            "cmd": ["sh", "-c", 'echo "$WHO in $PWD"'],
+            "id": "greet",
+            "p": 2,
+            "m": "100M",
+            "cwd": "sub",
+            "env": {"WHO": "me"},
+        },
+        {"cmd": "sleep 30", "id": "slow", "timeout": 0.5},
+        {"cmd": [["printf", "b\\na\\n"], ["sort"]], "memory": "20M"},
+    ]
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = mpmsub("run", "jobs.jsonl", "--json", "--joblog", "log.tsv", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr  # the timed-out job failed
+    report = json.loads(out.stdout)
+    assert report["stats"]["jobs"]["total"] == 3 and report["stats"]["jobs"]["failed"] == 1
+    results = {r["job_id"]: r for r in report["results"]}
+    assert results["greet"]["stdout"] == f"me in {tmp_path / 'sub'}\n"
+    assert results["greet"]["cpus"] == 2 and results["greet"]["memory_requested"] == 100
+    assert results["slow"]["failure"] == "timeout" and not results["slow"]["success"]
+    assert results["job_0003"]["stdout"] == "a\nb\n" and results["job_0003"]["command"] == "printf 'b\\na\\n' | sort"
+    assert [r["seq"] for r in report["results"]] == [1, 2, 3]
+    slow = next(r for r in rows(tmp_path / "log.tsv") if r[13] == "slow")
+    assert slow[6] == "0" and slow[7] in (str(int(signal.SIGTERM)), str(int(signal.SIGKILL)))
+
+
+def test_a_failed_job_makes_the_exit_status_1(tmp_path: Path) -> None:
+    (tmp_path / "jobs.txt").write_text("true\nexit 3\n")
+    out = mpmsub("run", "jobs.txt", "--no-progress", "--joblog", "log.tsv", cwd=tmp_path)
+    assert out.returncode == 1
+    assert "exited with status 3" in out.stderr
+    assert sorted((r[0], r[6]) for r in rows(tmp_path / "log.tsv")) == [("1", "0"), ("2", "3")]
+
+
+@pytest.mark.parametrize(
+    ("args", "content", "message"),
+    [
+        (["-m", "lots"], "true\n", "invalid memory 'lots'"),
+        (["-p", "0"], "true\n", "invalid cpus '0'"),
+        (["--job-mem", "2X"], "true\n", "invalid job memory '2X'"),
+        (["--timeout", "soon"], "true\n", "invalid timeout 'soon'"),
+        (["--resume"], "true\n", "--resume and --resume-failed need --joblog FILE"),
+        (["-m", "1G", "--job-mem", "2G"], "true\n", "jobs.txt:1: job 'job_0001' can never run"),
+        ([], "", "holds no job"),
+    ],
+)
+def test_a_usage_error_exits_2_naming_the_bad_value(
+    tmp_path: Path, args: List[str], content: str, message: str
+) -> None:
+    (tmp_path / "jobs.txt").write_text(content)
+    out = mpmsub("run", "jobs.txt", *args, cwd=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr and "usage: mpmsub run" in out.stderr
+
+
+def test_a_malformed_line_is_reported_with_its_number_before_anything_runs(tmp_path: Path) -> None:
+    (tmp_path / "jobs.jsonl").write_text('{"cmd": ["touch", "ran"]}\n\n{"cmd": ["true"], "mem": "1G"}\n')
+    out = mpmsub("run", "jobs.jsonl", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "jobs.jsonl:3: unknown job key 'mem' (did you mean 'memory'?)" in out.stderr
+    assert not (tmp_path / "ran").exists()
+    (tmp_path / "jobs.jsonl").write_text('{"cmd": ["touch", "ran"]}\n{"cmd": ["true"]\n')
+    out = mpmsub("run", "jobs.jsonl", cwd=tmp_path)
+    assert out.returncode == 2 and "jobs.jsonl:2: not valid JSON" in out.stderr
+    assert not (tmp_path / "ran").exists()
+    out = mpmsub("run", "missing.txt", cwd=tmp_path)
+    assert out.returncode == 2 and "cannot read the job file 'missing.txt'" in out.stderr
+
+
+def test_jobs_are_read_from_stdin_as_text_or_json_lines(tmp_path: Path) -> None:
+    out = mpmsub("run", "-", "-q", cwd=tmp_path, stdin="echo a\n# skipped\necho b\n")
+    assert out.returncode == 0 and sorted(out.stdout.split()) == ["a", "b"] and out.stderr == ""
+    out = mpmsub("run", "-", "-q", "--json", cwd=tmp_path, stdin='{"cmd": ["echo", "c"], "id": "x"}\n')
+    assert out.returncode == 0 and json.loads(out.stdout)["results"][0]["stdout"] == "c\n"
+
+
+def test_a_driver_killed_by_sigkill_resumes_without_running_a_finished_job_again(tmp_path: Path) -> None:
+    """Each job appends its number to runs.txt when it starts. The driver is killed with SIGKILL
+    after a few jobs finished; `--resume` must not start any job its joblog records again."""
+    count = 10
+    (tmp_path / "jobs.txt").write_text("".join(f"echo {n} >> runs.txt; sleep 0.3\n" for n in range(1, count + 1)))
+    log = tmp_path / "log.tsv"
+    args = [str(SCRIPT), "run", "jobs.txt", "-p", "2", "--schedule", "fifo", "--joblog", "log.tsv", "-q"]
+    driver = subprocess.Popen(args, cwd=tmp_path)
+    deadline = time.monotonic() + 30
+    while not (log.exists() and len(log.read_text().splitlines()) > 3):  # 3 jobs done
+        assert time.monotonic() < deadline and driver.poll() is None
+        time.sleep(0.01)
+    driver.kill()
+    driver.wait()
+    done = {int(r[0]) for r in rows(log)}
+    assert 3 <= len(done) < count
+    time.sleep(0.5)  # the watchman kills the jobs that were running
+    started_before = (tmp_path / "runs.txt").read_text().split()
+    out = mpmsub("run", "jobs.txt", "-p", "2", "--joblog", "log.tsv", "--resume", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"{len(done)} job(s) skipped" in out.stderr
+    runs = [int(n) for n in (tmp_path / "runs.txt").read_text().split()]
+    assert all(runs.count(n) == 1 for n in done), (runs, done)
+    assert len(runs) - len(started_before) == count - len(done)
+    assert sorted(int(r[0]) for r in rows(log)) == list(range(1, count + 1))  # each recorded once
+
+
+def test_resume_failed_reruns_only_the_failed_jobs(tmp_path: Path) -> None:
+    # A backslash in a command, escaped in the joblog, still names the same job on resume.
+    (tmp_path / "jobs.txt").write_text("printf 'x\\n' >> ok.txt\ntest -e second || { touch second; exit 4; }\n")
+    first = mpmsub("run", "jobs.txt", "--joblog", "log.tsv", "-q", cwd=tmp_path)
+    assert first.returncode == 1
+    again = mpmsub("run", "jobs.txt", "--joblog", "log.tsv", "--resume-failed", "-q", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "ok.txt").read_text() == "x\n"
+    assert [(r[0], r[6]) for r in rows(tmp_path / "log.tsv")][-1] == ("2", "0")
+    resumed = mpmsub("run", "jobs.txt", "--joblog", "log.tsv", "--resume", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0 and json.loads(resumed.stdout)["skipped"] == 2
+
+
+def test_profile_recommends_memory_and_writes_a_job_file_to_run(tmp_path: Path) -> None:
+    hold = f"{sys.executable} -c 'import time; x = bytearray(60 * 2**20); time.sleep(0.3)'"
+    (tmp_path / "jobs.txt").write_text(f"{hold}\necho hi\n")
+    out = mpmsub("profile", "jobs.txt", "-o", "sized.jsonl", "--no-progress", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "recommend" in out.stdout and "wrote 2 job(s)" in out.stderr
+    sized = [json.loads(line) for line in (tmp_path / "sized.jsonl").read_text().splitlines()]
+    assert [job["cmd"] for job in sized] == [hold, "echo hi"]
+    assert 60 * 2**20 <= parse_memory(sized[0]["m"]) <= 110 * 2**20
+    assert all(job["p"] == 1 for job in sized)
+    again = mpmsub("run", "sized.jsonl", "-q", cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout == "hi\n"
+
+
+def test_sigterm_kills_the_running_jobs_and_exits_143(tmp_path: Path) -> None:
+    arg = unique_sleep()
+    (tmp_path / "jobs.txt").write_text(f"sleep {arg}\n")
+    driver = subprocess.Popen([str(SCRIPT), "run", "jobs.txt", "-q"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while not wait_gone(arg, timeout=0):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=20)
+    assert driver.returncode == 128 + signal.SIGTERM
+    assert "terminated; running jobs were killed" in err
+    assert not wait_gone(arg, timeout=3)
+
+
+def test_python_dash_m_and_the_help_texts() -> None:
+    top = subprocess.run([sys.executable, "-m", "mpmsub", "--help"], capture_output=True, text=True, timeout=30)
+    assert top.returncode == 0 and "run" in top.stdout and "profile" in top.stdout
+    run = subprocess.run([str(SCRIPT), "run", "--help"], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and "examples:" in run.stdout and "--resume-failed" in run.stdout
+    assert "exit status:" in run.stdout
+    version = subprocess.run([str(SCRIPT), "--version"], capture_output=True, text=True, timeout=30)
+    assert version.stdout.startswith("mpmsub ")
+    none = subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=30)
+    assert none.returncode == 2 and "COMMAND" in none.stderr
+    assert os.access(SCRIPT, os.X_OK)
