@@ -61,3 +61,30 @@ def test_readme_command_line_example_runs(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
     assert "held 200 MB" in (tmp_path / "results.json").read_text()
     assert len((tmp_path / "run.log").read_text().splitlines()) == 4  # header and 3 jobs, run once
+
+
+DOC_PAGES = sorted((ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("page", [p.name for p in DOC_PAGES])
+def test_docs_page_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each page's own Python and shell blocks run (the README's, which pages include, run in
+    the tests above)."""
+    text = (ROOT / "docs" / page).read_text()
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        exec(compile(block, page, "exec"), namespace)
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        if "pip install" in block:
+            continue  # installation commands: the CI's own setup runs them
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block],
+            cwd=tmp_path,
+            env={**os.environ, "PATH": path},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
