@@ -179,9 +179,9 @@ class _Delegation:
     The kernel lets a group other than the root hand a controller to its children only while it
     holds no process itself. When it already does (the root, or a delegated group whose owner
     arranged it), nothing is changed. When it does not, but the group is delegated to us (it
-    offers the controller, we may write to it) and this process is its only member, as with
-    `systemd-run -p Delegate=yes` or a container's own cgroup, this process moves into a leaf
-    group of its own inside it (`mpmsub-<pid>-main`), and the controller is enabled for the
+    offers the controller, it carries systemd's delegation mark, or MPMSUB_CGROUPS=delegate says
+    it is ours) and this process is its only member, as with `systemd-run -p Delegate=yes`, this
+    process moves into a leaf group of its own inside it (`mpmsub-<pid>-main`), and the controller is enabled for the
     group's children; the job groups are made beside the leaf. Any step that fails undoes the
     ones before it. Everything is undone when the last executor using it closes: the controller is
     disabled, this process (and any process it started meanwhile) moves back, the leaf is
@@ -216,6 +216,8 @@ class _Delegation:
             return None  # the root group: not ours to change the whole machine's hierarchy
         elif _words(os.path.join(here, "cgroup.procs")) != [str(os.getpid())]:
             return None  # other processes share the group: it was not delegated to us alone
+        elif not _delegated(here):
+            return None  # writable (as root every group is) but its manager did not hand it over
         else:
             delegation = cls(here, cls._take(here, controller), controller)
         delegation.users = 1
@@ -245,21 +247,37 @@ class _Delegation:
         self.users -= 1
         if self.users > 0 or self.pid != os.getpid():
             return
+        if self.leaf is not None:
+            try:
+                _write(os.path.join(self.group, "cgroup.subtree_control"), f"-{self.controller}")
+                for pid in _words(os.path.join(self.leaf, "cgroup.procs")):
+                    with contextlib.suppress(OSError):  # it may have exited since
+                        _write(os.path.join(self.group, "cgroup.procs"), pid)
+                os.rmdir(self.leaf)
+            except OSError as exc:  # kept as held: the next executor uses it as it is
+                logger.warning("mpmsub: cgroup %s left as mpmsub arranged it: %s", self.group, exc)
+                return
         if _Delegation._held is self:
             _Delegation._held = None
-        if self.leaf is None:
-            return
-        try:
-            _write(os.path.join(self.group, "cgroup.subtree_control"), f"-{self.controller}")
-            for pid in _words(os.path.join(self.leaf, "cgroup.procs")):
-                with contextlib.suppress(OSError):  # it may have exited since
-                    _write(os.path.join(self.group, "cgroup.procs"), pid)
-            os.rmdir(self.leaf)
-        except OSError as exc:
-            logger.debug("mpmsub: cgroup %s left as it is: %s", self.group, exc)
 
 
 _DELEGATION_LOCK = threading.Lock()
+# The marks systemd (v251 and later) puts on a group it delegates (Delegate=yes), as root or as
+# the user's manager; MPMSUB_CGROUPS=delegate says so for a group delegated another way.
+_DELEGATE_MARKS = ("trusted.delegate", "user.delegate")
+
+
+def _delegated(group: str) -> bool:
+    """Whether `group` was handed over to its processes to manage."""
+    if os.environ.get("MPMSUB_CGROUPS", "").lower() == "delegate":
+        return True
+    for mark in _DELEGATE_MARKS:
+        try:
+            if os.getxattr(group, mark) in (b"1", b"1\n"):
+                return True
+        except (OSError, AttributeError):  # no such mark (or no xattrs on this platform)
+            continue
+    return False
 
 
 def _tree(path: str) -> List[str]:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 from types import FrameType
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from mpmsub import __version__, _joblog, _report
 from mpmsub._cluster import Cluster
-from mpmsub._jobfile import FORMATS, FileJob, JobFileError, read_jobs
+from mpmsub._jobfile import ALIASES, FORMATS, FileJob, JobFileError, read_jobs
 from mpmsub._result import CANCELLED, JobResult
 from mpmsub._scheduler import POLICIES
 from mpmsub._units import parse_cpus, parse_duration, parse_memory
@@ -55,7 +56,7 @@ examples:
 
 
 class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that running jobs are killed as on Ctrl-C."""
+    """SIGTERM: the running jobs are killed as on Ctrl-C."""
 
 
 def _arg(parse: Callable[[object, str], Any], what: str) -> Callable[[str], Any]:
@@ -141,15 +142,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line's entry point; returns the exit status."""
     args = parser().parse_args(argv)
-
-    def usage(message: str) -> NoReturn:
-        command: argparse.ArgumentParser = args.parser
-        command.error(message)  # prints the command's usage and the message; exits 2
-
     if args.command == "run" and (args.resume or args.resume_failed) and not args.joblog:
-        usage("--resume and --resume-failed need --joblog FILE")
-    try:
+        args.parser.error("--resume and --resume-failed need --joblog FILE")
+    try:  # everything that can be wrong with the command is found before any job runs
         jobs = _read(args)
+        if not jobs:
+            if not args.quiet:
+                print(f"mpmsub: the job file {_label(args.jobfile)} holds no job", file=sys.stderr)
+            return OK
         cluster = Cluster(
             cpus=args.cpus,
             memory=args.memory,
@@ -157,16 +157,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress_bar=not (args.no_progress or args.quiet),
             schedule=getattr(args, "schedule", "pack"),
         )
-        for job in jobs:  # every job is checked against the budget before any runs
-            try:
-                cluster.jobs.append(_named(job))
-            except (ValueError, TypeError) as exc:
-                raise JobFileError(f"{_label(args.jobfile)}:{job.line}: {exc}") from None
+        _admit(cluster, jobs, args.jobfile)
         if args.command == "run":
-            return _run(args, cluster, jobs)
-        return _profile(args, cluster, jobs)
+            plan = _plan_run(args, cluster, jobs)
+        elif args.output:
+            _check_writable(args.output)
     except (JobFileError, ValueError) as exc:
-        usage(str(exc))
+        command: argparse.ArgumentParser = args.parser
+        command.error(str(exc))  # prints the command's usage and the message; exits 2
+    if args.command == "run":
+        return _run(args, cluster, plan)
+    return _profile(args, cluster, jobs)
+
+
+def _admit(cluster: Cluster, jobs: List[FileJob], name: str) -> None:
+    """Queue every job, checked against the budget; an error names the job's line."""
+    given = {str(job.job["id"]): job for job in jobs if "id" in job.job}
+    for job in jobs:
+        try:
+            cluster.jobs.append(_named(job))
+        except (ValueError, TypeError) as exc:
+            message = f"{_label(name)}:{job.line}: {exc}"
+            auto = _named(job)["id"]
+            if "id" not in job.job and auto in given:
+                other = given[auto].line
+                message += f" (the name mpmsub gives this job, which has no id, is taken by line {other}'s)"
+            raise JobFileError(message) from None
+
+
+def _check_writable(path: str) -> None:
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot write {path!r}: {exc.strerror}") from None
 
 
 def _named(job: FileJob) -> Dict[str, Any]:
@@ -192,12 +216,13 @@ def _read(args: argparse.Namespace) -> List[FileJob]:
         raise ValueError(f"cannot read the job file {args.jobfile!r}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"cannot read the job file {args.jobfile!r}: not UTF-8 text ({exc.reason})") from None
+    return read_jobs(text, args.jobfile, args.format, _defaults(args))
+
+
+def _defaults(args: argparse.Namespace) -> Dict[str, Any]:
+    """What the options give the jobs whose lines leave it out."""
     retries = getattr(args, "retries", None)
-    defaults = {"p": args.job_cpus, "m": args.job_mem, "timeout": args.timeout, "retries": retries}
-    jobs = read_jobs(text, args.jobfile, args.format, defaults)
-    if not jobs:
-        raise ValueError(f"the job file {_label(args.jobfile)} holds no job")
-    return jobs
+    return {"p": args.job_cpus, "m": args.job_mem, "timeout": args.timeout, "retries": retries}
 
 
 @dataclasses.dataclass
@@ -205,26 +230,41 @@ class _Run:
     """What the run prints and records as each job ends."""
 
     cluster: Cluster
+    jobs: List[FileJob]  # those to run
     by_id: Dict[str, FileJob]
+    skipped: int
     joblog: Optional[_joblog.JobLog]
     echo: bool  # print each job's captured output as it ends
 
     def finished(self, result: JobResult) -> None:
         job = self.by_id[result.job_id]
         if self.joblog is not None and result.failure != CANCELLED:  # cancelled jobs run again
-            self.joblog.write(job.seq, job.command, result)
+            try:
+                self.joblog.write(job.seq, job.command, result)
+            except OSError as exc:  # the jobs go on; the joblog stops where it could
+                print(f"mpmsub: cannot write the joblog {self.joblog.path!r} any more: {exc}", file=sys.stderr)
+                self.joblog.close()
+                self.joblog = None
         if self.echo:
-            self._print(result.stdout, sys.stdout)
-            self._print(result.stderr, sys.stderr)
+            try:
+                self._print(result.stdout, sys.stdout)
+                self._print(result.stderr, sys.stderr)
+            except BrokenPipeError:  # e.g. `mpmsub run jobs.txt | head`: the jobs go on, unprinted
+                self.echo = False
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())  # so that Python's final flush is quiet
+                os.close(devnull)
 
     def _print(self, text: Optional[str], stream: TextIO) -> None:
         if text:
             self.cluster._echo(text, stream)
 
 
-def _run(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) -> int:
+def _plan_run(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) -> _Run:
+    """The jobs to run (those the joblog does not record, when resuming) and the open joblog."""
     skipped = 0
-    if args.resume or args.resume_failed:
+    resuming = args.resume or args.resume_failed
+    if resuming:
         recorded = _joblog.read(args.joblog)
         run = [j for j in jobs if not _done(recorded.get(_joblog.key(j.seq, j.command)), args.resume_failed)]
         skipped = len(jobs) - len(run)
@@ -232,23 +272,24 @@ def _run(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) -> int
             cluster.jobs.clear()
             cluster.jobs.extend(_named(j) for j in run)
         jobs = run
-    log = _joblog.JobLog(args.joblog, append=args.resume or args.resume_failed) if args.joblog else None
+    log = _joblog.JobLog(args.joblog, append=resuming) if args.joblog else None
     by_id = {spec.job_id or "": job for spec, job in zip(cluster.jobs, jobs)}
-    state = _Run(cluster, by_id, log, echo=not args.json)
-    if skipped and not args.quiet:
-        print(f"mpmsub: {skipped} job(s) skipped: the joblog records them", file=sys.stderr)
-    if not jobs:
-        if args.json:
-            _print_json(cluster, [], by_id, skipped)
-        return OK
-    status = _execute(lambda: cluster.run(on_result=state.finished))
-    if log is not None:
-        log.close()
+    return _Run(cluster, jobs, by_id, skipped, log, echo=not args.json)
+
+
+def _run(args: argparse.Namespace, cluster: Cluster, plan: _Run) -> int:
+    if plan.skipped and not args.quiet:
+        print(f"mpmsub: {plan.skipped} job(s) skipped: the joblog records them", file=sys.stderr)
+    status = OK
+    if plan.jobs:
+        status = _execute(cluster, lambda: cluster.run(on_result=plan.finished))
+    if plan.joblog is not None:
+        plan.joblog.close()
     results = cluster.completed_jobs + cluster.failed_jobs
-    results.sort(key=lambda r: by_id[r.job_id].seq)
+    results.sort(key=lambda r: plan.by_id[r.job_id].seq)
     if args.json:
-        _print_json(cluster, results, by_id, skipped)
-    elif not args.quiet:
+        _print_json(cluster, results, plan.by_id, plan.skipped)
+    elif not args.quiet and plan.jobs:
         print(_report.summary_text(cluster.stats, results), file=sys.stderr)
     if status != OK:
         return status
@@ -260,13 +301,17 @@ def _done(success: Optional[bool], only_succeeded: bool) -> bool:
     return success is not None and (success or not only_succeeded)
 
 
-def _execute(run: Callable[[], Any]) -> int:
-    """Run with Ctrl-C and SIGTERM killing the running jobs; OK or the interrupted status."""
+def _execute(cluster: Cluster, run: Callable[[], Any]) -> int:
+    """Run with Ctrl-C and SIGTERM killing the running jobs; OK or the interrupted status.
 
-    def terminate(signum: int, frame: Optional[FrameType]) -> None:
-        raise _Terminated()
+    The signal handlers only ask the cluster to stop: it raises between two waits for results,
+    where no lock is half taken (an exception raised by a handler at any point could leave one
+    held and the shutdown waiting on it)."""
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    def stop(signum: int, frame: Optional[FrameType]) -> None:
+        cluster._stop = KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         run()
     except KeyboardInterrupt:
@@ -276,7 +321,8 @@ def _execute(run: Callable[[], Any]) -> int:
         print("mpmsub: terminated; running jobs were killed", file=sys.stderr)
         return TERMINATED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return OK
 
 
@@ -295,7 +341,7 @@ def _print_json(cluster: Cluster, results: List[JobResult], by_id: Dict[str, Fil
 def _profile(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) -> int:
     by_id = {spec.job_id or "": job for spec, job in zip(cluster.jobs, jobs)}
     outcome: List[JobResult] = []
-    status = _execute(lambda: outcome.extend(cluster.profile(verbose=False)))
+    status = _execute(cluster, lambda: outcome.extend(cluster.profile(verbose=False)))
     if status != OK:
         return status
     quiet = args.quiet
@@ -306,12 +352,14 @@ def _profile(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) ->
             print("\nmpmsub profile -o FILE writes the jobs with this memory filled in, for mpmsub run.")
     failed = [r for r in outcome if not r.success]
     if args.output:
-        rows = [_sized(by_id[r.job_id], r) for r in sorted(outcome, key=lambda r: by_id[r.job_id].seq)]
+        ordered = sorted(outcome, key=lambda r: by_id[r.job_id].seq)
+        rows = [_sized(by_id[r.job_id], r, _defaults(args)) for r in ordered]
         try:
             with open(args.output, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
         except OSError as exc:
-            raise ValueError(f"cannot write {args.output!r}: {exc.strerror}") from None
+            print(f"mpmsub: cannot write {args.output!r}: {exc.strerror}", file=sys.stderr)
+            return FAILED
         if not quiet:
             print(f"mpmsub: wrote {len(rows)} job(s) with measured memory to {args.output}", file=sys.stderr)
     for r in failed:
@@ -321,11 +369,13 @@ def _profile(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) ->
     return FAILED if failed else OK
 
 
-def _sized(job: FileJob, result: JobResult) -> Dict[str, Any]:
-    """The job's line as a JSON object, its memory the recommendation (kept as given if it failed)."""
+def _sized(job: FileJob, result: JobResult, defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """The job's line as a JSON object, with what the options gave it, and its memory the
+    recommendation (kept as it was if the job failed)."""
     row = dict(job.given)
-    if not any(key in row for key in ("p", "cpu", "cpus")):
-        row["p"] = job.spec.cpus
+    for key, value in defaults.items():
+        if value is not None and not any(alias in row for alias in ALIASES[key]):
+            row[key] = value
     if result.success:
         row.pop("memory", None)
         row["m"] = _report.recommend_memory(result.memory_used)

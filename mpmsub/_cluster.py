@@ -103,6 +103,7 @@ class Cluster:
         self._max_workers: Optional[int] = None
         self._runtimes: Dict[str, float] = {}  # command line -> runtime of its last successful run
         self._bar: Optional[ProgressBar] = None  # while jobs run
+        self._stop: Optional[BaseException] = None  # set (by a signal handler) to stop the run
 
     @property
     def max_memory_mb(self) -> float:
@@ -235,6 +236,9 @@ class Cluster:
             pending: Set[Future[JobResult]] = set(futures)
             while pending:
                 done, pending = wait(pending, timeout=_REFRESH, return_when=FIRST_COMPLETED)
+                stop, self._stop = self._stop, None
+                if stop is not None:
+                    raise stop
                 for future in done:
                     results.append(self._record(future.result(), futures[future]))
                     failed += not results[-1].success

@@ -246,7 +246,7 @@ class MemoryAwareExecutor(Executor):
         self._oom_kills = _proctree.oom_kill_count()
         self._loop = EventLoop("mpmsub-executor")
         self._launcher = _launcher if _launcher is not None else LocalLauncher(self._loop, kill_grace)
-        self._monitor = Monitor(_monitor_interval, self._check_memory)
+        self._monitor = Monitor(_monitor_interval, self._check_memory, self._launcher.housekeeping)
         self._loop.start()
         _live_executors.add(self)
         weakref.finalize(self, _stop_loop, self._loop, self._monitor)

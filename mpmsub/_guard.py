@@ -22,7 +22,9 @@ from typing import Deque, Optional
 
 logger = logging.getLogger("mpmsub")
 
-# The watchman's program. It runs with -S -E (no site, no environment) to start in a few ms.
+# The watchman's program. It runs isolated (-I: no environment, no user site, and no module from
+# the working directory, which may hold a file named like one of the stdlib's) and without site
+# (-S), to start in a few ms.
 _PROGRAM = r"""
 import os, signal, sys
 
@@ -74,9 +76,10 @@ class Watchman:
 
     `watch` and `forget` only queue a word (they run on the event loop, which must not make a
     system call per job: each lets other threads take the interpreter lock and delays the next
-    start); the monitor thread passes the queue on at each tick (`flush`), within 20 ms of a
-    job's start. A job started less than a tick before the launching process is killed may
-    therefore be missed."""
+    start); the monitor thread passes the queue on at each tick and when its last job is gone
+    (`flush`), within 20 ms of a job's start. A job started less than a tick before the launching
+    process is killed may therefore be missed. On Linux every process of a listed session is
+    killed; elsewhere (no /proc) its process group."""
 
     def __init__(self) -> None:
         self._proc: Optional[subprocess.Popen[bytes]] = None
@@ -115,9 +118,12 @@ class Watchman:
             self._failed = True
 
     def _start(self) -> bool:
+        if getattr(sys, "frozen", False):  # sys.executable is the application, not Python
+            self._failed = True
+            return False
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-S", "-E", "-c", _PROGRAM],
+                [sys.executable, "-I", "-S", "-c", _PROGRAM],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -1,7 +1,7 @@
 """Job files for the command line: shell lines, or JSON Lines of seed-style job dicts.
 
 A text file holds one shell command per line, run with `/bin/sh -c`; blank lines and lines whose
-first non-blank character is `#` are skipped. A JSON Lines file (`.jsonl`, `.ndjson`) holds one
+first non-blank character is `#` are skipped (in both formats). A JSON Lines file (`.jsonl`, `.ndjson`) holds one
 job dict per line, with the keys `cluster.jobs.append` accepts; its `cmd` may also be a string,
 then run with `/bin/sh -c` as a text line is. Every line is checked when the file is read, and
 the first bad one is reported with its line number before anything runs.
@@ -20,7 +20,7 @@ SHELL = "/bin/sh"
 FORMATS = ("auto", "text", "jsonl")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # Where a file's line does not say, these defaults apply; a line may name them under any alias.
-_ALIASES = {"p": ("p", "cpu", "cpus"), "m": ("m", "memory"), "timeout": ("timeout",), "retries": ("retries",)}
+ALIASES = {"p": ("p", "cpu", "cpus"), "m": ("m", "memory"), "timeout": ("timeout",), "retries": ("retries",)}
 
 
 class JobFileError(ValueError):
@@ -46,7 +46,7 @@ def detect_format(name: str, text: str) -> str:
         return "jsonl"
     if name != "-":
         return "text"
-    for line in text.splitlines():
+    for line in text.split("\n"):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -67,13 +67,14 @@ def read_jobs(text: str, name: str, fmt: str = "auto", defaults: Optional[Mappin
         fmt = detect_format(name, text)
     filled = {key: value for key, value in (defaults or {}).items() if value is not None}
     for key in filled:
-        if key not in _ALIASES:
-            raise ValueError(f"invalid default {key!r}: expected one of {', '.join(_ALIASES)}")
+        if key not in ALIASES:
+            raise ValueError(f"invalid default {key!r}: expected one of {', '.join(ALIASES)}")
     label = "<stdin>" if name == "-" else name
     jobs: List[FileJob] = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" (or "\r\n") alone: other characters splitlines() breaks at may be text.
+    for number, line in enumerate(text.split("\n"), 1):
         stripped = line.strip()
-        if not stripped or (fmt == "text" and stripped.startswith("#")):
+        if not stripped or stripped.startswith("#"):
             continue
         try:
             if fmt == "text":
@@ -108,6 +109,6 @@ def _to_job(given: Dict[str, Any], defaults: Mapping[str, Any]) -> Tuple[Dict[st
         command = job["cmd"]
         job["cmd"] = [SHELL, "-c", command]
     for key, value in defaults.items():
-        if not any(alias in job for alias in _ALIASES[key]):
+        if not any(alias in job for alias in ALIASES[key]):
             job[key] = value
     return job, command

@@ -46,7 +46,8 @@ def exit_fields(result: JobResult) -> Tuple[int, int]:
     return exitval, signal
 
 
-def row(seq: int, command: str, result: JobResult) -> str:
+def row(seq: int, command: str, result: JobResult, columns: int = len(PARALLEL_COLUMNS + MPMSUB_COLUMNS)) -> str:
+    """A joblog row; with `columns` 9, GNU parallel's columns alone."""
     exitval, signal = exit_fields(result)
     received = len(result.stdout.encode("utf-8", "replace")) if result.stdout else 0
     requested = "" if result.memory_requested is None else f"{result.memory_requested:.0f}"
@@ -66,7 +67,7 @@ def row(seq: int, command: str, result: JobResult) -> str:
         str(result.attempts),
         escape(result.job_id),
     )
-    return "\t".join(fields) + "\n"
+    return "\t".join(fields[:columns]) + "\n"
 
 
 def read(path: str) -> Dict[Key, bool]:
@@ -100,7 +101,8 @@ def read(path: str) -> Dict[Key, bool]:
 
 
 class JobLog:
-    """A joblog open for writing: a new one (header first), or one that resumed runs add to."""
+    """A joblog open for writing: a new one (header first), or one that resumed runs add to.
+    Added to a joblog GNU parallel wrote, rows keep to its columns, so that it stays readable."""
 
     def __init__(self, path: str, append: bool) -> None:
         self.path = path
@@ -109,14 +111,24 @@ class JobLog:
             self._fd = os.open(path, flags, 0o666)
         except OSError as exc:
             raise ValueError(f"cannot write the joblog {path!r}: {exc.strerror}") from None
+        self.columns = len(PARALLEL_COLUMNS + MPMSUB_COLUMNS)
         if os.fstat(self._fd).st_size == 0:
             self._write(HEADER + "\n")
+        else:
+            with open(path, encoding="utf-8", newline="") as f:
+                header = f.readline().rstrip("\n").split("\t")
+            if header[: len(PARALLEL_COLUMNS)] == list(PARALLEL_COLUMNS):
+                self.columns = len(header)
 
     def write(self, seq: int, command: str, result: JobResult) -> None:
-        self._write(row(seq, command, result))
+        self._write(row(seq, command, result, self.columns))
 
     def _write(self, text: str) -> None:
-        os.write(self._fd, text.encode("utf-8"))  # one unbuffered write: whole rows or none
+        """One unbuffered write (a row is whole or absent after a crash), continued if the
+        kernel took part of it. Raises OSError (a full disk, say)."""
+        data = text.encode("utf-8")
+        while data:
+            data = data[os.write(self._fd, data) :]
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -101,3 +101,7 @@ class Launcher(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what the launcher holds; called once no job is running."""
+
+    def housekeeping(self) -> None:  # noqa: B027 - optional hook
+        """Work that must not run on the event loop: called on the monitor thread at each tick,
+        and once more when no job is left to watch."""

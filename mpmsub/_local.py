@@ -83,6 +83,9 @@ class LocalLauncher(Launcher):
             self.groups.close()
         self.watchman.close()
 
+    def housekeeping(self) -> None:
+        self.watchman.flush()  # the sessions started and ended since the last tick
+
     def program(self, name: str, env: Optional[Dict[str, str]]) -> Optional[str]:
         """The file that running `name` executes, looked up in PATH once per executor (Popen
         would build and try every PATH entry on each start); None to let Popen search."""
@@ -442,7 +445,6 @@ class LocalHandle(Handle):
         roots = list(self._unreaped)
         if not roots:
             return None
-        self._launcher.watchman.flush()  # the sessions started since the last tick
         pids = _proctree.members(snapshot, roots)
         rss = sum(snapshot[pid].rss for pid in pids)
         if rss > self.sampled_peak:

@@ -34,9 +34,15 @@ def pace(age: float, interval: float) -> float:
 
 
 class Monitor:
-    def __init__(self, interval: float = 0.1, on_tick: Optional[Callable[[List[Measure]], None]] = None) -> None:
+    def __init__(
+        self,
+        interval: float = 0.1,
+        on_tick: Optional[Callable[[List[Measure]], None]] = None,
+        housekeeping: Optional[Callable[[], None]] = None,
+    ) -> None:
         self.interval = interval
         self._on_tick = on_tick
+        self._housekeeping = housekeeping  # the launcher's, at each tick and on going idle
         self._handles: Dict[Handle, Any] = {}
         self._watched_at: Dict[Handle, float] = {}
         self._scanner = _proctree.Scanner()
@@ -74,6 +80,13 @@ class Monitor:
                         return
                     if not self._handles:
                         self._deadline = float("inf")
+                        self._cond.release()
+                        try:
+                            self._keep_house()  # what the last jobs' ends left to do
+                        finally:
+                            self._cond.acquire()
+                        if self._handles or self._closed:
+                            continue
                         self._cond.wait()
                         continue
                     now = time.monotonic()
@@ -99,3 +112,11 @@ class Monitor:
                     self._on_tick(measures)
             except Exception:  # a bug: measuring must never take the executor down
                 logger.exception("mpmsub: memory sampling failed")
+            self._keep_house()
+
+    def _keep_house(self) -> None:
+        if self._housekeeping is not None:
+            try:
+                self._housekeeping()
+            except Exception:
+                logger.exception("mpmsub: the launcher's housekeeping failed")

@@ -93,9 +93,9 @@ class ProgressBar:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             out.write(message + end)
-            if not (message + end).endswith("\n"):
-                out.write("\n")  # the bar is redrawn on a line of its own
             out.flush()
+            if not (message + end).endswith("\n"):
+                self.stream.write("\n")  # the bar is redrawn on a line of its own
             self._draw()
         else:
             out.write(message + end)

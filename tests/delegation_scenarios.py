@@ -70,6 +70,11 @@ def shared(mount: str, group: str, controller: str, needs: str) -> Dict[str, Any
         other.wait()
 
 
+def unmarked(mount: str, group: str, controller: str, needs: str) -> Dict[str, Any]:
+    """Alone in a writable group that nobody marked as handed over: it is left alone."""
+    return {"groups": JobGroups._v2(mount, controller, needs) is not None, "after": _state(mount, group)}
+
+
 def fails(mount: str, group: str, controller: str, needs: str) -> Dict[str, Any]:
     """The last step fails (the job groups lack a file mpmsub needs): every step is undone."""
     try:

@@ -98,7 +98,6 @@ def test_a_failed_job_makes_the_exit_status_1(tmp_path: Path) -> None:
         (["--timeout", "soon"], "true\n", "invalid timeout 'soon'"),
         (["--resume"], "true\n", "--resume and --resume-failed need --joblog FILE"),
         (["-m", "1G", "--job-mem", "2G"], "true\n", "jobs.txt:1: job 'job_0001' can never run"),
-        ([], "", "holds no job"),
     ],
 )
 def test_a_usage_error_exits_2_naming_the_bad_value(
@@ -211,3 +210,61 @@ def test_python_dash_m_and_the_help_texts() -> None:
     none = subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=30)
     assert none.returncode == 2 and "COMMAND" in none.stderr
     assert os.access(SCRIPT, os.X_OK)
+
+
+def test_an_empty_job_file_runs_nothing_and_succeeds(tmp_path: Path) -> None:
+    out = mpmsub("run", "-", cwd=tmp_path, stdin="# nothing today\n\n")
+    assert out.returncode == 0 and "holds no job" in out.stderr
+
+
+def test_json_lines_may_hold_comments_and_any_character_in_a_string(tmp_path: Path) -> None:
+    line = json.dumps({"cmd": ["printf", "%s", "a\u2028b\x0cc"]}, ensure_ascii=False)
+    out = mpmsub("run", "-", "-q", cwd=tmp_path, stdin=f"# my jobs\n{line}\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "a\u2028b\x0cc"
+
+
+def test_a_job_without_an_id_whose_name_is_taken_says_so(tmp_path: Path) -> None:
+    (tmp_path / "jobs.jsonl").write_text('{"cmd": ["true"], "id": "job_0002"}\n{"cmd": ["true"]}\n')
+    out = mpmsub("run", "jobs.jsonl", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "jobs.jsonl:2: duplicate job id 'job_0002'" in out.stderr and "taken by line 1's" in out.stderr
+
+
+def test_a_gnu_parallel_joblog_is_resumed_and_kept_in_its_columns(tmp_path: Path) -> None:
+    (tmp_path / "jobs.txt").write_text("echo one >> runs.txt\necho two >> runs.txt\n")
+    parallel = "\t".join(_joblog.PARALLEL_COLUMNS) + "\n" + "1\t:\t1.0\t0.1\t0\t0\t0\t0\techo one >> runs.txt\n"
+    (tmp_path / "log.tsv").write_text(parallel)
+    for _ in range(2):
+        out = mpmsub("run", "jobs.txt", "--joblog", "log.tsv", "--resume", "-q", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+    assert (tmp_path / "runs.txt").read_text() == "two\n"
+    lines = (tmp_path / "log.tsv").read_text().splitlines()
+    assert len(lines) == 3 and all(len(line.split("\t")) == 9 for line in lines)
+
+
+def test_a_closed_stdout_stops_the_printing_not_the_jobs(tmp_path: Path) -> None:
+    """`mpmsub run jobs.txt | head -n 1`: the jobs that end after the reader is gone still run
+    and are recorded; no traceback."""
+    (tmp_path / "jobs.txt").write_text("echo first\n" + "sleep 0.5; echo later\n" * 3)
+    args = [str(SCRIPT), "run", "jobs.txt", "-p", "1", "--schedule", "fifo", "--joblog", "log.tsv", "-q"]
+    driver = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert driver.stdout is not None and driver.stderr is not None
+    assert driver.stdout.readline() == "first\n"
+    driver.stdout.close()
+    err = driver.stderr.read()
+    driver.stderr.close()
+    assert driver.wait(timeout=30) == 0, err
+    assert "Traceback" not in err
+    assert len(rows(tmp_path / "log.tsv")) == 4
+
+
+def test_profile_checks_its_output_file_before_running_anything(tmp_path: Path) -> None:
+    (tmp_path / "jobs.txt").write_text("touch ran\n")
+    out = mpmsub("profile", "jobs.txt", "-o", "missing/dir/sized.jsonl", cwd=tmp_path)
+    assert out.returncode == 2 and "cannot write 'missing/dir/sized.jsonl'" in out.stderr
+    assert not (tmp_path / "ran").exists()
+    out = mpmsub("profile", "jobs.txt", "-o", "sized.jsonl", "-q", "--timeout", "60", "--job-mem", "5M", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (sized,) = [json.loads(line) for line in (tmp_path / "sized.jsonl").read_text().splitlines()]
+    assert sized["timeout"] == 60 and sized["p"] == 1 and sized["m"] != "5M"  # measured, not the default

@@ -202,9 +202,12 @@ def test_an_empty_path_entry_still_means_the_jobs_directory(tmp_path: Path) -> N
     assert r.stdout == "from the job directory\n"
 
 
-def test_jobs_die_with_a_driver_killed_by_sigkill() -> None:
+def test_jobs_die_with_a_driver_killed_by_sigkill(tmp_path: Path) -> None:
     """Nothing in a process runs after SIGKILL: the watchman kills what it left running, the
-    whole session of each job, a process that left the job's process group included."""
+    whole session of each job, a process that left the job's process group included; a module
+    named like one of the standard library's in the working directory does not stop it."""
+    (tmp_path / "signal.py").write_text("raise SystemExit('not the standard library')\n")
+    (tmp_path / "os.py").write_text("raise SystemExit('not the standard library')\n")
     a, b, c = unique_sleep(), unique_sleep(), unique_sleep()
     own_group = "import os, sys, time; os.setpgid(0, 0); time.sleep(float(sys.argv[1]))"
     code = (
@@ -215,7 +218,20 @@ def test_jobs_die_with_a_driver_killed_by_sigkill() -> None:
         "time.sleep(1)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    driver = subprocess.run([sys.executable, "-c", code], env=ENV, timeout=30)
+    driver = subprocess.run([sys.executable, "-I", "-c", code], env=ENV, cwd=tmp_path, timeout=30)
     assert driver.returncode == -signal.SIGKILL
     for arg in (a, b, c):
         assert not wait_gone(arg, timeout=3), arg
+
+
+def test_the_watchman_hears_of_finished_jobs_when_the_executor_falls_idle() -> None:
+    """A finished job's session must not stay on the watchman's list while nothing runs: its
+    number may be a stranger's by the time the driver dies."""
+    with MemoryAwareExecutor(cpus=1, memory="1G") as ex:
+        assert ex.submit(["sleep", "0.2"]).result(timeout=10).success
+        watchman = ex._launcher.watchman  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 5
+        while watchman._words and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not watchman._words
+        assert watchman._proc is not None and watchman._proc.poll() is None

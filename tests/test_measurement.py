@@ -208,7 +208,7 @@ UNIFIED = "/sys/fs/cgroup/unified"  # cgroup v2 beside v1 ("hybrid"), as on this
 
 
 @pytest.fixture
-def delegated() -> Iterator[Callable[[str], Dict[str, Any]]]:
+def delegated() -> Iterator[Callable[..., Dict[str, Any]]]:
     """Play a scenario of delegation_scenarios.py in a child process alone in a fresh cgroup v2
     group offering a controller (hugetlb), as systemd's Delegate=yes leaves a service's group."""
     root = Path(UNIFIED)
@@ -222,14 +222,15 @@ def delegated() -> Iterator[Callable[[str], Dict[str, Any]]]:
     group.mkdir()
     needs = next(n for n in os.listdir(group) if n.startswith("hugetlb.") and n.endswith(".current"))
 
-    def play(scenario: str) -> Dict[str, Any]:
+    def play(scenario: str, delegate: bool = True) -> Dict[str, Any]:
         code = (
             f"import json, os, sys\nopen({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
             f"sys.path.insert(0, {str(Path(__file__).parent)!r})\nimport delegation_scenarios\n"
             f"print(json.dumps(delegation_scenarios.{scenario}(*sys.argv[1:])))\n"
         )
         args = [UNIFIED, str(group), "hugetlb", needs]
-        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+        env = {**os.environ, "MPMSUB_CGROUPS": "delegate" if delegate else "1"}
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, env=env)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout.splitlines()[-1])
 
@@ -250,7 +251,7 @@ def delegated() -> Iterator[Callable[[str], Dict[str, Any]]]:
             (root / "cgroup.subtree_control").write_text("-hugetlb")
 
 
-def test_a_delegated_v2_group_is_taken_shared_and_given_back(delegated: Callable[[str], Dict[str, Any]]) -> None:
+def test_a_delegated_v2_group_is_taken_shared_and_given_back(delegated: Callable[..., Dict[str, Any]]) -> None:
     """Alone in a delegated group, mpmsub moves into a leaf, hands the controller to the group's
     children, and makes job groups beside the leaf; a second executor shares that; a job is
     adopted and killed with cgroup.kill; closing the last executor undoes everything."""
@@ -266,13 +267,20 @@ def test_a_delegated_v2_group_is_taken_shared_and_given_back(delegated: Callable
     assert seen["closed"] == {"here": group, "subtree_control": [], "children": []}
 
 
-def test_a_shared_v2_group_is_left_alone(delegated: Callable[[str], Dict[str, Any]]) -> None:
+def test_a_shared_v2_group_is_left_alone(delegated: Callable[..., Dict[str, Any]]) -> None:
     seen = delegated("shared")
     assert seen["groups"] is False
     assert seen["after"]["subtree_control"] == [] and seen["after"]["children"] == []
 
 
-def test_a_failed_step_of_delegation_is_undone(delegated: Callable[[str], Dict[str, Any]]) -> None:
+def test_a_v2_group_not_handed_over_is_left_alone(delegated: Callable[..., Dict[str, Any]]) -> None:
+    """Writable and ours alone, but without systemd's delegation mark or MPMSUB_CGROUPS=delegate."""
+    seen = delegated("unmarked", delegate=False)
+    assert seen["groups"] is False
+    assert seen["after"]["subtree_control"] == [] and seen["after"]["children"] == []
+
+
+def test_a_failed_step_of_delegation_is_undone(delegated: Callable[..., Dict[str, Any]]) -> None:
     seen = delegated("fails")
     assert "no-such-file" in seen["raised"]
     assert seen["after"]["subtree_control"] == [] and seen["after"]["children"] == []
