@@ -108,15 +108,25 @@ def parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--version", action="version", version=f"mpmsub {__version__}")
     commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    run = commands.add_parser(
+
+    def command(name: str, summary: str, description: str, epilog: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _common(sub)
+        sub.set_defaults(parser=sub)
+        return sub
+
+    run = command(
         "run",
-        help="run the jobs of a job file",
-        description="Run the jobs of a job file in parallel, each admitted only when its CPUs and memory fit.",
-        epilog=_EPILOG_RUN,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "run the jobs of a job file",
+        "Run the jobs of a job file in parallel, each admitted only when its CPUs and memory fit.",
+        _EPILOG_RUN,
     )
-    _common(run)
-    run.set_defaults(parser=run)
     run.add_argument("--retries", type=_count, default=None, help="rerun a failed job up to N times")
     run.add_argument("--schedule", choices=POLICIES, default="pack", help="start order (default: pack)")
     run.add_argument("--joblog", metavar="FILE", help="record each finished job in FILE (GNU parallel's format)")
@@ -126,15 +136,12 @@ def parser() -> argparse.ArgumentParser:
         "--resume-failed", action="store_true", help="skip the jobs the joblog records as succeeded; rerun the rest"
     )
     run.add_argument("--json", action="store_true", help="print stats and per-job results as JSON on stdout")
-    profile = commands.add_parser(
+    profile = command(
         "profile",
-        help="measure each job's peak memory and recommend a request",
-        description="Run the jobs of a job file one at a time and recommend each one's memory.",
-        epilog=_EPILOG_PROFILE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "measure each job's peak memory and recommend a request",
+        "Run the jobs of a job file one at a time and recommend each one's memory.",
+        _EPILOG_PROFILE,
     )
-    _common(profile)
-    profile.set_defaults(parser=profile)
     profile.add_argument("-o", "--output", metavar="FILE", help="write the jobs as JSON Lines with memory filled in")
     return top
 

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -38,6 +39,16 @@ def test_example_runs(example: str) -> None:
     assert proc.stdout
 
 
+def run_shell(block: str, cwd: Path, first_on_path: Optional[Path] = None) -> None:
+    """Run a shell block with bash -euo pipefail, this environment's scripts first on PATH."""
+    dirs = [str(d) for d in (first_on_path, Path(sys.executable).parent) if d is not None]
+    env = {**os.environ, "PATH": os.pathsep.join([*dirs, os.environ.get("PATH", "")])}
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_readme_command_line_example_runs(tmp_path: Path) -> None:
     """The shell session of the README's command line section, in a fresh directory, with the
     console script and python3 of this environment first on PATH."""
@@ -48,17 +59,8 @@ def test_readme_command_line_example_runs(tmp_path: Path) -> None:
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "python3").symlink_to(sys.executable)
-    path = os.pathsep.join([str(bindir), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     for block in blocks:
-        proc = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", block],
-            cwd=tmp_path,
-            env={**os.environ, "PATH": path},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode == 0, proc.stderr
+        run_shell(block, tmp_path, first_on_path=bindir)
     assert "held 200 MB" in (tmp_path / "results.json").read_text()
     assert len((tmp_path / "run.log").read_text().splitlines()) == 4  # header and 3 jobs, run once
 
@@ -75,16 +77,7 @@ def test_docs_page_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.M
     namespace: dict = {}
     for block in re.findall(r"```python\n(.*?)```", text, re.S):
         exec(compile(block, page, "exec"), namespace)
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         if "pip install" in block:
             continue  # installation commands: the CI's own setup runs them
-        proc = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", block],
-            cwd=tmp_path,
-            env={**os.environ, "PATH": path},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode == 0, proc.stderr
+        run_shell(block, tmp_path)
