@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from mpmsub import __version__, _joblog, _report
 from mpmsub._cluster import Cluster
-from mpmsub._jobfile import ALIASES, FORMATS, FileJob, JobFileError, read_jobs
+from mpmsub._jobfile import FORMATS, FileJob, JobFileError, label, read_jobs, with_defaults
 from mpmsub._result import CANCELLED, JobResult
 from mpmsub._scheduler import POLICIES
 from mpmsub._units import parse_cpus, parse_duration, parse_memory
@@ -155,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         jobs = _read(args)
         if not jobs:
             if not args.quiet:
-                print(f"mpmsub: the job file {_label(args.jobfile)} holds no job", file=sys.stderr)
+                print(f"mpmsub: the job file {label(args.jobfile)} holds no job", file=sys.stderr)
             return OK
         cluster = Cluster(
             cpus=args.cpus,
@@ -181,13 +181,13 @@ def _admit(cluster: Cluster, jobs: List[FileJob], name: str) -> None:
     """Queue every job, checked against the budget; an error names the job's line."""
     given = {str(job.job["id"]): job for job in jobs if "id" in job.job}
     for job in jobs:
+        named = _named(job)
         try:
-            cluster.jobs.append(_named(job))
+            cluster.jobs.append(named)
         except (ValueError, TypeError) as exc:
-            message = f"{_label(name)}:{job.line}: {exc}"
-            auto = _named(job)["id"]
-            if "id" not in job.job and auto in given:
-                other = given[auto].line
+            message = f"{label(name)}:{job.line}: {exc}"
+            if "id" not in job.job and named["id"] in given:
+                other = given[named["id"]].line
                 message += f" (the name mpmsub gives this job, which has no id, is taken by line {other}'s)"
             raise JobFileError(message) from None
 
@@ -208,8 +208,9 @@ def _named(job: FileJob) -> Dict[str, Any]:
     return {**job.job, "id": f"job_{job.seq:04d}"}
 
 
-def _label(name: str) -> str:
-    return "<stdin>" if name == "-" else name
+def _by_id(jobs: List[FileJob]) -> Dict[str, FileJob]:
+    """The jobs by the id they run under."""
+    return {str(_named(job)["id"]): job for job in jobs}
 
 
 def _read(args: argparse.Namespace) -> List[FileJob]:
@@ -280,8 +281,7 @@ def _plan_run(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) -
             cluster.jobs.extend(_named(j) for j in run)
         jobs = run
     log = _joblog.JobLog(args.joblog, append=resuming) if args.joblog else None
-    by_id = {spec.job_id or "": job for spec, job in zip(cluster.jobs, jobs)}
-    return _Run(cluster, jobs, by_id, skipped, log, echo=not args.json)
+    return _Run(cluster, jobs, _by_id(jobs), skipped, log, echo=not args.json)
 
 
 def _run(args: argparse.Namespace, cluster: Cluster, plan: _Run) -> int:
@@ -346,7 +346,7 @@ def _print_json(cluster: Cluster, results: List[JobResult], by_id: Dict[str, Fil
 
 
 def _profile(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) -> int:
-    by_id = {spec.job_id or "": job for spec, job in zip(cluster.jobs, jobs)}
+    by_id = _by_id(jobs)
     outcome: List[JobResult] = []
     status = _execute(cluster, lambda: outcome.extend(cluster.profile(verbose=False)))
     if status != OK:
@@ -379,10 +379,7 @@ def _profile(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) ->
 def _sized(job: FileJob, result: JobResult, defaults: Dict[str, Any]) -> Dict[str, Any]:
     """The job's line as a JSON object, with what the options gave it, and its memory the
     recommendation (kept as it was if the job failed)."""
-    row = dict(job.given)
-    for key, value in defaults.items():
-        if value is not None and not any(alias in row for alias in ALIASES[key]):
-            row[key] = value
+    row = with_defaults(job.given, defaults)
     if result.success:
         row.pop("memory", None)
         row["m"] = _report.recommend_memory(result.memory_used)

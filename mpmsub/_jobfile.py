@@ -65,11 +65,9 @@ def read_jobs(text: str, name: str, fmt: str = "auto", defaults: Optional[Mappin
         raise ValueError(f"invalid job file format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "auto":
         fmt = detect_format(name, text)
-    filled = {key: value for key, value in (defaults or {}).items() if value is not None}
-    for key in filled:
+    for key in defaults or {}:
         if key not in ALIASES:
             raise ValueError(f"invalid default {key!r}: expected one of {', '.join(ALIASES)}")
-    label = "<stdin>" if name == "-" else name
     jobs: List[FileJob] = []
     # Lines end at "\n" (or "\r\n") alone: other characters splitlines() breaks at may be text.
     for number, line in enumerate(text.split("\n"), 1):
@@ -81,14 +79,29 @@ def read_jobs(text: str, name: str, fmt: str = "auto", defaults: Optional[Mappin
                 given: Dict[str, Any] = {"cmd": stripped}
             else:
                 given = _json_job(stripped)
-            job, command = _to_job(given, filled)
+            job, command = _to_job(given, defaults or {})
             spec = to_spec(job)
         except (ValueError, TypeError) as exc:
-            raise JobFileError(f"{label}:{number}: {exc}") from None
+            raise JobFileError(f"{label(name)}:{number}: {exc}") from None
         if command is None:  # an argv list (or pipeline) as a shell would take it
             command = " | ".join(shlex.join(stage) for stage in spec.stages)
         jobs.append(FileJob(len(jobs) + 1, number, command, given, job, spec))
     return jobs
+
+
+def label(name: str) -> str:
+    """A job file's name in messages."""
+    return "<stdin>" if name == "-" else name
+
+
+def with_defaults(job: Mapping[str, Any], defaults: Mapping[str, Any]) -> Dict[str, Any]:
+    """`job` with the defaults (p, m, timeout, retries) for the keys it gives under no alias;
+    None defaults are left out."""
+    filled = dict(job)
+    for key, value in defaults.items():
+        if value is not None and not any(alias in filled for alias in ALIASES[key]):
+            filled[key] = value
+    return filled
 
 
 def _json_job(line: str) -> Dict[str, Any]:
@@ -103,12 +116,9 @@ def _json_job(line: str) -> Dict[str, Any]:
 
 def _to_job(given: Dict[str, Any], defaults: Mapping[str, Any]) -> Tuple[Dict[str, Any], Optional[str]]:
     """The job dict to run, and the command's text when it is a shell line."""
-    job = dict(given)
+    job = with_defaults(given, defaults)
     command = None
     if isinstance(job.get("cmd"), str):
         command = job["cmd"]
         job["cmd"] = [SHELL, "-c", command]
-    for key, value in defaults.items():
-        if not any(alias in job for alias in ALIASES[key]):
-            job[key] = value
     return job, command

@@ -10,7 +10,7 @@ file edited since never has a job skipped for a different one's run.
 from __future__ import annotations
 
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from mpmsub._result import JobResult
 
@@ -70,6 +70,12 @@ def row(seq: int, command: str, result: JobResult, columns: int = len(PARALLEL_C
     return "\t".join(fields[:columns]) + "\n"
 
 
+def _width(header: str) -> Optional[int]:
+    """The number of columns of a joblog whose header line this is; None if it is not one."""
+    fields = header.split("\t")
+    return len(fields) if fields[: len(PARALLEL_COLUMNS)] == list(PARALLEL_COLUMNS) else None
+
+
 def read(path: str) -> Dict[Key, bool]:
     """The jobs a joblog records, each with whether its last row says it succeeded (Exitval and
     Signal both 0). An absent or empty file records none. Raises ValueError for a file that is not
@@ -83,9 +89,10 @@ def read(path: str) -> Dict[Key, bool]:
         raise ValueError(f"cannot read the joblog {path!r}: {exc.strerror}") from None
     if lines == [""]:
         return {}
-    if lines[0].split("\t")[: len(PARALLEL_COLUMNS)] != list(PARALLEL_COLUMNS):
+    columns = _width(lines[0])
+    if columns is None:
         raise ValueError(f"{path!r} is not a joblog: its first line is not the header {HEADER!r}")
-    extra = len(lines[0].split("\t")) - len(PARALLEL_COLUMNS)  # mpmsub's columns, if it wrote them
+    extra = columns - len(PARALLEL_COLUMNS)  # mpmsub's columns, if it wrote them
     done: Dict[Key, bool] = {}
     for line in lines[1:]:
         fields = line.split("\t")  # the last, empty "line" has one field: skipped below
@@ -116,9 +123,7 @@ class JobLog:
             self._write(HEADER + "\n")
         else:
             with open(path, encoding="utf-8", newline="") as f:
-                header = f.readline().rstrip("\n").split("\t")
-            if header[: len(PARALLEL_COLUMNS)] == list(PARALLEL_COLUMNS):
-                self.columns = len(header)
+                self.columns = _width(f.readline().rstrip("\n")) or self.columns
 
     def write(self, seq: int, command: str, result: JobResult) -> None:
         self._write(row(seq, command, result, self.columns))
