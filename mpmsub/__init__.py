@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from mpmsub._call import Call
 from mpmsub._cluster import Cluster, JobList, cluster
-from mpmsub._errors import JobFailedError, MpmsubError
+from mpmsub._errors import (
+    CallCancelledError,
+    CallError,
+    CallPicklingError,
+    CallTimeoutError,
+    JobFailedError,
+    MemoryLimitError,
+    MpmsubError,
+    RemoteTraceback,
+    WorkerDiedError,
+)
 from mpmsub._executor import ExecutorStatus, MemoryAwareExecutor
+from mpmsub._future import JobFuture
 from mpmsub._job import Job, Pipeline, job, pipeline
 from mpmsub._report import recommend_memory
 from mpmsub._result import JobResult
@@ -13,15 +25,24 @@ from mpmsub._units import format_memory, parse_memory
 __version__ = "0.1.0"
 
 __all__ = [
+    "Call",
+    "CallCancelledError",
+    "CallError",
+    "CallPicklingError",
+    "CallTimeoutError",
     "Cluster",
     "ExecutorStatus",
     "Job",
     "JobFailedError",
+    "JobFuture",
     "JobList",
     "JobResult",
     "MemoryAwareExecutor",
+    "MemoryLimitError",
     "MpmsubError",
     "Pipeline",
+    "RemoteTraceback",
+    "WorkerDiedError",
     "__version__",
     "cluster",
     "format_memory",

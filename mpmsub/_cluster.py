@@ -36,7 +36,8 @@ class JobList:
         self._specs: List[JobSpec] = []
 
     def append(self, job: Any) -> str:
-        """Queue one job (a dict, a Job, a Pipeline or a list of strings); return its id."""
+        """Queue one job (a dict, a Job, a Pipeline, a list of strings, or a Python call as
+        `mpmsub.Call(fn, *args)`); return its id."""
         return self.extend([job])[0]
 
     def extend(self, jobs: Iterable[Any]) -> List[str]:
@@ -222,7 +223,7 @@ class Cluster:
         handler = self._attach_verbose_handler(bar)
         results: List[JobResult] = []
         failed = 0
-        futures: Dict[Future[JobResult], JobSpec] = {}
+        futures: Dict[Future[Any], JobSpec] = {}
         try:
             if self.verbose:
                 logger.info(
@@ -233,14 +234,14 @@ class Cluster:
                 )
             for spec in specs:
                 futures[executor.submit(spec)] = spec
-            pending: Set[Future[JobResult]] = set(futures)
+            pending: Set[Future[Any]] = set(futures)
             while pending:
                 done, pending = wait(pending, timeout=_REFRESH, return_when=FIRST_COMPLETED)
                 stop, self._stop = self._stop, None
                 if stop is not None:
                     raise stop
                 for future in done:
-                    results.append(self._record(future.result(), futures[future]))
+                    results.append(self._record(_usage(future), futures[future]))
                     failed += not results[-1].success
                     if on_result is not None:
                         on_result(results[-1])
@@ -253,7 +254,7 @@ class Cluster:
             for future, spec in futures.items():
                 if spec.job_id in seen:
                     continue
-                result = future.result() if not future.cancelled() else _cancelled(spec, exc)
+                result = _usage(future) if not future.cancelled() else _cancelled(spec, exc)
                 results.append(self._record(result, spec))
                 if on_result is not None:
                     on_result(result)
@@ -332,6 +333,12 @@ class _BarHandler(logging.Handler):
             self.bar.write_above(self.format(record))
         except Exception:
             self.handleError(record)
+
+
+def _usage(future: Future[Any]) -> JobResult:
+    """The JobResult of a finished job or call (a call's future resolves to its value)."""
+    usage = getattr(future, "usage", None)
+    return usage if isinstance(usage, JobResult) else future.result()
 
 
 def _cancelled(spec: JobSpec, exc: BaseException) -> JobResult:

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Optional, Tuple
 
-from mpmsub._future import LazyFuture
+from mpmsub._future import JobFuture
 
 logger = logging.getLogger("mpmsub")
 
@@ -35,19 +35,25 @@ class Delivery:
         self._thread: Optional[threading.Thread] = None
 
     def set_result(self, future: Future[Any], result: Any) -> None:
+        self._resolve(future.set_result, future, result)
+
+    def set_exception(self, future: Future[Any], exception: BaseException) -> None:
+        self._resolve(future.set_exception, future, exception)
+
+    def _resolve(self, method: Callable[[Any], None], future: Future[Any], value: Any) -> None:
         condition = getattr(future, "_condition", None)
         if condition is not None:
             # The condition is re-entrant: holding it, no callback can be added between the check
-            # and set_result, which then has none to call.
+            # and resolving, which then has none to call.
             with condition:
                 if _has_callbacks(future) is False:
-                    future.set_result(result)
+                    method(value)
                     return
-        self._put(future.set_result, result)
+        self._put(method, value)
 
     def cancel(self, future: Future[Any]) -> None:
         """Cancel a queued future and wake the threads waiting on it (wait, as_completed)."""
-        if isinstance(future, LazyFuture) and future.cancel_unobserved():
+        if isinstance(future, JobFuture) and future.cancel_unobserved():
             return  # no one was waiting on it: nothing to wake
         self._put(_cancel_and_notify, future)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import pickle
+from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     from mpmsub._result import JobResult
@@ -18,3 +19,47 @@ class JobFailedError(MpmsubError):
     def __init__(self, result: JobResult) -> None:
         self.result = result
         super().__init__(f"job {result.job_id!r} failed: {result.error}")
+
+
+class CallError(MpmsubError):
+    """A Python call that did not return or raise: its worker was stopped or died, or the call
+    could not be passed to it. `result` is the call's JobResult (its usage and the reason)."""
+
+    def __init__(self, message: str, result: Optional[JobResult] = None) -> None:
+        self.result = result
+        super().__init__(message)
+
+
+class MemoryLimitError(CallError):
+    """The call was stopped for memory: over its `m` in strict mode, pushing the executor over
+    its budget, or killed by the kernel's out-of-memory killer."""
+
+
+class CallTimeoutError(CallError):
+    """The call ran longer than its timeout and its worker was killed."""
+
+
+class WorkerDiedError(CallError):
+    """The worker process running the call died (a crash such as a segfault, os._exit(), a
+    signal from elsewhere), or could not be started or prepared."""
+
+
+class CallCancelledError(CallError):
+    """The call was running when the executor was terminated (Ctrl-C, an exception in its with
+    block, terminate()), and its worker was killed."""
+
+
+class CallPicklingError(CallError, pickle.PicklingError):
+    """The call's function, an argument, or its return value could not be pickled (or unpickled)
+    on its way between this process and a worker."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, attached as that exception's __cause__."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text.rstrip()}\n"""'

@@ -16,18 +16,27 @@ import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple, TypeVar, Union, overload
 
 from typing_extensions import Literal
 
 from mpmsub import _proctree
 from mpmsub import _result as kinds
+from mpmsub._call import Call, CallPayload, check_callable, chunks, map_call
 from mpmsub._delivery import Delivery
 from mpmsub._enforce import Usage, budget_stops, newest, strict_stops
-from mpmsub._future import LazyFuture
-from mpmsub._job import JobSpec, to_spec
+from mpmsub._errors import (
+    CallCancelledError,
+    CallError,
+    CallPicklingError,
+    CallTimeoutError,
+    MemoryLimitError,
+    WorkerDiedError,
+)
+from mpmsub._future import JobFuture
+from mpmsub._job import Job, JobSpec, Pipeline, to_spec
 from mpmsub._launcher import Handle, Launcher, Outcome
 from mpmsub._ledger import Ledger, Request
 from mpmsub._local import LocalLauncher
@@ -36,9 +45,11 @@ from mpmsub._monitor import Monitor
 from mpmsub._result import JobResult
 from mpmsub._scheduler import Scheduler, check_policy
 from mpmsub._system import available_memory, detect_cpus, detect_memory, memory_groups
-from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
+from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory
 
 logger = logging.getLogger("mpmsub")
+
+T = TypeVar("T")
 
 _GATE_RETRY = 0.5  # seconds between looks at the machine's free memory while a job waits for it
 _MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memory error
@@ -86,7 +97,7 @@ class _Item:
         "stopping",
     )
 
-    def __init__(self, seq: int, spec: JobSpec, job_id: str, future: Future[JobResult], grace: float) -> None:
+    def __init__(self, seq: int, spec: JobSpec, job_id: str, future: JobFuture[Any], grace: float) -> None:
         self.seq = seq
         self.spec = spec
         # The longest a run can last: its timeout, then the kill's grace and a margin to reap it.
@@ -135,10 +146,14 @@ def make_result(item: _Item, outcome: Outcome) -> JobResult:
     if failure is None and nonzero:
         index, rc = nonzero[-1]
         where = f" (pipeline stage {index + 1}: {spec.stages[index][0]!r})" if spec.is_pipeline else ""
+        who = "its worker process was " if spec.call is not None else ""
         if rc is not None and rc < 0:
-            failure, error = kinds.SIGNAL, f"killed by signal {_signal_name(-rc)}{where}"
+            failure, error = kinds.SIGNAL, f"{who}killed by signal {_signal_name(-rc)}{where}"
         else:
-            failure, error = kinds.EXIT, f"exited with status {rc}{where}"
+            who = "its worker process " if spec.call is not None else ""
+            failure, error = kinds.EXIT, f"{who}exited with status {rc}{where}"
+    elif failure is None and spec.call is not None and codes and codes[-1] == 0:
+        failure, error = kinds.EXIT, "its worker process exited (status 0) during the call"
     return JobResult(
         job_id=item.job_id,
         cmd=spec.cmd,
@@ -155,8 +170,30 @@ def make_result(item: _Item, outcome: Outcome) -> JobResult:
         cpus=spec.cpus,
         memory_requested=None if spec.memory is None else spec.memory / MB,
         stage_returncodes=list(codes),
+        attempts=item.attempts,
+        requeued=item.requeued,
         memory_series=[(round(t, 3), round(b / MB, 1)) for t, b in outcome.memory_series],
+        value=outcome.value,
+        exception=outcome.exception,
     )
+
+
+# The exception a call's future fails with, by failure kind (RAISED re-raises the call's own).
+_CALL_ERRORS = {
+    kinds.MEMORY: MemoryLimitError,
+    kinds.TIMEOUT: CallTimeoutError,
+    kinds.CANCELLED: CallCancelledError,
+    kinds.PICKLE: CallPicklingError,
+}
+
+
+def call_exception(result: JobResult) -> BaseException:
+    """What `result()` raises for a Python call that did not return."""
+    if result.failure == kinds.RAISED and result.exception is not None:
+        return result.exception
+    kind = _CALL_ERRORS.get(result.failure or "", WorkerDiedError)
+    error: CallError = kind(f"call {result.job_id!r} ({result.cmd[0]}) failed: {result.error}", result)
+    return error
 
 
 def _signal_name(number: int) -> str:
@@ -188,6 +225,13 @@ class MemoryAwareExecutor(Executor):
     limit leaves), less `memory_reserve` (default: 5% of that memory, at most 2G; 0 turns the
     gate off), can hold them, or nothing else runs; when it falls
     under the reserve, the newest job is stopped and put back at the head of the queue.
+
+    Python functions run too, as with ProcessPoolExecutor: `submit(fn, *args, **kwargs)`,
+    `map(fn, *iterables, chunksize=...)`, or `submit(Call(fn, ...).memory("2G"))` to give a call
+    resources. They run in reused worker processes (fresh interpreters, as the "spawn" start
+    method), one call at a time each, under the same ledger as commands. `max_tasks_per_child`,
+    `initializer` and `initargs` are ProcessPoolExecutor's; `mp_context` may be None or a
+    "spawn" or "forkserver" context (workers never fork from this threaded process).
     """
 
     def __init__(
@@ -200,6 +244,10 @@ class MemoryAwareExecutor(Executor):
         strict_memory: bool = False,
         memory_reserve: Optional[MemoryLike] = None,
         schedule: str = "fifo",
+        max_tasks_per_child: Optional[int] = None,
+        initializer: Optional[Callable[..., Any]] = None,
+        initargs: Tuple[Any, ...] = (),
+        mp_context: Any = None,
         _launcher: Optional[Launcher] = None,
         _monitor_interval: float = 0.1,
     ) -> None:
@@ -212,6 +260,7 @@ class MemoryAwareExecutor(Executor):
             raise ValueError(f"invalid kill_grace {kill_grace!r}: expected a number of seconds, 0 or more")
         if not isinstance(strict_memory, bool):
             raise TypeError(f"strict_memory must be True or False; got {strict_memory!r}")
+        _check_pool_options(max_tasks_per_child, initializer, initargs, mp_context)
         if memory_reserve is None:
             reserve = min(2 * 1024 * MB, int(0.05 * detect_memory()))
         else:
@@ -245,7 +294,15 @@ class MemoryAwareExecutor(Executor):
         self._delivery = Delivery()
         self._oom_kills = _proctree.oom_kill_count()
         self._loop = EventLoop("mpmsub-executor")
-        self._launcher = _launcher if _launcher is not None else LocalLauncher(self._loop, kill_grace)
+        if _launcher is None:
+            _launcher = LocalLauncher(
+                self._loop,
+                kill_grace,
+                max_tasks_per_child=max_tasks_per_child,
+                initializer=initializer,
+                initargs=tuple(initargs),
+            )
+        self._launcher = _launcher
         self._monitor = Monitor(_monitor_interval, self._check_memory, self._launcher.housekeeping)
         self._loop.start()
         _live_executors.add(self)
@@ -257,20 +314,44 @@ class MemoryAwareExecutor(Executor):
 
     # -- the public interface (any thread) -------------------------------------------------------
 
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[JobResult]:  # type: ignore[override]
-        """Queue a job (a Job, a job dict, a Pipeline or a list of strings); return its Future.
+    @overload
+    def submit(self, fn: Union[Job, Pipeline, JobSpec, Dict[str, Any], List[Any]], /) -> JobFuture[JobResult]: ...
 
-        Bad input raises ValueError/TypeError here, at once, as does a job larger than the
-        executor. The Future resolves to a JobResult, also when the command fails.
+    @overload
+    def submit(self, fn: Call[T], /) -> JobFuture[T]: ...
+
+    @overload
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture[T]: ...
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> JobFuture[Any]:
+        """Queue a job or a Python call; return its Future.
+
+        A job (a Job, a job dict, a Pipeline or a list of strings) resolves to a JobResult, also
+        when the command fails. `submit(fn, *args, **kwargs)` (or a `Call`) runs `fn` in a worker
+        process and resolves to what it returns, or raises what it raised (with the worker's
+        traceback as `__cause__`), or a CallError subclass saying why it did not finish. Bad input
+        raises ValueError/TypeError here, at once, as does a job larger than the executor; a call
+        that cannot be pickled fails its own future (CallPicklingError, naming what failed).
+        Every future's `usage` is the measured JobResult once it is done.
         """
-        if args or kwargs:
+        if isinstance(fn, Call):
+            if args or kwargs:
+                raise TypeError(f"submit() takes a Call alone; give the arguments to Call(), not {args!r} {kwargs!r}")
+            spec = fn.spec()
+        elif callable(fn) and not isinstance(fn, (Job, Pipeline, JobSpec)):
+            spec = JobSpec(stages=(), call=CallPayload(fn, args, kwargs, chunk=False))  # Call(fn).spec(), faster
+        elif args or kwargs:
             raise TypeError(
                 "submit() takes one job (a Job, a job dict, a Pipeline or a list of strings), "
                 f"not extra arguments {args!r} {kwargs!r}"
             )
-        spec = to_spec(fn)
+        else:
+            spec = to_spec(fn)
+        return self._submit(spec)
+
+    def _submit(self, spec: JobSpec) -> JobFuture[Any]:
         request = spec.request
-        future: Future[JobResult] = LazyFuture()
+        future: JobFuture[Any] = JobFuture()
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit a job after the executor has been shut down")
@@ -279,18 +360,43 @@ class MemoryAwareExecutor(Executor):
             if why is not None:
                 self._ids.discard(job_id)
                 raise ValueError(f"job {job_id!r} can never run on this executor: {why}")
+            if spec.call is not None:
+                try:
+                    spec.call.data()  # pickled here, once: what fails, fails its own future now
+                except CallPicklingError as exc:
+                    _unsent(future, spec, job_id, exc)
+                    return future
             self._inbox.append(_Item(next(self._seq), spec, job_id, future, self.kill_grace))
             if not self._inbox_pending:  # one call to the loop for a burst of submits
                 self._loop.call_soon_threadsafe(self._take_inbox)
                 self._inbox_pending = True
         return future
 
-    def map(self, fn: Any, *iterables: Any, timeout: Optional[float] = None, chunksize: int = 1) -> Any:
-        """Not available: this executor runs commands, submitted one by one with submit()."""
-        raise TypeError(
-            "MemoryAwareExecutor runs commands: submit each job with submit(job); map() over Python "
-            "functions is not supported"
-        )
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: Optional[float] = None,
+        chunksize: int = 1,
+        cpus: Optional[int] = None,
+        memory: Optional[MemoryLike] = None,
+    ) -> Iterator[T]:
+        """`fn` over the items of `iterables`, in worker processes, as the standard library's
+        `map`: results in order, `timeout` counted from this call, `chunksize` items sent to a
+        worker at a time. `cpus` and `memory` are what each chunk reserves (its items run one
+        after another). Every chunk is submitted now; leaving the iteration early cancels the
+        chunks not yet started."""
+        if isinstance(fn, (Job, Pipeline, JobSpec, Call, list, dict)):
+            raise TypeError(f"map() runs a Python function over items; submit each command with submit(job): got {fn!r}")
+        check_callable(fn)
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"invalid chunksize {chunksize!r}: expected a whole number, at least 1")
+        if timeout is not None:
+            timeout = parse_duration(timeout)
+        template = map_call(fn, cpus, memory)
+        end = None if timeout is None else time.monotonic() + timeout
+        futures = [self._submit(template._chunk_spec(chunk)) for chunk in chunks(iterables, chunksize)]
+        return _results(futures, end)
 
     def status(self) -> ExecutorStatus:
         """Jobs queued and running now, and the CPUs and memory the running ones reserve."""
@@ -466,11 +572,23 @@ class MemoryAwareExecutor(Executor):
         if self._again(item, result):
             self._dispatch()
             return
-        result = dataclasses.replace(result, attempts=item.attempts, requeued=item.requeued)
         self._dispatch()  # start the next jobs before running the user's callbacks
         logger.debug("mpmsub: end %s: %s", item.job_id, result.error or "ok")
-        self._delivery.set_result(item.future, result)
+        self._resolve(item, result)
         self._maybe_close()
+
+    def _resolve(self, item: _Item, result: JobResult) -> None:
+        """Hand a job's final result to its future: the JobResult for a command; for a call,
+        what it returned, or an exception."""
+        future = item.future
+        if isinstance(future, JobFuture):
+            future.usage = result
+        if item.spec.call is None:
+            self._delivery.set_result(future, result)
+        elif result.success:
+            self._delivery.set_result(future, result.value)
+        else:
+            self._delivery.set_exception(future, call_exception(result))
 
     def _again(self, item: _Item, result: JobResult) -> bool:
         """Requeue or retry a job that ended; False when its result is final."""
@@ -483,7 +601,7 @@ class MemoryAwareExecutor(Executor):
             logger.info("mpmsub: %s requeued: %s", item.job_id, result.error)
             self._scheduler.push_front(item)
             return True
-        if result.success or item.retries_left <= 0 or result.failure in (kinds.START, kinds.CANCELLED):
+        if result.success or item.retries_left <= 0 or result.failure in (kinds.START, kinds.CANCELLED, kinds.PICKLE):
             return False
         item.retries_left -= 1
         if result.failure == kinds.MEMORY:
@@ -584,7 +702,7 @@ class MemoryAwareExecutor(Executor):
                 if item.last_result is None:
                     self._delivery.cancel(item.future)
                 else:  # a retry or a requeued run that had not started: its future is running
-                    self._delivery.set_result(item.future, _cancelled_again(item, item.last_result, reason))
+                    self._resolve(item, _cancelled_again(item, item.last_result, reason))
         else:
             self._dispatch()  # drops the jobs cancelled while queued, which may be all that is left
         if kill_reason is not None:
@@ -605,7 +723,10 @@ class MemoryAwareExecutor(Executor):
 
 def _cancelled(item: _Item) -> bool:
     """A queued job whose future was cancelled (a retry's future is running, and cannot be)."""
-    return item.future.cancelled()
+    future = item.future
+    if isinstance(future, JobFuture):
+        return future.cancelled_now()
+    return future.cancelled()
 
 
 def _floor(window: Deque[Tuple[float, int]], rss: int, started: float) -> int:
@@ -634,6 +755,71 @@ def _cancelled_again(item: _Item, last: JobResult, reason: str) -> JobResult:
         attempts=item.attempts,
         requeued=item.requeued,
     )
+
+
+def _check_pool_options(
+    max_tasks_per_child: Optional[int], initializer: Optional[Callable[..., Any]], initargs: Any, mp_context: Any
+) -> None:
+    """ProcessPoolExecutor's options, validated as it does (and the start method we honour)."""
+    if max_tasks_per_child is not None:
+        if isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int):
+            raise TypeError(f"max_tasks_per_child must be a whole number or None; got {max_tasks_per_child!r}")
+        if max_tasks_per_child < 1:
+            raise ValueError(f"invalid max_tasks_per_child {max_tasks_per_child!r}: expected 1 or more")
+    if initializer is not None:
+        check_callable(initializer)
+    if not isinstance(initargs, tuple):
+        raise TypeError(f"initargs must be a tuple; got {initargs!r}")
+    if mp_context is not None:
+        method = getattr(mp_context, "get_start_method", lambda: None)()
+        if method not in ("spawn", "forkserver"):
+            raise ValueError(
+                f"invalid mp_context {mp_context!r} (start method {method!r}): mpmsub's workers start as fresh "
+                "interpreters, never forked from this threaded process; give None, or a 'spawn' or "
+                "'forkserver' context"
+            )
+
+
+def _unsent(future: JobFuture[Any], spec: JobSpec, job_id: str, exc: CallPicklingError) -> None:
+    """Fail the future of a call that could not be pickled, with a result saying so."""
+    now = time.time()
+    result = JobResult(
+        job_id=job_id,
+        cmd=spec.cmd,
+        returncode=None,
+        stdout=None,
+        stderr=None,
+        runtime=0.0,
+        memory_used=0.0,
+        cpu_used=0.0,
+        start_time=now,
+        end_time=now,
+        error=str(exc),
+        failure=kinds.PICKLE,
+        cpus=spec.cpus,
+        memory_requested=None if spec.memory is None else spec.memory / MB,
+        attempts=0,
+        exception=exc,
+    )
+    exc.result = result
+    future.usage = result
+    future.set_exception(exc)
+
+
+def _results(futures: List[JobFuture[Any]], end: Optional[float]) -> Iterator[Any]:
+    """map()'s results, chunk by chunk, in order; the chunks not reached are cancelled if the
+    iteration stops early (an exception, a timeout, or the generator closed)."""
+    try:
+        futures.reverse()  # pop() from the end: each future is dropped once its results are out
+        while futures:
+            future = futures.pop()
+            if end is None:
+                yield from future.result()
+            else:
+                yield from future.result(end - time.monotonic())
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 def _stop_loop(loop: EventLoop, monitor: Monitor) -> None:

@@ -1,8 +1,9 @@
-"""A `concurrent.futures.Future` that builds its lock on first use.
+"""The futures an executor returns: standard Futures that carry the measured usage of their job
+or call (`usage`), and build their lock on first use.
 
 A standard Future builds a `threading.Condition` when it is created: about 1 KB and several
 microseconds. An executor holding 100,000 queued jobs pays that 100,000 times for futures that
-nobody waits on one by one. `LazyFuture` is a real Future (same class, methods and internals);
+nobody waits on one by one. `JobFuture` is a real Future (same class, methods and internals);
 its condition is made, once and under a lock, the first time anything touches it.
 """
 
@@ -10,8 +11,11 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, PENDING
-from typing import Any, Dict, TypeVar
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING
+from typing import TYPE_CHECKING, Any, Dict, Optional, TypeVar
+
+if TYPE_CHECKING:
+    from mpmsub._result import JobResult
 
 T = TypeVar("T")
 
@@ -20,7 +24,7 @@ _create = threading.Lock()
 
 def _template() -> Dict[str, Any]:
     """The state of a new Future except its condition; empty when the internals are not the
-    expected simple values (another Python's Future), and LazyFuture then builds futures as usual."""
+    expected simple values (another Python's Future), and JobFuture then builds futures as usual."""
     state = {key: value for key, value in Future().__dict__.items() if key != "_condition"}
     simple = all(value is None or isinstance(value, (str, list)) for value in state.values())
     return state if simple and "_condition" in Future().__dict__ else {}
@@ -29,8 +33,18 @@ def _template() -> Dict[str, Any]:
 _STATE = _template()
 
 
-class LazyFuture(Future[T]):
-    """A Future whose `_condition` is created when first used."""
+class JobFuture(Future[T]):
+    """A `concurrent.futures.Future` for one job or call.
+
+    `usage` is the JobResult of the job or call once it has ended (None before, and for a
+    future cancelled before it ran): peak memory in MB (`memory_used`), CPU time (`cpu_used`),
+    `runtime`, `start_time`/`end_time`, `attempts`, and for a failure the sentence saying why
+    (`error`). For a command, `result()` is that same JobResult; for a Python call, `result()` is
+    what the function returned. It is set before the future is resolved, so it is there for
+    every waiter and done-callback.
+    """
+
+    usage: Optional[JobResult] = None
 
     def __init__(self) -> None:
         if not _STATE:
@@ -41,7 +55,7 @@ class LazyFuture(Future[T]):
             fields[key] = [] if isinstance(value, list) else value
 
     def __getattr__(self, name: str) -> Any:
-        # Called only for attributes not set yet: here, the condition before its first use.
+        # Called only for attributes not found: here, the condition before its first use.
         if name != "_condition":
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         with _create:
@@ -49,6 +63,11 @@ class LazyFuture(Future[T]):
             if condition is None:
                 condition = self.__dict__["_condition"] = threading.Condition()
         return condition
+
+    def cancelled_now(self) -> bool:
+        """cancelled() without taking the lock (nor building it): a glance at the state, for the
+        scheduler, which checks again under the lock before it starts the job."""
+        return self.__dict__.get("_state") in (CANCELLED, CANCELLED_AND_NOTIFIED)
 
     def cancel_unobserved(self) -> bool:
         """Cancel the future at once if nothing has ever touched its condition; False otherwise.

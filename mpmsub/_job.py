@@ -7,12 +7,15 @@ import difflib
 import os
 from collections import abc
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from typing_extensions import Self
 
 from mpmsub._ledger import Request
 from mpmsub._units import MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory
+
+if TYPE_CHECKING:
+    from mpmsub._call import CallPayload
 
 Argv = Tuple[str, ...]
 StrPath = Union[str, "os.PathLike[str]"]
@@ -162,7 +165,9 @@ class Pipeline:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A validated job, as the engine sees it. Bytes and seconds; `memory` None reserves nothing."""
+    """A validated job, as the engine sees it. Bytes and seconds; `memory` None reserves nothing.
+
+    A Python call has no stages and carries its function and arguments in `call`."""
 
     stages: Tuple[Argv, ...]
     cpus: int = 1
@@ -177,6 +182,7 @@ class JobSpec:
     memory_growth: float = 2.0
     strict: Optional[bool] = None  # None: the executor's default
     priority: int = 0
+    call: Optional[CallPayload] = field(default=None, repr=False)
     # What the job reserves on the ledger while it runs (no memory without `m`).
     request: Request = field(init=False, repr=False, compare=False)
 
@@ -189,13 +195,18 @@ class JobSpec:
 
     @property
     def cmd(self) -> Union[List[str], List[List[str]]]:
-        """The command as users wrote it: an argv list, or a list of argv lists for a pipeline."""
+        """The command as users wrote it: an argv list, or a list of argv lists for a pipeline (a
+        call's description, alone in a list, for a call)."""
+        if self.call is not None:
+            return [self.call.description]
         if self.is_pipeline:
             return [list(stage) for stage in self.stages]
         return list(self.stages[0])
 
     def describe(self) -> str:
         """The command as one line of text, for messages and logs."""
+        if self.call is not None:
+            return self.call.description
         return describe_command(self.stages)
 
     def resources(self) -> str:
@@ -203,7 +214,108 @@ class JobSpec:
         return f"{self.cpus} CPU{'s' if self.cpus != 1 else ''}, {mem}"
 
 
-class Job:
+class Resources:
+    """What a job or a call needs and how it is run: the builder methods `Job` and `Call` share.
+    Each validates its value at once and returns the object, so calls chain."""
+
+    def __init__(self) -> None:
+        self.p: int = 1
+        self.m: Optional[MemoryLike] = None
+        self.id: Optional[str] = None
+        self.timeout: Optional[float] = None
+        self.retries: int = 0
+        self.memory_growth: float = 2.0
+        self.strict: Optional[bool] = None
+        self.priority: int = 0
+
+    def _configure(
+        self,
+        p: Optional[int],
+        m: Optional[MemoryLike],
+        id: Optional[str],
+        timeout: Optional[float],
+        retries: Optional[int],
+        memory_growth: Optional[float],
+        strict: Optional[bool],
+        priority: Optional[int],
+    ) -> None:
+        if priority is not None:
+            self.with_priority(priority)
+        if retries is not None or memory_growth is not None:
+            self.with_retries(0 if retries is None else retries, 2.0 if memory_growth is None else memory_growth)
+        if strict is not None:
+            self.strict_memory(strict)
+        if p is not None:
+            self.cpu(p)
+        if m is not None:
+            self.memory(m)
+        if id is not None:
+            self.with_id(id)
+        if timeout is not None:
+            self.with_timeout(timeout)
+
+    def cpu(self, cpus: int) -> Self:
+        """Set the number of CPUs it needs (a whole number, at least 1)."""
+        self.p = parse_cpus(cpus, "p (cpus)")
+        return self
+
+    def memory(self, memory: Optional[MemoryLike]) -> Self:
+        """Set the memory it needs: MB as a number, or '500M', '4G', ...; None for no reservation."""
+        if memory is not None:
+            parse_memory(memory, "m (memory)")
+        self.m = memory
+        return self
+
+    def with_timeout(self, seconds: Optional[float]) -> Self:
+        """Stop it if it runs longer than `seconds`: a job's whole process tree, a call's worker."""
+        self.timeout = None if seconds is None else parse_duration(seconds)
+        return self
+
+    def with_id(self, job_id: str) -> Self:
+        """Name it; ids must be unique within one executor or cluster."""
+        self.id = _job_id(job_id)
+        return self
+
+    def with_retries(self, retries: int, memory_growth: float = 2.0) -> Self:
+        """Run the job again, up to `retries` more times, if it fails. A job stopped for memory
+        is retried with its `m` multiplied by `memory_growth`; other failures as they were."""
+        self.retries = _retries(retries)
+        self.memory_growth = _growth(memory_growth)
+        return self
+
+    def strict_memory(self, enabled: bool = True) -> Self:
+        """Stop the job as soon as it uses more than its `m` (needs `m`), room or not."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"strict must be True or False; got {enabled!r}")
+        self.strict = enabled
+        return self
+
+    def with_priority(self, priority: int) -> Self:
+        """Start this job before queued jobs of lower priority (default 0; negative runs later)."""
+        self.priority = _priority(priority)
+        return self
+
+    def spec(self) -> JobSpec:
+        """Validate the whole job or call and return its immutable engine form."""
+        raise NotImplementedError
+
+    def _spec_fields(self) -> Dict[str, Any]:
+        """The JobSpec fields these settings give, validated together."""
+        if self.strict and self.m is None:
+            raise ValueError("strict memory needs the job's memory (m): there is nothing to hold it to")
+        return {
+            "cpus": self.p,
+            "memory": None if self.m is None else parse_memory(self.m, "m (memory)"),
+            "job_id": self.id,
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "memory_growth": self.memory_growth,
+            "strict": self.strict,
+            "priority": self.priority,
+        }
+
+
+class Job(Resources):
     """A command and what it needs, built step by step (each builder validates and returns the job).
 
     >>> Job(["echo", "hi"]).cpu(2).memory("1G").with_timeout(60).with_id("greet").to_dict()["p"]
@@ -238,62 +350,20 @@ class Job:
             self.cmd = list(_argv(cmd))
         else:
             raise ValueError("a Job needs a command: Job(['program', 'arg', ...]) or Job(pipeline=[[...], [...]])")
-        self.p: int = 1
-        self.m: Optional[MemoryLike] = None
-        self.id: Optional[str] = None
+        super().__init__()
         self.cwd: Optional[str] = None
         self.env: Optional[Dict[str, str]] = None
-        self.timeout: Optional[float] = None
         self.stdout: Optional[str] = None
         self.stderr: Optional[str] = None
-        self.retries: int = 0
-        self.memory_growth: float = 2.0
-        self.strict: Optional[bool] = None
-        self.priority: int = 0
-        if priority is not None:
-            self.with_priority(priority)
-        if retries is not None or memory_growth is not None:
-            self.with_retries(0 if retries is None else retries, 2.0 if memory_growth is None else memory_growth)
-        if strict is not None:
-            self.strict_memory(strict)
-        if p is not None:
-            self.cpu(p)
-        if m is not None:
-            self.memory(m)
-        if id is not None:
-            self.with_id(id)
+        self._configure(p, m, id, timeout, retries, memory_growth, strict, priority)
         if cwd is not None:
             self.working_dir(cwd)
         if env is not None:
             self.environment(env)
-        if timeout is not None:
-            self.with_timeout(timeout)
         if stdout is not None:
             self.stdout_to(stdout)
         if stderr is not None:
             self.stderr_to(stderr)
-
-    def cpu(self, cpus: int) -> Self:
-        """Set the number of CPUs the job needs (a whole number, at least 1)."""
-        self.p = parse_cpus(cpus, "p (cpus)")
-        return self
-
-    def memory(self, memory: Optional[MemoryLike]) -> Self:
-        """Set the memory the job needs: MB as a number, or '500M', '4G', ...; None for no reservation."""
-        if memory is not None:
-            parse_memory(memory, "m (memory)")
-        self.m = memory
-        return self
-
-    def with_timeout(self, seconds: Optional[float]) -> Self:
-        """Kill the job's whole process tree if it runs longer than `seconds`."""
-        self.timeout = None if seconds is None else parse_duration(seconds)
-        return self
-
-    def with_id(self, job_id: str) -> Self:
-        """Name the job; ids must be unique within one executor or cluster."""
-        self.id = _job_id(job_id)
-        return self
 
     def working_dir(self, path: StrPath) -> Self:
         """Run the job in `path`."""
@@ -313,25 +383,6 @@ class Job:
     def stderr_to(self, path: StrPath) -> Self:
         """Write the job's stderr to a file instead of capturing it."""
         self.stderr = _optional_path(path, "stderr")
-        return self
-
-    def with_retries(self, retries: int, memory_growth: float = 2.0) -> Self:
-        """Run the job again, up to `retries` more times, if it fails. A job stopped for memory
-        is retried with its `m` multiplied by `memory_growth`; other failures as they were."""
-        self.retries = _retries(retries)
-        self.memory_growth = _growth(memory_growth)
-        return self
-
-    def strict_memory(self, enabled: bool = True) -> Self:
-        """Stop the job as soon as it uses more than its `m` (needs `m`), room or not."""
-        if not isinstance(enabled, bool):
-            raise TypeError(f"strict must be True or False; got {enabled!r}")
-        self.strict = enabled
-        return self
-
-    def with_priority(self, priority: int) -> Self:
-        """Start this job before queued jobs of lower priority (default 0; negative runs later)."""
-        self.priority = _priority(priority)
         return self
 
     def pipe_to(self, cmd: Sequence[StrPath]) -> Self:
@@ -355,22 +406,13 @@ class Job:
     def spec(self) -> JobSpec:
         """Validate the whole job and return its immutable engine form."""
         stages = tuple(tuple(c) for c in self.cmd.commands) if isinstance(self.cmd, Pipeline) else (tuple(self.cmd),)
-        if self.strict and self.m is None:
-            raise ValueError("strict memory needs the job's memory (m): there is nothing to hold it to")
         return JobSpec(
             stages=stages,
-            cpus=self.p,
-            memory=None if self.m is None else parse_memory(self.m, "m (memory)"),
-            job_id=self.id,
             cwd=self.cwd,
             env=dict(self.env) if self.env is not None else None,
-            timeout=self.timeout,
             stdout=self.stdout,
             stderr=self.stderr,
-            retries=self.retries,
-            memory_growth=self.memory_growth,
-            strict=self.strict,
-            priority=self.priority,
+            **self._spec_fields(),
         )
 
     def __repr__(self) -> str:
@@ -426,7 +468,7 @@ def to_spec(item: object) -> JobSpec:
         return JobSpec((_argv(item),))
     if isinstance(item, JobSpec):
         return item
-    if isinstance(item, Job):
+    if isinstance(item, Resources):  # a Job or a Call
         return item.spec()
     if isinstance(item, (dict, abc.Mapping)):
         return job_from_dict(item).spec()
@@ -436,7 +478,9 @@ def to_spec(item: object) -> JobSpec:
         return Job(list(item)).spec()
     if isinstance(item, (str, bytes)):
         _argv(item)  # raises with a message that explains the string case
-    raise TypeError(f"cannot run {item!r}: submit a Job, a job dict, a Pipeline or a list of strings")
+    raise TypeError(
+        f"cannot run {item!r}: submit a Job, a job dict, a Pipeline, a list of strings, a Call or a function"
+    )
 
 
 def pick_one(what: str, **given: Any) -> Any:

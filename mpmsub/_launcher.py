@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from mpmsub._job import JobSpec
 from mpmsub._proctree import Snapshot
@@ -41,6 +41,8 @@ class Outcome:
     error: Optional[str] = None  # the sentence that goes with `failure`
     memory_series: List[Tuple[float, int]] = field(default_factory=list)  # (seconds in, bytes)
     oom_kills: Optional[int] = None  # the job's processes killed by the kernel's OOM killer, if known
+    value: Any = None  # what a Python call returned
+    exception: Optional[BaseException] = None  # what a Python call raised (failure "raised")
 
 
 class MemorySeries:

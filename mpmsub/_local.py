@@ -19,7 +19,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from subprocess import Popen
@@ -32,11 +31,10 @@ from mpmsub._guard import Watchman
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Handle, Launcher, MemorySeries, Outcome
 from mpmsub._loop import EventLoop, Timer
+from mpmsub._workers import WorkerPool
 
 logger = logging.getLogger("mpmsub")
 
-# ru_maxrss is in kilobytes on Linux and in bytes on macOS.
-_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 # How long captured output may stay open after every stage has exited before the rest of the
 # job's session is killed, and then before mpmsub stops waiting for it.
 _LEFTOVER_GRACE = 0.2
@@ -69,16 +67,28 @@ def _search_path(env: Optional[Dict[str, str]]) -> str:
 
 
 class LocalLauncher(Launcher):
-    """Runs jobs as local process trees; every callback runs on `loop`'s thread."""
+    """Runs jobs as local process trees, and Python calls in a pool of reused worker processes
+    (see _workers); every callback runs on `loop`'s thread."""
 
-    def __init__(self, loop: EventLoop, kill_grace: float = 2.0, cgroups: bool = True) -> None:
+    def __init__(
+        self,
+        loop: EventLoop,
+        kill_grace: float = 2.0,
+        cgroups: bool = True,
+        *,
+        max_tasks_per_child: Optional[int] = None,
+        initializer: Optional[Callable[..., Any]] = None,
+        initargs: Tuple[Any, ...] = (),
+    ) -> None:
         self.loop = loop
         self.kill_grace = kill_grace
         self._programs: Dict[Tuple[str, str], str] = {}
         self.groups = JobGroups.detect() if cgroups else None  # a memory cgroup per job, if we may
         self.watchman = Watchman()  # kills the jobs if this process dies without closing
+        self.workers = WorkerPool(loop, kill_grace, self.watchman, max_tasks_per_child, initializer, initargs)
 
     def close(self) -> None:
+        self.workers.close()
         if self.groups is not None:
             self.groups.close()
         self.watchman.close()
@@ -107,6 +117,8 @@ class LocalLauncher(Launcher):
         self._programs.pop((name, _search_path(env)), None)
 
     def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
+        if spec.call is not None:
+            return self.workers.start(spec, job_id, on_exit)
         handle = LocalHandle(self, spec, job_id, on_exit)
         handle.launch()
         return handle
@@ -327,8 +339,8 @@ class LocalHandle(Handle):
         self._cpu_time += usage.ru_utime + usage.ru_stime  # type: ignore[attr-defined]
         # A child's ru_maxrss also counts the memory of the process it was forked from (this one)
         # as it stood at exec time. It is the program's own peak only where it is above ours.
-        max_rss = usage.ru_maxrss * _MAXRSS_UNIT  # type: ignore[attr-defined]
-        if max_rss > resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_UNIT:
+        max_rss = usage.ru_maxrss * _proctree.MAXRSS_UNIT  # type: ignore[attr-defined]
+        if max_rss > resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _proctree.MAXRSS_UNIT:
             self._max_rss = max(self._max_rss, max_rss)
         if not self._unreaped:
             self._stages_done()

@@ -59,6 +59,7 @@ class EventLoop:
         self._cancelled_timers = 0
         self._tiebreak = itertools.count()
         self._readers: Dict[int, Tuple[Callback, Tuple[Any, ...]]] = {}
+        self._writers: Dict[int, Tuple[Callback, Tuple[Any, ...]]] = {}
         self._stopping = False
         self._closed = False
         self._wake_pending = False  # a byte is in the wake-up pipe (guarded by _close_lock)
@@ -124,6 +125,15 @@ class EventLoop:
         if self._readers.pop(fd, None) is not None:
             self._selector.unregister(fd)
 
+    def add_writer(self, fd: int, callback: Callback, *args: Any) -> None:
+        """Call `callback(*args)` whenever `fd` can be written to (an fd not read from here)."""
+        self._writers[fd] = (callback, args)
+        self._selector.register(fd, selectors.EVENT_WRITE, None)
+
+    def remove_writer(self, fd: int) -> None:
+        if self._writers.pop(fd, None) is not None:
+            self._selector.unregister(fd)
+
     def stop(self) -> None:
         """Leave the loop after the current iteration; pending callbacks are dropped."""
         self._stopping = True
@@ -154,6 +164,9 @@ class EventLoop:
                 self._drain_wakeups()
             elif fd in self._readers:
                 callback, args = self._readers[fd]
+                self._invoke(callback, args)
+            elif fd in self._writers:
+                callback, args = self._writers[fd]
                 self._invoke(callback, args)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
@@ -189,6 +202,8 @@ class EventLoop:
             self._closed = True
             for fd in list(self._readers):
                 self.remove_reader(fd)
+            for fd in list(self._writers):
+                self.remove_writer(fd)
             self._selector.close()
             os.close(self._wake_r)
             os.close(self._wake_w)

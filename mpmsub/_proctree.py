@@ -16,6 +16,7 @@ import psutil
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _LINUX = sys.platform.startswith("linux") and os.path.isdir("/proc/self")
+MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in KB on Linux, bytes on macOS
 
 
 class Proc(NamedTuple):

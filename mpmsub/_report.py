@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 
 import psutil
 
+from mpmsub._call import function_name
 from mpmsub._job import JobSpec, describe_command, optional_fields
 from mpmsub._result import CANCELLED, JobResult
 from mpmsub._system import cgroup_memory_limit, detect_cpus
@@ -140,6 +141,25 @@ def resources_text(cpus: int, memory: int) -> str:
     )
 
 
+def _call_code(spec: JobSpec, memory: str, job_id: Optional[str]) -> str:
+    """A Python call as the code that queues it: `mpmsub.Call(fn, 1, x=2).cpu(1).memory('150M')`."""
+    call = spec.call
+    assert call is not None
+    args = [function_name(call.fn), *map(repr, call.args), *(f"{k}={v!r}" for k, v in call.kwargs.items())]
+    code = f"mpmsub.Call({', '.join(args)}).cpu({spec.cpus}).memory({memory!r})"
+    if job_id is not None:
+        code += f".with_id({job_id!r})"
+    if spec.timeout is not None:
+        code += f".with_timeout({spec.timeout!r})"
+    if spec.retries:
+        code += f".with_retries({spec.retries}, {spec.memory_growth!r})"
+    if spec.strict is not None:
+        code += f".strict_memory({spec.strict!r})"
+    if spec.priority:
+        code += f".with_priority({spec.priority})"
+    return code
+
+
 def profile_text(
     results: List[JobResult],
     specs: Dict[str, JobSpec],
@@ -164,6 +184,9 @@ def profile_text(
             f"{r.job_id:<14} {'ok' if r.success else 'FAILED':<7} {r.runtime:8.2f}s {r.memory_used:9.1f} "
             f"{declared:>9} {rec:>10}  {_short(spec.describe(), 40)}"
         )
+        if spec.call is not None:
+            code.append(f"p.jobs.append({_call_code(spec, rec, r.job_id if r.job_id in custom_ids else None)})")
+            continue
         entry: Dict[str, Any] = {"pipeline": spec.cmd} if spec.is_pipeline else {"cmd": spec.cmd}
         entry.update(p=spec.cpus, m=rec)
         if r.job_id in custom_ids:

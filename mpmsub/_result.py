@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 from mpmsub._errors import JobFailedError
 
@@ -15,6 +15,8 @@ MEMORY = "memory"  # stopped by mpmsub for memory, or killed by the kernel's out
 START = "start"  # could not be started: program or working directory not found, not executable, ...
 CANCELLED = "cancelled"  # stopped by shutdown, Ctrl-C or cancellation while running
 ERROR = "error"  # mpmsub itself failed while running the job
+RAISED = "raised"  # a Python call raised an exception
+PICKLE = "pickle"  # a Python call, or what it returned, could not be pickled or unpickled
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,10 @@ class JobResult:
     the whole process tree in MB; `cpu_used` is CPU time (user + system) of every process of the
     job that was waited for, in seconds; `memory_series` is the tree's sampled resident memory
     over the run, as (seconds since start, MB) pairs, at most 256 of them.
+
+    For a Python call (`submit(fn, ...)`, `Call`, `map`), `cmd` is a one-item list describing
+    the call, `returncode` is None, `value` is what it returned and `exception` what it raised
+    (`failure` "raised"); `memory_used` is the peak of its worker process during that call alone.
     """
 
     job_id: str
@@ -45,6 +51,9 @@ class JobResult:
     attempts: int = 1
     requeued: int = 0  # times it was stopped and put back because the machine ran short of memory
     memory_series: List[Tuple[float, float]] = field(default_factory=list)
+    # A Python call's return value, or the exception it raised (None for commands).
+    value: Any = field(default=None, repr=False, compare=False)
+    exception: Optional[BaseException] = field(default=None, repr=False, compare=False)
 
     @property
     def success(self) -> bool:

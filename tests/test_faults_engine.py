@@ -101,8 +101,8 @@ def test_finished_jobs_with_long_timeouts_are_not_kept_alive_by_their_timers() -
         assert len(ex._loop._timers) < 600  # cancelled entries are compacted away
 
 
-def test_map_is_refused_clearly() -> None:
-    with MemoryAwareExecutor(cpus=1, memory="1G") as ex, pytest.raises(TypeError, match="submit each job"):
+def test_map_of_a_command_is_refused_clearly() -> None:
+    with MemoryAwareExecutor(cpus=1, memory="1G") as ex, pytest.raises(TypeError, match="submit each command"):
         ex.map(["echo"], [["x"]])
 
 

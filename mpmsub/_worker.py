@@ -1,0 +1,186 @@
+"""The worker process that runs Python calls for an executor, one at a time, for many calls.
+
+Started as a script (`python .../mpmsub/_worker.py READ_FD WRITE_FD`) in a session of its own,
+so it imports only the standard library until the parent's import path, working directory and
+main module are restored (as the standard library's "spawn" start method does). Then it reads
+calls from the parent, runs them and writes back what they returned or raised, with what each
+call used: CPU time and, on Linux, its own peak resident memory, reset before every call by
+writing 5 to /proc/self/clear_refs (so a call's peak is its own, not the worker's high-water mark).
+
+Frames both ways are an 8-byte big-endian length and a body. The parent's bodies are one kind
+byte and a pickle: b"i" (preparation data, initializer) first, then b"c" ((fn, args, kwargs)) or
+b"m" ((fn, [args, ...]): a chunk of map()). The worker's are a pickled tuple, see `_reply`.
+"""
+
+import os
+import pickle
+import struct
+import sys
+import time
+import traceback
+import types
+from typing import Any, Optional, Tuple
+
+HEADER = struct.Struct("!Q")
+CALL, CHUNK, INIT = b"c", b"m", b"i"
+# Replies: the first item says what happened.
+OK = "ok"  # the value is pickled in the second item
+RAISED = "raised"  # the exception (pickled, or None if it could not be) and its traceback text
+UNPICKLED = "unpickled"  # the call could not be unpickled here: message, traceback text
+UNPICKLABLE = "unpicklable"  # the return value could not be pickled: message
+BROKEN = "broken"  # the worker could not be prepared (main module, initializer): traceback text
+
+_LINUX = sys.platform.startswith("linux")
+MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
+
+
+def _read_exact(fd: int, size: int) -> Optional[bytes]:
+    chunks: list = []  # type: ignore[type-arg]
+    while size:
+        chunk = os.read(fd, min(size, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(fd: int) -> Optional[bytes]:
+    header = _read_exact(fd, HEADER.size)
+    if header is None:
+        return None
+    return _read_exact(fd, HEADER.unpack(header)[0])
+
+
+def _write_frame(fd: int, body: bytes) -> None:
+    view = memoryview(HEADER.pack(len(body)) + body)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _reset_peak() -> bool:
+    """Reset this process's VmHWM to its current resident size; False where that is impossible."""
+    if not _LINUX:
+        return False
+    try:
+        fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
+        try:
+            os.write(fd, b"5")
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _peak() -> Optional[int]:
+    """This process's VmHWM in bytes (Linux), or None."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _describe(value: object) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def _run(kind: bytes, body: bytes) -> Tuple[Any, ...]:
+    """Run one call; return the reply tuple (without the usage figures)."""
+    try:
+        fn, args, kwargs = pickle.loads(body) if kind == CALL else (*pickle.loads(body), None)
+    except BaseException as exc:
+        return (UNPICKLED, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    del body
+    try:
+        value = fn(*args, **kwargs) if kind == CALL else [fn(*a) for a in args]
+    except BaseException as exc:
+        text = traceback.format_exc()
+        try:
+            data = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
+        except BaseException:
+            data = None
+        summary = f"{type(exc).__name__}: {exc}"
+        del exc
+        return (RAISED, data, text, summary)
+    del fn, args, kwargs
+    try:
+        data = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except BaseException as exc:
+        return (UNPICKLABLE, f"its return value ({_describe(value)}) could not be pickled: {type(exc).__name__}: {exc}")
+    del value
+    return (OK, data)
+
+
+def _serve(read_fd: int, write_fd: int) -> None:
+    import resource
+
+    exact = _reset_peak()
+    while True:
+        body = _read_frame(read_fd)
+        if body is None:
+            return  # the parent closed our pipe: time to go
+        kind, body = body[:1], body[1:]
+        started = time.time()
+        clock = time.monotonic()
+        self0 = resource.getrusage(resource.RUSAGE_SELF)
+        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        exact = exact and _reset_peak()
+        reply = _run(kind, body)
+        del body
+        runtime = time.monotonic() - clock
+        self1 = resource.getrusage(resource.RUSAGE_SELF)
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (
+            self1.ru_utime + self1.ru_stime - self0.ru_utime - self0.ru_stime
+            + kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
+        )  # fmt: skip
+        peak = _peak() if exact else None
+        # A child waited for during the call whose peak is the largest yet of this worker's.
+        child = kids1.ru_maxrss * MAXRSS_UNIT if kids1.ru_maxrss > kids0.ru_maxrss else 0
+        usage = (started, runtime, cpu, peak, child)
+        _write_frame(write_fd, pickle.dumps((reply, usage), pickle.HIGHEST_PROTOCOL))
+        del reply
+
+
+def main() -> None:
+    read_fd, write_fd = int(sys.argv[1]), int(sys.argv[2])
+    for fd in (read_fd, write_fd):
+        os.set_inheritable(fd, False)  # programs the calls start must not hold our pipes
+    # Until the parent's main module is restored, __main__ must not be this script: a call
+    # pickled as __main__.main would find this module's main().
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    body = _read_frame(read_fd)
+    if body is None or body[:1] != INIT:
+        return
+    import multiprocessing.process
+    import multiprocessing.spawn
+
+    process = multiprocessing.process.current_process()
+    try:
+        preparation, initializer = pickle.loads(body[1:])
+        # As in a process started by multiprocessing: starting processes while the main module
+        # is being imported is an error (the script lacks `if __name__ == "__main__":`).
+        process._inheriting = True  # type: ignore[attr-defined]
+        try:
+            multiprocessing.spawn.prepare(preparation)
+        finally:
+            del process._inheriting  # type: ignore[attr-defined]
+            os.environ.pop("_MPMSUB_WORKER_PREPARING", None)
+        if initializer is not None:
+            fn, args = pickle.loads(initializer)
+            fn(*args)
+    except BaseException:
+        text = traceback.format_exc()
+        _write_frame(write_fd, pickle.dumps(((BROKEN, text), None), pickle.HIGHEST_PROTOCOL))
+        return
+    del body
+    _serve(read_fd, write_fd)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,483 @@
+"""Python calls on this machine: a pool of reused worker processes, driven by the event loop.
+
+A worker (see _worker) is a fresh interpreter started with subprocess (fork-and-exec, safe in a
+threaded parent, as the "spawn" start method), in a session of its own, so that killing a call
+kills whatever it started too. It is prepared once (the parent's import path, working directory
+and main module, then the initializer) and runs one call at a time for many calls. A call is
+written to an idle worker when the executor starts it; its reply carries what it returned or
+raised and what it used. A worker that is killed (timeout, memory, termination) or dies is
+replaced by a new one at the next call; the other calls and the pool carry on.
+
+Everything here runs on the loop thread, except `CallHandle.sample` (the monitor thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
+
+from mpmsub import _proctree
+from mpmsub import _result as kinds
+from mpmsub import _worker as wire
+from mpmsub._errors import CallPicklingError, RemoteTraceback
+from mpmsub._guard import Watchman
+from mpmsub._job import JobSpec
+from mpmsub._launcher import Handle, MemorySeries, Outcome
+from mpmsub._loop import EventLoop, Timer
+
+logger = logging.getLogger("mpmsub")
+
+_WORKER_SCRIPT = os.path.abspath(wire.__file__)
+_READ_SIZE = 1 << 16
+_CLOSE_WAIT = 2.0  # seconds idle workers get to exit once their pipe is closed
+_PREPARING = "_MPMSUB_WORKER_PREPARING"  # set in a worker while it imports the main module
+
+
+class Worker:
+    """One worker process and its two pipes."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        if os.environ.get(_PREPARING):
+            raise RuntimeError(
+                "a worker process is importing the program's main module, and that module submits Python "
+                "calls itself: start the executor under `if __name__ == '__main__':`"
+            )
+        self.pool = pool
+        loop = pool.loop
+        to_r, self.to_fd = os.pipe()
+        self.from_fd, from_w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                [pool.executable, _WORKER_SCRIPT, str(to_r), str(from_w)],
+                pass_fds=(to_r, from_w),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+                env={**os.environ, _PREPARING: "1"},
+            )
+        except BaseException:
+            for fd in (self.to_fd, self.from_fd):
+                os.close(fd)
+            raise
+        finally:
+            os.close(to_r)
+            os.close(from_w)
+        proc.returncode = 0  # Popen's bookkeeping is ours: the worker is reaped with os.wait4
+        self.pid = proc.pid
+        pool.watchman.watch(self.pid)
+        self.handle: Optional[CallHandle] = None  # the call it runs
+        self.calls = 0  # calls it has finished
+        self.reported_cpu = 0.0  # CPU time its replies accounted for
+        self.retiring = False  # its pipe to it is closed: it exits once it has read everything
+        self.dead = False
+        self._out = bytearray()  # frames not yet written
+        self._in = bytearray()
+        self._pidfd: Optional[int] = None
+        self._eof = False
+        os.set_blocking(self.to_fd, False)
+        os.set_blocking(self.from_fd, False)
+        loop.add_reader(self.from_fd, self._on_readable)
+        with contextlib.suppress(AttributeError, OSError):
+            self._pidfd = os.pidfd_open(self.pid)  # type: ignore[attr-defined,unused-ignore]
+            loop.add_reader(self._pidfd, self._on_exit)
+        self.send(pool.init_frame())
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def send(self, body: bytes) -> None:
+        frame = wire.HEADER.pack(len(body)) + body
+        if self._out:
+            self._out += frame
+            return
+        try:
+            written = os.write(self.to_fd, frame)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # it is gone: its exit is on its way through the pidfd or the pipe
+            return
+        if written < len(frame):
+            self._out += frame[written:]
+            self.pool.loop.add_writer(self.to_fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        try:
+            written = os.write(self.to_fd, self._out)
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(self._out)  # it is gone
+        del self._out[:written]
+        if not self._out:
+            self.pool.loop.remove_writer(self.to_fd)
+            if self.retiring:
+                self._close_input()
+
+    def retire(self) -> None:
+        """Let it finish: close our end of its pipe (once what is queued is written); it exits."""
+        self.retiring = True
+        if not self._out:
+            self._close_input()
+
+    def _close_input(self) -> None:
+        if self.to_fd >= 0:
+            self.pool.loop.remove_writer(self.to_fd)
+            os.close(self.to_fd)
+            self.to_fd = -1
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self.from_fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        if data:
+            self._feed(data)
+            return
+        self.pool.loop.remove_reader(self.from_fd)
+        self._eof = True
+        if self._pidfd is None:
+            self._on_exit()  # no pidfd here: the pipe's end is the exit
+
+    def _drain(self) -> None:
+        """Read what is in the pipe now (after its exit: what it wrote before it went)."""
+        while not self._eof:
+            try:
+                data = os.read(self.from_fd, _READ_SIZE)
+            except BlockingIOError:
+                return  # a process it started may still hold the pipe
+            if not data:
+                self._eof = True
+                return
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        buffer = self._in
+        buffer += data
+        while len(buffer) >= wire.HEADER.size:
+            (size,) = wire.HEADER.unpack_from(buffer)
+            end = wire.HEADER.size + size
+            if len(buffer) < end:
+                break
+            body = bytes(buffer[wire.HEADER.size : end])
+            del buffer[:end]
+            self._reply(body)
+
+    def _reply(self, body: bytes) -> None:
+        reply, usage = pickle.loads(body)
+        handle = self.handle
+        if usage is not None:
+            self.reported_cpu += usage[2]
+        if handle is None or handle.killing:
+            return  # a kill decides that call's end, when the worker is gone
+        if reply[0] == wire.BROKEN:
+            handle.broken(reply[1])
+            return
+        self.calls += 1
+        self.handle = None
+        handle.replied(reply, usage)
+        self.pool.idle(self)
+
+    # -- its end ----------------------------------------------------------------------------------
+
+    def _on_exit(self) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        loop = self.pool.loop
+        self._drain()  # a reply may be behind the exit in this round of the loop
+        if self._pidfd is not None:
+            loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)  # the pipe closed: make sure it ends
+        status, usage = self._reap()
+        self.pool.gone(self)
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle.worker_died(status, usage)
+
+    def _reap(self) -> Tuple[Optional[int], Any]:
+        # A zombie keeps its pid, so its process group id cannot have been reused: whatever the
+        # call started and left in the group is killed.
+        _proctree.kill_group(self.pid)
+        try:
+            _, status, usage = os.wait4(self.pid, 0)
+        except ChildProcessError:
+            status, usage = None, None  # reaped elsewhere (os.wait(), a SIGCHLD handler)
+        self.pool.watchman.forget(self.pid)
+        loop = self.pool.loop
+        loop.remove_reader(self.from_fd)
+        os.close(self.from_fd)
+        self.from_fd = -1
+        self._close_input()
+        return (None if status is None else os.waitstatus_to_exitcode(status)), usage
+
+    def signal(self, sig: int) -> None:
+        if not self.dead:
+            _proctree.signal_tree([self.pid], sig)
+
+
+class WorkerPool:
+    """Reused worker processes for the Python calls of one executor."""
+
+    def __init__(
+        self,
+        loop: EventLoop,
+        kill_grace: float,
+        watchman: Watchman,
+        max_tasks_per_child: Optional[int] = None,
+        initializer: Optional[Callable[..., Any]] = None,
+        initargs: Tuple[Any, ...] = (),
+    ) -> None:
+        self.loop = loop
+        self.kill_grace = kill_grace
+        self.watchman = watchman
+        self.max_tasks_per_child = max_tasks_per_child
+        self._initializer = initializer
+        self._initargs = initargs
+        self._init: Optional[bytes] = None
+        self._idle: List[Worker] = []
+        self._workers: Set[Worker] = set()
+        self.exact = False  # workers measure each call's own peak (they can reset theirs)
+        self.executable = sys.executable
+
+    def init_frame(self) -> bytes:
+        """What a new worker is told first: the parent's state to restore, and the initializer."""
+        if self._init is None:
+            import multiprocessing.spawn
+
+            self.executable = multiprocessing.spawn.get_executable() or sys.executable
+            preparation = multiprocessing.spawn.get_preparation_data("mpmsub-worker")
+            if "authkey" in preparation:  # pickled only while multiprocessing spawns; ours is plain
+                preparation["authkey"] = bytes(preparation["authkey"])
+            initializer = None
+            if self._initializer is not None:
+                initializer = pickle.dumps((self._initializer, self._initargs), pickle.HIGHEST_PROTOCOL)
+            self._init = wire.INIT + pickle.dumps((preparation, initializer), pickle.HIGHEST_PROTOCOL)
+        return self._init
+
+    def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> CallHandle:
+        handle = CallHandle(self, spec, job_id, on_exit)
+        try:
+            worker = self._idle.pop() if self._idle else self._new_worker()
+        except Exception as exc:
+            handle.fail_start(exc)
+            return handle
+        handle.run_on(worker)
+        return handle
+
+    def _new_worker(self) -> Worker:
+        self.init_frame()  # made before the first start: it names the executable
+        worker = Worker(self)
+        self._workers.add(worker)
+        return worker
+
+    def idle(self, worker: Worker) -> None:
+        limit = self.max_tasks_per_child
+        if limit is not None and worker.calls >= limit:
+            worker.retire()
+        else:
+            self._idle.append(worker)
+
+    def gone(self, worker: Worker) -> None:
+        self._workers.discard(worker)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+
+    def close(self) -> None:
+        """End every worker (no call is running): close their pipes, give them a moment to exit,
+        then kill what is left; reap them all."""
+        workers = list(self._workers)
+        for worker in workers:
+            worker.retire()
+        deadline = time.monotonic() + _CLOSE_WAIT
+        waiting = {w._pidfd: w for w in workers if not w.dead and w._pidfd is not None}
+        while waiting and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(waiting), [], [], max(0.0, deadline - time.monotonic()))
+            for fd in ready:
+                del waiting[fd]
+        for worker in workers:
+            if not worker.dead:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(worker.pid, signal.SIGKILL)
+                worker._on_exit()
+
+
+class CallHandle(Handle):
+    """One call, on one worker."""
+
+    def __init__(self, pool: WorkerPool, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> None:
+        self.pool = pool
+        self.spec = spec
+        self.job_id = job_id
+        self._on_exit = on_exit
+        self.worker: Optional[Worker] = None
+        self.killing = False
+        self.failure: Optional[str] = None
+        self.error: Optional[str] = None
+        self._finished = False
+        self._timers: List[Timer] = []
+        self._start_time = time.time()
+        self._start_mono = time.monotonic()
+        self.exact_peak = pool.exact
+        self.sampled_peak = 0  # the tree's, written by the monitor thread
+        self.sampled_children = 0  # of processes the call started
+        self.series = MemorySeries()
+        self._pid = 0  # the worker's, for the monitor thread
+
+    def run_on(self, worker: Worker) -> None:
+        assert self.spec.call is not None
+        self.worker = worker
+        self._pid = worker.pid
+        worker.handle = self
+        self._first_call = worker.calls == 0
+        worker.send(self.spec.call.data())
+        if self.spec.timeout is not None:
+            timeout = self.spec.timeout
+            self._timers.append(
+                self.pool.loop.call_later(timeout, self.kill, kinds.TIMEOUT, f"timed out after {timeout:g} s")
+            )
+
+    def fail_start(self, exc: Exception) -> None:
+        self.failure = kinds.START
+        self.error = f"could not start a worker process: {exc}"
+        self.pool.loop.call_soon_threadsafe(self._finish, [None])
+
+    # -- its end ----------------------------------------------------------------------------------
+
+    def replied(self, reply: Tuple[Any, ...], usage: Tuple[float, float, float, Optional[int], int]) -> None:
+        status = reply[0]
+        value: Any = None
+        exception: Optional[BaseException] = None
+        if status == wire.OK:
+            try:
+                value = pickle.loads(reply[1])
+            except Exception as exc:
+                self.failure = kinds.PICKLE
+                self.error = f"its return value could not be unpickled here: {type(exc).__name__}: {exc}"
+        elif status == wire.RAISED:
+            _, data, text, summary = reply
+            try:
+                exception = pickle.loads(data) if data is not None else None
+            except Exception:
+                exception = None
+            if exception is None:  # it raised something that does not travel: say what it was
+                exception = CallPicklingError(f"the call raised {summary}, which could not be pickled back")
+            exception.__cause__ = RemoteTraceback(text)
+            self.failure, self.error = kinds.RAISED, f"raised {summary}"
+        elif status == wire.UNPICKLED:
+            self.failure = kinds.PICKLE
+            self.error = f"the worker could not unpickle the call: {reply[1]}"
+        else:  # UNPICKLABLE
+            self.failure, self.error = kinds.PICKLE, reply[1]
+        started, runtime, cpu, peak, child = usage
+        if peak is not None:
+            self.pool.exact = True
+            peak += max(self.sampled_children, child if child > peak else 0)
+        else:
+            peak = max(self.sampled_peak, child)
+        self._finish([None], started, runtime, cpu, peak, value, exception)
+
+    def broken(self, text: str) -> None:
+        """The worker could not be prepared (its main module or initializer raised)."""
+        last = text.strip().splitlines()[-1] if text.strip() else "no traceback"
+        self.failure = kinds.START
+        self.error = f"its worker process could not be prepared: {last}"
+        logger.error("mpmsub: a worker process could not be prepared:\n%s", text)
+        # The worker exits on its own; its exit ends the call.
+
+    def worker_died(self, code: Optional[int], usage: Any) -> None:
+        worker = self.worker
+        assert worker is not None
+        cpu = 0.0
+        peak = self.sampled_peak
+        if usage is not None:
+            # Its whole life's CPU time, less what its earlier calls reported; its lifetime peak
+            # is this call's only if this was its first.
+            cpu = max(0.0, usage.ru_utime + usage.ru_stime - worker.reported_cpu)
+            if self._first_call:
+                peak = max(peak, usage.ru_maxrss * _proctree.MAXRSS_UNIT)
+        elif self.failure is None:
+            self.failure = kinds.ERROR
+            self.error = "its worker's exit status was collected by another part of this program"
+        self._finish([code], None, None, cpu, peak)
+
+    def _finish(
+        self,
+        codes: List[Optional[int]],
+        started: Optional[float] = None,
+        runtime: Optional[float] = None,
+        cpu: float = 0.0,
+        peak: int = 0,
+        value: Any = None,
+        exception: Optional[BaseException] = None,
+    ) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        outcome = Outcome(
+            returncodes=codes,
+            stdout=None,
+            stderr=None,
+            start_time=self._start_time if started is None else started,
+            runtime=time.monotonic() - self._start_mono if runtime is None else runtime,
+            cpu_time=cpu,
+            peak_memory=peak,
+            failure=self.failure,
+            error=self.error,
+            memory_series=list(self.series.points),
+            value=value,
+            exception=exception,
+        )
+        self._on_exit(outcome)
+
+    # -- killing and measuring --------------------------------------------------------------------
+
+    def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
+        worker = self.worker
+        if self._finished or worker is None:
+            return False
+        grace = self.pool.kill_grace if grace is None else grace
+        if self.killing:
+            if grace <= 0:
+                worker.signal(signal.SIGKILL)
+            return False
+        self.killing = True
+        self.failure, self.error = failure, message
+        if grace <= 0:
+            worker.signal(signal.SIGKILL)
+        else:
+            worker.signal(signal.SIGTERM)
+            self._timers.append(self.pool.loop.call_later(grace, worker.signal, signal.SIGKILL))
+        return True
+
+    def sample(self, snapshot: _proctree.Snapshot) -> Optional[int]:
+        pid = self._pid
+        if self._finished or not pid:
+            return None
+        pids = _proctree.members(snapshot, [pid])
+        own = snapshot[pid].rss if pid in snapshot else 0
+        rss = sum(snapshot[p].rss for p in pids)
+        if rss > self.sampled_peak:
+            self.sampled_peak = rss
+        if rss - own > self.sampled_children:
+            self.sampled_children = rss - own
+        self.series.add(time.monotonic() - self._start_mono, rss)
+        return rss
+
+    def roots(self) -> Sequence[int]:
+        return [self._pid] if self._pid else []
