@@ -8,6 +8,9 @@ benchmarks/RESULTS.md (unless --no-record).
 4. monitoring cost: executor CPU / wall while 8 `sleep 5` jobs run (< 2% of a core)
 5. measurement accuracy: reported peak / the kernel's max RSS for a 300 MB program held 0.05,
    0.3 and 2 s (within 10%) and a shell running two 200 MB programs at once (within 15% of the sum)
+6. Python calls: map(20000 items, chunksize 200) / ProcessPoolExecutor(2) (<= 1.5); 1000 submits
+   / ProcessPoolExecutor(2) (<= 2); a 300 MB call's peak after a 1 GB call in the same worker
+   (within 10% of 300 MB)
 
 Exits with status 1 if a target is missed. Takes about a minute.
 Usage: python benchmarks/run_all_benchmarks.py [--no-record]
@@ -23,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import accuracy
+import calls
 import dispatch_overhead
 import mixed_batch
 import monitor_cost
@@ -41,6 +45,7 @@ def main() -> int:
         *scaling.measure(),
         monitor_cost.measure(),
         *accuracy.measure(),
+        *calls.measure(),
     ]
     show("All benchmarks", figures, keep=not args.no_record)
     print(f"\n{sum(f.ok for f in figures)} of {len(figures)} targets met in {time.perf_counter() - started:.0f} s")

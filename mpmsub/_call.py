@@ -38,10 +38,13 @@ def check_callable(fn: object) -> None:
 class CallPayload:
     """A call's function and arguments, and their pickle (made on first use and kept)."""
 
-    __slots__ = ("_data", "_description", "args", "fn", "kind", "kwargs")
+    __slots__ = ("_data", "_description", "args", "first", "fn", "kind", "kwargs")
 
-    def __init__(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Dict[str, Any], chunk: bool) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Dict[str, Any], chunk: bool, first: int = 0
+    ) -> None:
         self.fn = fn
+        self.first = first  # a chunk's: the index of its first item in all of map()'s items
         self.args = args
         self.kwargs = kwargs
         self.kind = CHUNK if chunk else CALL
@@ -55,7 +58,9 @@ class CallPayload:
             name = function_name(self.fn)
             args = self.args
             if self.kind == CHUNK:
-                self._description = f"{name} over {len(args)} item{'s' if len(args) != 1 else ''}"
+                last = self.first + len(args) - 1
+                span = f"item {last}" if len(args) == 1 else f"items {self.first}-{last}"
+                self._description = f"{name} over {span}"
             else:
                 shown = [_repr.repr(a) for a in args] + [f"{k}={_repr.repr(v)}" for k, v in self.kwargs.items()]
                 self._description = f"{name}({', '.join(shown)})"
@@ -88,7 +93,7 @@ class CallPayload:
         for index, arg in enumerate(self.args):
             if not _pickles(arg):
                 if self.kind == CHUNK:
-                    return f"item {index} of the iterables ({_repr.repr(arg)})", ""
+                    return f"item {self.first + index} of the iterables ({_repr.repr(arg)})", ""
                 return f"argument {index} ({type(arg).__name__} {_repr.repr(arg)})", ""
         for key, value in self.kwargs.items():
             if not _pickles(value):
@@ -124,9 +129,10 @@ class Call(Resources, Generic[T]):
     def spec(self) -> JobSpec:
         return JobSpec(stages=(), call=CallPayload(self.fn, self.args, self.kwargs, chunk=False), **self._spec_fields())
 
-    def _chunk_spec(self, items: List[Tuple[Any, ...]]) -> JobSpec:
-        """The spec of a chunk of map(): `fn` called on each tuple of `items` in turn."""
-        return JobSpec(stages=(), call=CallPayload(self.fn, items, {}, chunk=True), **self._spec_fields())
+    def _chunk_spec(self, items: List[Tuple[Any, ...]], first: int) -> JobSpec:
+        """The spec of a chunk of map(): `fn` called on each tuple of `items` in turn; `first` is
+        the index of its first item among all of map()'s."""
+        return JobSpec(stages=(), call=CallPayload(self.fn, items, {}, chunk=True, first=first), **self._spec_fields())
 
     def __repr__(self) -> str:
         fields = f", p={self.p}, m={self.m!r}" + (f", id={self.id!r}" if self.id is not None else "")

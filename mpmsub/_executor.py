@@ -387,7 +387,7 @@ class MemoryAwareExecutor(Executor):
         after another). Every chunk is submitted now; leaving the iteration early cancels the
         chunks not yet started."""
         if isinstance(fn, (Job, Pipeline, JobSpec, Call, list, dict)):
-            raise TypeError(f"map() runs a Python function over items; submit each command with submit(job): got {fn!r}")
+            raise TypeError(f"map() runs a Python function over items; submit each command with submit(): got {fn!r}")
         check_callable(fn)
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"invalid chunksize {chunksize!r}: expected a whole number, at least 1")
@@ -395,7 +395,10 @@ class MemoryAwareExecutor(Executor):
             timeout = parse_duration(timeout)
         template = map_call(fn, cpus, memory)
         end = None if timeout is None else time.monotonic() + timeout
-        futures = [self._submit(template._chunk_spec(chunk)) for chunk in chunks(iterables, chunksize)]
+        futures = [
+            self._submit(template._chunk_spec(chunk, index * chunksize))
+            for index, chunk in enumerate(chunks(iterables, chunksize))
+        ]
         return _results(futures, end)
 
     def status(self) -> ExecutorStatus:

@@ -58,8 +58,12 @@ class Monitor:
             self._handles[handle] = tag
             self._watched_at[handle] = time.monotonic()
             self._fresh.update(handle.roots())
-            if self._deadline > time.monotonic() + PACE[0][1]:
-                self._cond.notify()  # idle, or in a slow tick's wait: the new job is due sooner
+            # Idle, or in a slow tick's wait while the new job's peak needs fast ticks: it is due
+            # sooner. (A job measured exactly waits for the next tick: no wake-up per start.)
+            if self._deadline == float("inf") or (
+                not handle.exact_peak and self._deadline > time.monotonic() + PACE[0][1]
+            ):
+                self._cond.notify()
 
     def unwatch(self, handle: Handle) -> None:
         with self._cond:
