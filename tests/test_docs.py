@@ -18,13 +18,26 @@ def python_blocks(path: Path) -> list:
     return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
 
 
+def run_python(block: str, where: str, namespace: dict, cwd: Path) -> None:
+    """Run a block in `namespace`; a script (one with a `__main__` guard, as the examples of
+    Python calls, whose workers import it) as a file of its own in a fresh interpreter."""
+    if '__name__ == "__main__"' not in block:
+        exec(compile(block, where, "exec"), namespace)
+        return
+    script = cwd / f"block_{len(list(cwd.glob('block_*.py')))}.py"
+    script.write_text(block)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    proc = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{where}:\n{block}\n{proc.stderr}"
+
+
 def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     blocks = python_blocks(ROOT / "README.md")
     assert blocks
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
+        run_python(block, "README.md", namespace, tmp_path)
 
 
 ARGS = {"benchmark_demo.py": ["--quick"]}  # the full demonstration takes a minute
@@ -76,7 +89,7 @@ def test_docs_page_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for block in re.findall(r"```python\n(.*?)```", text, re.S):
-        exec(compile(block, page, "exec"), namespace)
+        run_python(block, page, namespace, tmp_path)
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         if "pip install" in block:
             continue  # installation commands: the CI's own setup runs them
