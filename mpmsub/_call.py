@@ -11,11 +11,14 @@ import pickle
 import reprlib
 from typing import Any, Callable, Dict, Generic, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
+from typing_extensions import ParamSpec
+
 from mpmsub._errors import CallPicklingError
 from mpmsub._job import JobSpec, Resources
 from mpmsub._units import MemoryLike
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 CALL, CHUNK = b"c", b"m"  # a worker's frame kinds (see _worker)
 
@@ -119,7 +122,7 @@ class Call(Resources, Generic[T]):
     at the top level of a module, not lambdas or nested functions.
     """
 
-    def __init__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> None:
         check_callable(fn)
         super().__init__()
         self.fn = fn

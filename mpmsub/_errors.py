@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
@@ -39,9 +40,11 @@ class CallTimeoutError(CallError):
     """The call ran longer than its timeout and its worker was killed."""
 
 
-class WorkerDiedError(CallError):
+class WorkerDiedError(CallError, BrokenProcessPool):
     """The worker process running the call died (a crash such as a segfault, os._exit(), a
-    signal from elsewhere), or could not be started or prepared."""
+    signal from elsewhere), or could not be started or prepared. It is also a
+    `concurrent.futures.process.BrokenProcessPool`, which code written for ProcessPoolExecutor
+    catches (here only this call failed: the executor goes on)."""
 
 
 class CallCancelledError(CallError):

@@ -20,7 +20,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple, TypeVar, Union, overload
 
-from typing_extensions import Literal
+from typing_extensions import Literal, ParamSpec
 
 from mpmsub import _proctree
 from mpmsub import _result as kinds
@@ -50,6 +50,7 @@ from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_durat
 logger = logging.getLogger("mpmsub")
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _GATE_RETRY = 0.5  # seconds between looks at the machine's free memory while a job waits for it
 _MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memory error
@@ -315,13 +316,16 @@ class MemoryAwareExecutor(Executor):
     # -- the public interface (any thread) -------------------------------------------------------
 
     @overload
-    def submit(self, fn: Union[Job, Pipeline, JobSpec, Dict[str, Any], List[Any]], /) -> JobFuture[JobResult]: ...
+    def submit(self, fn: Union[Job, Pipeline, Dict[str, Any], List[Any]], /) -> JobFuture[JobResult]: ...
 
     @overload
     def submit(self, fn: Call[T], /) -> JobFuture[T]: ...
 
     @overload
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture[T]: ...
+    def submit(self, fn: JobSpec, /) -> JobFuture[Any]: ...  # a command's or a call's
+
+    @overload
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> JobFuture[T]: ...
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> JobFuture[Any]:
         """Queue a job or a Python call; return its Future.
@@ -352,6 +356,12 @@ class MemoryAwareExecutor(Executor):
     def _submit(self, spec: JobSpec) -> JobFuture[Any]:
         request = spec.request
         future: JobFuture[Any] = JobFuture()
+        unsent: Optional[CallPicklingError] = None
+        if spec.call is not None:
+            try:
+                spec.call.data()  # pickled here, once, outside the lock: what fails, fails its own future
+            except CallPicklingError as exc:
+                unsent = exc
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit a job after the executor has been shut down")
@@ -360,12 +370,9 @@ class MemoryAwareExecutor(Executor):
             if why is not None:
                 self._ids.discard(job_id)
                 raise ValueError(f"job {job_id!r} can never run on this executor: {why}")
-            if spec.call is not None:
-                try:
-                    spec.call.data()  # pickled here, once: what fails, fails its own future now
-                except CallPicklingError as exc:
-                    _unsent(future, spec, job_id, exc)
-                    return future
+            if unsent is not None:
+                _unsent(future, spec, job_id, unsent)
+                return future
             self._inbox.append(_Item(next(self._seq), spec, job_id, future, self.kill_grace))
             if not self._inbox_pending:  # one call to the loop for a burst of submits
                 self._loop.call_soon_threadsafe(self._take_inbox)
@@ -717,11 +724,13 @@ class MemoryAwareExecutor(Executor):
     def _maybe_close(self) -> None:
         if self._closing and not self._closed and not self._running and not self._scheduler:
             self._closed = True
-            self._monitor.close()
-            self._launcher.close()
-            self._delivery.close()
-            self._loop.stop()
-            _live_executors.discard(self)
+            try:
+                self._monitor.close()
+                self._launcher.close()
+            finally:  # whatever failed, the loop stops and waiters are released
+                self._delivery.close()
+                self._loop.stop()
+                _live_executors.discard(self)
 
 
 def _cancelled(item: _Item) -> bool:

@@ -9,7 +9,8 @@ writing 5 to /proc/self/clear_refs (so a call's peak is its own, not the worker'
 
 Frames both ways are an 8-byte big-endian length and a body. The parent's bodies are one kind
 byte and a pickle: b"i" (preparation data, initializer) first, then b"c" ((fn, args, kwargs)) or
-b"m" ((fn, [args, ...]): a chunk of map()). The worker's are a pickled tuple, see `_reply`.
+b"m" ((fn, [args, ...]): a chunk of map()). The worker's are a pickled (reply, usage) pair: a
+READY reply once it is prepared (or BROKEN), then one reply per call.
 """
 
 import os
@@ -23,6 +24,7 @@ from typing import Any, Optional, Tuple
 
 HEADER = struct.Struct("!Q")
 CALL, CHUNK, INIT = b"c", b"m", b"i"
+READY = "ready"  # the worker's first reply, once prepared: calls' timeouts start from here
 # Replies: the first item says what happened.
 OK = "ok"  # the value is pickled in the second item
 RAISED = "raised"  # the exception (pickled, or None if it could not be) and its traceback text
@@ -34,18 +36,21 @@ _LINUX = sys.platform.startswith("linux")
 MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 
-def _read_exact(fd: int, size: int) -> Optional[bytes]:
-    chunks: list = []  # type: ignore[type-arg]
-    while size:
-        chunk = os.read(fd, min(size, 1 << 20))
-        if not chunk:
+def _read_exact(fd: int, size: int) -> Optional[bytearray]:
+    """`size` bytes from `fd`, read into one buffer (no copies); None at the end of the pipe."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    done = 0
+    while done < size:
+        count = os.readv(fd, [view[done:]])
+        if not count:
             return None
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
+        done += count
+    view.release()
+    return buffer
 
 
-def _read_frame(fd: int) -> Optional[bytes]:
+def _read_frame(fd: int) -> Optional[bytearray]:
     header = _read_exact(fd, HEADER.size)
     if header is None:
         return None
@@ -89,13 +94,10 @@ def _describe(value: object) -> str:
     return f"{type(value).__module__}.{type(value).__qualname__}"
 
 
-def _run(kind: bytes, body: bytes) -> Tuple[Any, ...]:
-    """Run one call; return the reply tuple (without the usage figures)."""
-    try:
-        fn, args, kwargs = pickle.loads(body) if kind == CALL else (*pickle.loads(body), None)
-    except BaseException as exc:
-        return (UNPICKLED, f"{type(exc).__name__}: {exc}", traceback.format_exc())
-    del body
+def _run(kind: bytes, call: Any) -> Tuple[Any, ...]:
+    """Run one unpickled call; return the reply tuple (without the usage figures)."""
+    fn, args, kwargs = call if kind == CALL else (*call, None)
+    del call
     try:
         value = fn(*args, **kwargs) if kind == CALL else [fn(*a) for a in args]
     except BaseException as exc:
@@ -121,17 +123,25 @@ def _serve(read_fd: int, write_fd: int) -> None:
 
     exact = _reset_peak()
     while True:
-        body = _read_frame(read_fd)
-        if body is None:
+        frame = _read_frame(read_fd)
+        if frame is None:
             return  # the parent closed our pipe: time to go
-        kind, body = body[:1], body[1:]
+        kind = bytes(frame[:1])
         started = time.time()
         clock = time.monotonic()
         self0 = resource.getrusage(resource.RUSAGE_SELF)
         kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         exact = exact and _reset_peak()
-        reply = _run(kind, body)
-        del body
+        try:
+            with memoryview(frame) as view:
+                call = pickle.loads(view[1:])
+        except BaseException as exc:
+            reply: Tuple[Any, ...] = (UNPICKLED, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        else:
+            del frame  # the call holds its arguments; their pickle is not kept while it runs
+            reply = _run(kind, call)
+            del call
+        frame = None
         runtime = time.monotonic() - clock
         self1 = resource.getrusage(resource.RUSAGE_SELF)
         kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -179,6 +189,7 @@ def main() -> None:
         _write_frame(write_fd, pickle.dumps(((BROKEN, text), None), pickle.HIGHEST_PROTOCOL))
         return
     del body
+    _write_frame(write_fd, pickle.dumps(((READY,), None), pickle.HIGHEST_PROTOCOL))
     _serve(read_fd, write_fd)
 
 

@@ -14,6 +14,7 @@ Everything here runs on the loop thread, except `CallHandle.sample` (the monitor
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import pickle
@@ -21,6 +22,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
@@ -41,22 +43,56 @@ _CLOSE_WAIT = 2.0  # seconds idle workers get to exit once their pipe is closed
 _PREPARING = "_MPMSUB_WORKER_PREPARING"  # set in a worker while it imports the main module
 
 
+def _pipe() -> Tuple[int, int]:
+    """A pipe whose ends are not 0, 1 or 2 (which a process started with them closed gets from
+    os.pipe(), and which a worker's standard streams would then overwrite)."""
+    fds = list(os.pipe())
+    try:
+        for i, fd in enumerate(fds):
+            if fd <= 2:
+                fds[i] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+                os.close(fd)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds[0], fds[1]
+
+
 class Worker:
     """One worker process and its two pipes."""
 
     def __init__(self, pool: WorkerPool) -> None:
+        if getattr(sys, "frozen", False):
+            raise RuntimeError("a frozen application has no Python interpreter to start workers for Python calls with")
         if os.environ.get(_PREPARING):
             raise RuntimeError(
                 "a worker process is importing the program's main module, and that module submits Python "
                 "calls itself: start the executor under `if __name__ == '__main__':`"
             )
         self.pool = pool
-        loop = pool.loop
-        to_r, self.to_fd = os.pipe()
-        self.from_fd, from_w = os.pipe()
+        self.handle: Optional[CallHandle] = None  # the call it runs
+        self.calls = 0  # calls it has finished
+        self.reported_cpu = 0.0  # CPU time its replies accounted for
+        self.ready = False  # prepared (main module, initializer): calls' timeouts run from then
+        self.retiring = False  # its pipe to it is closed: it exits once it has read everything
+        self.dead = False
+        self._out = bytearray()  # frames not yet written
+        self._in = bytearray()
+        self._pidfd: Optional[int] = None
+        self._waiter: Optional[threading.Thread] = None
+        self._reaped: Optional[Tuple[Optional[int], Any]] = None  # (status, rusage), reaped by the waiter
+        self._eof = False
+        to_r, self.to_fd = _pipe()
+        try:
+            self.from_fd, from_w = _pipe()
+        except BaseException:
+            os.close(to_r)
+            os.close(self.to_fd)
+            raise
         try:
             proc = subprocess.Popen(
-                [pool.executable, _WORKER_SCRIPT, str(to_r), str(from_w)],
+                [pool.executable, *_interpreter_flags(), _WORKER_SCRIPT, str(to_r), str(from_w)],
                 pass_fds=(to_r, from_w),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
@@ -64,47 +100,78 @@ class Worker:
                 env={**os.environ, _PREPARING: "1"},
             )
         except BaseException:
-            for fd in (self.to_fd, self.from_fd):
-                os.close(fd)
+            os.close(self.to_fd)
+            os.close(self.from_fd)
             raise
         finally:
             os.close(to_r)
             os.close(from_w)
         proc.returncode = 0  # Popen's bookkeeping is ours: the worker is reaped with os.wait4
         self.pid = proc.pid
-        pool.watchman.watch(self.pid)
-        self.handle: Optional[CallHandle] = None  # the call it runs
-        self.calls = 0  # calls it has finished
-        self.reported_cpu = 0.0  # CPU time its replies accounted for
-        self.retiring = False  # its pipe to it is closed: it exits once it has read everything
-        self.dead = False
-        self._out = bytearray()  # frames not yet written
-        self._in = bytearray()
-        self._pidfd: Optional[int] = None
-        self._eof = False
-        os.set_blocking(self.to_fd, False)
-        os.set_blocking(self.from_fd, False)
-        loop.add_reader(self.from_fd, self._on_readable)
-        with contextlib.suppress(AttributeError, OSError):
+        try:
+            pool.watchman.watch(self.pid)
+            os.set_blocking(self.to_fd, False)
+            os.set_blocking(self.from_fd, False)
+            pool.loop.add_reader(self.from_fd, self._on_readable)
+            self._watch_exit()
+            self.send(pool.init_frame())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+            self._on_exit()
+            raise
+
+    def _watch_exit(self) -> None:
+        try:
             self._pidfd = os.pidfd_open(self.pid)  # type: ignore[attr-defined,unused-ignore]
-            loop.add_reader(self._pidfd, self._on_exit)
-        self.send(pool.init_frame())
+        except (AttributeError, OSError):
+            # No pidfd (macOS, old kernels, a seccomp filter): a thread waits for the exit. The
+            # reply pipe's end is no sign of it: a process the call forked may hold the pipe.
+            self._waiter = threading.Thread(target=self._wait, name=f"mpmsub-worker-{self.pid}", daemon=True)
+            self._waiter.start()
+            return
+        self.pool.loop.add_reader(self._pidfd, self._on_exit)
+
+    def _wait(self) -> None:
+        if hasattr(os, "waitid"):  # wait without reaping: the zombie keeps its group id for killpg
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+        else:  # macOS: reap here
+            try:
+                _, status, usage = os.wait4(self.pid, 0)
+                self._reaped = (os.waitstatus_to_exitcode(status), usage)
+            except ChildProcessError:
+                self._reaped = (None, None)
+        self.pool.loop.call_soon_threadsafe(self._on_exit)
+
+    def alive(self) -> bool:
+        """False if it has exited (checked before an idle worker is given a call)."""
+        if self.dead:
+            return False
+        if self._pidfd is not None:
+            poller = select.poll()
+            poller.register(self._pidfd, select.POLLIN)
+            return not poller.poll(0)
+        if self._waiter is not None:
+            return self._waiter.is_alive()
+        return True
 
     # -- writing ----------------------------------------------------------------------------------
 
     def send(self, body: bytes) -> None:
-        frame = wire.HEADER.pack(len(body)) + body
+        header = wire.HEADER.pack(len(body))
         if self._out:
-            self._out += frame
+            self._out += header
+            self._out += body
             return
         try:
-            written = os.write(self.to_fd, frame)
+            written = os.writev(self.to_fd, [header, body])
         except BlockingIOError:
             written = 0
-        except OSError:  # it is gone: its exit is on its way through the pidfd or the pipe
+        except OSError:  # it is gone: its exit is on its way
             return
-        if written < len(frame):
-            self._out += frame[written:]
+        if written < len(header) + len(body):
+            self._out += (header + body)[written:]
             self.pool.loop.add_writer(self.to_fd, self._on_writable)
 
     def _on_writable(self) -> None:
@@ -142,14 +209,12 @@ class Worker:
         if data:
             self._feed(data)
             return
-        self.pool.loop.remove_reader(self.from_fd)
+        self.pool.loop.remove_reader(self.from_fd)  # its exit comes through the pidfd or waiter
         self._eof = True
-        if self._pidfd is None:
-            self._on_exit()  # no pidfd here: the pipe's end is the exit
 
     def _drain(self) -> None:
         """Read what is in the pipe now (after its exit: what it wrote before it went)."""
-        while not self._eof:
+        while not self._eof and self.from_fd >= 0:
             try:
                 data = os.read(self.from_fd, _READ_SIZE)
             except BlockingIOError:
@@ -172,15 +237,22 @@ class Worker:
             self._reply(body)
 
     def _reply(self, body: bytes) -> None:
-        reply, usage = pickle.loads(body)
+        reply, usage = pickle.loads(body)  # our own frame; what the call returned is inside, as bytes
         handle = self.handle
         if usage is not None:
             self.reported_cpu += usage[2]
+        if reply[0] == wire.READY:
+            self.ready = True
+            if handle is not None:
+                handle.worker_ready()
+            return
+        if reply[0] == wire.BROKEN:
+            self.pool.broke(reply[1])
         if handle is None or handle.killing:
             return  # a kill decides that call's end, when the worker is gone
         if reply[0] == wire.BROKEN:
-            handle.broken(reply[1])
-            return
+            handle.broken(self.pool.broken or "")
+            return  # it exits on its own; its exit ends the call
         self.calls += 1
         self.handle = None
         handle.replied(reply, usage)
@@ -192,15 +264,11 @@ class Worker:
         if self.dead:
             return
         self.dead = True
-        loop = self.pool.loop
         self._drain()  # a reply may be behind the exit in this round of the loop
         if self._pidfd is not None:
-            loop.remove_reader(self._pidfd)
+            self.pool.loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
-        else:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)  # the pipe closed: make sure it ends
         status, usage = self._reap()
         self.pool.gone(self)
         handle, self.handle = self.handle, None
@@ -208,24 +276,44 @@ class Worker:
             handle.worker_died(status, usage)
 
     def _reap(self) -> Tuple[Optional[int], Any]:
-        # A zombie keeps its pid, so its process group id cannot have been reused: whatever the
-        # call started and left in the group is killed.
-        _proctree.kill_group(self.pid)
-        try:
-            _, status, usage = os.wait4(self.pid, 0)
-        except ChildProcessError:
-            status, usage = None, None  # reaped elsewhere (os.wait(), a SIGCHLD handler)
+        if self._reaped is None:
+            # A zombie keeps its pid, so its process group id cannot have been reused: whatever
+            # the call started and left in the group is killed.
+            _proctree.kill_group(self.pid)
+            try:
+                _, status, usage = os.wait4(self.pid, 0)
+                self._reaped = (os.waitstatus_to_exitcode(status), usage)
+            except ChildProcessError:
+                if self._waiter is not None and not hasattr(os, "waitid"):
+                    self._waiter.join()  # it is reaping it: take what it got
+                if self._reaped is None:
+                    self._reaped = (None, None)  # reaped elsewhere (os.wait(), a SIGCHLD handler)
         self.pool.watchman.forget(self.pid)
-        loop = self.pool.loop
-        loop.remove_reader(self.from_fd)
-        os.close(self.from_fd)
-        self.from_fd = -1
+        if self.from_fd >= 0:
+            self.pool.loop.remove_reader(self.from_fd)
+            os.close(self.from_fd)
+            self.from_fd = -1
         self._close_input()
-        return (None if status is None else os.waitstatus_to_exitcode(status)), usage
+        return self._reaped
 
     def signal(self, sig: int) -> None:
         if not self.dead:
             _proctree.signal_tree([self.pid], sig)
+
+    def kill_now(self) -> None:
+        """SIGKILL it and its group (the worker itself too, if a call moved it to another group)."""
+        for kill, target in ((os.killpg, self.pid), (os.kill, self.pid)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(target, signal.SIGKILL)
+
+
+def _interpreter_flags() -> List[str]:
+    """The options this interpreter was started with (-O, -X dev, -W ...), for the workers, as
+    multiprocessing passes them on."""
+    try:
+        return list(subprocess._args_from_interpreter_flags())  # type: ignore[attr-defined]
+    except Exception:  # another Python's internals
+        return []
 
 
 class WorkerPool:
@@ -251,6 +339,9 @@ class WorkerPool:
         self._workers: Set[Worker] = set()
         self.exact = False  # workers measure each call's own peak (they can reset theirs)
         self.executable = sys.executable
+        # Why workers cannot be prepared (the main module or the initializer raised), once one
+        # has failed: later calls fail at once instead of each starting a worker that fails too.
+        self.broken: Optional[str] = None
 
     def init_frame(self) -> bytes:
         """What a new worker is told first: the parent's state to restore, and the initializer."""
@@ -269,19 +360,36 @@ class WorkerPool:
 
     def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> CallHandle:
         handle = CallHandle(self, spec, job_id, on_exit)
+        if self.broken is not None:
+            handle.fail_start(f"its worker process could not be prepared: {self.broken}")
+            return handle
         try:
-            worker = self._idle.pop() if self._idle else self._new_worker()
+            worker = self._take_idle() or self._new_worker()
         except Exception as exc:
-            handle.fail_start(exc)
+            handle.fail_start(f"could not start a worker process: {exc}")
             return handle
         handle.run_on(worker)
         return handle
+
+    def _take_idle(self) -> Optional[Worker]:
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.alive():
+                return worker
+            worker._on_exit()  # it died while idle: not a call's failure
+        return None
 
     def _new_worker(self) -> Worker:
         self.init_frame()  # made before the first start: it names the executable
         worker = Worker(self)
         self._workers.add(worker)
         return worker
+
+    def broke(self, text: str) -> None:
+        if self.broken is None:
+            lines = text.strip().splitlines()
+            self.broken = lines[-1] if lines else "no traceback"
+            logger.error("mpmsub: a worker process could not be prepared; calls will fail:\n%s", text)
 
     def idle(self, worker: Worker) -> None:
         limit = self.max_tasks_per_child
@@ -302,16 +410,23 @@ class WorkerPool:
         for worker in workers:
             worker.retire()
         deadline = time.monotonic() + _CLOSE_WAIT
-        waiting = {w._pidfd: w for w in workers if not w.dead and w._pidfd is not None}
-        while waiting and time.monotonic() < deadline:
-            ready, _, _ = select.select(list(waiting), [], [], max(0.0, deadline - time.monotonic()))
-            for fd in ready:
-                del waiting[fd]
+        poller = select.poll()
+        waiting = 0
         for worker in workers:
-            if not worker.dead:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(worker.pid, signal.SIGKILL)
-                worker._on_exit()
+            if not worker.dead and worker._pidfd is not None:
+                poller.register(worker._pidfd, select.POLLIN)
+                waiting += 1
+        while waiting and time.monotonic() < deadline:
+            ready = poller.poll(max(0, int((deadline - time.monotonic()) * 1000)) + 1)
+            for fd, _ in ready:
+                poller.unregister(fd)
+                waiting -= 1
+        for worker in workers:
+            if worker.dead:
+                continue
+            if worker.alive():
+                worker.kill_now()
+            worker._on_exit()
 
 
 class CallHandle(Handle):
@@ -343,44 +458,32 @@ class CallHandle(Handle):
         worker.handle = self
         self._first_call = worker.calls == 0
         worker.send(self.spec.call.data())
-        if self.spec.timeout is not None:
+        if worker.ready:
+            self.worker_ready()
+
+    def worker_ready(self) -> None:
+        """The worker is prepared and runs the call: its timeout starts now, not while a new
+        worker imports the main module and runs the initializer."""
+        if self.spec.timeout is not None and not self._finished and not self.killing:
             timeout = self.spec.timeout
             self._timers.append(
                 self.pool.loop.call_later(timeout, self.kill, kinds.TIMEOUT, f"timed out after {timeout:g} s")
             )
 
-    def fail_start(self, exc: Exception) -> None:
-        self.failure = kinds.START
-        self.error = f"could not start a worker process: {exc}"
+    def fail_start(self, message: str) -> None:
+        self.failure, self.error = kinds.START, message
         self.pool.loop.call_soon_threadsafe(self._finish, [None])
 
     # -- its end ----------------------------------------------------------------------------------
 
     def replied(self, reply: Tuple[Any, ...], usage: Tuple[float, float, float, Optional[int], int]) -> None:
-        status = reply[0]
         value: Any = None
         exception: Optional[BaseException] = None
-        if status == wire.OK:
-            try:
-                value = pickle.loads(reply[1])
-            except Exception as exc:
-                self.failure = kinds.PICKLE
-                self.error = f"its return value could not be unpickled here: {type(exc).__name__}: {exc}"
-        elif status == wire.RAISED:
-            _, data, text, summary = reply
-            try:
-                exception = pickle.loads(data) if data is not None else None
-            except Exception:
-                exception = None
-            if exception is None:  # it raised something that does not travel: say what it was
-                exception = CallPicklingError(f"the call raised {summary}, which could not be pickled back")
-            exception.__cause__ = RemoteTraceback(text)
-            self.failure, self.error = kinds.RAISED, f"raised {summary}"
-        elif status == wire.UNPICKLED:
+        try:
+            value, exception = self._decode(reply)
+        except BaseException as exc:  # user code (__setstate__, __reduce__) ran and failed: the call's
             self.failure = kinds.PICKLE
-            self.error = f"the worker could not unpickle the call: {reply[1]}"
-        else:  # UNPICKLABLE
-            self.failure, self.error = kinds.PICKLE, reply[1]
+            self.error = f"what it returned could not be unpickled here: {type(exc).__name__}: {exc}"
         started, runtime, cpu, peak, child = usage
         if peak is not None:
             self.pool.exact = True
@@ -389,13 +492,33 @@ class CallHandle(Handle):
             peak = max(self.sampled_peak, child)
         self._finish([None], started, runtime, cpu, peak, value, exception)
 
-    def broken(self, text: str) -> None:
-        """The worker could not be prepared (its main module or initializer raised)."""
-        last = text.strip().splitlines()[-1] if text.strip() else "no traceback"
+    def _decode(self, reply: Tuple[Any, ...]) -> Tuple[Any, Optional[BaseException]]:
+        """The value or exception of a reply (unpickled here, on the loop); sets the failure."""
+        status = reply[0]
+        if status == wire.OK:
+            return pickle.loads(reply[1]), None
+        if status == wire.RAISED:
+            _, data, text, summary = reply
+            self.failure, self.error = kinds.RAISED, f"raised {summary}"
+            exception = None
+            with contextlib.suppress(Exception):
+                exception = pickle.loads(data) if data is not None else None
+            if not isinstance(exception, BaseException):  # it does not travel: say what it was
+                exception = CallPicklingError(f"the call raised {summary}, which could not be pickled back")
+            exception.__cause__ = RemoteTraceback(text)
+            return None, exception
+        self.failure = kinds.PICKLE
+        if status == wire.UNPICKLED:
+            self.error = f"the worker could not unpickle the call: {reply[1]}"
+        else:  # UNPICKLABLE
+            self.error = reply[1]
+        return None, None
+
+    def broken(self, why: str) -> None:
+        """The worker could not be prepared (its main module or initializer raised); it exits
+        on its own, and its exit ends the call."""
         self.failure = kinds.START
-        self.error = f"its worker process could not be prepared: {last}"
-        logger.error("mpmsub: a worker process could not be prepared:\n%s", text)
-        # The worker exits on its own; its exit ends the call.
+        self.error = f"its worker process could not be prepared: {why}"
 
     def worker_died(self, code: Optional[int], usage: Any) -> None:
         worker = self.worker

@@ -125,3 +125,15 @@ def flaky(marker: str) -> str:
         open(marker, "w").close()
         raise RuntimeError("first try fails")
     return "second try"
+
+
+def fork_and_die(pid_file: str) -> None:
+    """Leave a forked child that holds the worker's pipes (it does not exec), write its pid to
+    `pid_file`, and end the worker abruptly."""
+    child = os.fork()
+    if child == 0:
+        time.sleep(30)
+        os._exit(0)
+    with open(pid_file, "w") as f:
+        f.write(str(child))
+    os._exit(7)

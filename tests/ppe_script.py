@@ -28,8 +28,9 @@ def main(Executor):
         print("map chunksize:", list(ex.map(divide, range(20), [2] * 20, chunksize=7)))
         futures = {ex.submit(cube, i): i for i in range(8)}
         print("as_completed:", sorted((futures[f], f.result()) for f in as_completed(futures)))
-        done, _ = wait([ex.submit(cube, 2), ex.submit(divide, 1, 0)], return_when=FIRST_EXCEPTION)
-        print("wait:", len(done) >= 1)
+        failing = ex.submit(divide, 1, 0)
+        done, _ = wait([ex.submit(cube, 2), failing], return_when=FIRST_EXCEPTION)
+        print("wait:", failing in done, type(failing.exception()).__name__)
         try:
             ex.submit(divide, 1, 0).result()
         except ZeroDivisionError as exc:

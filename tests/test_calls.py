@@ -12,13 +12,15 @@ import textwrap
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, List, Tuple
 
 import callees
 import psutil
 import pytest
-from helpers import unique_sleep, wait_gone
+from helpers import processes_with, unique_sleep, wait_gone
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,14 +42,27 @@ LINUX = sys.platform.startswith("linux")
 
 
 def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    """The process exists, a zombie included (a worker never reaped is a leak too)."""
+    return psutil.pid_exists(pid)
 
 
 def workers_of(ex: MemoryAwareExecutor) -> List[int]:
-    return [w.pid for w in ex._launcher.workers._workers]  # type: ignore[attr-defined]
+    """The pids of the executor's workers (read from the loop thread's set: copied, retried)."""
+    for _ in range(100):
+        try:
+            return [w.pid for w in list(ex._launcher.workers._workers)]  # type: ignore[attr-defined]
+        except RuntimeError:  # the set changed while copied
+            continue
+    raise AssertionError("could not read the worker set")
+
+
+def wait_seen(marker: str, timeout: float = 10.0) -> None:
+    """Wait until a process with `marker` on its command line runs (so its absence later means
+    it was killed, not that it never started)."""
+    deadline = time.monotonic() + timeout
+    while not processes_with(marker):
+        assert time.monotonic() < deadline, f"no process with {marker} started"
+        time.sleep(0.02)
 
 
 # -- the ProcessPoolExecutor contract ----------------------------------------------------------------
@@ -100,9 +115,10 @@ def test_map_is_ordered_batches_and_times_out_lazily() -> None:
     with MemoryAwareExecutor(max_workers=2) as ex:
         assert list(ex.map(callees.add, range(50), range(50), chunksize=7)) == [2 * i for i in range(50)]
         assert list(ex.map(callees.square, [])) == []
-        results = ex.map(callees.sleep, [0.0, 5.0], timeout=0.5)
+        list(ex.map(callees.square, range(4)))  # both workers up: the timeout is not their start
+        results = ex.map(callees.sleep, [0.0, 5.0], timeout=2.0)
         assert next(results) == 0.0
-        with pytest.raises(TimeoutError):
+        with pytest.raises(FutureTimeout):
             next(results)
 
 
@@ -141,8 +157,20 @@ def test_initializer_runs_in_every_worker_and_a_failing_one_fails_the_calls() ->
         assert set(ex.map(callees.initialized, range(4))) == {"ready"}
     with MemoryAwareExecutor(max_workers=1, initializer=callees.broken_initializer) as ex:
         future = ex.submit(callees.square, 2)
-        with pytest.raises(WorkerDiedError, match="could not be prepared: RuntimeError: the initializer fails"):
+        with pytest.raises(WorkerDiedError, match="could not be prepared: RuntimeError: the initializer fails") as info:
             future.result(timeout=60)
+        assert isinstance(info.value, BrokenProcessPool)  # what ProcessPoolExecutor code catches
+        # Later calls fail at once, without starting a worker each that would fail the same way.
+        later = [ex.submit(callees.square, i) for i in range(20)]
+        for f in later:
+            with pytest.raises(WorkerDiedError, match="the initializer fails"):
+                f.result(timeout=60)
+        assert workers_of(ex) == []
+
+
+def test_a_calls_timeout_does_not_count_its_workers_start() -> None:
+    with MemoryAwareExecutor(max_workers=1, initializer=callees.sleep, initargs=(1.5,)) as ex:
+        assert ex.submit(Call(callees.square, 3).with_timeout(1.0)).result(timeout=60) == 9
 
 
 def test_pool_options_are_checked_at_once() -> None:
@@ -254,6 +282,25 @@ def test_a_crashing_call_and_a_memory_liar_fail_alone() -> None:
         assert ex.submit(callees.square, 7).result(timeout=60) == 49
 
 
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "waiter-thread"])
+def test_a_worker_dying_with_a_forked_child_holding_its_pipe_ends_its_call(
+    pidfd: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if not pidfd:
+        monkeypatch.delattr(os, "pidfd_open", raising=False)  # as on macOS or an old kernel
+    pid_file = tmp_path / "child.pid"
+    with MemoryAwareExecutor(max_workers=1) as ex:
+        future = ex.submit(callees.fork_and_die, str(pid_file))
+        with pytest.raises(WorkerDiedError, match="exited with status 7"):
+            future.result(timeout=20)
+        assert ex.submit(callees.square, 4).result(timeout=60) == 16
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the forked child outlived the worker's end"
+        time.sleep(0.05)
+
+
 def test_a_call_pushing_the_budget_over_is_stopped() -> None:
     with MemoryAwareExecutor(cpus=2, memory="300M", memory_reserve=0) as ex:
         hog = ex.submit(Call(callees.allocate_slowly, 600, 3.0).memory("100M"))
@@ -268,6 +315,7 @@ def test_a_call_past_its_timeout_is_killed_with_what_it_started() -> None:
         sleeper = ex.submit(Call(callees.sleep, 60).with_timeout(0.5))
         parent = ex.submit(Call(callees.sleep_in_child, 60, marker).with_timeout(1.0))
         started = time.monotonic()
+        wait_seen(marker)
         with pytest.raises(CallTimeoutError, match=r"timed out after 0\.5 s"):
             sleeper.result(timeout=30)
         with pytest.raises(CallTimeoutError, match="timed out after 1 s"):
@@ -289,9 +337,10 @@ def test_a_failed_call_is_retried() -> None:
 
 
 def test_calls_and_commands_share_one_budget() -> None:
-    """Each reserves 250M of a 600M budget: at most two run at once, whichever kind they are."""
+    """Each reserves 250M of a 600M budget: at most two run at once, whichever kind they are
+    (with 4 CPUs, only the memory holds them back)."""
     code = "import time; b = bytearray(150 * 2**20); time.sleep(0.4)"
-    with MemoryAwareExecutor(cpus=2, memory="600M") as ex:
+    with MemoryAwareExecutor(cpus=4, memory="600M") as ex:
         futures = []
         for i in range(8):
             if i % 2:
@@ -323,13 +372,13 @@ def test_an_exception_in_the_with_block_kills_running_calls() -> None:
     with pytest.raises(KeyError), MemoryAwareExecutor(max_workers=1) as ex:
         running = ex.submit(callees.sleep_in_child, 60, marker)
         queued = ex.submit(callees.square, 2)
-        time.sleep(0.5)
+        wait_seen(marker)
         pids = workers_of(ex)
         raise KeyError("boom")
     with pytest.raises(CallCancelledError, match="KeyError"):
         running.result(timeout=10)
     assert queued.cancelled()
-    assert not any(alive(p) for p in pids)
+    assert pids and not any(alive(p) for p in pids)
     assert not wait_gone(marker)
 
 
@@ -374,7 +423,6 @@ def test_ctrl_c_or_kill_9_of_the_driver_leaves_no_worker(sig: int, tmp_path: Pat
         ex = mpmsub.MemoryAwareExecutor(max_workers=2)
         pids = set(ex.map(callees.pid, range(20)))
         futures = [ex.submit(callees.sleep_in_child, 60, {marker!r}) for _ in range(2)]
-        time.sleep(1.0)
         print(*pids, flush=True)
         futures[0].result()
         """,
@@ -383,6 +431,8 @@ def test_ctrl_c_or_kill_9_of_the_driver_leaves_no_worker(sig: int, tmp_path: Pat
     try:
         pids = _worker_pids(driver)
         assert pids
+        wait_seen(marker)
+        time.sleep(0.2)  # the watchman hears of sessions at the monitor's next tick
         driver.send_signal(sig)
         driver.wait(timeout=30)
         deadline = time.monotonic() + 10
