@@ -462,7 +462,8 @@ class LocalHandle(Handle):
         if rss > self.sampled_peak:
             self.sampled_peak = rss
         age = time.monotonic() - self._start_mono
-        self.series.add(age, rss)
+        if rss:  # 0 is a tree of zombies (their resident size reads 0): ended, not small
+            self.series.add(age, rss)
         if not self._placed and self._launcher.groups is not None and age >= _PLACE_AFTER:
             self._place(pids)
         return rss

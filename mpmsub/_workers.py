@@ -599,7 +599,8 @@ class CallHandle(Handle):
             self.sampled_peak = rss
         if rss - own > self.sampled_children:
             self.sampled_children = rss - own
-        self.series.add(time.monotonic() - self._start_mono, rss)
+        if rss:  # 0: the worker is a zombie, not yet reaped
+            self.series.add(time.monotonic() - self._start_mono, rss)
         return rss
 
     def roots(self) -> Sequence[int]:

@@ -466,8 +466,11 @@ def test_as_completed_over_calls_and_commands() -> None:
 
 
 def test_process_pool_executor_and_ours_agree_on_map_results() -> None:
+    import multiprocessing
+
     items = list(range(100))
-    with ProcessPoolExecutor(2) as theirs, MemoryAwareExecutor(max_workers=2) as ours:
+    spawn = multiprocessing.get_context("spawn")  # this process has threads: no fork
+    with ProcessPoolExecutor(2, mp_context=spawn) as theirs, MemoryAwareExecutor(max_workers=2) as ours:
         assert list(ours.map(callees.add, items, items, chunksize=9)) == list(
             theirs.map(callees.add, items, items, chunksize=9)
         )
