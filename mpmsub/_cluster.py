@@ -18,7 +18,7 @@ from mpmsub._executor import MemoryAwareExecutor
 from mpmsub._job import JobSpec, pick_one, to_spec
 from mpmsub._ledger import Ledger
 from mpmsub._progress import ProgressBar
-from mpmsub._result import CANCELLED, JobResult
+from mpmsub._result import CANCELLED, JobResult, never_ran
 from mpmsub._scheduler import check_policy
 from mpmsub._system import detect_cpus, detect_memory
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
@@ -342,23 +342,7 @@ def _usage(future: Future[Any]) -> JobResult:
 
 
 def _cancelled(spec: JobSpec, exc: BaseException) -> JobResult:
-    now = time.time()
-    return JobResult(
-        job_id=spec.job_id or "",
-        cmd=spec.cmd,
-        returncode=None,
-        stdout=None,
-        stderr=None,
-        runtime=0.0,
-        memory_used=0.0,
-        cpu_used=0.0,
-        start_time=now,
-        end_time=now,
-        error=f"cancelled before it started: {type(exc).__name__}",
-        failure=CANCELLED,
-        cpus=spec.cpus,
-        memory_requested=None if spec.memory is None else spec.memory / MB,
-    )
+    return never_ran(spec, spec.job_id or "", CANCELLED, f"cancelled before it started: {type(exc).__name__}")
 
 
 def cluster(

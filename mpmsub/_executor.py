@@ -46,6 +46,7 @@ from mpmsub._result import JobResult
 from mpmsub._scheduler import Scheduler, check_policy
 from mpmsub._system import available_memory, detect_cpus, detect_memory, memory_groups
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory
+from mpmsub._workers import PoolOptions
 
 logger = logging.getLogger("mpmsub")
 
@@ -296,13 +297,8 @@ class MemoryAwareExecutor(Executor):
         self._oom_kills = _proctree.oom_kill_count()
         self._loop = EventLoop("mpmsub-executor")
         if _launcher is None:
-            _launcher = LocalLauncher(
-                self._loop,
-                kill_grace,
-                max_tasks_per_child=max_tasks_per_child,
-                initializer=initializer,
-                initargs=tuple(initargs),
-            )
+            options = PoolOptions(max_tasks_per_child, initializer, tuple(initargs))
+            _launcher = LocalLauncher(self._loop, kill_grace, pool=options)
         self._launcher = _launcher
         self._monitor = Monitor(_monitor_interval, self._check_memory, self._launcher.housekeeping)
         self._loop.start()
@@ -794,25 +790,7 @@ def _check_pool_options(
 
 def _unsent(future: JobFuture[Any], spec: JobSpec, job_id: str, exc: CallPicklingError) -> None:
     """Fail the future of a call that could not be pickled, with a result saying so."""
-    now = time.time()
-    result = JobResult(
-        job_id=job_id,
-        cmd=spec.cmd,
-        returncode=None,
-        stdout=None,
-        stderr=None,
-        runtime=0.0,
-        memory_used=0.0,
-        cpu_used=0.0,
-        start_time=now,
-        end_time=now,
-        error=str(exc),
-        failure=kinds.PICKLE,
-        cpus=spec.cpus,
-        memory_requested=None if spec.memory is None else spec.memory / MB,
-        attempts=0,
-        exception=exc,
-    )
+    result = kinds.never_ran(spec, job_id, kinds.PICKLE, str(exc), attempts=0, exception=exc)
     exc.result = result
     future.usage = result
     future.set_exception(exc)

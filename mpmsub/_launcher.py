@@ -19,6 +19,7 @@ touching the rest. Contract:
 from __future__ import annotations
 
 import abc
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -92,6 +93,18 @@ class Handle(abc.ABC):
     def roots(self) -> Sequence[int]:
         """Pids of the job's first processes on this machine (none where it runs elsewhere)."""
         return ()
+
+
+def escalate(killing: bool, grace: float, send: Callable[[int], None], later: Callable[[float, int], None]) -> bool:
+    """The kill every handle does: SIGTERM, then SIGKILL `grace` seconds later (`later` schedules
+    it), or SIGKILL at once without grace. If a kill is under way (`killing`), a kill without
+    grace hastens it. True if this call started the kill (its failure then decides the end)."""
+    if grace <= 0:
+        send(signal.SIGKILL)
+    elif not killing:
+        send(signal.SIGTERM)
+        later(grace, signal.SIGKILL)
+    return not killing
 
 
 class Launcher(abc.ABC):

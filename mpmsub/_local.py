@@ -29,9 +29,9 @@ from mpmsub import _result as kinds
 from mpmsub._cgroups import JobGroup, JobGroups
 from mpmsub._guard import Watchman
 from mpmsub._job import JobSpec
-from mpmsub._launcher import Handle, Launcher, MemorySeries, Outcome
+from mpmsub._launcher import Handle, Launcher, MemorySeries, Outcome, escalate
 from mpmsub._loop import EventLoop, Timer
-from mpmsub._workers import WorkerPool
+from mpmsub._workers import PoolOptions, WorkerPool
 
 logger = logging.getLogger("mpmsub")
 
@@ -75,17 +75,14 @@ class LocalLauncher(Launcher):
         loop: EventLoop,
         kill_grace: float = 2.0,
         cgroups: bool = True,
-        *,
-        max_tasks_per_child: Optional[int] = None,
-        initializer: Optional[Callable[..., Any]] = None,
-        initargs: Tuple[Any, ...] = (),
+        pool: Optional[PoolOptions] = None,
     ) -> None:
         self.loop = loop
         self.kill_grace = kill_grace
         self._programs: Dict[Tuple[str, str], str] = {}
         self.groups = JobGroups.detect() if cgroups else None  # a memory cgroup per job, if we may
         self.watchman = Watchman()  # kills the jobs if this process dies without closing
-        self.workers = WorkerPool(loop, kill_grace, self.watchman, max_tasks_per_child, initializer, initargs)
+        self.workers = WorkerPool(loop, kill_grace, self.watchman, pool or PoolOptions())
 
     def close(self) -> None:
         self.workers.close()
@@ -435,18 +432,15 @@ class LocalHandle(Handle):
         if self._finished or not self._unreaped:
             return False
         grace = self._launcher.kill_grace if grace is None else grace
-        if self._killing:
-            if grace <= 0:  # e.g. a memory stop during a timeout's grace: no more waiting
-                self._signal(signal.SIGKILL)
-            return False
-        self._killing = True
-        self.failure, self.error = failure, message
-        if grace <= 0:
-            self._signal(signal.SIGKILL)
-            return True
-        self._signal(signal.SIGTERM)
-        self._timers.append(self._loop.call_later(grace, self._signal, signal.SIGKILL))
-        return True
+        # A memory stop during a timeout's grace, say, does not wait for the grace to end.
+        started = escalate(self._killing, grace, self._signal, self._signal_later)
+        if started:
+            self._killing = True
+            self.failure, self.error = failure, message
+        return started
+
+    def _signal_later(self, delay: float, sig: int) -> None:
+        self._timers.append(self._loop.call_later(delay, self._signal, sig))
 
     def _signal(self, sig: int) -> None:
         roots = [pid for pid in self._unreaped if pid not in self._gone]

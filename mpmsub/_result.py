@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
 from mpmsub._errors import JobFailedError
+from mpmsub._units import MB
+
+if TYPE_CHECKING:
+    from mpmsub._job import JobSpec
 
 # Kinds of failure, recorded on JobResult.failure (None for a success).
 EXIT = "exit"  # ran and exited non-zero
@@ -73,3 +78,25 @@ class JobResult:
         """Raise JobFailedError if the job did not succeed (as CompletedProcess.check_returncode)."""
         if not self.success:
             raise JobFailedError(self)
+
+
+def never_ran(spec: JobSpec, job_id: str, failure: str, error: str, **fields: Any) -> JobResult:
+    """The result of a job or call that ended before it ran (cancelled, could not be sent)."""
+    now = time.time()
+    return JobResult(
+        job_id=job_id,
+        cmd=spec.cmd,
+        returncode=None,
+        stdout=None,
+        stderr=None,
+        runtime=0.0,
+        memory_used=0.0,
+        cpu_used=0.0,
+        start_time=now,
+        end_time=now,
+        error=error,
+        failure=failure,
+        cpus=spec.cpus,
+        memory_requested=None if spec.memory is None else spec.memory / MB,
+        **fields,
+    )

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from mpmsub import _proctree
 from mpmsub import _result as kinds
@@ -32,7 +32,7 @@ from mpmsub import _worker as wire
 from mpmsub._errors import CallPicklingError, RemoteTraceback
 from mpmsub._guard import Watchman
 from mpmsub._job import JobSpec
-from mpmsub._launcher import Handle, MemorySeries, Outcome
+from mpmsub._launcher import Handle, MemorySeries, Outcome, escalate
 from mpmsub._loop import EventLoop, Timer
 
 logger = logging.getLogger("mpmsub")
@@ -316,24 +316,24 @@ def _interpreter_flags() -> List[str]:
         return []
 
 
+class PoolOptions(NamedTuple):
+    """ProcessPoolExecutor's options for the workers, as the executor was given them."""
+
+    max_tasks_per_child: Optional[int] = None
+    initializer: Optional[Callable[..., Any]] = None
+    initargs: Tuple[Any, ...] = ()
+
+
 class WorkerPool:
     """Reused worker processes for the Python calls of one executor."""
 
-    def __init__(
-        self,
-        loop: EventLoop,
-        kill_grace: float,
-        watchman: Watchman,
-        max_tasks_per_child: Optional[int] = None,
-        initializer: Optional[Callable[..., Any]] = None,
-        initargs: Tuple[Any, ...] = (),
-    ) -> None:
+    def __init__(self, loop: EventLoop, kill_grace: float, watchman: Watchman, options: PoolOptions) -> None:
         self.loop = loop
         self.kill_grace = kill_grace
         self.watchman = watchman
-        self.max_tasks_per_child = max_tasks_per_child
-        self._initializer = initializer
-        self._initargs = initargs
+        self.max_tasks_per_child = options.max_tasks_per_child
+        self._initializer = options.initializer
+        self._initargs = options.initargs
         self._init: Optional[bytes] = None
         self._idle: List[Worker] = []
         self._workers: Set[Worker] = set()
@@ -575,18 +575,15 @@ class CallHandle(Handle):
         if self._finished or worker is None:
             return False
         grace = self.pool.kill_grace if grace is None else grace
-        if self.killing:
-            if grace <= 0:
-                worker.signal(signal.SIGKILL)
-            return False
-        self.killing = True
-        self.failure, self.error = failure, message
-        if grace <= 0:
-            worker.signal(signal.SIGKILL)
-        else:
-            worker.signal(signal.SIGTERM)
-            self._timers.append(self.pool.loop.call_later(grace, worker.signal, signal.SIGKILL))
-        return True
+
+        def later(delay: float, sig: int) -> None:
+            self._timers.append(self.pool.loop.call_later(delay, worker.signal, sig))
+
+        started = escalate(self.killing, grace, worker.signal, later)
+        if started:
+            self.killing = True
+            self.failure, self.error = failure, message
+        return started
 
     def sample(self, snapshot: _proctree.Snapshot) -> Optional[int]:
         pid = self._pid
