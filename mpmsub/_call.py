@@ -7,6 +7,7 @@ future at once with a message naming the culprit (the function, which argument, 
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import reprlib
 from typing import Any, Callable, Dict, Generic, Iterable, List, Optional, Sequence, Tuple, TypeVar
@@ -129,17 +130,20 @@ class Call(Resources, Generic[T]):
         self.args = args
         self.kwargs = kwargs
 
+    def _payload(self) -> CallPayload:
+        return CallPayload(self.fn, self.args, self.kwargs, chunk=False)
+
     def spec(self) -> JobSpec:
-        return JobSpec(stages=(), call=CallPayload(self.fn, self.args, self.kwargs, chunk=False), **self._spec_fields())
+        return JobSpec(stages=(), call=self._payload(), **self._spec_fields())
 
     def _chunk_spec(self, items: List[Tuple[Any, ...]], first: int) -> JobSpec:
         """The spec of a chunk of map(): `fn` called on each tuple of `items` in turn; `first` is
         the index of its first item among all of map()'s."""
-        return JobSpec(stages=(), call=CallPayload(self.fn, items, {}, chunk=True, first=first), **self._spec_fields())
+        return dataclasses.replace(self.spec(), call=CallPayload(self.fn, items, {}, chunk=True, first=first))
 
     def __repr__(self) -> str:
         fields = f", p={self.p}, m={self.m!r}" + (f", id={self.id!r}" if self.id is not None else "")
-        return f"Call({CallPayload(self.fn, self.args, self.kwargs, chunk=False).description}{fields})"
+        return f"Call({self._payload().description}{fields})"
 
 
 def chunks(iterables: Iterable[Iterable[Any]], size: int) -> Iterable[List[Tuple[Any, ...]]]:

@@ -587,8 +587,7 @@ class MemoryAwareExecutor(Executor):
         """Hand a job's final result to its future: the JobResult for a command; for a call,
         what it returned, or an exception."""
         future = item.future
-        if isinstance(future, JobFuture):
-            future.usage = result
+        future.usage = result
         if item.spec.call is None:
             self._delivery.set_result(future, result)
         elif result.success:
@@ -731,10 +730,7 @@ class MemoryAwareExecutor(Executor):
 
 def _cancelled(item: _Item) -> bool:
     """A queued job whose future was cancelled (a retry's future is running, and cannot be)."""
-    future = item.future
-    if isinstance(future, JobFuture):
-        return future.cancelled_now()
-    return future.cancelled()
+    return item.future.cancelled_now()
 
 
 def _floor(window: Deque[Tuple[float, int]], rss: int, started: float) -> int:

@@ -3,9 +3,10 @@ normalisation of a Job, a dict or an argv list into one validated, immutable `Jo
 
 from __future__ import annotations
 
+import abc
 import difflib
 import os
-from collections import abc
+from collections import abc as collections_abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -214,7 +215,7 @@ class JobSpec:
         return f"{self.cpus} CPU{'s' if self.cpus != 1 else ''}, {mem}"
 
 
-class Resources:
+class Resources(abc.ABC):
     """What a job or a call needs and how it is run: the builder methods `Job` and `Call` share.
     Each validates its value at once and returns the object, so calls chain."""
 
@@ -295,9 +296,9 @@ class Resources:
         self.priority = _priority(priority)
         return self
 
+    @abc.abstractmethod
     def spec(self) -> JobSpec:
         """Validate the whole job or call and return its immutable engine form."""
-        raise NotImplementedError
 
     def _spec_fields(self) -> Dict[str, Any]:
         """The JobSpec fields these settings give, validated together."""
@@ -470,7 +471,7 @@ def to_spec(item: object) -> JobSpec:
         return item
     if isinstance(item, Resources):  # a Job or a Call
         return item.spec()
-    if isinstance(item, (dict, abc.Mapping)):
+    if isinstance(item, (dict, collections_abc.Mapping)):
         return job_from_dict(item).spec()
     if isinstance(item, Pipeline):
         return Job(pipeline=item).spec()

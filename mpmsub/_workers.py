@@ -80,6 +80,7 @@ class Worker:
         self._out = bytearray()  # frames not yet written
         self._in = bytearray()
         self._pidfd: Optional[int] = None
+        self._poller: Optional[Any] = None  # polls the pidfd: has it exited?
         self._waiter: Optional[threading.Thread] = None
         self._reaped: Optional[Tuple[Optional[int], Any]] = None  # (status, rusage), reaped by the waiter
         self._eof = False
@@ -131,6 +132,8 @@ class Worker:
             self._waiter.start()
             return
         self.pool.loop.add_reader(self._pidfd, self._on_exit)
+        self._poller = select.poll()
+        self._poller.register(self._pidfd, select.POLLIN)
 
     def _wait(self) -> None:
         if hasattr(os, "waitid"):  # wait without reaping: the zombie keeps its group id for killpg
@@ -148,10 +151,8 @@ class Worker:
         """False if it has exited (checked before an idle worker is given a call)."""
         if self.dead:
             return False
-        if self._pidfd is not None:
-            poller = select.poll()
-            poller.register(self._pidfd, select.POLLIN)
-            return not poller.poll(0)
+        if self._poller is not None:
+            return not self._poller.poll(0)
         if self._waiter is not None:
             return self._waiter.is_alive()
         return True
@@ -246,13 +247,14 @@ class Worker:
             if handle is not None:
                 handle.worker_ready()
             return
+        killed = handle is None or handle.killing  # a kill decides that call's end, when it is gone
         if reply[0] == wire.BROKEN:
-            self.pool.broke(reply[1])
-        if handle is None or handle.killing:
-            return  # a kill decides that call's end, when the worker is gone
-        if reply[0] == wire.BROKEN:
-            handle.broken(self.pool.broken or "")
-            return  # it exits on its own; its exit ends the call
+            why = self.pool.broke(reply[1])
+            if handle is not None and not killed:
+                handle.broken(why)  # it exits on its own; its exit ends the call
+            return
+        if handle is None or killed:
+            return
         self.calls += 1
         self.handle = None
         handle.replied(reply, usage)
@@ -268,7 +270,7 @@ class Worker:
         if self._pidfd is not None:
             self.pool.loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
-            self._pidfd = None
+            self._pidfd = self._poller = None
         status, usage = self._reap()
         self.pool.gone(self)
         handle, self.handle = self.handle, None
@@ -385,11 +387,13 @@ class WorkerPool:
         self._workers.add(worker)
         return worker
 
-    def broke(self, text: str) -> None:
+    def broke(self, text: str) -> str:
+        """Record why workers cannot be prepared (the first failure, logged once); return it."""
         if self.broken is None:
             lines = text.strip().splitlines()
             self.broken = lines[-1] if lines else "no traceback"
             logger.error("mpmsub: a worker process could not be prepared; calls will fail:\n%s", text)
+        return self.broken
 
     def idle(self, worker: Worker) -> None:
         limit = self.max_tasks_per_child
@@ -449,12 +453,10 @@ class CallHandle(Handle):
         self.sampled_peak = 0  # the tree's, written by the monitor thread
         self.sampled_children = 0  # of processes the call started
         self.series = MemorySeries()
-        self._pid = 0  # the worker's, for the monitor thread
 
     def run_on(self, worker: Worker) -> None:
         assert self.spec.call is not None
         self.worker = worker
-        self._pid = worker.pid
         worker.handle = self
         self._first_call = worker.calls == 0
         worker.send(self.spec.call.data())
@@ -586,9 +588,10 @@ class CallHandle(Handle):
         return started
 
     def sample(self, snapshot: _proctree.Snapshot) -> Optional[int]:
-        pid = self._pid
-        if self._finished or not pid:
+        worker = self.worker  # one read: set once, on the loop
+        if self._finished or worker is None:
             return None
+        pid = worker.pid
         pids = _proctree.members(snapshot, [pid])
         own = snapshot[pid].rss if pid in snapshot else 0
         rss = sum(snapshot[p].rss for p in pids)
@@ -601,4 +604,4 @@ class CallHandle(Handle):
         return rss
 
     def roots(self) -> Sequence[int]:
-        return [self._pid] if self._pid else []
+        return [self.worker.pid] if self.worker is not None else []
