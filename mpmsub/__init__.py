@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mpmsub._call import Call
 from mpmsub._cluster import Cluster, JobList, cluster
+from mpmsub._dask import DaskBackend
 from mpmsub._errors import (
     CallCancelledError,
     CallError,
@@ -20,6 +21,7 @@ from mpmsub._future import JobFuture
 from mpmsub._job import Job, Pipeline, job, pipeline
 from mpmsub._report import recommend_memory
 from mpmsub._result import JobResult
+from mpmsub._slurm import SlurmBackend
 from mpmsub._units import format_memory, parse_memory
 
 __version__ = "0.1.0"
@@ -31,6 +33,7 @@ __all__ = [
     "CallPicklingError",
     "CallTimeoutError",
     "Cluster",
+    "DaskBackend",
     "ExecutorStatus",
     "Job",
     "JobFailedError",
@@ -42,6 +45,7 @@ __all__ = [
     "MpmsubError",
     "Pipeline",
     "RemoteTraceback",
+    "SlurmBackend",
     "WorkerDiedError",
     "__version__",
     "cluster",

@@ -85,6 +85,26 @@ class CallPayload:
                 ) from exc
         return self._data
 
+    def portable(self) -> CallPayload:
+        """This call for another machine: pickled by value with cloudpickle where it is installed
+        (a function of the user's script, or a lambda, then runs where that script is not), else
+        as `data()`. Raises CallPicklingError as `data()` does."""
+        try:
+            import cloudpickle  # type: ignore[import-untyped, unused-ignore]
+        except ImportError:
+            self.data()
+            return self
+        body = (self.fn, self.args) if self.kind == CHUNK else (self.fn, self.args, self.kwargs)
+        try:
+            data = self.kind + cloudpickle.dumps(body, pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            data = self.data()  # names the culprit, or, if plain pickle copes, is what is sent
+        return _received(data, self.description, self.kind, self.first)
+
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
+        # Sent as its pickle (made once), with its description: what a worker elsewhere needs.
+        return _received, (self.data(), self.description, self.kind, self.first)
+
     def _culprit(self) -> Tuple[str, str]:
         """The first part of the call that does not pickle, in words, and a hint."""
         fn = self.fn
@@ -103,6 +123,14 @@ class CallPayload:
             if not _pickles(value):
                 return f"keyword argument {key!r} ({type(value).__name__} {_repr.repr(value)})", ""
         return "the call", ""
+
+
+def _received(data: bytes, description: str, kind: bytes, first: int) -> CallPayload:
+    """A call as another process receives it: its pickle and description, not its objects."""
+    payload = CallPayload(None, (), {}, kind == CHUNK, first)  # type: ignore[arg-type]
+    payload._data = data
+    payload._description = description
+    return payload
 
 
 def _pickles(value: object) -> bool:

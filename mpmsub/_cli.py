@@ -98,6 +98,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="auto", help="job file format (default: by extension)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    where = parser.add_argument_group("where jobs run (default: $MPMSUB_BACKEND, else this machine)")
+    where.add_argument(
+        "--backend",
+        metavar="NAME",
+        help="local, dask, slurm, or an address: dask://HOST:PORT, slurm://PARTITION",
+    )
+    where.add_argument("--scheduler", metavar="ADDRESS", help="dask: the scheduler's address (tcp://HOST:8786)")
+    where.add_argument("--partition", help="slurm: the partition (default: SLURM's)")
+    where.add_argument("--account", help="slurm: the account to charge")
+    where.add_argument(
+        "--sbatch-arg", metavar="ARG", action="append", default=[], help="slurm: one more sbatch option (repeatable)"
+    )
+    where.add_argument("--workdir", metavar="DIR", help="slurm: a shared directory for job files (./.mpmsub-slurm)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -148,6 +161,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line's entry point; returns the exit status."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["_run-job"]:  # a backend's job on this machine (see _remote); not for people
+        from mpmsub import _remote
+
+        return _remote.main(words[1:])
     args = parser().parse_args(argv)
     if args.command == "run" and (args.resume or args.resume_failed) and not args.joblog:
         args.parser.error("--resume and --resume-failed need --joblog FILE")
@@ -163,18 +181,52 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             verbose=False,
             progress_bar=not (args.no_progress or args.quiet),
             schedule=getattr(args, "schedule", "pack"),
+            backend=_backend(args),
         )
         _admit(cluster, jobs, args.jobfile)
         if args.command == "run":
             plan = _plan_run(args, cluster, jobs)
         elif args.output:
             _check_writable(args.output)
-    except (JobFileError, ValueError) as exc:
+    except (JobFileError, ValueError, TypeError, ImportError, OSError) as exc:
         command: argparse.ArgumentParser = args.parser
         command.error(str(exc))  # prints the command's usage and the message; exits 2
     if args.command == "run":
         return _run(args, cluster, plan)
     return _profile(args, cluster, jobs)
+
+
+def _backend(args: argparse.Namespace) -> Any:
+    """The backend the options name: None (MPMSUB_BACKEND, else local), a name or a Backend."""
+    slurm = {
+        "--partition": args.partition,
+        "--account": args.account,
+        "--sbatch-arg": args.sbatch_arg,
+        "--workdir": args.workdir,
+    }
+    slurm_given = [option for option, value in slurm.items() if value]
+    name = args.backend
+    if name is None:
+        name = "dask" if args.scheduler else "slurm" if slurm_given else None
+    if name == "dask":
+        if not args.scheduler:
+            raise ValueError("--backend dask needs the scheduler's address: --scheduler tcp://HOST:8786")
+        if slurm_given:
+            raise ValueError(f"{slurm_given[0]} is an option of the slurm backend, not of dask")
+        from mpmsub._dask import DaskBackend
+
+        return DaskBackend(args.scheduler)
+    if args.scheduler:
+        raise ValueError(f"--scheduler is an option of the dask backend; the backend here is {name!r}")
+    if name == "slurm":
+        from mpmsub._slurm import SlurmBackend
+
+        return SlurmBackend(
+            partition=args.partition, account=args.account, extra_args=args.sbatch_arg, workdir=args.workdir
+        )
+    if slurm_given:
+        raise ValueError(f"{slurm_given[0]} is an option of the slurm backend; the backend here is {name!r}")
+    return name
 
 
 def _admit(cluster: Cluster, jobs: List[FileJob], name: str) -> None:

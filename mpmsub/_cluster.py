@@ -14,6 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, TextIO
 
 from mpmsub import _report
+from mpmsub._backends import resolve as resolve_backend
 from mpmsub._executor import MemoryAwareExecutor
 from mpmsub._job import JobSpec, pick_one, to_spec
 from mpmsub._ledger import Ledger
@@ -70,11 +71,13 @@ class JobList:
 class Cluster:
     """A batch of jobs run under a CPU and memory budget (the seed's API).
 
-    `cpus`/`memory` default to what this machine offers. `verbose` logs job starts and ends to
-    stderr through the 'mpmsub' logger; `progress_bar` shows progress on stderr. `schedule` is
-    the order in which `run()` starts jobs: "pack" (the default: largest memory first, and among
-    equals the longest runtime measured so far first), "fifo" (the order they were added) or
-    "greedy"; see MemoryAwareExecutor. A job's `priority` comes before all of these.
+    `cpus`/`memory` default to what this machine offers (or the backend: `backend` is where
+    jobs run, as for MemoryAwareExecutor, by default `MPMSUB_BACKEND` or this machine).
+    `verbose` logs job starts and ends to stderr through the 'mpmsub' logger; `progress_bar`
+    shows progress on stderr. `schedule` is the order in which `run()` starts jobs: "pack"
+    (the default: largest memory first, and among equals the longest runtime measured so far
+    first), "fifo" (the order they were added) or "greedy"; see MemoryAwareExecutor. A job's
+    `priority` comes before all of these.
     """
 
     def __init__(
@@ -84,10 +87,19 @@ class Cluster:
         verbose: bool = True,
         progress_bar: bool = True,
         schedule: str = "pack",
+        backend: Any = None,
     ) -> None:
         self.schedule = check_policy(schedule)
-        self.max_cpus: int = detect_cpus() if cpus is None else parse_cpus(cpus, "cpus")
-        self._memory: int = detect_memory() if memory is None else parse_memory(memory, "memory")
+        self.backend = resolve_backend(backend)
+        offered = None if self.backend.local else self.backend.capacity()
+        if cpus is not None:
+            self.max_cpus: int = parse_cpus(cpus, "cpus")
+        else:
+            self.max_cpus = offered[0] if offered else detect_cpus()
+        if memory is not None:
+            self._memory: int = parse_memory(memory, "memory")
+        else:
+            self._memory = offered[1] if offered else detect_memory()
         if self._memory <= 0:
             raise ValueError(f"invalid memory {memory!r}: the cluster needs a positive memory budget")
         self.verbose = bool(verbose)
@@ -143,6 +155,9 @@ class Cluster:
                 why = self._capacity.why_never_fits(request)
                 if why is not None:
                     raise ValueError(f"job {job_id!r} can never run on this cluster: {why}")
+                nowhere = None if self.backend.local else self.backend.why_never_fits(spec)
+                if nowhere is not None:
+                    raise ValueError(f"job {job_id!r} can never run on {self.backend!r}: {nowhere}")
                 specs.append(dataclasses.replace(spec, job_id=job_id))
         except BaseException:  # nothing of a refused batch stays claimed, auto ids included
             self._ids.difference_update(claimed)
@@ -207,7 +222,11 @@ class Cluster:
     def _executor(self, max_workers: Optional[int], schedule: str) -> MemoryAwareExecutor:
         # The executor takes a bare number of memory as MB (the seed's unit).
         return MemoryAwareExecutor(
-            cpus=self.max_cpus, memory=self._memory / MB, max_workers=max_workers, schedule=schedule
+            cpus=self.max_cpus,
+            memory=self._memory / MB,
+            max_workers=max_workers,
+            schedule=schedule,
+            backend=self.backend,
         )
 
     def _execute(
@@ -318,7 +337,10 @@ class Cluster:
 
     def describe_resources(self) -> None:
         """Print the cluster's CPUs and memory next to what this machine has."""
-        print(_report.resources_text(self.max_cpus, self._memory))
+        text = _report.resources_text(self.max_cpus, self._memory)
+        if not self.backend.local:
+            text = text.replace(" for jobs (this machine", f" for jobs on {self.backend!r} (this machine", 2)
+        print(text)
 
 
 class _BarHandler(logging.Handler):
@@ -354,6 +376,7 @@ def cluster(
     verbose: bool = True,
     progress_bar: bool = True,
     schedule: str = "pack",
+    backend: Any = None,
 ) -> Cluster:
     """Create a Cluster: `mpmsub.cluster(p=4, m="8G")`; `cpu`/`cpus` and `memory` are aliases."""
     return Cluster(
@@ -362,4 +385,5 @@ def cluster(
         verbose=verbose,
         progress_bar=progress_bar,
         schedule=schedule,
+        backend=backend,
     )

@@ -24,6 +24,8 @@ from typing_extensions import Literal, ParamSpec
 
 from mpmsub import _proctree
 from mpmsub import _result as kinds
+from mpmsub._backends import Backend, LaunchOptions
+from mpmsub._backends import resolve as resolve_backend
 from mpmsub._call import Call, CallPayload, check_callable, chunks, map_call
 from mpmsub._delivery import Delivery
 from mpmsub._enforce import Usage, budget_stops, newest, strict_stops
@@ -39,7 +41,6 @@ from mpmsub._future import JobFuture
 from mpmsub._job import Job, JobSpec, Pipeline, to_spec
 from mpmsub._launcher import Handle, Launcher, Outcome
 from mpmsub._ledger import Ledger, Request
-from mpmsub._local import LocalLauncher
 from mpmsub._loop import EventLoop
 from mpmsub._monitor import Monitor
 from mpmsub._result import JobResult
@@ -234,6 +235,12 @@ class MemoryAwareExecutor(Executor):
     method), one call at a time each, under the same ledger as commands. `max_tasks_per_child`,
     `initializer` and `initargs` are ProcessPoolExecutor's; `mp_context` may be None or a
     "spawn" or "forkserver" context (workers never fork from this threaded process).
+
+    `backend` is where jobs run: "local" (this machine), `DaskBackend(address_or_client)`,
+    `SlurmBackend(...)`, or an address ("dask://host:8786", "slurm://partition"); by default
+    `MPMSUB_BACKEND` in the environment, else this machine. Elsewhere, `cpus` and `memory` cap
+    what runs at once (by default, all the backend offers), and each job runs under mpmsub on the
+    machine it lands on, measured, timed out and killed as here.
     """
 
     def __init__(
@@ -250,12 +257,20 @@ class MemoryAwareExecutor(Executor):
         initializer: Optional[Callable[..., Any]] = None,
         initargs: Tuple[Any, ...] = (),
         mp_context: Any = None,
+        backend: Any = None,
         _launcher: Optional[Launcher] = None,
         _monitor_interval: float = 0.1,
     ) -> None:
         slots = None if max_workers is None else parse_cpus(max_workers, "max_workers")
-        ncpus = parse_cpus(cpus, "cpus") if cpus is not None else slots if slots is not None else detect_cpus()
-        budget = detect_memory() if memory is None else parse_memory(memory, "memory")
+        self.backend = resolve_backend(backend)
+        self._own_backend = not isinstance(backend, Backend)  # made here from a name: closed here
+        # A remote backend's size (the sum of its places) is the budget when none is given.
+        offered = None if self.backend.local else self.backend.capacity()
+        if cpus is not None:
+            ncpus = parse_cpus(cpus, "cpus")
+        else:
+            ncpus = slots if slots is not None else offered[0] if offered else detect_cpus()
+        budget = parse_memory(memory, "memory") if memory is not None else offered[1] if offered else detect_memory()
         if budget <= 0:
             raise ValueError(f"invalid memory {memory!r}: the executor needs a positive memory budget")
         if isinstance(kill_grace, bool) or not isinstance(kill_grace, (int, float)) or not kill_grace >= 0:
@@ -263,7 +278,16 @@ class MemoryAwareExecutor(Executor):
         if not isinstance(strict_memory, bool):
             raise TypeError(f"strict_memory must be True or False; got {strict_memory!r}")
         _check_pool_options(max_tasks_per_child, initializer, initargs, mp_context)
-        if memory_reserve is None:
+        if not self.backend.local:
+            # The gate and the reserve watch this machine's memory; the jobs run elsewhere, each
+            # under mpmsub there, which watches its own.
+            if memory_reserve is not None and parse_memory(memory_reserve, "memory_reserve"):
+                raise ValueError(
+                    f"memory_reserve={memory_reserve!r} applies to local runs only; with the backend "
+                    f"{self.backend!r} each machine's mpmsub keeps its own reserve"
+                )
+            reserve = 0
+        elif memory_reserve is None:
             reserve = min(2 * 1024 * MB, int(0.05 * detect_memory()))
         else:
             reserve = parse_memory(memory_reserve, "memory_reserve")
@@ -298,7 +322,7 @@ class MemoryAwareExecutor(Executor):
         self._loop = EventLoop("mpmsub-executor")
         if _launcher is None:
             options = PoolOptions(max_tasks_per_child, initializer, tuple(initargs))
-            _launcher = LocalLauncher(self._loop, kill_grace, pool=options)
+            _launcher = self.backend.launcher(LaunchOptions(self._loop, self.kill_grace, options, strict_memory))
         self._launcher = _launcher
         self._monitor = Monitor(_monitor_interval, self._check_memory, self._launcher.housekeeping)
         self._loop.start()
@@ -307,7 +331,8 @@ class MemoryAwareExecutor(Executor):
 
     def __repr__(self) -> str:
         cap = f", max_workers={self.max_workers}" if self.max_workers else ""
-        return f"MemoryAwareExecutor(cpus={self.cpus}, memory={format_memory(self.memory)!r}{cap})"
+        where = "" if self.backend.local else f", backend={self.backend!r}"
+        return f"MemoryAwareExecutor(cpus={self.cpus}, memory={format_memory(self.memory)!r}{cap}{where})"
 
     # -- the public interface (any thread) -------------------------------------------------------
 
@@ -353,6 +378,11 @@ class MemoryAwareExecutor(Executor):
         request = spec.request
         future: JobFuture[Any] = JobFuture()
         unsent: Optional[CallPicklingError] = None
+        if not self._launcher.local:  # asks the backend (a Dask scheduler): not under the lock
+            nowhere = self._launcher.why_never_fits(spec)
+            if nowhere is not None:
+                who = repr(spec.job_id) if spec.job_id is not None else spec.describe()
+                raise ValueError(f"job {who} can never run on {self.backend!r}: {nowhere}")
         if spec.call is not None:
             try:
                 spec.call.data()  # pickled here, once, outside the lock: what fails, fails its own future
@@ -539,7 +569,7 @@ class MemoryAwareExecutor(Executor):
         item.last_rss = item.rss_floor = 0
         item.rss_window = deque()
         item.stopping = item.requeue = item.shortage_final = False
-        item.oom_baseline = self._oom_kills
+        item.oom_baseline = self._oom_kills if self._launcher.local else None
         run = item.runs
         logger.debug("mpmsub: start %s (%s): %s", item.job_id, item.spec.resources(), item.spec.describe())
 
@@ -564,7 +594,8 @@ class MemoryAwareExecutor(Executor):
                 )
             )
             return
-        self._monitor.watch(item.handle, (item, run))
+        if self._launcher.local:
+            self._monitor.watch(item.handle, (item, run))
 
     def _on_exit(self, item: _Item, run: int, outcome: Outcome) -> None:
         if item.runs != run or self._running.pop(item.seq, None) is None:
@@ -697,6 +728,21 @@ class MemoryAwareExecutor(Executor):
         item.requeue = started and requeue and not final
         item.shortage_final = started and final
 
+    def _kill_job(self, future: JobFuture[Any], failure: str, message: str, grace: Optional[float] = None) -> None:
+        """Stop the job of `future` (any thread): kill its run, or cancel it while queued. For a
+        backend's kill of a job this executor runs for it (see _dask)."""
+
+        def kill() -> None:
+            for item in self._running.values():
+                if item.future is future and item.handle is not None:
+                    item.handle.kill(failure, message, grace)
+                    return
+            if future.cancel():  # queued here: never started
+                self._dispatch()
+                self._maybe_close()
+
+        self._loop.call_soon_threadsafe(kill)
+
     def _on_shutdown(self, cancel_queued: bool, kill_reason: Optional[str]) -> None:
         # After a plain shutdown the queued jobs still run, as in the standard library.
         self._closing = True
@@ -722,6 +768,8 @@ class MemoryAwareExecutor(Executor):
             try:
                 self._monitor.close()
                 self._launcher.close()
+                if self._own_backend:
+                    self.backend.close()
             finally:  # whatever failed, the loop stops and waiters are released
                 self._delivery.close()
                 self._loop.stop()

@@ -110,6 +110,14 @@ def escalate(killing: bool, grace: float, send: Callable[[int], None], later: Ca
 class Launcher(abc.ABC):
     """Places jobs somewhere and reports when they end."""
 
+    # False where jobs run on other machines: this machine's memory gate, OOM counts and
+    # sampling do not apply to them (their own launcher there does all of that).
+    local = True
+
+    def why_never_fits(self, spec: JobSpec) -> Optional[str]:
+        """Why no place this launcher uses can ever hold the job (checked at submit), or None."""
+        return None
+
     @abc.abstractmethod
     def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
         """Start `spec`; call `on_exit` once when it is over."""

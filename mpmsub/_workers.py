@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from mpmsub import _proctree
 from mpmsub import _result as kinds
@@ -326,6 +326,29 @@ class PoolOptions(NamedTuple):
     initargs: Tuple[Any, ...] = ()
 
 
+_inherited: Optional[Dict[str, Any]] = None  # a sending process's state (see _remote)
+
+
+def preparation_data() -> Dict[str, Any]:
+    """The state a worker restores before its first call, as multiprocessing's spawn does (the
+    path, the directory, the main module): this process's, or, in a job run for another
+    process (see _remote), that process's."""
+    if _inherited is not None:
+        return dict(_inherited)
+    import multiprocessing.spawn
+
+    preparation = multiprocessing.spawn.get_preparation_data("mpmsub-worker")
+    if "authkey" in preparation:  # pickled only while multiprocessing spawns; ours is plain
+        preparation["authkey"] = bytes(preparation["authkey"])
+    return preparation
+
+
+def inherit(preparation: Dict[str, Any]) -> None:
+    """Workers started from now on restore `preparation` instead of this process's state."""
+    global _inherited
+    _inherited = dict(preparation)
+
+
 class WorkerPool:
     """Reused worker processes for the Python calls of one executor."""
 
@@ -351,9 +374,7 @@ class WorkerPool:
             import multiprocessing.spawn
 
             self.executable = multiprocessing.spawn.get_executable() or sys.executable
-            preparation = multiprocessing.spawn.get_preparation_data("mpmsub-worker")
-            if "authkey" in preparation:  # pickled only while multiprocessing spawns; ours is plain
-                preparation["authkey"] = bytes(preparation["authkey"])
+            preparation = preparation_data()
             initializer = None
             if self._initializer is not None:
                 initializer = pickle.dumps((self._initializer, self._initargs), pickle.HIGHEST_PROTOCOL)

@@ -1,0 +1,168 @@
+"""The Dask and SLURM backends.
+
+1. Dask: 1000 `true` jobs on a LocalCluster of 2 worker processes (2 threads each, declaring
+   cpus=2 and memory=4e9): mpmsub's Dask backend (each job run under mpmsub on a worker:
+   measured, with its timeout and kill) / plain `client.submit(subprocess.run, ["true"])` of the
+   same 1000, in the same run, alternating, median of --runs (target <= 2).
+2. SLURM: 50 and then 200 jobs of `sleep 0.1` through a single-node SLURM (2 CPUs; started here
+   with tests/slurm/node.sh when none is configured and this runs as root): the sbatch, squeue,
+   sacct and scancel calls made. sbatch is one per job; squeue is one per poll for all jobs, so
+   it follows the run's length, not the number of jobs (target: squeue calls per second of run
+   at most 4, one poll every 0.25 s at the most).
+
+Usage: python benchmarks/backends.py [--runs 5] [--record]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import wait
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import Figure, arguments, median, show
+
+import mpmsub
+
+JOBS = 1000
+NODE = Path(__file__).parent.parent / "tests" / "slurm" / "node.sh"
+
+
+def plain(client: Any) -> float:
+    started = time.perf_counter()
+    futures = [client.submit(subprocess.run, ["true"], pure=False) for _ in range(JOBS)]
+    assert all(done.returncode == 0 for done in client.gather(futures))
+    return time.perf_counter() - started
+
+
+def ours(backend: mpmsub.DaskBackend) -> float:
+    started = time.perf_counter()
+    with mpmsub.MemoryAwareExecutor(backend=backend) as executor:
+        futures = [executor.submit(["true"]) for _ in range(JOBS)]
+    assert all(future.result().success for future in futures)
+    return time.perf_counter() - started
+
+
+def measure_dask(runs: int = 5) -> Figure:
+    try:
+        import distributed
+    except ImportError:
+        return Figure("dask: 1000 true jobs", "distributed is not installed", "<= 2", False, [])
+    cluster = distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=2,
+        processes=True,
+        resources={"cpus": 2, "memory": 4e9},
+        dashboard_address=":0",
+        worker_dashboard_address=":0",
+    )
+    client = distributed.Client(cluster, set_as_default=False)
+    backend = mpmsub.DaskBackend(client)
+    times: dict[str, List[float]] = {"plain": [], "mpmsub": []}
+    try:
+        ours(backend), plain(client)  # warm up: the workers' executors and imports
+        for _ in range(runs):
+            times["plain"].append(plain(client))
+            times["mpmsub"].append(ours(backend))
+    finally:
+        client.close()
+        cluster.close()
+    m = {key: median(values) for key, values in times.items()}
+    ratio = m["mpmsub"] / m["plain"]
+    detail = [
+        f"| {JOBS} `true` jobs, LocalCluster of 2 workers x 2 threads | median of {runs} | per job |",
+        "|---|---|---|",
+        f"| `client.submit(subprocess.run, ['true'])` | {m['plain']:.2f} s | {m['plain'] / JOBS * 1e3:.2f} ms |",
+        f"| mpmsub, DaskBackend | {m['mpmsub']:.2f} s | {m['mpmsub'] / JOBS * 1e3:.2f} ms |",
+    ]
+    return Figure("dask: 1000 true jobs", f"{ratio:.2f}x client.submit(subprocess.run)", "<= 2", ratio <= 2, detail)
+
+
+def _reachable() -> bool:
+    try:
+        return subprocess.run(["sinfo", "--noheader"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+class _Slurm:
+    """A SLURM to measure on: the configured one, or a single node started here."""
+
+    def __init__(self) -> None:
+        self.directory: Optional[str] = None
+
+    def __enter__(self) -> Optional[str]:
+        if shutil.which("sbatch") is None:
+            return "SLURM is not installed (apt-get install slurm-wlm munge)"
+        if os.environ.get("SLURM_CONF") and _reachable():
+            return None
+        if shutil.which("slurmctld") is None or os.geteuid() != 0:
+            return "no SLURM is reachable, and one can be started only as root"
+        self.directory = tempfile.mkdtemp(prefix="mpmsub-slurm-")
+        done = subprocess.run(["bash", str(NODE), "start", self.directory], capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"the single-node SLURM did not start: {done.stderr[-500:]}"
+        os.environ["SLURM_CONF"] = os.path.join(self.directory, "slurm.conf")
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.directory is not None:
+            subprocess.run(["bash", str(NODE), "stop", self.directory], capture_output=True)
+            os.environ.pop("SLURM_CONF", None)
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _slurm_batch(count: int, workdir: str) -> Iterator[str]:
+    backend = mpmsub.SlurmBackend(workdir=workdir)
+    started = time.perf_counter()
+    with mpmsub.MemoryAwareExecutor(backend=backend) as executor:
+        futures = [executor.submit(mpmsub.Job(["sleep", "0.1"]).memory("20M")) for _ in range(count)]
+        wait(futures)
+    elapsed = time.perf_counter() - started
+    assert all(future.result().success for future in futures)
+    calls = backend.calls
+    per_second = calls["squeue"] / elapsed
+    yield (
+        f"| {count} | {elapsed:.1f} s | {calls['sbatch']} | {calls['squeue']} | {calls['sacct']} | "
+        f"{calls['scancel']} | {calls['squeue'] / count:.2f} | {per_second:.2f} |"
+    )
+    yield f"{per_second:.3f}"
+
+
+def measure_slurm() -> Figure:
+    with _Slurm() as why_not, tempfile.TemporaryDirectory() as workdir:
+        if why_not is not None:
+            return Figure("slurm: 200 short jobs", why_not, "<= 4 squeue/s", False, [])
+        rows, rates = [], []
+        for count in (50, 200):
+            row, rate = _slurm_batch(count, workdir)
+            rows.append(row)
+            rates.append(float(rate))
+    detail = [
+        "| jobs of `sleep 0.1` (1 node, 2 CPUs) | run | sbatch | squeue | sacct | scancel "
+        "| squeue per job | squeue per s |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    worst = max(rates)
+    return Figure("slurm: squeue calls per second", f"{worst:.2f} per s", "<= 4 per s", worst <= 4.0, detail)
+
+
+def measure(runs: int = 5) -> List[Figure]:
+    return [measure_dask(runs), measure_slurm()]
+
+
+def main() -> None:
+    args = arguments(__doc__, runs=5).parse_args()
+    show("Backends", measure(args.runs), args.record)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""The Dask backend: each job is a Dask task that runs it under mpmsub on a worker.
+
+On the client, a job becomes `client.submit(run_on_worker, ..., resources={"cpus": p, "memory":
+bytes}, pure=False)`, so Dask's scheduler places it on a worker whose declared resources hold it
+(`dask worker ADDRESS --resources "cpus=4,memory=16e9"`). Dask queues a request no worker can
+hold forever and ignores resources no worker declares, so both are refused here first.
+
+On the worker, one MemoryAwareExecutor per worker process (its CPUs and memory are the worker's
+declared resources) runs the jobs Dask hands it, as it does locally: the whole tree measured,
+timed out and killed, calls in reused worker processes. Dask's own cancel leaves a running
+task's subprocesses alive, so a kill goes to the worker's executor by `client.run`; a kill that
+arrives before its task starts is remembered and ends the task as soon as it does.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+from mpmsub import _remote
+from mpmsub import _result as kinds
+from mpmsub._backends import Backend, LaunchOptions, Node, largest_fit
+from mpmsub._job import JobSpec
+from mpmsub._launcher import Handle, Launcher, Outcome
+from mpmsub._units import MB, format_memory
+
+if TYPE_CHECKING:
+    from mpmsub._executor import MemoryAwareExecutor
+    from mpmsub._future import JobFuture
+
+logger = logging.getLogger("mpmsub")
+
+_INSTALL = "the Dask backend needs the distributed package: pip install 'mpmsub[dask]'"
+_DECLARE = 'start each worker with its resources: dask worker ADDRESS --nthreads 4 --resources "cpus=4,memory=16e9"'
+_REFRESH = 1.0  # seconds a look at the workers' resources is reused for
+
+
+def _distributed() -> Any:
+    try:
+        import distributed
+    except ImportError:
+        raise ImportError(_INSTALL) from None
+    return distributed
+
+
+class DaskBackend(Backend):
+    """Run jobs on a Dask distributed cluster: `DaskBackend("tcp://scheduler:8786")`, or an
+    existing `distributed.Client`.
+
+    Workers must declare their resources, `dask worker ADDRESS --nthreads N --resources
+    "cpus=N,memory=BYTES"`: a job asks for `cpus` = its p and `memory` = its m in bytes, and
+    Dask starts it on a worker that has them free. The executor's budget is, by default, the sum
+    of the workers' resources when it starts. `timeout` is the seconds to wait for the scheduler.
+    """
+
+    name = "dask"
+
+    def __init__(self, address_or_client: Any, *, timeout: float = 10.0) -> None:
+        distributed = _distributed()
+        if isinstance(address_or_client, distributed.Client):
+            self.address: Optional[str] = None
+            self._client: Any = address_or_client
+            self._own = False
+        elif isinstance(address_or_client, str) and address_or_client.strip():
+            self.address = address_or_client.strip()
+            self._client = None
+            self._own = True
+        else:
+            raise TypeError(
+                "DaskBackend takes a scheduler's address (such as 'tcp://host:8786') or a distributed.Client; "
+                f"got {address_or_client!r} ({type(address_or_client).__name__})"
+            )
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"invalid timeout {timeout!r}: expected a positive number of seconds")
+        self.timeout = float(timeout)
+        self._lock = threading.Lock()
+        self._nodes: List[Node] = []
+        self._seen = -_REFRESH  # monotonic time of the last look at the workers
+
+    def __repr__(self) -> str:
+        return f"mpmsub.DaskBackend({self._where()!r})"
+
+    @property
+    def client(self) -> Any:
+        """The distributed.Client jobs are submitted through (connected on first use)."""
+        with self._lock:
+            if self._client is None:
+                distributed = _distributed()
+                try:
+                    self._client = distributed.Client(self.address, timeout=self.timeout, set_as_default=False)
+                except OSError as exc:
+                    raise OSError(f"cannot reach the Dask scheduler at {self.address!r}: {exc}") from exc
+            return self._client
+
+    def nodes(self, fresh: bool = False) -> List[Node]:
+        """The workers that declare both `cpus` and `memory` resources."""
+        now = time.monotonic()
+        if fresh or now - self._seen >= _REFRESH:
+            info = self.client.scheduler_info(n_workers=-1)
+            nodes = []
+            for address, worker in info.get("workers", {}).items():
+                resources = worker.get("resources") or {}
+                if "cpus" in resources and "memory" in resources:
+                    nodes.append(Node(address, int(resources["cpus"]), int(resources["memory"])))
+            self._nodes, self._seen = nodes, now
+        return self._nodes
+
+    def capacity(self) -> Optional[Tuple[int, int]]:
+        nodes = self.nodes(fresh=True)
+        if not nodes:
+            count = len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+            raise ValueError(
+                f"no worker of the Dask cluster at {self._where()} declares 'cpus' and 'memory' resources "
+                f"({count} worker(s) connected), so Dask would ignore every job's size: {_DECLARE}"
+            )
+        return sum(node.cpus for node in nodes), sum(node.memory for node in nodes)
+
+    def why_never_fits(self, spec: JobSpec) -> Optional[str]:
+        return largest_fit(spec, self.nodes(), "Dask worker")
+
+    def launcher(self, options: LaunchOptions) -> Launcher:
+        return DaskLauncher(self, options)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._own and self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def _where(self) -> str:
+        if self.address is not None:
+            return self.address
+        scheduler = getattr(self._client, "scheduler", None)
+        return str(getattr(scheduler, "address", None) or self._client)
+
+
+class DaskLauncher(Launcher):
+    """Starts jobs as Dask tasks; their outcomes come back by the futures' callbacks."""
+
+    local = False
+
+    def __init__(self, backend: DaskBackend, options: LaunchOptions) -> None:
+        self.backend = backend
+        self.client = backend.client
+        self.strict = options.strict_memory
+
+    def why_never_fits(self, spec: JobSpec) -> Optional[str]:
+        return self.backend.why_never_fits(spec)
+
+    def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
+        handle = DaskHandle(self.client, spec, job_id, on_exit)
+        handle.submit(_remote.pack(spec, self.strict, shared=False))
+        return handle
+
+
+class DaskHandle(Handle):
+    def __init__(self, client: Any, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> None:
+        self.client = client
+        self.spec = spec
+        self.key = f"mpmsub-{job_id}-{uuid.uuid4().hex[:12]}"
+        self._on_exit = on_exit
+        self._lock = threading.Lock()
+        self._ended = False
+        self._killed: Optional[Tuple[str, str]] = None
+        self.future: Any = None
+
+    def submit(self, data: bytes) -> None:
+        resources = {"cpus": self.spec.cpus, "memory": self.spec.memory or 0}
+        self.future = self.client.submit(run_on_worker, data, self.key, key=self.key, resources=resources, pure=False)
+        self.future.add_done_callback(self._done)
+
+    def _done(self, future: Any) -> None:
+        outcome = self._outcome(future)
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        future.release()  # the result is ours now: the cluster may forget it
+        self._on_exit(outcome)
+
+    def _outcome(self, future: Any) -> Outcome:
+        status = future.status
+        if status == "finished":
+            try:
+                sent = pickle.loads(future.result())
+                return sent.received()  # type: ignore[no-any-return]
+            except Exception as exc:  # what came back cannot be read here
+                return _remote.never_started(self.spec, kinds.PICKLE, f"its result could not be received: {exc!r}")
+        if status == "cancelled" or self._killed is not None:
+            failure, message = self._killed or (kinds.CANCELLED, "its Dask task was cancelled")
+            return _remote.never_started(self.spec, failure, message)
+        try:
+            error = future.exception()
+        except Exception as lost:  # the client lost it (closed, disconnected)
+            error = lost
+        return _remote.never_started(self.spec, kinds.ERROR, f"its Dask task failed: {type(error).__name__}: {error}")
+
+    def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
+        with self._lock:
+            if self._ended or self._killed is not None:
+                return False
+            self._killed = (failure, message)
+        # client.run waits for the workers' answers: never on the executor's loop thread.
+        killer = threading.Thread(target=self._kill, args=(failure, message, grace), name="mpmsub-dask-kill")
+        killer.daemon = True
+        killer.start()
+        return True
+
+    def _kill(self, failure: str, message: str, grace: Optional[float]) -> None:
+        try:
+            found = self.client.run(kill_on_worker, self.key, failure, message, grace, on_error="return")
+            running = any(answer is True for answer in found.values())
+        except Exception:
+            logger.exception("mpmsub: could not reach the Dask workers to kill %s", self.key)
+            running = False
+        if not running:  # still queued in Dask: cancel it (a late start is ended by the tombstone)
+            try:
+                self.future.cancel()
+            except Exception:
+                logger.exception("mpmsub: could not cancel the Dask task %s", self.key)
+
+
+# -- on the worker -------------------------------------------------------------------------------
+
+_worker_lock = threading.Lock()
+_worker_executor: Optional[MemoryAwareExecutor] = None
+_worker_jobs: Dict[str, JobFuture[object]] = {}
+# Kills that came before their task started: key -> (failure, message), the oldest dropped first.
+_tombstones: OrderedDict[str, Tuple[str, str]] = OrderedDict()
+_TOMBSTONES = 10000
+
+
+def _executor_here() -> MemoryAwareExecutor:
+    """This worker process's executor, sized by the worker's declared resources."""
+    global _worker_executor
+    if _worker_executor is None:
+        from distributed import get_worker
+
+        from mpmsub._executor import MemoryAwareExecutor
+        from mpmsub._system import detect_cpus, detect_memory
+
+        resources = get_worker().state.total_resources
+        cpus = int(resources.get("cpus") or detect_cpus())
+        memory = int(resources.get("memory") or detect_memory())
+        _worker_executor = MemoryAwareExecutor(cpus=max(1, cpus), memory=memory / MB, backend="local")
+        logger.debug("mpmsub: executor on this Dask worker: %d CPUs, %s", cpus, format_memory(memory))
+    return _worker_executor
+
+
+def run_on_worker(data: bytes, key: str) -> bytes:
+    """A Dask task: run one packed job here under mpmsub; return its pickled Outcome."""
+    from concurrent.futures import wait
+
+    spec = _remote.unpack(data)
+    with _worker_lock:
+        executor = _executor_here()
+        killed = _tombstones.pop(key, None)
+        if killed is not None:
+            return pickle.dumps(_remote.Returned(_remote.never_started(spec, *killed)), pickle.HIGHEST_PROTOCOL)
+        future = executor.submit(spec)
+        _worker_jobs[key] = future
+    try:
+        wait([future])
+    finally:
+        with _worker_lock:
+            _worker_jobs.pop(key, None)
+    sent = _remote.returned(spec, future, "cancelled before it started on its Dask worker")
+    return pickle.dumps(sent, pickle.HIGHEST_PROTOCOL)
+
+
+def kill_on_worker(key: str, failure: str, message: str, grace: Optional[float]) -> bool:
+    """Run by client.run on every worker: kill the job of task `key` if it runs here (True), or
+    remember the kill for when it starts."""
+    with _worker_lock:
+        future = _worker_jobs.get(key)
+        if future is None:
+            _tombstones[key] = (failure, message)
+            while len(_tombstones) > _TOMBSTONES:
+                _tombstones.popitem(last=False)
+            return False
+        executor = _worker_executor
+    assert executor is not None
+    executor._kill_job(future, failure, message, grace)
+    return True

@@ -1,0 +1,165 @@
+"""A job run elsewhere (on a Dask worker, as a SLURM job) under mpmsub's own engine.
+
+The sending side packs the job's spec (`pack`); the receiving side runs it through a
+MemoryAwareExecutor there (`run`), which measures, times out, kills and words the failure
+exactly as a local run does, and sends back the Outcome (`Returned`); the sender hands that
+Outcome to its own executor as if a local launcher had measured it. Retries and requeues stay
+with the sender's executor, which owns the job's future.
+
+`python -m mpmsub _run-job SPEC RESULT` is the SLURM side: it runs the pickled spec in SPEC and
+writes its Outcome to RESULT (atomically), and stops the job's whole tree on SIGTERM (scancel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import signal
+import sys
+import time
+from concurrent.futures import wait
+from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING, List, Optional
+
+from mpmsub import _result as kinds
+from mpmsub import _workers
+from mpmsub._job import JobSpec
+from mpmsub._launcher import Outcome
+from mpmsub._result import JobResult
+from mpmsub._units import MB
+
+if TYPE_CHECKING:
+    from mpmsub._future import JobFuture
+
+
+def pack(spec: JobSpec, strict: bool, shared: bool) -> bytes:
+    """A job for another machine: retries left to the sender's executor (it owns the future),
+    and the executor's strictness decided. A call goes with this process's state (its path,
+    directory and main script, which its workers there restore) where the machines share a
+    filesystem (`shared`), or else pickled by value where cloudpickle is installed."""
+    call = spec.call
+    preparation = None
+    if call is not None:
+        if shared:
+            preparation = _workers.preparation_data()
+        else:
+            call = call.portable()
+    sent = dataclasses.replace(
+        spec, retries=0, job_id=None, strict=strict if spec.strict is None else spec.strict, call=call
+    )
+    return pickle.dumps((sent, preparation), pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(data: bytes) -> JobSpec:
+    """The job `pack` made, with the sending process's state taken up for its workers."""
+    spec, preparation = pickle.loads(data)
+    if not isinstance(spec, JobSpec):
+        raise TypeError(f"expected a pickled mpmsub JobSpec; got {type(spec).__name__}")
+    if preparation is not None:
+        _workers.inherit(preparation)
+    return spec
+
+
+@dataclass
+class Returned:
+    """An Outcome on its way back. A call's exception travels with its remote traceback, which
+    pickling an exception drops (its __cause__)."""
+
+    outcome: Outcome
+    cause: Optional[BaseException] = None
+
+    def received(self) -> Outcome:
+        exception = self.outcome.exception
+        if exception is not None and self.cause is not None and exception.__cause__ is None:
+            exception.__cause__ = self.cause
+        return self.outcome
+
+
+def outcome_of(result: JobResult) -> Outcome:
+    """The Outcome that makes the sender's executor build this same JobResult."""
+    exception = result.exception
+    return Outcome(
+        returncodes=list(result.stage_returncodes),
+        stdout=result.stdout,
+        stderr=result.stderr,
+        start_time=result.start_time,
+        runtime=result.runtime,
+        cpu_time=result.cpu_used,
+        peak_memory=round(result.memory_used * MB),
+        failure=result.failure,
+        error=result.error,
+        memory_series=[(t, round(mb * MB)) for t, mb in result.memory_series],
+        value=result.value,
+        exception=exception,
+    )
+
+
+def never_started(spec: JobSpec, failure: str, error: str) -> Outcome:
+    """The Outcome of a job that ended before it could start anywhere."""
+    return Outcome([None] * len(spec.stages), None, None, time.time(), 0.0, 0.0, 0, failure, error)
+
+
+def returned(spec: JobSpec, future: JobFuture[object], cancelled: str) -> Returned:
+    """What a finished (or cancelled while queued) future of the receiving executor sends back."""
+    result = future.usage
+    if result is None:  # cancelled before it started
+        return Returned(never_started(spec, kinds.CANCELLED, cancelled))
+    exception = result.exception
+    cause = None if exception is None else exception.__cause__
+    return Returned(outcome_of(result), cause)
+
+
+# -- the SLURM side: python -m mpmsub _run-job SPEC RESULT -----------------------------------------
+
+
+class _Stopped(Exception):
+    pass
+
+
+def main(argv: List[str]) -> int:
+    """Run the job in a spec file; write its Outcome to the result file. 0 once written."""
+    if len(argv) != 2:
+        print("usage: python -m mpmsub _run-job SPEC RESULT", file=sys.stderr)
+        return 2
+    spec_path, result_path = argv
+    with open(spec_path, "rb") as source:
+        spec = unpack(source.read())
+    from mpmsub._executor import MemoryAwareExecutor
+    from mpmsub._system import detect_memory
+
+    # SLURM holds the job to its --mem, so its m is strict here: mpmsub stops it first, with
+    # its own sentence. The node is SLURM's to share: no gate on this machine's free memory.
+    executor = MemoryAwareExecutor(
+        cpus=spec.cpus,
+        memory=(spec.memory or detect_memory()) / MB,
+        strict_memory=spec.memory is not None,
+        memory_reserve=0,
+        backend="local",
+    )
+
+    def stop(signum: int, frame: Optional[FrameType]) -> None:
+        raise _Stopped(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    reason = "cancelled"
+    try:
+        future = executor.submit(spec)
+        try:
+            wait([future])
+            executor.shutdown(wait=True)
+        except _Stopped as exc:
+            reason = f"killed: SLURM sent {exc} (scancel or the end of the allocation)"
+            executor.terminate(reason)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sent = returned(spec, future, reason)
+    temporary = f"{result_path}.{os.getpid()}.tmp"
+    with open(temporary, "wb") as file:
+        pickle.dump(sent, file, pickle.HIGHEST_PROTOCOL)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, result_path)
+    return 0

@@ -1,0 +1,430 @@
+"""The SLURM backend: each job is an `sbatch` submission that runs it under mpmsub on a node.
+
+A job becomes `sbatch --parsable --cpus-per-task=p --mem=... --time=... --wrap "python -m mpmsub
+_run-job SPEC RESULT"`, with its spec, result and output files in a run directory under `workdir`
+(which must be on a filesystem the nodes share). On the node, mpmsub runs the job as it does
+locally and writes the Outcome; here one thread submits, follows every job with one `squeue` call
+per poll (never one per job; polls back off while nothing changes), cancels with `scancel`, and
+reads the results. A job no node can hold (from `sinfo`) is refused at submit; SLURM's own memory
+and time kills, when they come first, are reported as the same memory and timeout failures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import pickle
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from mpmsub import _remote
+from mpmsub import _result as kinds
+from mpmsub._backends import Backend, LaunchOptions, Node, largest_fit
+from mpmsub._job import JobSpec
+from mpmsub._launcher import Handle, Launcher, Outcome
+from mpmsub._units import MB, format_memory
+
+logger = logging.getLogger("mpmsub")
+
+# What the runner (python -m mpmsub _run-job: an interpreter, psutil and mpmsub) adds to a job's
+# memory in SLURM's count, which sums every process of the job: added to --mem, so that the job
+# itself has its whole m. Measured here at 22 MB resident while its job runs; rounded up.
+RUNNER_MEMORY = 64 * MB
+_MIN_POLL = 0.25  # seconds between polls while jobs change; multiplied by _BACKOFF while none does
+_BACKOFF = 1.5
+_RESULT_WAIT = 30.0  # seconds a finished job's result file may take to appear (a shared filesystem)
+_TIME_MARGIN = 60.0  # seconds of --time beyond a job's timeout: mpmsub's own kill comes first
+_TERMINAL = {
+    "BOOT_FAIL",
+    "CANCELLED",
+    "COMPLETED",
+    "DEADLINE",
+    "FAILED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+    "TIMEOUT",
+}
+_MEMORY_KILL = re.compile(r"exceeded (job )?memory limit|oom[- ]kill", re.IGNORECASE)
+
+
+class SlurmError(RuntimeError):
+    """A SLURM command could not be run or failed."""
+
+
+class SlurmBackend(Backend):
+    """Run each job as a SLURM batch job.
+
+    `partition` and `account` go to sbatch's --partition and --account (None: SLURM's defaults);
+    `extra_args` are more sbatch options, as a list of strings (`["--qos=high"]`). `workdir` holds
+    the jobs' spec, result and output files and must be on a filesystem the nodes share (default:
+    `.mpmsub-slurm` in the current directory). `python` is the interpreter the nodes run mpmsub
+    with (default: this one, `sys.executable`). `max_poll` caps the seconds between two polls.
+    """
+
+    name = "slurm"
+
+    def __init__(
+        self,
+        partition: Optional[str] = None,
+        account: Optional[str] = None,
+        extra_args: Sequence[str] = (),
+        workdir: Optional[str] = None,
+        *,
+        python: Optional[str] = None,
+        max_poll: float = 5.0,
+    ) -> None:
+        for name, value in (("partition", partition), ("account", account), ("workdir", workdir), ("python", python)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise TypeError(f"{name} must be a non-empty string or None; got {value!r}")
+        if isinstance(extra_args, str) or not all(isinstance(arg, str) for arg in extra_args):
+            raise TypeError(f"extra_args must be a list of strings, such as ['--qos=high']; got {extra_args!r}")
+        if isinstance(max_poll, bool) or not isinstance(max_poll, (int, float)) or not max_poll >= _MIN_POLL:
+            raise ValueError(f"invalid max_poll {max_poll!r}: expected a number of seconds, at least {_MIN_POLL}")
+        self.partition = partition
+        self.account = account
+        self.extra_args = tuple(extra_args)
+        self.workdir = os.path.abspath(workdir or ".mpmsub-slurm")
+        self.python = python or sys.executable
+        self.max_poll = float(max_poll)
+        self.calls: Counter[str] = Counter()  # SLURM commands run, by name (sbatch, squeue, ...)
+        self._nodes: Optional[List[Node]] = None
+
+    def __repr__(self) -> str:
+        options = [f"{name}={value!r}" for name, value in (("partition", self.partition), ("account", self.account))]
+        if self.extra_args:
+            options.append(f"extra_args={list(self.extra_args)!r}")
+        return f"mpmsub.SlurmBackend({', '.join(options)})"
+
+    def command(self, argv: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run a SLURM command; counted in `calls`. Raises SlurmError if it cannot be run."""
+        self.calls[argv[0]] += 1
+        try:
+            return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+        except FileNotFoundError:
+            raise SlurmError(f"{argv[0]!r} is not on PATH: the SLURM backend needs SLURM's commands here") from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SlurmError(f"cannot run {argv[0]!r}: {exc}") from exc
+
+    def nodes(self, fresh: bool = False) -> List[Node]:
+        """The nodes of the partition (or of every partition), from sinfo."""
+        if self._nodes is None or fresh:
+            argv = ["sinfo", "--noheader", "--Node", "--format=%N|%c|%m"]
+            if self.partition:
+                argv.append(f"--partition={self.partition}")
+            done = self.command(argv)
+            if done.returncode != 0:
+                raise SlurmError(f"sinfo failed: {_last_line(done.stderr) or done.returncode}")
+            nodes: Dict[str, Node] = {}
+            for line in done.stdout.splitlines():
+                fields = line.strip().split("|")
+                if len(fields) == 3 and fields[1].isdigit():
+                    memory = int(re.sub(r"\D.*", "", fields[2]) or 0) * MB
+                    nodes[fields[0]] = Node(fields[0], int(fields[1]), memory)
+            self._nodes = sorted(nodes.values(), key=lambda node: node.name)
+        return self._nodes
+
+    def capacity(self) -> Optional[Tuple[int, int]]:
+        nodes = self.nodes(fresh=True)
+        if not nodes:
+            where = f"partition {self.partition!r}" if self.partition else "this SLURM cluster"
+            raise ValueError(f"sinfo lists no node in {where}")
+        return sum(node.cpus for node in nodes), sum(node.memory for node in nodes)
+
+    def why_never_fits(self, spec: JobSpec) -> Optional[str]:
+        return largest_fit(spec, self.nodes(), "SLURM node", overhead=RUNNER_MEMORY)
+
+    def launcher(self, options: LaunchOptions) -> Launcher:
+        return SlurmLauncher(self, options)
+
+
+_runs = itertools.count(1)
+
+
+class SlurmLauncher(Launcher):
+    """One thread submits, polls and cancels for all of an executor's SLURM jobs."""
+
+    local = False
+
+    def __init__(self, backend: SlurmBackend, options: LaunchOptions) -> None:
+        self.backend = backend
+        self.kill_grace = options.kill_grace
+        name = f"mpmsub-{socket.gethostname().split('.')[0]}-{os.getpid()}-{int(time.time())}-{next(_runs)}"
+        self.directory = os.path.join(backend.workdir, name)
+        self._files = itertools.count(1)
+        self._cond = threading.Condition()
+        self._new: List[SlurmHandle] = []  # started, not yet submitted
+        self._kills: List[SlurmHandle] = []
+        self._active: Dict[str, SlurmHandle] = {}  # by SLURM job id (the thread's)
+        self._closing = False
+        self._thread: Optional[threading.Thread] = None
+
+    def why_never_fits(self, spec: JobSpec) -> Optional[str]:
+        return self.backend.why_never_fits(spec)
+
+    def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
+        handle = SlurmHandle(self, spec, job_id, on_exit, os.path.join(self.directory, f"{next(self._files):06d}"))
+        with self._cond:
+            if self._thread is None:
+                os.makedirs(self.directory, exist_ok=True)
+                self._thread = threading.Thread(target=self._run, name="mpmsub-slurm", daemon=True)
+                self._thread.start()
+            self._new.append(handle)
+            self._cond.notify()
+        return handle
+
+    def kill_later(self, handle: SlurmHandle) -> None:
+        with self._cond:
+            self._kills.append(handle)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        with contextlib.suppress(OSError):
+            os.rmdir(self.directory)  # empty once every job's files are read and removed
+
+    # -- the thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        interval = _MIN_POLL
+        next_poll = time.monotonic() + interval
+        while True:
+            with self._cond:
+                while not (self._new or self._kills or self._closing):
+                    wait = None if not self._active else next_poll - time.monotonic()
+                    if wait is not None and wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                new, self._new = self._new, []
+                kills, self._kills = self._kills, []
+                if self._closing and not new and not self._active:
+                    return
+            try:
+                for handle in new:
+                    self._submit(handle)
+                if kills:
+                    self._cancel(kills)
+                if new or kills:
+                    interval = _MIN_POLL  # something changed: look again soon
+                    next_poll = min(next_poll, time.monotonic() + interval)
+                if self._active and time.monotonic() >= next_poll:
+                    changed = self._poll()
+                    interval = _MIN_POLL if changed else min(self.backend.max_poll, interval * _BACKOFF)
+                    next_poll = time.monotonic() + interval
+            except Exception:  # a bug or a SLURM failure must not leave jobs without an end
+                logger.exception("mpmsub: the SLURM thread failed; its jobs end as errors")
+                with contextlib.suppress(Exception):
+                    self._cancel(list(self._active.values()))
+                for handle in list(self._active.values()) + new:
+                    handle.end(_remote.never_started(handle.spec, kinds.ERROR, "mpmsub's SLURM thread failed"))
+                self._active.clear()
+                time.sleep(_MIN_POLL)
+
+    def _submit(self, handle: SlurmHandle) -> None:
+        if handle.killed is not None:  # killed before it was submitted
+            handle.end(_remote.never_started(handle.spec, *handle.killed))
+            return
+        spec = handle.spec
+        try:
+            with open(handle.files + ".spec", "wb") as file:
+                file.write(_remote.pack(spec, strict=True, shared=True))
+            done = self.backend.command(self._sbatch(handle))
+        except Exception as exc:
+            handle.end(_remote.never_started(spec, kinds.START, f"could not submit it to SLURM: {exc}"))
+            handle.remove_files()
+            return
+        slurm_id = done.stdout.strip().split(";")[0]
+        if done.returncode != 0 or not slurm_id.isdigit():
+            why = _last_line(done.stderr) or f"sbatch exited with status {done.returncode}"
+            handle.end(_remote.never_started(spec, kinds.START, f"SLURM refused it: {why}"))
+            handle.remove_files()
+            return
+        handle.slurm_id = slurm_id
+        handle.submitted = time.time()
+        self._active[slurm_id] = handle
+        logger.debug("mpmsub: %s is SLURM job %s", handle.job_id, slurm_id)
+
+    def _sbatch(self, handle: SlurmHandle) -> List[str]:
+        spec, backend = handle.spec, self.backend
+        files = handle.files
+        argv = [
+            "sbatch",
+            "--parsable",
+            f"--job-name=mpmsub:{handle.job_id}"[:128],
+            f"--output={files}.out",
+            f"--cpus-per-task={spec.cpus}",
+        ]
+        if spec.memory is not None:
+            argv.append(f"--mem={math.ceil((spec.memory + RUNNER_MEMORY) / MB)}M")
+        if spec.timeout is not None:
+            argv.append(f"--time={math.ceil((spec.timeout + self.kill_grace + _TIME_MARGIN) / 60)}")
+        if backend.partition:
+            argv.append(f"--partition={backend.partition}")
+        if backend.account:
+            argv.append(f"--account={backend.account}")
+        argv.extend(backend.extra_args)
+        runner = [backend.python, "-m", "mpmsub", "_run-job", files + ".spec", files + ".result"]
+        argv.append("--wrap=exec " + shlex.join(runner))
+        return argv
+
+    def _cancel(self, handles: List[SlurmHandle]) -> None:
+        ids = [handle.slurm_id for handle in handles if handle.slurm_id is not None and not handle.ended]
+        if ids:
+            done = self.backend.command(["scancel", *ids])
+            if done.returncode != 0:
+                logger.warning("mpmsub: scancel %s failed: %s", " ".join(ids), _last_line(done.stderr))
+
+    def _poll(self) -> bool:
+        """One squeue call for every active job; end the finished ones. True if any changed."""
+        ids = sorted(self._active, key=int)
+        argv = ["squeue", "--noheader", "--states=all", f"--jobs={','.join(ids)}", "--format=%i|%T"]
+        done = self.backend.command(argv)
+        states: Dict[str, str] = {}
+        if done.returncode == 0:
+            for line in done.stdout.splitlines():
+                fields = line.strip().split("|")
+                if len(fields) == 2:
+                    states[fields[0]] = fields[1]
+        elif "invalid job id" not in done.stderr.lower():  # every id forgotten gives that: all unknown
+            logger.warning("mpmsub: squeue failed: %s", _last_line(done.stderr))
+            return False
+        changed = False
+        unknown = [slurm_id for slurm_id in ids if slurm_id not in states]
+        if unknown:
+            states.update(self._sacct(unknown))
+        now = time.time()
+        for slurm_id in ids:
+            handle = self._active[slurm_id]
+            state = states.get(slurm_id, "UNKNOWN")
+            if state != handle.state:
+                changed = True
+                handle.state = state
+                if state == "RUNNING" and handle.running_since is None:
+                    handle.running_since = now
+            if state in _TERMINAL or state == "UNKNOWN":
+                outcome = handle.outcome(state, now)
+                if outcome is not None:
+                    del self._active[slurm_id]
+                    handle.end(outcome)
+                    handle.remove_files()
+                    changed = True
+        return changed
+
+    def _sacct(self, ids: List[str]) -> Dict[str, str]:
+        """States of jobs squeue no longer lists (one sacct call); empty where accounting is off."""
+        argv = ["sacct", "--noheader", "--parsable2", f"--jobs={','.join(ids)}", "--format=JobID,State"]
+        done = self.backend.command(argv)
+        states: Dict[str, str] = {}
+        if done.returncode == 0:
+            for line in done.stdout.splitlines():
+                fields = line.strip().split("|")
+                if len(fields) == 2 and fields[0] in ids:
+                    states[fields[0]] = fields[1].split()[0]  # "CANCELLED by 0"
+        return states
+
+
+class SlurmHandle(Handle):
+    def __init__(
+        self, launcher: SlurmLauncher, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None], files: str
+    ) -> None:
+        self.launcher = launcher
+        self.spec = spec
+        self.job_id = job_id
+        self.files = files  # the path of its files, less .spec, .result, .out
+        self._on_exit = on_exit
+        self._lock = threading.Lock()
+        self.ended = False
+        self.killed: Optional[Tuple[str, str]] = None
+        self.slurm_id: Optional[str] = None
+        self.state = "SUBMITTING"
+        self.submitted = time.time()
+        self.running_since: Optional[float] = None
+        self.result_missing_since: Optional[float] = None
+
+    def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
+        with self._lock:
+            if self.ended or self.killed is not None:
+                return False
+            self.killed = (failure, message)
+        self.launcher.kill_later(self)  # scancel: SIGTERM, which the runner turns into its kill
+        return True
+
+    def end(self, outcome: Outcome) -> None:
+        with self._lock:
+            if self.ended:
+                return
+            self.ended = True
+        if self.killed is not None:  # our kill decides the failure; the runner's measures stay
+            outcome.failure, outcome.error = self.killed
+        self._on_exit(outcome)
+
+    def outcome(self, state: str, now: float) -> Optional[Outcome]:
+        """The Outcome of a job SLURM reports ended: the runner's, or SLURM's reason. None to
+        wait for a result file a shared filesystem has not shown yet."""
+        try:
+            with open(self.files + ".result", "rb") as file:
+                sent = pickle.load(file)
+            return sent.received()  # type: ignore[no-any-return]
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            return _remote.never_started(self.spec, kinds.ERROR, f"its result file could not be read: {exc!r}")
+        if state in ("COMPLETED", "UNKNOWN") and self.killed is None:
+            # The runner wrote its result before it exited: give the filesystem time to show it.
+            if self.result_missing_since is None:
+                self.result_missing_since = now
+            if now - self.result_missing_since < _RESULT_WAIT:
+                return None
+        began = self.running_since or self.submitted
+        outcome = _remote.never_started(self.spec, kinds.ERROR, "")
+        outcome.start_time, outcome.runtime = began, max(0.0, now - began)
+        output = self._output_tail()
+        job = f"SLURM job {self.slurm_id}"
+        if state == "OUT_OF_MEMORY" or _MEMORY_KILL.search(output):
+            memory = "" if self.spec.memory is None else f" ({format_memory(self.spec.memory)} and the runner's)"
+            outcome.failure, outcome.error = kinds.MEMORY, f"killed by SLURM for using more than its --mem{memory}"
+        elif state in ("TIMEOUT", "DEADLINE"):
+            outcome.failure, outcome.error = kinds.TIMEOUT, f"killed by SLURM at its time limit ({job})"
+        elif state == "CANCELLED":
+            outcome.failure, outcome.error = kinds.CANCELLED, f"cancelled in SLURM ({job}, scancel)"
+        elif state == "UNKNOWN":
+            outcome.error = f"SLURM no longer lists {job}, and it left no result"
+        else:
+            outcome.error = f"{job} ended {state} without a result" + (f": {output}" if output else "")
+        return outcome
+
+    def _output_tail(self) -> str:
+        try:
+            with open(self.files + ".out", "rb") as file:
+                file.seek(0, os.SEEK_END)
+                file.seek(max(0, file.tell() - 2000))
+                text = file.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text.splitlines()[-5:] if line.strip())
+
+    def remove_files(self) -> None:
+        for suffix in (".spec", ".result", ".out"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.files + suffix)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""

@@ -1,0 +1,265 @@
+"""The Dask backend on a real LocalCluster of two worker processes with declared resources."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Iterator, List, Tuple
+
+import callees
+import psutil
+import pytest
+import remote_batch
+from helpers import unique_sleep, wait_gone
+
+import mpmsub
+
+distributed = pytest.importorskip(
+    "distributed", reason="the Dask backend's tests need distributed: pip install 'mpmsub[dask]'"
+)
+
+MB = 2**20
+WORKER_MEMORY = 300 * MB  # each worker's declared memory: three 100M jobs at a time
+
+
+@pytest.fixture(scope="module")
+def dask_cluster() -> Iterator[Any]:
+    cluster = distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=4,
+        processes=True,
+        resources={"cpus": 4, "memory": WORKER_MEMORY},
+        dashboard_address=":0",
+        worker_dashboard_address=":0",
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def client(dask_cluster: Any) -> Iterator[Any]:
+    with distributed.Client(dask_cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.fixture
+def backend(client: Any) -> mpmsub.DaskBackend:
+    return mpmsub.DaskBackend(client)
+
+
+def worker_pids(client: Any) -> List[int]:
+    return sorted(client.run(os.getpid).values())
+
+
+def test_the_budget_is_the_sum_of_the_workers_resources(backend: mpmsub.DaskBackend) -> None:
+    with mpmsub.MemoryAwareExecutor(backend=backend) as executor:
+        assert executor.cpus == 8
+        assert executor.memory == 2 * WORKER_MEMORY
+        assert "DaskBackend" in repr(executor)
+
+
+def test_results_read_as_local_ones(backend: mpmsub.DaskBackend) -> None:
+    local = remote_batch.run("local")
+    on_dask = remote_batch.run(backend)
+    assert on_dask == local
+    assert local["call"][-1] == 49 and local["raises"][-1][0] == "ValueError"
+    assert local["raises"][-1][2] == "RemoteTraceback"  # the worker's traceback came along
+
+
+def test_jobs_run_on_the_workers_and_are_measured(backend: mpmsub.DaskBackend, client: Any) -> None:
+    code = "import os, time; x = bytearray(80 * 2**20); time.sleep(0.3); print(os.getppid())"
+    with mpmsub.MemoryAwareExecutor(backend=backend) as executor:
+        result = executor.submit(mpmsub.Job([sys.executable, "-c", code]).memory("150M")).result()
+        value = executor.submit(callees.allocate, 120)
+        assert psutil.Process(value.result()).parent().pid in worker_pids(client)  # a Dask worker's
+    assert result.success, result.error
+    assert int(result.stdout) in worker_pids(client)  # started by a Dask worker's executor
+    assert 80 <= result.memory_used < 110
+    assert result.cpu_used > 0 and result.runtime >= 0.3
+    assert value.usage is not None and 120 <= value.usage.memory_used < 180  # the call's own peak
+
+
+def test_each_worker_holds_only_what_it_declared(backend: mpmsub.DaskBackend, client: Any) -> None:
+    """Twelve 100M jobs on two workers of 300M (and 4 CPUs) each: never more than three at once
+    on one worker, six in all, and both workers used."""
+    code = "import os, time; print(os.getppid(), time.time()); time.sleep(0.6); print(time.time())"
+    job = mpmsub.Job([sys.executable, "-c", code]).memory("100M")
+    with mpmsub.MemoryAwareExecutor(backend=backend) as executor:
+        results = [f.result() for f in [executor.submit(job) for _ in range(12)]]
+    spans: List[Tuple[int, float, float]] = []
+    for result in results:
+        assert result.success, result.error
+        first, second = result.stdout.split("\n")[:2]
+        pid, start = first.split()
+        spans.append((int(pid), float(start), float(second)))
+    assert {pid for pid, _, _ in spans} == set(worker_pids(client))
+    for pid in {pid for pid, _, _ in spans}:
+        mine = [(start, end) for p, start, end in spans if p == pid]
+        most = max(sum(1 for s, e in mine if s <= start < e) for start, _ in mine)
+        assert most <= 3, f"worker {pid} ran {most} jobs of 100M at once in 300M"
+    assert max(sum(1 for _, s, e in spans if s <= start < e) for _, start, _ in spans) <= 6
+
+
+def test_a_job_no_worker_can_hold_is_refused_at_once(backend: mpmsub.DaskBackend) -> None:
+    with mpmsub.MemoryAwareExecutor(cpus=8, memory="2G", backend=backend) as executor:
+        started = time.monotonic()
+        with pytest.raises(ValueError, match=r"needs 1 CPU and 400M on one Dask worker.*offers 4 CPUs and 300M"):
+            executor.submit(mpmsub.Job(["true"]).memory("400M"))  # fits the sum (600M), not one worker
+        with pytest.raises(ValueError, match=r"needs 5 CPUs on one Dask worker"):
+            executor.submit(mpmsub.Job(["true"]).cpu(5))
+        assert time.monotonic() - started < 5
+    cluster = mpmsub.cluster(backend=backend, progress_bar=False, verbose=False)
+    with pytest.raises(ValueError, match="400M"):
+        cluster.jobs.append({"cmd": ["true"], "m": "400M"})
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # distributed's sockets
+def test_workers_without_resources_are_refused(dask_cluster: Any) -> None:
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", worker_dashboard_address=":0"
+        ) as bare,
+        distributed.Client(bare, set_as_default=False) as client,
+        pytest.raises(ValueError, match=r"declares 'cpus' and 'memory'.*--resources"),
+    ):
+        mpmsub.MemoryAwareExecutor(backend=mpmsub.DaskBackend(client))
+
+
+def test_killing_a_running_job_kills_its_tree_on_the_worker(backend: mpmsub.DaskBackend) -> None:
+    """Dask's own cancel leaves a task's subprocess running: mpmsub's kill reaches the tree."""
+    marker = unique_sleep()
+    executor = mpmsub.MemoryAwareExecutor(cpus=1, backend=backend)  # one job at a time
+    future = executor.submit(["sh", "-c", f"sleep {marker} & sleep {marker}; wait"])
+    queued = executor.submit(["sleep", marker])
+    assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 2)
+    executor.terminate("stopped by the test")
+    result = future.result()
+    assert result.failure == "cancelled" and result.error == "killed: stopped by the test"
+    assert queued.cancelled()
+    assert wait_gone(marker) == []
+
+
+def test_a_kill_before_the_task_starts_ends_it_when_it_does(client: Any) -> None:
+    """A kill that reaches the workers before Dask starts the task is kept and ends it."""
+    from mpmsub import _dask, _remote
+    from mpmsub._job import to_spec
+
+    key = f"mpmsub-test-{unique_sleep()}"
+    client.run(_dask.kill_on_worker, key, "cancelled", "killed: early", None)
+    data = _remote.pack(to_spec(["sleep", "30"]), strict=False, shared=False)
+    started = time.monotonic()
+    sent = client.submit(_dask.run_on_worker, data, key, key=key, resources={"cpus": 1}, pure=False).result()
+    outcome = __import__("pickle").loads(sent).received()
+    assert (outcome.failure, outcome.error) == ("cancelled", "killed: early")
+    assert time.monotonic() - started < 10
+
+
+def test_memory_is_enforced_on_the_worker(backend: mpmsub.DaskBackend) -> None:
+    with mpmsub.MemoryAwareExecutor(backend=backend, strict_memory=True) as executor:
+        future = executor.submit(mpmsub.Call(callees.allocate, 200, 2.0).memory("50M"))
+        with pytest.raises(mpmsub.MemoryLimitError, match="of the 50M it declared"):
+            future.result()
+
+
+def test_the_cluster_api_and_retries_run_on_dask(backend: mpmsub.DaskBackend) -> None:
+    cluster = mpmsub.cluster(backend=backend, progress_bar=False, verbose=False)
+    assert cluster.max_cpus == 8
+    cluster.jobs.append({"cmd": ["echo", "one"], "m": "10M"})
+    cluster.jobs.append(mpmsub.Job(["sh", "-c", "exit 2"]).with_retries(1))
+    stats = cluster.run()
+    assert stats["jobs"]["total"] == 2 and stats["jobs"]["completed"] == 1
+    assert cluster.failed_jobs[0].attempts == 2  # retried by the sending executor
+
+
+def test_mpmsub_backend_moves_an_unchanged_script(dask_cluster: Any, client: Any, tmp_path: Any) -> None:
+    script = tmp_path / "unchanged.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys
+            import mpmsub
+
+            if __name__ == "__main__":
+                with mpmsub.MemoryAwareExecutor() as ex:
+                    print(ex.submit([sys.executable, "-c", "import os; print(os.getppid())"]).result().stdout.strip())
+                    print(repr(ex))
+            """
+        )
+    )
+    address = dask_cluster.scheduler_address.replace("tcp://", "dask://")
+    env = dict(os.environ, MPMSUB_BACKEND=address)
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pid, description = done.stdout.splitlines()
+    assert int(pid) in worker_pids(client)
+    assert "DaskBackend" in description
+    assert psutil.pid_exists(int(pid))  # the worker lives on; the script closed its own client
+
+
+def _documented(prefix: str, port: int) -> List[str]:
+    """The docs' console line starting with `prefix`, for a cluster on this machine."""
+    page = (Path(__file__).parent.parent / "docs" / "backends.md").read_text()
+    line = next(line[2:] for line in page.splitlines() if line.startswith(f"$ {prefix}"))
+    line = line.split("  #")[0].replace("HEAD", "127.0.0.1").replace("8786", str(port))
+    line = line.replace("--nthreads 16", "--nthreads 2").replace("cpus=16,memory=64e9", "cpus=2,memory=2e9")
+    return shlex.split(line)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # distributed's sockets
+def test_the_documented_commands_make_a_cluster_mpmsub_uses(tmp_path: Path) -> None:
+    """docs/backends.md's commands, run as written (on this machine, on a free port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    daemons = [
+        subprocess.Popen(
+            _documented(command, port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path
+        )
+        for command in ("dask scheduler", "dask worker")
+    ]
+    try:
+        with distributed.Client(f"tcp://127.0.0.1:{port}", timeout=60, set_as_default=False) as client:
+            client.wait_for_workers(1, timeout=60)
+            pids = worker_pids(client)
+        script = tmp_path / "my_pipeline.py"
+        script.write_text(
+            "import mpmsub, sys\n"
+            "with mpmsub.MemoryAwareExecutor() as ex:\n"
+            "    print(ex.submit([sys.executable, '-c', 'import os; print(os.getppid())']).result().stdout.strip())\n"
+        )
+        words = _documented("MPMSUB_BACKEND=dask", port)
+        variable, value = words[0].split("=", 1)
+        done = subprocess.run(
+            words[1:], env=dict(env, **{variable: value}), cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        assert int(done.stdout) in pids
+        (tmp_path / "jobs.txt").write_text("echo one\necho two\n")
+        done = subprocess.run(
+            [*_documented("mpmsub run jobs.txt --backend dask", port), "-q"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        for daemon in reversed(daemons):
+            daemon.terminate()
+        for daemon in reversed(daemons):
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
