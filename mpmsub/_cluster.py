@@ -92,6 +92,7 @@ class Cluster:
         self.schedule = check_policy(schedule)
         self.backend = resolve_backend(backend)
         offered = None if self.backend.local else self.backend.capacity()
+        self._whole = offered is not None and cpus is None and memory is None  # all a remote backend has
         if cpus is not None:
             self.max_cpus: int = parse_cpus(cpus, "cpus")
         else:
@@ -221,6 +222,8 @@ class Cluster:
 
     def _executor(self, max_workers: Optional[int], schedule: str) -> MemoryAwareExecutor:
         # The executor takes a bare number of memory as MB (the seed's unit).
+        if self._whole:  # the executor sizes itself by the backend (and hands it jobs ahead)
+            return MemoryAwareExecutor(max_workers=max_workers, schedule=schedule, backend=self.backend)
         return MemoryAwareExecutor(
             cpus=self.max_cpus,
             memory=self._memory / MB,

@@ -14,6 +14,7 @@ arrives before its task starts is remembered and ends the task as soon as it doe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import threading
@@ -140,22 +141,64 @@ class DaskBackend(Backend):
 
 
 class DaskLauncher(Launcher):
-    """Starts jobs as Dask tasks; their outcomes come back by the futures' callbacks."""
+    """Starts jobs as Dask tasks. One thread takes their results as they come, which Dask's
+    `as_completed` fetches concurrently (a done-callback fetching each result in turn would wait
+    a round trip to a worker per job)."""
 
     local = False
 
     def __init__(self, backend: DaskBackend, options: LaunchOptions) -> None:
+        distributed = _distributed()
         self.backend = backend
         self.client = backend.client
         self.strict = options.strict_memory
+        self._completed = distributed.as_completed(loop=self.client.loop, with_results=True, raise_errors=False)
+        self._handles: Dict[str, DaskHandle] = {}
+        self._cond = threading.Condition()
+        self._closing = False
+        self._reader: Optional[threading.Thread] = None
 
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
         return self.backend.why_never_fits(spec)
 
     def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
         handle = DaskHandle(self.client, spec, job_id, on_exit)
-        handle.submit(_remote.pack(spec, self.strict, shared=False))
+        resources = {"cpus": spec.cpus, "memory": spec.memory or 0}
+        data = _remote.pack(spec, self.strict, shared=False)
+        future = self.client.submit(run_on_worker, data, handle.key, key=handle.key, resources=resources, pure=False)
+        handle.future = future
+        with self._cond:
+            self._handles[handle.key] = handle
+            self._completed.add(future)
+            if self._reader is None:
+                self._reader = threading.Thread(target=self._read, name="mpmsub-dask", daemon=True)
+                self._reader.start()
+            self._cond.notify()
         return handle
+
+    def _read(self) -> None:
+        while True:
+            with self._cond:
+                while self._completed.is_empty():
+                    if self._closing:
+                        return
+                    self._cond.wait()
+            try:
+                future, result = next(self._completed)
+            except StopIteration:
+                continue
+            with self._cond:
+                handle = self._handles.pop(future.key, None)
+            if handle is not None:
+                handle.finish(future, result)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+            reader = self._reader
+        if reader is not None:
+            reader.join()
 
 
 class DaskHandle(Handle):
@@ -169,13 +212,10 @@ class DaskHandle(Handle):
         self._killed: Optional[Tuple[str, str]] = None
         self.future: Any = None
 
-    def submit(self, data: bytes) -> None:
-        resources = {"cpus": self.spec.cpus, "memory": self.spec.memory or 0}
-        self.future = self.client.submit(run_on_worker, data, self.key, key=self.key, resources=resources, pure=False)
-        self.future.add_done_callback(self._done)
-
-    def _done(self, future: Any) -> None:
-        outcome = self._outcome(future)
+    def finish(self, future: Any, result: Any) -> None:
+        """The task is over: `result` is what it returned, or (type, exception, traceback) for
+        an error, or the CancelledError of a cancelled task."""
+        outcome = self._outcome(future.status, result)
         with self._lock:
             if self._ended:
                 return
@@ -183,21 +223,17 @@ class DaskHandle(Handle):
         future.release()  # the result is ours now: the cluster may forget it
         self._on_exit(outcome)
 
-    def _outcome(self, future: Any) -> Outcome:
-        status = future.status
+    def _outcome(self, status: str, result: Any) -> Outcome:
         if status == "finished":
             try:
-                sent = pickle.loads(future.result())
+                sent = pickle.loads(result)
                 return sent.received()  # type: ignore[no-any-return]
             except Exception as exc:  # what came back cannot be read here
                 return _remote.never_started(self.spec, kinds.PICKLE, f"its result could not be received: {exc!r}")
         if status == "cancelled" or self._killed is not None:
             failure, message = self._killed or (kinds.CANCELLED, "its Dask task was cancelled")
             return _remote.never_started(self.spec, failure, message)
-        try:
-            error = future.exception()
-        except Exception as lost:  # the client lost it (closed, disconnected)
-            error = lost
+        error = result[1] if isinstance(result, tuple) and len(result) == 3 else result
         return _remote.never_started(self.spec, kinds.ERROR, f"its Dask task failed: {type(error).__name__}: {error}")
 
     def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
@@ -262,13 +298,14 @@ def run_on_worker(data: bytes, key: str) -> bytes:
         killed = _tombstones.pop(key, None)
         if killed is not None:
             return pickle.dumps(_remote.Returned(_remote.never_started(spec, *killed)), pickle.HIGHEST_PROTOCOL)
-        future = executor.submit(spec)
+        future = executor.submit(dataclasses.replace(spec, job_id=key))
         _worker_jobs[key] = future
     try:
         wait([future])
     finally:
         with _worker_lock:
             _worker_jobs.pop(key, None)
+        executor._forget_id(key)  # a worker runs jobs for as long as it lives: ids must not pile up
     sent = _remote.returned(spec, future, "cancelled before it started on its Dask worker")
     return pickle.dumps(sent, pickle.HIGHEST_PROTOCOL)
 

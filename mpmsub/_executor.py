@@ -54,6 +54,7 @@ logger = logging.getLogger("mpmsub")
 T = TypeVar("T")
 P = ParamSpec("P")
 
+LOOKAHEAD = 8  # a remote backend at its whole size is handed up to this many times its size
 _GATE_RETRY = 0.5  # seconds between looks at the machine's free memory while a job waits for it
 _MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memory error
 # How long the kernel's count of available memory may take to show an allocation (measured: up
@@ -305,7 +306,15 @@ class MemoryAwareExecutor(Executor):
 
         self.schedule = check_policy(schedule)
         self.kill_grace = float(kill_grace)
-        self._ledger = Ledger(ncpus, budget, slots)
+        # A remote backend at its whole size places jobs by each place's own resources and queues
+        # the rest itself: it is handed up to LOOKAHEAD times its size, so that its places never
+        # wait for a round trip to this process for their next job. Given sizes are hard caps.
+        ahead = 1 if self.backend.local else LOOKAHEAD
+        self._ledger = Ledger(
+            ncpus * ahead if cpus is None and slots is None else ncpus,
+            budget * ahead if memory is None else budget,
+            slots,
+        )
         self._scheduler: Scheduler[_Item] = Scheduler(self.schedule)
         self._inbox: List[_Item] = []  # submitted, not yet queued by the loop (guarded by _lock)
         self._inbox_pending = False
@@ -478,6 +487,11 @@ class MemoryAwareExecutor(Executor):
             self._loop.join()
             raise
         self._delivery.join()  # results and cancellations handed over are all visible on return
+
+    def _forget_id(self, job_id: str) -> None:
+        """Let a finished job's id be used again (for an executor that runs jobs for others)."""
+        with self._lock:
+            self._ids.discard(job_id)
 
     def _claim_id(self, wanted: Optional[str]) -> str:
         if wanted is not None:

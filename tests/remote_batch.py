@@ -33,7 +33,7 @@ def batch() -> List[Tuple[str, Any]]:
 
 def run(backend: Any) -> Dict[str, Tuple[Any, ...]]:
     """Run the batch on `backend`; what each job's result says, with measured numbers blanked."""
-    with mpmsub.MemoryAwareExecutor(cpus=2, memory="1G", backend=backend) as executor:
+    with mpmsub.MemoryAwareExecutor(cpus=4, memory="2G", backend=backend) as executor:
         futures = {name: executor.submit(job) for name, job in batch()}
         wait(list(futures.values()), timeout=120)
     return {name: _reads(future) for name, future in futures.items()}

@@ -139,3 +139,26 @@ def test_cli_backend_options_are_checked(tmp_path: Any) -> None:
     done = cli("--backend", "nowhere")
     assert done.returncode == 2 and "invalid backend 'nowhere'" in done.stderr
     assert cli("--backend", "local").returncode == 0
+
+
+names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=1, max_size=20)
+
+
+@given(names, st.one_of(st.none(), names), st.lists(names.map(lambda n: f"--qos={n}"), max_size=3))
+def test_slurm_addresses_carry_their_options(partition: str, account: Any, args: Any) -> None:
+    query = "&".join([*([f"account={account}"] if account else []), *(f"arg={a}" for a in args)])
+    backend = _backends.resolve(f"slurm://{partition}" + (f"?{query}" if query else ""))
+    assert isinstance(backend, mpmsub.SlurmBackend)
+    assert (backend.partition, backend.account, backend.extra_args) == (partition, account, tuple(args))
+
+
+@given(st.text(max_size=30))
+def test_any_text_is_a_backend_or_a_clear_error(text: str) -> None:
+    try:
+        backend = _backends.resolve(text)
+    except ValueError as exc:
+        assert repr(text) in str(exc) or "DaskBackend" in str(exc)
+    except (ImportError, TypeError) as exc:  # DaskBackend without distributed; SlurmBackend's checks
+        assert "distributed" in str(exc) or "must be" in str(exc)
+    else:
+        assert isinstance(backend, _backends.Backend)

@@ -37,6 +37,7 @@ mkdir -p "$dir/state" "$dir/spool" "$dir/log"
 # Measured facts behind these lines: config_overrides lets RealMemory exceed the machine's memory
 # (else the node is invalid); EnforcePartLimits=ALL makes sbatch refuse a job no node can hold
 # (else it pends forever); OverMemoryKill kills a job over its --mem (sampled once a second).
+# DefMemPerCPU gives a job without --mem 500M a CPU, as sites do (else it takes the whole node).
 cat >"$SLURM_CONF" <<EOF
 ClusterName=mpmsubtest
 SlurmctldHost=localhost
@@ -64,7 +65,7 @@ JobAcctGatherFrequency=1
 JobAcctGatherParams=OverMemoryKill
 AccountingStorageType=accounting_storage/none
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=${NODE_CPUS:-2} RealMemory=${NODE_MEM:-20000} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=500
 EOF
 slurmctld -i
 slurmd -N localhost
