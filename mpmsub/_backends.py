@@ -50,6 +50,10 @@ class Backend(abc.ABC):
 
     name = "backend"
     local = False  # True where jobs run on this machine (the live memory gate and OOM counts apply)
+    # At the backend's whole size, the executor hands it up to this many times its size, so that
+    # its places, which it fills by their own resources, never wait for a round trip to this
+    # process for their next job. Given sizes are hard caps.
+    lookahead = 1
 
     @abc.abstractmethod
     def launcher(self, options: LaunchOptions) -> Launcher:

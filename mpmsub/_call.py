@@ -87,8 +87,8 @@ class CallPayload:
 
     def portable(self) -> CallPayload:
         """This call for another machine: pickled by value with cloudpickle where it is installed
-        (a function of the user's script, or a lambda, then runs where that script is not), else
-        as `data()`. Raises CallPicklingError as `data()` does."""
+        (a function of the user's script then runs where that script is not), else as `data()`.
+        Raises CallPicklingError as `data()` does."""
         try:
             import cloudpickle  # type: ignore[import-untyped, unused-ignore]
         except ImportError:

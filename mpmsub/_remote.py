@@ -21,7 +21,7 @@ import time
 from concurrent.futures import wait
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from mpmsub import _result as kinds
 from mpmsub import _workers
@@ -34,11 +34,12 @@ if TYPE_CHECKING:
     from mpmsub._future import JobFuture
 
 
-def pack(spec: JobSpec, strict: bool, shared: bool) -> bytes:
+def pack(spec: JobSpec, strict: bool, shared: bool, grace: Optional[float] = None) -> bytes:
     """A job for another machine: retries left to the sender's executor (it owns the future),
     and the executor's strictness decided. A call goes with this process's state (its path,
     directory and main script, which its workers there restore) where the machines share a
-    filesystem (`shared`), or else pickled by value where cloudpickle is installed."""
+    filesystem (`shared`), or else pickled by value where cloudpickle is installed. `grace` is
+    the sender's kill_grace, for a receiver that runs this job alone."""
     call = spec.call
     preparation = None
     if call is not None:
@@ -49,17 +50,18 @@ def pack(spec: JobSpec, strict: bool, shared: bool) -> bytes:
     sent = dataclasses.replace(
         spec, retries=0, job_id=None, strict=strict if spec.strict is None else spec.strict, call=call
     )
-    return pickle.dumps((sent, preparation), pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((sent, preparation, grace), pickle.HIGHEST_PROTOCOL)
 
 
-def unpack(data: bytes) -> JobSpec:
-    """The job `pack` made, with the sending process's state taken up for its workers."""
-    spec, preparation = pickle.loads(data)
+def unpack(data: bytes) -> Tuple[JobSpec, Optional[float]]:
+    """The job `pack` made and the sender's kill grace, with the sending process's state taken
+    up for its workers."""
+    spec, preparation, grace = pickle.loads(data)
     if not isinstance(spec, JobSpec):
         raise TypeError(f"expected a pickled mpmsub JobSpec; got {type(spec).__name__}")
     if preparation is not None:
         _workers.inherit(preparation)
-    return spec
+    return spec, grace
 
 
 @dataclass
@@ -125,7 +127,7 @@ def main(argv: List[str]) -> int:
         return 2
     spec_path, result_path = argv
     with open(spec_path, "rb") as source:
-        spec = unpack(source.read())
+        spec, grace = unpack(source.read())
     from mpmsub._executor import MemoryAwareExecutor
     from mpmsub._system import detect_memory
 
@@ -136,26 +138,34 @@ def main(argv: List[str]) -> int:
         memory=(spec.memory or detect_memory()) / MB,
         strict_memory=spec.memory is not None,
         memory_reserve=0,
+        kill_grace=2.0 if grace is None else grace,
         backend="local",
     )
+    stopped: List[str] = []
 
     def stop(signum: int, frame: Optional[FrameType]) -> None:
-        raise _Stopped(signal.Signals(signum).name)
+        if not stopped:  # the first signal stops the job; later ones wait for that
+            stopped.append(signal.Signals(signum).name)
+            raise _Stopped()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    reason = "cancelled"
+    future: Optional[JobFuture[object]] = None
+    reason = ""
     try:
         future = executor.submit(spec)
-        try:
-            wait([future])
-            executor.shutdown(wait=True)
-        except _Stopped as exc:
-            reason = f"killed: SLURM sent {exc} (scancel or the end of the allocation)"
-            executor.terminate(reason)
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    sent = returned(spec, future, reason)
+        wait([future])
+        executor.shutdown(wait=True)
+    except _Stopped:
+        pass
+    if stopped:
+        reason = f"killed: SLURM sent {stopped[0]} (scancel, or a limit of its allocation)"
+        executor.terminate(reason)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if future is None:  # stopped before the job was queued
+        sent = Returned(never_started(spec, kinds.CANCELLED, reason))
+    else:
+        sent = returned(spec, future, "cancelled before it started")
     temporary = f"{result_path}.{os.getpid()}.tmp"
     with open(temporary, "wb") as file:
         pickle.dump(sent, file, pickle.HIGHEST_PROTOCOL)

@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -56,6 +57,8 @@ _TERMINAL = {
     "SPECIAL_EXIT",
     "TIMEOUT",
 }
+_SLURM_STOPS = {"DEADLINE", "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT"}  # SLURM's own stops of a running job
+_KILL_WAIT = 10.0  # seconds a killed job's result may take to appear (the runner kills its tree first)
 _MEMORY_KILL = re.compile(r"exceeded (job )?memory limit|oom[- ]kill", re.IGNORECASE)
 
 
@@ -74,6 +77,7 @@ class SlurmBackend(Backend):
     """
 
     name = "slurm"
+    lookahead = 2  # a few pending jobs keep nodes busy; more would meet sites' submit limits
 
     def __init__(
         self,
@@ -196,8 +200,9 @@ class SlurmLauncher(Launcher):
             thread = self._thread
         if thread is not None:
             thread.join()
-        with contextlib.suppress(OSError):
-            os.rmdir(self.directory)  # empty once every job's files are read and removed
+        # Every job has ended: what is left (a result that came after its job was given up on)
+        # is nobody's.
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     # -- the thread --------------------------------------------------------------------------------
 
@@ -224,7 +229,11 @@ class SlurmLauncher(Launcher):
                     interval = _MIN_POLL  # something changed: look again soon
                     next_poll = min(next_poll, time.monotonic() + interval)
                 if self._active and time.monotonic() >= next_poll:
-                    changed = self._poll()
+                    try:
+                        changed = self._poll()
+                    except SlurmError as exc:  # a busy controller: look again later
+                        logger.warning("mpmsub: %s; polling again later", exc)
+                        changed = False
                     interval = _MIN_POLL if changed else min(self.backend.max_poll, interval * _BACKOFF)
                     next_poll = time.monotonic() + interval
             except Exception:  # a bug or a SLURM failure must not leave jobs without an end
@@ -243,7 +252,7 @@ class SlurmLauncher(Launcher):
         spec = handle.spec
         try:
             with open(handle.files + ".spec", "wb") as file:
-                file.write(_remote.pack(spec, strict=True, shared=True))
+                file.write(_remote.pack(spec, strict=True, shared=True, grace=self.kill_grace))
             done = self.backend.command(self._sbatch(handle))
         except Exception as exc:
             handle.end(_remote.never_started(spec, kinds.START, f"could not submit it to SLURM: {exc}"))
@@ -286,7 +295,11 @@ class SlurmLauncher(Launcher):
     def _cancel(self, handles: List[SlurmHandle]) -> None:
         ids = [handle.slurm_id for handle in handles if handle.slurm_id is not None and not handle.ended]
         if ids:
-            done = self.backend.command(["scancel", *ids])
+            try:
+                done = self.backend.command(["scancel", *ids])
+            except SlurmError as exc:
+                logger.warning("mpmsub: scancel %s failed: %s", " ".join(ids), exc)
+                return
             if done.returncode != 0:
                 logger.warning("mpmsub: scancel %s failed: %s", " ".join(ids), _last_line(done.stderr))
 
@@ -297,10 +310,7 @@ class SlurmLauncher(Launcher):
         done = self.backend.command(argv)
         states: Dict[str, str] = {}
         if done.returncode == 0:
-            for line in done.stdout.splitlines():
-                fields = line.strip().split("|")
-                if len(fields) == 2:
-                    states[fields[0]] = fields[1]
+            states = _states(done.stdout)
         elif "invalid job id" not in done.stderr.lower():  # every id forgotten gives that: all unknown
             logger.warning("mpmsub: squeue failed: %s", _last_line(done.stderr))
             return False
@@ -330,13 +340,9 @@ class SlurmLauncher(Launcher):
         """States of jobs squeue no longer lists (one sacct call); empty where accounting is off."""
         argv = ["sacct", "--noheader", "--parsable2", f"--jobs={','.join(ids)}", "--format=JobID,State"]
         done = self.backend.command(argv)
-        states: Dict[str, str] = {}
-        if done.returncode == 0:
-            for line in done.stdout.splitlines():
-                fields = line.strip().split("|")
-                if len(fields) == 2 and fields[0] in ids:
-                    states[fields[0]] = fields[1].split()[0]  # "CANCELLED by 0"
-        return states
+        if done.returncode != 0:
+            return {}
+        return {slurm_id: state for slurm_id, state in _states(done.stdout).items() if slurm_id in ids}
 
 
 class SlurmHandle(Handle):
@@ -370,7 +376,8 @@ class SlurmHandle(Handle):
             if self.ended:
                 return
             self.ended = True
-        if self.killed is not None:  # our kill decides the failure; the runner's measures stay
+        ran = outcome.failure is None and bool(outcome.returncodes) and all(rc == 0 for rc in outcome.returncodes)
+        if self.killed is not None and not ran:  # the kill decides the failure; the runner's measures stay
             outcome.failure, outcome.error = self.killed
         self._on_exit(outcome)
 
@@ -380,34 +387,42 @@ class SlurmHandle(Handle):
         try:
             with open(self.files + ".result", "rb") as file:
                 sent = pickle.load(file)
-            return sent.received()  # type: ignore[no-any-return]
+            received: Outcome = sent.received()
+            if state in _SLURM_STOPS and received.failure == kinds.CANCELLED and self.killed is None:
+                # The runner's answer to SLURM's SIGTERM: say why SLURM stopped it.
+                received.failure, received.error = self._stopped(state, self._output_tail())
+            return received
         except FileNotFoundError:
             pass
         except Exception as exc:
             return _remote.never_started(self.spec, kinds.ERROR, f"its result file could not be read: {exc!r}")
-        if state in ("COMPLETED", "UNKNOWN") and self.killed is None:
-            # The runner wrote its result before it exited: give the filesystem time to show it.
+        if state in ("COMPLETED", "UNKNOWN") or (self.killed is not None and state == "CANCELLED"):
+            # The runner writes its result before it exits (also when scancel stopped it): give
+            # the filesystem time to show it.
             if self.result_missing_since is None:
                 self.result_missing_since = now
-            if now - self.result_missing_since < _RESULT_WAIT:
+            if now - self.result_missing_since < (_RESULT_WAIT if self.killed is None else _KILL_WAIT):
                 return None
         began = self.running_since or self.submitted
         outcome = _remote.never_started(self.spec, kinds.ERROR, "")
         outcome.start_time, outcome.runtime = began, max(0.0, now - began)
         output = self._output_tail()
+        outcome.failure, outcome.error = self._stopped(state, output)
+        return outcome
+
+    def _stopped(self, state: str, output: str) -> Tuple[str, str]:
+        """The failure and sentence of a job SLURM ended, by its state and output."""
         job = f"SLURM job {self.slurm_id}"
         if state == "OUT_OF_MEMORY" or _MEMORY_KILL.search(output):
             memory = "" if self.spec.memory is None else f" ({format_memory(self.spec.memory)} and the runner's)"
-            outcome.failure, outcome.error = kinds.MEMORY, f"killed by SLURM for using more than its --mem{memory}"
-        elif state in ("TIMEOUT", "DEADLINE"):
-            outcome.failure, outcome.error = kinds.TIMEOUT, f"killed by SLURM at its time limit ({job})"
-        elif state == "CANCELLED":
-            outcome.failure, outcome.error = kinds.CANCELLED, f"cancelled in SLURM ({job}, scancel)"
-        elif state == "UNKNOWN":
-            outcome.error = f"SLURM no longer lists {job}, and it left no result"
-        else:
-            outcome.error = f"{job} ended {state} without a result" + (f": {output}" if output else "")
-        return outcome
+            return kinds.MEMORY, f"killed by SLURM for using more than its --mem{memory}"
+        if state in ("TIMEOUT", "DEADLINE"):
+            return kinds.TIMEOUT, f"killed by SLURM at its time limit ({job})"
+        if state == "CANCELLED":
+            return kinds.CANCELLED, f"cancelled in SLURM ({job}, scancel)"
+        if state == "UNKNOWN":
+            return kinds.ERROR, f"SLURM no longer lists {job}, and it left no result"
+        return kinds.ERROR, f"SLURM ended {job}: {state}" + (f"; its output: {output}" if output else "")
 
     def _output_tail(self) -> str:
         try:
@@ -423,6 +438,16 @@ class SlurmHandle(Handle):
         for suffix in (".spec", ".result", ".out"):
             with contextlib.suppress(OSError):
                 os.unlink(self.files + suffix)
+
+
+def _states(text: str) -> Dict[str, str]:
+    """Job states from 'ID|STATE' lines (sacct's 'CANCELLED by 0' read as CANCELLED)."""
+    states = {}
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 2 and fields[1].strip():
+            states[fields[0]] = fields[1].split()[0]
+    return states
 
 
 def _last_line(text: str) -> str:

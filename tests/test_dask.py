@@ -123,14 +123,16 @@ def test_a_job_no_worker_can_hold_is_refused_at_once(backend: mpmsub.DaskBackend
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # distributed's sockets
 def test_workers_without_resources_are_refused(dask_cluster: Any) -> None:
-    with (
-        distributed.LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", worker_dashboard_address=":0"
-        ) as bare,
-        distributed.Client(bare, set_as_default=False) as client,
-        pytest.raises(ValueError, match=r"declares 'cpus' and 'memory'.*--resources"),
-    ):
-        mpmsub.MemoryAwareExecutor(backend=mpmsub.DaskBackend(client))
+    bare = distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", worker_dashboard_address=":0"
+    )
+    client = distributed.Client(bare, set_as_default=False)
+    try:
+        with pytest.raises(ValueError, match=r"declares 'cpus' and 'memory'.*--resources"):
+            mpmsub.MemoryAwareExecutor(backend=mpmsub.DaskBackend(client))
+    finally:
+        client.close()
+        bare.close()
 
 
 def test_killing_a_running_job_kills_its_tree_on_the_worker(backend: mpmsub.DaskBackend) -> None:
@@ -153,8 +155,8 @@ def test_a_kill_before_the_task_starts_ends_it_when_it_does(client: Any) -> None
     from mpmsub._job import to_spec
 
     key = f"mpmsub-test-{unique_sleep()}"
-    client.run(_dask.kill_on_worker, key, "cancelled", "killed: early", None)
-    data = _remote.pack(to_spec(["sleep", "30"]), strict=False, shared=False)
+    client.run(_dask.kill_on_worker, [(key, "cancelled", "killed: early", None)])
+    data = _remote.pack(to_spec(["sleep", "30"]), strict=False, shared=False)  # as DaskLauncher does
     started = time.monotonic()
     sent = client.submit(_dask.run_on_worker, data, key, key=key, resources={"cpus": 1}, pure=False).result()
     outcome = __import__("pickle").loads(sent).received()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import remote_batch
 from helpers import alloc_cmd, unique_sleep, wait_gone
 
 import mpmsub
-from mpmsub import _slurm
+from mpmsub import _remote, _slurm
 from mpmsub._job import to_spec
 
 NODE = Path(__file__).parent / "slurm" / "node.sh"
@@ -115,6 +116,7 @@ def test_terminate_kills_the_job_tree_on_the_node(backend: mpmsub.SlurmBackend) 
     assert result.failure == "cancelled" and result.error == "killed: stopped by the test"
     assert wait_gone(marker) == []
     assert backend.calls["scancel"] == 1
+    assert os.listdir(backend.workdir) == []  # the killed job's files went with its run directory
 
 
 def test_slurms_own_memory_kill_is_a_memory_failure(backend: mpmsub.SlurmBackend) -> None:
@@ -137,10 +139,37 @@ def test_slurm_states_map_to_mpmsubs_failures(tmp_path: Path) -> None:
     timed = handle.outcome("TIMEOUT", time.time())
     assert (timed.failure, timed.error) == ("timeout", "killed by SLURM at its time limit (SLURM job 17)")
     assert handle.outcome("OUT_OF_MEMORY", time.time()).failure == "memory"
-    assert handle.outcome("NODE_FAIL", time.time()).error == "SLURM job 17 ended NODE_FAIL without a result"
+    assert handle.outcome("NODE_FAIL", time.time()).error == "SLURM ended SLURM job 17: NODE_FAIL"
     assert handle.outcome("COMPLETED", time.time()) is None  # the result file may yet appear
-    handle.killed = ("cancelled", "killed: by the test")
-    assert handle.outcome("CANCELLED", time.time()).failure == "cancelled"
+    # A killed job's result: the kill's failure, unless the job had succeeded before it landed.
+    ended: list = []
+    handle = _slurm.SlurmHandle(launcher, to_spec(["true"]), "job", ended.append, str(tmp_path / "k"))
+    handle.killed = ("timeout", "timed out after 5 s")
+    failed = _remote.never_started(handle.spec, "exit", "exited with status 1")
+    failed.returncodes = [1]
+    handle.end(failed)
+    assert (ended[0].failure, ended[0].error) == ("timeout", "timed out after 5 s")
+    handle = _slurm.SlurmHandle(launcher, to_spec(["true"]), "job", ended.append, str(tmp_path / "s"))
+    handle.killed = ("cancelled", "killed: too late")
+    succeeded = _remote.never_started(handle.spec, "exit", "")
+    succeeded.returncodes, succeeded.failure, succeeded.error = [0], None, None
+    handle.end(succeeded)
+    assert ended[1].failure is None
+
+
+def test_slurms_stop_answered_by_the_runner_reads_as_slurms_reason(tmp_path: Path) -> None:
+    """The runner answers SLURM's SIGTERM at a time limit with a cancelled result: it reads as a
+    timeout, with the runner's measurements."""
+    launcher: Any = object.__new__(_slurm.SlurmLauncher)
+    handle = _slurm.SlurmHandle(launcher, to_spec(["true"]), "job", lambda outcome: None, str(tmp_path / "j"))
+    handle.slurm_id = "18"
+    runner = _remote.never_started(handle.spec, "cancelled", "killed: SLURM sent SIGTERM")
+    runner.peak_memory, runner.returncodes = 123 * 2**20, [-15]
+    (tmp_path / "j.result").write_bytes(pickle.dumps(_remote.Returned(runner)))
+    outcome = handle.outcome("TIMEOUT", time.time())
+    assert (outcome.failure, outcome.error) == ("timeout", "killed by SLURM at its time limit (SLURM job 18)")
+    assert outcome.peak_memory == 123 * 2**20
+    assert handle.outcome("COMPLETED", time.time()).failure == "cancelled"  # not SLURM's stop: as it came
 
 
 def test_a_refused_submission_is_a_start_failure(backend: mpmsub.SlurmBackend) -> None:
