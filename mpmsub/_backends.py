@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Launcher
 from mpmsub._loop import EventLoop
+from mpmsub._system import detect_cpus, detect_memory
 from mpmsub._units import format_memory
 from mpmsub._workers import PoolOptions
 
@@ -85,6 +86,18 @@ class LocalBackend(Backend):
 
     def __repr__(self) -> str:
         return "'local'"
+
+
+def size(backend: Backend, cpus: Optional[int], memory: Optional[int]) -> Tuple[int, int]:
+    """CPUs and bytes of memory as given, or by default the remote backend's whole size (asked
+    of it also when both are given: asking checks that it can place jobs at all), else this
+    machine's."""
+    offered = None if backend.local else backend.capacity()
+    if cpus is None:
+        cpus = offered[0] if offered else detect_cpus()
+    if memory is None:
+        memory = offered[1] if offered else detect_memory()
+    return cpus, memory
 
 
 def largest_fit(spec: JobSpec, nodes: Sequence[Node], kind: str, overhead: int = 0) -> Optional[str]:

@@ -15,13 +15,13 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set,
 
 from mpmsub import _report
 from mpmsub._backends import resolve as resolve_backend
+from mpmsub._backends import size as backend_size
 from mpmsub._executor import MemoryAwareExecutor
 from mpmsub._job import JobSpec, pick_one, to_spec
 from mpmsub._ledger import Ledger
 from mpmsub._progress import ProgressBar
 from mpmsub._result import CANCELLED, JobResult, never_ran
 from mpmsub._scheduler import check_policy
-from mpmsub._system import detect_cpus, detect_memory
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
 
 logger = logging.getLogger("mpmsub")
@@ -91,16 +91,12 @@ class Cluster:
     ) -> None:
         self.schedule = check_policy(schedule)
         self.backend = resolve_backend(backend)
-        offered = None if self.backend.local else self.backend.capacity()
-        self._whole = offered is not None and cpus is None and memory is None  # all a remote backend has
-        if cpus is not None:
-            self.max_cpus: int = parse_cpus(cpus, "cpus")
-        else:
-            self.max_cpus = offered[0] if offered else detect_cpus()
-        if memory is not None:
-            self._memory: int = parse_memory(memory, "memory")
-        else:
-            self._memory = offered[1] if offered else detect_memory()
+        self._whole = not self.backend.local and cpus is None and memory is None  # all a remote backend has
+        self.max_cpus, self._memory = backend_size(
+            self.backend,
+            None if cpus is None else parse_cpus(cpus, "cpus"),
+            None if memory is None else parse_memory(memory, "memory"),
+        )
         if self._memory <= 0:
             raise ValueError(f"invalid memory {memory!r}: the cluster needs a positive memory budget")
         self.verbose = bool(verbose)

@@ -28,7 +28,7 @@ from mpmsub import _remote
 from mpmsub import _result as kinds
 from mpmsub._backends import Backend, LaunchOptions, Node, largest_fit
 from mpmsub._job import JobSpec
-from mpmsub._launcher import Handle, Launcher, Outcome
+from mpmsub._launcher import Handle, Launcher, Outcome, not_started
 from mpmsub._units import MB, format_memory
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ class DaskLauncher(Launcher):
         self._cond = threading.Condition()
         self._closing = False
         self._reader: Optional[threading.Thread] = None
-        self._kills: List[Tuple[DaskHandle, Optional[float]]] = []
+        self._kills: List[Tuple[DaskHandle, str, str, Optional[float]]] = []  # handle, failure, message, grace
         self._killer: Optional[threading.Thread] = None
 
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
@@ -202,11 +202,11 @@ class DaskLauncher(Launcher):
             if handle is not None:
                 handle.finish(future, result)
 
-    def kill_later(self, handle: DaskHandle, grace: Optional[float]) -> None:
+    def kill_later(self, handle: DaskHandle, failure: str, message: str, grace: Optional[float]) -> None:
         """Kill on the workers, from a thread of ours (client.run waits for the workers' answers),
         all the kills asked for meanwhile in one call."""
         with self._cond:
-            self._kills.append((handle, grace))
+            self._kills.append((handle, failure, message, grace))
             if self._killer is None:
                 self._killer = threading.Thread(target=self._kill, name="mpmsub-dask-kill", daemon=True)
                 self._killer.start()
@@ -220,7 +220,7 @@ class DaskLauncher(Launcher):
                         return
                     self._cond.wait()
                 kills, self._kills = self._kills, []
-            orders = [(h.key, *(h._killed or (kinds.CANCELLED, "killed")), grace) for h, grace in kills]
+            orders = [(handle.key, failure, message, grace) for handle, failure, message, grace in kills]
             killed: Set[str] = set()
             try:
                 answers = self.client.run(kill_on_worker, orders, on_error="return")
@@ -229,7 +229,7 @@ class DaskLauncher(Launcher):
                         killed.update(answer)
             except Exception:
                 logger.exception("mpmsub: could not reach the Dask workers to kill %d job(s)", len(orders))
-            for handle, _ in kills:
+            for handle, *_ in kills:
                 if handle.key not in killed:  # still queued in Dask (a late start meets its tombstone)
                     try:
                         handle.future.cancel()
@@ -274,19 +274,19 @@ class DaskHandle(Handle):
                 sent = pickle.loads(result)
                 return sent.received()  # type: ignore[no-any-return]
             except Exception as exc:  # what came back cannot be read here
-                return _remote.never_started(self.spec, kinds.PICKLE, f"its result could not be received: {exc!r}")
+                return not_started(self.spec, kinds.PICKLE, f"its result could not be received: {exc!r}")
         if status == "cancelled" or self._killed is not None:
             failure, message = self._killed or (kinds.CANCELLED, "its Dask task was cancelled")
-            return _remote.never_started(self.spec, failure, message)
+            return not_started(self.spec, failure, message)
         error = result[1] if isinstance(result, tuple) and len(result) == 3 else result
-        return _remote.never_started(self.spec, kinds.ERROR, f"its Dask task failed: {type(error).__name__}: {error}")
+        return not_started(self.spec, kinds.ERROR, f"its Dask task failed: {type(error).__name__}: {error}")
 
     def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
         with self._lock:
             if self._ended or self._killed is not None:
                 return False
             self._killed = (failure, message)
-        self.launcher.kill_later(self, grace)
+        self.launcher.kill_later(self, failure, message, grace)
         return True
 
 
@@ -326,7 +326,7 @@ def run_on_worker(data: bytes, key: str) -> bytes:
         executor = _executor_here()
         killed = _tombstones.pop(key, None)
         if killed is not None:
-            outcome = _remote.never_started(spec, killed[0], killed[1])
+            outcome = not_started(spec, killed[0], killed[1])
             return pickle.dumps(_remote.Returned(outcome), pickle.HIGHEST_PROTOCOL)
         future = executor.submit(dataclasses.replace(spec, job_id=key))
         _worker_jobs[key] = future

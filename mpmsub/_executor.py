@@ -26,6 +26,7 @@ from mpmsub import _proctree
 from mpmsub import _result as kinds
 from mpmsub._backends import Backend, LaunchOptions
 from mpmsub._backends import resolve as resolve_backend
+from mpmsub._backends import size as backend_size
 from mpmsub._call import Call, CallPayload, check_callable, chunks, map_call
 from mpmsub._delivery import Delivery
 from mpmsub._enforce import Usage, budget_stops, newest, strict_stops
@@ -39,13 +40,13 @@ from mpmsub._errors import (
 )
 from mpmsub._future import JobFuture
 from mpmsub._job import Job, JobSpec, Pipeline, to_spec
-from mpmsub._launcher import Handle, Launcher, Outcome
+from mpmsub._launcher import Handle, Launcher, Outcome, not_started
 from mpmsub._ledger import Ledger, Request
 from mpmsub._loop import EventLoop
 from mpmsub._monitor import Monitor
 from mpmsub._result import JobResult
 from mpmsub._scheduler import Scheduler, check_policy
-from mpmsub._system import available_memory, detect_cpus, detect_memory, memory_groups
+from mpmsub._system import available_memory, detect_memory, memory_groups
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory
 from mpmsub._workers import PoolOptions
 
@@ -264,13 +265,11 @@ class MemoryAwareExecutor(Executor):
         slots = None if max_workers is None else parse_cpus(max_workers, "max_workers")
         self.backend = resolve_backend(backend)
         self._own_backend = not isinstance(backend, Backend)  # made here from a name: closed here
-        # A remote backend's size (the sum of its places) is the budget when none is given.
-        offered = None if self.backend.local else self.backend.capacity()
-        if cpus is not None:
-            ncpus = parse_cpus(cpus, "cpus")
-        else:
-            ncpus = slots if slots is not None else offered[0] if offered else detect_cpus()
-        budget = parse_memory(memory, "memory") if memory is not None else offered[1] if offered else detect_memory()
+        ncpus, budget = backend_size(
+            self.backend,
+            parse_cpus(cpus, "cpus") if cpus is not None else slots,
+            None if memory is None else parse_memory(memory, "memory"),
+        )
         if budget <= 0:
             raise ValueError(f"invalid memory {memory!r}: the executor needs a positive memory budget")
         if isinstance(kill_grace, bool) or not isinstance(kill_grace, (int, float)) or not kill_grace >= 0:
@@ -593,19 +592,7 @@ class MemoryAwareExecutor(Executor):
             item.handle = self._launcher.start(item.spec, item.job_id, on_exit)
         except Exception as exc:  # a launcher bug or a backend failure: record it on the job
             logger.exception("mpmsub: could not start job %s", item.job_id)
-            on_exit(
-                Outcome(
-                    [None] * len(item.spec.stages),
-                    None,
-                    None,
-                    time.time(),
-                    0.0,
-                    0.0,
-                    0,
-                    kinds.ERROR,
-                    f"mpmsub could not start the job: {exc!r}",
-                )
-            )
+            on_exit(not_started(item.spec, kinds.ERROR, f"mpmsub could not start the job: {exc!r}"))
             return
         if self._launcher.local:
             self._monitor.watch(item.handle, (item, run))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -44,6 +45,11 @@ class Outcome:
     oom_kills: Optional[int] = None  # the job's processes killed by the kernel's OOM killer, if known
     value: Any = None  # what a Python call returned
     exception: Optional[BaseException] = None  # what a Python call raised (failure "raised")
+
+
+def not_started(spec: JobSpec, failure: str, error: str) -> Outcome:
+    """The Outcome of a job that ended before it could start: nothing ran, nothing measured."""
+    return Outcome([None] * len(spec.stages), None, None, time.time(), 0.0, 0.0, 0, failure, error)
 
 
 class MemorySeries:

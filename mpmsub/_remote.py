@@ -17,7 +17,6 @@ import os
 import pickle
 import signal
 import sys
-import time
 from concurrent.futures import wait
 from dataclasses import dataclass
 from types import FrameType
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 from mpmsub import _result as kinds
 from mpmsub import _workers
 from mpmsub._job import JobSpec
-from mpmsub._launcher import Outcome
+from mpmsub._launcher import Outcome, not_started
 from mpmsub._result import JobResult
 from mpmsub._units import MB
 
@@ -98,16 +97,11 @@ def outcome_of(result: JobResult) -> Outcome:
     )
 
 
-def never_started(spec: JobSpec, failure: str, error: str) -> Outcome:
-    """The Outcome of a job that ended before it could start anywhere."""
-    return Outcome([None] * len(spec.stages), None, None, time.time(), 0.0, 0.0, 0, failure, error)
-
-
 def returned(spec: JobSpec, future: JobFuture[object], cancelled: str) -> Returned:
     """What a finished (or cancelled while queued) future of the receiving executor sends back."""
     result = future.usage
     if result is None:  # cancelled before it started
-        return Returned(never_started(spec, kinds.CANCELLED, cancelled))
+        return Returned(not_started(spec, kinds.CANCELLED, cancelled))
     exception = result.exception
     cause = None if exception is None else exception.__cause__
     return Returned(outcome_of(result), cause)
@@ -163,7 +157,7 @@ def main(argv: List[str]) -> int:
         executor.terminate(reason)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if future is None:  # stopped before the job was queued
-        sent = Returned(never_started(spec, kinds.CANCELLED, reason))
+        sent = Returned(not_started(spec, kinds.CANCELLED, reason))
     else:
         sent = returned(spec, future, "cancelled before it started")
     temporary = f"{result_path}.{os.getpid()}.tmp"

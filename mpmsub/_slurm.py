@@ -32,7 +32,7 @@ from mpmsub import _remote
 from mpmsub import _result as kinds
 from mpmsub._backends import Backend, LaunchOptions, Node, largest_fit
 from mpmsub._job import JobSpec
-from mpmsub._launcher import Handle, Launcher, Outcome
+from mpmsub._launcher import Handle, Launcher, Outcome, not_started
 from mpmsub._units import MB, format_memory
 
 logger = logging.getLogger("mpmsub")
@@ -241,13 +241,13 @@ class SlurmLauncher(Launcher):
                 with contextlib.suppress(Exception):
                     self._cancel(list(self._active.values()))
                 for handle in list(self._active.values()) + new:
-                    handle.end(_remote.never_started(handle.spec, kinds.ERROR, "mpmsub's SLURM thread failed"))
+                    handle.end(not_started(handle.spec, kinds.ERROR, "mpmsub's SLURM thread failed"))
                 self._active.clear()
                 time.sleep(_MIN_POLL)
 
     def _submit(self, handle: SlurmHandle) -> None:
         if handle.killed is not None:  # killed before it was submitted
-            handle.end(_remote.never_started(handle.spec, *handle.killed))
+            handle.end(not_started(handle.spec, *handle.killed))
             return
         spec = handle.spec
         try:
@@ -255,13 +255,13 @@ class SlurmLauncher(Launcher):
                 file.write(_remote.pack(spec, strict=True, shared=True, grace=self.kill_grace))
             done = self.backend.command(self._sbatch(handle))
         except Exception as exc:
-            handle.end(_remote.never_started(spec, kinds.START, f"could not submit it to SLURM: {exc}"))
+            handle.end(not_started(spec, kinds.START, f"could not submit it to SLURM: {exc}"))
             handle.remove_files()
             return
         slurm_id = done.stdout.strip().split(";")[0]
         if done.returncode != 0 or not slurm_id.isdigit():
             why = _last_line(done.stderr) or f"sbatch exited with status {done.returncode}"
-            handle.end(_remote.never_started(spec, kinds.START, f"SLURM refused it: {why}"))
+            handle.end(not_started(spec, kinds.START, f"SLURM refused it: {why}"))
             handle.remove_files()
             return
         handle.slurm_id = slurm_id
@@ -395,7 +395,7 @@ class SlurmHandle(Handle):
         except FileNotFoundError:
             pass
         except Exception as exc:
-            return _remote.never_started(self.spec, kinds.ERROR, f"its result file could not be read: {exc!r}")
+            return not_started(self.spec, kinds.ERROR, f"its result file could not be read: {exc!r}")
         if state in ("COMPLETED", "UNKNOWN") or (self.killed is not None and state == "CANCELLED"):
             # The runner writes its result before it exits (also when scancel stopped it): give
             # the filesystem time to show it.
@@ -404,7 +404,7 @@ class SlurmHandle(Handle):
             if now - self.result_missing_since < (_RESULT_WAIT if self.killed is None else _KILL_WAIT):
                 return None
         began = self.running_since or self.submitted
-        outcome = _remote.never_started(self.spec, kinds.ERROR, "")
+        outcome = not_started(self.spec, kinds.ERROR, "")
         outcome.start_time, outcome.runtime = began, max(0.0, now - began)
         output = self._output_tail()
         outcome.failure, outcome.error = self._stopped(state, output)

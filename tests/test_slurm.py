@@ -21,6 +21,7 @@ from helpers import alloc_cmd, unique_sleep, wait_gone
 import mpmsub
 from mpmsub import _remote, _slurm
 from mpmsub._job import to_spec
+from mpmsub._launcher import not_started
 
 NODE = Path(__file__).parent / "slurm" / "node.sh"
 
@@ -145,13 +146,13 @@ def test_slurm_states_map_to_mpmsubs_failures(tmp_path: Path) -> None:
     ended: list = []
     handle = _slurm.SlurmHandle(launcher, to_spec(["true"]), "job", ended.append, str(tmp_path / "k"))
     handle.killed = ("timeout", "timed out after 5 s")
-    failed = _remote.never_started(handle.spec, "exit", "exited with status 1")
+    failed = not_started(handle.spec, "exit", "exited with status 1")
     failed.returncodes = [1]
     handle.end(failed)
     assert (ended[0].failure, ended[0].error) == ("timeout", "timed out after 5 s")
     handle = _slurm.SlurmHandle(launcher, to_spec(["true"]), "job", ended.append, str(tmp_path / "s"))
     handle.killed = ("cancelled", "killed: too late")
-    succeeded = _remote.never_started(handle.spec, "exit", "")
+    succeeded = not_started(handle.spec, "exit", "")
     succeeded.returncodes, succeeded.failure, succeeded.error = [0], None, None
     handle.end(succeeded)
     assert ended[1].failure is None
@@ -163,7 +164,7 @@ def test_slurms_stop_answered_by_the_runner_reads_as_slurms_reason(tmp_path: Pat
     launcher: Any = object.__new__(_slurm.SlurmLauncher)
     handle = _slurm.SlurmHandle(launcher, to_spec(["true"]), "job", lambda outcome: None, str(tmp_path / "j"))
     handle.slurm_id = "18"
-    runner = _remote.never_started(handle.spec, "cancelled", "killed: SLURM sent SIGTERM")
+    runner = not_started(handle.spec, "cancelled", "killed: SLURM sent SIGTERM")
     runner.peak_memory, runner.returncodes = 123 * 2**20, [-15]
     (tmp_path / "j.result").write_bytes(pickle.dumps(_remote.Returned(runner)))
     outcome = handle.outcome("TIMEOUT", time.time())
