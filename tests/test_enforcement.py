@@ -19,6 +19,8 @@ from shortage_scenarios import ON_TERM_ALLOCATE, grower
 
 import mpmsub
 from mpmsub import JobResult, MemoryAwareExecutor
+from mpmsub._system import available_memory, memory_groups
+from mpmsub._units import format_memory
 
 MB = 2**20
 
@@ -65,11 +67,26 @@ def _text(path: str) -> str:
         return ""
 
 
+SCENARIO_LIMIT = 2 * 1024 * MB
+SCENARIO_MARGIN = 1024 * MB
+
+
 def shortage(scenario: str, *args: str) -> List[JobResult]:
-    """Play a scenario of shortage_scenarios.py in a child process, in a 3G memory cgroup of its
+    """Play a scenario of shortage_scenarios.py in a child process, in a 2G memory cgroup of its
     own where one can be made (there the available memory moves only with our processes), else
-    on the machine's figure."""
-    with memory_cgroup(3 * 1024 * MB) as procs:
+    on the machine's figure.
+
+    The executor reads the smallest of the machine's and each enclosing group's available memory.
+    The scenario's own group decides only while the others have room to spare: on a machine or in
+    a container with less, their figure (moved by the page cache and everything else) would
+    decide, and the scenario would not play as written."""
+    outer = available_memory(memory_groups())
+    if outer < SCENARIO_LIMIT + SCENARIO_MARGIN:
+        pytest.skip(
+            f"needs {format_memory(SCENARIO_LIMIT + SCENARIO_MARGIN)} available to play a memory shortage "
+            f"in a group of its own; there is {format_memory(outer)}"
+        )
+    with memory_cgroup(SCENARIO_LIMIT) as procs:
         enter = f"open({procs!r}, 'w').write(str(os.getpid()))\n" if procs else ""
         code = (
             f"import json, os, sys\n{enter}sys.path.insert(0, {TESTS!r})\n"
