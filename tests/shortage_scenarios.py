@@ -15,6 +15,8 @@ import time
 import uuid
 from typing import Any, Dict, List
 
+import psutil
+
 import mpmsub
 from mpmsub import MemoryAwareExecutor
 from mpmsub._system import available_memory, memory_groups
@@ -77,6 +79,18 @@ def reserve_leaving(room_mb: int) -> str:
     return f"{available() // MB - room_mb}M"
 
 
+def wait_for_rss(marker: str, mb: int, timeout: float = 30) -> None:
+    """Wait until the process whose command line holds `marker` has `mb` MB resident."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in psutil.process_iter(["cmdline", "memory_info"]):
+            info = proc.info
+            if marker in (info["cmdline"] or []) and info["memory_info"] and info["memory_info"].rss >= mb * MB:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"the process marked {marker} did not reach {mb} MB in {timeout} s")
+
+
 def _dicts(*results: mpmsub.JobResult) -> Results:
     return [dataclasses.asdict(r) for r in results]
 
@@ -92,8 +106,9 @@ def newest_requeued() -> Results:
     with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=reserve_leaving(600)) as ex:
         # A declares 100M but takes 400M (there is budget); B, declaring 100M, then takes 500M:
         # the group runs short, B (the newest) is stopped, and comes back once A is done.
-        a = ex.submit(mpmsub.Job(grower(400, step_mb=200, hold=3.0)).memory("100M"))
-        time.sleep(0.6)
+        marker = uuid.uuid4().hex
+        a = ex.submit(mpmsub.Job(grower(400, step_mb=200, hold=3.0, marker=marker)).memory("100M"))
+        wait_for_rss(marker, 400)  # on a slow machine A may still be growing after a fixed pause
         b = ex.submit(mpmsub.Job(grower(500, step_mb=250, hold=1.5)).memory("100M"))
         return _dicts(a.result(timeout=60), b.result(timeout=60))
 
