@@ -69,6 +69,11 @@ class Backend(abc.ABC):
         """Why the job can never run here (no single place can hold it), or None."""
         return None
 
+    def place_memory(self, cpus: int) -> Optional[int]:
+        """The most memory one place (worker, node) with `cpus` CPUs can give a job; None where
+        the budget is the only bound (this machine)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend holds (a connection it opened)."""
 
@@ -122,6 +127,11 @@ def largest_fit(spec: JobSpec, nodes: Sequence[Node], kind: str, overhead: int =
         for node in sorted(biggest, key=lambda node: node.name)
     )
     return f"{asked}; the largest {kind}: {offers}"
+
+
+def most_memory(nodes: Sequence[Node], cpus: int, overhead: int = 0) -> Optional[int]:
+    """The most memory a job of `cpus` CPUs can have on one of `nodes`, less `overhead`."""
+    return max((node.memory - overhead for node in nodes if node.cpus >= cpus), default=None)
 
 
 def resolve(backend: Any) -> Backend:

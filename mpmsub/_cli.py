@@ -8,16 +8,21 @@ import json
 import os
 import signal
 import sys
+import time
 from types import FrameType
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from mpmsub import __version__, _joblog, _report
 from mpmsub._cluster import Cluster
+from mpmsub._history import History, HistoryError, default_path
+from mpmsub._history import resolve as resolve_history
+from mpmsub._job import AUTO, is_auto
 from mpmsub._jobfile import FORMATS, FileJob, JobFileError, label, read_jobs, with_defaults
+from mpmsub._learn import estimate
 from mpmsub._result import CANCELLED, JobResult
 from mpmsub._scheduler import POLICIES
 from mpmsub._slurm import SlurmError
-from mpmsub._units import parse_cpus, parse_duration, parse_memory
+from mpmsub._units import format_memory, parse_cpus, parse_duration, parse_memory
 
 # Exit statuses. GNU parallel exits with the number of failed jobs, but there 2 would also mean
 # two failed jobs; mpmsub keeps 2 for usage errors alone, as argparse does.
@@ -56,6 +61,19 @@ examples:
 """
 
 
+_EPILOG_HISTORY = """\
+Every finished job adds a row: its key (the program and its options, paths and numbers
+normalised; see the docs), argv, input size, peak memory, runtime, CPU time, exit status and
+failure, host, mpmsub version and time. MPMSUB_HISTORY=off turns recording off.
+
+examples:
+  mpmsub history list
+  mpmsub history show 'bwa mem -t # *.fa *.fq'
+  mpmsub history forget 'bwa mem -t # *.fa *.fq'
+  mpmsub history export -o runs.jsonl
+"""
+
+
 class _Terminated(BaseException):
     """SIGTERM: the running jobs are killed as on Ctrl-C."""
 
@@ -71,11 +89,14 @@ def _arg(parse: Callable[[object, str], Any], what: str) -> Callable[[str], Any]
     return convert
 
 
-def _memory(what: str) -> Callable[[str], str]:
-    """A memory size, checked here and kept as written (a bare number means MB to the API too)."""
+def _memory(what: str, auto: bool = False) -> Callable[[str], str]:
+    """A memory size, checked here and kept as written (a bare number means MB to the API too);
+    with `auto`, also "auto"."""
     check = _arg(parse_memory, what)
 
     def convert(text: str) -> str:
+        if auto and is_auto(text):
+            return AUTO
         check(text)
         return text.strip()
 
@@ -94,7 +115,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--cpus", type=_arg(parse_cpus, "cpus"), help="CPUs to use (default: all)")
     parser.add_argument("-m", "--memory", type=_memory("memory"), help="memory to use (default: all, less a reserve)")
     parser.add_argument("--job-cpus", type=_arg(parse_cpus, "job cpus"), default=1, help="CPUs of each job (1)")
-    parser.add_argument("--job-mem", type=_memory("job memory"), help="memory each job reserves (default: none)")
+    parser.add_argument(
+        "--job-mem",
+        type=_memory("job memory", auto=True),
+        help="memory each job reserves (default: none); auto: predicted from the run history",
+    )
     parser.add_argument("--timeout", type=_arg(parse_duration, "timeout"), help="kill a job running longer")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="job file format (default: by extension)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -157,7 +182,32 @@ def parser() -> argparse.ArgumentParser:
         _EPILOG_PROFILE,
     )
     profile.add_argument("-o", "--output", metavar="FILE", help="write the jobs as JSON Lines with memory filled in")
+    _history_parser(commands)
     return top
+
+
+def _history_parser(commands: Any) -> None:
+    history = commands.add_parser(
+        "history",
+        help="list, show, forget or export the run history m='auto' learns from",
+        description="The run history: a row per finished job, which m='auto' predicts memory from.",
+        epilog=_EPILOG_HISTORY,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    history.add_argument(
+        "--db", metavar="FILE", help="the history database (default: $MPMSUB_HISTORY, else " + default_path() + ")"
+    )
+    history.set_defaults(parser=history)
+    actions = history.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("list", help="keys with their run counts and predicted memory")
+    show = actions.add_parser("show", help="the runs of one key and its prediction")
+    show.add_argument("key", metavar="KEY")
+    forget = actions.add_parser("forget", help="delete the runs of a key (or of every key with --all)")
+    target = forget.add_mutually_exclusive_group(required=True)
+    target.add_argument("key", metavar="KEY", nargs="?")
+    target.add_argument("--all", action="store_true", help="delete every run")
+    export = actions.add_parser("export", help="every run as JSON Lines")
+    export.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: standard output)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -168,6 +218,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return _remote.main(words[1:])
     args = parser().parse_args(argv)
+    if args.command == "history":
+        return _history(args)
     if args.command == "run" and (args.resume or args.resume_failed) and not args.joblog:
         args.parser.error("--resume and --resume-failed need --joblog FILE")
     try:  # everything that can be wrong with the command is found before any job runs
@@ -442,6 +494,112 @@ def _sized(job: FileJob, result: JobResult, defaults: Dict[str, Any]) -> Dict[st
         row.pop("memory", None)
         row["m"] = _report.recommend_memory(result.memory_used)
     return row
+
+
+def _history(args: argparse.Namespace) -> int:
+    """`mpmsub history ...`."""
+    command: argparse.ArgumentParser = args.parser
+    try:
+        path = resolve_history(True) if args.db is None else resolve_history(args.db)
+    except (ValueError, TypeError) as exc:
+        command.error(str(exc))
+    if path is None:
+        command.error("the run history is off (MPMSUB_HISTORY=off); give --db FILE to read one")
+    if args.action != "export" and not os.path.exists(path):
+        print(f"mpmsub: no run history yet at {path}", file=sys.stderr)
+        return OK if args.action == "list" else FAILED
+    history = History(path, tolerant=False)
+    try:
+        return _history_action(args, history)
+    except HistoryError as exc:
+        print(f"mpmsub: {exc}", file=sys.stderr)
+        return FAILED
+    finally:
+        history.close()
+
+
+def _history_action(args: argparse.Namespace, history: History) -> int:
+    if args.action == "list":
+        summaries = history.summaries()
+        if not summaries:
+            print(f"mpmsub: the run history at {history.path} holds no run", file=sys.stderr)
+            return OK
+        rows: List[Tuple[str, ...]] = [("KEY", "RUNS", "PREDICTED", "FOR INPUT", "HOW", "LAST RUN")]
+        for summary in summaries:
+            size = max(summary.sizes, default=0)
+            guess = estimate(summary.recent, size)
+            rows.append(
+                (
+                    summary.key,
+                    str(summary.runs),
+                    "-" if guess is None else format_memory(guess.memory),
+                    "-" if guess is None else format_memory(size),
+                    "-" if guess is None else f"{guess.method}, {guess.runs} run(s)",
+                    time.strftime("%Y-%m-%d %H:%M", time.localtime(summary.last)),
+                )
+            )
+        _table(rows)
+        return OK
+    if args.action == "show":
+        runs = list(history.rows(args.key))
+        if not runs:
+            print(f"mpmsub: the run history holds no run of the key {args.key!r}", file=sys.stderr)
+            return FAILED
+        recent = history.runs(args.key)
+        size = max((run.size for run in recent), default=0)
+        guess = estimate(recent, size)
+        print(f"key: {args.key}\nruns: {len(runs)}")
+        if guess is not None:
+            print(
+                f"predicted: {format_memory(guess.memory)} for {format_memory(size)} of input "
+                f"({guess.method} of the last {guess.runs} run(s), margin included)"
+            )
+        print(f"last command: {_command(runs[-1]['argv'])}\n")
+        table: List[Tuple[str, ...]] = [("ENDED", "INPUT", "PEAK", "REQUESTED", "RUNTIME", "CPU", "RESULT", "HOST")]
+        for run in runs:
+            requested = run["memory_requested"]
+            outcome = "ok" if run["failure"] is None else run["failure"]
+            if run["returncode"] not in (None, 0):
+                outcome += f" ({run['returncode']})"
+            table.append(
+                (
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["time"])),
+                    format_memory(run["input_bytes"]),
+                    format_memory(run["peak_bytes"]),
+                    "-" if requested is None else format_memory(requested),
+                    f"{run['runtime']:.1f}s",
+                    f"{run['cpu_time']:.1f}s",
+                    outcome,
+                    run["host"],
+                )
+            )
+        _table(table)
+        return OK
+    if args.action == "forget":
+        count = history.forget(None if args.all else args.key)
+        what = "every key" if args.all else f"the key {args.key!r}"
+        print(f"mpmsub: forgot {count} run(s) of {what}", file=sys.stderr)
+        return OK if count or args.all else FAILED
+    out = sys.stdout if not args.output else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+    try:
+        for run in history.rows():
+            out.write(json.dumps(run) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return OK
+
+
+def _command(argv: Any) -> str:
+    if argv and isinstance(argv[0], list):
+        return " | ".join(" ".join(stage) for stage in argv)
+    return " ".join(str(a) for a in argv)
+
+
+def _table(rows: List[Tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def entry() -> None:

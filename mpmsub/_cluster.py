@@ -78,6 +78,10 @@ class Cluster:
     (the default: largest memory first, and among equals the longest runtime measured so far
     first), "fifo" (the order they were added) or "greedy"; see MemoryAwareExecutor. A job's
     `priority` comes before all of these.
+
+    `history`, `auto_memory` and `probe_memory` are MemoryAwareExecutor's: every run (and every
+    measurement of `profile()`) is recorded in the run history, and jobs with `m="auto"` (every
+    job without `m`, with `auto_memory=True`) have their memory predicted from it.
     """
 
     def __init__(
@@ -88,6 +92,9 @@ class Cluster:
         progress_bar: bool = True,
         schedule: str = "pack",
         backend: Any = None,
+        history: Any = True,
+        auto_memory: bool = False,
+        probe_memory: Optional[MemoryLike] = None,
     ) -> None:
         self.schedule = check_policy(schedule)
         self.backend = resolve_backend(backend)
@@ -99,6 +106,9 @@ class Cluster:
         )
         if self._memory <= 0:
             raise ValueError(f"invalid memory {memory!r}: the cluster needs a positive memory budget")
+        # Checked here, at once, by the executor's own rules (and kept as given, for each run's).
+        self._learning = {"history": history, "auto_memory": auto_memory, "probe_memory": probe_memory}
+        MemoryAwareExecutor._check_learning(history, auto_memory, probe_memory, self._memory)
         self.verbose = bool(verbose)
         self.progress_bar = bool(progress_bar)
         self.jobs = JobList(self)
@@ -209,7 +219,7 @@ class Cluster:
         """
         specs = self.jobs._take()
         originals = {spec.job_id or "": spec for spec in specs}
-        unreserved = [dataclasses.replace(spec, memory=None) for spec in specs]
+        unreserved = [dataclasses.replace(spec, memory=None, auto=False) for spec in specs]
         executor = self._executor(max_workers=1, schedule="fifo")
         results = self._execute(executor, unreserved, label="profiling")
         if verbose:
@@ -219,13 +229,16 @@ class Cluster:
     def _executor(self, max_workers: Optional[int], schedule: str) -> MemoryAwareExecutor:
         # The executor takes a bare number of memory as MB (the seed's unit).
         if self._whole:  # the executor sizes itself by the backend (and hands it jobs ahead)
-            return MemoryAwareExecutor(max_workers=max_workers, schedule=schedule, backend=self.backend)
+            return MemoryAwareExecutor(
+                max_workers=max_workers, schedule=schedule, backend=self.backend, **self._learning
+            )
         return MemoryAwareExecutor(
             cpus=self.max_cpus,
             memory=self._memory / MB,
             max_workers=max_workers,
             schedule=schedule,
             backend=self.backend,
+            **self._learning,
         )
 
     def _execute(
@@ -376,6 +389,9 @@ def cluster(
     progress_bar: bool = True,
     schedule: str = "pack",
     backend: Any = None,
+    history: Any = True,
+    auto_memory: bool = False,
+    probe_memory: Optional[MemoryLike] = None,
 ) -> Cluster:
     """Create a Cluster: `mpmsub.cluster(p=4, m="8G")`; `cpu`/`cpus` and `memory` are aliases."""
     return Cluster(
@@ -385,4 +401,7 @@ def cluster(
         progress_bar=progress_bar,
         schedule=schedule,
         backend=backend,
+        history=history,
+        auto_memory=auto_memory,
+        probe_memory=probe_memory,
     )

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tupl
 
 from mpmsub import _remote
 from mpmsub import _result as kinds
-from mpmsub._backends import Backend, LaunchOptions, Node, largest_fit
+from mpmsub._backends import Backend, LaunchOptions, Node, largest_fit, most_memory
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Handle, Launcher, Outcome, not_started
 from mpmsub._units import MB, format_memory
@@ -131,6 +131,9 @@ class DaskBackend(Backend):
 
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
         return largest_fit(spec, self.nodes(), "Dask worker")
+
+    def place_memory(self, cpus: int) -> Optional[int]:
+        return most_memory(self.nodes(), cpus)
 
     def launcher(self, options: LaunchOptions) -> Launcher:
         return DaskLauncher(self, options)
@@ -312,7 +315,7 @@ def _executor_here() -> MemoryAwareExecutor:
         resources = get_worker().state.total_resources
         cpus = int(resources.get("cpus") or detect_cpus())
         memory = int(resources.get("memory") or detect_memory())
-        _worker_executor = MemoryAwareExecutor(cpus=max(1, cpus), memory=memory / MB, backend="local")
+        _worker_executor = MemoryAwareExecutor(cpus=max(1, cpus), memory=memory / MB, backend="local", history=False)
         logger.debug("mpmsub: executor on this Dask worker: %d CPUs, %s", cpus, format_memory(memory))
     return _worker_executor
 

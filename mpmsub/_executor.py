@@ -39,8 +39,12 @@ from mpmsub._errors import (
     WorkerDiedError,
 )
 from mpmsub._future import JobFuture
+from mpmsub._history import History, Recorder
+from mpmsub._history import resolve as resolve_history
+from mpmsub._history import row as history_row
 from mpmsub._job import Job, JobSpec, Pipeline, to_spec
 from mpmsub._launcher import Handle, Launcher, Outcome, not_started
+from mpmsub._learn import LEARNED_FROM, Estimate, Run, estimate, input_size, job_key
 from mpmsub._ledger import Ledger, Request
 from mpmsub._loop import EventLoop
 from mpmsub._monitor import Monitor
@@ -57,6 +61,8 @@ P = ParamSpec("P")
 
 _GATE_RETRY = 0.5  # seconds between looks at the machine's free memory while a job waits for it
 _MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memory error
+_AUTO_RETRIES = 5  # m="auto": runs again with more memory after a memory stop, up to the budget
+_GATHER = 0.05  # seconds between the first job of a key never seen and the choice of its probe
 # How long the kernel's count of available memory may take to show an allocation (measured: up
 # to about a second; its per-CPU counters are folded into it once a second).
 _AVAILABLE_LAG = 1.5
@@ -80,13 +86,20 @@ class _Item:
 
     __slots__ = (
         "attempts",
+        "auto",
+        "auto_retries",
         "bound",
+        "estimate",
         "future",
         "handle",
+        "input_size",
         "job_id",
+        "key",
         "last_result",
         "last_rss",
         "oom_baseline",
+        "place_memory",
+        "probe",
         "requeue",
         "requeued",
         "retries_left",
@@ -125,6 +138,15 @@ class _Item:
         self.runs = 0  # runs started; identifies the current run to stops and exits
         self.shortage_final = False  # stopped for the machine's sake once too often
         self.last_result: Optional[JobResult] = None
+        # The run history (m="auto"): its key and input size (None: no history, no auto), whether
+        # its memory is predicted, from what, and whether it is the probe of its key.
+        self.key: Optional[str] = None
+        self.input_size = 0
+        self.auto = spec.auto
+        self.auto_retries = 0
+        self.estimate: Optional[Estimate] = None
+        self.probe = False
+        self.place_memory: Optional[int] = None  # the most one place of a remote backend offers
 
     @property
     def request(self) -> Request:
@@ -179,6 +201,8 @@ def make_result(item: _Item, outcome: Outcome) -> JobResult:
         memory_series=[(round(t, 3), round(b / MB, 1)) for t, b in outcome.memory_series],
         value=outcome.value,
         exception=outcome.exception,
+        memory_estimate=None if item.estimate is None else item.estimate.method,
+        memory_estimate_runs=0 if item.estimate is None else item.estimate.runs,
     )
 
 
@@ -259,6 +283,9 @@ class MemoryAwareExecutor(Executor):
         initargs: Tuple[Any, ...] = (),
         mp_context: Any = None,
         backend: Any = None,
+        history: Any = True,
+        auto_memory: bool = False,
+        probe_memory: Optional[MemoryLike] = None,
         _launcher: Optional[Launcher] = None,
         _monitor_interval: float = 0.1,
     ) -> None:
@@ -276,6 +303,7 @@ class MemoryAwareExecutor(Executor):
             raise ValueError(f"invalid kill_grace {kill_grace!r}: expected a number of seconds, 0 or more")
         if not isinstance(strict_memory, bool):
             raise TypeError(f"strict_memory must be True or False; got {strict_memory!r}")
+        history_path, probe = self._check_learning(history, auto_memory, probe_memory, budget)
         _check_pool_options(max_tasks_per_child, initializer, initargs, mp_context)
         if not self.backend.local:
             # The gate and the reserve watch this machine's memory; the jobs run elsewhere, each
@@ -295,6 +323,19 @@ class MemoryAwareExecutor(Executor):
         self.max_workers = slots
         self.strict_memory = strict_memory
         self.memory_reserve = reserve
+        self.auto_memory = auto_memory
+        self.probe_memory = probe
+        self.history: Optional[History] = None if history_path is None else History(history_path)
+        self._recorder = None if self.history is None else Recorder(self.history)
+        # m="auto" (the loop's but for _learned, which submitters fill under _learn_lock): the
+        # runs of each key seen so far, the probe in flight of each key never seen, and the jobs
+        # of that key held until it ends.
+        self._learned: Dict[str, List[Run]] = {}
+        self._learn_lock = threading.Lock()
+        self._probes: Dict[str, _Item] = {}
+        self._held: Dict[str, List[_Item]] = {}
+        self._held_count = 0
+        self._gathering: Set[str] = set()  # keys whose probe is about to be chosen
         self._memory_groups = memory_groups()  # a container's limit, read with the machine's figure
         self._terminating = False
         self._gate_room: Optional[int] = None  # free memory above the reserve, this dispatch round
@@ -335,6 +376,21 @@ class MemoryAwareExecutor(Executor):
         self._loop.start()
         _live_executors.add(self)
         weakref.finalize(self, _stop_loop, self._loop, self._monitor)
+
+    @staticmethod
+    def _check_learning(
+        history: Any, auto_memory: object, probe_memory: Optional[MemoryLike], budget: int
+    ) -> Tuple[Optional[str], Optional[int]]:
+        """The history's path (None: off) and the probes' reservation (None: what is free)."""
+        if not isinstance(auto_memory, bool):
+            raise TypeError(f"auto_memory must be True or False; got {auto_memory!r}")
+        probe = None if probe_memory is None else parse_memory(probe_memory, "probe_memory")
+        if probe is not None and not 0 < probe <= budget:
+            raise ValueError(
+                f"invalid probe_memory {probe_memory!r}: expected a size above 0 and within the "
+                f"{format_memory(budget)} budget (None: what is free when the probe starts)"
+            )
+        return resolve_history(history), probe
 
     def __repr__(self) -> str:
         cap = f", max_workers={self.max_workers}" if self.max_workers else ""
@@ -382,6 +438,17 @@ class MemoryAwareExecutor(Executor):
         return self._submit(spec)
 
     def _submit(self, spec: JobSpec) -> JobFuture[Any]:
+        if self.auto_memory and spec.memory is None and not spec.auto:
+            spec = dataclasses.replace(spec, auto=True)
+        key: Optional[str] = None
+        size = 0
+        place: Optional[int] = None
+        if spec.auto or self._recorder is not None:  # reads the disk: here, not on the loop
+            key, size = job_key(spec), input_size(spec)
+            if spec.auto:
+                self._load_runs(key)
+                if not self._launcher.local:
+                    place = self.backend.place_memory(spec.cpus)
         request = spec.request
         future: JobFuture[Any] = JobFuture()
         unsent: Optional[CallPicklingError] = None
@@ -406,7 +473,9 @@ class MemoryAwareExecutor(Executor):
             if unsent is not None:
                 _unsent(future, spec, job_id, unsent)
                 return future
-            self._inbox.append(_Item(next(self._seq), spec, job_id, future, self.kill_grace))
+            item = _Item(next(self._seq), spec, job_id, future, self.kill_grace)
+            item.key, item.input_size, item.place_memory = key, size, place
+            self._inbox.append(item)
             if not self._inbox_pending:  # one call to the loop for a burst of submits
                 self._loop.call_soon_threadsafe(self._take_inbox)
                 self._inbox_pending = True
@@ -444,7 +513,7 @@ class MemoryAwareExecutor(Executor):
     def status(self) -> ExecutorStatus:
         """Jobs queued and running now, and the CPUs and memory the running ones reserve."""
         # Plain reads of the loop thread's counters: each is consistent, together a moment's view.
-        queued = len(self._scheduler) + len(self._inbox)
+        queued = len(self._scheduler) + len(self._inbox) + self._held_count
         return ExecutorStatus(queued, len(self._running), self._ledger.used_cpus, self._ledger.used_memory)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -486,6 +555,15 @@ class MemoryAwareExecutor(Executor):
             raise
         self._delivery.join()  # results and cancellations handed over are all visible on return
 
+    def _load_runs(self, key: str) -> None:
+        """Read the past runs of `key` from the history, once per executor."""
+        with self._learn_lock:
+            if key in self._learned:
+                return
+        runs = [] if self.history is None else self.history.runs(key)
+        with self._learn_lock:
+            self._learned.setdefault(key, runs)
+
     def _forget_id(self, job_id: str) -> None:
         """Let a finished job's id be used again (for an executor that runs jobs for others)."""
         with self._lock:
@@ -509,9 +587,97 @@ class MemoryAwareExecutor(Executor):
         with self._lock:
             items, self._inbox = self._inbox, []
             self._inbox_pending = False
+        auto = []
         for item in items:
-            self._scheduler.push(item)
+            if item.auto:
+                auto.append(item)
+            else:
+                self._scheduler.push(item)
+        if auto:
+            self._place_auto(auto)
         self._dispatch()
+
+    # -- m="auto" ----------------------------------------------------------------------------------
+
+    def _place_auto(self, items: List[_Item]) -> None:
+        """Queue m="auto" jobs: with their estimate where their key has runs; else held, and one
+        of them (the one with the most input) probes the key (_launch_probe)."""
+        for item in items:
+            key = item.key or ""
+            with self._learn_lock:
+                runs = list(self._learned.get(key, ()))
+            guess = estimate(runs, item.input_size)
+            if guess is not None:
+                memory = min(guess.memory, self.memory, item.place_memory or self.memory)
+                item.spec = dataclasses.replace(item.spec, memory=memory, auto=False)
+                item.estimate = guess
+                self._scheduler.push(item)
+            else:
+                self._held.setdefault(key, []).append(item)
+                self._held_count += 1
+                if key not in self._probes and key not in self._gathering:
+                    # The probe is chosen in a moment: the rest of a batch being submitted is
+                    # then here, and the job with the most input can be the one measured.
+                    self._gathering.add(key)
+                    self._loop.call_later(_GATHER, self._launch_probe, key)
+
+    def _launch_probe(self, key: str) -> None:
+        """Queue the probe of a key never seen: of its held jobs, the one with the most input."""
+        self._gathering.discard(key)
+        group = self._held.get(key)
+        if not group or key in self._probes:
+            return
+        live = [item for item in group if not _cancelled(item)] or group
+        probe = max(live, key=lambda i: (i.input_size, -i.seq))
+        group.remove(probe)
+        self._held_count -= 1
+        self._probes[key] = probe
+        probe.probe = True
+        probe.estimate = Estimate(0, "probe", 0)
+        if self.probe_memory is not None:
+            memory = min(self.probe_memory, probe.place_memory or self.probe_memory)
+            probe.spec = dataclasses.replace(probe.spec, memory=memory, auto=False)
+        self._scheduler.push(probe)
+        self._dispatch()
+
+    def _probe_ended(self, item: _Item) -> None:
+        """A probe's final end (or its cancel): its siblings are estimated, or one is the next probe."""
+        item.probe = False
+        key = item.key or ""
+        if self._probes.get(key) is item:
+            del self._probes[key]
+        held = self._held.pop(key, [])
+        self._held_count -= len(held)
+        if held:
+            self._place_auto(held)
+
+    def _learn(self, item: _Item, result: JobResult) -> None:
+        """Record a run in the history, and in what this executor estimates from."""
+        if item.key is None or result.failure in (kinds.START, kinds.PICKLE):
+            return
+        failure = "requeued" if item.requeue else result.failure
+        peak = int(result.memory_used * MB)
+        if failure in LEARNED_FROM:
+            with self._learn_lock:
+                runs = self._learned.get(item.key)
+                if runs is not None:
+                    runs.append(Run(item.input_size, peak))
+        if self._recorder is not None:
+            spec = item.spec
+            self._recorder.put(
+                history_row(
+                    item.key,
+                    spec.cmd,
+                    item.input_size,
+                    peak,
+                    result.runtime,
+                    result.cpu_used,
+                    result.returncode,
+                    failure,
+                    spec.memory,
+                    _version(),
+                )
+            )
 
     def _dispatch(self) -> None:
         self._gate_room = None
@@ -523,6 +689,8 @@ class MemoryAwareExecutor(Executor):
                 )
                 for item in cancelled:
                     item.future.set_running_or_notify_cancel()  # wakes wait() and as_completed()
+                    if item.probe:
+                        self._probe_ended(item)
                 if not chosen:
                     return
                 for item in chosen:
@@ -571,6 +739,13 @@ class MemoryAwareExecutor(Executor):
         return False
 
     def _start(self, item: _Item) -> None:
+        if item.probe and item.spec.memory is None:  # a probe takes what is free (it reserved none)
+            grab = min(self._ledger.free_memory, self.memory, item.place_memory or self.memory)
+            old = item.request
+            item.spec = dataclasses.replace(item.spec, memory=grab, auto=False)
+            self._ledger.release(old)
+            self._ledger.reserve(item.request)
+            item.estimate = Estimate(grab, "probe", 0)
         if not self._running:  # the monitor's count may be stale after an idle spell
             self._oom_kills = _proctree.oom_kill_count()
         self._running[item.seq] = item
@@ -606,9 +781,12 @@ class MemoryAwareExecutor(Executor):
         self._classify_oom(item, outcome)
         result = make_result(item, outcome)
         item.last_result = result
+        self._learn(item, result)
         if self._again(item, result):
             self._dispatch()
             return
+        if item.probe:
+            self._probe_ended(item)
         self._dispatch()  # start the next jobs before running the user's callbacks
         logger.debug("mpmsub: end %s: %s", item.job_id, result.error or "ok")
         self._resolve(item, result)
@@ -637,12 +815,26 @@ class MemoryAwareExecutor(Executor):
             logger.info("mpmsub: %s requeued: %s", item.job_id, result.error)
             self._scheduler.push_front(item)
             return True
-        if result.success or item.retries_left <= 0 or result.failure in (kinds.START, kinds.CANCELLED, kinds.PICKLE):
+        if result.success or result.failure in (kinds.START, kinds.CANCELLED, kinds.PICKLE):
             return False
-        item.retries_left -= 1
+        # A predicted m that proved too little runs again with more, beyond the job's own retries.
+        learning = (
+            item.auto
+            and result.failure == kinds.MEMORY
+            and item.auto_retries < _AUTO_RETRIES
+            and (item.spec.memory or 0) < self.memory
+        )
+        if learning:
+            item.auto_retries += 1
+        elif item.retries_left > 0:
+            item.retries_left -= 1
+        else:
+            return False
         if result.failure == kinds.MEMORY:
             spec = item.spec
             base = spec.memory if spec.memory is not None else int(result.memory_used * MB)
+            if item.auto:
+                base = max(base, int(result.memory_used * MB))
             grown = min(self.memory, max(base + MB, math.ceil(base * spec.memory_growth)))
             bigger = dataclasses.replace(spec, memory=grown)
             if not self._launcher.local and self._launcher.why_never_fits(bigger) is not None:
@@ -752,6 +944,11 @@ class MemoryAwareExecutor(Executor):
         self._terminating = self._terminating or kill_reason is not None
         if cancel_queued:
             reason = kill_reason or "the executor was shut down with cancel_futures=True"
+            for held in self._held.values():
+                for item in held:
+                    self._delivery.cancel(item.future)
+            self._held.clear()
+            self._held_count = 0
             for item in self._scheduler.clear():
                 if item.last_result is None:
                     self._delivery.cancel(item.future)
@@ -766,17 +963,25 @@ class MemoryAwareExecutor(Executor):
         self._maybe_close()
 
     def _maybe_close(self) -> None:
-        if self._closing and not self._closed and not self._running and not self._scheduler:
+        if self._closing and not self._closed and not self._running and not self._scheduler and not self._held_count:
             self._closed = True
             try:
                 self._monitor.close()
                 self._launcher.close()
+                if self._recorder is not None:
+                    self._recorder.close()
                 if self._own_backend:
                     self.backend.close()
             finally:  # whatever failed, the loop stops and waiters are released
                 self._delivery.close()
                 self._loop.stop()
                 _live_executors.discard(self)
+
+
+def _version() -> str:
+    from mpmsub import __version__
+
+    return __version__
 
 
 def _cancelled(item: _Item) -> bool:

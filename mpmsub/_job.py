@@ -112,6 +112,22 @@ def _job_id(value: object) -> Optional[str]:
     return str(value)
 
 
+AUTO = "auto"
+
+
+def is_auto(memory: object) -> bool:
+    """True for m="auto" (any case, surrounding spaces allowed)."""
+    return isinstance(memory, str) and memory.strip().lower() == AUTO
+
+
+def history_key(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"key must be a non-empty string naming the tool; got {value!r} ({type(value).__name__})")
+    if not value.strip() or "\0" in value:
+        raise ValueError(f"invalid key {value!r}: expected a non-empty string naming the tool (e.g. 'bwa-mem')")
+    return value
+
+
 def describe_command(stages: Iterable[Sequence[str]]) -> str:
     """Pipeline stages (argv lists) as one line of text: 'cat x | sort'."""
     return " | ".join(" ".join(stage) for stage in stages)
@@ -126,6 +142,8 @@ def optional_fields(job: Union[Job, JobSpec]) -> Dict[str, Any]:
             data[key] = dict(value) if key == "env" else value
     if job.priority:
         data["priority"] = job.priority
+    if job.key is not None:
+        data["key"] = job.key
     if job.retries:
         data.update(retries=job.retries, memory_growth=job.memory_growth)
     return data
@@ -184,6 +202,8 @@ class JobSpec:
     strict: Optional[bool] = None  # None: the executor's default
     priority: int = 0
     call: Optional[CallPayload] = field(default=None, repr=False)
+    auto: bool = False  # m="auto": `memory` is predicted from the run history when it is queued
+    key: Optional[str] = None  # the run history's key, given by with_key(); None: from the command
     # What the job reserves on the ledger while it runs (no memory without `m`).
     request: Request = field(init=False, repr=False, compare=False)
 
@@ -211,7 +231,10 @@ class JobSpec:
         return describe_command(self.stages)
 
     def resources(self) -> str:
-        mem = format_memory(self.memory) if self.memory is not None else "no memory reservation"
+        if self.memory is not None:
+            mem = format_memory(self.memory)
+        else:
+            mem = "memory from the run history" if self.auto else "no memory reservation"
         return f"{self.cpus} CPU{'s' if self.cpus != 1 else ''}, {mem}"
 
 
@@ -228,6 +251,7 @@ class Resources(abc.ABC):
         self.memory_growth: float = 2.0
         self.strict: Optional[bool] = None
         self.priority: int = 0
+        self.key: Optional[str] = None
 
     def _configure(
         self,
@@ -239,7 +263,10 @@ class Resources(abc.ABC):
         memory_growth: Optional[float],
         strict: Optional[bool],
         priority: Optional[int],
+        key: Optional[str] = None,
     ) -> None:
+        if key is not None:
+            self.with_key(key)
         if priority is not None:
             self.with_priority(priority)
         if retries is not None or memory_growth is not None:
@@ -261,10 +288,19 @@ class Resources(abc.ABC):
         return self
 
     def memory(self, memory: Optional[MemoryLike]) -> Self:
-        """Set the memory it needs: MB as a number, or '500M', '4G', ...; None for no reservation."""
-        if memory is not None:
+        """Set the memory it needs: MB as a number, or '500M', '4G', ...; None for no reservation;
+        "auto" to have it predicted from the run history (see docs/memory.md)."""
+        if is_auto(memory):
+            memory = AUTO
+        elif memory is not None:
             parse_memory(memory, "m (memory)")
         self.m = memory
+        return self
+
+    def with_key(self, key: str) -> Self:
+        """Name the tool for the run history (m="auto"): runs with the same key share their
+        measurements. By default the key comes from the command (see docs/memory.md)."""
+        self.key = history_key(key)
         return self
 
     def with_timeout(self, seconds: Optional[float]) -> Self:
@@ -304,9 +340,12 @@ class Resources(abc.ABC):
         """The JobSpec fields these settings give, validated together."""
         if self.strict and self.m is None:
             raise ValueError("strict memory needs the job's memory (m): there is nothing to hold it to")
+        auto = self.m == AUTO
         return {
             "cpus": self.p,
-            "memory": None if self.m is None else parse_memory(self.m, "m (memory)"),
+            "memory": None if self.m is None or auto else parse_memory(self.m, "m (memory)"),
+            "auto": auto,
+            "key": self.key,
             "job_id": self.id,
             "timeout": self.timeout,
             "retries": self.retries,
@@ -339,6 +378,7 @@ class Job(Resources):
         memory_growth: Optional[float] = None,
         strict: Optional[bool] = None,
         priority: Optional[int] = None,
+        key: Optional[str] = None,
     ) -> None:
         if cmd is not None and pipeline is not None:
             raise ValueError("give a Job either cmd or pipeline, not both")
@@ -356,7 +396,7 @@ class Job(Resources):
         self.env: Optional[Dict[str, str]] = None
         self.stdout: Optional[str] = None
         self.stderr: Optional[str] = None
-        self._configure(p, m, id, timeout, retries, memory_growth, strict, priority)
+        self._configure(p, m, id, timeout, retries, memory_growth, strict, priority, key)
         if cwd is not None:
             self.working_dir(cwd)
         if env is not None:
@@ -437,6 +477,7 @@ _DICT_KEYS = (
     "memory_growth",
     "strict",
     "priority",
+    "key",
 )
 _DICT_ALIASES = {"cpu": "p", "cpus": "p", "memory": "m"}
 
@@ -511,6 +552,7 @@ def job(
     memory_growth: Optional[float] = None,
     strict: Optional[bool] = None,
     priority: Optional[int] = None,
+    key: Optional[str] = None,
 ) -> Job:
     """Create a Job in one call: `job(["sort", "x"], p=1, m="100M", timeout=60)`."""
     return Job(
@@ -527,6 +569,7 @@ def job(
         memory_growth=memory_growth,
         strict=strict,
         priority=priority,
+        key=key,
     )
 
 

@@ -134,6 +134,7 @@ def main(argv: List[str]) -> int:
         memory_reserve=0,
         kill_grace=2.0 if grace is None else grace,
         backend="local",
+        history=False,  # the sending executor records the run
     )
     stopped: List[str] = []
 

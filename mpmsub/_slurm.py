@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mpmsub import _remote
 from mpmsub import _result as kinds
-from mpmsub._backends import Backend, LaunchOptions, Node, largest_fit
+from mpmsub._backends import Backend, LaunchOptions, Node, largest_fit, most_memory
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Handle, Launcher, Outcome, not_started
 from mpmsub._units import MB, format_memory
@@ -148,6 +148,9 @@ class SlurmBackend(Backend):
 
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
         return largest_fit(spec, self.nodes(), "SLURM node", overhead=RUNNER_MEMORY)
+
+    def place_memory(self, cpus: int) -> Optional[int]:
+        return most_memory(self.nodes(), cpus, overhead=RUNNER_MEMORY)
 
     def launcher(self, options: LaunchOptions) -> Launcher:
         return SlurmLauncher(self, options)

@@ -1,0 +1,330 @@
+"""The run history: one SQLite database (WAL mode, shared safely by several mpmsub processes)
+with a row per finished run of a job or call, which `m="auto"` predicts from.
+
+Where: `history=` on the executor or cluster (a path, or False), else `$MPMSUB_HISTORY` (a
+path, or "off"), else the user's state directory (`~/.local/state/mpmsub/history.db` on Linux,
+`$XDG_STATE_HOME` honoured; `~/Library/Application Support/mpmsub/history.db` on macOS).
+
+A history that cannot be used (a corrupt file, a database locked for longer than the timeout,
+a directory that cannot be written) never fails a batch: mpmsub logs one warning and runs
+without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from mpmsub._learn import LEARNED_FROM, WINDOW, Run
+
+logger = logging.getLogger("mpmsub")
+
+OFF = ("off", "no", "false", "0", "none")
+_TIMEOUT = 10.0  # seconds a writer waits for another process's transaction before giving up
+_SCHEMA_VERSION = 1
+_COLUMNS = (
+    "key",
+    "argv",
+    "input_bytes",
+    "peak_bytes",
+    "runtime",
+    "cpu_time",
+    "returncode",
+    "failure",
+    "memory_requested",
+    "host",
+    "version",
+    "time",
+)
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,
+    argv TEXT NOT NULL,           -- JSON: the argv list, or a pipeline's list of them
+    input_bytes INTEGER NOT NULL, -- total size of the existing files its arguments name
+    peak_bytes INTEGER NOT NULL,  -- peak memory of its whole process tree
+    runtime REAL NOT NULL,        -- seconds
+    cpu_time REAL NOT NULL,       -- seconds, user + system
+    returncode INTEGER,
+    failure TEXT,                 -- NULL: success; else JobResult.failure ("requeued": stopped for the machine)
+    memory_requested INTEGER,     -- bytes reserved, NULL for none
+    host TEXT NOT NULL,
+    version TEXT NOT NULL,        -- mpmsub's
+    time REAL NOT NULL            -- Unix time of its end
+);
+CREATE INDEX IF NOT EXISTS runs_by_key ON runs (key, id);
+PRAGMA user_version = {_SCHEMA_VERSION};
+"""
+
+Row = Tuple[Any, ...]  # in the order of _COLUMNS
+HOST = socket.gethostname()
+
+
+def default_path() -> str:
+    """The history's place in the user's state directory."""
+    if sys.platform == "darwin":
+        base = os.path.expanduser("~/Library/Application Support")
+    else:
+        base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "mpmsub", "history.db")
+
+
+def resolve(history: object) -> Optional[str]:
+    """The history's path for `history=` (True or None: $MPMSUB_HISTORY, else the default; False:
+    none; a path); None when it is off."""
+    if history is False:
+        return None
+    if history is None or history is True:
+        env = os.environ.get("MPMSUB_HISTORY")
+        if env is None or not env.strip():
+            return default_path()
+        if env.strip().lower() in OFF:
+            return None
+        return os.path.expanduser(env)
+    if isinstance(history, os.PathLike):
+        history = os.fspath(history)
+    if not isinstance(history, str):
+        raise TypeError(f"history must be True, False or the path of a database file; got {history!r}")
+    if not history.strip() or "\0" in history:
+        raise ValueError(f"invalid history {history!r}: expected the path of a database file, or False")
+    if history.strip().lower() in OFF:
+        raise ValueError(f"invalid history {history!r}: to run without a history, give history=False")
+    return os.path.expanduser(history)
+
+
+class HistoryError(Exception):
+    """The history database cannot be used (for the `mpmsub history` command)."""
+
+
+@dataclass(frozen=True)
+class KeySummary:
+    key: str
+    runs: int
+    last: float  # Unix time
+    sizes: Tuple[int, ...]  # input sizes of its most recent learned-from runs
+    recent: Tuple[Run, ...]  # those runs, oldest first
+
+
+class History:
+    """One database file. Every method may be called from any thread (one connection, used
+    under a lock). In an executor (`tolerant`), the first error logs a warning and turns the
+    history off: reads then find nothing and writes are dropped."""
+
+    def __init__(self, path: str, tolerant: bool = True) -> None:
+        self.path = path
+        self.tolerant = tolerant
+        self.broken = False
+        self._conn: Optional[sqlite3.Connection] = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"History({self.path!r})"
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            directory = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(directory, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=_TIMEOUT, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version not in (0, _SCHEMA_VERSION):
+                    raise sqlite3.DatabaseError(f"its schema is version {version}; this mpmsub knows {_SCHEMA_VERSION}")
+                conn.executescript(_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _failed(self, exc: BaseException, doing: str) -> None:
+        if not self.tolerant:
+            raise HistoryError(f"cannot {doing} the run history {self.path!r}: {exc}") from exc
+        if not self.broken:
+            self.broken = True
+            logger.warning(
+                "mpmsub: the run history %s cannot be used (%s: %s); running without it "
+                "(m='auto' jobs are probed as if never seen)",
+                self.path,
+                type(exc).__name__,
+                exc,
+            )
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+
+    def runs(self, key: str, limit: int = WINDOW) -> List[Run]:
+        """The last `limit` runs of `key` that an estimate learns from, oldest first."""
+        marks = ",".join("?" * (len(LEARNED_FROM) - 1))
+        sql = (
+            "SELECT input_bytes, peak_bytes FROM runs WHERE key = ? AND (failure IS NULL OR failure IN "
+            f"({marks})) ORDER BY id DESC LIMIT ?"
+        )
+        params = (key, *[f for f in LEARNED_FROM if f is not None], limit)
+        with self._lock:
+            if self.broken:
+                return []
+            try:
+                rows = self._connection().execute(sql, params).fetchall()
+            except (sqlite3.Error, OSError) as exc:
+                self._failed(exc, "read")
+                return []
+        return [Run(int(size), int(peak)) for size, peak in reversed(rows)]
+
+    def add(self, rows: Sequence[Row]) -> None:
+        """Add runs (rows in the order of _COLUMNS), in one transaction."""
+        sql = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+        with self._lock:
+            if self.broken:
+                return
+            try:
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(sql, rows)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except (sqlite3.Error, OSError) as exc:
+                self._failed(exc, "write")
+
+    def summaries(self) -> List[KeySummary]:
+        """Every key, with its run count, last run and recent learned-from runs (most runs first)."""
+        with self._lock:
+            try:
+                conn = self._connection()
+                keys = conn.execute(
+                    "SELECT key, COUNT(*), MAX(time) FROM runs GROUP BY key ORDER BY COUNT(*) DESC, key"
+                ).fetchall()
+            except (sqlite3.Error, OSError) as exc:
+                self._failed(exc, "read")
+                return []
+        out = []
+        for key, count, last in keys:
+            recent = tuple(self.runs(key))
+            out.append(KeySummary(key, int(count), float(last), tuple(r.size for r in recent), recent))
+        return out
+
+    def rows(self, key: Optional[str] = None) -> Iterator[Dict[str, Any]]:
+        """The rows of `key` (of every key when None), oldest first, as dicts (argv decoded)."""
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM runs"
+        params: Tuple[Any, ...] = ()
+        if key is not None:
+            sql, params = sql + " WHERE key = ?", (key,)
+        with self._lock:
+            try:
+                fetched = self._connection().execute(sql + " ORDER BY id", params).fetchall()
+            except (sqlite3.Error, OSError) as exc:
+                self._failed(exc, "read")
+                return
+        for values in fetched:
+            row = dict(zip(_COLUMNS, values))
+            row["argv"] = json.loads(row["argv"])
+            yield row
+
+    def forget(self, key: Optional[str]) -> int:
+        """Delete the runs of `key` (every run when None); the number deleted."""
+        with self._lock:
+            try:
+                conn = self._connection()
+                if key is None:
+                    cursor = conn.execute("DELETE FROM runs")
+                else:
+                    cursor = conn.execute("DELETE FROM runs WHERE key = ?", (key,))
+                return int(cursor.rowcount)
+            except (sqlite3.Error, OSError) as exc:
+                self._failed(exc, "change")
+                return 0
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+                self._conn = None
+
+
+class Recorder:
+    """Writes an executor's rows from a thread of its own, a batch per transaction, so that
+    neither the executor's loop nor a job waits on the disk."""
+
+    def __init__(self, history: History) -> None:
+        self.history = history
+        self._queue: queue.SimpleQueue[Optional[Row]] = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+
+    def put(self, row: Row) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mpmsub-history", daemon=True)
+            self._thread.start()
+        self._queue.put(row)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch: List[Row] = []
+            done = first is None
+            if first is not None:
+                batch.append(first)
+            while not done:
+                try:
+                    row = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if row is None:
+                    done = True
+                else:
+                    batch.append(row)
+            if batch:
+                self.history.add(batch)
+            if done:
+                return
+
+    def close(self) -> None:
+        """Write what is queued, then stop (the thread is not left behind)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self.history.close()
+
+
+def row(
+    key: str,
+    argv: Any,
+    input_bytes: int,
+    peak: int,
+    runtime: float,
+    cpu_time: float,
+    returncode: Optional[int],
+    failure: Optional[str],
+    memory_requested: Optional[int],
+    version: str,
+) -> Row:
+    return (
+        key,
+        json.dumps(argv),
+        int(input_bytes),
+        int(peak),
+        float(runtime),
+        float(cpu_time),
+        returncode,
+        failure,
+        memory_requested,
+        HOST,
+        version,
+        time.time(),
+    )

@@ -1,0 +1,288 @@
+"""What `m="auto"` learns from: a job's key, the size of its input files, and the estimate of
+its peak memory from past runs of the same key. Pure functions (the input size reads the file
+system, nothing else does I/O).
+
+The key rule (documented in docs/memory.md):
+
+- the program is the base name of its path (``/usr/bin/bwa`` is ``bwa``; ``python3.11`` is
+  ``python``); for an interpreter (python, Rscript, perl, java, ...) the first argument that
+  is not an option, its script, is part of the program (``python align.py``), by base name;
+- a shell's ``-c`` script is split into words and normalised by the same rule;
+- options are kept, with the numbers in them written ``#`` (``-t8`` is ``-t#``, ``-9`` is ``-#``); an option's
+  ``=value`` is normalised as an argument;
+- a number (``8``, ``0.5``, ``4G``) is ``#``;
+- a path (an argument with a ``/``, one that names an existing file or directory, or a name
+  with a file extension) is ``*`` followed by its extension (``reads_1.fq.gz`` is ``*.fq.gz``);
+- other words (subcommands such as ``mem`` or ``sort``) are kept;
+- a pipeline's key is its stages' keys joined by `` | ``; a Python call's is ``call:`` and the
+  function's module and name.
+
+So ``bwa mem -t 8 ref.fa s1.fq`` and ``/opt/bin/bwa mem -t 4 ref.fa s2.fq`` share the key
+``bwa mem -t # *.fa *.fq``. `Job.with_key()` names a key outright.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import stat
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+
+from mpmsub._job import JobSpec
+from mpmsub._units import MB
+
+# -- keys -------------------------------------------------------------------------------------
+
+_INTERPRETERS = {
+    "python",
+    "pypy",
+    "rscript",
+    "r",
+    "perl",
+    "ruby",
+    "node",
+    "julia",
+    "java",
+    "php",
+    "lua",
+    "tclsh",
+    "bash",
+    "sh",
+    "dash",
+    "zsh",
+    "ksh",
+}
+_SHELLS = {"bash", "sh", "dash", "zsh", "ksh"}
+_VERSIONED = re.compile(r"^(python|pypy|perl|ruby|node|php|lua)[\d.]*$", re.IGNORECASE)
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?([kmgtp]i?b?|b|%|x)?$", re.IGNORECASE)
+_DIGITS = re.compile(r"\d+(\.\d+)?")
+# An extension: a dot, then a letter and up to nine letters or digits, at the end of a name.
+_EXTENSION = re.compile(r"\.([A-Za-z][A-Za-z0-9]{0,9})$")
+_COMPRESSION = {"gz", "bz2", "xz", "zst", "lz4", "zip", "bgz"}
+_MAX_ARG = 4096  # longer arguments are data, not names: neither stat'ed nor kept in the key
+
+
+def program(arg0: str) -> str:
+    """The program's name: the base name of its path, an interpreter's version dropped."""
+    name = os.path.basename(arg0.rstrip("/")) or arg0
+    versioned = _VERSIONED.match(name)
+    return versioned.group(1).lower() if versioned else name
+
+
+def extension(name: str) -> str:
+    """A file name's extension, with a compression's kept beside the one under it ('.fq.gz')."""
+    base = os.path.basename(name.rstrip("/"))
+    found = _EXTENSION.search(base)
+    if not found:
+        return ""
+    ext = found.group(0)
+    if found.group(1).lower() in _COMPRESSION:
+        inner = _EXTENSION.search(base[: found.start()])
+        if inner:
+            ext = inner.group(0) + ext
+    return ext
+
+
+def _exists(arg: str, cwd: Optional[str]) -> bool:
+    try:
+        os.stat(arg if cwd is None else os.path.join(cwd, arg))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _word(arg: str, cwd: Optional[str]) -> str:
+    """One argument, normalised."""
+    if len(arg) > _MAX_ARG:
+        return "…"
+    if arg.startswith("-") and len(arg) > 1:  # an option (a negative number reads as one too)
+        option, eq, value = arg.partition("=")
+        option = _DIGITS.sub("#", option)
+        return f"{option}={_word(value, cwd)}" if eq else option
+    if _NUMBER.match(arg):
+        return "#"
+    if "/" in arg or _EXTENSION.search(arg) or (arg and _exists(arg, cwd)):
+        return "*" + extension(arg)
+    return arg
+
+
+def _stage(argv: Sequence[str], cwd: Optional[str], depth: int = 0) -> Tuple[List[str], List[str]]:
+    """A command's key words, and the arguments that may name its input files (all but the
+    program, an interpreter's script and options, whose =values count)."""
+    name = program(argv[0])
+    words, inputs = [name], []
+    rest = list(argv[1:])
+    if name.lower() in _SHELLS and "-c" in rest and depth < 3:
+        at = rest.index("-c")
+        words += [_word(arg, cwd) for arg in rest[:at]] + ["-c"]
+        if at + 1 < len(rest):
+            more, found = _script(rest[at + 1], cwd, depth + 1)
+            words += more
+            inputs += found
+        return words, inputs
+    script_seen = name.lower() not in _INTERPRETERS
+    for index, arg in enumerate(rest):
+        code = index > 0 and rest[index - 1] == "-c"
+        if not script_seen and (code or not arg.startswith("-")):
+            # The script (or `-c` code) is part of the program, by its base name.
+            words.append("…" if len(arg) > _MAX_ARG else arg if code else os.path.basename(arg))
+            script_seen = True
+            continue
+        words.append(_word(arg, cwd))
+        inputs.append(arg.partition("=")[2] if arg.startswith("-") else arg)
+    return words, inputs
+
+
+_OPERATORS = ("|", "||", "&&", ";", "&")
+_REDIRECTS = (">", ">>", "1>", "2>", "&>", "2>>", "1>>")
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def _script(script: str, cwd: Optional[str], depth: int) -> Tuple[List[str], List[str]]:
+    """A shell script's key words and input arguments: each command of it as a command of its
+    own; variable assignments before a command and the files it writes to are not inputs."""
+    try:
+        tokens = shlex.split(script, comments=True)
+    except ValueError:  # unbalanced quotes: the shell would refuse it too
+        tokens = script.split()
+    words: List[str] = []
+    inputs: List[str] = []
+    command: List[str] = []
+
+    def flush() -> None:
+        while command and _ASSIGNMENT.match(command[0]):
+            variable, _, value = command.pop(0).partition("=")
+            words.append(f"{variable}={_word(value, cwd)}")
+        if command:
+            more, found = _stage(command, cwd, depth)
+            words.extend(more)
+            written = {arg for i, arg in enumerate(command[1:]) if command[i] in _REDIRECTS}
+            inputs.extend(arg for arg in found if arg not in written and arg not in _REDIRECTS)
+        command.clear()
+
+    for token in tokens:
+        if token in _OPERATORS:
+            flush()
+            words.append(token)
+        else:
+            command.append(token)
+    flush()
+    return words, inputs
+
+
+def job_key(spec: JobSpec) -> str:
+    """The key runs of the same tool share (see the module's docstring); `spec.key` if given."""
+    if spec.key is not None:
+        return spec.key
+    if spec.call is not None:
+        fn = spec.call.fn
+        module = getattr(fn, "__module__", None) or ""
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+        return f"call:{module}.{name}" if module else f"call:{name}"
+    return " | ".join(" ".join(_stage(stage, spec.cwd)[0]) for stage in spec.stages)
+
+
+# -- input size -------------------------------------------------------------------------------
+
+
+def _candidates(spec: JobSpec) -> Iterator[str]:
+    """The arguments that may name input files (see _stage); a call's string and path arguments."""
+    if spec.call is not None:
+        values: Iterable[Any] = list(spec.call.args) + list(spec.call.kwargs.values())
+        for value in values:
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if isinstance(value, str) and 0 < len(value) <= _MAX_ARG:
+                yield value
+        return
+    for stage in spec.stages:
+        for arg in _stage(stage, spec.cwd)[1]:
+            if 0 < len(arg) <= _MAX_ARG:
+                yield arg
+
+
+def input_size(spec: JobSpec) -> int:
+    """The total size in bytes of the existing regular files the job's arguments name (relative
+    names are taken from its working directory); each file counted once."""
+    total = 0
+    seen: Set[str] = set()
+    for arg in _candidates(spec):
+        path = arg if spec.cwd is None else os.path.join(spec.cwd, arg)
+        try:
+            info = os.stat(path)
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(info.st_mode):
+            ident = f"{info.st_dev}:{info.st_ino}"
+            if ident not in seen:
+                seen.add(ident)
+                total += info.st_size
+    return total
+
+
+# -- the estimate -----------------------------------------------------------------------------
+
+WINDOW = 50  # the most recent runs of a key an estimate looks at
+MARGIN = 0.10  # the safety margin: the estimate is the model's figure plus 10%...
+FLOOR = 16 * MB  # ...plus 16M (what a process's start may add, for small tools)
+# Outcomes whose peak says what the job needed (a memory stop: at least that much). A run that
+# was timed out, cancelled, killed by a signal or stopped for its neighbours' sake says little.
+LEARNED_FROM = (None, "exit", "memory")
+
+
+@dataclass(frozen=True)
+class Run:
+    """A past run of a key: the size of its input files and its peak memory, in bytes."""
+
+    size: int
+    peak: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A predicted peak in bytes (margin included), the method that gave it, and the number of
+    past runs it was made from.
+
+    Methods: "fit" (a straight line of peak against input size, raised to cover every run it
+    was fitted to), "scaled" (one input size seen, and this one larger: that run's peak scaled
+    by the ratio of sizes), "highest" (the highest peak seen, where sizes do not vary)."""
+
+    memory: int
+    method: str
+    runs: int
+
+
+def estimate(runs: Sequence[Run], size: int) -> Optional[Estimate]:
+    """The memory to reserve for a run with `size` bytes of input, from past `runs` of its key
+    (oldest first); None without any. Never below the largest peak of a run with the same input
+    size (among all of `runs`), nor below the highest of the last runs where sizes do not vary."""
+    if not runs:
+        return None
+    window = runs[-WINDOW:]
+    sizes = {run.size for run in window}
+    highest = max(run.peak for run in window)
+    if len(sizes) >= 2:
+        base, method = _fit(window, size), "fit"
+    elif size > next(iter(sizes)) > 0:
+        base, method = highest * size / next(iter(sizes)), "scaled"
+    else:
+        base, method = float(highest), "highest"
+    same = max((run.peak for run in runs if run.size == size), default=0)
+    base = max(base, float(same))
+    return Estimate(math.ceil(base * (1 + MARGIN)) + FLOOR, method, len(window))
+
+
+def _fit(runs: Sequence[Run], size: int) -> float:
+    """A least-squares line of peak against size (its slope at least 0: more input never
+    needs less), raised by the largest amount a run lies above it; its value at `size`."""
+    n = len(runs)
+    mean_size = sum(run.size for run in runs) / n
+    mean_peak = sum(run.peak for run in runs) / n
+    spread = sum((run.size - mean_size) ** 2 for run in runs)
+    slope = max(0.0, sum((run.size - mean_size) * (run.peak - mean_peak) for run in runs) / spread)
+    intercept = mean_peak - slope * mean_size
+    above = max(run.peak - (intercept + slope * run.size) for run in runs)
+    return max(0.0, intercept + slope * size + max(0.0, above))

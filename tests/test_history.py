@@ -1,0 +1,375 @@
+"""m="auto": the key rule, input sizes, the estimator, the history store and its CLI, and
+probe-then-fan-out with real processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, List
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mpmsub
+from mpmsub import Job, MemoryAwareExecutor
+from mpmsub import _history as history_module
+from mpmsub._history import History
+from mpmsub._job import to_spec
+from mpmsub._learn import FLOOR, MARGIN, Run, estimate, input_size, job_key
+
+MB = 2**20
+TESTS = os.path.dirname(os.path.abspath(__file__))
+TOOL = os.path.join(TESTS, "sized_tool.py")
+
+
+def tool(path: Path, *options: str) -> List[str]:
+    return [sys.executable, TOOL, str(path), *options]
+
+
+def sized_file(path: Path, mb: float) -> Path:
+    path.write_bytes(b"\0" * int(mb * MB))
+    return path
+
+
+def history_file(tmp_path: Path) -> str:
+    return str(tmp_path / "history.db")
+
+
+# -- the key rule -----------------------------------------------------------------------------
+
+
+def key(cmd: Any, **kwargs: Any) -> str:
+    return job_key(to_spec(Job(cmd, **kwargs)))
+
+
+def test_runs_of_one_tool_on_other_inputs_share_a_key(tmp_path: Path) -> None:
+    assert key(["bwa", "mem", "-t", "8", "ref.fa", "s1.fq"]) == "bwa mem -t # *.fa *.fq"
+    assert key(["/opt/bin/bwa", "mem", "-t", "4", "/data/ref.fa", "run2/s2.fq"]) == "bwa mem -t # *.fa *.fq"
+    assert key(["samtools", "sort", "-@8", "-m", "2G", "-o", "out.bam", "in.bam"]) == (
+        "samtools sort -@# -m # -o *.bam *.bam"
+    )
+    assert key(["gzip", "-9", "-c", "reads_1.fq.gz"]) == "gzip -# -c *.fq.gz"
+    assert key(["STAR", "--runThreadN=16", "--genomeDir", "/idx/hg38/"]) == "STAR --runThreadN=# --genomeDir *"
+    plain = tmp_path / "reads"  # an existing file without extension is a path too
+    plain.write_text("x")
+    assert key(["wc", "-l", "reads"], cwd=tmp_path) == "wc -l *"
+    assert key(["sort", "words"]) == "sort words"  # a word that names nothing is kept (a subcommand)
+
+
+def test_an_interpreters_script_is_part_of_the_program() -> None:
+    assert key(["python3.11", "/home/me/align.py", "--threads=4", "x.txt"]) == "python align.py --threads=# *.txt"
+    assert key(["python", "count.py", "x.txt"]) != key(["python", "align.py", "x.txt"])
+    assert key(["java", "-Xmx4g", "-jar", "/opt/picard.jar", "MarkDuplicates", "I=a.bam"]) == (
+        "java -Xmx#g -jar picard.jar MarkDuplicates *.bam"
+    )
+    assert key(["Rscript", "plot.R", "data.csv"]) == "Rscript plot.R *.csv"
+
+
+def test_shell_scripts_pipelines_calls_and_given_keys() -> None:
+    assert key(["sh", "-c", "gzip -9 -c /data/a.txt > a.txt.gz"]) == "sh -c gzip -# -c *.txt > *.txt.gz"
+    assert key(["bash", "-c", "sort -k2 s1.tsv | uniq -c"]) == key(["bash", "-c", "sort -k3 s2.tsv | uniq -c"])
+    assert job_key(to_spec(mpmsub.Pipeline([["cat", "a.txt"], ["sort", "-k2"]]))) == "cat *.txt | sort -k#"
+    assert job_key(mpmsub.Call(os.path.getsize, "x").spec()) == f"call:{os.path.getsize.__module__}.getsize"
+    assert key(["bwa", "mem", "ref.fa", "x.fq"], key="bwa-mem") == "bwa-mem"
+    assert to_spec({"cmd": ["true"], "key": "k1", "m": "auto"}).key == "k1"
+
+
+def test_input_size_sums_the_existing_files_the_arguments_name(tmp_path: Path) -> None:
+    a, b = sized_file(tmp_path / "a.fq", 1), sized_file(tmp_path / "b.fq", 2)
+    (tmp_path / "dir").mkdir()
+    spec = to_spec(Job(["tool", "a.fq", f"--in={b}", "a.fq", "dir", "missing.fq", "-t", "4"], cwd=tmp_path))
+    assert input_size(spec) == 3 * MB  # a.fq once, b.fq by its --in=, no directory, no missing file
+    shell = to_spec(Job(["sh", "-c", f"cat {a} {b} | wc -c"]))
+    assert input_size(shell) == 3 * MB
+    assert input_size(mpmsub.Call(os.path.getsize, str(b)).spec()) == 2 * MB
+
+
+# -- the estimator ----------------------------------------------------------------------------
+
+runs_strategy = st.lists(
+    st.builds(Run, st.sampled_from([0, 10 * MB, 100 * MB, 1000 * MB]), st.integers(1 * MB, 4000 * MB)),
+    min_size=1,
+    max_size=80,
+)
+
+
+@given(runs_strategy, st.sampled_from([0, 10 * MB, 100 * MB, 1000 * MB, 5000 * MB]))
+def test_an_estimate_is_never_below_the_largest_peak_seen_for_the_same_input_size(runs: List[Run], size: int) -> None:
+    guess = estimate(runs, size)
+    assert guess is not None
+    same = [run.peak for run in runs if run.size == size]
+    if same:
+        assert guess.memory >= max(same) * (1 + MARGIN) + FLOOR - 1
+    window = runs[-50:]
+    if len({run.size for run in window}) == 1:
+        assert guess.method in ("highest", "scaled") and guess.memory >= max(r.peak for r in window)
+    assert guess.runs == len(window)
+
+
+@given(st.lists(st.integers(1, 2000), min_size=2, max_size=30), st.integers(0, 3000))
+def test_a_fit_follows_a_line_and_covers_every_run(sizes_mb: List[int], query_mb: int) -> None:
+    if len(set(sizes_mb)) < 2:
+        sizes_mb = [*sizes_mb, sizes_mb[0] + 1]
+    runs = [Run(s * MB, 50 * MB + 3 * s * MB) for s in sizes_mb]  # peak = 50M + 3 x input
+    guess = estimate(runs, query_mb * MB)
+    assert guess is not None and guess.method == "fit"
+    truth = 50 * MB + 3 * query_mb * MB
+    assert truth * (1 + MARGIN) + FLOOR - MB <= guess.memory <= truth * (1 + MARGIN) + FLOOR + MB
+
+
+def test_estimate_methods() -> None:
+    assert estimate([], 10) is None
+    highest = estimate([Run(0, 100 * MB), Run(0, 80 * MB)], 0)
+    assert highest is not None and highest.method == "highest" and highest.runs == 2
+    assert highest.memory == pytest.approx(100 * MB * (1 + MARGIN) + FLOOR, abs=2)
+    scaled = estimate([Run(10 * MB, 100 * MB)], 40 * MB)  # one size seen, this input 4x larger
+    assert scaled is not None and scaled.method == "scaled"
+    assert scaled.memory == pytest.approx(400 * MB * (1 + MARGIN) + FLOOR, abs=2)
+
+
+# -- the store --------------------------------------------------------------------------------
+
+WRITER = """
+import sys
+from mpmsub._history import History, row
+history = History(sys.argv[1], tolerant=False)
+for batch in range(20):
+    history.add([row("k" + sys.argv[2], ["tool", str(i)], i, i * 1024, 0.1, 0.1, 0, None, None, "t")
+                 for i in range(10)])
+history.close()
+"""
+
+
+def test_concurrent_writers_share_one_history(tmp_path: Path) -> None:
+    path = history_file(tmp_path)
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, path, str(n)]) for n in range(6)]
+    assert [w.wait(timeout=60) for w in writers] == [0] * 6
+    history = History(path, tolerant=False)
+    assert sorted(s.runs for s in history.summaries()) == [200] * 6
+    assert len(history.runs("k3")) == 50  # the estimate's window
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_corrupt_history_warns_once_and_the_batch_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "history.db"
+    path.write_bytes(b"this is not a database" * 100)
+    caplog.set_level(logging.WARNING, logger="mpmsub")
+    with MemoryAwareExecutor(cpus=2, memory="1G", history=str(path)) as ex:
+        results = [ex.submit(Job(["true"]).memory("auto")).result(timeout=30) for _ in range(3)]
+    assert all(r.success for r in results)
+    warnings = [r for r in caplog.records if "cannot be used" in r.getMessage()]
+    assert len(warnings) == 1 and str(path) in warnings[0].getMessage()
+    assert path.read_bytes().startswith(b"this is not a database")  # left as it was
+
+
+def test_a_locked_history_warns_once_and_the_batch_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = history_file(tmp_path)
+    History(path).close()  # made, then locked by another writer for the whole batch
+    monkeypatch.setattr(history_module, "_TIMEOUT", 0.2)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    caplog.set_level(logging.WARNING, logger="mpmsub")
+    try:
+        with MemoryAwareExecutor(cpus=2, memory="1G", history=path) as ex:
+            results = [ex.submit(["true"]).result(timeout=30) for _ in range(3)]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert all(r.success for r in results)
+    assert len([r for r in caplog.records if "cannot be used" in r.getMessage()]) == 1
+
+
+def test_every_finished_job_adds_a_row(tmp_path: Path) -> None:
+    path = history_file(tmp_path)
+    data = sized_file(tmp_path / "in.dat", 2)
+    with MemoryAwareExecutor(cpus=2, memory="1G", history=path) as ex:
+        ok = ex.submit(tool(data, "--per-mb", "5", "--hold", "0")).result(timeout=30)
+        bad = ex.submit(["sh", "-c", "exit 3"]).result(timeout=30)
+        ex.submit(["no-such-program-xyz"]).result(timeout=30)  # never started: no row
+    rows = list(History(path).rows())
+    assert [r["failure"] for r in rows] == [None, "exit"] or [r["failure"] for r in rows] == ["exit", None]
+    mine = next(r for r in rows if r["failure"] is None)
+    assert mine["key"] == "python sized_tool.py *.dat --per-mb # --hold #"
+    assert mine["argv"] == ok.cmd and mine["input_bytes"] == 2 * MB
+    assert mine["peak_bytes"] == int(ok.memory_used * MB) and mine["version"] == mpmsub.__version__
+    assert mine["host"] and mine["time"] > 0 and mine["runtime"] == pytest.approx(ok.runtime)
+    assert next(r for r in rows if r["failure"] == "exit")["returncode"] == bad.returncode == 3
+
+
+def test_history_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPMSUB_HISTORY", "off")
+    with MemoryAwareExecutor(cpus=1, memory="1G") as ex:
+        assert ex.history is None
+        assert ex.submit(Job(["true"]).memory("auto")).result(timeout=30).success
+    monkeypatch.setenv("MPMSUB_HISTORY", str(tmp_path / "h.db"))
+    with MemoryAwareExecutor(cpus=1, memory="1G", history=False) as ex:
+        assert ex.history is None
+    assert not (tmp_path / "h.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"history": 12}, TypeError, "history must be True, False or the path"),
+        ({"history": ""}, ValueError, "invalid history ''"),
+        ({"history": "off"}, ValueError, "give history=False"),
+        ({"auto_memory": "yes"}, TypeError, "auto_memory must be True or False; got 'yes'"),
+        ({"probe_memory": "lots"}, ValueError, "invalid probe_memory 'lots'"),
+        ({"probe_memory": "2G"}, ValueError, "invalid probe_memory '2G'"),
+    ],
+)
+def test_bad_learning_options_are_refused_at_once(kwargs: Any, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        MemoryAwareExecutor(cpus=1, memory="1G", **kwargs)
+    with pytest.raises(error, match=message):
+        mpmsub.cluster(p=1, m="1G", **kwargs)
+
+
+def test_bad_auto_values_are_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="invalid m \\(memory\\) 'autox'"):
+        Job(["true"]).memory("autox")
+    with pytest.raises(ValueError, match="invalid key ''"):
+        Job(["true"]).with_key("")
+    with pytest.raises(TypeError, match="key must be a non-empty string"):
+        mpmsub.job(["true"], key=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="strict memory needs"):
+        Job(["true"]).strict_memory().spec()
+
+
+# -- probe, then fan out ----------------------------------------------------------------------
+
+
+def test_a_tool_never_seen_is_probed_with_its_largest_input_then_fanned_out(tmp_path: Path) -> None:
+    files = [sized_file(tmp_path / f"s{mb}.dat", mb) for mb in (1, 4, 2, 3)]
+    with MemoryAwareExecutor(cpus=2, memory="1G", memory_reserve=0, history=history_file(tmp_path)) as ex:
+        futures = [ex.submit(Job(tool(f, "--per-mb", "20", "--hold", "0.3")).memory("auto")) for f in files]
+        other = ex.submit(Job(["sleep", "0.2"]))  # no m: runs beside the probe
+        results = [f.result(timeout=60) for f in futures]
+        beside = other.result(timeout=30)
+    probe = results[1]  # the 4 MB input: the largest
+    assert (probe.memory_estimate, probe.memory_estimate_runs) == ("probe", 0)
+    assert probe.memory_requested == 1024  # what was free when it started
+    assert beside.start_time < probe.end_time
+    siblings = [r for r in results if r is not probe]
+    assert all(r.success for r in results)
+    assert all(r.start_time >= probe.end_time - 0.01 for r in siblings), "a sibling started before the probe ended"
+    assert {r.memory_estimate for r in siblings} <= {"highest", "fit"}
+    for r in siblings:  # estimates cover what each used, without the probe's whole budget
+        assert r.memory_used <= r.memory_requested < 1024
+
+
+def test_a_low_estimate_is_stopped_retried_with_more_and_learned(tmp_path: Path) -> None:
+    path = history_file(tmp_path)
+    data = sized_file(tmp_path / "in.dat", 1)
+    with MemoryAwareExecutor(cpus=1, memory="1G", strict_memory=True, history=path) as ex:
+        small = ex.submit(Job(tool(data, "--base", "10", "--per-mb", "0", "--hold", "0.3")).with_key("grows"))
+        assert small.result(timeout=30).success
+        # The same key now needs 200M: its estimate (from a ~20M run) is far too low.
+        big = Job(tool(data, "--base", "200", "--per-mb", "0", "--hold", "0.3")).with_key("grows").memory("auto")
+        first = ex.submit(big).result(timeout=60)
+        after = ex.submit(Job(big.cmd).with_key("grows").memory("auto")).result(timeout=60)
+    assert first.success and first.attempts >= 2, (first.attempts, first.error)
+    assert first.memory_estimate == "highest" and first.memory_estimate_runs == 1
+    assert first.memory_requested is not None and first.memory_requested >= first.memory_used
+    assert after.success and after.attempts == 1
+    assert after.memory_requested is not None and after.memory_requested > first.memory_used
+    rows = list(History(path).rows("grows"))
+    assert [r["failure"] for r in rows].count("memory") == first.attempts - 1
+
+
+def test_held_jobs_are_cancelled_with_the_queue(tmp_path: Path) -> None:
+    ex = MemoryAwareExecutor(cpus=1, memory="1G", history=history_file(tmp_path))
+    futures = [ex.submit(Job(["sleep", "0.5"]).with_key("napper").memory("auto")) for _ in range(4)]
+    assert ex.status().queued + ex.status().running == 4
+    deadline = time.monotonic() + 10
+    while not futures[0].running() and time.monotonic() < deadline:  # the probe, once chosen
+        time.sleep(0.01)
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert futures[0].result().success  # the probe was running
+    assert all(f.cancelled() for f in futures[1:])
+
+
+def test_auto_everywhere(tmp_path: Path) -> None:
+    path = history_file(tmp_path)
+    call = mpmsub.Call(os.path.getsize, TOOL).memory("AUTO").with_key("getsize")
+    jobs = [
+        Job(["true"]).memory("auto"),
+        {"cmd": ["true"], "m": "auto"},
+        mpmsub.job(["true"], m="auto"),
+        call,
+    ]
+    with MemoryAwareExecutor(cpus=2, memory="1G", history=path) as ex:
+        futures = [ex.submit(j) for j in jobs]
+        assert futures[3].result(timeout=60) == os.path.getsize(TOOL)
+        results = [f.usage for f in futures]
+        mapped = list(ex.map(os.path.getsize, [TOOL], memory="auto"))
+    assert mapped == [os.path.getsize(TOOL)]
+    assert all(r is not None and r.memory_estimate in ("probe", "highest") for r in results)
+    with MemoryAwareExecutor(cpus=2, memory="1G", history=path, auto_memory=True) as ex:
+        r = ex.submit(["true"]).result(timeout=30)
+        fixed = ex.submit(Job(["true"]).memory("10M")).result(timeout=30)
+    assert r.memory_estimate == "highest" and r.memory_estimate_runs >= 3
+    assert fixed.memory_estimate is None and fixed.memory_requested == 10
+    batch = mpmsub.cluster(p=2, m="1G", auto_memory=True, history=path, progress_bar=False, verbose=False)
+    batch.jobs.append({"cmd": ["true"]})
+    batch.run()
+    assert batch.completed_jobs[0].memory_estimate == "highest"
+
+
+def test_profile_writes_its_measurements_to_the_history(tmp_path: Path) -> None:
+    path = history_file(tmp_path)
+    data = sized_file(tmp_path / "in.dat", 1)
+    batch = mpmsub.cluster(p=1, m="1G", history=path, progress_bar=False, verbose=False)
+    batch.jobs.append({"cmd": tool(data, "--per-mb", "30", "--hold", "0"), "m": "auto"})
+    [result] = batch.profile(verbose=False)
+    [row] = History(path).rows()
+    assert row["peak_bytes"] == int(result.memory_used * MB) and row["input_bytes"] == MB
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def mpmsub_cli(*args: str, env_db: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MPMSUB_HISTORY": env_db}
+    return subprocess.run(
+        [sys.executable, "-m", "mpmsub", *args], input=stdin, capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_the_history_command(tmp_path: Path) -> None:
+    db = history_file(tmp_path)
+    data = sized_file(tmp_path / "in.dat", 1)
+    jobs = tmp_path / "jobs.jsonl"
+    line = {"cmd": tool(data, "--per-mb", "30", "--hold", "0"), "m": "auto"}
+    jobs.write_text(json.dumps(line) + "\n" + json.dumps({**line, "id": "two"}) + "\n")
+    ran = mpmsub_cli("run", str(jobs), "-q", env_db=db)
+    assert ran.returncode == 0, ran.stderr
+    text = tmp_path / "jobs.txt"
+    text.write_text(f"{sys.executable} {TOOL} {data} --per-mb 30 --hold 0\n")
+    ran = mpmsub_cli("run", str(text), "--job-mem", "auto", "-q", env_db=db)
+    assert ran.returncode == 0, ran.stderr
+    key = "python sized_tool.py *.dat --per-mb # --hold #"
+    listed = mpmsub_cli("history", "list", env_db=db)
+    assert listed.returncode == 0 and key in listed.stdout and "highest, 2 run(s)" in listed.stdout
+    shown = mpmsub_cli("history", "show", key, env_db=db)
+    assert shown.returncode == 0 and "runs: 2" in shown.stdout and "predicted: " in shown.stdout
+    exported = mpmsub_cli("history", "export", env_db=db)
+    rows = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert len(rows) == 3 and {r["key"] for r in rows} == {key, f"sh -c {key}"}
+    forgot = mpmsub_cli("history", "forget", key, env_db=db)
+    assert forgot.returncode == 0 and "forgot 2 run(s)" in forgot.stderr
+    assert mpmsub_cli("history", "show", key, env_db=db).returncode == 1
+    assert "forgot 1 run(s) of every key" in mpmsub_cli("history", "forget", "--all", env_db=db).stderr
+    off = mpmsub_cli("history", "list", env_db="off")
+    assert off.returncode == 2 and "the run history is off" in off.stderr
+    bad = mpmsub_cli("run", "-", "--job-mem", "autox", env_db=db, stdin="true\n")
+    assert bad.returncode == 2 and "invalid job memory 'autox'" in bad.stderr
