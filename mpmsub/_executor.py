@@ -91,6 +91,7 @@ class _Item:
         "bound",
         "estimate",
         "future",
+        "grab",
         "handle",
         "input_size",
         "job_id",
@@ -146,6 +147,7 @@ class _Item:
         self.auto_retries = 0
         self.estimate: Optional[Estimate] = None
         self.probe = False
+        self.grab = False  # a probe that takes what is free when it starts
         self.place_memory: Optional[int] = None  # the most one place of a remote backend offers
 
     @property
@@ -633,10 +635,16 @@ class MemoryAwareExecutor(Executor):
         self._held_count -= 1
         self._probes[key] = probe
         probe.probe = True
-        probe.estimate = Estimate(0, "probe", 0)
         if self.probe_memory is not None:
-            memory = min(self.probe_memory, probe.place_memory or self.probe_memory)
-            probe.spec = dataclasses.replace(probe.spec, memory=memory, auto=False)
+            memory = self.probe_memory
+        else:
+            # It waits for at least its CPUs' share of the budget (never starting with nothing
+            # when another probe took all), then takes what is free (_start).
+            memory = self.memory * probe.spec.cpus // self.cpus
+            probe.grab = True
+        memory = min(memory, self.memory, probe.place_memory or memory)
+        probe.spec = dataclasses.replace(probe.spec, memory=memory, auto=False)
+        probe.estimate = Estimate(memory, "probe", 0)
         self._scheduler.push(probe)
         self._dispatch()
 
@@ -739,10 +747,11 @@ class MemoryAwareExecutor(Executor):
         return False
 
     def _start(self, item: _Item) -> None:
-        if item.probe and item.spec.memory is None:  # a probe takes what is free (it reserved none)
-            grab = min(self._ledger.free_memory, self.memory, item.place_memory or self.memory)
+        if item.grab:  # a probe: what is free joins its share (_launch_probe)
+            item.grab = False
             old = item.request
-            item.spec = dataclasses.replace(item.spec, memory=grab, auto=False)
+            grab = min(old.memory + self._ledger.free_memory, self.memory, item.place_memory or self.memory)
+            item.spec = dataclasses.replace(item.spec, memory=grab)
             self._ledger.release(old)
             self._ledger.reserve(item.request)
             item.estimate = Estimate(grab, "probe", 0)

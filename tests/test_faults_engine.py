@@ -139,7 +139,8 @@ def test_no_file_descriptor_leaks_over_many_jobs() -> None:
 
     if not os.path.isdir("/proc/self/fd"):
         pytest.skip("needs /proc/self/fd")
-    with MemoryAwareExecutor(cpus=2, memory="1G") as ex:
+    # No run history: its database, opened once on the first write, is not a job's.
+    with MemoryAwareExecutor(cpus=2, memory="1G", history=False) as ex:
         ex.submit(["true"]).result(timeout=10)
         before = open_fds()
         futures = [

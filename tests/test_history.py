@@ -373,3 +373,14 @@ def test_the_history_command(tmp_path: Path) -> None:
     assert off.returncode == 2 and "the run history is off" in off.stderr
     bad = mpmsub_cli("run", "-", "--job-mem", "autox", env_db=db, stdin="true\n")
     assert bad.returncode == 2 and "invalid job memory 'autox'" in bad.stderr
+
+
+def test_a_probe_never_starts_with_nothing_reserved(tmp_path: Path) -> None:
+    with MemoryAwareExecutor(cpus=2, memory="1G", memory_reserve=0, history=history_file(tmp_path)) as ex:
+        first = ex.submit(Job(["sleep", "0.3"]).with_key("one").memory("auto"))
+        second = ex.submit(Job(["sleep", "0.1"]).with_key("two").memory("auto"))
+        a, b = first.result(timeout=30), second.result(timeout=30)
+    earlier, later = sorted((a, b), key=lambda r: r.start_time)
+    assert earlier.memory_requested == 1024  # all that was free
+    assert later.start_time >= earlier.end_time - 0.01  # waited for its CPU's share, 512M
+    assert later.memory_requested is not None and later.memory_requested >= 512
