@@ -44,7 +44,7 @@ from mpmsub._history import resolve as resolve_history
 from mpmsub._history import row as history_row
 from mpmsub._job import Job, JobSpec, Pipeline, to_spec
 from mpmsub._launcher import Handle, Launcher, Outcome, not_started
-from mpmsub._learn import LEARNED_FROM, Estimate, Run, estimate, input_size, job_key
+from mpmsub._learn import LEARNED_FROM, Estimate, Run, estimate, key_and_input
 from mpmsub._ledger import Ledger, Request
 from mpmsub._loop import EventLoop
 from mpmsub._monitor import Monitor
@@ -446,7 +446,7 @@ class MemoryAwareExecutor(Executor):
         size = 0
         place: Optional[int] = None
         if spec.auto or self._recorder is not None:  # reads the disk: here, not on the loop
-            key, size = job_key(spec), input_size(spec)
+            key, size = key_and_input(spec)
             if spec.auto:
                 self._load_runs(key)
                 if not self._launcher.local:
@@ -987,10 +987,15 @@ class MemoryAwareExecutor(Executor):
                 _live_executors.discard(self)
 
 
-def _version() -> str:
-    from mpmsub import __version__
+_VERSION: List[str] = []
 
-    return __version__
+
+def _version() -> str:
+    if not _VERSION:
+        from mpmsub import __version__
+
+        _VERSION.append(__version__)
+    return _VERSION[0]
 
 
 def _cancelled(item: _Item) -> bool:

@@ -12,18 +12,18 @@ without it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import os
-import queue
 import socket
 import sqlite3
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from mpmsub._learn import LEARNED_FROM, WINDOW, Run
 
@@ -31,6 +31,7 @@ logger = logging.getLogger("mpmsub")
 
 OFF = ("off", "no", "false", "0", "none")
 _TIMEOUT = 10.0  # seconds a writer waits for another process's transaction before giving up
+_GATHER = 0.25  # seconds a writer gathers rows before it writes them in one transaction
 _SCHEMA_VERSION = 1
 _COLUMNS = (
     "key",
@@ -258,45 +259,49 @@ class History:
 
 
 class Recorder:
-    """Writes an executor's rows from a thread of its own, a batch per transaction, so that
-    neither the executor's loop nor a job waits on the disk."""
+    """Writes an executor's rows from a thread of its own, gathered for a moment and written in
+    one transaction, so that neither the executor's loop nor a job waits on the disk (and a
+    batch of short jobs costs one transaction every quarter second, not one per job)."""
 
     def __init__(self, history: History) -> None:
         self.history = history
-        self._queue: queue.SimpleQueue[Optional[Row]] = queue.SimpleQueue()
+        self._rows: Deque[Row] = collections.deque()
+        self._pending = False  # a write is due: rows came since the last one
+        self._closing = False
+        self._wake = threading.Event()
+        self._now = threading.Event()  # cuts the gathering short (at close)
         self._thread: Optional[threading.Thread] = None
 
     def put(self, row: Row) -> None:
+        """Queue a row (the executor's loop thread)."""
+        self._rows.append(row)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="mpmsub-history", daemon=True)
             self._thread.start()
-        self._queue.put(row)
+        if not self._pending:
+            self._pending = True
+            self._wake.set()
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            batch: List[Row] = []
-            done = first is None
-            if first is not None:
-                batch.append(first)
-            while not done:
-                try:
-                    row = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if row is None:
-                    done = True
-                else:
-                    batch.append(row)
-            if batch:
-                self.history.add(batch)
-            if done:
+            self._wake.wait()
+            self._wake.clear()
+            self._now.wait(_GATHER)
+            self._pending = False
+            rows = []
+            while self._rows:
+                rows.append(self._rows.popleft())
+            if rows:
+                self.history.add(rows)
+            if self._closing and not self._rows:
                 return
 
     def close(self) -> None:
         """Write what is queued, then stop (the thread is not left behind)."""
         if self._thread is not None:
-            self._queue.put(None)
+            self._closing = True
+            self._now.set()
+            self._wake.set()
             self._thread.join()
             self._thread = None
         self.history.close()

@@ -204,13 +204,31 @@ def _candidates(spec: JobSpec) -> Iterator[str]:
                 yield arg
 
 
+def key_and_input(spec: JobSpec) -> Tuple[str, int]:
+    """`job_key(spec)` and `input_size(spec)` together, the command read once."""
+    if spec.key is not None or spec.call is not None:
+        return job_key(spec), input_size(spec)
+    keys, inputs = [], []
+    for stage in spec.stages:
+        words, found = _stage(stage, spec.cwd)
+        keys.append(" ".join(words))
+        inputs += found
+    return " | ".join(keys), _total_size(inputs, spec.cwd)
+
+
 def input_size(spec: JobSpec) -> int:
     """The total size in bytes of the existing regular files the job's arguments name (relative
     names are taken from its working directory); each file counted once."""
+    return _total_size(_candidates(spec), spec.cwd)
+
+
+def _total_size(args: Iterable[str], cwd: Optional[str]) -> int:
     total = 0
     seen: Set[str] = set()
-    for arg in _candidates(spec):
-        path = arg if spec.cwd is None else os.path.join(spec.cwd, arg)
+    for arg in args:
+        if not 0 < len(arg) <= _MAX_ARG:
+            continue
+        path = arg if cwd is None else os.path.join(cwd, arg)
         try:
             info = os.stat(path)
         except (OSError, ValueError):
