@@ -44,7 +44,7 @@ from mpmsub._history import resolve as resolve_history
 from mpmsub._history import row as history_row
 from mpmsub._job import Job, JobSpec, Pipeline, to_spec
 from mpmsub._launcher import Handle, Launcher, Outcome, not_started
-from mpmsub._learn import LEARNED_FROM, Estimate, Run, estimate, key_and_input
+from mpmsub._learn import LEARNED_FROM, WINDOW, Estimate, Run, estimate, key_and_input
 from mpmsub._ledger import Ledger, Request
 from mpmsub._loop import EventLoop
 from mpmsub._monitor import Monitor
@@ -333,6 +333,7 @@ class MemoryAwareExecutor(Executor):
         # runs of each key seen so far, the probe in flight of each key never seen, and the jobs
         # of that key held until it ends.
         self._learned: Dict[str, List[Run]] = {}
+        self._loaded: Set[str] = set()  # keys whose runs were read from the history
         self._learn_lock = threading.Lock()
         self._probes: Dict[str, _Item] = {}
         self._held: Dict[str, List[_Item]] = {}
@@ -558,13 +559,17 @@ class MemoryAwareExecutor(Executor):
         self._delivery.join()  # results and cancellations handed over are all visible on return
 
     def _load_runs(self, key: str) -> None:
-        """Read the past runs of `key` from the history, once per executor."""
+        """Read the past runs of `key` from the history, once per executor (this executor's own
+        runs written first, so that each is counted once)."""
         with self._learn_lock:
-            if key in self._learned:
+            if key in self._loaded or self._recorder is None:
                 return
-        runs = [] if self.history is None else self.history.runs(key)
+            self._loaded.add(key)
+            known = len(self._learned.get(key, ()))
+        self._recorder.flush()  # the rows of those `known` runs, and of any before them
+        runs = self._recorder.history.runs(key)
         with self._learn_lock:
-            self._learned.setdefault(key, runs)
+            self._learned[key] = runs + self._learned.get(key, [])[known:]
 
     def _forget_id(self, job_id: str) -> None:
         """Let a finished job's id be used again (for an executor that runs jobs for others)."""
@@ -665,12 +670,7 @@ class MemoryAwareExecutor(Executor):
             return
         failure = "requeued" if item.requeue else result.failure
         peak = int(result.memory_used * MB)
-        if failure in LEARNED_FROM:
-            with self._learn_lock:
-                runs = self._learned.get(item.key)
-                if runs is not None:
-                    runs.append(Run(item.input_size, peak))
-        if self._recorder is not None:
+        if self._recorder is not None:  # before the run is counted below (see _load_runs)
             spec = item.spec
             self._recorder.put(
                 history_row(
@@ -686,6 +686,12 @@ class MemoryAwareExecutor(Executor):
                     _version(),
                 )
             )
+        if failure in LEARNED_FROM:
+            with self._learn_lock:
+                runs = self._learned.setdefault(item.key, [])
+                runs.append(Run(item.input_size, peak))
+                if len(runs) > 4 * WINDOW:  # an estimate looks at the last WINDOW
+                    del runs[: -2 * WINDOW]
 
     def _dispatch(self) -> None:
         self._gate_room = None

@@ -282,17 +282,21 @@ class Recorder:
             self._pending = True
             self._wake.set()
 
+    def flush(self) -> None:
+        """Write the queued rows now, from this thread."""
+        rows = []
+        while self._rows:
+            rows.append(self._rows.popleft())
+        if rows:
+            self.history.add(rows)
+
     def _run(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
             self._now.wait(_GATHER)
             self._pending = False
-            rows = []
-            while self._rows:
-                rows.append(self._rows.popleft())
-            if rows:
-                self.history.add(rows)
+            self.flush()
             if self._closing and not self._rows:
                 return
 
