@@ -505,9 +505,9 @@ def _history(args: argparse.Namespace) -> int:
         command.error(str(exc))
     if path is None:
         command.error("the run history is off (MPMSUB_HISTORY=off); give --db FILE to read one")
-    if args.action != "export" and not os.path.exists(path):
-        print(f"mpmsub: no run history yet at {path}", file=sys.stderr)
-        return OK if args.action == "list" else FAILED
+    if not os.path.exists(path):
+        print(f"mpmsub: no run history at {path}", file=sys.stderr)
+        return OK if args.action in ("list", "export") else FAILED
     history = History(path, tolerant=False)
     try:
         return _history_action(args, history)
@@ -580,13 +580,17 @@ def _history_action(args: argparse.Namespace, history: History) -> int:
         what = "every key" if args.all else f"the key {args.key!r}"
         print(f"mpmsub: forgot {count} run(s) of {what}", file=sys.stderr)
         return OK if count or args.all else FAILED
-    out = sys.stdout if not args.output else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+    lines = [json.dumps(run) + "\n" for run in history.rows()]  # all read before a file is touched
+    if not args.output:
+        sys.stdout.writelines(lines)
+        return OK
     try:
-        for run in history.rows():
-            out.write(json.dumps(run) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.writelines(lines)
+    except OSError as exc:
+        print(f"mpmsub: cannot write {args.output!r}: {exc.strerror}", file=sys.stderr)
+        return FAILED
+    print(f"mpmsub: wrote {len(lines)} run(s) to {args.output}", file=sys.stderr)
     return OK
 
 

@@ -220,25 +220,24 @@ class Cluster:
         specs = self.jobs._take()
         originals = {spec.job_id or "": spec for spec in specs}
         unreserved = [dataclasses.replace(spec, memory=None, auto=False) for spec in specs]
-        executor = self._executor(max_workers=1, schedule="fifo")
+        executor = self._executor(max_workers=1, schedule="fifo", auto_memory=False)
         results = self._execute(executor, unreserved, label="profiling")
         if verbose:
             print(_report.profile_text(results, originals, self._custom_ids, self.max_cpus, self._memory))
         return results
 
-    def _executor(self, max_workers: Optional[int], schedule: str) -> MemoryAwareExecutor:
+    def _executor(self, max_workers: Optional[int], schedule: str, **learning: Any) -> MemoryAwareExecutor:
         # The executor takes a bare number of memory as MB (the seed's unit).
+        learning = {**self._learning, **learning}
         if self._whole:  # the executor sizes itself by the backend (and hands it jobs ahead)
-            return MemoryAwareExecutor(
-                max_workers=max_workers, schedule=schedule, backend=self.backend, **self._learning
-            )
+            return MemoryAwareExecutor(max_workers=max_workers, schedule=schedule, backend=self.backend, **learning)
         return MemoryAwareExecutor(
             cpus=self.max_cpus,
             memory=self._memory / MB,
             max_workers=max_workers,
             schedule=schedule,
             backend=self.backend,
-            **self._learning,
+            **learning,
         )
 
     def _execute(

@@ -39,7 +39,7 @@ from mpmsub._errors import (
     WorkerDiedError,
 )
 from mpmsub._future import JobFuture
-from mpmsub._history import History, Recorder
+from mpmsub._history import History, Recorder, close_recorders
 from mpmsub._history import resolve as resolve_history
 from mpmsub._history import row as history_row
 from mpmsub._job import Job, JobSpec, Pipeline, to_spec
@@ -378,7 +378,7 @@ class MemoryAwareExecutor(Executor):
         self._monitor = Monitor(_monitor_interval, self._check_memory, self._launcher.housekeeping)
         self._loop.start()
         _live_executors.add(self)
-        weakref.finalize(self, _stop_loop, self._loop, self._monitor)
+        weakref.finalize(self, _stop_loop, self._loop, self._monitor, self._recorder)
 
     @staticmethod
     def _check_learning(
@@ -557,6 +557,8 @@ class MemoryAwareExecutor(Executor):
             self._loop.join()
             raise
         self._delivery.join()  # results and cancellations handed over are all visible on return
+        if self._recorder is not None:
+            self._recorder.join()  # every finished run is in the history on return
 
     def _load_runs(self, key: str) -> None:
         """Read the past runs of `key` from the history, once per executor (this executor's own
@@ -634,9 +636,20 @@ class MemoryAwareExecutor(Executor):
         group = self._held.get(key)
         if not group or key in self._probes:
             return
-        live = [item for item in group if not _cancelled(item)] or group
+        live = []
+        for item in group:
+            if _cancelled(item):  # cancelled while held: let go of it now (wakes its waiters)
+                item.future.set_running_or_notify_cancel()
+                self._held_count -= 1
+            else:
+                live.append(item)
+        if not live:
+            del self._held[key]
+            self._maybe_close()
+            return
         probe = max(live, key=lambda i: (i.input_size, -i.seq))
-        group.remove(probe)
+        live.remove(probe)
+        self._held[key] = live
         self._held_count -= 1
         self._probes[key] = probe
         probe.probe = True
@@ -666,8 +679,8 @@ class MemoryAwareExecutor(Executor):
 
     def _learn(self, item: _Item, result: JobResult) -> None:
         """Record a run in the history, and in what this executor estimates from."""
-        if item.key is None or result.failure in (kinds.START, kinds.PICKLE):
-            return
+        if item.key is None or result.failure in (kinds.START, kinds.PICKLE, kinds.ERROR):
+            return  # never ran, or mpmsub failed: nothing of the tool was measured
         failure = "requeued" if item.requeue else result.failure
         peak = int(result.memory_used * MB)
         if self._recorder is not None:  # before the run is counted below (see _load_runs)
@@ -713,6 +726,8 @@ class MemoryAwareExecutor(Executor):
                         self._start(item)
                     else:  # cancelled since it was chosen
                         self._ledger.release(item.request)
+                        if item.probe:
+                            self._probe_ended(item)
         finally:
             if self._gate_room is not None and self._scheduler and not self._gate_timer:
                 # The machine's free memory changes without an event to wait on: look again soon.
@@ -837,7 +852,7 @@ class MemoryAwareExecutor(Executor):
             item.auto
             and result.failure == kinds.MEMORY
             and item.auto_retries < _AUTO_RETRIES
-            and (item.spec.memory or 0) < self.memory
+            and (item.spec.memory or 0) < min(self.memory, item.place_memory or self.memory)
         )
         if learning:
             item.auto_retries += 1
@@ -850,7 +865,8 @@ class MemoryAwareExecutor(Executor):
             base = spec.memory if spec.memory is not None else int(result.memory_used * MB)
             if item.auto:
                 base = max(base, int(result.memory_used * MB))
-            grown = min(self.memory, max(base + MB, math.ceil(base * spec.memory_growth)))
+            most = min(self.memory, item.place_memory or self.memory)
+            grown = min(most, max(base + MB, math.ceil(base * spec.memory_growth)))
             bigger = dataclasses.replace(spec, memory=grown)
             if not self._launcher.local and self._launcher.why_never_fits(bigger) is not None:
                 return False  # no single worker or node can hold more: the backend would wait forever
@@ -984,7 +1000,7 @@ class MemoryAwareExecutor(Executor):
                 self._monitor.close()
                 self._launcher.close()
                 if self._recorder is not None:
-                    self._recorder.close()
+                    self._recorder.close(wait=False)  # its thread finishes writing; joined in _wait
                 if self._own_backend:
                     self.backend.close()
             finally:  # whatever failed, the loop stops and waiters are released
@@ -1084,9 +1100,11 @@ def _results(futures: List[JobFuture[Any]], end: Optional[float]) -> Iterator[An
             future.cancel()
 
 
-def _stop_loop(loop: EventLoop, monitor: Monitor) -> None:
+def _stop_loop(loop: EventLoop, monitor: Monitor, recorder: Optional[Recorder]) -> None:
     monitor.close()
     loop.call_soon_threadsafe(loop.stop)
+    if recorder is not None:
+        recorder.close(wait=False)
 
 
 def _at_exit() -> None:
@@ -1104,6 +1122,7 @@ def _at_exit() -> None:
             executor.terminate("the program is exiting on an uncaught exception")
         else:
             executor.shutdown(wait=True)
+    close_recorders()  # the rows of executors shut down without waiting
 
 
 try:

@@ -22,6 +22,7 @@ import sqlite3
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -140,9 +141,10 @@ class History:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, _SCHEMA_VERSION):
+                if version == 0:  # a new database (reads of an existing one write nothing)
+                    conn.executescript(_SCHEMA)
+                elif version != _SCHEMA_VERSION:
                     raise sqlite3.DatabaseError(f"its schema is version {version}; this mpmsub knows {_SCHEMA_VERSION}")
-                conn.executescript(_SCHEMA)
             except BaseException:
                 conn.close()
                 raise
@@ -258,6 +260,16 @@ class History:
                 self._conn = None
 
 
+_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+def close_recorders() -> None:
+    """Write what every recorder still holds (at interpreter exit, where their daemon threads
+    would otherwise die with rows unwritten)."""
+    for recorder in list(_recorders):
+        recorder.close(wait=True)
+
+
 class Recorder:
     """Writes an executor's rows from a thread of its own, gathered for a moment and written in
     one transaction, so that neither the executor's loop nor a job waits on the disk (and a
@@ -270,7 +282,9 @@ class Recorder:
         self._closing = False
         self._wake = threading.Event()
         self._now = threading.Event()  # cuts the gathering short (at close)
+        self._write = threading.Lock()  # one writer at a time: this thread's, or a flush
         self._thread: Optional[threading.Thread] = None
+        _recorders.add(self)
 
     def put(self, row: Row) -> None:
         """Queue a row (the executor's loop thread)."""
@@ -283,12 +297,16 @@ class Recorder:
             self._wake.set()
 
     def flush(self) -> None:
-        """Write the queued rows now, from this thread."""
-        rows = []
-        while self._rows:
-            rows.append(self._rows.popleft())
-        if rows:
-            self.history.add(rows)
+        """Write the queued rows now, from this thread (after a write under way, if any)."""
+        with self._write:
+            rows = []
+            while True:
+                try:
+                    rows.append(self._rows.popleft())
+                except IndexError:
+                    break
+            if rows:
+                self.history.add(rows)
 
     def _run(self) -> None:
         while True:
@@ -298,17 +316,25 @@ class Recorder:
             self._pending = False
             self.flush()
             if self._closing and not self._rows:
+                self.history.close()
                 return
 
-    def close(self) -> None:
-        """Write what is queued, then stop (the thread is not left behind)."""
-        if self._thread is not None:
-            self._closing = True
-            self._now.set()
-            self._wake.set()
-            self._thread.join()
-            self._thread = None
-        self.history.close()
+    def close(self, wait: bool = True) -> None:
+        """Write what is queued, then stop; with `wait`, return once written."""
+        self._closing = True
+        if self._thread is None:
+            self.history.close()
+            return
+        self._now.set()
+        self._wake.set()
+        if wait:
+            self.join()
+
+    def join(self, timeout: float = 60.0) -> None:
+        """Wait for the rows to be written (the history's own timeouts bound each write)."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
 
 def row(

@@ -289,7 +289,7 @@ class Resources(abc.ABC):
 
     def memory(self, memory: Optional[MemoryLike]) -> Self:
         """Set the memory it needs: MB as a number, or '500M', '4G', ...; None for no reservation;
-        "auto" to have it predicted from the run history (see docs/memory.md)."""
+        "auto" to have it predicted from the run history (see docs/auto-memory.md)."""
         if is_auto(memory):
             memory = AUTO
         elif memory is not None:
@@ -299,7 +299,7 @@ class Resources(abc.ABC):
 
     def with_key(self, key: str) -> Self:
         """Name the tool for the run history (m="auto"): runs with the same key share their
-        measurements. By default the key comes from the command (see docs/memory.md)."""
+        measurements. By default the key comes from the command (see docs/auto-memory.md)."""
         self.key = history_key(key)
         return self
 

@@ -2,7 +2,7 @@
 its peak memory from past runs of the same key. Pure functions (the input size reads the file
 system, nothing else does I/O).
 
-The key rule (documented in docs/memory.md):
+The key rule (documented in docs/auto-memory.md):
 
 - the program is the base name of its path (``/usr/bin/bwa`` is ``bwa``; ``python3.11`` is
   ``python``); for an interpreter (python, Rscript, perl, java, ...) the first argument that

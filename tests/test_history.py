@@ -213,7 +213,11 @@ def test_history_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPMSUB_HISTORY", str(tmp_path / "h.db"))
     with MemoryAwareExecutor(cpus=1, memory="1G", history=False) as ex:
         assert ex.history is None
+        assert ex.submit(["true"]).result(timeout=30).success
     assert not (tmp_path / "h.db").exists()
+    with MemoryAwareExecutor(cpus=1, memory="1G") as ex:  # and the variable is read
+        assert ex.submit(["true"]).result(timeout=30).success
+    assert len(list(History(str(tmp_path / "h.db")).rows())) == 1
 
 
 @pytest.mark.parametrize(
@@ -384,3 +388,62 @@ def test_a_probe_never_starts_with_nothing_reserved(tmp_path: Path) -> None:
     assert earlier.memory_requested == 1024  # all that was free
     assert later.start_time >= earlier.end_time - 0.01  # waited for its CPU's share, 512M
     assert later.memory_requested is not None and later.memory_requested >= 512
+
+
+def test_cancelled_held_jobs_are_let_go_and_shutdown_is_prompt(tmp_path: Path) -> None:
+    ex = MemoryAwareExecutor(cpus=1, memory="1G", history=history_file(tmp_path))
+    futures = [ex.submit(Job(["sleep", "0.3"]).with_key("many").memory("auto")) for _ in range(300)]
+    deadline = time.monotonic() + 10
+    while not any(f.running() for f in futures) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    probe = next(f for f in futures if f.running())
+    held = [f for f in futures if f is not probe]
+    assert all(f.cancel() for f in held)
+    started = time.monotonic()
+    ex.shutdown(wait=True)
+    assert time.monotonic() - started < 5
+    assert probe.result().success and all(f.cancelled() for f in held)
+
+
+def test_a_cancelled_probe_hands_over_and_terminate_cancels_the_held(tmp_path: Path) -> None:
+    with MemoryAwareExecutor(cpus=1, memory="1G", history=history_file(tmp_path)) as ex:
+        blocker = ex.submit(["sleep", "0.5"])  # the probe waits for the CPU, queued
+        first = ex.submit(Job(["sleep", "0.1"]).with_key("k").memory("auto"))
+        second = ex.submit(Job(["sleep", "0.1"]).with_key("k").memory("auto"))
+        time.sleep(0.2)  # the probe is chosen (first: the same input, submitted first)
+        assert first.cancel()
+        r = second.result(timeout=30)
+        assert blocker.result().success
+    assert r.success and r.memory_estimate == "probe"
+    ex = MemoryAwareExecutor(cpus=1, memory="1G", history=history_file(tmp_path))
+    futures = [ex.submit(Job(["sleep", "5"]).with_key("slow").memory("auto")) for _ in range(3)]
+    time.sleep(0.2)
+    started = time.monotonic()
+    ex.terminate()
+    assert time.monotonic() - started < 5
+    assert futures[0].result().failure == "cancelled"
+    assert all(f.cancelled() for f in futures[1:])
+
+
+def test_profile_measures_unreserved_with_auto_memory(tmp_path: Path) -> None:
+    batch = mpmsub.cluster(
+        p=1, m="1G", auto_memory=True, history=history_file(tmp_path), progress_bar=False, verbose=False
+    )
+    batch.jobs.extend([["true"], ["true"]])
+    results = batch.profile(verbose=False)
+    assert [(r.memory_requested, r.memory_estimate) for r in results] == [(None, None), (None, None)]
+
+
+def test_the_history_command_on_a_corrupt_database_and_a_bad_output(tmp_path: Path) -> None:
+    db = tmp_path / "bad.db"
+    db.write_bytes(b"not a database" * 100)
+    listed = mpmsub_cli("history", "list", env_db=str(db))
+    assert listed.returncode == 1 and "cannot read the run history" in listed.stderr
+    good = history_file(tmp_path)
+    with MemoryAwareExecutor(cpus=1, memory="1G", history=good) as ex:
+        ex.submit(["true"]).result(timeout=30)
+    out = mpmsub_cli("history", "export", "-o", str(tmp_path / "no" / "such" / "dir.jsonl"), env_db=good)
+    assert out.returncode == 1 and "cannot write" in out.stderr and "Traceback" not in out.stderr
+    missing = mpmsub_cli("history", "--db", str(tmp_path / "typo.db"), "export", env_db=good)
+    assert missing.returncode == 0 and "no run history at" in missing.stderr
+    assert not (tmp_path / "typo.db").exists()
