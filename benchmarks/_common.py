@@ -18,6 +18,13 @@ import psutil
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
+# The run history of the benchmarks' jobs goes to a file of their own, not the user's (a
+# benchmark that compares with and without a history names its own).
+if "MPMSUB_HISTORY" not in os.environ:
+    import tempfile
+
+    os.environ["MPMSUB_HISTORY"] = os.path.join(tempfile.mkdtemp(prefix="mpmsub-bench-"), "history.db")
+
 
 def machine() -> str:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

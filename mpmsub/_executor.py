@@ -42,6 +42,7 @@ from mpmsub._future import JobFuture
 from mpmsub._history import History, Recorder, close_recorders
 from mpmsub._history import resolve as resolve_history
 from mpmsub._history import row as history_row
+from mpmsub._history import shared as shared_history
 from mpmsub._job import Job, JobSpec, Pipeline, to_spec
 from mpmsub._launcher import Handle, Launcher, Outcome, not_started
 from mpmsub._learn import LEARNED_FROM, WINDOW, Estimate, Run, estimate, key_and_input
@@ -327,7 +328,7 @@ class MemoryAwareExecutor(Executor):
         self.memory_reserve = reserve
         self.auto_memory = auto_memory
         self.probe_memory = probe
-        self.history: Optional[History] = None if history_path is None else History(history_path)
+        self.history: Optional[History] = None if history_path is None else shared_history(history_path)
         self._recorder = None if self.history is None else Recorder(self.history)
         # m="auto" (the loop's but for _learned, which submitters fill under _learn_lock): the
         # runs of each key seen so far, the probe in flight of each key never seen, and the jobs

@@ -261,6 +261,20 @@ class History:
 
 
 _recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
+_shared: Dict[str, History] = {}
+_shared_lock = threading.Lock()
+
+
+def shared(path: str) -> History:
+    """The process's History of `path`, opened once and kept (executors come and go; opening a
+    database, and the checkpoint of its last close, cost more than a batch of short jobs). One
+    that proved unusable stays off for the rest of the process: it warned once."""
+    key = os.path.abspath(path)
+    with _shared_lock:
+        history = _shared.get(key)
+        if history is None:
+            history = _shared[key] = History(path)
+        return history
 
 
 def close_recorders() -> None:
@@ -268,6 +282,10 @@ def close_recorders() -> None:
     would otherwise die with rows unwritten)."""
     for recorder in list(_recorders):
         recorder.close(wait=True)
+    with _shared_lock:
+        histories = list(_shared.values())
+    for history in histories:
+        history.close()
 
 
 class Recorder:
@@ -316,14 +334,12 @@ class Recorder:
             self._pending = False
             self.flush()
             if self._closing and not self._rows:
-                self.history.close()
                 return
 
     def close(self, wait: bool = True) -> None:
         """Write what is queued, then stop; with `wait`, return once written."""
         self._closing = True
         if self._thread is None:
-            self.history.close()
             return
         self._now.set()
         self._wake.set()

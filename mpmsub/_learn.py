@@ -31,6 +31,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
+from mpmsub._call import CHUNK
 from mpmsub._job import JobSpec
 from mpmsub._units import MB
 
@@ -191,12 +192,7 @@ def job_key(spec: JobSpec) -> str:
 def _candidates(spec: JobSpec) -> Iterator[str]:
     """The arguments that may name input files (see _stage); a call's string and path arguments."""
     if spec.call is not None:
-        values: Iterable[Any] = list(spec.call.args) + list(spec.call.kwargs.values())
-        for value in values:
-            if isinstance(value, os.PathLike):
-                value = os.fspath(value)
-            if isinstance(value, str) and 0 < len(value) <= _MAX_ARG:
-                yield value
+        yield from _call_paths(list(spec.call.args) + list(spec.call.kwargs.values()))
         return
     for stage in spec.stages:
         for arg in _stage(stage, spec.cwd)[1]:
@@ -216,9 +212,28 @@ def key_and_input(spec: JobSpec) -> Tuple[str, int]:
     return " | ".join(keys), _total_size(inputs, spec.cwd)
 
 
+def _call_paths(values: Iterable[Any]) -> Iterator[str]:
+    for value in values:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if isinstance(value, str) and 0 < len(value) <= _MAX_ARG:
+            yield value
+
+
+def _chunk_size(items: Sequence[Tuple[Any, ...]], cwd: Optional[str]) -> int:
+    """A map() chunk's input: the largest of its items' (they run one after another). Items of
+    one map are alike: if the first names no path (numbers, say), none is looked at."""
+    if not items or not any(isinstance(v, (str, os.PathLike)) for v in items[0]):
+        return 0
+    return max(_total_size(_call_paths(item), cwd) for item in items)
+
+
 def input_size(spec: JobSpec) -> int:
     """The total size in bytes of the existing regular files the job's arguments name (relative
     names are taken from its working directory); each file counted once."""
+    call = spec.call
+    if call is not None and call.kind == CHUNK:
+        return _chunk_size(call.args, spec.cwd)
     return _total_size(_candidates(spec), spec.cwd)
 
 

@@ -89,6 +89,9 @@ def test_input_size_sums_the_existing_files_the_arguments_name(tmp_path: Path) -
     shell = to_spec(Job(["sh", "-c", f"cat {a} {b} | wc -c"]))
     assert input_size(shell) == 3 * MB
     assert input_size(mpmsub.Call(os.path.getsize, str(b)).spec()) == 2 * MB
+    chunk = mpmsub.Call(os.path.getsize)._chunk_spec([(str(a),), (b,)], 0)  # a map() chunk: its largest item
+    assert input_size(chunk) == 2 * MB
+    assert input_size(mpmsub.Call(abs)._chunk_spec([(1,), (str(b),)], 0)) == 0  # the first item names no path
 
 
 # -- the estimator ----------------------------------------------------------------------------
