@@ -98,7 +98,8 @@ def measure(runs: int = 3) -> List[Figure]:
                     f"| {int(way['failed'])} | {int(way['memory_stops'])} | {way['requested']:.0f} MB "
                     f"| {way['peak']:.0f} MB |"
                 )
-            runs_kept = len(list(History(db).rows()))
+            with History(db) as history:
+                runs_kept = len(list(history.rows()))
             rows.append(f"| {index + 1} | history rows after (b) and (c) | {runs_kept} | | | | | |")
     detail = [
         f"40 jobs of `sized_tool.py` (needs of 50, 150, 400, 800 MB, 10 each), {BUDGET} budget, {CPUS} CPUs",

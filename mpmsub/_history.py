@@ -132,6 +132,12 @@ class History:
     def __repr__(self) -> str:
         return f"History({self.path!r})"
 
+    def __enter__(self) -> History:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             directory = os.path.dirname(os.path.abspath(self.path))

@@ -3,6 +3,7 @@ probe-then-fan-out with real processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, List, Optional
 
 import pytest
 from hypothesis import given
@@ -40,6 +41,11 @@ def sized_file(path: Path, mb: float) -> Path:
 
 def history_file(tmp_path: Path) -> str:
     return str(tmp_path / "history.db")
+
+
+def history_rows(path: str, key: Optional[str] = None) -> List[Dict[str, Any]]:
+    with History(path) as history:
+        return list(history.rows(key))
 
 
 # -- the key rule -----------------------------------------------------------------------------
@@ -154,10 +160,11 @@ def test_concurrent_writers_share_one_history(tmp_path: Path) -> None:
     path = history_file(tmp_path)
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, path, str(n)]) for n in range(6)]
     assert [w.wait(timeout=60) for w in writers] == [0] * 6
-    history = History(path, tolerant=False)
-    assert sorted(s.runs for s in history.summaries()) == [200] * 6
-    assert len(history.runs("k3")) == 50  # the estimate's window
-    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with History(path, tolerant=False) as history:
+        assert sorted(s.runs for s in history.summaries()) == [200] * 6
+        assert len(history.runs("k3")) == 50  # the estimate's window
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_a_corrupt_history_warns_once_and_the_batch_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -198,7 +205,7 @@ def test_every_finished_job_adds_a_row(tmp_path: Path) -> None:
         ok = ex.submit(tool(data, "--per-mb", "5", "--hold", "0")).result(timeout=30)
         bad = ex.submit(["sh", "-c", "exit 3"]).result(timeout=30)
         ex.submit(["no-such-program-xyz"]).result(timeout=30)  # never started: no row
-    rows = list(History(path).rows())
+    rows = history_rows(path)
     assert [r["failure"] for r in rows] == [None, "exit"] or [r["failure"] for r in rows] == ["exit", None]
     mine = next(r for r in rows if r["failure"] is None)
     assert mine["key"] == "python sized_tool.py *.dat --per-mb # --hold #"
@@ -220,7 +227,7 @@ def test_history_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not (tmp_path / "h.db").exists()
     with MemoryAwareExecutor(cpus=1, memory="1G") as ex:  # and the variable is read
         assert ex.submit(["true"]).result(timeout=30).success
-    assert len(list(History(str(tmp_path / "h.db")).rows())) == 1
+    assert len(history_rows(str(tmp_path / "h.db"))) == 1
 
 
 @pytest.mark.parametrize(
@@ -289,7 +296,7 @@ def test_a_low_estimate_is_stopped_retried_with_more_and_learned(tmp_path: Path)
     assert first.memory_requested is not None and first.memory_requested >= first.memory_used
     assert after.success and after.attempts == 1
     assert after.memory_requested is not None and after.memory_requested > first.memory_used
-    rows = list(History(path).rows("grows"))
+    rows = history_rows(path, "grows")
     assert [r["failure"] for r in rows].count("memory") == first.attempts - 1
 
 
@@ -338,7 +345,7 @@ def test_profile_writes_its_measurements_to_the_history(tmp_path: Path) -> None:
     batch = mpmsub.cluster(p=1, m="1G", history=path, progress_bar=False, verbose=False)
     batch.jobs.append({"cmd": tool(data, "--per-mb", "30", "--hold", "0"), "m": "auto"})
     [result] = batch.profile(verbose=False)
-    [row] = History(path).rows()
+    [row] = history_rows(path)
     assert row["peak_bytes"] == int(result.memory_used * MB) and row["input_bytes"] == MB
 
 
