@@ -276,7 +276,7 @@ class Cluster:
                     if on_result is not None:
                         on_result(results[-1])
                 status = executor.status()
-                bar.update(len(results), failed, status.running, status.reserved_memory)
+                bar.update(len(results), failed, status.running, status.reserved_memory, status.memory_in_use)
             executor.shutdown(wait=True)
         except BaseException as exc:
             executor.terminate(f"stopped by {type(exc).__name__}")

@@ -80,6 +80,9 @@ class ExecutorStatus:
     running: int
     reserved_cpus: int
     reserved_memory: int  # bytes
+    # bytes: the running jobs' resident memory at their last sample (their whole trees); None
+    # where jobs run elsewhere (a remote backend measures them there)
+    memory_in_use: Optional[int] = None
 
 
 class _Item:
@@ -518,7 +521,8 @@ class MemoryAwareExecutor(Executor):
         """Jobs queued and running now, and the CPUs and memory the running ones reserve."""
         # Plain reads of the loop thread's counters: each is consistent, together a moment's view.
         queued = len(self._scheduler) + len(self._inbox) + self._held_count
-        return ExecutorStatus(queued, len(self._running), self._ledger.used_cpus, self._ledger.used_memory)
+        in_use = sum(item.last_rss for item in list(self._running.values())) if self._launcher.local else None
+        return ExecutorStatus(queued, len(self._running), self._ledger.used_cpus, self._ledger.used_memory, in_use)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting jobs; with `cancel_futures`, cancel the queued ones; with `wait`, return

@@ -28,7 +28,7 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """done/total, percent, elapsed, ETA, and what is running (count and memory reserved)."""
+    """done/total, percent, elapsed, ETA, and what is running (count, memory reserved and in use)."""
 
     def __init__(self, total: int, *, label: str = "", stream: Optional[TextIO] = None, enabled: bool = True) -> None:
         self.total = total
@@ -41,13 +41,18 @@ class ProgressBar:
         self.failed = 0
         self.running = 0
         self.reserved = 0
+        self.in_use: Optional[int] = None
         self._last_plain = -1.0
         self._last_decile = -1
         self._drawn = False
         self._plain_done = -1
 
-    def update(self, done: int, failed: int, running: int, reserved_memory: int) -> None:
+    def update(
+        self, done: int, failed: int, running: int, reserved_memory: int, memory_in_use: Optional[int] = None
+    ) -> None:
+        """The counts, the memory the running jobs reserve and (where known) the memory they use."""
         self.done, self.failed, self.running, self.reserved = done, failed, running, reserved_memory
+        self.in_use = memory_in_use
         if not self.enabled:
             return
         if self.interactive:
@@ -67,7 +72,7 @@ class ProgressBar:
             f"{self.done}/{self.total} ({100 * fraction:.1f}%)",
             f"elapsed {format_duration(elapsed)}",
             f"ETA {format_duration(eta) if eta is not None else '?'}",
-            f"running {self.running} ({format_memory(self.reserved)} reserved)",
+            f"running {self.running} ({self._memory()})",
         ]
         if self.failed:
             parts.append(f"failed {self.failed}")
@@ -77,6 +82,12 @@ class ProgressBar:
         bar_width = max(10, min(40, width - len(text) - 4))  # "[", "] " and a spare column
         filled = int(bar_width * fraction)
         return f"[{'█' * filled}{'░' * (bar_width - filled)}] {text}"
+
+    def _memory(self) -> str:
+        text = f"{format_memory(self.reserved)} reserved"
+        if self.in_use is not None and self.running:
+            text += f", {format_memory(self.in_use)} in use"
+        return text
 
     def _draw(self) -> None:
         width = shutil.get_terminal_size((100, 20)).columns

@@ -84,6 +84,34 @@ def _command(result: JobResult) -> str:
     return describe_command(stages)  # type: ignore[arg-type]
 
 
+OVER_ASKING = 2.0  # a job reserving more than twice its peak (and 50 MB more) asks too much
+_OVER_MB = 50.0
+
+
+def _over_askers(asked: Sequence[JobResult], top: int) -> List[str]:
+    """The jobs that reserved the most memory they did not use, with an m from their peak."""
+    over = [
+        r
+        for r in asked
+        if r.success
+        and (r.memory_requested or 0.0) > OVER_ASKING * r.memory_used
+        and (r.memory_requested or 0.0) - r.memory_used > _OVER_MB
+    ]
+    if not over:
+        return []
+    over.sort(key=lambda r: (r.memory_requested or 0.0) - r.memory_used, reverse=True)
+    lines = ["", f"Jobs that asked for far more memory than they used ({len(over)}; m from their peak + 20%):"]
+    for r in over[:top]:
+        share = 100 * r.memory_used / (r.memory_requested or 1.0)
+        lines.append(
+            f"  {r.job_id:<14} asked {r.memory_requested:.0f} MB, used {r.memory_used:.1f} MB ({share:.0f}%)  "
+            f"m={recommend_memory(r.memory_used)!r:<8} {_short(_command(r), 40)}"
+        )
+    if len(over) > top:
+        lines.append(f"  ... and {len(over) - top} more")
+    return lines
+
+
 def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int = 5) -> str:
     jobs, times, mem = stats["jobs"], stats["time"], stats["memory"]
     cluster = stats["cluster"]
@@ -103,6 +131,15 @@ def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int =
             f"  memory:    largest peak {biggest.memory_used:.1f} MB ({biggest.job_id}), "
             f"mean {mem['mean_job_mb']:.1f} MB"
         )
+    reserving = [r for r in results if r.memory_requested and r.failure != CANCELLED]
+    if reserving:
+        used = sum(r.memory_used for r in reserving)
+        requested = sum(r.memory_requested or 0.0 for r in reserving)
+        lines.append(
+            f"  efficiency: the {len(reserving)} job(s) with m used {100 * used / requested:.0f}% of the memory "
+            f"they reserved ({used:.0f} of {requested:.0f} MB, peak over m)"
+        )
+    lines += _over_askers(reserving, top)
     failed = [r for r in results if not r.success]
     if failed:
         lines.append("")

@@ -51,3 +51,47 @@ def test_messages_go_above_the_bar() -> None:
 
 def test_format_duration() -> None:
     assert [format_duration(s) for s in (0.25, 59.9, 61, 3725)] == ["0.2s", "59.9s", "1m01s", "1h02m"]
+
+
+def test_the_bar_shows_the_memory_in_use_beside_the_reserved() -> None:
+    out = io.StringIO()
+    bar = ProgressBar(3, stream=out)
+    bar.update(1, 0, 2, 800 * 2**20, 612 * 2**20)
+    assert "running 2 (800M reserved, 612M in use)" in bar.line()
+    bar.update(3, 0, 0, 0, 0)
+    assert "running 0 (0B reserved)" in bar.line()  # nothing running: nothing in use to show
+
+
+def test_status_measures_the_memory_the_running_jobs_use() -> None:
+    import sys
+    import time
+
+    import mpmsub
+
+    with mpmsub.MemoryAwareExecutor(cpus=2, memory="2G", history=False) as ex:
+        code = "import time; x = bytearray(200 * 2**20); time.sleep(1.5)"
+        future = ex.submit(mpmsub.Job([sys.executable, "-c", code]).memory("300M"))
+        deadline = time.monotonic() + 10
+        in_use = 0
+        while time.monotonic() < deadline and in_use < 190 * 2**20:
+            in_use = ex.status().memory_in_use or 0
+            time.sleep(0.05)
+        status = ex.status()
+        assert future.result().success
+    assert in_use >= 190 * 2**20 and status.reserved_memory == 300 * 2**20
+
+
+def test_the_summary_gives_the_efficiency_and_the_jobs_that_asked_too_much() -> None:
+    import sys
+
+    import mpmsub
+
+    batch = mpmsub.cluster(p=2, m="2G", progress_bar=False, verbose=False, history=False)
+    batch.jobs.append(mpmsub.Job([sys.executable, "-c", "x = bytearray(30 * 2**20)"]).memory("500M").with_id("greedy"))
+    code = "import time; x = bytearray(100 * 2**20); time.sleep(0.3)"
+    batch.jobs.append(mpmsub.Job([sys.executable, "-c", code]).memory("120M").with_id("fair"))
+    batch.run()
+    text = mpmsub._report.summary_text(batch.stats, batch.completed_jobs)
+    assert "efficiency: the 2 job(s) with m used" in text
+    over = text.split("asked for far more memory than they used (1;", 1)[1]
+    assert "greedy" in over.splitlines()[1] and "asked 500 MB" in over and "fair" not in over.split("\n\n")[0]
