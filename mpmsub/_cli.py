@@ -18,7 +18,7 @@ from mpmsub._history import History, HistoryError, default_path
 from mpmsub._history import resolve as resolve_history
 from mpmsub._job import AUTO, is_auto
 from mpmsub._jobfile import FORMATS, FileJob, JobFileError, label, read_jobs, with_defaults
-from mpmsub._learn import estimate
+from mpmsub._learn import Estimate, Run, estimate
 from mpmsub._result import CANCELLED, JobResult
 from mpmsub._scheduler import POLICIES
 from mpmsub._slurm import SlurmError
@@ -526,8 +526,7 @@ def _history_action(args: argparse.Namespace, history: History) -> int:
             return OK
         rows: List[Tuple[str, ...]] = [("KEY", "RUNS", "PREDICTED", "FOR INPUT", "HOW", "LAST RUN")]
         for summary in summaries:
-            size = max(summary.sizes, default=0)
-            guess = estimate(summary.recent, size)
+            size, guess = _prediction(summary.recent)
             rows.append(
                 (
                     summary.key,
@@ -545,16 +544,14 @@ def _history_action(args: argparse.Namespace, history: History) -> int:
         if not runs:
             print(f"mpmsub: the run history holds no run of the key {args.key!r}", file=sys.stderr)
             return FAILED
-        recent = history.runs(args.key)
-        size = max((run.size for run in recent), default=0)
-        guess = estimate(recent, size)
+        size, guess = _prediction(history.runs(args.key))
         print(f"key: {args.key}\nruns: {len(runs)}")
         if guess is not None:
             print(
                 f"predicted: {format_memory(guess.memory)} for {format_memory(size)} of input "
                 f"({guess.method} of the last {guess.runs} run(s), margin included)"
             )
-        print(f"last command: {_command(runs[-1]['argv'])}\n")
+        print(f"last command: {_report.command_line(runs[-1]['argv'])}\n")
         table: List[Tuple[str, ...]] = [("ENDED", "INPUT", "PEAK", "REQUESTED", "RUNTIME", "CPU", "RESULT", "HOST")]
         for run in runs:
             requested = run["memory_requested"]
@@ -594,10 +591,10 @@ def _history_action(args: argparse.Namespace, history: History) -> int:
     return OK
 
 
-def _command(argv: Any) -> str:
-    if argv and isinstance(argv[0], list):
-        return " | ".join(" ".join(stage) for stage in argv)
-    return " ".join(str(a) for a in argv)
+def _prediction(runs: Sequence[Run]) -> Tuple[int, Optional[Estimate]]:
+    """A key's prediction for the largest input of its recent runs: that size, and the estimate."""
+    size = max((run.size for run in runs), default=0)
+    return size, estimate(runs, size)
 
 
 def _table(rows: List[Tuple[str, ...]]) -> None:

@@ -622,7 +622,7 @@ class MemoryAwareExecutor(Executor):
                 runs = list(self._learned.get(key, ()))
             guess = estimate(runs, item.input_size)
             if guess is not None:
-                memory = min(guess.memory, self.memory, item.place_memory or self.memory)
+                memory = min(guess.memory, self._most(item))
                 item.spec = dataclasses.replace(item.spec, memory=memory, auto=False)
                 item.estimate = guess
                 self._scheduler.push(item)
@@ -665,11 +665,16 @@ class MemoryAwareExecutor(Executor):
             # when another probe took all), then takes what is free (_start).
             memory = self.memory * probe.spec.cpus // self.cpus
             probe.grab = True
-        memory = min(memory, self.memory, probe.place_memory or memory)
+        memory = min(memory, self._most(probe))
         probe.spec = dataclasses.replace(probe.spec, memory=memory, auto=False)
         probe.estimate = Estimate(memory, "probe", 0)
         self._scheduler.push(probe)
         self._dispatch()
+
+    def _most(self, item: _Item) -> int:
+        """The most memory the job can be given: the budget, or less where one place of a remote
+        backend offers less."""
+        return min(self.memory, item.place_memory or self.memory)
 
     def _probe_ended(self, item: _Item) -> None:
         """A probe's final end (or its cancel): its siblings are estimated, or one is the next probe."""
@@ -701,7 +706,6 @@ class MemoryAwareExecutor(Executor):
                     result.returncode,
                     failure,
                     spec.memory,
-                    _version(),
                 )
             )
         if failure in LEARNED_FROM:
@@ -776,11 +780,10 @@ class MemoryAwareExecutor(Executor):
         if item.grab:  # a probe: what is free joins its share (_launch_probe)
             item.grab = False
             old = item.request
-            grab = min(old.memory + self._ledger.free_memory, self.memory, item.place_memory or self.memory)
+            grab = min(old.memory + self._ledger.free_memory, self._most(item))
             item.spec = dataclasses.replace(item.spec, memory=grab)
             self._ledger.release(old)
             self._ledger.reserve(item.request)
-            item.estimate = Estimate(grab, "probe", 0)
         if not self._running:  # the monitor's count may be stale after an idle spell
             self._oom_kills = _proctree.oom_kill_count()
         self._running[item.seq] = item
@@ -857,7 +860,7 @@ class MemoryAwareExecutor(Executor):
             item.auto
             and result.failure == kinds.MEMORY
             and item.auto_retries < _AUTO_RETRIES
-            and (item.spec.memory or 0) < min(self.memory, item.place_memory or self.memory)
+            and (item.spec.memory or 0) < self._most(item)
         )
         if learning:
             item.auto_retries += 1
@@ -870,8 +873,7 @@ class MemoryAwareExecutor(Executor):
             base = spec.memory if spec.memory is not None else int(result.memory_used * MB)
             if item.auto:
                 base = max(base, int(result.memory_used * MB))
-            most = min(self.memory, item.place_memory or self.memory)
-            grown = min(most, max(base + MB, math.ceil(base * spec.memory_growth)))
+            grown = min(self._most(item), max(base + MB, math.ceil(base * spec.memory_growth)))
             bigger = dataclasses.replace(spec, memory=grown)
             if not self._launcher.local and self._launcher.why_never_fits(bigger) is not None:
                 return False  # no single worker or node can hold more: the backend would wait forever
@@ -1012,17 +1014,6 @@ class MemoryAwareExecutor(Executor):
                 self._delivery.close()
                 self._loop.stop()
                 _live_executors.discard(self)
-
-
-_VERSION: List[str] = []
-
-
-def _version() -> str:
-    if not _VERSION:
-        from mpmsub import __version__
-
-        _VERSION.append(__version__)
-    return _VERSION[0]
 
 
 def _cancelled(item: _Item) -> bool:

@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from mpmsub._learn import LEARNED_FROM, WINDOW, Run
 
@@ -69,6 +69,7 @@ PRAGMA user_version = {_SCHEMA_VERSION};
 """
 
 Row = Tuple[Any, ...]  # in the order of _COLUMNS
+T = TypeVar("T")
 HOST = socket.gethostname()
 
 
@@ -113,8 +114,7 @@ class KeySummary:
     key: str
     runs: int
     last: float  # Unix time
-    sizes: Tuple[int, ...]  # input sizes of its most recent learned-from runs
-    recent: Tuple[Run, ...]  # those runs, oldest first
+    recent: Tuple[Run, ...]  # its most recent learned-from runs, oldest first
 
 
 class History:
@@ -174,6 +174,18 @@ class History:
                 self._conn.close()
             self._conn = None
 
+    def _use(self, doing: str, work: Callable[[sqlite3.Connection], T], default: T) -> T:
+        """`work` on the connection, under the lock; `default` once the history is off, or when
+        it fails (which turns it off, or raises HistoryError outside an executor)."""
+        with self._lock:
+            if self.broken:
+                return default
+            try:
+                return work(self._connection())
+            except (sqlite3.Error, OSError) as exc:
+                self._failed(exc, doing)
+                return default
+
     def runs(self, key: str, limit: int = WINDOW) -> List[Run]:
         """The last `limit` runs of `key` that an estimate learns from, oldest first."""
         marks = ",".join("?" * (len(LEARNED_FROM) - 1))
@@ -182,50 +194,29 @@ class History:
             f"({marks})) ORDER BY id DESC LIMIT ?"
         )
         params = (key, *[f for f in LEARNED_FROM if f is not None], limit)
-        with self._lock:
-            if self.broken:
-                return []
-            try:
-                rows = self._connection().execute(sql, params).fetchall()
-            except (sqlite3.Error, OSError) as exc:
-                self._failed(exc, "read")
-                return []
+        rows: List[Any] = self._use("read", lambda conn: conn.execute(sql, params).fetchall(), [])
         return [Run(int(size), int(peak)) for size, peak in reversed(rows)]
 
     def add(self, rows: Sequence[Row]) -> None:
         """Add runs (rows in the order of _COLUMNS), in one transaction."""
         sql = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-        with self._lock:
-            if self.broken:
-                return
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn = self._connection()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.executemany(sql, rows)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-            except (sqlite3.Error, OSError) as exc:
-                self._failed(exc, "write")
+                conn.executemany(sql, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        self._use("write", insert, None)
 
     def summaries(self) -> List[KeySummary]:
         """Every key, with its run count, last run and recent learned-from runs (most runs first)."""
-        with self._lock:
-            try:
-                conn = self._connection()
-                keys = conn.execute(
-                    "SELECT key, COUNT(*), MAX(time) FROM runs GROUP BY key ORDER BY COUNT(*) DESC, key"
-                ).fetchall()
-            except (sqlite3.Error, OSError) as exc:
-                self._failed(exc, "read")
-                return []
-        out = []
-        for key, count, last in keys:
-            recent = tuple(self.runs(key))
-            out.append(KeySummary(key, int(count), float(last), tuple(r.size for r in recent), recent))
-        return out
+        sql = "SELECT key, COUNT(*), MAX(time) FROM runs GROUP BY key ORDER BY COUNT(*) DESC, key"
+        keys: List[Any] = self._use("read", lambda conn: conn.execute(sql).fetchall(), [])
+        return [KeySummary(key, int(count), float(last), tuple(self.runs(key))) for key, count, last in keys]
 
     def rows(self, key: Optional[str] = None) -> Iterator[Dict[str, Any]]:
         """The rows of `key` (of every key when None), oldest first, as dicts (argv decoded)."""
@@ -233,12 +224,7 @@ class History:
         params: Tuple[Any, ...] = ()
         if key is not None:
             sql, params = sql + " WHERE key = ?", (key,)
-        with self._lock:
-            try:
-                fetched = self._connection().execute(sql + " ORDER BY id", params).fetchall()
-            except (sqlite3.Error, OSError) as exc:
-                self._failed(exc, "read")
-                return
+        fetched: List[Any] = self._use("read", lambda conn: conn.execute(sql + " ORDER BY id", params).fetchall(), [])
         for values in fetched:
             row = dict(zip(_COLUMNS, values))
             row["argv"] = json.loads(row["argv"])
@@ -246,17 +232,9 @@ class History:
 
     def forget(self, key: Optional[str]) -> int:
         """Delete the runs of `key` (every run when None); the number deleted."""
-        with self._lock:
-            try:
-                conn = self._connection()
-                if key is None:
-                    cursor = conn.execute("DELETE FROM runs")
-                else:
-                    cursor = conn.execute("DELETE FROM runs WHERE key = ?", (key,))
-                return int(cursor.rowcount)
-            except (sqlite3.Error, OSError) as exc:
-                self._failed(exc, "change")
-                return 0
+        if key is None:
+            return self._use("change", lambda conn: int(conn.execute("DELETE FROM runs").rowcount), 0)
+        return self._use("change", lambda conn: int(conn.execute("DELETE FROM runs WHERE key = ?", (key,)).rowcount), 0)
 
     def close(self) -> None:
         with self._lock:
@@ -369,8 +347,10 @@ def row(
     returncode: Optional[int],
     failure: Optional[str],
     memory_requested: Optional[int],
-    version: str,
 ) -> Row:
+    """A finished run as a row of the history (with this host, mpmsub's version and the time)."""
+    from mpmsub import __version__  # here: the package imports this module before it sets it
+
     return (
         key,
         json.dumps(argv),
@@ -382,6 +362,6 @@ def row(
         failure,
         memory_requested,
         HOST,
-        version,
+        __version__,
         time.time(),
     )

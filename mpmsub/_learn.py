@@ -174,49 +174,47 @@ def _script(script: str, cwd: Optional[str], depth: int) -> Tuple[List[str], Lis
     return words, inputs
 
 
-def job_key(spec: JobSpec) -> str:
-    """The key runs of the same tool share (see the module's docstring); `spec.key` if given."""
-    if spec.key is not None:
-        return spec.key
-    if spec.call is not None:
-        fn = spec.call.fn
+def key_and_input(spec: JobSpec) -> Tuple[str, int]:
+    """The key runs of the same tool share (see the module's docstring; `spec.key` if given), and
+    the total size in bytes of the existing regular files the job's arguments name (relative
+    names taken from its working directory, each file counted once): the command read once."""
+    call = spec.call
+    if call is not None:
+        fn = call.fn
         module = getattr(fn, "__module__", None) or ""
         name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
-        return f"call:{module}.{name}" if module else f"call:{name}"
-    return " | ".join(" ".join(_stage(stage, spec.cwd)[0]) for stage in spec.stages)
+        key = f"call:{module}.{name}" if module else f"call:{name}"
+        if call.kind == CHUNK:
+            size = _chunk_size(call.args, spec.cwd)
+        else:
+            size = _total_size(_call_paths([*call.args, *call.kwargs.values()]), spec.cwd)
+    else:
+        keys, inputs = [], []
+        for stage in spec.stages:
+            words, found = _stage(stage, spec.cwd)
+            keys.append(" ".join(words))
+            inputs += found
+        key, size = " | ".join(keys), _total_size(inputs, spec.cwd)
+    return (key if spec.key is None else spec.key), size
+
+
+def job_key(spec: JobSpec) -> str:
+    return key_and_input(spec)[0]
+
+
+def input_size(spec: JobSpec) -> int:
+    return key_and_input(spec)[1]
 
 
 # -- input size -------------------------------------------------------------------------------
 
 
-def _candidates(spec: JobSpec) -> Iterator[str]:
-    """The arguments that may name input files (see _stage); a call's string and path arguments."""
-    if spec.call is not None:
-        yield from _call_paths(list(spec.call.args) + list(spec.call.kwargs.values()))
-        return
-    for stage in spec.stages:
-        for arg in _stage(stage, spec.cwd)[1]:
-            if 0 < len(arg) <= _MAX_ARG:
-                yield arg
-
-
-def key_and_input(spec: JobSpec) -> Tuple[str, int]:
-    """`job_key(spec)` and `input_size(spec)` together, the command read once."""
-    if spec.key is not None or spec.call is not None:
-        return job_key(spec), input_size(spec)
-    keys, inputs = [], []
-    for stage in spec.stages:
-        words, found = _stage(stage, spec.cwd)
-        keys.append(" ".join(words))
-        inputs += found
-    return " | ".join(keys), _total_size(inputs, spec.cwd)
-
-
 def _call_paths(values: Iterable[Any]) -> Iterator[str]:
+    """A call's arguments that may name files: its strings and paths."""
     for value in values:
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
-        if isinstance(value, str) and 0 < len(value) <= _MAX_ARG:
+        if isinstance(value, str):
             yield value
 
 
@@ -226,15 +224,6 @@ def _chunk_size(items: Sequence[Tuple[Any, ...]], cwd: Optional[str]) -> int:
     if not items or not any(isinstance(v, (str, os.PathLike)) for v in items[0]):
         return 0
     return max(_total_size(_call_paths(item), cwd) for item in items)
-
-
-def input_size(spec: JobSpec) -> int:
-    """The total size in bytes of the existing regular files the job's arguments name (relative
-    names are taken from its working directory); each file counted once."""
-    call = spec.call
-    if call is not None and call.kind == CHUNK:
-        return _chunk_size(call.args, spec.cwd)
-    return _total_size(_candidates(spec), spec.cwd)
 
 
 def _total_size(args: Iterable[str], cwd: Optional[str]) -> int:

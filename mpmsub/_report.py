@@ -78,10 +78,14 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _command(result: JobResult) -> str:
-    cmd = result.cmd
+def command_line(cmd: Any) -> str:
+    """A JobResult's `cmd` (an argv list, or a pipeline's list of them) as one line of text."""
     stages = cmd if cmd and isinstance(cmd[0], list) else [cmd]
-    return describe_command(stages)  # type: ignore[arg-type]
+    return describe_command(stages)
+
+
+def _command(result: JobResult) -> str:
+    return command_line(result.cmd)
 
 
 OVER_ASKING = 2.0  # a job reserving more than twice its peak (and 50 MB more) asks too much

@@ -150,7 +150,7 @@ import sys
 from mpmsub._history import History, row
 history = History(sys.argv[1], tolerant=False)
 for batch in range(20):
-    history.add([row("k" + sys.argv[2], ["tool", str(i)], i, i * 1024, 0.1, 0.1, 0, None, None, "t")
+    history.add([row("k" + sys.argv[2], ["tool", str(i)], i, i * 1024, 0.1, 0.1, 0, None, None)
                  for i in range(10)])
 history.close()
 """
