@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import psutil
 
@@ -74,6 +74,13 @@ def record(title: str, lines: List[str]) -> None:
 
 def xargs_true(n: int, parallel: int) -> None:
     subprocess.run(["xargs", f"-P{parallel}", "-n1", "true"], input="\n".join(["x"] * n).encode(), check=True)
+
+
+def per_job_table(what: str, runs: int, jobs: int, times: List[Tuple[str, float]], digits: int = 3) -> List[str]:
+    """A markdown table of the median times of ways of running `jobs` jobs, and their time per job."""
+    lines = [f"| {what} | median of {runs} | per job |", "|---|---|---|"]
+    lines += [f"| {label} | {t:.{digits}f} s | {t / jobs * 1e3:.{digits}f} ms |" for label, t in times]
+    return lines
 
 
 class Figure(NamedTuple):

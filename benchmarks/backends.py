@@ -27,7 +27,7 @@ from typing import Any, Iterator, List, Optional
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import Figure, arguments, median, show
+from _common import Figure, arguments, median, per_job_table, show
 
 import mpmsub
 
@@ -76,12 +76,13 @@ def measure_dask(runs: int = 5) -> Figure:
         cluster.close()
     m = {key: median(values) for key, values in times.items()}
     ratio = m["mpmsub"] / m["plain"]
-    detail = [
-        f"| {JOBS} `true` jobs, LocalCluster of 2 workers x 2 threads | median of {runs} | per job |",
-        "|---|---|---|",
-        f"| `client.submit(subprocess.run, ['true'])` | {m['plain']:.2f} s | {m['plain'] / JOBS * 1e3:.2f} ms |",
-        f"| mpmsub, DaskBackend | {m['mpmsub']:.2f} s | {m['mpmsub'] / JOBS * 1e3:.2f} ms |",
-    ]
+    detail = per_job_table(
+        f"{JOBS} `true` jobs, LocalCluster of 2 workers x 2 threads",
+        runs,
+        JOBS,
+        [("`client.submit(subprocess.run, ['true'])`", m["plain"]), ("mpmsub, DaskBackend", m["mpmsub"])],
+        digits=2,
+    )
     return Figure("dask: 1000 true jobs", f"{ratio:.2f}x client.submit(subprocess.run)", "<= 2", ratio <= 2, detail)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import Figure, arguments, best_of, median, show, xargs_true
+from _common import Figure, arguments, best_of, median, per_job_table, show, xargs_true
 
 import mpmsub
 
@@ -31,12 +31,12 @@ def measure(jobs: int = 1000, runs: int = 5) -> Figure:
         xargs_times += best_of(1, lambda: xargs_true(jobs, slots))
         mpmsub_times += best_of(1, lambda: run_mpmsub(jobs, slots))
     ratio = median(mpmsub_times) / median(xargs_times)
-    detail = [
-        f"| {jobs} `true` jobs, {slots} slots | median of {runs} | per job |",
-        "|---|---|---|",
-        f"| xargs -P{slots} | {median(xargs_times):.3f} s | {median(xargs_times) / jobs * 1e3:.3f} ms |",
-        f"| mpmsub | {median(mpmsub_times):.3f} s | {median(mpmsub_times) / jobs * 1e3:.3f} ms |",
-    ]
+    detail = per_job_table(
+        f"{jobs} `true` jobs, {slots} slots",
+        runs,
+        jobs,
+        [(f"xargs -P{slots}", median(xargs_times)), ("mpmsub", median(mpmsub_times))],
+    )
     return Figure("dispatch overhead", f"{ratio:.2f}x xargs -P{slots}", "<= 1.3", ratio <= 1.3, detail)
 
 
