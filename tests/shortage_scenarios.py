@@ -135,5 +135,5 @@ def one_by_one() -> Results:
     with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=reserve_leaving(900)) as ex:
         big = ex.submit(mpmsub.Job(grower(1400, step_mb=700, hold=1.0)).with_id("big"))
         time.sleep(0.05)
-        small = ex.submit(mpmsub.Job(grower(300, step_mb=300, hold=3.0)).with_id("small"))
+        small = ex.submit(mpmsub.Job(grower(300, step_mb=300, hold=1.5)).with_id("small"))
         return _dicts(big.result(timeout=60), small.result(timeout=60))

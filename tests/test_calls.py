@@ -116,10 +116,11 @@ def test_map_is_ordered_batches_and_times_out_lazily() -> None:
         assert list(ex.map(callees.add, range(50), range(50), chunksize=7)) == [2 * i for i in range(50)]
         assert list(ex.map(callees.square, [])) == []
         list(ex.map(callees.square, range(4)))  # both workers up: the timeout is not their start
-        results = ex.map(callees.sleep, [0.0, 5.0], timeout=2.0)
+        results = ex.map(callees.sleep, [0.0, 30.0], timeout=1.0)
         assert next(results) == 0.0
         with pytest.raises(FutureTimeout):
             next(results)
+        ex.terminate()  # the 30 s call is not waited for
 
 
 def test_map_cancels_the_chunks_not_reached_when_closed_early() -> None:

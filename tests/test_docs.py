@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Iterator, Optional
 
 import pytest
 
@@ -41,15 +41,38 @@ def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 ARGS = {"benchmark_demo.py": ["--quick"]}  # the full demonstration takes a minute
+EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
 
 
-@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
-def test_example_runs(example: str) -> None:
+@pytest.fixture(scope="module")
+def example_runs() -> Iterator[Dict[str, subprocess.Popen[str]]]:
+    """Every example started at once, each in a process of its own (they mostly sleep, and their
+    budgets are their own): each test waits for its example instead of running it in turn."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
-    command = [sys.executable, str(ROOT / "examples" / example), *ARGS.get(example, [])]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / name), *ARGS.get(name, [])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for name in EXAMPLES
+    }
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_runs(example: str, example_runs: Dict[str, subprocess.Popen[str]]) -> None:
+    out, err = example_runs[example].communicate(timeout=120)
+    assert example_runs[example].returncode == 0, err
+    assert out
 
 
 def run_shell(block: str, cwd: Path, first_on_path: Optional[Path] = None) -> None:
