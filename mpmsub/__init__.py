@@ -18,6 +18,7 @@ from mpmsub._errors import (
 )
 from mpmsub._executor import ExecutorStatus, MemoryAwareExecutor
 from mpmsub._future import JobFuture
+from mpmsub._htmlreport import write_report
 from mpmsub._job import Job, Pipeline, job, pipeline
 from mpmsub._report import recommend_memory
 from mpmsub._result import JobResult
@@ -54,4 +55,5 @@ __all__ = [
     "parse_memory",
     "pipeline",
     "recommend_memory",
+    "write_report",
 ]

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from types import FrameType
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
@@ -74,6 +75,15 @@ examples:
 """
 
 
+_EPILOG_REPORT = """\
+Figures need matplotlib: pip install 'mpmsub[plot]'. Without it the report has the tables alone.
+
+examples:
+  mpmsub run jobs.txt -m 16G --job-mem 2G --trace run.jsonl
+  mpmsub report run.jsonl -o report.html
+"""
+
+
 class _Terminated(BaseException):
     """SIGTERM: the running jobs are killed as on Ctrl-C."""
 
@@ -122,6 +132,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=_arg(parse_duration, "timeout"), help="kill a job running longer")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="job file format (default: by extension)")
+    parser.add_argument("--trace", metavar="FILE", help="write the run's trace to FILE (JSON Lines), for mpmsub report")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     where = parser.add_argument_group("where jobs run (default: $MPMSUB_BACKEND, else this machine)")
@@ -183,6 +194,19 @@ def parser() -> argparse.ArgumentParser:
     )
     profile.add_argument("-o", "--output", metavar="FILE", help="write the jobs as JSON Lines with memory filled in")
     _history_parser(commands)
+    report = commands.add_parser(
+        "report",
+        help="write an HTML report of a run's trace",
+        description="Write a self-contained HTML report of a trace that mpmsub run --trace wrote: a timeline "
+        "of the jobs, memory and CPUs over time, requested versus used memory, the slowest and failed "
+        "jobs, and memory advice.",
+        epilog=_EPILOG_REPORT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("trace", metavar="TRACE", help="the trace file (mpmsub run --trace TRACE)")
+    report.add_argument("-o", "--output", metavar="FILE", help="the HTML file (default: TRACE with .html)")
+    report.add_argument("--no-plots", action="store_true", help="tables only, without figures")
+    report.set_defaults(parser=report)
     return top
 
 
@@ -220,6 +244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "history":
         return _history(args)
+    if args.command == "report":
+        return _report_command(args)
     if args.command == "run" and (args.resume or args.resume_failed) and not args.joblog:
         args.parser.error("--resume and --resume-failed need --joblog FILE")
     try:  # everything that can be wrong with the command is found before any job runs
@@ -235,8 +261,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress_bar=not (args.no_progress or args.quiet),
             schedule=getattr(args, "schedule", "pack"),
             backend=_backend(args),
+            trace=args.trace,
         )
         _admit(cluster, jobs, args.jobfile)
+        if args.trace:
+            _check_writable(args.trace)
         if args.command == "run":
             plan = _plan_run(args, cluster, jobs)
         elif args.output:
@@ -494,6 +523,33 @@ def _sized(job: FileJob, result: JobResult, defaults: Dict[str, Any]) -> Dict[st
         row.pop("memory", None)
         row["m"] = _report.recommend_memory(result.memory_used)
     return row
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    """`mpmsub report TRACE [-o FILE]`."""
+    from mpmsub._htmlreport import INSTALL_HINT, write_report
+
+    command: argparse.ArgumentParser = args.parser
+    output = args.output or os.path.splitext(args.trace)[0] + ".html"
+    if os.path.abspath(output) == os.path.abspath(args.trace):
+        command.error(f"the report would overwrite its trace {args.trace!r}: give -o FILE")
+    try:
+        with warnings.catch_warnings(record=True):  # said below, in the command's words
+            warnings.simplefilter("always")
+            plotted = write_report(args.trace, output, plots=False if args.no_plots else None)
+    except FileNotFoundError as exc:
+        command.error(f"no trace file {args.trace!r}" if exc.filename == args.trace else str(exc))
+    except UnicodeDecodeError:
+        command.error(f"{args.trace}: not an mpmsub trace (not UTF-8 text)")
+    except (OSError, ValueError) as exc:
+        command.error(str(exc))
+    if not plotted and not args.no_plots:
+        print(
+            f"mpmsub: matplotlib is not installed: the report has tables but no figures ({INSTALL_HINT})",
+            file=sys.stderr,
+        )
+    print(f"mpmsub: wrote {output}", file=sys.stderr)
+    return OK
 
 
 def _history(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ from mpmsub._ledger import Ledger
 from mpmsub._progress import ProgressBar
 from mpmsub._result import CANCELLED, JobResult, never_ran
 from mpmsub._scheduler import check_policy
+from mpmsub._trace import PathLike
+from mpmsub._trace import check_target as check_trace
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
 
 logger = logging.getLogger("mpmsub")
@@ -82,6 +84,9 @@ class Cluster:
     `history`, `auto_memory` and `probe_memory` are MemoryAwareExecutor's: every run (and every
     measurement of `profile()`) is recorded in the run history, and jobs with `m="auto"` (every
     job without `m`, with `auto_memory=True`) have their memory predicted from it.
+
+    `trace` is a file each `run()` (and `profile()`) writes its trace to, anew (see
+    MemoryAwareExecutor); `report()` makes an HTML report of the last one, with or without it.
     """
 
     def __init__(
@@ -95,8 +100,10 @@ class Cluster:
         history: Any = True,
         auto_memory: bool = False,
         probe_memory: Optional[MemoryLike] = None,
+        trace: Optional[PathLike] = None,
     ) -> None:
         self.schedule = check_policy(schedule)
+        self.trace = check_trace(trace)
         self.backend = resolve_backend(backend)
         self._whole = not self.backend.local and cpus is None and memory is None  # all a remote backend has
         self.max_cpus, self._memory = backend_size(
@@ -124,6 +131,7 @@ class Cluster:
         self._runtimes: Dict[str, float] = {}  # command line -> runtime of its last successful run
         self._bar: Optional[ProgressBar] = None  # while jobs run
         self._stop: Optional[BaseException] = None  # set (by a signal handler) to stop the run
+        self._last_trace: Optional[List[Dict[str, Any]]] = None  # the last run's, kept where no file is
 
     @property
     def max_memory_mb(self) -> float:
@@ -228,7 +236,7 @@ class Cluster:
 
     def _executor(self, max_workers: Optional[int], schedule: str, **learning: Any) -> MemoryAwareExecutor:
         # The executor takes a bare number of memory as MB (the seed's unit).
-        learning = {**self._learning, **learning}
+        learning = {**self._learning, **learning, "trace": self.trace, "_keep_trace": True}
         if self._whole:  # the executor sizes itself by the backend (and hands it jobs ahead)
             return MemoryAwareExecutor(max_workers=max_workers, schedule=schedule, backend=self.backend, **learning)
         return MemoryAwareExecutor(
@@ -291,6 +299,8 @@ class Cluster:
             raise
         finally:
             self._wall_time = time.monotonic() - started
+            trace = executor._trace
+            self._last_trace = None if trace is None or trace.path is not None else trace.events
             bar.close()
             self._bar = None
             if handler is not None:
@@ -346,6 +356,19 @@ class Cluster:
         """Print a readable report of the jobs run so far."""
         print(_report.summary_text(self.stats, self._results))
 
+    def report(self, path: PathLike, *, plots: Optional[bool] = None) -> bool:
+        """Write an HTML report of the last `run()` (or `profile()`) to `path`: one self-contained
+        file with a timeline of the jobs, memory and CPUs over time, requested versus used memory,
+        the slowest and failed jobs, and memory advice. Figures need matplotlib (`pip install
+        'mpmsub[plot]'`); without it (or with `plots=False`) the report has the tables alone.
+        Returns whether it has the figures."""
+        if self._wall_time is None:
+            raise RuntimeError("nothing has run yet: call run() before report()")
+        from mpmsub._htmlreport import write_report
+
+        source: Any = self._last_trace if self._last_trace is not None else self.trace
+        return write_report(source, path, plots=plots)
+
     def describe_resources(self) -> None:
         """Print the cluster's CPUs and memory next to what this machine has."""
         text = _report.resources_text(self.max_cpus, self._memory)
@@ -391,6 +414,7 @@ def cluster(
     history: Any = True,
     auto_memory: bool = False,
     probe_memory: Optional[MemoryLike] = None,
+    trace: Optional[PathLike] = None,
 ) -> Cluster:
     """Create a Cluster: `mpmsub.cluster(p=4, m="8G")`; `cpu`/`cpus` and `memory` are aliases."""
     return Cluster(
@@ -403,4 +427,5 @@ def cluster(
         history=history,
         auto_memory=auto_memory,
         probe_memory=probe_memory,
+        trace=trace,
     )

@@ -52,6 +52,8 @@ from mpmsub._monitor import Monitor
 from mpmsub._result import JobResult
 from mpmsub._scheduler import Scheduler, check_policy
 from mpmsub._system import available_memory, detect_memory, memory_groups
+from mpmsub._trace import PathLike, Trace
+from mpmsub._trace import check_target as check_trace
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory
 from mpmsub._workers import PoolOptions
 
@@ -117,6 +119,7 @@ class _Item:
         "spec",
         "started",
         "stopping",
+        "submitted",
     )
 
     def __init__(self, seq: int, spec: JobSpec, job_id: str, future: JobFuture[Any], grace: float) -> None:
@@ -131,6 +134,7 @@ class _Item:
         self.retries_left = spec.retries
         self.requeued = 0
         self.started = 0.0  # monotonic
+        self.submitted = time.monotonic()
         self.last_rss = 0  # written by the monitor thread
         # The least it used over the last _AVAILABLE_LAG seconds (0 while younger than that): what
         # the kernel's count of available memory is sure to show (written by the monitor thread).
@@ -272,6 +276,10 @@ class MemoryAwareExecutor(Executor):
     `MPMSUB_BACKEND` in the environment, else this machine. Elsewhere, `cpus` and `memory` cap
     what runs at once (by default, all the backend offers), and each job runs under mpmsub on the
     machine it lands on, measured, timed out and killed as here.
+
+    `trace` is a file the executor writes its trace to as it runs (JSON Lines: each run's start
+    and end with what it reserved and used, and the memory in use over time); `mpmsub report
+    TRACE -o report.html` makes a report of it.
     """
 
     def __init__(
@@ -292,7 +300,9 @@ class MemoryAwareExecutor(Executor):
         history: Any = True,
         auto_memory: bool = False,
         probe_memory: Optional[MemoryLike] = None,
+        trace: Optional[PathLike] = None,
         _launcher: Optional[Launcher] = None,
+        _keep_trace: bool = False,
         _monitor_interval: float = 0.1,
     ) -> None:
         slots = None if max_workers is None else parse_cpus(max_workers, "max_workers")
@@ -310,6 +320,7 @@ class MemoryAwareExecutor(Executor):
         if not isinstance(strict_memory, bool):
             raise TypeError(f"strict_memory must be True or False; got {strict_memory!r}")
         history_path, probe = self._check_learning(history, auto_memory, probe_memory, budget)
+        trace_path = check_trace(trace)
         _check_pool_options(max_tasks_per_child, initializer, initargs, mp_context)
         if not self.backend.local:
             # The gate and the reserve watch this machine's memory; the jobs run elsewhere, each
@@ -379,10 +390,20 @@ class MemoryAwareExecutor(Executor):
             options = PoolOptions(max_tasks_per_child, initializer, tuple(initargs))
             _launcher = self.backend.launcher(LaunchOptions(self._loop, self.kill_grace, options, strict_memory))
         self._launcher = _launcher
+        self._trace: Optional[Trace] = None
+        if trace_path is not None or _keep_trace:
+            header = {
+                "cpus": ncpus,
+                "memory": budget,
+                "max_workers": slots,
+                "schedule": self.schedule,
+                "backend": "local" if self.backend.local else repr(self.backend),
+            }
+            self._trace = Trace(trace_path, header, _monitor_interval)
         self._monitor = Monitor(_monitor_interval, self._check_memory, self._launcher.housekeeping)
         self._loop.start()
         _live_executors.add(self)
-        weakref.finalize(self, _stop_loop, self._loop, self._monitor, self._recorder)
+        weakref.finalize(self, _stop_loop, self._loop, self._monitor, self._recorder, self._trace)
 
     @staticmethod
     def _check_learning(
@@ -796,6 +817,9 @@ class MemoryAwareExecutor(Executor):
         item.stopping = item.requeue = item.shortage_final = False
         item.oom_baseline = self._oom_kills if self._launcher.local else None
         run = item.runs
+        if self._trace is not None:
+            spec = item.spec
+            self._trace.started(item.job_id, run, spec.cpus, spec.memory, spec.describe(), item.submitted)
         logger.debug("mpmsub: start %s (%s): %s", item.job_id, item.spec.resources(), item.spec.describe())
 
         def on_exit(outcome: Outcome) -> None:
@@ -820,7 +844,11 @@ class MemoryAwareExecutor(Executor):
         result = make_result(item, outcome)
         item.last_result = result
         self._learn(item, result)
-        if self._again(item, result):
+        again = self._again(item, result)
+        if self._trace is not None:
+            status = "requeued" if item.requeue and again else result.failure or "ok"
+            self._trace.ended(item.job_id, run, status, not again, result)
+        if again:
             self._dispatch()
             return
         if item.probe:
@@ -916,10 +944,12 @@ class MemoryAwareExecutor(Executor):
         self._oom_kills = _proctree.oom_kill_count()
         usages: List[Usage] = []
         items: Dict[int, Tuple[_Item, int]] = {}
+        sampled: List[Tuple[str, int]] = []
         for (item, run), rss in measures:
             if item.runs != run:
                 continue  # sampled before the job was started again
             item.last_rss = rss
+            sampled.append((item.job_id, rss))
             item.rss_floor = _floor(item.rss_window, rss, item.started)
             if item.stopping:
                 continue
@@ -928,6 +958,8 @@ class MemoryAwareExecutor(Executor):
                 Usage(item.seq, rss, item.spec.memory or 0, strict and item.spec.memory is not None, item.started)
             )
             items[item.seq] = (item, run)
+        if self._trace is not None:
+            self._trace.sample(sampled)
         stops = strict_stops(usages)
         stopped = {s.key for s in stops}
         stops += budget_stops([u for u in usages if u.key not in stopped], self.memory)
@@ -1006,6 +1038,8 @@ class MemoryAwareExecutor(Executor):
             try:
                 self._monitor.close()
                 self._launcher.close()
+                if self._trace is not None:
+                    self._trace.close()
                 if self._recorder is not None:
                     self._recorder.close(wait=False)  # its thread finishes writing; joined in _wait
                 if self._own_backend:
@@ -1096,8 +1130,10 @@ def _results(futures: List[JobFuture[Any]], end: Optional[float]) -> Iterator[An
             future.cancel()
 
 
-def _stop_loop(loop: EventLoop, monitor: Monitor, recorder: Optional[Recorder]) -> None:
+def _stop_loop(loop: EventLoop, monitor: Monitor, recorder: Optional[Recorder], trace: Optional[Trace]) -> None:
     monitor.close()
+    if trace is not None:
+        trace.close()
     loop.call_soon_threadsafe(loop.stop)
     if recorder is not None:
         recorder.close(wait=False)

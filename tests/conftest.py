@@ -1,7 +1,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
+from typing import Iterator, Tuple
+
+import pytest
 
 # Tests import their helpers as a plain module.
 sys.path.insert(0, os.path.dirname(__file__))
@@ -12,3 +17,46 @@ if "MPMSUB_HISTORY" not in os.environ:
     import tempfile
 
     os.environ["MPMSUB_HISTORY"] = os.path.join(tempfile.mkdtemp(prefix="mpmsub-history-"), "history.db")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ExampleRun:
+    """examples/report_example.py running in a process of its own, its output in `out`."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+        self._proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / "report_example.py"), "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self._output: Tuple[str, str] = ("", "")
+        self._done = False
+
+    def wait(self) -> Tuple[int, str, str]:
+        """Its exit status, standard output and standard error, once it has ended."""
+        if not self._done:
+            self._output = self._proc.communicate(timeout=120)
+            self._done = True
+        return self._proc.returncode, self._output[0], self._output[1]
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self.wait()
+
+
+@pytest.fixture(scope="session")
+def report_example(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExampleRun]:
+    """The report example's batch, run once for the session (started by the first test that
+    asks, which may go on meanwhile: the examples' test starts it beside the other examples)."""
+    run = ExampleRun(tmp_path_factory.mktemp("report-example"))
+    try:
+        yield run
+    finally:
+        run.stop()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 import pytest
+from conftest import ExampleRun
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,9 +46,10 @@ EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
 
 
 @pytest.fixture(scope="module")
-def example_runs() -> Iterator[Dict[str, subprocess.Popen[str]]]:
+def example_runs(report_example: ExampleRun) -> Iterator[Dict[str, subprocess.Popen[str]]]:
     """Every example started at once, each in a process of its own (they mostly sleep, and their
-    budgets are their own): each test waits for its example instead of running it in turn."""
+    budgets are their own): each test waits for its example instead of running it in turn. The
+    report example runs for the session (conftest.py): its report is the browser test's."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     procs = {
         name: subprocess.Popen(
@@ -58,6 +60,7 @@ def example_runs() -> Iterator[Dict[str, subprocess.Popen[str]]]:
             env=env,
         )
         for name in EXAMPLES
+        if name != "report_example.py"
     }
     try:
         yield procs
@@ -69,7 +72,12 @@ def example_runs() -> Iterator[Dict[str, subprocess.Popen[str]]]:
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
-def test_example_runs(example: str, example_runs: Dict[str, subprocess.Popen[str]]) -> None:
+def test_example_runs(example: str, example_runs: Dict[str, subprocess.Popen[str]], report_example: ExampleRun) -> None:
+    if example == "report_example.py":
+        status, out, err = report_example.wait()
+        assert status == 0, err
+        assert out
+        return
     out, err = example_runs[example].communicate(timeout=120)
     assert example_runs[example].returncode == 0, err
     assert out
