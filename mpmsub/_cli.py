@@ -265,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         _admit(cluster, jobs, args.jobfile)
         if args.trace:
-            _check_writable(args.trace)
+            _check_apart(args)
         if args.command == "run":
             plan = _plan_run(args, cluster, jobs)
         elif args.output:
@@ -337,6 +337,19 @@ def _check_writable(path: str) -> None:
             pass
     except OSError as exc:
         raise ValueError(f"cannot write {path!r}: {exc.strerror}") from None
+
+
+def _check_apart(args: argparse.Namespace) -> None:
+    """The trace, opened for writing, must not be a file the command reads or writes."""
+    trace = os.path.abspath(args.trace)
+    others = {
+        "the job file": args.jobfile,
+        "the joblog": getattr(args, "joblog", None),
+        "-o": getattr(args, "output", None),
+    }
+    for what, path in others.items():
+        if path and path != "-" and os.path.abspath(path) == trace:
+            raise ValueError(f"--trace {args.trace!r} is {what}: writing the trace would overwrite it")
 
 
 def _named(job: FileJob) -> Dict[str, Any]:

@@ -385,11 +385,6 @@ class MemoryAwareExecutor(Executor):
         self._closed = False
         self._delivery = Delivery()
         self._oom_kills = _proctree.oom_kill_count()
-        self._loop = EventLoop("mpmsub-executor")
-        if _launcher is None:
-            options = PoolOptions(max_tasks_per_child, initializer, tuple(initargs))
-            _launcher = self.backend.launcher(LaunchOptions(self._loop, self.kill_grace, options, strict_memory))
-        self._launcher = _launcher
         self._trace: Optional[Trace] = None
         if trace_path is not None or _keep_trace:
             header = {
@@ -399,9 +394,19 @@ class MemoryAwareExecutor(Executor):
                 "schedule": self.schedule,
                 "backend": "local" if self.backend.local else repr(self.backend),
             }
-            self._trace = Trace(trace_path, header, _monitor_interval)
-        self._monitor = Monitor(_monitor_interval, self._check_memory, self._launcher.housekeeping)
-        self._loop.start()
+            self._trace = Trace(trace_path, header, _monitor_interval)  # first: the one open that may fail
+        try:
+            self._loop = EventLoop("mpmsub-executor")
+            if _launcher is None:
+                options = PoolOptions(max_tasks_per_child, initializer, tuple(initargs))
+                _launcher = self.backend.launcher(LaunchOptions(self._loop, self.kill_grace, options, strict_memory))
+            self._launcher = _launcher
+            self._monitor = Monitor(_monitor_interval, self._check_memory, self._launcher.housekeeping)
+            self._loop.start()
+        except BaseException:
+            if self._trace is not None:
+                self._trace.close()
+            raise
         _live_executors.add(self)
         weakref.finalize(self, _stop_loop, self._loop, self._monitor, self._recorder, self._trace)
 
@@ -666,6 +671,7 @@ class MemoryAwareExecutor(Executor):
         for item in group:
             if _cancelled(item):  # cancelled while held: let go of it now (wakes its waiters)
                 item.future.set_running_or_notify_cancel()
+                self._trace_cancel(item, "cancelled before it started")
                 self._held_count -= 1
             else:
                 live.append(item)
@@ -746,6 +752,7 @@ class MemoryAwareExecutor(Executor):
                 )
                 for item in cancelled:
                     item.future.set_running_or_notify_cancel()  # wakes wait() and as_completed()
+                    self._trace_cancel(item, "cancelled before it started")
                     if item.probe:
                         self._probe_ended(item)
                 if not chosen:
@@ -756,6 +763,7 @@ class MemoryAwareExecutor(Executor):
                         self._start(item)
                     else:  # cancelled since it was chosen
                         self._ledger.release(item.request)
+                        self._trace_cancel(item, "cancelled before it started")
                         if item.probe:
                             self._probe_ended(item)
         finally:
@@ -850,13 +858,25 @@ class MemoryAwareExecutor(Executor):
             self._trace.ended(item.job_id, run, status, not again, result)
         if again:
             self._dispatch()
+            self._trace_idle()
             return
         if item.probe:
             self._probe_ended(item)
         self._dispatch()  # start the next jobs before running the user's callbacks
+        self._trace_idle()
         logger.debug("mpmsub: end %s: %s", item.job_id, result.error or "ok")
         self._resolve(item, result)
         self._maybe_close()
+
+    def _trace_idle(self) -> None:
+        """Nothing runs now: the trace writes what waits (see Trace.idle)."""
+        if self._trace is not None and not self._running:
+            self._trace.idle()
+
+    def _trace_cancel(self, item: _Item, error: str) -> None:
+        """A job cancelled before its next run began: the trace's last word on it."""
+        if self._trace is not None:
+            self._trace.cancelled(item.job_id, item.runs + 1, error)
 
     def _resolve(self, item: _Item, result: JobResult) -> None:
         """Hand a job's final result to its future: the JobResult for a command; for a call,
@@ -1017,13 +1037,17 @@ class MemoryAwareExecutor(Executor):
             for held in self._held.values():
                 for item in held:
                     self._delivery.cancel(item.future)
+                    self._trace_cancel(item, f"cancelled before it started: {reason}")
             self._held.clear()
             self._held_count = 0
             for item in self._scheduler.clear():
                 if item.last_result is None:
                     self._delivery.cancel(item.future)
+                    self._trace_cancel(item, f"cancelled before it started: {reason}")
                 else:  # a retry or a requeued run that had not started: its future is running
-                    self._resolve(item, _cancelled_again(item, item.last_result, reason))
+                    result = _cancelled_again(item, item.last_result, reason)
+                    self._trace_cancel(item, result.error or "")
+                    self._resolve(item, result)
         else:
             self._dispatch()  # drops the jobs cancelled while queued, which may be all that is left
         if kill_reason is not None:
@@ -1038,13 +1062,13 @@ class MemoryAwareExecutor(Executor):
             try:
                 self._monitor.close()
                 self._launcher.close()
-                if self._trace is not None:
-                    self._trace.close()
                 if self._recorder is not None:
                     self._recorder.close(wait=False)  # its thread finishes writing; joined in _wait
                 if self._own_backend:
                     self.backend.close()
-            finally:  # whatever failed, the loop stops and waiters are released
+            finally:  # whatever failed, the trace ends, the loop stops and waiters are released
+                if self._trace is not None:
+                    self._trace.close()
                 self._delivery.close()
                 self._loop.stop()
                 _live_executors.discard(self)

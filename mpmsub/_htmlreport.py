@@ -49,6 +49,7 @@ class RunView:
     error: Optional[str]
     waited: float
     stderr: Optional[str] = None
+    ran: bool = True  # False: cancelled before it began (no bar, no reservation)
 
     @property
     def failed(self) -> bool:
@@ -63,6 +64,15 @@ class TraceView:
     duration: float
 
     @property
+    def ran(self) -> List[RunView]:
+        """The runs that began (a job cancelled while queued has an end but no run)."""
+        return [r for r in self.runs if r.ran]
+
+    @property
+    def remote(self) -> bool:
+        return str(self.header.get("backend", "local")) != "local"
+
+    @property
     def finals(self) -> List[RunView]:
         """Each job's last run: what it came to."""
         last: Dict[str, RunView] = {}
@@ -73,26 +83,35 @@ class TraceView:
 
 
 def load(events: Sequence[Dict[str, Any]]) -> TraceView:
-    """Runs and samples of a trace's events (a run with no end ends with the trace, 'unfinished')."""
-    if not events or events[0].get("type") != "run":
+    """Runs and samples of a trace's events (a run with no end ends with the trace, 'unfinished').
+
+    On a remote backend a run's start is when it was handed over (the backend queues jobs ahead
+    of its size): there, a run is drawn from its end back over its runtime."""
+    if not events or not isinstance(events[0], dict) or events[0].get("type") != "run":
         raise ValueError("not an mpmsub trace: it does not begin with a 'run' event")
+    remote = str(events[0].get("backend", "local")) != "local"
     starts: Dict[Tuple[str, int], Dict[str, Any]] = {}
     runs: List[RunView] = []
     samples: List[Tuple[float, int]] = []
     last_t = 0.0
-    for event in events[1:]:
-        kind = event.get("type")
-        last_t = max(last_t, float(event.get("t", 0.0)))
-        if kind == "start":
-            starts[(event["job"], event["run"])] = event
-        elif kind == "end":
-            start = starts.pop((event["job"], event["run"]), None)
-            begun = start["t"] if start else event["t"] - event.get("runtime", 0.0)
-            runs.append(_run(event["job"], event["run"], begun, event["t"], start, event))
-        elif kind == "sample":
-            samples.append((event["t"], event.get("max", event.get("used", 0))))
+    for number, event in enumerate(events[1:], 2):
+        try:
+            kind = event["type"]
+            last_t = max(last_t, float(event.get("t", 0.0)))
+            if kind == "start":
+                starts[(str(event["job"]), int(event["run"]))] = event
+            elif kind == "end":
+                start = starts.pop((str(event["job"]), int(event["run"])), None)
+                end = float(event["t"])
+                runtime = float(event.get("runtime", 0.0))
+                begun = float(start["t"]) if start and not remote else end - runtime
+                runs.append(_run(str(event["job"]), int(event["run"]), begun, end, start, event))
+            elif kind == "sample":
+                samples.append((float(event["t"]), int(event.get("max", event.get("used", 0)))))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"event {number} of the trace is not a valid one ({exc!r}): {str(event)[:100]}") from None
     for (job, number), start in starts.items():
-        runs.append(_run(job, number, start["t"], last_t, start, None))
+        runs.append(_run(job, number, float(start["t"]), last_t, start, None))
     runs.sort(key=lambda r: (r.start, r.job, r.run))
     return TraceView(events[0], runs, samples, last_t)
 
@@ -106,8 +125,8 @@ def _run(
     return RunView(
         job=job,
         run=number,
-        start=float(start),
-        end=float(end),
+        start=start,
+        end=end,
         cpus=int(began.get("cpus", 1)),
         memory=None if memory is None else int(memory),
         cmd=str(began.get("cmd", "")),
@@ -118,6 +137,7 @@ def _run(
         error=done.get("error") if ended else "the trace ends while it runs (the run was stopped?)",
         waited=float(began.get("waited", 0.0)),
         stderr=done.get("stderr"),
+        ran=bool(done.get("ran", True)),
     )
 
 
@@ -146,7 +166,8 @@ def write_report(
         else:
             figures = _figures(view)
     page = render(view, figures)
-    with open(output, "w", encoding="utf-8") as f:
+    # A command may hold bytes that are not UTF-8 (decoded as surrogates): written as escapes.
+    with open(output, "w", encoding="utf-8", errors="backslashreplace") as f:
         f.write(page)
     return figures is not None
 
@@ -198,7 +219,7 @@ def _timeline(view: TraceView) -> Any:
     from matplotlib.collections import PolyCollection
     from matplotlib.colors import Normalize
 
-    runs = view.runs
+    runs = view.ran
     jobs = list(dict.fromkeys(r.job for r in runs))
     per_job = len(jobs) <= ROWS_PER_JOB
     rows = {job: i for i, job in enumerate(jobs)} if per_job else _lanes(runs)
@@ -212,7 +233,8 @@ def _timeline(view: TraceView) -> Any:
     ends_x, ends_y = [], []
     for r in runs:
         y = rows[r.job] if per_job else rows[f"{r.job}#{r.run}"]
-        box = [(r.start, y - 0.4), (r.start, y + 0.4), (max(r.end, r.start + 1e-3), y + 0.4), (r.end, y - 0.4)]
+        right = max(r.end, r.start + 1e-3)  # a run too short to see keeps a sliver
+        box = [(r.start, y - 0.4), (r.start, y + 0.4), (right, y + 0.4), (right, y - 0.4)]
         color = cmap(norm(r.peak / divisor))
         if not r.failed:
             ok_boxes.append(box)
@@ -255,7 +277,7 @@ def _timeline(view: TraceView) -> Any:
     ax.set_xlim(0, max(view.duration, max((r.end for r in runs), default=0.0), 1e-3) * 1.01)
     ax.set_ylim(count - 0.5, -0.5)
     if per_job:
-        ax.set_yticks(range(count), jobs, fontsize=8 if count > 15 else 9)
+        ax.set_yticks(range(count), [_label(job) for job in jobs], fontsize=8 if count > 15 else 9)
     else:
         ax.set_ylabel(f"{len(jobs)} jobs, packed into rows")
         ax.set_yticks([])
@@ -264,6 +286,11 @@ def _timeline(view: TraceView) -> Any:
         _legend(ax)
     figure.colorbar(ScalarMappable(norm, cmap), ax=ax, label=f"peak memory ({unit})", pad=0.01)
     return figure
+
+
+def _label(text: str) -> str:
+    """A job id as a tick label: a `$` is a dollar sign, not the start of mathematics."""
+    return text.replace("$", r"\$")
 
 
 def _legend(ax: Any) -> None:
@@ -309,7 +336,7 @@ def steps(changes: Iterable[Tuple[float, float]]) -> Tuple[List[float], List[flo
 def reserved(view: TraceView) -> Tuple[List[float], List[float]]:
     """Memory reserved over time (bytes), from the runs' starts and ends."""
     changes = []
-    for r in view.runs:
+    for r in view.ran:
         if r.memory:
             changes += [(r.start, float(r.memory)), (r.end, -float(r.memory))]
     return steps(changes)
@@ -317,7 +344,7 @@ def reserved(view: TraceView) -> Tuple[List[float], List[float]]:
 
 def cpus_in_use(view: TraceView) -> Tuple[List[float], List[float]]:
     changes = []
-    for r in view.runs:
+    for r in view.ran:
         changes += [(r.start, float(r.cpus)), (r.end, -float(r.cpus))]
     return steps(changes)
 
@@ -366,9 +393,6 @@ def _cpus(view: TraceView) -> Any:
     ax.fill_between(cx, cy, step="post", color="#9467bd", alpha=0.15)
     if total:
         ax.axhline(total, color="#d62728", linestyle="--", linewidth=1.2, label=f"CPUs of the run ({total})")
-    slots = view.header.get("max_workers")
-    if slots:
-        ax.axhline(slots, color="#7f7f7f", linestyle=":", linewidth=1.2, label=f"jobs at once at most ({slots})")
     ax.set_xlim(0, max(view.duration, 1e-3))
     ax.set_ylim(0, max([total, *cy, 1]) * 1.15)
     ax.yaxis.get_major_locator().set_params(integer=True)
@@ -380,22 +404,23 @@ def _cpus(view: TraceView) -> Any:
 
 def _waste(view: TraceView) -> Optional[Any]:
     asked = sorted(
-        (r for r in view.finals if r.memory and r.status == OK),
-        key=lambda r: (r.memory or 0) - r.peak,
+        (r for r in view.finals if r.memory and r.ran and r.status in (OK, "memory")),
+        key=lambda r: abs((r.memory or 0) - r.peak),
         reverse=True,
     )[:WASTE_BARS]
     if not asked:
         return None
-    divisor, unit = _unit(max(r.memory or 0 for r in asked))
+    divisor, unit = _unit(max(max(r.memory or 0, r.peak) for r in asked))
     figure = _new_figure(1.2 + 0.26 * len(asked))
     ax = figure.add_subplot()
     ys = range(len(asked))
     ax.barh(ys, [(r.memory or 0) / divisor for r in asked], color="#c7c7c7", label="reserved (m)")
-    ax.barh(ys, [r.peak / divisor for r in asked], height=0.5, color="#2ca02c", label="used (peak)")
-    ax.set_yticks(list(ys), [r.job for r in asked], fontsize=8 if len(asked) > 15 else 9)
+    over = ["#d62728" if r.peak > (r.memory or 0) else "#2ca02c" for r in asked]
+    ax.barh(ys, [r.peak / divisor for r in asked], height=0.5, color=over, label="used (peak)")
+    ax.set_yticks(list(ys), [_label(r.job) for r in asked], fontsize=8 if len(asked) > 15 else 9)
     ax.invert_yaxis()
     ax.set_xlabel(unit)
-    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    _legend(ax)
     return figure
 
 
@@ -465,6 +490,9 @@ def summary_rows(view: TraceView) -> List[Tuple[str, str]]:
     _, cy = cpus_in_use(view)
     used = max((u for _, u in view.samples), default=None)
     with_m = [r for r in finals if r.memory and r.status == OK]
+    began = {r.job for r in view.ran}
+    never = sum(r.job not in began for r in finals)
+    again = sum(not r.final for r in view.runs)
     rows = [
         ("started", datetime.datetime.fromtimestamp(head.get("start", 0)).strftime("%Y-%m-%d %H:%M:%S")),
         ("on", f"{head.get('host', '?')} ({head.get('backend', 'local')}), mpmsub {head.get('mpmsub', '?')}"),
@@ -478,14 +506,17 @@ def summary_rows(view: TraceView) -> List[Tuple[str, str]]:
         (
             "jobs",
             f"{len(finals)}: {len(finals) - len(failed)} succeeded, {len(failed)} failed"
-            + (
-                f"; {len(view.runs) - len(finals)} run(s) stopped and run again" if len(view.runs) > len(finals) else ""
-            ),
+            + (f" ({never} cancelled before they started)" if never else "")
+            + (f"; {again} run(s) stopped and run again" if again else ""),
         ),
         ("most reserved at once", f"{format_memory(int(max(ry)))}, {int(max(cy))} CPUs"),
         (
             "most in use at once",
-            "not sampled (the jobs ran on a remote backend)" if used is None else format_memory(int(used)),
+            format_memory(int(used))
+            if used is not None
+            else "not sampled (the jobs ran on a remote backend)"
+            if view.remote
+            else "not sampled",
         ),
     ]
     if with_m:
@@ -541,6 +572,8 @@ def _figure_sections(view: TraceView, figures: Dict[str, str]) -> List[str]:
         "at any sample in each interval)."
         if view.samples
         else "The jobs ran on a remote backend, which measures them there: only reservations are shown."
+        if view.remote
+        else "No memory was sampled (no job ran long enough to be)."
     )
     texts = [
         (
@@ -566,8 +599,9 @@ def _figure_sections(view: TraceView, figures: Dict[str, str]) -> List[str]:
         (
             "waste",
             "Requested versus used memory",
-            f"For the succeeded jobs with m, the {WASTE_BARS} that left the most of their reservation "
-            "unused: grey is what each reserved, green what it used at its peak.",
+            f"For the jobs with m that succeeded or were stopped for memory, the {WASTE_BARS} furthest from "
+            "their reservation: grey is what each reserved, green what it used at its peak (red: more than "
+            "it reserved).",
         ),
     ]
     out = []
@@ -579,14 +613,14 @@ def _figure_sections(view: TraceView, figures: Dict[str, str]) -> List[str]:
             )
         elif key == "waste":
             out.append(
-                f'<section id="{key}"><h2>{_e(title)}</h2><p class="note">No succeeded job reserved '
-                "memory (m), so there is nothing to compare.</p></section>"
+                f'<section id="{key}"><h2>{_e(title)}</h2><p class="note">No job reserved memory (m), so '
+                "there is nothing to compare.</p></section>"
             )
     return out
 
 
 def _slowest(finals: List[RunView]) -> List[str]:
-    ran = sorted(finals, key=lambda r: r.runtime, reverse=True)[:TOP]
+    ran = sorted((r for r in finals if r.ran), key=lambda r: r.runtime, reverse=True)[:TOP]
     rows = [
         [
             ("", _e(r.job)),
@@ -611,13 +645,13 @@ def _failed(failed: List[RunView], view: TraceView) -> List[str]:
     if not failed:
         return ['<section id="failed"><h2>Failed jobs</h2><p class="note">None: every job succeeded.</p></section>']
     attempts: Dict[str, int] = {}
-    for r in view.runs:
+    for r in view.ran:
         attempts[r.job] = attempts.get(r.job, 0) + 1
     rows = [
         [
             ("", _e(r.job)),
             ("bad", _e(r.status)),
-            ("num", str(attempts[r.job])),
+            ("num", str(attempts.get(r.job, 0))),
             ("", _e(r.error or "") + (f"<pre>{_e(r.stderr)}</pre>" if r.stderr else "")),
             _command(r),
         ]
@@ -641,6 +675,8 @@ def _advice(finals: List[RunView]) -> List[str]:
     for r in ok[:LISTED]:
         if r.memory is None:
             verdict = "no m: reserve the recommendation"
+        elif r.peak < MB:
+            verdict = "used almost nothing"
         elif r.memory > OVER_ASKING * r.peak and r.memory - r.peak > 50 * MB:
             verdict = f"asks for {r.memory / max(r.peak, 1):.0f}x what it used"
         elif r.memory < r.peak:

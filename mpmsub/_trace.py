@@ -7,24 +7,27 @@ One object per line, each with a "type":
 - "start": a run of a job began: `t` (seconds since the trace began), `job`, `run` (1, 2, ...
   for retries and requeues), the `cpus` and `memory` (bytes, or null) it reserves, `cmd` (one
   line, shortened) and `waited` (seconds since it was submitted).
-- "end": that run ended: `t`, `job`, `run`, `status` ("ok", a JobResult failure kind, or
+- "end": that run ended (or, with `ran` false, the job was cancelled before it began):
+  `t`, `job`, `run`, `status` ("ok", a JobResult failure kind, or
   "requeued" for a stop for the machine's sake), `final` (false when the job runs again),
   `peak` (bytes, its whole tree), `runtime`, `cpu` (seconds), `rc`, `memory` (what it reserved),
   `error` (shortened), `estimate` (m="auto": how its memory was predicted) and, for a run that
   failed, `stderr`: the last lines of its standard error where it was captured.
 - "sample": the memory in use, measured on this machine: `t`, `used` (bytes, every running job's
-  tree at this tick), `max` (the most `used` was at any tick since the last sample line), and
+  tree at this tick), `max` (the most `used` was at any tick since the last sample line, this
+  one included; written when the last running job ends too, so no tick goes unreported), and
   `jobs` (job id -> bytes, the largest `JOBS_PER_SAMPLE` of them).
 - "close" (the last line): `t`, when the executor finished.
 
 Size: two lines per run, and sample lines at most every `interval` seconds in the first
 `SAMPLES` of them, then ever further apart (a sample every t/SAMPLES seconds at time t), so a
-day's run holds about 4,500 of them whatever its number of jobs. Jobs on a remote backend are
+day's run holds about 4,000 of them whatever its number of jobs. Jobs on a remote backend are
 measured there: their runs have peaks but the trace has no samples.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -32,7 +35,7 @@ import os
 import socket
 import threading
 import time
-from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import IO, Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 VERSION = 1
 SAMPLES = 500  # sample lines at the monitor's pace before they spread out
@@ -40,6 +43,7 @@ JOBS_PER_SAMPLE = 16  # the largest jobs named in a sample line
 _CMD = 200  # characters of a command kept
 _ERROR = 400  # characters of an error (and of a failed run's standard error) kept
 _TAIL_LINES = 3  # lines of a failed run's standard error kept
+_BATCH = 256  # queued starts and ends that are written at once, whatever the time
 
 logger = logging.getLogger("mpmsub")
 
@@ -60,20 +64,34 @@ def _tail(text: Optional[str]) -> Optional[str]:
 
 
 def check_target(trace: object) -> Optional[PathLike]:
-    """A trace path as given (None: no trace); anything else is refused, naming it."""
+    """A trace path as given (None: no trace), if it can be a file; anything else is refused,
+    naming it (before any job is taken)."""
     if trace is None:
         return None
     if isinstance(trace, bool) or not isinstance(trace, (str, os.PathLike)):
         raise TypeError(f"trace must be a file path (str or os.PathLike) or None; got {trace!r}")
-    if not os.fspath(trace):
+    path = os.fspath(trace)
+    if not path:
         raise ValueError(f"invalid trace {trace!r}: expected a file path")
+    if os.path.isdir(path):
+        raise ValueError(f"invalid trace {trace!r}: it is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"invalid trace {trace!r}: there is no directory {parent!r}")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"invalid trace {trace!r}: not writable here")
     return trace
 
 
 class Trace:
-    """Writes a trace to a file (`path`) or keeps its events in `events` (path None). Safe to
-    call from the executor's loop and the monitor thread; a trace that cannot be written any
-    more (a full disk) stops, once, with a warning on the 'mpmsub' logger."""
+    """Writes a trace to a file (`path`), or keeps its lines in memory (path None) for `events`.
+    Safe to call from the executor's loop and the monitor thread; a trace that cannot be written
+    any more (a full disk) stops, once, with a warning on the 'mpmsub' logger.
+
+    Starts and ends are queued as they come (an append: the loop thread goes on to the next job
+    at once) and written in batches, then flushed: at each sample line (the monitor's thread),
+    when many wait or a second has passed (jobs on a remote backend have no samples), when the
+    last running job ends, and at close."""
 
     def __init__(
         self,
@@ -83,67 +101,63 @@ class Trace:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
-        self.events: List[Dict[str, Any]] = []
+        self._lines: List[str] = []  # in memory: the lines a file would hold
         self._file: Optional[IO[str]] = None if path is None else open(path, "w", encoding="utf-8")  # noqa: SIM115
-        self._lock = threading.Lock()
+        self._queue: Deque[Tuple[Any, ...]] = collections.deque()  # starts and ends not yet written
+        self._lock = threading.Lock()  # the file, the lines, and the sampling state
         self._clock = clock
         self._t0 = clock()
+        self._written_at = self._t0
         self._interval = interval
         self._last_sample = float("-inf")
-        self._max = 0  # the most in use since the last sample line
+        # Ticks since the last sample line: the most in use at any of them, and the last one.
+        self._max = 0
+        self._tick: Optional[Tuple[float, int, Dict[str, int]]] = None
         self._closed = False
         from mpmsub import __version__  # here: the package imports this module before it sets it
 
-        self._put(
-            {
-                "type": "run",
-                "version": VERSION,
-                "mpmsub": __version__,
-                "start": round(time.time(), 3),
-                "host": socket.gethostname(),
-                **header,
-            }
-        )
+        with self._lock:
+            self._put(
+                {
+                    "type": "run",
+                    "version": VERSION,
+                    "mpmsub": __version__,
+                    "start": round(time.time(), 3),
+                    "host": socket.gethostname(),
+                    **header,
+                }
+            )
 
-    def now(self) -> float:
-        return round(self._clock() - self._t0, 3)
+    @property
+    def events(self) -> List[Dict[str, Any]]:
+        """The events so far, where the trace is kept in memory."""
+        with self._lock:
+            self._drain()
+            return [json.loads(line) for line in self._lines]
 
     def started(self, job: str, run: int, cpus: int, memory: Optional[int], cmd: str, submitted: float) -> None:
-        t = self.now()
-        self._put(
-            {
-                "type": "start",
-                "t": t,
-                "job": job,
-                "run": run,
-                "cpus": cpus,
-                "memory": memory,
-                "cmd": _short(cmd, _CMD),
-                "waited": round(max(0.0, self._clock() - submitted), 3),
-            }
-        )
+        now = self._clock()
+        self._queue.append(("start", now, job, run, cpus, memory, cmd, submitted))
+        self._maybe_drain(now)
 
     def ended(self, job: str, run: int, status: str, final: bool, result: Any) -> None:
         """`result`: the run's JobResult."""
-        requested = result.memory_requested
-        self._put(
-            {
-                "type": "end",
-                "t": self.now(),
-                "job": job,
-                "run": run,
-                "status": status,
-                "final": final,
-                "peak": int(result.memory_used * 2**20),
-                "runtime": round(result.runtime, 3),
-                "cpu": round(result.cpu_used, 3),
-                "rc": result.returncode,
-                "memory": None if requested is None else int(requested * 2**20),
-                "error": None if result.error is None else _short(result.error, _ERROR),
-                "estimate": result.memory_estimate,
-                "stderr": None if status == "ok" else _tail(result.stderr),
-            }
-        )
+        now = self._clock()
+        self._queue.append(("end", now, job, run, status, final, result))
+        self._maybe_drain(now)
+
+    def cancelled(self, job: str, run: int, error: str) -> None:
+        """A job cancelled before its run number `run` started (queued, held, or waiting to run
+        again): its final end, a run that never began."""
+        now = self._clock()
+        self._queue.append(("cancel", now, job, run, error))
+        self._maybe_drain(now)
+
+    def idle(self) -> None:
+        """Nothing runs any more (for now): write what waits, the last ticks' most included."""
+        with self._lock:
+            self._write_tick()
+            self._drain()
 
     def sample(self, jobs: Iterable[Tuple[str, int]]) -> None:
         """The running jobs' memory at a tick of the monitor: written when a sample is due."""
@@ -152,47 +166,120 @@ class Trace:
         t = self._clock() - self._t0
         with self._lock:
             self._max = max(self._max, used)
-            if t - self._last_sample < max(self._interval, t / SAMPLES):
-                return
-            self._last_sample = t
-            peak, self._max = self._max, 0
-        usage.sort(key=lambda pair: pair[1], reverse=True)
-        self._put(
-            {
-                "type": "sample",
-                "t": round(t, 3),
-                "used": used,
-                "max": peak,
-                "jobs": dict(usage[:JOBS_PER_SAMPLE]),
-            },
-            flush=True,
-        )
+            usage.sort(key=lambda pair: pair[1], reverse=True)
+            self._tick = (t, used, dict(usage[:JOBS_PER_SAMPLE]))
+            if t - self._last_sample >= max(self._interval, t / SAMPLES):
+                self._drain()
+                self._write_tick()
 
     def close(self) -> None:
-        self._put({"type": "close", "t": self.now()})
         with self._lock:
+            self._write_tick()
+            self._drain()
+            self._put({"type": "close", "t": round(self._clock() - self._t0, 3)}, flush=True)
             self._stop()
+
+    # -- under the lock ----------------------------------------------------------------------------
+
+    def _maybe_drain(self, now: float) -> None:
+        if len(self._queue) >= _BATCH or now - self._written_at >= 1.0:
+            with self._lock:
+                self._drain()
+
+    def _write_tick(self) -> None:
+        """The last tick as a sample line, with the most in use at any tick since the last line."""
+        if self._tick is None:
+            return
+        t, used, jobs = self._tick
+        self._put({"type": "sample", "t": round(t, 3), "used": used, "max": self._max, "jobs": jobs}, flush=True)
+        self._last_sample = t
+        self._tick = None
+        self._max = 0
+
+    def _drain(self) -> None:
+        """Write the queued starts and ends, then flush."""
+        self._written_at = self._clock()
+        wrote = False
+        while True:
+            try:
+                item = self._queue.popleft()
+            except IndexError:
+                break
+            kind = item[0]
+            self._put(self._start(*item[1:]) if kind == "start" else self._end(*item[1:]))
+            wrote = True
+        if wrote and self._file is not None and not self._closed:
+            self._flush()
+
+    def _start(
+        self, at: float, job: str, run: int, cpus: int, memory: Optional[int], cmd: str, submitted: float
+    ) -> Dict[str, Any]:
+        return {
+            "type": "start",
+            "t": round(at - self._t0, 3),
+            "job": job,
+            "run": run,
+            "cpus": cpus,
+            "memory": memory,
+            "cmd": _short(cmd, _CMD),
+            "waited": round(max(0.0, at - submitted), 3),
+        }
+
+    def _end(self, at: float, job: str, run: int, *rest: Any) -> Dict[str, Any]:
+        """An end event: of a run (status, final, its JobResult), or of a cancel (its error)."""
+        event: Dict[str, Any] = {"type": "end", "t": round(at - self._t0, 3), "job": job, "run": run}
+        if len(rest) == 1:  # cancelled before the run began
+            event.update(status="cancelled", final=True, peak=0, runtime=0.0, cpu=0.0, rc=None, memory=None)
+            event.update(error=_short(rest[0], _ERROR), estimate=None, stderr=None, ran=False)
+            return event
+        status, final, result = rest
+        requested = result.memory_requested
+        event.update(
+            status=status,
+            final=final,
+            peak=int(result.memory_used * 2**20),
+            runtime=round(result.runtime, 3),
+            cpu=round(result.cpu_used, 3),
+            rc=result.returncode,
+            memory=None if requested is None else int(requested * 2**20),
+            error=None if result.error is None else _short(result.error, _ERROR),
+            estimate=result.memory_estimate,
+            stderr=None if status == "ok" else _tail(result.stderr),
+        )
+        return event
 
     def _stop(self) -> None:
         self._closed = True
+        self._queue.clear()
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
 
+    def _flush(self) -> None:
+        assert self._file is not None
+        try:
+            self._file.flush()
+        except (OSError, ValueError) as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        logger.warning("mpmsub: the trace %s is no longer written: %s", self.path, exc)
+        self._stop()
+
     def _put(self, event: Dict[str, Any], flush: bool = False) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            if self._file is None:
-                self.events.append(event)
-                return
-            try:
-                self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
-                if flush or event["type"] in ("run", "close"):
-                    self._file.flush()
-            except (OSError, ValueError) as exc:
-                logger.warning("mpmsub: the trace %s is no longer written: %s", self.path, exc)
-                self._stop()
+        if self._closed:
+            return
+        line = json.dumps(event, separators=(",", ":"))
+        if self._file is None:
+            self._lines.append(line)
+            return
+        try:
+            self._file.write(line + "\n")
+        except (OSError, ValueError) as exc:
+            self._failed(exc)
+            return
+        if flush or event["type"] == "run":
+            self._flush()
 
 
 def read(path: PathLike) -> List[Dict[str, Any]]:

@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Iterator, List, Optional, Set, Tuple
@@ -79,7 +80,8 @@ def test_the_trace_records_each_run_its_reservation_and_the_memory_over_time(
     samples = by_type(events, "sample")
     assert samples and max(s["max"] for s in samples) >= 200 * MB
     assert all(s["max"] >= s["used"] == sum(s["jobs"].values()) for s in samples)
-    assert all(b["t"] - a["t"] >= 0.09 for a, b in zip(samples, samples[1:]))
+    # a tenth of a second apart, but for the last tick before the machine fell idle (written then)
+    assert sum(b["t"] - a["t"] < 0.09 for a, b in zip(samples, samples[1:])) <= 2
 
 
 class StrictHTML(HTMLParser):
@@ -260,7 +262,9 @@ def test_the_command_line_traces_a_run_and_reports_it(tmp_path: Path, capsys: py
         (["report", "{tmp}/garbage.jsonl"], "{tmp}/garbage.jsonl: line 1 is not JSON"),
         (["report", "{tmp}/other.jsonl"], "{tmp}/other.jsonl: not an mpmsub trace"),
         (["report", "{tmp}/trace.html"], "the report would overwrite its trace"),
-        (["run", "{tmp}/jobs.txt", "--trace", "{tmp}/no/such/dir/t.jsonl"], "cannot write '{tmp}/no/such/dir/t.jsonl'"),
+        (["run", "{tmp}/jobs.txt", "--trace", "{tmp}/no/dir/t.jsonl"], "there is no directory '{tmp}/no/dir'"),
+        (["run", "{tmp}/jobs.txt", "--trace", "{tmp}/jobs.txt"], "is the job file: writing the trace would overwrite"),
+        (["run", "{tmp}/jobs.txt", "--joblog", "{tmp}/t", "--trace", "{tmp}/t"], "is the joblog"),
     ],
 )
 def test_bad_command_lines_say_what_is_wrong(
@@ -283,8 +287,10 @@ def test_bad_trace_values_are_refused_at_once(tmp_path: Path) -> None:
         mpmsub.cluster(trace=True)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="invalid trace ''"):
         mpmsub.Cluster(trace="")
-    with pytest.raises(FileNotFoundError, match="no/such/dir"):
+    with pytest.raises(ValueError, match=r"there is no directory .*no/such/dir"):
         mpmsub.MemoryAwareExecutor(trace=tmp_path / "no/such/dir/t.jsonl")
+    with pytest.raises(ValueError, match="it is a directory"):
+        mpmsub.cluster(trace=tmp_path)
     with pytest.raises(RuntimeError, match="call run"):
         mpmsub.cluster(progress_bar=False).report(tmp_path / "r.html")
 
@@ -313,6 +319,96 @@ def test_without_matplotlib_the_report_has_the_tables_and_says_how_to_get_figure
             assert mpmsub.write_report(trace, tmp_path / "again.html") is False
         finally:
             del sys.modules["matplotlib"]
+
+
+def test_jobs_cancelled_before_they_ran_are_in_the_trace_and_the_report(tmp_path: Path) -> None:
+    trace = tmp_path / "cancel.jsonl"
+    ex = mpmsub.MemoryAwareExecutor(cpus=2, memory="1000M", memory_reserve=0, trace=trace)
+    a = ex.submit(mpmsub.Job(alloc_cmd(1, 30)).memory("500M").with_id("a"))
+    # over its strict 300M at once: its retry asks for 600M, which waits beside A's 500M
+    b = ex.submit(mpmsub.Job(alloc_cmd(400, 30)).memory("300M").strict_memory().with_retries(1, 2.0).with_id("b"))
+    d = ex.submit(mpmsub.Job(["true"]).memory("600M").with_id("d"))  # waits for memory
+    e = ex.submit(mpmsub.Job(["true"]).memory("600M").with_id("e"))
+    assert e.cancel()
+    deadline = time.monotonic() + 30
+    for running in (2, 1):  # A and B started; then B was stopped, its retry queued beside D
+        while ex.status().running != running and time.monotonic() < deadline:
+            time.sleep(0.01)
+    while ex.status().queued < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert time.monotonic() < deadline
+    ex.terminate()
+    assert a.result().failure == b.result().failure == "cancelled" and d.cancelled() and e.cancelled()
+    ends = {(e["job"], e["run"]): e for e in by_type(read(trace), "end")}
+    assert ends[("b", 1)]["status"] == "memory" and not ends[("b", 1)]["final"]
+    assert ends[("b", 2)]["status"] == "cancelled" and ends[("b", 2)]["ran"] is False
+    assert "cancelled before it could run again" in ends[("b", 2)]["error"]
+    for job in "de":
+        assert ends[(job, 1)]["status"] == "cancelled" and ends[(job, 1)]["ran"] is False
+    assert ends[("a", 1)]["status"] == "cancelled" and "ran" not in ends[("a", 1)]  # killed while running
+    out = tmp_path / "cancel.html"
+    mpmsub.write_report(trace, out)
+    text = out.read_text()
+    assert "4: 0 succeeded, 4 failed (2 cancelled before they started)" in section(text, "summary")
+    failed = section(text, "failed")
+    assert all(f"<td>{job}</td>" in failed for job in "abde")
+
+
+def synthetic(tmp_path: Path, lines: List[Dict[str, Any]], header: Optional[Dict[str, Any]] = None) -> Path:
+    trace = tmp_path / "synthetic.jsonl"
+    head = {"type": "run", "version": 1, "cpus": 2, "memory": 1024 * MB, "host": "h", "start": 0, **(header or {})}
+    trace.write_text("".join(json.dumps(line) + "\n" for line in [head, *lines]))
+    return trace
+
+
+def test_odd_job_ids_and_commands_do_not_break_the_report(tmp_path: Path) -> None:
+    job = "$\\frac$ <b>&"
+    cmd = "tool --in caf\udcff.fq"  # a byte that is not UTF-8, as os.fsdecode leaves it
+    lines = [
+        {"type": "start", "t": 0.0, "job": job, "run": 1, "cpus": 1, "memory": 10 * MB, "cmd": cmd, "waited": 0},
+        {
+            "type": "end",
+            "t": 1.0,
+            "job": job,
+            "run": 1,
+            "status": "exit",
+            "final": True,
+            "peak": 0,
+            "runtime": 1.0,
+            "error": "exited with status 1",
+            "memory": 10 * MB,
+        },
+    ]
+    out = tmp_path / "odd.html"
+    assert mpmsub.write_report(synthetic(tmp_path, lines), out) is True
+    text = out.read_text()
+    check_html(text)
+    assert "$\\frac$ &lt;b&gt;&amp;" in section(text, "failed") and "caf\\udcff.fq" in text
+
+
+def test_a_trace_with_a_malformed_event_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = synthetic(tmp_path, [{"type": "start", "t": 0.1, "run": 1}])
+    with pytest.raises(ValueError, match="event 2 of the trace is not a valid one"):
+        mpmsub.write_report(trace, tmp_path / "x.html")
+    with pytest.raises(SystemExit):
+        _cli.main(["report", str(trace)])
+    assert "event 2 of the trace is not a valid one" in capsys.readouterr().err
+
+
+def test_remote_runs_are_drawn_from_their_end_back_over_their_runtime(tmp_path: Path) -> None:
+    """A remote backend is handed jobs ahead of its size: a start there is a hand-over."""
+    lines = [
+        {"type": "start", "t": 0.0, "job": "j", "run": 1, "cpus": 1, "memory": MB, "cmd": "x", "waited": 0},
+        {"type": "end", "t": 10.0, "job": "j", "run": 1, "status": "ok", "final": True, "peak": MB, "runtime": 2.0},
+    ]
+    view = load(read(synthetic(tmp_path, lines, {"backend": "DaskBackend('tcp://h:8786')"})))
+    assert (view.runs[0].start, view.runs[0].end) == (8.0, 10.0)
+    assert view.remote and not view.samples
+    out = tmp_path / "remote.html"
+    mpmsub.write_report(synthetic(tmp_path, lines, {"backend": "DaskBackend('tcp://h:8786')"}), out)
+    assert "not sampled (the jobs ran on a remote backend)" in section(out.read_text(), "summary")
 
 
 # -- size, and what the report makes of odd traces -------------------------------------------------
@@ -354,7 +450,7 @@ def test_sample_lines_spread_out_over_a_long_run(tmp_path: Path) -> None:
     times = [e["t"] for e in by_type(read(tmp_path / "day.jsonl"), "sample")]
     assert len(times) <= SAMPLES * 9, len(times)  # ~ SAMPLES * (1 + ln(86400 / (SAMPLES * 0.1)))
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert max(gaps[:100]) <= 0.5 and gaps[-1] >= 86_000 / SAMPLES * 0.9
+    assert max(gaps[:100]) <= 0.5 and max(gaps) >= 86_000 / SAMPLES * 0.9  # the last: at close
 
 
 def test_a_trace_cut_short_reports_its_runs_as_unfinished(tmp_path: Path) -> None:
