@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import mpmsub
 from mpmsub import _cli
 from mpmsub._htmlreport import RunView, TraceView, _lanes, load, reserved, steps
-from mpmsub._trace import SAMPLES, Trace, read
+from mpmsub._trace import SAMPLES, Trace, line, read
 
 MB = 2**20
 SECTIONS = ["summary", "timeline", "memory", "cpus", "waste", "slowest", "failed", "advice"]
@@ -505,3 +505,19 @@ def test_reserved_memory_is_the_sum_of_the_running_reservations(spans: List[Tupl
     for x, y in zip(xs, ys):
         # after every change at x: the runs under way from x on
         assert y == sum(r.memory or 0 for r in view.runs if r.start <= x < r.end)
+
+
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**62), 2**62),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(),
+)
+
+
+@given(
+    st.lists(st.tuples(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), values), max_size=14, unique_by=lambda f: f[0])
+)
+def test_a_trace_line_is_what_json_reads_back(fields: List[Tuple[str, Any]]) -> None:
+    assert json.loads(line(*fields)) == dict(fields)
