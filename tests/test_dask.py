@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import socket
@@ -74,9 +75,10 @@ def test_results_read_as_local_ones(backend: mpmsub.DaskBackend) -> None:
     assert local["raises"][-1][2] == "RemoteTraceback"  # the worker's traceback came along
 
 
-def test_jobs_run_on_the_workers_and_are_measured(backend: mpmsub.DaskBackend, client: Any) -> None:
+def test_jobs_run_on_the_workers_and_are_measured(backend: mpmsub.DaskBackend, client: Any, tmp_path: Path) -> None:
     code = "import os, time; x = bytearray(80 * 2**20); time.sleep(0.3); print(os.getppid())"
-    with mpmsub.MemoryAwareExecutor(backend=backend) as executor:
+    trace = tmp_path / "trace.jsonl"
+    with mpmsub.MemoryAwareExecutor(backend=backend, trace=trace) as executor:
         result = executor.submit(mpmsub.Job([sys.executable, "-c", code]).memory("150M")).result()
         value = executor.submit(callees.allocate, 120)
         assert psutil.Process(value.result()).parent().pid in worker_pids(client)  # a Dask worker's
@@ -85,6 +87,11 @@ def test_jobs_run_on_the_workers_and_are_measured(backend: mpmsub.DaskBackend, c
     assert 80 <= result.memory_used < 110
     assert result.cpu_used > 0 and result.runtime >= 0.3
     assert value.usage is not None and 120 <= value.usage.memory_used < 180  # the call's own peak
+    # The trace has the runs, measured on the workers, and no samples (nothing runs here).
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert "DaskBackend" in events[0]["backend"] and not [e for e in events if e["type"] == "sample"]
+    ends = [e for e in events if e["type"] == "end"]
+    assert sorted(e["peak"] for e in ends) == sorted(int(r.memory_used * 2**20) for r in (result, value.usage))
 
 
 def test_each_worker_holds_only_what_it_declared(backend: mpmsub.DaskBackend, client: Any) -> None:

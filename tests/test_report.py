@@ -403,11 +403,11 @@ def test_remote_runs_are_drawn_from_their_end_back_over_their_runtime(tmp_path: 
         {"type": "start", "t": 0.0, "job": "j", "run": 1, "cpus": 1, "memory": MB, "cmd": "x", "waited": 0},
         {"type": "end", "t": 10.0, "job": "j", "run": 1, "status": "ok", "final": True, "peak": MB, "runtime": 2.0},
     ]
-    view = load(read(synthetic(tmp_path, lines, {"backend": "DaskBackend('tcp://h:8786')"})))
+    view = load(read(synthetic(tmp_path, lines, {"backend": "mpmsub.DaskBackend('tcp://h:8786')"})))
     assert (view.runs[0].start, view.runs[0].end) == (8.0, 10.0)
     assert view.remote and not view.samples
     out = tmp_path / "remote.html"
-    mpmsub.write_report(synthetic(tmp_path, lines, {"backend": "DaskBackend('tcp://h:8786')"}), out)
+    mpmsub.write_report(synthetic(tmp_path, lines, {"backend": "mpmsub.DaskBackend('tcp://h:8786')"}), out)
     assert "not sampled (the jobs ran on a remote backend)" in section(out.read_text(), "summary")
 
 
