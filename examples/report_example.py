@@ -3,7 +3,7 @@
 The batch stands in for a day of sequencing work (each job a Python program that takes memory
 in steps and holds it): aligners, sorters that ask for far more memory than they use, one
 assembler, a job that fails, one that overruns its timeout, and one that uses more than it
-declared and runs again with more. It runs on 4 CPUs and 1 GiB, in about 8 seconds.
+declared and runs again with more. It runs on 4 CPUs and 1 GiB, in about 5 seconds.
 
 Run it with:  python examples/report_example.py [--out DIR]
 (the trace and report.html go to DIR, by default a new temporary directory). Figures need
@@ -46,12 +46,12 @@ def main() -> None:
     trace = out / "run.jsonl"
 
     p = mpmsub.cluster(p=4, m="1G", verbose=False, progress_bar=False, trace=trace)
-    for i, (mb, seconds) in enumerate([(200, 1.2), (240, 1.6), (160, 1.0), (260, 1.4), (180, 1.2), (220, 1.0)], 1):
+    for i, (mb, seconds) in enumerate([(200, 0.7), (240, 1.0), (160, 0.6), (260, 0.9), (180, 0.7), (220, 0.6)], 1):
         p.jobs.append({"cmd": tool(out, "align", mb, seconds), "p": 1, "m": "300M", "id": f"align-{i}"})
     for i in range(1, 4):  # ask for 400M, use 60M
-        p.jobs.append({"cmd": tool(out, "sort_reads", 60, 0.8), "p": 1, "m": "400M", "id": f"sort-{i}"})
-    p.jobs.append({"cmd": tool(out, "assemble", 520, 2.0), "p": 2, "m": "600M", "id": "assemble"})
-    p.jobs.append({"cmd": tool(out, "index", 90, 1.0), "p": 2, "m": "150M", "id": "index"})
+        p.jobs.append({"cmd": tool(out, "sort_reads", 60, 0.5), "p": 1, "m": "400M", "id": f"sort-{i}"})
+    p.jobs.append({"cmd": tool(out, "assemble", 520, 1.3), "p": 2, "m": "600M", "id": "assemble"})
+    p.jobs.append({"cmd": tool(out, "index", 90, 0.6), "p": 2, "m": "150M", "id": "index"})
     p.jobs.append(
         {
             "cmd": [sys.executable, "-c", "import sys; sys.exit('ref.fa: no such file')"],
@@ -59,10 +59,10 @@ def main() -> None:
             "id": "call-variants",
         }
     )
-    p.jobs.append({"cmd": tool(out, "download", 40, 30.0), "m": "100M", "timeout": 1.5, "id": "stuck-download"})
+    p.jobs.append({"cmd": tool(out, "download", 40, 30.0), "m": "100M", "timeout": 1.0, "id": "stuck-download"})
     # declares 100M but takes 240M: stopped at its limit, then run again with 3x the memory
     p.jobs.append(
-        mpmsub.Job(tool(out, "dedup", 240, 1.0)).memory("100M").strict_memory().with_retries(1, 3.0).with_id("dedup")
+        mpmsub.Job(tool(out, "dedup", 240, 0.6)).memory("100M").strict_memory().with_retries(1, 3.0).with_id("dedup")
     )
     p.run()
     p.print_summary()

@@ -107,9 +107,9 @@ def newest_requeued() -> Results:
         # A declares 100M but takes 400M (there is budget); B, declaring 100M, then takes 500M:
         # the group runs short, B (the newest) is stopped, and comes back once A is done.
         marker = uuid.uuid4().hex
-        a = ex.submit(mpmsub.Job(grower(400, step_mb=200, hold=3.0, marker=marker)).memory("100M"))
+        a = ex.submit(mpmsub.Job(grower(400, step_mb=200, hold=2.0, marker=marker)).memory("100M"))
         wait_for_rss(marker, 400)  # on a slow machine A may still be growing after a fixed pause
-        b = ex.submit(mpmsub.Job(grower(500, step_mb=250, hold=1.5)).memory("100M"))
+        b = ex.submit(mpmsub.Job(grower(500, step_mb=250, hold=1.0)).memory("100M"))
         return _dicts(a.result(timeout=60), b.result(timeout=60))
 
 

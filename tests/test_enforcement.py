@@ -291,7 +291,7 @@ def test_a_memory_stop_during_a_timeouts_grace_kills_at_once(tmp_path: Path) -> 
 @pytest.mark.parametrize("how", ["shutdown", "terminate"])
 def test_cancelling_a_queued_retry_resolves_its_future(how: str) -> None:
     ex = MemoryAwareExecutor(cpus=2, memory="1000M", memory_reserve=0)
-    a = ex.submit(mpmsub.Job([sys.executable, "-c", "import time; time.sleep(3)"]).memory("500M"))
+    a = ex.submit(mpmsub.Job([sys.executable, "-c", "import time; time.sleep(2)"]).memory("500M"))
     # killed at 400M over its strict 300M; the retry asks 600M, which waits beside A's 500M
     b = ex.submit(mpmsub.Job(grower(400, step_mb=400, hold=5)).memory("300M").strict_memory().with_retries(1))
     deadline = time.monotonic() + 20
