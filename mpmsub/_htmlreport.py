@@ -229,50 +229,34 @@ def _timeline(view: TraceView) -> Any:
     divisor, unit = _unit(max((r.peak for r in runs), default=0))
     norm = Normalize(0, max(max((r.peak for r in runs), default=0) / divisor, 1e-9))
     cmap = matplotlib_colormap("viridis")
-    ok_boxes, ok_colors, bad_boxes, bad_colors, again_boxes, again_colors = [], [], [], [], [], []
+    groups: Dict[str, Tuple[List[Any], List[Any]]] = {kind: ([], []) for kind in _BARS}
     ends_x, ends_y = [], []
     for r in runs:
         y = rows[r.job] if per_job else rows[f"{r.job}#{r.run}"]
         right = max(r.end, r.start + 1e-3)  # a run too short to see keeps a sliver
-        box = [(r.start, y - 0.4), (r.start, y + 0.4), (right, y + 0.4), (right, y - 0.4)]
-        color = cmap(norm(r.peak / divisor))
-        if not r.failed:
-            ok_boxes.append(box)
-            ok_colors.append(color)
-        elif r.final:
-            bad_boxes.append(box)
-            bad_colors.append(color)
+        kind = "ok" if not r.failed else "failed" if r.final else "again"
+        boxes, colors = groups[kind]
+        boxes.append([(r.start, y - 0.4), (r.start, y + 0.4), (right, y + 0.4), (right, y - 0.4)])
+        colors.append(cmap(norm(r.peak / divisor)))
+        if kind == "failed":
             ends_x.append(r.end)
             ends_y.append(y)
-        else:
-            again_boxes.append(box)
-            again_colors.append(color)
     raster = len(runs) > RASTER_ABOVE
-    ax.add_collection(PolyCollection(ok_boxes, facecolors=ok_colors, edgecolors="none", rasterized=raster))
-    if again_boxes:
-        ax.add_collection(
-            PolyCollection(
-                again_boxes,
-                facecolors=again_colors,
-                edgecolors="#ff7f0e",
-                linewidths=1.2,
-                hatch="..",
-                rasterized=raster,
-                label="stopped, then run again",
+    for kind, (boxes, colors) in groups.items():
+        edge, width, hatch, label = _BARS[kind]
+        if boxes:
+            ax.add_collection(
+                PolyCollection(
+                    boxes,
+                    facecolors=colors,
+                    edgecolors=edge,
+                    linewidths=width,
+                    hatch=hatch,
+                    rasterized=raster,
+                    label=label,
+                )
             )
-        )
-    if bad_boxes:
-        ax.add_collection(
-            PolyCollection(
-                bad_boxes,
-                facecolors=bad_colors,
-                edgecolors="#d62728",
-                linewidths=1.5,
-                hatch="///",
-                rasterized=raster,
-                label="failed",
-            )
-        )
+    if ends_x:
         ax.scatter(ends_x, ends_y, marker="x", color="#d62728", s=30, zorder=3, rasterized=raster)
     ax.set_xlim(0, max(view.duration, max((r.end for r in runs), default=0.0), 1e-3) * 1.01)
     ax.set_ylim(count - 0.5, -0.5)
@@ -282,7 +266,7 @@ def _timeline(view: TraceView) -> Any:
         ax.set_ylabel(f"{len(jobs)} jobs, packed into rows")
         ax.set_yticks([])
     ax.set_xlabel("seconds since the start")
-    if again_boxes or bad_boxes:
+    if ends_x or groups["again"][0]:
         _legend(ax)
     figure.colorbar(ScalarMappable(norm, cmap), ax=ax, label=f"peak memory ({unit})", pad=0.01)
     return figure
@@ -302,6 +286,14 @@ def matplotlib_colormap(name: str) -> Any:
     import matplotlib
 
     return matplotlib.colormaps[name]
+
+
+# How the timeline draws each kind of run: edge colour, edge width, hatch and legend label.
+_BARS: Dict[str, Tuple[str, float, Optional[str], str]] = {
+    "ok": ("none", 0.0, None, "_nolegend_"),
+    "again": ("#ff7f0e", 1.2, "..", "stopped, then run again"),
+    "failed": ("#d62728", 1.5, "///", "failed"),
+}
 
 
 def _lanes(runs: Sequence[RunView]) -> Dict[str, int]:
