@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -213,6 +215,18 @@ def test_mpmsub_backend_moves_an_unchanged_script(dask_cluster: Any, client: Any
     assert psutil.pid_exists(int(pid))  # the worker lives on; the script closed its own client
 
 
+def _wait_for_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _documented(prefix: str, port: int) -> List[str]:
     """The docs' console line starting with `prefix`, for a cluster on this machine."""
     page = (Path(__file__).parent.parent / "docs" / "backends.md").read_text()
@@ -230,13 +244,22 @@ def test_the_documented_commands_make_a_cluster_mpmsub_uses(tmp_path: Path) -> N
         port = probe.getsockname()[1]
     bindir = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
-    daemons = [
-        subprocess.Popen(
-            _documented(command, port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path
-        )
-        for command in ("dask scheduler", "dask worker")
-    ]
+    daemons = []
     try:
+        for command in ("dask scheduler", "dask worker"):
+            daemons.append(
+                subprocess.Popen(
+                    _documented(command, port),
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    cwd=tmp_path,
+                    start_new_session=True,
+                )
+            )
+            # The worker and the client start once the scheduler listens (connecting earlier,
+            # they would retry with a back-off).
+            _wait_for_port(port)
         with distributed.Client(f"tcp://127.0.0.1:{port}", timeout=60, set_as_default=False) as client:
             client.wait_for_workers(1, timeout=60)
             pids = worker_pids(client)
@@ -264,11 +287,9 @@ def test_the_documented_commands_make_a_cluster_mpmsub_uses(tmp_path: Path) -> N
         )
         assert done.returncode == 0, done.stderr
     finally:
+        # Killed with their process groups (a worker's nanny and its worker process): on SIGTERM
+        # the nanny takes 8 s to close.
         for daemon in reversed(daemons):
-            daemon.terminate()
-        for daemon in reversed(daemons):
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
