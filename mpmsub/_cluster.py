@@ -367,7 +367,7 @@ class Cluster:
         from mpmsub._htmlreport import write_report
 
         source: Any = self._last_trace if self._last_trace is not None else self.trace
-        return write_report(source, path, plots=plots)
+        return write_report(source, path, plots=plots, _stacklevel=3)  # the warning points at the caller
 
     def describe_resources(self) -> None:
         """Print the cluster's CPUs and memory next to what this machine has."""

@@ -145,7 +145,11 @@ def _run(
 
 
 def write_report(
-    trace: Union[PathLike, Sequence[Dict[str, Any]]], output: PathLike, *, plots: Optional[bool] = None
+    trace: Union[PathLike, Sequence[Dict[str, Any]]],
+    output: PathLike,
+    *,
+    plots: Optional[bool] = None,
+    _stacklevel: int = 2,
 ) -> bool:
     """Write the HTML report of `trace` (a trace file's path, or its events) to `output`.
 
@@ -161,7 +165,7 @@ def write_report(
         except ImportError:
             warnings.warn(
                 f"mpmsub: the report has tables but no figures: matplotlib is not installed ({INSTALL_HINT})",
-                stacklevel=2,
+                stacklevel=_stacklevel,
             )
         else:
             figures = _figures(view)

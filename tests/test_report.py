@@ -317,12 +317,20 @@ def test_without_matplotlib_the_report_has_the_tables_and_says_how_to_get_figure
     check_html(text)
     assert "<svg" not in text and 'id="no-figures"' in text
     assert re.findall(r'<section id="(\w+)">', text) == ["summary", "slowest", "failed", "advice"]
-    with pytest.warns(UserWarning, match="mpmsub\\[plot\\]"):
-        sys.modules["matplotlib"] = None  # type: ignore[assignment]
-        try:
+    p, _ = small_run
+    saved = sys.modules.get("matplotlib")
+    sys.modules["matplotlib"] = None  # type: ignore[assignment]
+    try:
+        with pytest.warns(UserWarning, match="mpmsub\\[plot\\]"):
             assert mpmsub.write_report(trace, tmp_path / "again.html") is False
-        finally:
+        with pytest.warns(UserWarning, match="mpmsub\\[plot\\]") as warned:
+            assert p.report(tmp_path / "cluster.html") is False
+        assert warned[0].filename == __file__  # it points at the call, not into mpmsub
+    finally:  # the same module back: its submodules, still loaded, belong to it
+        if saved is None:
             del sys.modules["matplotlib"]
+        else:
+            sys.modules["matplotlib"] = saved
 
 
 def test_jobs_cancelled_before_they_ran_are_in_the_trace_and_the_report(tmp_path: Path) -> None:
