@@ -154,13 +154,17 @@ def main(argv: List[str]) -> int:
     except _Stopped:
         pass
     if stopped:
-        reason = f"killed: SLURM sent {stopped[0]} (scancel, or a limit of its allocation)"
-        executor.terminate(reason)
+        reason = f"SLURM sent {stopped[0]} (scancel, or a limit of its allocation)"
+        executor.terminate(reason)  # a running job's error: "killed: " and the reason
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if future is None:  # stopped before the job was queued
-        sent = Returned(not_started(spec, kinds.CANCELLED, reason))
+        sent = Returned(not_started(spec, kinds.CANCELLED, f"cancelled before it started: {reason}"))
     else:
         sent = returned(spec, future, "cancelled before it started")
+        if stopped and sent.outcome.failure is None:
+            # SLURM signals every process of the job, not only this runner: the job's own children
+            # may die of it first, and a shell waiting on them then exits 0. The stop decides.
+            sent.outcome.failure, sent.outcome.error = kinds.CANCELLED, f"killed: {reason}"
     temporary = f"{result_path}.{os.getpid()}.tmp"
     with open(temporary, "wb") as file:
         pickle.dump(sent, file, pickle.HIGHEST_PROTOCOL)

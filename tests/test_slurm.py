@@ -173,6 +173,27 @@ def test_slurms_stop_answered_by_the_runner_reads_as_slurms_reason(tmp_path: Pat
     assert handle.outcome("COMPLETED", time.time()).failure == "cancelled"  # not SLURM's stop: as it came
 
 
+def test_a_runner_signalled_with_its_job_reports_the_stop_not_the_shells_exit(tmp_path: Path) -> None:
+    """scancel signals every process of a job at once: the runner, and the job's own processes.
+    A shell whose children die of it exits 0; the runner, stopped too, reports the stop. (Without
+    that rule this test failed in three of six runs: the shell's exit 0 came back as a success.)"""
+    marker = unique_sleep()
+    spec = to_spec(["sh", "-c", f"sleep {marker} & sleep {marker}; wait"])
+    (tmp_path / "spec").write_bytes(_remote.pack(spec, strict=False, shared=True))
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "mpmsub", "_run-job", str(tmp_path / "spec"), str(tmp_path / "result")]
+    )
+    assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 2)  # the two sleeps
+    for process in wait_gone(marker, 0):  # the children first: without the runner's stop, sh would exit 0
+        process.terminate()
+    runner.terminate()
+    assert runner.wait(timeout=30) == 0
+    outcome = pickle.loads((tmp_path / "result").read_bytes()).received()
+    assert outcome.failure == "cancelled", (outcome.returncodes, outcome.error)
+    assert outcome.error.startswith("killed: SLURM sent SIGTERM")
+    assert wait_gone(marker) == []
+
+
 def test_a_refused_submission_is_a_start_failure(backend: mpmsub.SlurmBackend) -> None:
     odd = mpmsub.SlurmBackend(workdir=backend.workdir, extra_args=["--gres=mpmsubnothing:1"])
     with mpmsub.MemoryAwareExecutor(backend=odd) as executor:
