@@ -964,12 +964,10 @@ class MemoryAwareExecutor(Executor):
         self._oom_kills = _proctree.oom_kill_count()
         usages: List[Usage] = []
         items: Dict[int, Tuple[_Item, int]] = {}
-        sampled: List[Tuple[str, int]] = []
         for (item, run), rss in measures:
             if item.runs != run:
                 continue  # sampled before the job was started again
             item.last_rss = rss
-            sampled.append((item.job_id, rss))
             item.rss_floor = _floor(item.rss_window, rss, item.started)
             if item.stopping:
                 continue
@@ -979,7 +977,7 @@ class MemoryAwareExecutor(Executor):
             )
             items[item.seq] = (item, run)
         if self._trace is not None:
-            self._trace.sample(sampled)
+            self._trace.sample((item.job_id, rss) for (item, run), rss in measures if item.runs == run)
         stops = strict_stops(usages)
         stopped = {s.key for s in stops}
         stops += budget_stops([u for u in usages if u.key not in stopped], self.memory)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import html
 import io
 import os
 import re
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from mpmsub._report import OVER_ASKING, recommend_memory
+from mpmsub._report import asks_too_much, recommend_memory, shorten
 from mpmsub._trace import PathLike, read
 from mpmsub._units import MB, format_memory
 
@@ -28,7 +29,7 @@ LISTED = 100  # rows at most in the failed-jobs and advice tables
 WASTE_BARS = 25  # jobs in the requested-versus-used figure
 _CMD_CELL = 90  # characters of a command in a table
 
-OK, REQUEUED = "ok", "requeued"
+OK = "ok"
 
 
 @dataclasses.dataclass
@@ -63,16 +64,16 @@ class TraceView:
     samples: List[Tuple[float, int]]  # (t, the most in use since the last sample)
     duration: float
 
-    @property
+    @functools.cached_property
     def ran(self) -> List[RunView]:
         """The runs that began (a job cancelled while queued has an end but no run)."""
         return [r for r in self.runs if r.ran]
 
     @property
     def remote(self) -> bool:
-        return str(self.header.get("backend", "local")) != "local"
+        return _remote(self.header)
 
-    @property
+    @functools.cached_property
     def finals(self) -> List[RunView]:
         """Each job's last run: what it came to."""
         last: Dict[str, RunView] = {}
@@ -82,6 +83,11 @@ class TraceView:
         return list(last.values())
 
 
+def _remote(header: Dict[str, Any]) -> bool:
+    """Whether a trace's jobs ran on a remote backend (measured there, handed over ahead)."""
+    return str(header.get("backend", "local")) != "local"
+
+
 def load(events: Sequence[Dict[str, Any]]) -> TraceView:
     """Runs and samples of a trace's events (a run with no end ends with the trace, 'unfinished').
 
@@ -89,7 +95,7 @@ def load(events: Sequence[Dict[str, Any]]) -> TraceView:
     of its size): there, a run is drawn from its end back over its runtime."""
     if not events or not isinstance(events[0], dict) or events[0].get("type") != "run":
         raise ValueError("not an mpmsub trace: it does not begin with a 'run' event")
-    remote = str(events[0].get("backend", "local")) != "local"
+    remote = _remote(events[0])
     starts: Dict[Tuple[str, int], Dict[str, Any]] = {}
     runs: List[RunView] = []
     samples: List[Tuple[float, int]] = []
@@ -329,20 +335,23 @@ def steps(changes: Iterable[Tuple[float, float]]) -> Tuple[List[float], List[flo
     return xs, ys
 
 
-def reserved(view: TraceView) -> Tuple[List[float], List[float]]:
-    """Memory reserved over time (bytes), from the runs' starts and ends."""
+def _held(view: TraceView, amount: Callable[[RunView], float]) -> Tuple[List[float], List[float]]:
+    """The sum of `amount` over the runs under way, over time (a step function)."""
     changes = []
     for r in view.ran:
-        if r.memory:
-            changes += [(r.start, float(r.memory)), (r.end, -float(r.memory))]
+        held = amount(r)
+        if held:
+            changes += [(r.start, held), (r.end, -held)]
     return steps(changes)
+
+
+def reserved(view: TraceView) -> Tuple[List[float], List[float]]:
+    """Memory reserved over time (bytes), from the runs' starts and ends."""
+    return _held(view, lambda r: float(r.memory or 0))
 
 
 def cpus_in_use(view: TraceView) -> Tuple[List[float], List[float]]:
-    changes = []
-    for r in view.ran:
-        changes += [(r.start, float(r.cpus)), (r.end, -float(r.cpus))]
-    return steps(changes)
+    return _held(view, lambda r: float(r.cpus))
 
 
 def in_use(view: TraceView) -> List[Tuple[float, int]]:
@@ -467,9 +476,7 @@ def _table(head: Sequence[str], rows: Iterable[Sequence[Tuple[str, str]]], numer
 def _command(r: RunView) -> Tuple[str, str]:
     """A command cell: its program without its directory, shortened; the whole line as a tooltip."""
     program, _, rest = r.cmd.partition(" ")
-    short = os.path.basename(program) + (" " + rest if rest else "")
-    if len(short) > _CMD_CELL:
-        short = short[: _CMD_CELL - 1] + "…"
+    short = shorten(os.path.basename(program) + (" " + rest if rest else ""), _CMD_CELL)
     return ("cmd", f'<span title="{_e(r.cmd)}">{_e(short)}</span>')
 
 
@@ -673,7 +680,7 @@ def _advice(finals: List[RunView]) -> List[str]:
             verdict = "no m: reserve the recommendation"
         elif r.peak < MB:
             verdict = "used almost nothing"
-        elif r.memory > OVER_ASKING * r.peak and r.memory - r.peak > 50 * MB:
+        elif asks_too_much(r.memory / MB, r.peak / MB):
             verdict = f"asks for {r.memory / max(r.peak, 1):.0f}x what it used"
         elif r.memory < r.peak:
             verdict = "used more than it reserved"

@@ -74,7 +74,8 @@ def job_stats(
     }
 
 
-def _short(text: str, width: int) -> str:
+def shorten(text: str, width: int) -> str:
+    """`text`, cut to `width` characters with an ellipsis where it is longer."""
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -92,15 +93,14 @@ OVER_ASKING = 2.0  # a job reserving more than twice its peak (and 50 MB more) a
 _OVER_MB = 50.0
 
 
+def asks_too_much(requested_mb: float, used_mb: float) -> bool:
+    """Whether a job that reserved `requested_mb` and peaked at `used_mb` asked for far more."""
+    return requested_mb > OVER_ASKING * used_mb and requested_mb - used_mb > _OVER_MB
+
+
 def _over_askers(asked: Sequence[JobResult], top: int) -> List[str]:
     """The jobs that reserved the most memory they did not use, with an m from their peak."""
-    over = [
-        r
-        for r in asked
-        if r.success
-        and (r.memory_requested or 0.0) > OVER_ASKING * r.memory_used
-        and (r.memory_requested or 0.0) - r.memory_used > _OVER_MB
-    ]
+    over = [r for r in asked if r.success and asks_too_much(r.memory_requested or 0.0, r.memory_used)]
     if not over:
         return []
     over.sort(key=lambda r: (r.memory_requested or 0.0) - r.memory_used, reverse=True)
@@ -109,7 +109,7 @@ def _over_askers(asked: Sequence[JobResult], top: int) -> List[str]:
         share = 100 * r.memory_used / (r.memory_requested or 1.0)
         lines.append(
             f"  {r.job_id:<14} asked {r.memory_requested:.0f} MB, used {r.memory_used:.1f} MB ({share:.0f}%)  "
-            f"m={recommend_memory(r.memory_used)!r:<8} {_short(_command(r), 40)}"
+            f"m={recommend_memory(r.memory_used)!r:<8} {shorten(_command(r), 40)}"
         )
     if len(over) > top:
         lines.append(f"  ... and {len(over) - top} more")
@@ -149,7 +149,7 @@ def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int =
         lines.append("")
         lines.append(f"Failed jobs ({len(failed)}):")
         for r in failed[: top * 4]:
-            lines.append(f"  {r.job_id:<14} {_short(r.error or '', 50):<50} {_short(_command(r), 40)}")
+            lines.append(f"  {r.job_id:<14} {shorten(r.error or '', 50):<50} {shorten(_command(r), 40)}")
         if len(failed) > top * 4:
             lines.append(f"  ... and {len(failed) - top * 4} more")
     ran = sorted((r for r in results if r.failure != CANCELLED), key=lambda r: r.runtime, reverse=True)
@@ -160,7 +160,7 @@ def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int =
             asked = f"{r.memory_requested:.0f}" if r.memory_requested is not None else "-"
             lines.append(
                 f"{r.job_id:<14} {'ok' if r.success else 'FAILED':<8} {r.runtime:8.2f}s "
-                f"{r.memory_used:9.1f} {asked:>9}  {_short(_command(r), 40)}"
+                f"{r.memory_used:9.1f} {asked:>9}  {shorten(_command(r), 40)}"
             )
         if len(ran) > top:
             lines.append(f"({len(ran) - top} faster jobs not shown)")
@@ -223,7 +223,7 @@ def profile_text(
         declared = format_memory(spec.memory) if spec.memory is not None else "-"
         lines.append(
             f"{r.job_id:<14} {'ok' if r.success else 'FAILED':<7} {r.runtime:8.2f}s {r.memory_used:9.1f} "
-            f"{declared:>9} {rec:>10}  {_short(spec.describe(), 40)}"
+            f"{declared:>9} {rec:>10}  {shorten(spec.describe(), 40)}"
         )
         if spec.call is not None:
             code.append(f"p.jobs.append({_call_code(spec, rec, r.job_id if r.job_id in custom_ids else None)})")

@@ -37,6 +37,8 @@ import threading
 import time
 from typing import IO, Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
+from mpmsub._report import shorten
+
 VERSION = 1
 SAMPLES = 500  # sample lines at the monitor's pace before they spread out
 JOBS_PER_SAMPLE = 16  # the largest jobs named in a sample line
@@ -48,10 +50,6 @@ _BATCH = 256  # queued starts and ends that are written at once, whatever the ti
 logger = logging.getLogger("mpmsub")
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _tail(text: Optional[str]) -> Optional[str]:
@@ -112,7 +110,7 @@ class Trace:
         self._last_sample = float("-inf")
         # Ticks since the last sample line: the most in use at any of them, and the last one.
         self._max = 0
-        self._tick: Optional[Tuple[float, int, Dict[str, int]]] = None
+        self._tick: Optional[Tuple[float, int, List[Tuple[str, int]]]] = None
         self._closed = False
         from mpmsub import __version__  # here: the package imports this module before it sets it
 
@@ -167,8 +165,7 @@ class Trace:
         t = self._clock() - self._t0
         with self._lock:
             self._max = max(self._max, used)
-            usage.sort(key=lambda pair: pair[1], reverse=True)
-            self._tick = (t, used, dict(usage[:JOBS_PER_SAMPLE]))
+            self._tick = (t, used, usage)
             if t - self._last_sample >= max(self._interval, t / SAMPLES):
                 self._drain()
                 self._write_tick()
@@ -191,7 +188,8 @@ class Trace:
         """The last tick as a sample line, with the most in use at any tick since the last line."""
         if self._tick is None:
             return
-        t, used, jobs = self._tick
+        t, used, usage = self._tick
+        jobs = dict(sorted(usage, key=lambda pair: pair[1], reverse=True)[:JOBS_PER_SAMPLE])
         self._put({"type": "sample", "t": round(t, 3), "used": used, "max": self._max, "jobs": jobs}, flush=True)
         self._last_sample = t
         self._tick = None
@@ -200,14 +198,14 @@ class Trace:
     def _drain(self) -> None:
         """Write the queued starts and ends, then flush."""
         self._written_at = self._clock()
+        makers: Dict[str, Callable[..., str]] = {"start": self._start, "end": self._end, "cancel": self._cancel}
         wrote = False
         while True:
             try:
                 item = self._queue.popleft()
             except IndexError:
                 break
-            kind = item[0]
-            self._put(self._start(*item[1:]) if kind == "start" else self._end(*item[1:]))
+            self._put(makers[item[0]](*item[1:]))
             wrote = True
         if wrote and self._file is not None and not self._closed:
             self._flush()
@@ -222,32 +220,38 @@ class Trace:
             ("run", run),
             ("cpus", cpus),
             ("memory", memory),
-            ("cmd", _short(cmd, _CMD)),
+            ("cmd", shorten(cmd, _CMD)),
             ("waited", round(max(0.0, at - submitted), 3)),
         )
 
-    def _end(self, at: float, job: str, run: int, *rest: Any) -> str:
-        """An end event: of a run (status, final, its JobResult), or of a cancel (its error)."""
-        head = (("type", "end"), ("t", round(at - self._t0, 3)), ("job", job), ("run", run))
-        if len(rest) == 1:  # cancelled before the run began
-            return line(
-                *head,
-                ("status", "cancelled"),
-                ("final", True),
-                ("peak", 0),
-                ("runtime", 0.0),
-                ("cpu", 0.0),
-                ("rc", None),
-                ("memory", None),
-                ("error", _short(rest[0], _ERROR)),
-                ("estimate", None),
-                ("stderr", None),
-                ("ran", False),
-            )
-        status, final, result = rest
+    def _cancel(self, at: float, job: str, run: int, error: str) -> str:
+        """The end event of a job cancelled before its run `run` began."""
+        return line(
+            ("type", "end"),
+            ("t", round(at - self._t0, 3)),
+            ("job", job),
+            ("run", run),
+            ("status", "cancelled"),
+            ("final", True),
+            ("peak", 0),
+            ("runtime", 0.0),
+            ("cpu", 0.0),
+            ("rc", None),
+            ("memory", None),
+            ("error", shorten(error, _ERROR)),
+            ("estimate", None),
+            ("stderr", None),
+            ("ran", False),
+        )
+
+    def _end(self, at: float, job: str, run: int, status: str, final: bool, result: Any) -> str:
+        """The end event of a run: its status, whether the job runs again, and its JobResult."""
         requested = result.memory_requested
         return line(
-            *head,
+            ("type", "end"),
+            ("t", round(at - self._t0, 3)),
+            ("job", job),
+            ("run", run),
             ("status", status),
             ("final", final),
             ("peak", int(result.memory_used * 2**20)),
@@ -255,7 +259,7 @@ class Trace:
             ("cpu", round(result.cpu_used, 3)),
             ("rc", result.returncode),
             ("memory", None if requested is None else int(requested * 2**20)),
-            ("error", None if result.error is None else _short(result.error, _ERROR)),
+            ("error", None if result.error is None else shorten(result.error, _ERROR)),
             ("estimate", result.memory_estimate),
             ("stderr", None if status == "ok" else _tail(result.stderr)),
         )
