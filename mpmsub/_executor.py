@@ -64,6 +64,9 @@ P = ParamSpec("P")
 
 _GATE_RETRY = 0.5  # seconds between looks at the machine's free memory while a job waits for it
 _MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memory error
+# A job stopped for the machine's sake was perhaps still growing: its next run waits for room for
+# the peak it was seen at plus this share (the margin profile() advises on a finished job's peak).
+_REQUEUE_MARGIN = 0.2
 _AUTO_RETRIES = 5  # m="auto": runs again with more memory after a memory stop, up to the budget
 _GATHER = 0.05  # seconds between the first job of a key never seen and the choice of its probe
 # How long the kernel's count of available memory may take to show an allocation (measured: up
@@ -108,12 +111,12 @@ class _Item:
         "place_memory",
         "probe",
         "requeue",
+        "requeue_need",
         "requeued",
         "retries_left",
         "rss_floor",
         "rss_window",
         "runs",
-        "seen_peak",
         "seq",
         "shortage_final",
         "spec",
@@ -143,7 +146,7 @@ class _Item:
         self.stopping = False  # a stop for memory is on its way (set by the monitor thread)
         self.requeue = False  # put it back in the queue when it has stopped
         self.oom_baseline: Optional[int] = None
-        self.seen_peak = 0  # bytes: the largest peak of its runs stopped for the machine's sake
+        self.requeue_need = 0  # bytes: the largest peak of its runs stopped for the machine's sake, + margin
         self.runs = 0  # runs started; identifies the current run to stops and exits
         self.shortage_final = False  # stopped for the machine's sake once too often
         self.last_result: Optional[JobResult] = None
@@ -896,7 +899,7 @@ class MemoryAwareExecutor(Executor):
             return False
         if item.requeue:
             item.requeued += 1
-            item.seen_peak = max(item.seen_peak, int(result.memory_used * MB))
+            item.requeue_need = max(item.requeue_need, math.ceil(result.memory_used * MB * (1 + _REQUEUE_MARGIN)))
             item.attempts -= 1  # a stop for the machine's sake is not the job's failure
             logger.info("mpmsub: %s requeued: %s", item.job_id, result.error)
             self._scheduler.push_front(item)
@@ -1090,8 +1093,9 @@ def _floor(window: Deque[Tuple[float, int]], rss: int, started: float) -> int:
 
 
 def _need(item: _Item) -> int:
-    """Bytes a job is expected to need: its `m`, or more if a stopped run was seen to use more."""
-    return max(item.spec.memory or 0, item.seen_peak)
+    """Bytes a job is expected to need: its `m`, or more if a run stopped for the machine's sake was
+    seen to use more (with a margin: it may have been still growing)."""
+    return max(item.spec.memory or 0, item.requeue_need)
 
 
 def _cancelled_again(item: _Item, last: JobResult, reason: str) -> JobResult:

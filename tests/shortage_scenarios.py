@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import sys
 import time
 import uuid
@@ -102,8 +103,8 @@ def live_gate() -> Results:
         return _dicts(a.result(timeout=60), b.result(timeout=60))
 
 
-def newest_requeued() -> Results:
-    with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=reserve_leaving(600)) as ex:
+def newest_requeued(trace: str) -> Results:
+    with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=reserve_leaving(600), trace=trace) as ex:
         # A declares 100M but takes 400M (there is budget); B, declaring 100M, then takes 500M:
         # the group runs short, B (the newest) is stopped, and comes back once A is done.
         marker = uuid.uuid4().hex
@@ -137,3 +138,40 @@ def one_by_one() -> Results:
         time.sleep(0.05)
         small = ex.submit(mpmsub.Job(grower(300, step_mb=300, hold=1.5)).with_id("small"))
         return _dicts(big.result(timeout=60), small.result(timeout=60))
+
+
+WAIT_FOR_FILE = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]):\n    time.sleep(0.02)\n"
+
+
+def requeued_waits_for_margin(trace: str) -> Results:
+    """B is stopped; then the room is made 10% over the peak it was stopped at, for a second, and
+    then ample. B was perhaps still growing: it waits for more than its peak, so for the ample room.
+    A, which declares nothing, runs throughout, so that B is never alone (alone, it would start)."""
+    room = 600
+    reserve = reserve_leaving(room)
+    ballast = [bytearray(10 * MB) for _ in range(40)]  # 400M of the 600M taken; the test's own
+    done = f"{trace}.done"
+    with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=reserve, trace=trace) as ex:
+        a = ex.submit(mpmsub.Job([sys.executable, "-c", WAIT_FOR_FILE, done]))
+        b = ex.submit(mpmsub.Job(grower(400, step_mb=400, hold=0.3)).memory("100M"))
+        peak = _requeued_peak(trace)
+        free = available() - int(reserve[:-1]) * MB  # the room the gate sees now that B has ended
+        while ballast and free < peak * 1.1:
+            ballast.pop()
+            free += 10 * MB
+        time.sleep(1.0)  # two looks of the gate at the room
+        ample = time.time()
+        ballast.clear()
+        open(done, "w").close()
+        return [*_dicts(a.result(timeout=30), b.result(timeout=30)), {"ample": ample, "peak": peak}]
+
+
+def _requeued_peak(trace: str) -> int:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with open(trace) as f:
+            for line in f:
+                if line.startswith('{"type":"end"') and '"status":"requeued"' in line:
+                    return int(json.loads(line)["peak"])
+        time.sleep(0.02)
+    raise TimeoutError("no job was stopped and requeued")

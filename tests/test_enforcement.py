@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import psutil
 import pytest
@@ -71,7 +71,7 @@ SCENARIO_LIMIT = 2 * 1024 * MB
 SCENARIO_MARGIN = 1024 * MB
 
 
-def shortage(scenario: str, *args: str) -> List[JobResult]:
+def shortage(scenario: str, *args: str) -> List[Any]:
     """Play a scenario of shortage_scenarios.py in a child process, in a 2G memory cgroup of its
     own where one can be made (there the available memory moves only with our processes), else
     on the machine's figure.
@@ -94,7 +94,14 @@ def shortage(scenario: str, *args: str) -> List[JobResult]:
         )
         out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
-    return [JobResult(**d) for d in json.loads(out.stdout.splitlines()[-1])]
+    return [JobResult(**d) if "job_id" in d else d for d in json.loads(out.stdout.splitlines()[-1])]
+
+
+def runs(trace: Path) -> str:
+    """The runs a trace records, a line each: for the message of a failed assertion."""
+    ends = [e for e in map(json.loads, trace.read_text().splitlines()) if e["type"] == "end"]
+    lines = (f"{e['job']} run {e['run']}: {e['status']} at {e['t']} s, peak {e['peak'] / MB:.0f}M" for e in ends)
+    return "\n".join(lines)
 
 
 class TreeSampler:
@@ -198,11 +205,20 @@ def test_the_live_gate_holds_jobs_the_machine_cannot_take() -> None:
     assert rb.start_time >= ra.end_time - 0.05, "the gate let two 300M jobs share 400M of free memory"
 
 
-def test_the_newest_job_is_stopped_and_requeued_when_the_machine_runs_short() -> None:
-    ra, rb = shortage("newest_requeued")
-    assert ra.success and ra.requeued == 0
-    assert rb.success and rb.requeued == 1 and rb.attempts == 1
-    assert rb.start_time >= ra.end_time - 0.05  # its final run waited for A to free the memory
+def test_the_newest_job_is_stopped_and_requeued_when_the_machine_runs_short(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    ra, rb = shortage("newest_requeued", str(trace))
+    assert ra.success and ra.requeued == 0, runs(trace)
+    assert rb.success and rb.requeued == 1 and rb.attempts == 1, runs(trace)
+    assert rb.start_time >= ra.end_time - 0.05, runs(trace)  # its final run waited for A to free the memory
+
+
+def test_a_requeued_job_waits_for_more_than_the_peak_it_was_stopped_at(tmp_path: Path) -> None:
+    # It may have been stopped while still growing: room for its peak alone is not enough.
+    trace = tmp_path / "trace.jsonl"
+    ra, rb, seen = shortage("requeued_waits_for_margin", str(trace))
+    assert ra.success and rb.success and rb.requeued == 1, runs(trace)
+    assert rb.start_time >= seen["ample"], f"B started again in room for 1.1x its peak\n{runs(trace)}"
 
 
 def test_a_job_requeued_too_often_fails_with_a_memory_error() -> None:
