@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import psutil
 import pytest
@@ -71,30 +71,88 @@ SCENARIO_LIMIT = 2 * 1024 * MB
 SCENARIO_MARGIN = 1024 * MB
 
 
-def shortage(scenario: str, *args: str) -> List[Any]:
-    """Play a scenario of shortage_scenarios.py in a child process, in a 2G memory cgroup of its
-    own where one can be made (there the available memory moves only with our processes), else
-    on the machine's figure.
+# The scenarios of shortage_scenarios.py, with the files each is given (made in its own directory).
+SCENARIOS: Dict[str, Tuple[str, ...]] = {
+    "live_gate": (),
+    "newest_requeued": ("trace.jsonl",),
+    "requeued_waits_for_margin": ("trace.jsonl",),
+    "requeued_too_often": (),
+    "grace_not_requeued": ("runs",),
+    "larger_than_free": (),
+    "one_by_one": (),
+}
+
+
+class Shortages:
+    """Plays the scenarios of shortage_scenarios.py, each in a child process, in a 2G memory cgroup
+    of its own where one can be made (there the available memory moves only with our processes),
+    else on the machine's figure.
 
     The executor reads the smallest of the machine's and each enclosing group's available memory.
-    The scenario's own group decides only while the others have room to spare: on a machine or in
-    a container with less, their figure (moved by the page cache and everything else) would
-    decide, and the scenario would not play as written."""
-    outer = available_memory(memory_groups())
-    if outer < SCENARIO_LIMIT + SCENARIO_MARGIN:
-        pytest.skip(
-            f"needs {format_memory(SCENARIO_LIMIT + SCENARIO_MARGIN)} available to play a memory shortage "
-            f"in a group of its own; there is {format_memory(outer)}"
-        )
-    with memory_cgroup(SCENARIO_LIMIT) as procs:
+    A scenario's own group decides only while the others have room to spare: on a machine or in a
+    container with less, their figure (moved by the page cache and everything else) would decide,
+    and the scenario would not play as written. Where the machine has room for every group at
+    once, all the scenarios are started together (they mostly sleep): each test waits for its own.
+    Otherwise each is played when its test asks for it, alone."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._groups = contextlib.ExitStack()
+        self._playing: Dict[str, subprocess.Popen[str]] = {}
+
+    def start_all(self) -> None:
+        outer = available_memory(memory_groups())
+        with memory_cgroup(MB) as probe:
+            if probe is None or outer < len(SCENARIOS) * SCENARIO_LIMIT + SCENARIO_MARGIN:
+                return
+        for name in SCENARIOS:
+            self._playing[name] = self._start(name, self._groups.enter_context(memory_cgroup(SCENARIO_LIMIT)))
+
+    def _start(self, name: str, procs: Optional[str]) -> subprocess.Popen[str]:
+        (self.directory / name).mkdir()
+        args = [str(self.directory / name / arg) for arg in SCENARIOS[name]]
         enter = f"open({procs!r}, 'w').write(str(os.getpid()))\n" if procs else ""
         code = (
             f"import json, os, sys\n{enter}sys.path.insert(0, {TESTS!r})\n"
-            f"import shortage_scenarios\nprint(json.dumps(shortage_scenarios.{scenario}(*sys.argv[1:])))\n"
+            f"import shortage_scenarios\nprint(json.dumps(shortage_scenarios.{name}(*sys.argv[1:])))\n"
         )
-        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr
-    return [JobResult(**d) if "job_id" in d else d for d in json.loads(out.stdout.splitlines()[-1])]
+        return subprocess.Popen(
+            [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def play(self, name: str) -> Tuple[List[Any], Path]:
+        """The scenario's results (JobResults, and any other dict it returns), and its directory."""
+        proc = self._playing.pop(name, None)
+        if proc is not None:
+            out, err = proc.communicate(timeout=180)
+        else:
+            outer = available_memory(memory_groups())
+            if outer < SCENARIO_LIMIT + SCENARIO_MARGIN:
+                pytest.skip(
+                    f"needs {format_memory(SCENARIO_LIMIT + SCENARIO_MARGIN)} available to play a memory "
+                    f"shortage in a group of its own; there is {format_memory(outer)}"
+                )
+            with memory_cgroup(SCENARIO_LIMIT) as procs:
+                proc = self._start(name, procs)
+                out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        results = [JobResult(**d) if "job_id" in d else d for d in json.loads(out.splitlines()[-1])]
+        return results, self.directory / name
+
+    def close(self) -> None:
+        for proc in self._playing.values():  # scenarios whose tests did not run: they end soon
+            proc.communicate(timeout=180)
+        self._groups.close()
+
+
+@pytest.fixture(scope="module")
+def shortages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shortages]:
+    played = Shortages(tmp_path_factory.mktemp("shortages"))
+    try:
+        played.start_all()
+        yield played
+    finally:
+        played.close()
 
 
 def runs(trace: Path) -> str:
@@ -199,34 +257,6 @@ def test_other_failures_are_retried_as_they_were(tmp_path: Path) -> None:
     assert missing.failure == "start" and missing.attempts == 1  # retrying cannot find it either
 
 
-def test_the_live_gate_holds_jobs_the_machine_cannot_take() -> None:
-    ra, rb = shortage("live_gate")
-    assert ra.success and rb.success
-    assert rb.start_time >= ra.end_time - 0.05, "the gate let two 300M jobs share 400M of free memory"
-
-
-def test_the_newest_job_is_stopped_and_requeued_when_the_machine_runs_short(tmp_path: Path) -> None:
-    trace = tmp_path / "trace.jsonl"
-    ra, rb = shortage("newest_requeued", str(trace))
-    assert ra.success and ra.requeued == 0, runs(trace)
-    assert rb.success and rb.requeued == 1 and rb.attempts == 1, runs(trace)
-    assert rb.start_time >= ra.end_time - 0.05, runs(trace)  # its final run waited for A to free the memory
-
-
-def test_a_requeued_job_waits_for_more_than_the_peak_it_was_stopped_at(tmp_path: Path) -> None:
-    # It may have been stopped while still growing: room for its peak alone is not enough.
-    trace = tmp_path / "trace.jsonl"
-    ra, rb, seen = shortage("requeued_waits_for_margin", str(trace))
-    assert ra.success and rb.success and rb.requeued == 1, runs(trace)
-    assert rb.start_time >= seen["ample"], f"B started again in room for 1.1x its peak\n{runs(trace)}"
-
-
-def test_a_job_requeued_too_often_fails_with_a_memory_error() -> None:
-    (r,) = shortage("requeued_too_often")
-    assert r.failure == "memory" and r.requeued == 3
-    assert r.error is not None and "under the" in r.error and "giving up" in r.error
-
-
 def test_a_kernel_oom_kill_is_reported_as_a_memory_failure() -> None:
     with memory_cgroup(100 * MB) as procs:
         if procs is None:
@@ -289,13 +319,6 @@ def test_an_output_flood_does_not_deadlock(tmp_path: Path) -> None:
 # -- regressions found by review: a stop acts only on the run and the state it was decided for ----
 
 
-def test_a_job_in_its_timeout_grace_is_not_requeued_when_the_machine_runs_short(tmp_path: Path) -> None:
-    runs = tmp_path / "runs"
-    (r,) = shortage("grace_not_requeued", str(runs))
-    assert (r.failure, r.requeued, r.attempts) == ("timeout", 0, 1)
-    assert runs.read_text().count("run") == 1
-
-
 def test_a_memory_stop_during_a_timeouts_grace_kills_at_once(tmp_path: Path) -> None:
     with MemoryAwareExecutor(cpus=1, memory="4G", kill_grace=5, memory_reserve=0) as ex:
         job = mpmsub.Job([sys.executable, "-c", ON_TERM_ALLOCATE.format(mb=800), str(tmp_path / "runs")])
@@ -329,12 +352,48 @@ def test_cancelling_a_queued_retry_resolves_its_future(how: str) -> None:
     assert a.done()
 
 
-def test_a_job_larger_than_the_free_memory_starts_when_nothing_else_runs() -> None:
-    (r,) = shortage("larger_than_free")
+# The memory shortage scenarios last: they play at once, with nothing else beside them.
+def test_the_live_gate_holds_jobs_the_machine_cannot_take(shortages: Shortages) -> None:
+    (ra, rb), _ = shortages.play("live_gate")
+    assert ra.success and rb.success
+    assert rb.start_time >= ra.end_time - 0.05, "the gate let two 300M jobs share 400M of free memory"
+
+
+def test_the_newest_job_is_stopped_and_requeued_when_the_machine_runs_short(shortages: Shortages) -> None:
+    (ra, rb), files = shortages.play("newest_requeued")
+    trace = files / "trace.jsonl"
+    assert ra.success and ra.requeued == 0, runs(trace)
+    assert rb.success and rb.requeued == 1 and rb.attempts == 1, runs(trace)
+    assert rb.start_time >= ra.end_time - 0.05, runs(trace)  # its final run waited for A to free the memory
+
+
+def test_a_requeued_job_waits_for_more_than_the_peak_it_was_stopped_at(shortages: Shortages) -> None:
+    # It may have been stopped while still growing: room for its peak alone is not enough.
+    (ra, rb, seen), files = shortages.play("requeued_waits_for_margin")
+    trace = files / "trace.jsonl"
+    assert ra.success and rb.success and rb.requeued == 1, runs(trace)
+    assert rb.start_time >= seen["ample"], f"B started again in room for 1.1x its peak\n{runs(trace)}"
+
+
+def test_a_job_requeued_too_often_fails_with_a_memory_error(shortages: Shortages) -> None:
+    (r,), _ = shortages.play("requeued_too_often")
+    assert r.failure == "memory" and r.requeued == 3
+    assert r.error is not None and "under the" in r.error and "giving up" in r.error
+
+
+def test_a_job_in_its_timeout_grace_is_not_requeued_when_the_machine_runs_short(shortages: Shortages) -> None:
+    (r,), files = shortages.play("grace_not_requeued")
+    runs = files / "runs"
+    assert (r.failure, r.requeued, r.attempts) == ("timeout", 0, 1)
+    assert runs.read_text().count("run") == 1
+
+
+def test_a_job_larger_than_the_free_memory_starts_when_nothing_else_runs(shortages: Shortages) -> None:
+    (r,), _ = shortages.play("larger_than_free")
     assert r.success and r.requeued == 0
 
 
-def test_requeued_jobs_come_back_one_by_one_when_together_they_do_not_fit() -> None:
-    rb, rs = shortage("one_by_one")
+def test_requeued_jobs_come_back_one_by_one_when_together_they_do_not_fit(shortages: Shortages) -> None:
+    (rb, rs), _ = shortages.play("one_by_one")
     assert rb.failure == "memory" and rb.requeued == 3  # needs more than the machine spares
     assert rs.success and rs.requeued >= 1, rs.error  # fine once it runs on its own
