@@ -65,7 +65,7 @@ P = ParamSpec("P")
 _GATE_RETRY = 0.5  # seconds between looks at the machine's free memory while a job waits for it
 _MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memory error
 # A job stopped for the machine's sake was perhaps still growing: its next run waits for room for
-# the peak it was seen at plus this share (the margin profile() advises on a finished job's peak).
+# the peak it was seen at plus this share (the share profile() adds to a finished job's peak).
 _REQUEUE_MARGIN = 0.2
 _AUTO_RETRIES = 5  # m="auto": runs again with more memory after a memory stop, up to the budget
 _GATHER = 0.05  # seconds between the first job of a key never seen and the choice of its probe
@@ -899,7 +899,9 @@ class MemoryAwareExecutor(Executor):
             return False
         if item.requeue:
             item.requeued += 1
-            item.requeue_need = max(item.requeue_need, math.ceil(result.memory_used * MB * (1 + _REQUEUE_MARGIN)))
+            peak = int(result.memory_used * MB)
+            margin = min(math.ceil(peak * (1 + _REQUEUE_MARGIN)), self._most(item))  # no more than it may use
+            item.requeue_need = max(item.requeue_need, peak, margin)
             item.attempts -= 1  # a stop for the machine's sake is not the job's failure
             logger.info("mpmsub: %s requeued: %s", item.job_id, result.error)
             self._scheduler.push_front(item)

@@ -81,6 +81,7 @@ SCENARIOS: Dict[str, Tuple[str, ...]] = {
     "larger_than_free": (),
     "one_by_one": (),
 }
+EXACT = {"requeued_waits_for_margin"}  # scenarios played only in a group of their own
 
 
 class Shortages:
@@ -124,7 +125,7 @@ class Shortages:
         """The scenario's results (JobResults, and any other dict it returns), and its directory."""
         proc = self._playing.pop(name, None)
         if proc is not None:
-            out, err = proc.communicate(timeout=180)
+            out, err = _finish(proc)
         else:
             outer = available_memory(memory_groups())
             if outer < SCENARIO_LIMIT + SCENARIO_MARGIN:
@@ -133,16 +134,31 @@ class Shortages:
                     f"shortage in a group of its own; there is {format_memory(outer)}"
                 )
             with memory_cgroup(SCENARIO_LIMIT) as procs:
+                if procs is None and name in EXACT:
+                    pytest.skip("needs root and a writable memory cgroup: the machine's figure moves too much")
                 proc = self._start(name, procs)
-                out, err = proc.communicate(timeout=180)
+                out, err = _finish(proc)
         assert proc.returncode == 0, err
         results = [JobResult(**d) if "job_id" in d else d for d in json.loads(out.splitlines()[-1])]
         return results, self.directory / name
 
     def close(self) -> None:
-        for proc in self._playing.values():  # scenarios whose tests did not run: they end soon
-            proc.communicate(timeout=180)
-        self._groups.close()
+        try:
+            for proc in self._playing.values():  # scenarios whose tests did not run: they end soon
+                _finish(proc)
+        finally:
+            self._groups.close()
+
+
+def _finish(proc: subprocess.Popen[str]) -> Tuple[str, str]:
+    """A scenario's output once it has ended; one that hangs is killed (the executor in it then
+    kills its jobs)."""
+    try:
+        return proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return out, err + "\n(the scenario was killed after 180 s)"
 
 
 @pytest.fixture(scope="module")
@@ -385,7 +401,7 @@ def test_a_job_in_its_timeout_grace_is_not_requeued_when_the_machine_runs_short(
     (r,), files = shortages.play("grace_not_requeued")
     runs = files / "runs"
     assert (r.failure, r.requeued, r.attempts) == ("timeout", 0, 1)
-    assert runs.read_text().count("run") == 1
+    assert runs.read_text() == "run\nterm\n"  # it took the memory in its grace, and ran once
 
 
 def test_a_job_larger_than_the_free_memory_starts_when_nothing_else_runs(shortages: Shortages) -> None:

@@ -12,16 +12,24 @@ dir=$(cd "$dir" && pwd)
 export SLURM_CONF=$dir/slurm.conf
 
 # A daemon and its helpers (slurmscriptd) are killed at once with their process group: the node
-# is thrown away, and on SIGTERM each daemon took about 2 s to close (measured).
+# is thrown away, and on SIGTERM each daemon took about 2 s to close (measured). Only a process
+# that is still the named daemon is killed (a stale pid file may name a reused pid), and only a
+# group of its own; then the daemon is waited for, so that a new node can take its ports.
 stop_pid() {
-    local file=$1 pid
+    local file=$1 name=$2 pid group state
     [ -f "$file" ] || return 0
     pid=$(cat "$file")
-    group=$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ') || return 0
-    if [ "$group" != "$(ps -o pgid= -p $$ | tr -d ' ')" ]; then  # a daemon has a group of its own
+    [ "$(ps -o comm= -p "$pid" 2>/dev/null)" = "$name" ] || return 0
+    group=$(ps -o pgid= -p "$pid" | tr -d ' ')
+    if [ "$group" -gt 1 ] && [ "$group" != "$(ps -o pgid= -p $$ | tr -d ' ')" ]; then
         kill -9 -- "-$group" 2>/dev/null || true
     fi
     kill -9 "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do  # gone, or a zombie (holding no port) where init is slow to reap it
+        state=$(ps -o stat= -p "$pid" 2>/dev/null || true)
+        case $state in "" | Z*) return 0 ;; esac
+        sleep 0.02
+    done
 }
 
 if [ "$action" = stop ]; then
@@ -32,8 +40,8 @@ if [ "$action" = stop ]; then
         [ -z "$jobs" ] || scancel --full $jobs 2>/dev/null || true
         for _ in $(seq 100); do [ -z "$(squeue -h -t PD,R,CG -o %i 2>/dev/null)" ] && break; sleep 0.1; done
     fi
-    stop_pid "$dir/slurmd.pid"
-    stop_pid "$dir/slurmctld.pid"
+    stop_pid "$dir/slurmd.pid" slurmd
+    stop_pid "$dir/slurmctld.pid" slurmctld
     exit 0
 fi
 
