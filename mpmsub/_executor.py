@@ -49,6 +49,7 @@ from mpmsub._learn import LEARNED_FROM, WINDOW, Estimate, Run, estimate, key_and
 from mpmsub._ledger import Ledger, Request
 from mpmsub._loop import EventLoop
 from mpmsub._monitor import Monitor
+from mpmsub._report import PROFILE_BUFFER
 from mpmsub._result import JobResult
 from mpmsub._scheduler import Scheduler, check_policy
 from mpmsub._system import available_memory, detect_memory, memory_groups
@@ -64,9 +65,6 @@ P = ParamSpec("P")
 
 _GATE_RETRY = 0.5  # seconds between looks at the machine's free memory while a job waits for it
 _MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memory error
-# A job stopped for the machine's sake was perhaps still growing: its next run waits for room for
-# the peak it was seen at plus this share (the share profile() adds to a finished job's peak).
-_REQUEUE_MARGIN = 0.2
 _AUTO_RETRIES = 5  # m="auto": runs again with more memory after a memory stop, up to the budget
 _GATHER = 0.05  # seconds between the first job of a key never seen and the choice of its probe
 # How long the kernel's count of available memory may take to show an allocation (measured: up
@@ -899,8 +897,10 @@ class MemoryAwareExecutor(Executor):
             return False
         if item.requeue:
             item.requeued += 1
+            # It was perhaps still growing: its next run waits for room for its peak plus the share
+            # profile() adds to a finished job's peak, though not for more than it may be given.
             peak = int(result.memory_used * MB)
-            margin = min(math.ceil(peak * (1 + _REQUEUE_MARGIN)), self._most(item))  # no more than it may use
+            margin = min(math.ceil(peak * (1 + PROFILE_BUFFER)), self._most(item))
             item.requeue_need = max(item.requeue_need, peak, margin)
             item.attempts -= 1  # a stop for the machine's sake is not the job's failure
             logger.info("mpmsub: %s requeued: %s", item.job_id, result.error)

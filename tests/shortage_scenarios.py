@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import sys
 import time
 import uuid
@@ -21,6 +20,7 @@ import psutil
 import mpmsub
 from mpmsub import MemoryAwareExecutor
 from mpmsub._system import available_memory, memory_groups
+from mpmsub._trace import read as read_trace
 
 MB = 2**20
 Results = List[Dict[str, Any]]
@@ -173,9 +173,8 @@ def requeued_waits_for_margin(trace: str) -> Results:
 def _requeued_peak(trace: str) -> int:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        with open(trace) as f:
-            for line in f:
-                if line.startswith('{"type":"end"') and '"status":"requeued"' in line:
-                    return int(json.loads(line)["peak"])
+        for event in read_trace(trace):  # a line being written is left out
+            if event["type"] == "end" and event["status"] == "requeued":
+                return int(event["peak"])
         time.sleep(0.02)
     raise TimeoutError("no job was stopped and requeued")

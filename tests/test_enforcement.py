@@ -20,6 +20,7 @@ from shortage_scenarios import ON_TERM_ALLOCATE, grower
 import mpmsub
 from mpmsub import JobResult, MemoryAwareExecutor
 from mpmsub._system import available_memory, memory_groups
+from mpmsub._trace import read as read_trace
 from mpmsub._units import format_memory
 
 MB = 2**20
@@ -173,7 +174,7 @@ def shortages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shortages]:
 
 def runs(trace: Path) -> str:
     """The runs a trace records, a line each: for the message of a failed assertion."""
-    ends = [e for e in map(json.loads, trace.read_text().splitlines()) if e["type"] == "end"]
+    ends = [e for e in read_trace(trace) if e["type"] == "end"]
     lines = (f"{e['job']} run {e['run']}: {e['status']} at {e['t']} s, peak {e['peak'] / MB:.0f}M" for e in ends)
     return "\n".join(lines)
 
