@@ -85,7 +85,10 @@ def test_the_memory_series_is_small_ordered_and_holds_the_sampled_peak() -> None
     times = [t for t, _ in series]
     assert times == sorted(times) and times[0] >= 0 and times[-1] <= r.runtime
     assert 250 <= max(mb for _, mb in series) <= r.memory_used * 1.01
-    assert series[0][1] < series[-1][1]  # it shows the growth
+    # It shows the growth: the first point is taken before most of it, the peak after. (The last
+    # point may be low again: the interpreter frees the buffers as it exits.)
+    peak = max(range(len(series)), key=lambda i: series[i][1])
+    assert peak > 0 and series[0][1] < series[peak][1] / 2, series
 
 
 @given(st.lists(st.tuples(st.floats(0, 0.5), st.integers(0, 2**40)), max_size=2000), st.integers(4, 64))
