@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,12 @@ if "MPMSUB_HISTORY" not in os.environ:
 
     os.environ["MPMSUB_HISTORY"] = os.path.join(tempfile.mkdtemp(prefix="mpmsub-history-"), "history.db")
 
+# Tests send SIGINT (a Ctrl-C) to Python programs they start. A shell without job control starts
+# a background command with SIGINT ignored, and an ignored signal stays ignored across exec, so
+# under `pytest &` those programs would never hear it. A handler (unlike "ignore") is reset on
+# exec: the programs start with the default, as under a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent
 
