@@ -53,6 +53,10 @@ time.sleep(30)
 """
 
 
+WAIT_FOR_FILE = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]):\n    time.sleep(0.02)\n"
+TAKE_AND_WAIT_FOR_FILE = "chunks = [bytearray({mb} * 2**20)]\n" + WAIT_FOR_FILE
+
+
 def available() -> int:
     """What the executor will see as available; outside a cgroup, once the machine's figure has
     stopped moving (the previous test's processes may still be freeing theirs)."""
@@ -107,14 +111,22 @@ def live_gate() -> Results:
 
 
 def newest_requeued(trace: str) -> Results:
-    with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=reserve_leaving(600), trace=trace) as ex:
-        # A declares 100M but takes 400M (there is budget); B, declaring 100M, then takes 500M:
-        # the group runs short, B (the newest) is stopped, and comes back once A is done.
-        marker = uuid.uuid4().hex
-        a = ex.submit(mpmsub.Job(grower(400, step_mb=200, hold=2.0, marker=marker)).memory("100M"))
-        wait_for_rss(marker, 400)  # on a slow machine A may still be growing after a fixed pause
-        b = ex.submit(mpmsub.Job(grower(500, step_mb=250, hold=1.0)).memory("100M"))
-        return _dicts(a.result(timeout=60), b.result(timeout=60))
+    """A declares 100M but takes 400M (there is budget); B, declaring 100M, then takes 500M: the
+    group runs short, B (the newest) is stopped, and comes back once A is done. A holds its memory
+    until B has been stopped, however late B starts on a busy machine."""
+    done = f"{trace}.done"
+    try:
+        with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=reserve_leaving(600), trace=trace) as ex:
+            a = ex.submit(
+                mpmsub.Job([sys.executable, "-c", TAKE_AND_WAIT_FOR_FILE.format(mb=400), done]).memory("100M")
+            )
+            wait_for_rss(done, 400)
+            b = ex.submit(mpmsub.Job(grower(500, step_mb=250, hold=1.0)).memory("100M"))
+            _requeued_peak(trace)
+            open(done, "w").close()
+            return _dicts(a.result(timeout=60), b.result(timeout=60))
+    finally:
+        open(done, "w").close()  # A ends whatever happened
 
 
 def requeued_too_often() -> Results:
@@ -142,9 +154,6 @@ def one_by_one() -> Results:
         time.sleep(0.05)
         small = ex.submit(mpmsub.Job(grower(300, step_mb=300, hold=1.5)).with_id("small"))
         return _dicts(big.result(timeout=60), small.result(timeout=60))
-
-
-WAIT_FOR_FILE = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]):\n    time.sleep(0.02)\n"
 
 
 def requeued_waits_for_margin(trace: str) -> Results:
