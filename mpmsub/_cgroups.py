@@ -13,11 +13,13 @@ process between groups takes a kernel lock every fork on the machine shares, for
 period (about 5 ms measured here), which would multiply the cost of starting tiny jobs. Every
 process of the tree found then is moved in, and what they start later is born inside. A job
 that ends sooner needs no group: the kernel's ru_maxrss from wait4 is exact for its largest
-process, and the monitor samples young jobs 50 times a second. In v1 the memory
-the processes already hold moves with them (memory.move_charge_at_immigrate); v2 leaves it
-charged where it was, so the group's peak is a floor there too. Every measure is a floor of the
-true peak, and the executor reports the highest. Nothing here raises: where a step fails the job
-runs without a group.
+process, and the monitor samples young jobs 50 times a second. In v1 the memory the processes
+already hold moves with them (memory.move_charge_at_immigrate); v2 leaves it charged where it
+was, so the group's peak is a floor there too. A process found in a cgroup other than the one it
+was born in (the job, or `cgexec` or `systemd-run --scope`, placed it there, perhaps to limit its
+memory) is left where it is, under the limits chosen for it, and measured by sampling. Every
+measure is a floor of the true peak, and the executor reports the highest. Nothing here raises:
+where a step fails the job runs without a group.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import threading
 import time
 from typing import Iterable, List, Optional
 
-from mpmsub._system import flat_keyed, own_cgroup, read_file
+from mpmsub._system import cgroup_of, flat_keyed, own_cgroup, read_file
 
 logger = logging.getLogger("mpmsub")
 
@@ -316,11 +318,19 @@ class JobGroup:
         self._owner = owner
 
     def adopt(self, pids: Iterable[int]) -> bool:
-        """Move a job's processes into the group; False if not one could be moved."""
+        """Move a job's processes into the group; False if not one could be moved. A process
+        that is no longer in the group it was born in (ours) was put elsewhere on purpose (by
+        `cgexec`, `systemd-run --scope`, or the job itself, perhaps to limit its own memory):
+        it is left there, under the limits it chose."""
         moved = False
         me = os.getpid()
+        controller = "memory" if self._owner.version == 1 else ""
+        home = cgroup_of("self", controller)
         for pid in pids:
             if pid == me or _process_of(pid) == me:  # a pid reused since the scan, by one of ours
+                continue
+            where = cgroup_of(str(pid), controller)
+            if where is not None and where != home:
                 continue
             try:
                 _write(os.path.join(self.path, "cgroup.procs"), str(pid))

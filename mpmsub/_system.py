@@ -29,11 +29,11 @@ def flat_keyed(text: Optional[str], key: str) -> Optional[int]:
     return None
 
 
-def _own_cgroups(root: str, controller: str) -> List[Tuple[str, str]]:
+def _own_cgroups(root: str, controller: str, pid: str = "self") -> List[Tuple[str, str]]:
     """(mount directory, path) of this process's cgroup for `controller` ("" for v2's unified
-    hierarchy), as /proc/self/cgroup names it."""
+    hierarchy), as /proc/self/cgroup names it; of process `pid` when given."""
     found = []
-    for line in (read_file(os.path.join(root, "proc/self/cgroup")) or "").splitlines():
+    for line in (read_file(os.path.join(root, "proc", pid, "cgroup")) or "").splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
@@ -50,6 +50,14 @@ def own_cgroup(controller: str, root: str = "/", mount: Optional[str] = None) ->
     under `mount` instead of the usual mount point when given."""
     for base, path in _own_cgroups(root, controller):
         return os.path.join(mount or base, path.strip("/"))
+    return None
+
+
+def cgroup_of(pid: str, controller: str) -> Optional[str]:
+    """The path of process `pid`'s cgroup for `controller` ("" for v2) as /proc names it, or None
+    ("self" for this process)."""
+    for _, path in _own_cgroups("/", controller, pid):
+        return path
     return None
 
 

@@ -274,13 +274,16 @@ def test_other_failures_are_retried_as_they_were(tmp_path: Path) -> None:
     assert missing.failure == "start" and missing.attempts == 1  # retrying cannot find it either
 
 
-def test_a_kernel_oom_kill_is_reported_as_a_memory_failure() -> None:
+@pytest.mark.parametrize("pause", ["", "sleep 0.5 && "], ids=["at-once", "after-placement"])
+def test_a_kernel_oom_kill_is_reported_as_a_memory_failure(pause: str) -> None:
+    # The job puts itself in a 100M group. Taking its memory after the executor has looked for
+    # its processes to measure them in a group of its own, it must still be under the 100M.
     with memory_cgroup(100 * MB) as procs:
         if procs is None:
             pytest.skip("needs root and a writable memory cgroup to provoke a kernel OOM kill")
         alloc = f"{sys.executable} -c 'x = bytearray(400 * 2**20)'"
         with MemoryAwareExecutor(cpus=1, memory="2G") as ex:
-            r = ex.submit(["sh", "-c", f"echo $$ > {procs} && exec {alloc}"]).result(timeout=60)
+            r = ex.submit(["sh", "-c", f"echo $$ > {procs} && {pause}exec {alloc}"]).result(timeout=60)
             time.sleep(0.5)  # idle: the executor's count of OOM kills must not go stale
             own = ex.submit(["sh", "-c", "kill -9 $$"]).result(timeout=60)
         assert r.failure == "memory", (r.returncode, r.error)
