@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator, Tuple
 
 import pytest
+from hypothesis import settings
 
 # Tests import their helpers as a plain module.
 sys.path.insert(0, os.path.dirname(__file__))
@@ -25,6 +26,11 @@ if "MPMSUB_HISTORY" not in os.environ:
 # exec: the programs start with the default, as under a terminal.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# Property tests: no per-example deadline (a loaded machine may stall any example for longer
+# than hypothesis's default 200 ms; a slow example is not a failure here).
+settings.register_profile("mpmsub", deadline=None)
+settings.load_profile("mpmsub")
 
 ROOT = Path(__file__).resolve().parent.parent
 

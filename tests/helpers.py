@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 import sys
 import time
-from typing import List
+from pathlib import Path
+from typing import Any, Dict, List
 
 import psutil
 
@@ -47,3 +48,16 @@ def wait_gone(arg: str, timeout: float = 3.0) -> List[psutil.Process]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.05)
+
+
+def wait_for_end(trace: Path, job: str, run: int = 1, timeout: float = 30) -> Dict[str, Any]:
+    """The end event of run `run` of job `job` in a trace being written, once it is there."""
+    from mpmsub._trace import read  # a line being written is left out
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in read(trace) if trace.exists() else []:
+            if event["type"] == "end" and event["job"] == job and event["run"] == run:
+                return event
+        time.sleep(0.02)
+    raise AssertionError(f"run {run} of {job} did not end within {timeout} s")

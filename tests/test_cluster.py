@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
-from helpers import alloc_cmd, unique_sleep, wait_gone
+from helpers import alloc_cmd, processes_with, unique_sleep, wait_gone
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -173,11 +174,10 @@ def test_ctrl_c_during_run(tmp_path: Path) -> None:
     script = tmp_path / "driver.py"
     script.write_text(
         textwrap.dedent(f"""
-        import json, sys, threading, mpmsub
+        import json, sys, mpmsub
         p = mpmsub.cluster(p=2, m="1G", verbose=False, progress_bar=False)
         p.jobs.append(["echo", "quick"])
         p.jobs.extend([["sh", "-c", "sleep {marker} & sleep {marker}"] for _ in range(5)])
-        threading.Timer(1.0, lambda: print("ready", flush=True)).start()
         try:
             p.run()
         except KeyboardInterrupt:
@@ -190,8 +190,9 @@ def test_ctrl_c_during_run(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == "ready\n"
+    deadline = time.monotonic() + 30
+    while len(processes_with(marker)) < 4 and time.monotonic() < deadline:  # two jobs running: echo is done
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert "KeyboardInterrupt" in err

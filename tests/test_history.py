@@ -427,7 +427,9 @@ def test_a_cancelled_probe_hands_over_and_terminate_cancels_the_held(tmp_path: P
     assert r.success and r.memory_estimate == "probe"
     ex = MemoryAwareExecutor(cpus=1, memory="1G", history=history_file(tmp_path))
     futures = [ex.submit(Job(["sleep", "5"]).with_key("slow").memory("auto")) for _ in range(3)]
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while not futures[0].running() and time.monotonic() < deadline:  # the probe, once started
+        time.sleep(0.01)
     started = time.monotonic()
     ex.terminate()
     assert time.monotonic() - started < 5

@@ -18,7 +18,7 @@ import callees
 import pytest
 from browser import Chromium, find_chromium
 from conftest import ROOT, ExampleRun
-from helpers import alloc_cmd
+from helpers import alloc_cmd, wait_for_end
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -342,10 +342,8 @@ def test_jobs_cancelled_before_they_ran_are_in_the_trace_and_the_report(tmp_path
     d = ex.submit(mpmsub.Job(["true"]).memory("600M").with_id("d"))  # waits for memory
     e = ex.submit(mpmsub.Job(["true"]).memory("600M").with_id("e"))
     assert e.cancel()
+    wait_for_end(trace, "b")  # B was stopped; its retry is queued beside D
     deadline = time.monotonic() + 30
-    for running in (2, 1):  # A and B started; then B was stopped, its retry queued beside D
-        while ex.status().running != running and time.monotonic() < deadline:
-            time.sleep(0.01)
     while ex.status().queued < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert time.monotonic() < deadline
