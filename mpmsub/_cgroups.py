@@ -316,12 +316,13 @@ class JobGroup:
     def __init__(self, path: str, owner: JobGroups) -> None:
         self.path = path
         self._owner = owner
+        self.whole = True  # every process adopt() found was moved in: the group's figures are the tree's
 
     def adopt(self, pids: Iterable[int]) -> bool:
         """Move a job's processes into the group; False if not one could be moved. A process
         that is no longer in the group it was born in (ours) was put elsewhere on purpose (by
         `cgexec`, `systemd-run --scope`, or the job itself, perhaps to limit its own memory):
-        it is left there, under the limits it chose."""
+        it is left there, under the limits it chose, and `whole` becomes False."""
         moved = False
         me = os.getpid()
         controller = "memory" if self._owner.version == 1 else ""
@@ -331,6 +332,7 @@ class JobGroup:
                 continue
             where = cgroup_of(str(pid), controller)
             if where is not None and where != home:
+                self.whole = False
                 continue
             try:
                 _write(os.path.join(self.path, "cgroup.procs"), str(pid))

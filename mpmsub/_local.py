@@ -477,8 +477,9 @@ class LocalHandle(Handle):
             if moved and not self._finished:
                 self._group = group
                 # In v1 the memory the processes held moved with them, so the group's peak is
-                # the tree's; in v2 it stayed where it was charged, and sampling stays fast.
-                self.exact_peak = groups.version == 1
+                # the tree's (unless one was left in a group of its own); in v2 it stayed where it
+                # was charged. Otherwise sampling stays fast.
+                self.exact_peak = groups.version == 1 and group.whole
                 return
         groups.release(group)  # nothing moved, or the job ended meanwhile
 
