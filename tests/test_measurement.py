@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -120,11 +121,23 @@ def test_profile_measures_as_runs_do() -> None:
 # -- per-job memory cgroups ------------------------------------------------------------------
 
 
-def test_a_jobs_cgroup_catches_a_brief_overlap_that_sampling_misses() -> None:
+BOTH_HOLD = (
+    "import os, sys, time\n"
+    "x = bytearray(200 * 2**20)\n"
+    "open(os.path.join(sys.argv[1], str(os.getpid())), 'w').close()\n"
+    "end = time.monotonic() + 10\n"
+    "while len(os.listdir(sys.argv[1])) < 2 and time.monotonic() < end:\n"
+    "    time.sleep(0.005)\n"
+    "time.sleep(0.03)\n"
+)
+
+
+def test_a_jobs_cgroup_catches_a_brief_overlap_that_sampling_misses(tmp_path: Path) -> None:
     cgroups()
-    # placed at 0.1 s; then two 200 MB programs overlap for a few tens of ms, between slow ticks
-    brief = program(200, 0.03)
-    both = " & ".join([" ".join(f"'{a}'" for a in brief)] * 2)
+    # placed at 0.1 s; then two 200 MB programs overlap for a few tens of ms (each holds its
+    # memory until both have it, whenever each started), between slow ticks
+    brief = [sys.executable, "-c", BOTH_HOLD, str(tmp_path)]
+    both = " & ".join([shlex.join(brief)] * 2)
     with MemoryAwareExecutor(cpus=1, memory="2G", _monitor_interval=0.5) as ex:
         r = ex.submit(["sh", "-c", f"sleep 0.5; {both} & wait"]).result(timeout=30)
     assert r.success, r.error
