@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
-from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import psutil
+
+from mpmsub._cgroups import JobGroups
+from mpmsub._trace import PathLike
+from mpmsub._trace import read as read_trace
 
 
 def alloc_cmd(mb: int, hold: float = 0.0, *, steps: int = 1, step_delay: float = 0.0) -> List[str]:
@@ -50,14 +54,32 @@ def wait_gone(arg: str, timeout: float = 3.0) -> List[psutil.Process]:
         time.sleep(0.05)
 
 
-def wait_for_end(trace: Path, job: str, run: int = 1, timeout: float = 30) -> Dict[str, Any]:
-    """The end event of run `run` of job `job` in a trace being written, once it is there."""
-    from mpmsub._trace import read  # a line being written is left out
-
+def wait_for_event(
+    trace: PathLike, wanted: Callable[[Dict[str, Any]], bool], what: str, timeout: float = 30
+) -> Dict[str, Any]:
+    """The first event of a trace being written that is `wanted`, once it is there."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for event in read(trace) if trace.exists() else []:
-            if event["type"] == "end" and event["job"] == job and event["run"] == run:
+        for event in read_trace(trace) if os.path.exists(trace) else []:  # a line being written is left out
+            if wanted(event):
                 return event
         time.sleep(0.02)
-    raise AssertionError(f"run {run} of {job} did not end within {timeout} s")
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+def wait_for_end(trace: PathLike, job: str, run: int = 1, timeout: float = 30) -> Dict[str, Any]:
+    """The end event of run `run` of job `job` in a trace being written, once it is there."""
+    return wait_for_event(
+        trace,
+        lambda e: e["type"] == "end" and e["job"] == job and e["run"] == run,
+        f"run {run} of {job} did not end",
+        timeout,
+    )
+
+
+def job_groups() -> Optional[JobGroups]:
+    """The per-job memory cgroups executors make here (closed again: for their version), or None."""
+    groups = JobGroups.detect()
+    if groups is not None:
+        groups.close()
+    return groups

@@ -16,11 +16,11 @@ import uuid
 from typing import Any, Dict, List
 
 import psutil
+from helpers import wait_for_event
 
 import mpmsub
 from mpmsub import MemoryAwareExecutor
 from mpmsub._system import available_memory, memory_groups
-from mpmsub._trace import read as read_trace
 
 MB = 2**20
 Results = List[Dict[str, Any]]
@@ -115,18 +115,15 @@ def newest_requeued(trace: str) -> Results:
     group runs short, B (the newest) is stopped, and comes back once A is done. A holds its memory
     until B has been stopped, however late B starts on a busy machine."""
     done = f"{trace}.done"
-    try:
-        with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=reserve_leaving(600), trace=trace) as ex:
-            a = ex.submit(
-                mpmsub.Job([sys.executable, "-c", TAKE_AND_WAIT_FOR_FILE.format(mb=400), done]).memory("100M")
-            )
+    with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=reserve_leaving(600), trace=trace) as ex:
+        a = ex.submit(mpmsub.Job([sys.executable, "-c", TAKE_AND_WAIT_FOR_FILE.format(mb=400), done]).memory("100M"))
+        try:
             wait_for_rss(done, 400)
             b = ex.submit(mpmsub.Job(grower(500, step_mb=250, hold=1.0)).memory("100M"))
             _requeued_peak(trace)
-            open(done, "w").close()
-            return _dicts(a.result(timeout=60), b.result(timeout=60))
-    finally:
-        open(done, "w").close()  # A ends whatever happened
+        finally:
+            open(done, "w").close()  # A ends: B was stopped, or something failed
+        return _dicts(a.result(timeout=60), b.result(timeout=60))
 
 
 def requeued_too_often() -> Results:
@@ -166,24 +163,23 @@ def requeued_waits_for_margin(trace: str) -> Results:
     done = f"{trace}.done"
     with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=reserve, trace=trace) as ex:
         a = ex.submit(mpmsub.Job([sys.executable, "-c", WAIT_FOR_FILE, done]))
-        b = ex.submit(mpmsub.Job(grower(400, step_mb=400, hold=0.3)).memory("100M"))
-        peak = _requeued_peak(trace)
-        free = available() - int(reserve[:-1]) * MB  # the room the gate sees now that B has ended
-        while ballast and free + 10 * MB <= peak * 1.1:  # at most 1.1x: more than the peak, under 1.2x
-            ballast.pop()
-            free += 10 * MB
-        time.sleep(1.0)  # two looks of the gate at the room
-        ample = time.time()
-        ballast.clear()
-        open(done, "w").close()
+        try:
+            b = ex.submit(mpmsub.Job(grower(400, step_mb=400, hold=0.3)).memory("100M"))
+            peak = _requeued_peak(trace)
+            free = available() - int(reserve[:-1]) * MB  # the room the gate sees now that B has ended
+            while ballast and free + 10 * MB <= peak * 1.1:  # at most 1.1x: more than the peak, under 1.2x
+                ballast.pop()
+                free += 10 * MB
+            time.sleep(1.0)  # two looks of the gate at the room
+            ample = time.time()
+            ballast.clear()
+        finally:
+            open(done, "w").close()  # A ends: the room is ample, or something failed
         return [*_dicts(a.result(timeout=30), b.result(timeout=30)), {"ample": ample, "peak": peak}]
 
 
 def _requeued_peak(trace: str) -> int:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        for event in read_trace(trace):  # a line being written is left out
-            if event["type"] == "end" and event["status"] == "requeued":
-                return int(event["peak"])
-        time.sleep(0.02)
-    raise TimeoutError("no job was stopped and requeued")
+    requeued = wait_for_event(
+        trace, lambda e: e["type"] == "end" and e["status"] == "requeued", "no job was stopped and requeued", 20
+    )
+    return int(requeued["peak"])

@@ -15,12 +15,11 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import psutil
 import pytest
-from helpers import wait_for_end
+from helpers import job_groups, wait_for_end
 from shortage_scenarios import ON_TERM_ALLOCATE, grower
 
 import mpmsub
 from mpmsub import JobResult, MemoryAwareExecutor
-from mpmsub._cgroups import JobGroups
 from mpmsub._system import available_memory, memory_groups
 from mpmsub._trace import read as read_trace
 from mpmsub._units import format_memory
@@ -60,14 +59,6 @@ def memory_cgroup(limit: int) -> Iterator[Optional[str]]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-
-
-def own_job_groups() -> bool:
-    """Whether executors make a memory cgroup per job here."""
-    groups = JobGroups.detect()
-    if groups is not None:
-        groups.close()
-    return groups is not None
 
 
 def _text(path: str) -> str:
@@ -292,7 +283,7 @@ def test_a_kernel_oom_kill_is_reported_as_a_memory_failure(pause: str) -> None:
     with memory_cgroup(100 * MB) as procs:
         if procs is None:
             pytest.skip("needs root and a writable memory cgroup to provoke a kernel OOM kill")
-        if pause and not own_job_groups():
+        if pause and job_groups() is None:
             pytest.skip("the executor makes no per-job memory cgroups here: no placement to stay out of")
         alloc = f"{sys.executable} -c 'x = bytearray(400 * 2**20)'"
         with MemoryAwareExecutor(cpus=1, memory="2G") as ex:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
-from helpers import processes_with, unique_sleep
+from helpers import job_groups, processes_with, unique_sleep
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -36,10 +36,9 @@ def program(mb: int, hold: float) -> List[str]:
 
 
 def cgroups() -> JobGroups:
-    groups = JobGroups.detect()
+    groups = job_groups()
     if groups is None:
         pytest.skip("no per-job memory cgroups here (needs root on cgroup v1, or a delegated cgroup v2 tree)")
-    groups.close()
     return groups
 
 
