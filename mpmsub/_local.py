@@ -44,6 +44,10 @@ _READ_SIZE = 1 << 16
 # the machine waits too: worth it for a job that runs a while, not for a burst of tiny ones,
 # whose largest process wait4's ru_maxrss measures exactly anyway.
 _PLACE_AFTER = 0.1
+# How long a killed job's processes may take to die once its stages have exited (a process in
+# uninterruptible sleep, say): its memory stays the job's until they are gone, or until this.
+_SURVIVOR_WAIT = 10.0
+_SURVIVOR_POLL = 0.05  # seconds between looks where the system has no pidfds to wait on
 
 
 def _start_error(spec: JobSpec, argv0: str, exc: OSError) -> str:
@@ -152,6 +156,10 @@ class LocalHandle(Handle):
         self.error: Optional[str] = None
         self._killing = False
         self._finished = False
+        self._survivors = _proctree.Survivors()  # a killed job's processes, held until they end
+        self.strays: Tuple[int, ...] = ()  # those alive, for the monitor thread (replaced whole)
+        self._survivor_fds: List[int] = []  # pidfds of survivors watched on the loop
+        self._survivors_since: Optional[float] = None
         self._start_time = time.time()
         self._start_mono = time.monotonic()
 
@@ -347,22 +355,21 @@ class LocalHandle(Handle):
             timer.cancel()
         self._timers.clear()
         if self._killing:
-            self._kill_session()  # a killed job's processes outside its process group
+            self._kill_rest()  # a killed job's processes outside its process group
         if self._outputs:
             # Something still holds our output pipes: a process of the job that left its group.
             self._timers.append(self._loop.call_later(_LEFTOVER_GRACE, self._kill_leftovers))
         else:
             self._finish()
 
-    def _kill_session(self) -> None:
-        # The roots are reaped, so only the session ids are safe to match on now.
-        for pid, proc in _proctree.snapshot().items():
-            if proc.sid in self.pids:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
+    def _kill_rest(self) -> None:
+        """SIGKILL what is left of the job: its sessions (the roots are reaped, so only their
+        session ids are safe to match on now) and the processes held since it was signalled."""
+        self._survivors.signal([], signal.SIGKILL, self.pids)
+        self.strays = tuple(self._survivors.alive())
 
     def _kill_leftovers(self) -> None:
-        self._kill_session()
+        self._kill_rest()
         self._timers.append(self._loop.call_later(_LEFTOVER_GRACE, self._abandon_output))
 
     def _abandon_output(self) -> None:
@@ -394,7 +401,7 @@ class LocalHandle(Handle):
         del self._outputs[fd]
 
     def _finish(self) -> None:
-        if self._finished:
+        if self._finished or self._await_survivors():
             return
         self._finished = True
         for timer in self._timers:
@@ -426,6 +433,42 @@ class LocalHandle(Handle):
         )
         self._on_exit(outcome)
 
+    def _await_survivors(self) -> bool:
+        """True while processes of a killed job are still alive: each is killed (with what it
+        started meanwhile) and the job ends once they are gone, its memory counted until then."""
+        for fd in self._survivor_fds:
+            self._loop.remove_reader(fd)
+        self._survivor_fds.clear()
+        if not self._survivors:
+            return False
+        self._kill_rest()
+        if not self.strays:
+            self._survivors.close()
+            return False
+        now = time.monotonic()
+        if self._survivors_since is None:
+            self._survivors_since = now
+            self._timers.append(self._loop.call_later(_SURVIVOR_WAIT, self._finish))
+        elif now - self._survivors_since >= _SURVIVOR_WAIT:
+            logger.warning(
+                "mpmsub: job %s: %d of its processes (pids %s) outlived SIGKILL by %g s; the job ends without them",
+                self.job_id,
+                len(self.strays),
+                ", ".join(map(str, self.strays)),
+                _SURVIVOR_WAIT,
+            )
+            self._survivors.close()
+            self.strays = ()
+            return False
+        fds = self._survivors.fds()
+        for pid in self.strays:
+            if pid in fds:
+                self._survivor_fds.append(fds[pid])
+                self._loop.add_reader(fds[pid], self._finish)
+        if len(self._survivor_fds) < len(self.strays):  # no pidfd to wait on: look again soon
+            self._timers.append(self._loop.call_later(_SURVIVOR_POLL, self._finish))
+        return True
+
     # -- killing and measuring ------------------------------------------------------------------
 
     def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
@@ -444,11 +487,11 @@ class LocalHandle(Handle):
 
     def _signal(self, sig: int) -> None:
         roots = [pid for pid in self._unreaped if pid not in self._gone]
-        if roots:
-            _proctree.signal_tree(roots, sig)
+        self._survivors.signal(roots, sig)
+        self.strays = tuple(self._survivors.alive())
 
     def sample(self, snapshot: _proctree.Snapshot) -> Optional[int]:
-        roots = list(self._unreaped)
+        roots = [*self._unreaped, *self.strays]
         if not roots:
             return None
         pids = _proctree.members(snapshot, roots)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
-from typing import Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import psutil
 
@@ -23,6 +24,7 @@ class Proc(NamedTuple):
     ppid: int
     sid: int
     rss: int  # bytes
+    live: bool = True  # False for a zombie: it has exited and holds no memory
 
 
 class Snapshot(Dict[int, Proc]):
@@ -67,7 +69,7 @@ def _snapshot_proc(pids: Iterable[int]) -> Snapshot:
         # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
         fields = data[data.rindex(b")") + 2 :].split()
         # fields[0] is the state (field 3): ppid is field 4, session 6, rss (pages) 24.
-        procs[pid] = Proc(int(fields[1]), int(fields[3]), int(fields[21]) * _PAGE)
+        procs[pid] = Proc(int(fields[1]), int(fields[3]), int(fields[21]) * _PAGE, fields[0] != b"Z")
     return procs
 
 
@@ -110,14 +112,14 @@ class Scanner:
 
 def _snapshot_psutil() -> Snapshot:
     procs = Snapshot()
-    for proc in psutil.process_iter(["ppid", "memory_info"]):
+    for proc in psutil.process_iter(["ppid", "memory_info", "status"]):
         try:
             sid = os.getsid(proc.pid)
         except OSError:
             continue
         info = proc.info
         rss = info["memory_info"].rss if info.get("memory_info") is not None else 0
-        procs[proc.pid] = Proc(info.get("ppid") or 0, sid, rss)
+        procs[proc.pid] = Proc(info.get("ppid") or 0, sid, rss, info.get("status") != psutil.STATUS_ZOMBIE)
     return procs
 
 
@@ -160,21 +162,121 @@ def tree_rss(snap: Snapshot, roots: Iterable[int]) -> int:
     return sum(snap[pid].rss for pid in members(snap, roots))
 
 
-def signal_tree(roots: Iterable[int], sig: int) -> None:
-    """Send `sig` to every process of the job whose root processes (session leaders) are `roots`.
+def signal_tree(roots: Iterable[int], sig: int) -> Set[int]:
+    """Send `sig` to every process of the job whose root processes (session leaders) are `roots`;
+    return the processes found.
 
-    Each root must not have been reaped yet: an unreaped root keeps its pid, and so its process
-    group id, from being reused, which makes killpg safe.
+    The tree is read before anything is signalled: a child that started a session of its own is
+    found through its parent only while that parent lives, and a signalled parent may die and
+    leave it to init before a later scan. Each root must not have been reaped yet: an unreaped
+    root keeps its pid, and so its process group id, from being reused, which makes killpg safe.
     """
     roots = list(roots)
+    found = members(snapshot(), roots)
     for root in roots:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(root, sig)
-    for pid in members(snapshot(), roots):
-        if pid in roots:
-            continue  # signalled through its group above
+    for pid in found.difference(roots):  # the roots were signalled through their groups
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+    return found
+
+
+class Survivors:
+    """The processes of a job being killed, held from the first signal until each has ended.
+
+    A process that started a session of its own is the job's only through its parent; once the
+    parent dies of the signal, no scan can tell it from another program's. Each process found
+    when the job is signalled is held here (by a pidfd where the system has them, which names
+    that process and no other, whatever its pid becomes), signalled again with the job, measured
+    with it, and waited for: the job ends only once its processes are gone.
+    """
+
+    def __init__(self) -> None:
+        self._held: Dict[int, Optional[int]] = {}  # pid -> pidfd (None: this system has none)
+
+    def __bool__(self) -> bool:
+        return bool(self._held)
+
+    def signal(self, roots: Sequence[int], sig: int, sessions: Sequence[int] = ()) -> None:
+        """Send `sig` to the tree of `roots` (unreaped session leaders), to every process in the
+        sessions `sessions` (of roots already reaped) and to everything held and what it
+        started; hold every process found."""
+        snap = snapshot()
+        found = members(snap, [*roots, *self.alive()])
+        if sessions:
+            wanted = set(sessions)
+            found |= members(snap, [pid for pid, proc in snap.items() if proc.sid in wanted])
+        for pid in found.difference(roots):  # held before any parent can die of the signal
+            if snap[pid].live:
+                self._hold(pid, snap[pid])
+        for root in roots:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(root, sig)
+        for pid, fd in list(self._held.items()):
+            _send(pid, fd, sig)
+
+    def _hold(self, pid: int, seen: Proc) -> None:
+        if pid in self._held:
+            return
+        try:
+            fd: Optional[int] = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
+        except ProcessLookupError:
+            return  # ended since the scan
+        except (AttributeError, OSError):
+            fd = None
+        if fd is not None and _LINUX:
+            # The pid may have been reused between the scan and pidfd_open: the process the
+            # pidfd names must be the one seen (same parent and session).
+            now = _snapshot_proc([pid]).get(pid)
+            if now is None or (now.ppid, now.sid) != (seen.ppid, seen.sid):
+                os.close(fd)
+                return
+        self._held[pid] = fd
+
+    def alive(self) -> List[int]:
+        """The held processes that have not ended; those that have are let go."""
+        living = []
+        for pid, fd in list(self._held.items()):
+            if _running(pid, fd):
+                living.append(pid)
+            else:
+                self._forget(pid)
+        return living
+
+    def fds(self) -> Dict[int, int]:
+        """The pidfds of the held processes (readable once each has ended), by pid."""
+        return {pid: fd for pid, fd in self._held.items() if fd is not None}
+
+    def _forget(self, pid: int) -> None:
+        fd = self._held.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for pid in list(self._held):
+            self._forget(pid)
+
+
+def _send(pid: int, fd: Optional[int], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if fd is not None:
+            signal.pidfd_send_signal(fd, sig)  # type: ignore[attr-defined,unused-ignore]
+        else:
+            os.kill(pid, sig)
+
+
+def _running(pid: int, fd: Optional[int]) -> bool:
+    """Whether a held process has not exited: its pidfd is readable once it has."""
+    if fd is not None:
+        return not select.select([fd], [], [], 0)[0]
+    if _LINUX:
+        proc = _snapshot_proc([pid]).get(pid)
+        return proc is not None and proc.live
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def kill_group(root: int) -> bool:
