@@ -6,11 +6,13 @@ executor per run, and keeps the results, the statistics and the progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import queue
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, TextIO
 
 from mpmsub import _report
@@ -270,14 +272,20 @@ class Cluster:
                     self.max_cpus,
                     format_memory(self._memory),
                 )
+            # Each future says when it is done: waiting costs the same however many are pending.
+            ended: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
             for spec in specs:
-                futures[executor.submit(spec)] = spec
-            pending: Set[Future[Any]] = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=_REFRESH, return_when=FIRST_COMPLETED)
-                stop, self._stop = self._stop, None
-                if stop is not None:
-                    raise stop
+                self._raise_stop()  # a signal takes effect while a long batch is submitted too
+                submitted = executor.submit(spec)
+                futures[submitted] = spec
+                submitted.add_done_callback(ended.put)
+            while len(results) < len(futures):
+                done = []
+                with contextlib.suppress(queue.Empty):
+                    done.append(ended.get(timeout=_REFRESH))
+                    while True:
+                        done.append(ended.get_nowait())
+                self._raise_stop()
                 for future in done:
                     results.append(self._record(_usage(future), futures[future]))
                     failed += not results[-1].success
@@ -289,10 +297,12 @@ class Cluster:
         except BaseException as exc:
             executor.terminate(f"stopped by {type(exc).__name__}")
             seen = {r.job_id for r in results}
-            for future, spec in futures.items():
+            by_spec = {id(spec): future for future, spec in futures.items()}
+            for spec in specs:  # those a signal stopped before they were submitted too
                 if spec.job_id in seen:
                     continue
-                result = _usage(future) if not future.cancelled() else _cancelled(spec, exc)
+                gone = by_spec.get(id(spec))
+                result = _usage(gone) if gone is not None and not gone.cancelled() else _cancelled(spec, exc)
                 results.append(self._record(result, spec))
                 if on_result is not None:
                     on_result(result)
@@ -307,6 +317,12 @@ class Cluster:
                 logger.removeHandler(handler)
                 logger.setLevel(level)
         return results
+
+    def _raise_stop(self) -> None:
+        """Raise what a signal handler asked the run to stop with, if it did."""
+        stop, self._stop = self._stop, None
+        if stop is not None:
+            raise stop
 
     def _record(self, result: JobResult, spec: JobSpec) -> JobResult:
         self._results.append(result)
