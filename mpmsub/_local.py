@@ -175,7 +175,11 @@ class LocalHandle(Handle):
             err_target = self._output_target("stderr", spec.stderr, files, parent_fds)
         except OSError as exc:
             self._close_all(parent_fds, files)
-            self._fail_start(f"cannot open {exc.filename!r} for the job's output: {exc.strerror}")
+            if spec.cwd is not None and not os.path.isdir(spec.cwd):  # the real cause, as Popen says it
+                cause = NotADirectoryError if os.path.exists(spec.cwd) else FileNotFoundError
+                self._fail_start(_start_error(spec, spec.stages[0][0], cause(0, "", spec.cwd)))
+            else:
+                self._fail_start(f"cannot open {exc.filename!r} for the job's output: {exc.strerror}")
             return
         stdin: Optional[int] = None  # read end of the previous stage's pipe
         argv = spec.stages[0]
@@ -251,6 +255,8 @@ class LocalHandle(Handle):
     def _output_target(self, name: str, path: Optional[str], files: List[IO[bytes]], parent_fds: List[int]) -> int:
         """The fd a stream goes to: a file the user named, or a pipe we capture."""
         if path is not None:
+            if self.spec.cwd is not None:  # a relative name is the job's, as its command sees it
+                path = os.path.join(self.spec.cwd, path)
             f = open(path, "wb")  # noqa: SIM115 - closed in launch() once the children hold it
             files.append(f)
             return f.fileno()

@@ -149,3 +149,20 @@ def test_survivors_are_held_after_their_parent_died_and_killed_later() -> None:
         survivors.close()
         for left in processes_with(marker):
             left.kill()
+
+
+def test_relative_output_files_are_taken_from_the_jobs_working_directory(tmp_path: Path) -> None:
+    for name in ("s1", "s2", "s3"):
+        (tmp_path / name).mkdir()
+    jobs = [
+        {"cmd": ["sh", "-c", f"echo {name}; echo {name}-err >&2"], "cwd": str(tmp_path / name)}
+        for name in ("s1", "s2", "s3")
+    ]
+    with MemoryAwareExecutor(cpus=3, memory="1G") as ex:
+        results = [ex.submit({**job, "stdout": "result.txt", "stderr": "err.txt"}).result() for job in jobs]
+        missing = ex.submit({"cmd": ["true"], "cwd": str(tmp_path / "nowhere"), "stdout": "result.txt"}).result()
+    assert all(r.success for r in results)
+    for name in ("s1", "s2", "s3"):
+        assert (tmp_path / name / "result.txt").read_text() == f"{name}\n"
+        assert (tmp_path / name / "err.txt").read_text() == f"{name}-err\n"
+    assert missing.failure == "start" and "working directory not found" in (missing.error or "")
