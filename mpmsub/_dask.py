@@ -78,8 +78,8 @@ class DaskBackend(Backend):
                 "DaskBackend takes a scheduler's address (such as 'tcp://host:8786') or a distributed.Client; "
                 f"got {address_or_client!r} ({type(address_or_client).__name__})"
             )
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"invalid timeout {timeout!r}: expected a positive number of seconds")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+            raise ValueError(f"invalid timeout {timeout!r}: expected a number of seconds above 0, at most 86400")
         self.timeout = float(timeout)
         self._lock = threading.Lock()
         self._nodes: List[Node] = []

@@ -316,8 +316,9 @@ class MemoryAwareExecutor(Executor):
         )
         if budget <= 0:
             raise ValueError(f"invalid memory {memory!r}: the executor needs a positive memory budget")
-        if isinstance(kill_grace, bool) or not isinstance(kill_grace, (int, float)) or not kill_grace >= 0:
+        if isinstance(kill_grace, bool) or not isinstance(kill_grace, (int, float)):
             raise ValueError(f"invalid kill_grace {kill_grace!r}: expected a number of seconds, 0 or more")
+        kill_grace = parse_duration(kill_grace, "kill_grace", zero=True)  # inf would never SIGKILL
         if not isinstance(strict_memory, bool):
             raise TypeError(f"strict_memory must be True or False; got {strict_memory!r}")
         history_path, probe = self._check_learning(history, auto_memory, probe_memory, budget)

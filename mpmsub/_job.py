@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, 
 from typing_extensions import Self
 
 from mpmsub._ledger import Request
-from mpmsub._units import MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory
+from mpmsub._units import MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory, shown
 
 if TYPE_CHECKING:
     from mpmsub._call import CallPayload
@@ -86,15 +86,23 @@ def _retries(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"retries must be a whole number, 0 or more; got {value!r}")
     if value < 0:
-        raise ValueError(f"invalid retries {value!r}: expected a whole number, 0 or more")
+        raise ValueError(f"invalid retries {shown(value)}: expected a whole number, 0 or more")
     return value
+
+
+# A retry's memory is m times the growth, then cut to the budget: any larger factor than this
+# is the budget anyway, and m (at most MAX_MEMORY) times it is still a finite float.
+MAX_GROWTH = 1_000_000
 
 
 def _growth(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"memory_growth must be a number, at least 1; got {value!r}")
-    if not value >= 1 or value == float("inf"):
-        raise ValueError(f"invalid memory_growth {value!r}: expected a number, at least 1 (2 doubles m on each retry)")
+        raise TypeError(f"memory_growth must be a number, from 1 to {MAX_GROWTH}; got {value!r}")
+    if not 1 <= value <= MAX_GROWTH:  # nan and inf too; an int is compared exactly, never as a float
+        raise ValueError(
+            f"invalid memory_growth {shown(value)}: expected a number from 1 to {MAX_GROWTH} "
+            "(2 doubles m on each retry)"
+        )
     return float(value)
 
 
@@ -417,7 +425,8 @@ class Job(Resources):
         return self
 
     def stdout_to(self, path: StrPath) -> Self:
-        """Write the job's stdout to a file instead of capturing it (the cheap path for big output)."""
+        """Write the job's stdout to a file instead of capturing it (the cheap path for big output);
+        a relative path is taken from the job's working directory, as its command sees it."""
         self.stdout = _optional_path(path, "stdout")
         return self
 

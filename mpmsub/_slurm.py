@@ -94,8 +94,9 @@ class SlurmBackend(Backend):
                 raise TypeError(f"{name} must be a non-empty string or None; got {value!r}")
         if isinstance(extra_args, str) or not all(isinstance(arg, str) for arg in extra_args):
             raise TypeError(f"extra_args must be a list of strings, such as ['--qos=high']; got {extra_args!r}")
-        if isinstance(max_poll, bool) or not isinstance(max_poll, (int, float)) or not max_poll >= _MIN_POLL:
-            raise ValueError(f"invalid max_poll {max_poll!r}: expected a number of seconds, at least {_MIN_POLL}")
+        # With inf the wait between polls would grow without end (1.5 times each quiet poll)
+        if isinstance(max_poll, bool) or not isinstance(max_poll, (int, float)) or not _MIN_POLL <= max_poll <= 86400:
+            raise ValueError(f"invalid max_poll {max_poll!r}: expected a number of seconds, from {_MIN_POLL} to 86400")
         self.partition = partition
         self.account = account
         self.extra_args = tuple(extra_args)

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+from helpers import alloc_cmd
 
 import mpmsub
-from mpmsub._job import to_spec
+from mpmsub._job import MAX_GROWTH, to_spec
 from mpmsub._units import MB
 
 
@@ -115,3 +117,41 @@ def test_priority_three_ways_and_in_the_dict() -> None:
     assert to_spec(["x"]).priority == 0
     assert mpmsub.Job(["x"], priority=5).to_dict()["priority"] == 5
     assert "priority" not in mpmsub.Job(["x"]).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ({"cmd": ["x"], "p": 10**400}, "invalid p \\(cpus\\) 1000"),
+        ({"cmd": ["x"], "p": "+-3"}, "invalid p \\(cpus\\) '\\+-3': expected a whole number of CPUs, from 1 to"),
+        ({"cmd": ["x"], "m": 10**400}, "invalid m \\(memory\\) 1000.*at most 1048576T"),
+        ({"cmd": ["x"], "m": 1e303}, "invalid m \\(memory\\) 1e\\+303"),
+        ({"cmd": ["x"], "m": "9" * 400 + "G"}, "invalid m \\(memory\\) '999"),
+        ({"cmd": ["x"], "timeout": 10**400}, "invalid timeout 1000.*at most"),
+        ({"cmd": ["x"], "timeout": 1e300}, "invalid timeout 1e\\+300"),
+        ({"cmd": ["x"], "retries": 1, "memory_growth": 10**400}, "invalid memory_growth 1000.*from 1 to 1000000"),
+        ({"cmd": ["x"], "retries": 1, "memory_growth": 1e308}, "invalid memory_growth 1e\\+308"),
+        ({"cmd": ["x"], "retries": 1, "memory_growth": math.inf}, "invalid memory_growth inf"),
+        ({"cmd": ["x"], "retries": 1, "memory_growth": math.nan}, "invalid memory_growth nan"),
+    ],
+)
+def test_numbers_out_of_range_are_a_value_error_naming_them(item: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        to_spec(item)
+
+
+def test_huge_retries_and_priorities_are_kept_exactly() -> None:
+    """No bound is needed: they are only counted down and compared, never made floats."""
+    spec = to_spec({"cmd": ["x"], "retries": 10**400, "priority": -(10**400)})
+    assert spec.retries == 10**400 and spec.priority == -(10**400)
+    assert to_spec({"cmd": ["x"], "retries": 1, "memory_growth": MAX_GROWTH}).memory_growth == MAX_GROWTH
+
+
+def test_the_largest_growth_retries_with_the_whole_budget() -> None:
+    """A job stopped at its strict 20M is retried with 20M times the largest growth, cut to the
+    budget (not an overflow on the executor's thread that leaves the future unresolved)."""
+    job = mpmsub.Job(alloc_cmd(60, hold=0.5)).memory("20M").strict_memory().with_retries(1, MAX_GROWTH)
+    with mpmsub.MemoryAwareExecutor(cpus=1, memory="500M", memory_reserve=0) as ex:
+        result = ex.submit(job).result(timeout=60)
+    assert result.success, (result.failure, result.error)
+    assert result.attempts == 2 and result.memory_requested == 500
