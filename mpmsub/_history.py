@@ -8,6 +8,10 @@ path, or "off"), else the user's state directory (`~/.local/state/mpmsub/history
 A history that cannot be used (a corrupt file, a database locked for longer than the timeout,
 a directory that cannot be written) never fails a batch: mpmsub logs one warning and runs
 without it.
+
+It holds every command line run: mpmsub creates its directory with mode 0700 and the database
+with mode 0600 (SQLite gives its -wal and -shm files the database's mode). An existing database
+or directory keeps its mode.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
+from mpmsub._files import DIRECTORY_MODE, open_private
 from mpmsub._learn import LEARNED_FROM, WINDOW, Run
 
 logger = logging.getLogger("mpmsub")
@@ -141,7 +146,9 @@ class History:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             directory = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(directory, exist_ok=True)
+            os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # created 0600 before SQLite would make it 0644
+                os.close(open_private(self.path, os.O_EXCL))
             conn = sqlite3.connect(self.path, timeout=_TIMEOUT, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional, Tuple
 
+from mpmsub._files import open_private
 from mpmsub._result import JobResult
 
 PARALLEL_COLUMNS = ("Seq", "Host", "Starttime", "JobRuntime", "Send", "Receive", "Exitval", "Signal", "Command")
@@ -113,9 +114,8 @@ class JobLog:
 
     def __init__(self, path: str, append: bool) -> None:
         self.path = path
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
-        try:
-            self._fd = os.open(path, flags, 0o666)
+        try:  # a new joblog is 0600: it holds command lines
+            self._fd = open_private(path, os.O_APPEND | (0 if append else os.O_TRUNC))
         except OSError as exc:
             raise ValueError(f"cannot write the joblog {path!r}: {exc.strerror}") from None
         self.columns = len(PARALLEL_COLUMNS + MPMSUB_COLUMNS)

@@ -8,15 +8,22 @@ with the sender's executor, which owns the job's future.
 
 `python -m mpmsub _run-job SPEC RESULT` is the SLURM side: it runs the pickled spec in SPEC and
 writes its Outcome to RESULT (atomically), and stops the job's whole tree on SIGTERM (scancel).
+Files cross a shared filesystem, where another user might place or change one, so both ends
+trust only what is private to this user: SPEC (the sender's secret key, then the packed job) is
+read only from a file of this user in a directory no one else can enter, and RESULT is signed
+with that key (HMAC-SHA256 in front of the pickle), which the sender checks before it unpickles.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import os
 import pickle
 import signal
 import sys
+import tempfile
 from concurrent.futures import wait
 from dataclasses import dataclass
 from types import FrameType
@@ -24,6 +31,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from mpmsub import _result as kinds
 from mpmsub import _workers
+from mpmsub._files import UnsafeFileError, read_private
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Outcome, not_started
 from mpmsub._result import JobResult
@@ -109,6 +117,24 @@ def returned(spec: JobSpec, future: JobFuture[object], cancelled: str) -> Return
 
 # -- the SLURM side: python -m mpmsub _run-job SPEC RESULT -----------------------------------------
 
+KEY_BYTES = 32  # the secret key at the head of a spec file, which signs its result
+_TAG_BYTES = hashlib.sha256().digest_size
+REFUSED = 3  # the runner's exit status for a spec file it does not trust
+
+
+def sign(key: bytes, payload: bytes) -> bytes:
+    """A result file's contents: the payload's HMAC-SHA256 under `key`, then the payload."""
+    return hmac.new(key, payload, hashlib.sha256).digest() + payload
+
+
+def verify(key: bytes, data: bytes) -> bytes:
+    """The payload of what `sign` made with `key`; UnsafeFileError for anything else (checked
+    before anything is unpickled)."""
+    tag, payload = data[:_TAG_BYTES], data[_TAG_BYTES:]
+    if not hmac.compare_digest(tag, hmac.new(key, payload, hashlib.sha256).digest()):
+        raise UnsafeFileError("it is not signed with this run's key (mpmsub's runner for this job did not write it)")
+    return payload
+
 
 class _Stopped(Exception):
     pass
@@ -120,8 +146,15 @@ def main(argv: List[str]) -> int:
         print("usage: python -m mpmsub _run-job SPEC RESULT", file=sys.stderr)
         return 2
     spec_path, result_path = argv
-    with open(spec_path, "rb") as source:
-        spec, grace = unpack(source.read())
+    try:
+        data = read_private(spec_path)  # before anything in it is unpickled
+    except UnsafeFileError as exc:
+        print(f"mpmsub _run-job: refused the spec file, which is not private to this user: {exc}", file=sys.stderr)
+        return REFUSED
+    except OSError as exc:
+        print(f"mpmsub _run-job: cannot read the spec file {spec_path!r}: {exc}", file=sys.stderr)
+        return REFUSED
+    key, (spec, grace) = data[:KEY_BYTES], unpack(data[KEY_BYTES:])
     from mpmsub._executor import MemoryAwareExecutor
     from mpmsub._system import detect_memory
 
@@ -165,9 +198,12 @@ def main(argv: List[str]) -> int:
             # SLURM signals every process of the job, not only this runner: the job's own children
             # may die of it first, and a shell waiting on them then exits 0. The stop decides.
             sent.outcome.failure, sent.outcome.error = kinds.CANCELLED, f"killed: {reason}"
-    temporary = f"{result_path}.{os.getpid()}.tmp"
-    with open(temporary, "wb") as file:
-        pickle.dump(sent, file, pickle.HIGHEST_PROTOCOL)
+    # mkstemp: created exclusively, mode 0600, with a name no one can guess.
+    fd, temporary = tempfile.mkstemp(
+        prefix=os.path.basename(result_path) + ".", suffix=".tmp", dir=os.path.dirname(result_path) or "."
+    )
+    with os.fdopen(fd, "wb") as file:
+        file.write(sign(key, pickle.dumps(sent, pickle.HIGHEST_PROTOCOL)))
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, result_path)

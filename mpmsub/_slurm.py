@@ -7,6 +7,10 @@ locally and writes the Outcome; here one thread submits, follows every job with 
 per poll (never one per job; polls back off while nothing changes), cancels with `scancel`, and
 reads the results. A job no node can hold (from `sinfo`) is refused at submit; SLURM's own memory
 and time kills, when they come first, are reported as the same memory and timeout failures.
+
+The run directory is private (mkdtemp: an unpredictable name, mode 0700) and its files 0600; a
+result is trusted only if it is a file of this user signed with the launcher's secret key, which
+only the job's spec file carries (see _remote): one another user placed is rejected, not unpickled.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import math
 import os
 import pickle
 import re
+import secrets
 import shlex
 import shutil
 import socket
@@ -28,7 +33,7 @@ import time
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from mpmsub import _remote
+from mpmsub import _files, _remote
 from mpmsub import _result as kinds
 from mpmsub._backends import Backend, LaunchOptions, Node, largest_fit, most_memory
 from mpmsub._job import JobSpec
@@ -71,9 +76,11 @@ class SlurmBackend(Backend):
 
     `partition` and `account` go to sbatch's --partition and --account (None: SLURM's defaults);
     `extra_args` are more sbatch options, as a list of strings (`["--qos=high"]`). `workdir` holds
-    the jobs' spec, result and output files and must be on a filesystem the nodes share (default:
-    `.mpmsub-slurm` in the current directory). `python` is the interpreter the nodes run mpmsub
-    with (default: this one, `sys.executable`). `max_poll` caps the seconds between two polls.
+    the jobs' spec, result and output files and must be on a filesystem the nodes share, which
+    keeps files' owners and modes (default: `.mpmsub-slurm` in the current directory, made with
+    mode 0700 if absent; each run's files go in a private directory of its own there). `python`
+    is the interpreter the nodes run mpmsub with (default: this one, `sys.executable`).
+    `max_poll` caps the seconds between two polls.
     """
 
     name = "slurm"
@@ -157,9 +164,6 @@ class SlurmBackend(Backend):
         return SlurmLauncher(self, options)
 
 
-_runs = itertools.count(1)
-
-
 class SlurmLauncher(Launcher):
     """One thread submits, polls and cancels for all of an executor's SLURM jobs."""
 
@@ -168,8 +172,8 @@ class SlurmLauncher(Launcher):
     def __init__(self, backend: SlurmBackend, options: LaunchOptions) -> None:
         self.backend = backend
         self.kill_grace = options.kill_grace
-        name = f"mpmsub-{socket.gethostname().split('.')[0]}-{os.getpid()}-{int(time.time())}-{next(_runs)}"
-        self.directory = os.path.join(backend.workdir, name)
+        self.key = secrets.token_bytes(_remote.KEY_BYTES)  # signs the results; sent only in spec files
+        self.directory: Optional[str] = None  # the run directory, made with the first job
         self._files = itertools.count(1)
         self._cond = threading.Condition()
         self._new: List[SlurmHandle] = []  # started, not yet submitted
@@ -182,10 +186,12 @@ class SlurmLauncher(Launcher):
         return self.backend.why_never_fits(spec)
 
     def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
-        handle = SlurmHandle(self, spec, job_id, on_exit, os.path.join(self.directory, f"{next(self._files):06d}"))
         with self._cond:
+            if self.directory is None:
+                host = socket.gethostname().split(".")[0]
+                self.directory = _files.make_private_directory(self.backend.workdir, f"mpmsub-{host}-{os.getpid()}-")
+            handle = SlurmHandle(self, spec, job_id, on_exit, os.path.join(self.directory, f"{next(self._files):06d}"))
             if self._thread is None:
-                os.makedirs(self.directory, exist_ok=True)
                 self._thread = threading.Thread(target=self._run, name="mpmsub-slurm", daemon=True)
                 self._thread.start()
             self._new.append(handle)
@@ -206,7 +212,8 @@ class SlurmLauncher(Launcher):
             thread.join()
         # Every job has ended: what is left (a result that came after its job was given up on)
         # is nobody's.
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     # -- the thread --------------------------------------------------------------------------------
 
@@ -255,8 +262,9 @@ class SlurmLauncher(Launcher):
             return
         spec = handle.spec
         try:
-            with open(handle.files + ".spec", "wb") as file:
-                file.write(_remote.pack(spec, strict=True, shared=True, grace=self.kill_grace))
+            packed = _remote.pack(spec, strict=True, shared=True, grace=self.kill_grace)
+            with os.fdopen(_files.open_private(handle.files + ".spec", os.O_EXCL), "wb") as file:
+                file.write(self.key + packed)
             done = self.backend.command(self._sbatch(handle))
         except Exception as exc:
             handle.end(not_started(spec, kinds.START, f"could not submit it to SLURM: {exc}"))
@@ -388,18 +396,27 @@ class SlurmHandle(Handle):
     def outcome(self, state: str, now: float) -> Optional[Outcome]:
         """The Outcome of a job SLURM reports ended: the runner's, or SLURM's reason. None to
         wait for a result file a shared filesystem has not shown yet."""
+        path = self.files + ".result"
         try:
-            with open(self.files + ".result", "rb") as file:
-                sent = pickle.load(file)
-            received: Outcome = sent.received()
+            # Owner, mode and signature are checked before anything in it is unpickled.
+            data = _files.read_private(path)
+            payload = _remote.verify(self.launcher.key, data)
+        except FileNotFoundError:
+            pass
+        except _files.UnsafeFileError as exc:
+            logger.warning("mpmsub: rejected the result file %s of %s: %s", path, self.job_id, exc)
+            return not_started(self.spec, kinds.ERROR, f"its result file was rejected: {exc}")
+        except OSError as exc:
+            return not_started(self.spec, kinds.ERROR, f"its result file could not be read: {exc!r}")
+        else:
+            try:
+                received: Outcome = pickle.loads(payload).received()
+            except Exception as exc:
+                return not_started(self.spec, kinds.ERROR, f"its result file could not be read: {exc!r}")
             if state in _SLURM_STOPS and received.failure == kinds.CANCELLED and self.killed is None:
                 # The runner's answer to SLURM's SIGTERM: say why SLURM stopped it.
                 received.failure, received.error = self._stopped(state, self._output_tail())
             return received
-        except FileNotFoundError:
-            pass
-        except Exception as exc:
-            return not_started(self.spec, kinds.ERROR, f"its result file could not be read: {exc!r}")
         if state in ("COMPLETED", "UNKNOWN") or (self.killed is not None and state == "CANCELLED"):
             # The runner writes its result before it exits (also when scancel stopped it): give
             # the filesystem time to show it.

@@ -37,6 +37,7 @@ import threading
 import time
 from typing import IO, Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
+from mpmsub._files import open_private
 from mpmsub._report import shorten
 
 VERSION = 1
@@ -100,7 +101,10 @@ class Trace:
     ) -> None:
         self.path = path
         self._lines: List[str] = []  # in memory: the lines a file would hold
-        self._file: Optional[IO[str]] = None if path is None else open(path, "w", encoding="utf-8")  # noqa: SIM115
+        # A new trace is 0600 (it holds command lines); an existing one keeps its mode when truncated.
+        self._file: Optional[IO[str]] = None
+        if path is not None:
+            self._file = open(open_private(os.fspath(path), os.O_TRUNC), "w", encoding="utf-8")  # noqa: SIM115
         self._queue: Deque[Tuple[Any, ...]] = collections.deque()  # starts and ends not yet written
         self._lock = threading.Lock()  # the file, the lines, and the sampling state
         self._clock = clock

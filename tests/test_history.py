@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 import mpmsub
 from mpmsub import Job, MemoryAwareExecutor
 from mpmsub import _history as history_module
-from mpmsub._history import History
+from mpmsub._history import History, row
 from mpmsub._job import to_spec
 from mpmsub._learn import FLOOR, MARGIN, Run, estimate, input_size, job_key
 
@@ -459,3 +460,30 @@ def test_the_history_command_on_a_corrupt_database_and_a_bad_output(tmp_path: Pa
     missing = mpmsub_cli("history", "--db", str(tmp_path / "typo.db"), "export", env_db=good)
     assert missing.returncode == 0 and "no run history at" in missing.stderr
     assert not (tmp_path / "typo.db").exists()
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_a_new_history_is_private_to_its_user(tmp_path: Path) -> None:
+    """It holds every command line run (a token among the arguments): the directory mpmsub makes
+    for it is 0700, the database and SQLite's -wal and -shm files 0600, whatever the umask. An
+    existing database keeps its mode: it is the user's."""
+    path = tmp_path / "state" / "mpmsub" / "history.db"
+    previous = os.umask(0)
+    try:
+        history = History(str(path), tolerant=False)
+        history.add([row("k", ["tool", "--token=secret"], 1, MB, 0.1, 0.1, 0, None, None)])
+        assert len(history.runs("k")) == 1
+        modes = {file.name: _mode(file) for file in path.parent.iterdir()}  # while it is open
+        history.close()
+    finally:
+        os.umask(previous)
+    assert modes == {"history.db": 0o600, "history.db-wal": 0o600, "history.db-shm": 0o600}
+    assert _mode(path.parent) == 0o700
+    os.chmod(path, 0o640)
+    with History(str(path), tolerant=False) as history:
+        history.add([row("k", ["tool"], 1, MB, 0.1, 0.1, 0, None, None)])
+        assert len(history.runs("k")) == 2
+    assert _mode(path) == 0o640

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
+import tempfile
 from pathlib import Path
 from typing import List
 
@@ -70,6 +73,35 @@ def test_a_bad_json_line_is_named_by_its_number(text: str, message: str) -> None
         read_jobs(text, "jobs.jsonl")
 
 
+_HUGE = "9" * 400  # a JSON integer far past a float's range
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("p", _HUGE, f"invalid p (cpus) {_HUGE}: expected a whole number of CPUs, from 1 to 10000000"),
+        ("cpus", "1e400", "invalid p (cpus) inf"),  # JSON's overflowing float is inf
+        ("m", _HUGE, f"invalid m (memory) {_HUGE}: too large, at most 1048576T (1 EiB) is accepted"),
+        ("m", f'"{_HUGE}G"', f"invalid m (memory) '{_HUGE}G': too large"),
+        ("timeout", _HUGE, f"invalid timeout {_HUGE}: expected a number of seconds, more than 0 and at most"),
+        ("timeout", "Infinity", "invalid timeout inf"),
+        ("memory_growth", _HUGE, f"invalid memory_growth {_HUGE}: expected a number from 1 to 1000000"),
+        ("memory_growth", "NaN", "invalid memory_growth nan"),
+    ],
+)
+def test_a_number_out_of_range_is_refused_naming_its_line(key: str, value: str, message: str) -> None:
+    text = f'{{"cmd": ["true"]}}\n{{"cmd": ["true"], "retries": 1, "{key}": {value}}}\n'
+    with pytest.raises(JobFileError, match=re.escape(f"jobs.jsonl:2: {message}")):
+        read_jobs(text, "jobs.jsonl")
+    with pytest.raises(JobFileError, match=re.escape(f"<stdin>:2: {message}")):
+        read_jobs(text, "-")
+
+
+def test_a_default_out_of_range_is_refused_at_the_first_line() -> None:
+    with pytest.raises(JobFileError, match=re.escape(f"jobs.txt:1: invalid p (cpus) {10**400}")):
+        read_jobs("true\n", "jobs.txt", defaults={"p": 10**400})
+
+
 def test_the_format_follows_the_extension_or_stdins_first_job_line() -> None:
     assert detect_format("a.jsonl", "echo") == "jsonl" and detect_format("a.NDJSON", "") == "jsonl"
     assert detect_format("a.txt", '{"cmd": ["x"]}') == "text"
@@ -101,12 +133,10 @@ def test_a_joblog_row_reads_back_as_the_same_job_and_outcome(seq: int, command: 
     success, code = outcome
     text = _joblog.HEADER + "\n" + _joblog.row(seq, command, _result(success, code))
     assert text.count("\n") == 2  # one line, whatever the command holds
-    path = Path(f"/tmp/mpmsub-joblog-test-{seq}")
-    try:
+    with tempfile.TemporaryDirectory() as directory:  # not a fixed name in /tmp, which others can take
+        path = Path(directory) / "joblog"
         path.write_text(text, encoding="utf-8")
         assert _joblog.read(str(path)) == {_joblog.key(seq, command): success}
-    finally:
-        path.unlink()
 
 
 def test_gnu_parallel_joblogs_read_and_the_last_row_of_a_job_wins(tmp_path: Path) -> None:
@@ -123,3 +153,23 @@ def test_gnu_parallel_joblogs_read_and_the_last_row_of_a_job_wins(tmp_path: Path
     with pytest.raises(ValueError, match="is not a joblog"):
         _joblog.read(str(tmp_path / "other"))
     assert _joblog.read(str(tmp_path / "absent")) == {}
+
+
+def test_a_new_joblog_is_private_to_its_user(tmp_path: Path) -> None:
+    """It holds every command line run: a new joblog is 0600 whatever the umask; one that resumed
+    runs add to keeps its mode (it is the user's)."""
+    path = tmp_path / "log.tsv"
+    previous = os.umask(0)
+    try:
+        log = _joblog.JobLog(str(path), append=False)
+        log.write(1, "tool --token=secret", _result(True, 0))
+        log.close()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    os.chmod(path, 0o640)
+    log = _joblog.JobLog(str(path), append=True)
+    log.write(2, "tool", _result(True, 0))
+    log.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert _joblog.read(str(path)) == {(1, "tool --token=secret"): True, (2, "tool"): True}

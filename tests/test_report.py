@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 import subprocess
 import sys
@@ -531,3 +532,22 @@ values = st.one_of(
 )
 def test_a_trace_line_is_what_json_reads_back(fields: List[Tuple[str, Any]]) -> None:
     assert json.loads(line(*fields)) == dict(fields)
+
+
+def test_a_new_trace_is_private_to_its_user(tmp_path: Path) -> None:
+    """It holds every command line run: a new trace is 0600 whatever the umask; an existing one
+    keeps its mode (it is the user's) and is written anew."""
+    trace = tmp_path / "run.jsonl"
+    previous = os.umask(0)
+    try:
+        with mpmsub.MemoryAwareExecutor(cpus=1, memory="1G", trace=trace, history=False) as ex:
+            assert ex.submit(["echo", "--token=secret"]).result(timeout=30).success
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(trace).st_mode) == 0o600
+    assert "--token=secret" in by_type(read(trace), "start")[0]["cmd"]
+    os.chmod(trace, 0o644)
+    with mpmsub.MemoryAwareExecutor(cpus=1, memory="1G", trace=trace, history=False) as ex:
+        assert ex.submit(["true"]).result(timeout=30).success
+    assert stat.S_IMODE(os.stat(trace).st_mode) == 0o644
+    assert [event["cmd"] for event in by_type(read(trace), "start")] == ["true"]

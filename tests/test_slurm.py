@@ -3,15 +3,19 @@ configured; `.ci/run` installs it)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
+import shlex
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import callees
 import pytest
@@ -20,10 +24,12 @@ from helpers import alloc_cmd, unique_sleep, wait_gone
 
 import mpmsub
 from mpmsub import _remote, _slurm
+from mpmsub._backends import Node
 from mpmsub._job import to_spec
 from mpmsub._launcher import not_started
 
 NODE = Path(__file__).parent / "slurm" / "node.sh"
+KEY = b"k" * _remote.KEY_BYTES  # a launcher's secret key, for tests that drive the runner or a handle
 
 
 def _reachable() -> bool:
@@ -162,11 +168,12 @@ def test_slurms_stop_answered_by_the_runner_reads_as_slurms_reason(tmp_path: Pat
     """The runner answers SLURM's SIGTERM at a time limit with a cancelled result: it reads as a
     timeout, with the runner's measurements."""
     launcher: Any = object.__new__(_slurm.SlurmLauncher)
+    launcher.key = KEY
     handle = _slurm.SlurmHandle(launcher, to_spec(["true"]), "job", lambda outcome: None, str(tmp_path / "j"))
     handle.slurm_id = "18"
     runner = not_started(handle.spec, "cancelled", "killed: SLURM sent SIGTERM")
     runner.peak_memory, runner.returncodes = 123 * 2**20, [-15]
-    (tmp_path / "j.result").write_bytes(pickle.dumps(_remote.Returned(runner)))
+    (tmp_path / "j.result").write_bytes(_remote.sign(KEY, pickle.dumps(_remote.Returned(runner))))
     outcome = handle.outcome("TIMEOUT", time.time())
     assert (outcome.failure, outcome.error) == ("timeout", "killed by SLURM at its time limit (SLURM job 18)")
     assert outcome.peak_memory == 123 * 2**20
@@ -179,7 +186,7 @@ def test_a_runner_signalled_with_its_job_reports_the_stop_not_the_shells_exit(tm
     that rule this test failed in three of six runs: the shell's exit 0 came back as a success.)"""
     marker = unique_sleep()
     spec = to_spec(["sh", "-c", f"sleep {marker} & sleep {marker}; wait"])
-    (tmp_path / "spec").write_bytes(_remote.pack(spec, strict=False, shared=True))
+    (tmp_path / "spec").write_bytes(KEY + _remote.pack(spec, strict=False, shared=True))
     runner = subprocess.Popen(
         [sys.executable, "-m", "mpmsub", "_run-job", str(tmp_path / "spec"), str(tmp_path / "result")]
     )
@@ -188,7 +195,7 @@ def test_a_runner_signalled_with_its_job_reports_the_stop_not_the_shells_exit(tm
         process.terminate()
     runner.terminate()
     assert runner.wait(timeout=30) == 0
-    outcome = pickle.loads((tmp_path / "result").read_bytes()).received()
+    outcome = pickle.loads(_remote.verify(KEY, (tmp_path / "result").read_bytes())).received()
     assert outcome.failure == "cancelled", (outcome.returncodes, outcome.error)
     assert outcome.error.startswith("killed: SLURM sent SIGTERM")
     assert wait_gone(marker) == []
@@ -234,3 +241,178 @@ def test_the_command_line_runs_jobs_on_slurm(slurm: None, tmp_path: Path) -> Non
     report = json.loads(done.stdout)
     assert report["stats"]["jobs"]["completed"] == 2
     assert sorted(row["stdout"] for row in report["results"])[1:] == ["one\n", "two\n"]
+
+
+# -- the run's files are private to this user (no SLURM needed) -----------------------------------
+
+OTHER_USER = 65534  # nobody: as root, files are given to it to play another local user
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root can make a file another user's")
+
+
+class _Here(mpmsub.SlurmBackend):
+    """SLURM played here: sbatch runs the job's --wrap command (the real runner) at once, or,
+    with `forge`, lets it write the result file in the runner's stead; squeue then says the job
+    completed. What the spec and its directory were at submit is kept in `submitted`."""
+
+    def __init__(self, workdir: Path, forge: Optional[Callable[[Path, Path], None]] = None) -> None:
+        super().__init__(workdir=str(workdir), max_poll=1.0)
+        self.forge = forge
+        self.submitted: List[Tuple[Path, os.stat_result, os.stat_result]] = []
+        self._ids = itertools.count(100)
+
+    def nodes(self, fresh: bool = False) -> List[Node]:
+        return [Node("here", 2, 2**30)]
+
+    def command(self, argv: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        self.calls[argv[0]] += 1
+        options = dict(arg[2:].split("=", 1) for arg in argv if arg.startswith("--") and "=" in arg)
+        if argv[0] == "sbatch":
+            spec, result = (Path(word) for word in shlex.split(options["wrap"])[-2:])
+            self.submitted.append((spec, os.lstat(spec), os.lstat(spec.parent)))
+            if self.forge is not None:
+                self.forge(spec, result)
+            else:
+                with open(options["output"], "wb") as out:
+                    subprocess.run(["sh", "-c", options["wrap"]], stdout=out, stderr=out, timeout=60, check=False)
+            return subprocess.CompletedProcess(list(argv), 0, f"{next(self._ids)}\n", "")
+        if argv[0] == "squeue":
+            states = "".join(f"{slurm_id}|COMPLETED\n" for slurm_id in options["jobs"].split(","))
+            return subprocess.CompletedProcess(list(argv), 0, states, "")
+        return subprocess.CompletedProcess(list(argv), 0, "", "")
+
+
+class _Payload:
+    """A pickle that makes a directory when it is unpickled: the code another user would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (os.mkdir, (str(self.marker),))
+
+
+def _one_job(backend: _Here) -> mpmsub.JobResult:
+    with mpmsub.MemoryAwareExecutor(backend=backend, history=False) as executor:
+        return executor.submit(["true"]).result(timeout=60)
+
+
+def test_a_run_directory_made_in_advance_under_the_old_name_is_not_used(tmp_path: Path) -> None:
+    """In a shared (1777) workdir another user can make the directory a run's name would be: the
+    run makes its own, private, with a name no one can guess; its spec is 0600 even under umask 0,
+    and the real runner's signed result is accepted."""
+    workdir = tmp_path / "shared"
+    workdir.mkdir()
+    os.chmod(workdir, 0o1777)
+    host, now = socket.gethostname().split(".")[0], int(time.time())
+    planted = set()
+    for second in range(now - 1, now + 10):
+        for run in range(1, 21):
+            planted.add(workdir / f"mpmsub-{host}-{os.getpid()}-{second}-{run}")
+    for directory in planted:
+        directory.mkdir(mode=0o777)
+        os.chmod(directory, 0o777)
+        if os.geteuid() == 0:
+            os.chown(directory, OTHER_USER, OTHER_USER)
+    backend = _Here(workdir)
+    previous = os.umask(0)
+    try:
+        result = _one_job(backend)
+    finally:
+        os.umask(previous)
+    assert result.success, result.error
+    [(spec, spec_status, directory_status)] = backend.submitted
+    assert spec.parent.parent == workdir and spec.parent not in planted
+    assert stat.S_IMODE(directory_status.st_mode) == 0o700 and directory_status.st_uid == os.geteuid()
+    assert stat.S_IMODE(spec_status.st_mode) == 0o600 and spec_status.st_uid == os.geteuid()
+    assert not spec.parent.exists()  # removed at the end of the run
+    assert all(not any(directory.iterdir()) for directory in planted)  # nothing put in theirs
+
+
+def test_a_missing_workdir_is_made_private(tmp_path: Path) -> None:
+    previous = os.umask(0)
+    try:
+        assert _one_job(_Here(tmp_path / "work")).success
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "work").st_mode) == 0o700
+
+
+def _unsigned(spec: Path, result: Path) -> None:
+    result.write_bytes(pickle.dumps(_Payload(spec.parent.parent.parent / "unpickled")))
+
+
+def _signed_with_another_key(spec: Path, result: Path) -> None:
+    payload = pickle.dumps(_Payload(spec.parent.parent.parent / "unpickled"))
+    result.write_bytes(_remote.sign(b"x" * _remote.KEY_BYTES, payload))
+
+
+def _a_symlink(spec: Path, result: Path) -> None:
+    elsewhere = spec.parent.parent.parent / "elsewhere.result"
+    _unsigned(spec, elsewhere)
+    result.symlink_to(elsewhere)
+
+
+def _signed_but_writable_by_others(spec: Path, result: Path) -> None:
+    key = spec.read_bytes()[: _remote.KEY_BYTES]  # what no other user can read: the file checks alone
+    result.write_bytes(_remote.sign(key, pickle.dumps(_Payload(spec.parent.parent.parent / "unpickled"))))
+    os.chmod(result, 0o666)
+
+
+def _signed_but_another_users(spec: Path, result: Path) -> None:
+    _signed_but_writable_by_others(spec, result)
+    os.chmod(result, 0o644)
+    os.chown(result, OTHER_USER, OTHER_USER)
+
+
+@pytest.mark.parametrize(
+    ("forge", "why"),
+    [
+        (_unsigned, "it is not signed with this run's key"),
+        (_signed_with_another_key, "it is not signed with this run's key"),
+        (_a_symlink, "is a symbolic link"),
+        (_signed_but_writable_by_others, "can be written by other users (mode 0666)"),
+        pytest.param(_signed_but_another_users, f"belongs to user id {OTHER_USER}", marks=as_root),
+    ],
+)
+def test_a_result_file_the_runner_did_not_write_is_rejected_never_unpickled(
+    tmp_path: Path, forge: Callable[[Path, Path], None], why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    result = _one_job(_Here(tmp_path / "work", forge))
+    assert (result.success, result.failure) == (False, "error")
+    assert result.error.startswith("its result file was rejected: ") and why in result.error, result.error
+    assert not (tmp_path / "unpickled").exists()  # its code never ran
+    assert any("rejected the result file" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("spec writable by others", "can be written by other users (mode 0622)"),
+        ("directory others can enter", "is open to other users (mode 0755; expected 0700)"),
+        ("spec a symlink", "is a symbolic link"),
+        pytest.param("spec of another user", f"belongs to user id {OTHER_USER}", marks=as_root),
+        pytest.param("directory of another user", f"belongs to user id {OTHER_USER}", marks=as_root),
+    ],
+)
+def test_the_runner_refuses_a_spec_file_others_could_have_written(tmp_path: Path, case: str, why: str) -> None:
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    spec = run / "000001.spec"
+    spec.write_bytes(KEY + pickle.dumps(_Payload(tmp_path / "unpickled")))
+    os.chmod(spec, 0o600)
+    if case == "spec writable by others":
+        os.chmod(spec, 0o622)
+    elif case == "directory others can enter":
+        os.chmod(run, 0o755)
+    elif case == "spec a symlink":
+        spec.rename(tmp_path / "real.spec")
+        spec.symlink_to(tmp_path / "real.spec")
+    elif case == "spec of another user":
+        os.chown(spec, OTHER_USER, OTHER_USER)
+    else:
+        os.chown(run, OTHER_USER, OTHER_USER)
+    argv = [sys.executable, "-m", "mpmsub", "_run-job", str(spec), str(run / "000001.result")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == _remote.REFUSED, done.stderr
+    assert "refused the spec file, which is not private to this user" in done.stderr and why in done.stderr
+    assert not (tmp_path / "unpickled").exists() and not (run / "000001.result").exists()
