@@ -189,7 +189,7 @@ class History:
                 return default
             try:
                 return work(self._connection())
-            except (sqlite3.Error, OSError) as exc:
+            except (sqlite3.Error, OSError, ValueError) as exc:  # ValueError: text SQLite cannot take
                 self._failed(exc, doing)
                 return default
 

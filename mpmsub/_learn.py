@@ -64,6 +64,9 @@ _DIGITS = re.compile(r"\d+(\.\d+)?")
 _EXTENSION = re.compile(r"\.([A-Za-z][A-Za-z0-9]{0,9})$")
 _COMPRESSION = {"gz", "bz2", "xz", "zst", "lz4", "zip", "bgz"}
 _MAX_ARG = 4096  # longer arguments are data, not names: neither stat'ed nor kept in the key
+# A shell script is keyed by its first this many characters: shlex's time grows with the square
+# of a token's length (1 MB took 12 s), and a key is for telling tools apart, not for data.
+_MAX_SCRIPT = 16384
 
 
 def program(arg0: str) -> str:
@@ -145,10 +148,15 @@ _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 def _script(script: str, cwd: Optional[str], depth: int) -> Tuple[List[str], List[str]]:
     """A shell script's key words and input arguments: each command of it as a command of its
     own; variable assignments before a command and the files it writes to are not inputs."""
+    cut = len(script) > _MAX_SCRIPT
+    if cut:
+        script = script[:_MAX_SCRIPT]
     try:
         tokens = shlex.split(script, comments=True)
-    except ValueError:  # unbalanced quotes: the shell would refuse it too
+    except ValueError:  # unbalanced quotes (the shell would refuse it too), or a script cut short
         tokens = script.split()
+    if cut:
+        tokens.append("…")  # what follows, unread
     words: List[str] = []
     inputs: List[str] = []
     command: List[str] = []
@@ -195,7 +203,13 @@ def key_and_input(spec: JobSpec) -> Tuple[str, int]:
             keys.append(" ".join(words))
             inputs += found
         key, size = " | ".join(keys), _total_size(inputs, spec.cwd)
-    return (key if spec.key is None else spec.key), size
+    return _text(key if spec.key is None else spec.key), size
+
+
+def _text(key: str) -> str:
+    """A key as valid UTF-8, which the history's database takes: the surrogates that stand for
+    the bytes of a name that is not UTF-8 (as Python reads such names) written as escapes."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def job_key(spec: JobSpec) -> str:

@@ -487,3 +487,21 @@ def test_a_new_history_is_private_to_its_user(tmp_path: Path) -> None:
         history.add([row("k", ["tool"], 1, MB, 0.1, 0.1, 0, None, None)])
         assert len(history.runs("k")) == 2
     assert _mode(path) == 0o640
+
+
+def test_a_long_shell_script_is_keyed_by_its_beginning_in_linear_time() -> None:
+    # shlex takes time growing with the square of a token's length: a 1 MB line took 12 s, and
+    # the command line could not be stopped while it keyed one.
+    script = "gzip -k a.txt && echo " + "x" * 2_000_000
+    key = job_key(to_spec(["sh", "-c", script]))
+    assert key.startswith("sh -c gzip -k *.txt && echo") and key.endswith("…") and len(key) < 100
+
+
+def test_a_name_that_is_not_utf8_gives_a_key_the_history_can_store(tmp_path: Path) -> None:
+    spec = to_spec(["touch", str(tmp_path / "caf\udce9.txt")])
+    key = job_key(spec)
+    key.encode("utf-8")  # what SQLite takes
+    with MemoryAwareExecutor(cpus=1, memory="1G", history=str(tmp_path / "h.db")) as ex:
+        assert ex.submit(mpmsub.Job(spec.stages[0]).memory("auto")).result().success
+    with History(str(tmp_path / "h.db"), tolerant=False) as history:
+        assert len(history.runs(key)) == 1
