@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from mpmsub import __version__, _joblog, _report
 from mpmsub._cluster import Cluster
+from mpmsub._files import open_private
 from mpmsub._history import History, HistoryError, default_path
 from mpmsub._history import resolve as resolve_history
 from mpmsub._job import AUTO, is_auto
@@ -41,8 +43,9 @@ job files:
 
 memory sizes: a number of MB, or 512M, 4G, 1.5T.   durations: seconds, or 30s, 5m, 2h.
 
-exit status: 0 all jobs succeeded; 1 one or more failed; 2 usage or job file error;
-130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Running jobs are killed on either.
+exit status: 0 all jobs succeeded; 1 one or more failed, or the joblog missed rows; 2 usage or
+job file error; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Running jobs are killed on
+either.
 
 examples:
   mpmsub run jobs.txt -p 8 -m 32G --job-mem 2G
@@ -115,9 +118,12 @@ def _memory(what: str, auto: bool = False) -> Callable[[str], str]:
 
 
 def _count(text: str) -> int:
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"invalid retries {text!r}: expected a whole number, 0 or more")
+    if not re.fullmatch(r"\s*\d{1,9}\s*", text, re.ASCII):
+        raise argparse.ArgumentTypeError(f"invalid retries {text!r}: expected a whole number, 0 to 999999999")
     return int(text)
+
+
+_count.__name__ = "retries"  # argparse names the type in its message
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -264,8 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             trace=args.trace,
         )
         _admit(cluster, jobs, args.jobfile)
-        if args.trace:
-            _check_apart(args)
+        _check_apart(_outputs(args), {"the job file": args.jobfile})
         if args.command == "run":
             plan = _plan_run(args, cluster, jobs)
         elif args.output:
@@ -333,23 +338,41 @@ def _admit(cluster: Cluster, jobs: List[FileJob], name: str) -> None:
 
 def _check_writable(path: str) -> None:
     try:
-        with open(path, "a", encoding="utf-8"):
-            pass
+        os.close(open_private(path, os.O_APPEND))
     except OSError as exc:
         raise ValueError(f"cannot write {path!r}: {exc.strerror}") from None
 
 
-def _check_apart(args: argparse.Namespace) -> None:
-    """The trace, opened for writing, must not be a file the command reads or writes."""
-    trace = os.path.abspath(args.trace)
-    others = {
-        "the job file": args.jobfile,
-        "the joblog": getattr(args, "joblog", None),
-        "-o": getattr(args, "output", None),
+def _check_apart(outputs: Dict[str, Tuple[str, Optional[str]]], inputs: Dict[str, Optional[str]]) -> None:
+    """No file a command writes may be a file it reads, nor another file it writes.
+
+    `outputs` maps an option to what it writes and its path (in the order given, each checked
+    against those before it); `inputs` maps what the command reads to its path."""
+    seen = {what: path for what, path in inputs.items() if path and path != "-"}
+    for option, (noun, path) in outputs.items():
+        if not path or path == "-":
+            continue
+        for what, other in seen.items():
+            if _same_file(path, other):
+                raise ValueError(f"{option} {path!r} is {what}: writing {noun} would overwrite it")
+        seen[noun] = path
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (through links too), existing or not."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist yet: it can only be the other by name
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _outputs(args: argparse.Namespace) -> Dict[str, Tuple[str, Optional[str]]]:
+    """The files `mpmsub run` or `mpmsub profile` writes, by option."""
+    return {
+        "--joblog": ("the joblog", getattr(args, "joblog", None)),
+        "-o": ("the output", getattr(args, "output", None)),
+        "--trace": ("the trace", args.trace),
     }
-    for what, path in others.items():
-        if path and path != "-" and os.path.abspath(path) == trace:
-            raise ValueError(f"--trace {args.trace!r} is {what}: writing the trace would overwrite it")
 
 
 def _named(job: FileJob) -> Dict[str, Any]:
@@ -395,16 +418,24 @@ class _Run:
     skipped: int
     joblog: Optional[_joblog.JobLog]
     echo: bool  # print each job's captured output as it ends
+    unlogged: int = 0  # rows the joblog could not take
+    joblog_error: Optional[str] = None  # why, the first time
+
+    def logged(self, result: JobResult) -> None:
+        """Write the job's joblog row, as soon as it has ended (on mpmsub's results thread): a
+        driver killed a moment later must not run it again on --resume. A row that cannot be
+        written is counted, and the run then fails, after its jobs."""
+        if self.joblog is None or result.failure == CANCELLED:  # cancelled jobs run again
+            return
+        job = self.by_id[result.job_id]
+        try:
+            self.joblog.write(job.seq, job.command, result)
+        except (OSError, ValueError) as exc:  # the jobs go on; a later row may still fit
+            self.unlogged += 1
+            if self.joblog_error is None:
+                self.joblog_error = str(exc)
 
     def finished(self, result: JobResult) -> None:
-        job = self.by_id[result.job_id]
-        if self.joblog is not None and result.failure != CANCELLED:  # cancelled jobs run again
-            try:
-                self.joblog.write(job.seq, job.command, result)
-            except OSError as exc:  # the jobs go on; the joblog stops where it could
-                print(f"mpmsub: cannot write the joblog {self.joblog.path!r} any more: {exc}", file=sys.stderr)
-                self.joblog.close()
-                self.joblog = None
         if self.echo:
             try:
                 self._print(result.stdout, sys.stdout)
@@ -441,9 +472,15 @@ def _run(args: argparse.Namespace, cluster: Cluster, plan: _Run) -> int:
         print(f"mpmsub: {plan.skipped} job(s) skipped: the joblog records them", file=sys.stderr)
     status = OK
     if plan.jobs:
-        status = _execute(cluster, lambda: cluster.run(on_result=plan.finished))
+        status = _execute(cluster, lambda: cluster._run(on_result=plan.finished, on_end=plan.logged))
     if plan.joblog is not None:
         plan.joblog.close()
+        if plan.unlogged:
+            print(
+                f"mpmsub: the joblog {plan.joblog.path!r} is missing {plan.unlogged} row(s) ({plan.joblog_error}): "
+                "--resume would run those jobs again",
+                file=sys.stderr,
+            )
     results = cluster.completed_jobs + cluster.failed_jobs
     results.sort(key=lambda r: plan.by_id[r.job_id].seq)
     if args.json:
@@ -452,7 +489,7 @@ def _run(args: argparse.Namespace, cluster: Cluster, plan: _Run) -> int:
         print(_report.summary_text(cluster.stats, results), file=sys.stderr)
     if status != OK:
         return status
-    return OK if all(r.success for r in results) else FAILED
+    return OK if all(r.success for r in results) and not plan.unlogged else FAILED
 
 
 def _done(success: Optional[bool], only_succeeded: bool) -> bool:
@@ -514,7 +551,7 @@ def _profile(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) ->
         ordered = sorted(outcome, key=lambda r: by_id[r.job_id].seq)
         rows = [_sized(by_id[r.job_id], r, _defaults(args)) for r in ordered]
         try:
-            with open(args.output, "w", encoding="utf-8") as f:
+            with open(open_private(args.output, os.O_TRUNC), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
         except OSError as exc:
             print(f"mpmsub: cannot write {args.output!r}: {exc.strerror}", file=sys.stderr)
@@ -544,7 +581,7 @@ def _report_command(args: argparse.Namespace) -> int:
 
     command: argparse.ArgumentParser = args.parser
     output = args.output or os.path.splitext(args.trace)[0] + ".html"
-    if os.path.abspath(output) == os.path.abspath(args.trace):
+    if _same_file(output, args.trace):
         command.error(f"the report would overwrite its trace {args.trace!r}: give -o FILE")
     try:
         with warnings.catch_warnings(record=True):  # said below, in the command's words
@@ -577,6 +614,11 @@ def _history(args: argparse.Namespace) -> int:
     if not os.path.exists(path):
         print(f"mpmsub: no run history at {path}", file=sys.stderr)
         return OK if args.action in ("list", "export") else FAILED
+    if getattr(args, "output", None):
+        try:
+            _check_apart({"-o": ("the export", args.output)}, {"the run history": path})
+        except ValueError as exc:
+            command.error(str(exc))
     history = History(path, tolerant=False)
     try:
         return _history_action(args, history)
@@ -651,7 +693,7 @@ def _history_action(args: argparse.Namespace, history: History) -> int:
         sys.stdout.writelines(lines)
         return OK
     try:
-        with open(args.output, "w", encoding="utf-8") as out:
+        with open(open_private(args.output, os.O_TRUNC), "w", encoding="utf-8") as out:
             out.writelines(lines)
     except OSError as exc:
         print(f"mpmsub: cannot write {args.output!r}: {exc.strerror}", file=sys.stderr)

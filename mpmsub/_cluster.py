@@ -209,6 +209,17 @@ class Cluster:
         result as it ends, in this thread. Ctrl-C kills the running jobs, records the queued ones
         as cancelled, keeps the results so far, and re-raises KeyboardInterrupt.
         """
+        return self._run(max_workers, schedule, on_result)
+
+    def _run(
+        self,
+        max_workers: Optional[int] = None,
+        schedule: Optional[str] = None,
+        on_result: Optional[Callable[[JobResult], None]] = None,
+        on_end: Optional[Callable[[JobResult], None]] = None,
+    ) -> Dict[str, Any]:
+        """run(), and `on_end` called with each job's result the moment it is known, on mpmsub's
+        results thread (for the command line's joblog: quick, and never raising)."""
         workers = None if max_workers is None else parse_cpus(max_workers, "max_workers")
         policy = self.schedule if schedule is None else check_policy(schedule)
         specs = self.jobs._take()
@@ -218,7 +229,7 @@ class Cluster:
             specs.sort(key=lambda spec: -self._runtimes.get(spec.describe(), math.inf))
         self._max_workers = workers
         executor = self._executor(max_workers=workers, schedule=policy)
-        self._execute(executor, specs, label="", on_result=on_result)
+        self._execute(executor, specs, label="", on_result=on_result, on_end=on_end)
         return self.stats
 
     def profile(self, verbose: bool = True) -> List[JobResult]:
@@ -256,6 +267,7 @@ class Cluster:
         specs: List[JobSpec],
         label: str,
         on_result: Optional[Callable[[JobResult], None]] = None,
+        on_end: Optional[Callable[[JobResult], None]] = None,
     ) -> List[JobResult]:
         started = time.monotonic()
         bar = self._bar = ProgressBar(len(specs), label=label, enabled=self.progress_bar)
@@ -274,11 +286,18 @@ class Cluster:
                 )
             # Each future says when it is done: waiting costs the same however many are pending.
             ended: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
+
+            def on_done(future: Future[Any]) -> None:
+                usage = getattr(future, "usage", None)
+                if on_end is not None and usage is not None:
+                    on_end(usage)
+                ended.put(future)
+
             for spec in specs:
                 self._raise_stop()  # a signal takes effect while a long batch is submitted too
                 submitted = executor.submit(spec)
                 futures[submitted] = spec
-                submitted.add_done_callback(ended.put)
+                submitted.add_done_callback(on_done)
             while len(results) < len(futures):
                 done = []
                 with contextlib.suppress(queue.Empty):

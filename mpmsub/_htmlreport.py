@@ -17,6 +17,7 @@ import re
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from mpmsub._files import open_private
 from mpmsub._report import asks_too_much, recommend_memory, shorten
 from mpmsub._trace import PathLike, read
 from mpmsub._units import MB, format_memory
@@ -177,7 +178,8 @@ def write_report(
             figures = _figures(view)
     page = render(view, figures)
     # A command may hold bytes that are not UTF-8 (decoded as surrogates): written as escapes.
-    with open(output, "w", encoding="utf-8", errors="backslashreplace") as f:
+    # A new report is 0600, as a trace: it holds the commands.
+    with open(open_private(os.fspath(output), os.O_TRUNC), "w", encoding="utf-8", errors="backslashreplace") as f:
         f.write(page)
     return figures is not None
 

@@ -23,6 +23,15 @@ LOCAL_HOST = ":"  # GNU parallel's name for this machine
 Key = Tuple[int, str]  # (Seq, Command)
 
 
+def encode(text: str) -> bytes:
+    """Text as the bytes it came from: a name that is not UTF-8 (read with surrogateescape, as
+    Python reads file names and, in the C locale, standard input) is written back as it was."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no byte gave (a JSON "\\ud800"): escaped
+        return text.encode("utf-8", "backslashreplace")
+
+
 def escape(command: str) -> str:
     """The command as one tab-free line (a backslash, tab, newline or carriage return becomes
     \\\\, \\t, \\n or \\r)."""
@@ -82,7 +91,7 @@ def read(path: str) -> Dict[Key, bool]:
     Signal both 0). An absent or empty file records none. Raises ValueError for a file that is not
     a joblog, naming it; a row that cannot be read (not one of ours) is skipped."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             lines = f.read().split("\n")  # rows end with \n alone; other line ends are text
     except FileNotFoundError:
         return {}
@@ -122,7 +131,7 @@ class JobLog:
         if os.fstat(self._fd).st_size == 0:
             self._write(HEADER + "\n")
         else:
-            with open(path, encoding="utf-8", newline="") as f:
+            with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
                 self.columns = _width(f.readline().rstrip("\n")) or self.columns
 
     def write(self, seq: int, command: str, result: JobResult) -> None:
@@ -131,7 +140,7 @@ class JobLog:
     def _write(self, text: str) -> None:
         """One unbuffered write (a row is whole or absent after a crash), continued if the
         kernel took part of it. Raises OSError (a full disk, say)."""
-        data = text.encode("utf-8")
+        data = encode(text)
         while data:
             data = data[os.write(self._fd, data) :]
 

@@ -268,3 +268,157 @@ def test_profile_checks_its_output_file_before_running_anything(tmp_path: Path) 
     assert out.returncode == 0, out.stderr
     (sized,) = [json.loads(line) for line in (tmp_path / "sized.jsonl").read_text().splitlines()]
     assert sized["timeout"] == 60 and sized["p"] == 1 and sized["m"] != "5M"  # measured, not the default
+
+
+def test_numbers_too_large_are_usage_errors_naming_them(tmp_path: Path) -> None:
+    """Not an OverflowError's traceback and exit 1: argparse's usage error, or the job file's
+    line, and exit 2, before anything runs."""
+    huge = "9" * 400
+    (tmp_path / "jobs.txt").write_text("touch ran\n")
+    for args, message in [
+        (["--job-mem", huge + "G"], f"argument --job-mem: invalid job memory '{huge}G': too large, at most 1048576T"),
+        (["-m", huge + "G"], f"argument -m/--memory: invalid memory '{huge}G'"),
+        (["-p", huge], f"argument -p/--cpus: invalid cpus '{huge}': expected a whole number of CPUs, from 1 to"),
+        (["--job-cpus", "+-3"], "argument --job-cpus: invalid job cpus '+-3'"),
+        (["--timeout", huge + "d"], f"argument --timeout: invalid timeout '{huge}d'"),
+    ]:
+        out = mpmsub("run", "jobs.txt", *args, cwd=tmp_path)
+        assert out.returncode == 2 and message in out.stderr and "usage: mpmsub run" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    (tmp_path / "jobs.jsonl").write_text(f'{{"cmd": ["touch", "ran"]}}\n{{"cmd": ["true"], "p": {huge}}}\n')
+    out = mpmsub("run", "jobs.jsonl", cwd=tmp_path)
+    assert out.returncode == 2 and f"jobs.jsonl:2: invalid p (cpus) {huge}" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "ran").exists()
+
+
+def test_sigterm_takes_effect_while_a_large_batch_is_still_being_submitted(tmp_path: Path) -> None:
+    jobs = 20_000
+    arg = unique_sleep()
+    (tmp_path / "jobs.txt").write_text(f"sleep {arg}\n" * jobs)
+    command = [str(SCRIPT), "run", "jobs.txt", "-p", "1", "-q", "--json", "--trace", "trace.jsonl"]
+    driver = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not wait_gone(arg, timeout=0):  # the first job starts as the rest are being submitted
+        assert time.monotonic() < deadline and driver.poll() is None
+        time.sleep(0.005)
+    driver.send_signal(signal.SIGTERM)
+    out, err = driver.communicate(timeout=60)
+    assert driver.returncode == 128 + signal.SIGTERM, err
+    assert not wait_gone(arg, timeout=3)
+    stats = json.loads(out)["stats"]["jobs"]
+    assert stats["total"] == jobs and stats["cancelled"] == jobs  # the unsubmitted ones too
+    # Only submitted jobs reach the trace: the signal stopped the submission part way.
+    traced = sum(1 for line in (tmp_path / "trace.jsonl").read_text().splitlines() if '"type":"end"' in line)
+    assert traced < jobs - 500, traced
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "jobs.txt", "--joblog", "jobs.txt"], "--joblog 'jobs.txt' is the job file"),
+        (["run", "jobs.txt", "--joblog", "sub/../jobs.txt"], "is the job file: writing the joblog would overwrite"),
+        (["run", "jobs.txt", "--joblog", "link.txt"], "--joblog 'link.txt' is the job file"),
+        (["run", "jobs.txt", "--trace", "link.txt"], "--trace 'link.txt' is the job file"),
+        (["profile", "jobs.txt", "-o", "jobs.txt"], "-o 'jobs.txt' is the job file: writing the output would"),
+        (["profile", "jobs.txt", "-o", "t.jsonl", "--trace", "t.jsonl"], "--trace 't.jsonl' is the output"),
+        (["history", "--db", "h.db", "export", "-o", "h.db"], "-o 'h.db' is the run history"),
+    ],
+)
+def test_an_output_that_names_an_input_is_refused_before_it_is_touched(
+    argv: List[str], message: str, tmp_path: Path
+) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "jobs.txt").write_text("true\n")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "jobs.txt")
+    from mpmsub._history import History
+
+    with History(str(tmp_path / "h.db"), tolerant=False) as history:
+        history.add([("true", '["true"]', 0, 1, 0.1, 0.0, 0, None, None, "host", "0", 1.0)])
+    before = (tmp_path / "h.db").read_bytes()
+    out = mpmsub(*argv, cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert (tmp_path / "jobs.txt").read_text() == "true\n"
+    assert (tmp_path / "h.db").read_bytes() == before
+
+
+def test_a_command_naming_a_file_that_is_not_utf8_is_logged_as_its_bytes_and_resumed(tmp_path: Path) -> None:
+    # A text job file read in the C locale keeps such bytes as surrogates; a JSON string may hold one.
+    (tmp_path / "jobs.jsonl").write_text('{"cmd": ["touch", "caf\\udce9"], "id": "json"}\n{"cmd": ["true"]}\n')
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+    command = [str(SCRIPT), "run", "-", "--joblog", "text.tsv", "-q"]
+    text = subprocess.run(command, cwd=tmp_path, input=b"touch d\xe9j\xe0\ntrue\n", capture_output=True, env=env)
+    assert text.returncode == 0, text.stderr
+    out = mpmsub("run", "jobs.jsonl", "--joblog", "json.tsv", "-q", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert os.path.exists(tmp_path / b"d\xe9j\xe0".decode("utf-8", "surrogateescape"))
+    assert os.path.exists(tmp_path / "caf\udce9")
+    assert [r.split(b"\t")[8] for r in (tmp_path / "text.tsv").read_bytes().splitlines()[1:]] == [
+        b"touch d\xe9j\xe0",
+        b"true",
+    ]
+    assert (tmp_path / "json.tsv").read_bytes().splitlines()[1].split(b"\t")[8] == b"touch 'caf\xe9'"
+    again = subprocess.run(
+        [*command[:-1], "--resume"], cwd=tmp_path, input=b"touch d\xe9j\xe0\ntrue\n", capture_output=True, env=env
+    )
+    assert again.returncode == 0 and b"2 job(s) skipped" in again.stderr
+    again = mpmsub("run", "jobs.jsonl", "--joblog", "json.tsv", "--resume", cwd=tmp_path)
+    assert again.returncode == 0 and "2 job(s) skipped" in again.stderr
+
+
+def test_a_joblog_that_cannot_take_every_row_fails_the_run_after_its_jobs(tmp_path: Path) -> None:
+    import resource
+
+    (tmp_path / "jobs.txt").write_text("echo ran >> ran.txt\n" * 6)
+    room = len(_joblog.HEADER) + 1 + 100  # the header and about one row: then EFBIG (Python ignores SIGXFSZ)
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
+
+    command = [str(SCRIPT), "run", "jobs.txt", "-p", "1", "--joblog", "log.tsv", "-q"]
+    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, preexec_fn=small_files, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert (tmp_path / "ran.txt").read_text() == "ran\n" * 6  # every job ran
+    written = len(_joblog.read(str(tmp_path / "log.tsv")))  # a row cut short is not one
+    assert written < 6 and f"is missing {6 - written} row(s)" in out.stderr
+    assert "--resume would run those jobs again" in out.stderr
+
+
+def test_the_joblog_row_is_written_when_the_job_ends_not_when_the_caller_gets_to_it() -> None:
+    import threading
+
+    import mpmsub as api
+
+    second_logged = threading.Event()
+    seen = []
+
+    def on_end(result: api.JobResult) -> None:
+        if result.job_id == "second":
+            second_logged.set()
+
+    def on_result(result: api.JobResult) -> None:
+        if result.job_id == "first":  # the caller is busy with the first job while the second ends
+            seen.append(second_logged.wait(20))
+
+    batch = api.cluster(p=2, m="1G", verbose=False, progress_bar=False)
+    batch.jobs.append({"cmd": ["true"], "id": "first"})
+    batch.jobs.append({"cmd": ["sleep", "0.3"], "id": "second"})
+    batch._run(on_result=on_result, on_end=on_end)
+    assert seen == [True]
+
+
+def test_files_the_commands_write_are_private_to_the_user(tmp_path: Path) -> None:
+    (tmp_path / "jobs.txt").write_text("true\n")
+    old = os.umask(0)
+    try:
+        commands = [
+            ("run", "jobs.txt", "--joblog", "log.tsv", "--trace", "trace.jsonl", "-q"),
+            ("report", "trace.jsonl", "-o", "report.html", "--no-plots"),
+            ("profile", "jobs.txt", "-o", "sized.jsonl", "-q"),
+            ("history", "export", "-o", "runs.jsonl"),
+        ]
+        for command in commands:
+            assert mpmsub(*command, cwd=tmp_path).returncode == 0
+    finally:
+        os.umask(old)
+    for name in ("log.tsv", "trace.jsonl", "report.html", "sized.jsonl", "runs.jsonl"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o600), name
