@@ -42,14 +42,14 @@ class Stop:
 
 def strict_stops(usages: Sequence[Usage]) -> List[Stop]:
     """Jobs in strict mode that use more than they declared."""
-    return [
-        Stop(
-            u.key,
-            f"exceeded its memory limit: used {_mb(u.rss)} of the {_mb(u.declared)} it declared (strict memory)",
-        )
-        for u in usages
-        if u.strict and u.rss > u.declared
-    ]
+    return [Stop(u.key, strict_overuse(u.rss, u.declared)) for u in usages if u.strict and u.rss > u.declared]
+
+
+def strict_overuse(used: int, declared: int, ended: bool = False) -> str:
+    """Why a strict job failed: it used more than its `m` (seen while it ran, or, `ended`, only in
+    its final peak: its whole life was between two samples, or this process was not running)."""
+    when = "; measured at its end" if ended else ""
+    return f"exceeded its memory limit: used {_mb(used)} of the {_mb(declared)} it declared (strict memory{when})"
 
 
 def budget_stops(usages: Sequence[Usage], budget: int) -> List[Stop]:

@@ -29,7 +29,7 @@ from mpmsub._backends import resolve as resolve_backend
 from mpmsub._backends import size as backend_size
 from mpmsub._call import Call, CallPayload, check_callable, chunks, map_call
 from mpmsub._delivery import Delivery
-from mpmsub._enforce import Usage, budget_stops, newest, strict_stops
+from mpmsub._enforce import Usage, budget_stops, newest, strict_overuse, strict_stops
 from mpmsub._errors import (
     CallCancelledError,
     CallError,
@@ -851,6 +851,7 @@ class MemoryAwareExecutor(Executor):
         if item.handle is not None:
             self._monitor.unwatch(item.handle)
         self._classify_oom(item, outcome)
+        self._check_final_peak(item, outcome)
         result = make_result(item, outcome)
         item.last_result = result
         self._learn(item, result)
@@ -961,6 +962,16 @@ class MemoryAwareExecutor(Executor):
                 f"killed by the kernel's out-of-memory killer (SIGKILL) after using "
                 f"{format_memory(outcome.peak_memory)}"
             )
+
+    def _check_final_peak(self, item: _Item, outcome: Outcome) -> None:
+        """A strict job whose final peak (the kernel's rusage, its cgroup's) is above its `m`
+        failed over its memory, though no sample saw it there (a short job, or this process
+        stopped while it ran): its `m` is a limit, not a guess."""
+        spec = item.spec
+        strict = self.strict_memory if spec.strict is None else spec.strict
+        if strict and spec.memory is not None and outcome.failure is None and outcome.peak_memory > spec.memory:
+            outcome.failure = kinds.MEMORY
+            outcome.error = strict_overuse(outcome.peak_memory, spec.memory, ended=True)
 
     # -- on the monitor thread ---------------------------------------------------------------------
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -245,6 +247,46 @@ def test_strict_mode_per_job_and_per_executor() -> None:
         assert over.result(timeout=60).failure == "memory"
         assert within.result(timeout=60).success and opted_out.result(timeout=60).success
         assert no_m.result(timeout=60).success
+
+
+def test_a_strict_job_over_its_m_while_the_driver_was_stopped_fails_at_its_end(tmp_path: Path) -> None:
+    # No sample can see the job: the driver is SIGSTOPped for its whole life. Its final peak
+    # (the kernel's ru_maxrss, or its cgroup's) decides.
+    release = tmp_path / "go"
+    code = (
+        f"import os, time\nwhile not os.path.exists({str(release)!r}): time.sleep(0.01)\nx = bytearray(300 * 2**20)\n"
+    )
+    driver = textwrap.dedent(f"""
+        import sys, mpmsub
+        with mpmsub.MemoryAwareExecutor(cpus=1, memory="2G") as ex:
+            job = mpmsub.Job([sys.executable, "-c", {code!r}]).memory("50M").strict_memory()
+            r = ex.submit(job).result()
+        print(r.failure, "|", r.error, flush=True)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mpmsub.__file__).parent.parent), *sys.path])}
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        me = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        while not (jobs := [c for c in me.children() if c.name().startswith("python")]):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        job = jobs[0]
+        proc.send_signal(signal.SIGSTOP)
+        release.touch()
+        while job.status() != psutil.STATUS_ZOMBIE:  # it allocated and exited while no one looked
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGCONT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+    failure, error = out.strip().split(" | ")
+    assert failure == "memory"
+    assert error.startswith("exceeded its memory limit: used ")
+    assert error.endswith("of the 50M it declared (strict memory; measured at its end)")
 
 
 def test_a_memory_failure_is_retried_with_more_memory() -> None:
