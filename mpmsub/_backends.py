@@ -35,6 +35,7 @@ class LaunchOptions:
     kill_grace: float
     pool: PoolOptions
     strict_memory: bool
+    output_limit: Optional[int] = None  # bytes of each stream of a job kept in memory (None: all)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class LocalBackend(Backend):
     def launcher(self, options: LaunchOptions) -> Launcher:
         from mpmsub._local import LocalLauncher
 
-        return LocalLauncher(options.loop, options.kill_grace, pool=options.pool)
+        return LocalLauncher(options.loop, options.kill_grace, pool=options.pool, output_limit=options.output_limit)
 
     def __repr__(self) -> str:
         return "'local'"

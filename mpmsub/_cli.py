@@ -192,6 +192,11 @@ def parser() -> argparse.ArgumentParser:
         "--resume-failed", action="store_true", help="skip the jobs the joblog records as succeeded; rerun the rest"
     )
     run.add_argument("--json", action="store_true", help="print stats and per-job results as JSON on stdout")
+    run.add_argument(
+        "--results",
+        metavar="DIR",
+        help="write each job's stdout and stderr to DIR/SEQ/stdout and DIR/SEQ/stderr instead of capturing them",
+    )
     profile = command(
         "profile",
         "measure each job's peak memory and recommend a request",
@@ -269,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             backend=_backend(args),
             trace=args.trace,
         )
-        _admit(cluster, jobs, args.jobfile)
+        _admit(cluster, jobs, args.jobfile, getattr(args, "results", None))
         _check_apart(_outputs(args), {"the job file": args.jobfile})
         if args.command == "run":
             plan = _plan_run(args, cluster, jobs)
@@ -321,11 +326,14 @@ def _backend(args: argparse.Namespace) -> Any:
     return name
 
 
-def _admit(cluster: Cluster, jobs: List[FileJob], name: str) -> None:
-    """Queue every job, checked against the budget; an error names the job's line."""
+def _admit(cluster: Cluster, jobs: List[FileJob], name: str, results: Optional[str] = None) -> None:
+    """Queue every job, checked against the budget; an error names the job's line. With
+    `results`, each job's stdout and stderr go to files there."""
     given = {str(job.job["id"]): job for job in jobs if "id" in job.job}
+    if results is not None:
+        os.makedirs(results, mode=0o700, exist_ok=True)
     for job in jobs:
-        named = _named(job)
+        named = _named(job, results)
         try:
             cluster.jobs.append(named)
         except (ValueError, TypeError) as exc:
@@ -375,12 +383,16 @@ def _outputs(args: argparse.Namespace) -> Dict[str, Tuple[str, Optional[str]]]:
     }
 
 
-def _named(job: FileJob) -> Dict[str, Any]:
+def _named(job: FileJob, results: Optional[str] = None) -> Dict[str, Any]:
     """The job's dict with an id: its own, or job_0001... by its number in the file, so that a
-    resumed run names a job as the first run did."""
-    if "id" in job.job:
-        return job.job
-    return {**job.job, "id": f"job_{job.seq:04d}"}
+    resumed run names a job as the first run did. With `results` (--results DIR), its stdout
+    and stderr go to DIR/SEQ/stdout and DIR/SEQ/stderr, unless the job names files of its own."""
+    named = job.job if "id" in job.job else {**job.job, "id": f"job_{job.seq:04d}"}
+    if results is None:
+        return named
+    where = os.path.join(os.path.abspath(results), str(job.seq))
+    os.makedirs(where, mode=0o700, exist_ok=True)
+    return {"stdout": os.path.join(where, "stdout"), "stderr": os.path.join(where, "stderr"), **named}
 
 
 def _by_id(jobs: List[FileJob]) -> Dict[str, FileJob]:
@@ -461,7 +473,7 @@ def _plan_run(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) -
         skipped = len(jobs) - len(run)
         if skipped:
             cluster.jobs.clear()
-            cluster.jobs.extend(_named(j) for j in run)
+            cluster.jobs.extend(_named(j, args.results) for j in run)
         jobs = run
     log = _joblog.JobLog(args.joblog, append=resuming) if args.joblog else None
     return _Run(cluster, jobs, _by_id(jobs), skipped, log, echo=not args.json)

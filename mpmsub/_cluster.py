@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set,
 from mpmsub import _report
 from mpmsub._backends import resolve as resolve_backend
 from mpmsub._backends import size as backend_size
-from mpmsub._executor import MemoryAwareExecutor
+from mpmsub._executor import DEFAULT_OUTPUT_LIMIT, MemoryAwareExecutor
 from mpmsub._job import JobSpec, pick_one, to_spec
 from mpmsub._ledger import Ledger
 from mpmsub._progress import ProgressBar
@@ -103,6 +103,7 @@ class Cluster:
         auto_memory: bool = False,
         probe_memory: Optional[MemoryLike] = None,
         trace: Optional[PathLike] = None,
+        output_limit: Optional[MemoryLike] = DEFAULT_OUTPUT_LIMIT,
     ) -> None:
         self.schedule = check_policy(schedule)
         self.trace = check_trace(trace)
@@ -118,6 +119,9 @@ class Cluster:
         # Checked here, at once, by the executor's own rules (and kept as given, for each run's).
         self._learning = {"history": history, "auto_memory": auto_memory, "probe_memory": probe_memory}
         MemoryAwareExecutor._check_learning(history, auto_memory, probe_memory, self._memory)
+        self._output_limit = output_limit
+        if output_limit is not None and not parse_memory(output_limit, "output_limit"):
+            raise ValueError(f"invalid output_limit {output_limit!r}: expected a size above 0, or None to keep all")
         self.verbose = bool(verbose)
         self.progress_bar = bool(progress_bar)
         self.jobs = JobList(self)
@@ -250,6 +254,7 @@ class Cluster:
     def _executor(self, max_workers: Optional[int], schedule: str, **learning: Any) -> MemoryAwareExecutor:
         # The executor takes a bare number of memory as MB (the seed's unit).
         learning = {**self._learning, **learning, "trace": self.trace, "_keep_trace": True}
+        learning["output_limit"] = self._output_limit
         if self._whole:  # the executor sizes itself by the backend (and hands it jobs ahead)
             return MemoryAwareExecutor(max_workers=max_workers, schedule=schedule, backend=self.backend, **learning)
         return MemoryAwareExecutor(
@@ -450,6 +455,7 @@ def cluster(
     auto_memory: bool = False,
     probe_memory: Optional[MemoryLike] = None,
     trace: Optional[PathLike] = None,
+    output_limit: Optional[MemoryLike] = DEFAULT_OUTPUT_LIMIT,
 ) -> Cluster:
     """Create a Cluster: `mpmsub.cluster(p=4, m="8G")`; `cpu`/`cpus` and `memory` are aliases."""
     return Cluster(
@@ -463,4 +469,5 @@ def cluster(
         auto_memory=auto_memory,
         probe_memory=probe_memory,
         trace=trace,
+        output_limit=output_limit,
     )

@@ -32,6 +32,12 @@ class Usage:
     declared: int  # bytes it reserved (0 without `m`)
     strict: bool
     started: float  # monotonic start time
+    held: int = 0  # bytes of its output this process holds for it (captured stdout and stderr)
+
+    @property
+    def total(self) -> int:
+        """What it costs the machine: its processes and the output held for it."""
+        return self.rss + self.held
 
 
 @dataclass(frozen=True)
@@ -54,25 +60,26 @@ def strict_overuse(used: int, declared: int, ended: bool = False) -> str:
 
 def budget_stops(usages: Sequence[Usage], budget: int) -> List[Stop]:
     """The jobs to stop so that the rest fit in `budget`: furthest over its declaration first."""
-    total = sum(u.rss for u in usages)
+    total = sum(u.total for u in usages)
     if total <= budget:
         return []
     stops: List[Stop] = []
     # Furthest over its declaration first; among equals, the newest (it has lost the least work).
-    candidates = sorted(usages, key=lambda u: (u.rss - u.declared, u.started), reverse=True)
+    candidates = sorted(usages, key=lambda u: (u.total - u.declared, u.started), reverse=True)
     for u in candidates:
         if total <= budget:
             break
         declared = _mb(u.declared) if u.declared else "no memory"
+        output = f" ({_mb(u.held)} of it its captured output, held by mpmsub)" if u.held else ""
         stops.append(
             Stop(
                 u.key,
-                f"exceeded memory: used {_mb(u.rss)} having declared {declared}, while "
+                f"exceeded memory: used {_mb(u.total)}{output} having declared {declared}, while "
                 f"the running jobs together used {_mb(total)} of the "
                 f"{_mb(budget)} budget",
             )
         )
-        total -= u.rss
+        total -= u.total
     return stops
 
 

@@ -63,6 +63,9 @@ logger = logging.getLogger("mpmsub")
 T = TypeVar("T")
 P = ParamSpec("P")
 
+# Each captured stream of a job keeps this much in this process; the rest is read and dropped,
+# and the text ends with a note saying so (stdout_to / --results DIR keep a large output whole).
+DEFAULT_OUTPUT_LIMIT = "64M"
 _GATE_RETRY = 0.5  # seconds between looks at the machine's free memory while a job waits for it
 _MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memory error
 _AUTO_RETRIES = 5  # m="auto": runs again with more memory after a memory stop, up to the budget
@@ -281,6 +284,11 @@ class MemoryAwareExecutor(Executor):
     `trace` is a file the executor writes its trace to as it runs (JSON Lines: each run's start
     and end with what it reserved and used, and the memory in use over time); `mpmsub report
     TRACE -o report.html` makes a report of it.
+
+    `output_limit` is how much of each job's captured stdout and of its stderr this process keeps
+    (default 64M each; None keeps everything): the rest is read and dropped, and the text ends
+    with a note saying so. Output held for running jobs counts against `memory`. A job's output
+    sent to a file (`stdout_to`) is not captured, nor limited.
     """
 
     def __init__(
@@ -302,6 +310,7 @@ class MemoryAwareExecutor(Executor):
         auto_memory: bool = False,
         probe_memory: Optional[MemoryLike] = None,
         trace: Optional[PathLike] = None,
+        output_limit: Optional[MemoryLike] = DEFAULT_OUTPUT_LIMIT,
         _launcher: Optional[Launcher] = None,
         _keep_trace: bool = False,
         _monitor_interval: float = 0.1,
@@ -323,6 +332,9 @@ class MemoryAwareExecutor(Executor):
             raise TypeError(f"strict_memory must be True or False; got {strict_memory!r}")
         history_path, probe = self._check_learning(history, auto_memory, probe_memory, budget)
         trace_path = check_trace(trace)
+        self.output_limit = None if output_limit is None else parse_memory(output_limit, "output_limit")
+        if self.output_limit == 0:
+            raise ValueError(f"invalid output_limit {output_limit!r}: expected a size above 0, or None to keep all")
         _check_pool_options(max_tasks_per_child, initializer, initargs, mp_context)
         if not self.backend.local:
             # The gate and the reserve watch this machine's memory; the jobs run elsewhere, each
@@ -401,7 +413,9 @@ class MemoryAwareExecutor(Executor):
             self._loop = EventLoop("mpmsub-executor")
             if _launcher is None:
                 options = PoolOptions(max_tasks_per_child, initializer, tuple(initargs))
-                _launcher = self.backend.launcher(LaunchOptions(self._loop, self.kill_grace, options, strict_memory))
+                _launcher = self.backend.launcher(
+                    LaunchOptions(self._loop, self.kill_grace, options, strict_memory, self.output_limit)
+                )
             self._launcher = _launcher
             self._monitor = Monitor(_monitor_interval, self._check_memory, self._launcher.housekeeping)
             self._loop.start()
@@ -549,7 +563,8 @@ class MemoryAwareExecutor(Executor):
         """Jobs queued and running now, and the CPUs and memory the running ones reserve."""
         # Plain reads of the loop thread's counters: each is consistent, together a moment's view.
         queued = len(self._scheduler) + len(self._inbox) + self._held_count
-        in_use = sum(item.last_rss for item in list(self._running.values())) if self._launcher.local else None
+        running = list(self._running.values())
+        in_use = sum(item.last_rss + _captured(item) for item in running) if self._launcher.local else None
         return ExecutorStatus(queued, len(self._running), self._ledger.used_cpus, self._ledger.used_memory, in_use)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -989,14 +1004,15 @@ class MemoryAwareExecutor(Executor):
             if item.stopping:
                 continue
             strict = self.strict_memory if item.spec.strict is None else item.spec.strict
-            usages.append(
-                Usage(item.seq, rss, item.spec.memory or 0, strict and item.spec.memory is not None, item.started)
-            )
+            declared = item.spec.memory or 0
+            strict_m = strict and item.spec.memory is not None
+            usages.append(Usage(item.seq, rss, declared, strict_m, item.started, _captured(item)))
             items[item.seq] = (item, run)
         if self._trace is not None:
             self._trace.sample((item.job_id, rss) for (item, run), rss in measures if item.runs == run)
         stops = strict_stops(usages)
         stopped = {s.key for s in stops}
+        # The output captured for a running job is held in this process: it counts as the job's.
         stops += budget_stops([u for u in usages if u.key not in stopped], self.memory)
         for stop in stops:
             item, run = items[stop.key]
@@ -1092,6 +1108,11 @@ class MemoryAwareExecutor(Executor):
 def _cancelled(item: _Item) -> bool:
     """A queued job whose future was cancelled (a retry's future is running, and cannot be)."""
     return item.future.cancelled_now()
+
+
+def _captured(item: _Item) -> int:
+    """Bytes of the job's output this process holds while it runs (a local command's)."""
+    return getattr(item.handle, "captured", 0)
 
 
 def _floor(window: Deque[Tuple[float, int]], rss: int, started: float) -> int:

@@ -31,6 +31,7 @@ from mpmsub._guard import Watchman
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Handle, Launcher, MemorySeries, Outcome, escalate
 from mpmsub._loop import EventLoop, Timer
+from mpmsub._units import format_memory
 from mpmsub._workers import PoolOptions, WorkerPool
 
 logger = logging.getLogger("mpmsub")
@@ -80,9 +81,11 @@ class LocalLauncher(Launcher):
         kill_grace: float = 2.0,
         cgroups: bool = True,
         pool: Optional[PoolOptions] = None,
+        output_limit: Optional[int] = None,
     ) -> None:
         self.loop = loop
         self.kill_grace = kill_grace
+        self.output_limit = output_limit  # bytes of each captured stream kept (None: all)
         self._programs: Dict[Tuple[str, str], str] = {}
         self.groups = JobGroups.detect() if cgroups else None  # a memory cgroup per job, if we may
         self.watchman = Watchman()  # kills the jobs if this process dies without closing
@@ -139,11 +142,13 @@ class LocalHandle(Handle):
         self._unreaped: Dict[int, int] = {}  # pid -> stage index
         self._gone: Set[int] = set()  # reaped by a waiter thread, not yet recorded on the loop
         self._pidfds: Dict[int, int] = {}  # pid -> pidfd
-        self._outputs: Dict[int, List[bytes]] = {}  # capture fd -> chunks
+        self._outputs: Dict[int, bytearray] = {}  # capture fd -> what is kept of it
         self._stdout_fd: Optional[int] = None
         self._stderr_fd: Optional[int] = None
-        self._chunks_out: List[bytes] = []
-        self._chunks_err: List[bytes] = []
+        self._kept_out = bytearray()
+        self._kept_err = bytearray()
+        self._dropped: Dict[int, int] = {}  # capture fd -> bytes read past the output limit
+        self.captured = 0  # bytes of output held for the job (read by the monitor thread)
         self._cpu_time = 0.0
         self._max_rss = 0
         self.sampled_peak = 0  # written by the monitor thread
@@ -262,7 +267,7 @@ class LocalHandle(Handle):
             return f.fileno()
         read_fd, write_fd = os.pipe()
         parent_fds.append(write_fd)
-        self._outputs[read_fd] = self._chunks_out if name == "stdout" else self._chunks_err
+        self._outputs[read_fd] = self._kept_out if name == "stdout" else self._kept_err
         if name == "stdout":
             self._stdout_fd = read_fd
         else:
@@ -395,7 +400,13 @@ class LocalHandle(Handle):
         except BlockingIOError:
             return
         if data:
-            self._outputs[fd].append(data)
+            kept = self._outputs[fd]
+            limit = self._launcher.output_limit
+            if limit is not None and len(kept) + len(data) > limit:  # read on, so the job never blocks
+                self._dropped[fd] = self._dropped.get(fd, 0) + len(kept) + len(data) - limit
+                data = data[: limit - len(kept)]
+            kept += data
+            self.captured += len(data)
             return
         self._close_output(fd)
         if not self._outputs and not self._unreaped:
@@ -426,8 +437,8 @@ class LocalHandle(Handle):
             self._launcher.groups.release(group)
         outcome = Outcome(
             returncodes=self._returncodes,
-            stdout=None if self._stdout_fd is None else b"".join(self._chunks_out).decode("utf-8", "replace"),
-            stderr=None if self._stderr_fd is None else b"".join(self._chunks_err).decode("utf-8", "replace"),
+            stdout=self._text(self._stdout_fd, self._kept_out, "stdout"),
+            stderr=self._text(self._stderr_fd, self._kept_err, "stderr"),
             start_time=self._start_time,
             runtime=runtime,
             cpu_time=self._cpu_time,
@@ -438,6 +449,26 @@ class LocalHandle(Handle):
             oom_kills=oom_kills,
         )
         self._on_exit(outcome)
+
+    def _text(self, fd: Optional[int], kept: bytearray, name: str) -> Optional[str]:
+        """A captured stream as text, with a note at its end where the output limit cut it."""
+        if fd is None:
+            return None
+        size = len(kept)
+        text = kept.decode("utf-8", "replace")
+        del kept[:]  # the text is what is held from now on
+        dropped = self._dropped.get(fd)
+        if dropped:
+            limit = format_memory(self._launcher.output_limit or 0)
+            whole = format_memory(size + dropped)
+            note = (
+                f"{name} cut here: the job wrote about {whole}; the first {limit} are kept (output_limit); "
+                f"a file keeps it all ({name}_to, or mpmsub run --results DIR)"
+            )
+            logger.warning("mpmsub: job %s: %s", self.job_id, note)
+            separator = "" if text.endswith("\n") else "\n"
+            text += f"{separator}[mpmsub: {note}]\n"
+        return text
 
     def _await_survivors(self) -> bool:
         """True while processes of a killed job are still alive: each is killed (with what it

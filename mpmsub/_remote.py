@@ -27,7 +27,7 @@ import tempfile
 from concurrent.futures import wait
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from mpmsub import _result as kinds
 from mpmsub import _workers
@@ -41,12 +41,12 @@ if TYPE_CHECKING:
     from mpmsub._future import JobFuture
 
 
-def pack(spec: JobSpec, strict: bool, shared: bool, grace: Optional[float] = None) -> bytes:
+def pack(spec: JobSpec, strict: bool, shared: bool, **runner: Any) -> bytes:
     """A job for another machine: retries left to the sender's executor (it owns the future),
     and the executor's strictness decided. A call goes with this process's state (its path,
     directory and main script, which its workers there restore) where the machines share a
-    filesystem (`shared`), or else pickled by value where cloudpickle is installed. `grace` is
-    the sender's kill_grace, for a receiver that runs this job alone."""
+    filesystem (`shared`), or else pickled by value where cloudpickle is installed. `runner` is
+    the sender's settings (kill_grace, output_limit) for a receiver that runs this job alone."""
     call = spec.call
     preparation = None
     if call is not None:
@@ -57,18 +57,18 @@ def pack(spec: JobSpec, strict: bool, shared: bool, grace: Optional[float] = Non
     sent = dataclasses.replace(
         spec, retries=0, job_id=None, strict=strict if spec.strict is None else spec.strict, call=call
     )
-    return pickle.dumps((sent, preparation, grace), pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((sent, preparation, runner), pickle.HIGHEST_PROTOCOL)
 
 
-def unpack(data: bytes) -> Tuple[JobSpec, Optional[float]]:
-    """The job `pack` made and the sender's kill grace, with the sending process's state taken
-    up for its workers."""
-    spec, preparation, grace = pickle.loads(data)
+def unpack(data: bytes) -> Tuple[JobSpec, Dict[str, Any]]:
+    """The job `pack` made and the sender's settings for its runner, with the sending process's
+    state taken up for its workers."""
+    spec, preparation, runner = pickle.loads(data)
     if not isinstance(spec, JobSpec):
         raise TypeError(f"expected a pickled mpmsub JobSpec; got {type(spec).__name__}")
     if preparation is not None:
         _workers.inherit(preparation)
-    return spec, grace
+    return spec, runner
 
 
 @dataclass
@@ -154,7 +154,7 @@ def main(argv: List[str]) -> int:
     except OSError as exc:
         print(f"mpmsub _run-job: cannot read the spec file {spec_path!r}: {exc}", file=sys.stderr)
         return REFUSED
-    key, (spec, grace) = data[:KEY_BYTES], unpack(data[KEY_BYTES:])
+    key, (spec, runner) = data[:KEY_BYTES], unpack(data[KEY_BYTES:])
     from mpmsub._executor import MemoryAwareExecutor
     from mpmsub._system import detect_memory
 
@@ -165,9 +165,9 @@ def main(argv: List[str]) -> int:
         memory=(spec.memory or detect_memory()) / MB,
         strict_memory=spec.memory is not None,
         memory_reserve=0,
-        kill_grace=2.0 if grace is None else grace,
         backend="local",
         history=False,  # the sending executor records the run
+        **runner,  # kill_grace, output_limit
     )
     stopped: List[str] = []
 

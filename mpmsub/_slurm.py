@@ -172,6 +172,7 @@ class SlurmLauncher(Launcher):
     def __init__(self, backend: SlurmBackend, options: LaunchOptions) -> None:
         self.backend = backend
         self.kill_grace = options.kill_grace
+        self.output_limit = options.output_limit
         self.key = secrets.token_bytes(_remote.KEY_BYTES)  # signs the results; sent only in spec files
         self.directory: Optional[str] = None  # the run directory, made with the first job
         self._files = itertools.count(1)
@@ -262,7 +263,9 @@ class SlurmLauncher(Launcher):
             return
         spec = handle.spec
         try:
-            packed = _remote.pack(spec, strict=True, shared=True, grace=self.kill_grace)
+            packed = _remote.pack(
+                spec, strict=True, shared=True, kill_grace=self.kill_grace, output_limit=self.output_limit
+            )
             with os.fdopen(_files.open_private(handle.files + ".spec", os.O_EXCL), "wb") as file:
                 file.write(self.key + packed)
             done = self.backend.command(self._sbatch(handle))

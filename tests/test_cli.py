@@ -422,3 +422,21 @@ def test_files_the_commands_write_are_private_to_the_user(tmp_path: Path) -> Non
         os.umask(old)
     for name in ("log.tsv", "trace.jsonl", "report.html", "sized.jsonl", "runs.jsonl"):
         assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o600), name
+
+
+def test_results_dir_keeps_each_jobs_output_in_files_of_its_own(tmp_path: Path) -> None:
+    (tmp_path / "work").mkdir()
+    (tmp_path / "jobs.jsonl").write_text(
+        '{"cmd": "echo one; echo oops >&2"}\n'
+        '{"cmd": "echo two", "cwd": "work"}\n'
+        '{"cmd": "echo three", "stdout": "own.txt"}\n'
+    )
+    out = mpmsub("run", "jobs.jsonl", "--results", "res", "--joblog", "log.tsv", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "res" / "1" / "stdout").read_text() == "one\n"
+    assert (tmp_path / "res" / "1" / "stderr").read_text() == "oops\n"
+    assert (tmp_path / "res" / "2" / "stdout").read_text() == "two\n"  # not under the job's cwd
+    assert (tmp_path / "own.txt").read_text() == "three\n"  # a job's own file is kept
+    assert not (tmp_path / "res" / "3" / "stdout").exists()
+    assert [r["stdout"] for r in json.loads(out.stdout)["results"]] == [None, None, None]
+    assert oct(os.stat(tmp_path / "res").st_mode & 0o777) == oct(0o700)

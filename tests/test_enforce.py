@@ -53,3 +53,12 @@ def test_after_the_stops_the_rest_fit_and_the_furthest_over_went_first(usages: l
         # no stop was needless: without the last one, the rest would not have fit
         last = next(u for u in usages if u.key == stops[-1].key)
         assert sum(u.rss for u in rest) + last.rss > budget
+
+
+def test_the_output_held_for_a_job_counts_as_its_use_against_the_budget() -> None:
+    quiet = Usage(1, 300 * MB, 100 * MB, False, 1.0)
+    loud = Usage(2, 20 * MB, 100 * MB, False, 0.0, held=600 * MB)  # prints a lot: mpmsub holds it
+    stops = budget_stops([quiet, loud], 800 * MB)
+    assert [s.key for s in stops] == [2]
+    assert stops[0].message.startswith("exceeded memory: used 620M (600M of it its captured output, held by mpmsub)")
+    assert strict_stops([Usage(3, 20 * MB, 50 * MB, True, 0.0, held=600 * MB)]) == []  # m is the processes'

@@ -166,3 +166,57 @@ def test_relative_output_files_are_taken_from_the_jobs_working_directory(tmp_pat
         assert (tmp_path / name / "result.txt").read_text() == f"{name}\n"
         assert (tmp_path / name / "err.txt").read_text() == f"{name}-err\n"
     assert missing.failure == "start" and "working directory not found" in (missing.error or "")
+
+
+def _writer(mb: int, stream: str = "stdout", then: str = "") -> list:
+    """A program that writes `mb` MB to a stream in 1 MB pieces, then runs `then`."""
+    code = (
+        f"import sys, time\nfor _ in range({mb}): sys.{stream}.write('x' * (2**20 - 1) + '\\n')\nsys.{stream}.flush()\n"
+    )
+    return [sys.executable, "-c", code + then]
+
+
+def test_captured_output_past_the_limit_is_dropped_with_a_note_at_its_end() -> None:
+    with MemoryAwareExecutor(cpus=2, memory="1G", output_limit="2M") as ex:
+        big = ex.submit(_writer(5)).result()
+        both = ex.submit(_writer(3, "stderr")).result()
+        small = ex.submit(_writer(1)).result()
+    assert big.success and both.success
+    body, note = big.stdout.rsplit("\n", 2)[0], big.stdout.rsplit("\n", 2)[1]
+    assert len(body) + 1 == 2 * 2**20  # the first 2M, whole lines here
+    assert note == (
+        "[mpmsub: stdout cut here: the job wrote about 5M; the first 2M are kept (output_limit); "
+        "a file keeps it all (stdout_to, or mpmsub run --results DIR)]"
+    )
+    assert both.stderr.endswith(
+        "the job wrote about 3M; the first 2M are kept (output_limit); a file keeps it all "
+        "(stderr_to, or mpmsub run --results DIR)]\n"
+    )
+    assert small.stdout == ("x" * (2**20 - 1) + "\n")  # within the limit: untouched
+
+
+def test_output_held_for_running_jobs_counts_in_memory_in_use_and_against_the_budget(tmp_path: Path) -> None:
+    # In a process of its own: the output it holds would raise this test process's peak.
+    script = tmp_path / "driver.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys, time, mpmsub
+        writer = {_writer(60, then="time.sleep(30)")!r}
+        with mpmsub.MemoryAwareExecutor(cpus=1, memory="1G", output_limit=None) as ex:
+            held = ex.submit(writer)
+            while (ex.status().memory_in_use or 0) < 60 * 2**20 and not held.done():
+                time.sleep(0.02)
+            print("in use", ex.status().memory_in_use >= 60 * 2**20, flush=True)
+            held.cancel()
+            ex.terminate()
+        with mpmsub.MemoryAwareExecutor(cpus=1, memory="50M", output_limit=None) as ex:
+            r = ex.submit(writer).result()
+        print(r.failure, "|", r.error, flush=True)
+        """)
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV, timeout=90)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first == "in use True"
+    failure, error = second.split(" | ")
+    assert failure == "memory" and "of it its captured output, held by mpmsub" in error, error
