@@ -3,8 +3,9 @@ benchmarks/RESULTS.md (unless --no-record).
 
 1. mixed memory-bound batch: makespan / lower bound (target <= 1.10, memory within budget)
 2. dispatch overhead: 1000 `true` jobs on 2 slots / xargs -P2 (target <= 1.3)
-3. scaling: per-job cost at 5000 / at 500 jobs (<= 1.15); 100,000 queued submits (< 2 s,
-   < 200 MB); shutdown(cancel_futures=True) of them (< 1 s)
+3. scaling: per-job cost at 20,000 / at 500 jobs through the executor, the cluster API and
+   `mpmsub run` (<= 1.15 each); 100,000 queued submits (< 2 s, < 200 MB);
+   shutdown(cancel_futures=True) of them (< 1 s)
 4. monitoring cost: executor CPU / wall while 8 `sleep 5` jobs run (< 2% of a core)
 5. measurement accuracy: reported peak / the kernel's max RSS for a 300 MB program held 0.05,
    0.3 and 2 s (within 10%) and a shell running two 200 MB programs at once (within 15% of the sum)
