@@ -728,4 +728,9 @@ def _table(rows: List[Tuple[str, ...]]) -> None:
 
 def entry() -> None:
     """The console script."""
-    sys.exit(main())
+    try:
+        status = main()
+    except KeyboardInterrupt:  # while the job file was read, before any job ran
+        print("mpmsub: interrupted", file=sys.stderr)
+        status = INTERRUPTED
+    sys.exit(status)

@@ -440,3 +440,18 @@ def test_results_dir_keeps_each_jobs_output_in_files_of_its_own(tmp_path: Path) 
     assert not (tmp_path / "res" / "3" / "stdout").exists()
     assert [r["stdout"] for r in json.loads(out.stdout)["results"]] == [None, None, None]
     assert oct(os.stat(tmp_path / "res").st_mode & 0o777) == oct(0o700)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/wchan"), reason="tells a read of a pipe by /proc/PID/wchan")
+def test_ctrl_c_while_the_job_file_is_read_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    driver = subprocess.Popen(
+        [str(SCRIPT), "run", "-"], cwd=tmp_path, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 30
+    # Blocked reading standard input (pipe_read; pipe_wait on kernels before 5.5).
+    while not any(w in Path(f"/proc/{driver.pid}/wchan").read_text() for w in ("pipe_read", "pipe_wait")):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=20)
+    assert driver.returncode == 130 and err == "mpmsub: interrupted\n"
