@@ -330,8 +330,6 @@ def _admit(cluster: Cluster, jobs: List[FileJob], name: str, results: Optional[s
     """Queue every job, checked against the budget; an error names the job's line. With
     `results`, each job's stdout and stderr go to files there."""
     given = {str(job.job["id"]): job for job in jobs if "id" in job.job}
-    if results is not None:
-        os.makedirs(results, mode=0o700, exist_ok=True)
     for job in jobs:
         named = _named(job, results)
         try:
@@ -380,6 +378,7 @@ def _outputs(args: argparse.Namespace) -> Dict[str, Tuple[str, Optional[str]]]:
         "--joblog": ("the joblog", getattr(args, "joblog", None)),
         "-o": ("the output", getattr(args, "output", None)),
         "--trace": ("the trace", args.trace),
+        "--results": ("the results", getattr(args, "results", None)),
     }
 
 
@@ -390,9 +389,12 @@ def _named(job: FileJob, results: Optional[str] = None) -> Dict[str, Any]:
     named = job.job if "id" in job.job else {**job.job, "id": f"job_{job.seq:04d}"}
     if results is None:
         return named
-    where = os.path.join(os.path.abspath(results), str(job.seq))
-    os.makedirs(where, mode=0o700, exist_ok=True)
+    where = _result_dir(results, job)
     return {"stdout": os.path.join(where, "stdout"), "stderr": os.path.join(where, "stderr"), **named}
+
+
+def _result_dir(results: str, job: FileJob) -> str:
+    return os.path.join(os.path.abspath(results), str(job.seq))
 
 
 def _by_id(jobs: List[FileJob]) -> Dict[str, FileJob]:
@@ -475,6 +477,10 @@ def _plan_run(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) -
             cluster.jobs.clear()
             cluster.jobs.extend(_named(j, args.results) for j in run)
         jobs = run
+    if args.results:  # made once nothing else can refuse the run (0700: the jobs' output is yours)
+        os.makedirs(args.results, mode=0o700, exist_ok=True)
+        for job in jobs:
+            os.makedirs(_result_dir(args.results, job), mode=0o700, exist_ok=True)
     log = _joblog.JobLog(args.joblog, append=resuming) if args.joblog else None
     return _Run(cluster, jobs, _by_id(jobs), skipped, log, echo=not args.json)
 

@@ -293,10 +293,12 @@ class Cluster:
             ended: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
 
             def on_done(future: Future[Any]) -> None:
-                usage = getattr(future, "usage", None)
-                if on_end is not None and usage is not None:
-                    on_end(usage)
-                ended.put(future)
+                try:
+                    usage = getattr(future, "usage", None)
+                    if on_end is not None and usage is not None:
+                        on_end(usage)
+                finally:  # whatever on_end did, the run hears of the end
+                    ended.put(future)
 
             for spec in specs:
                 self._raise_stop()  # a signal takes effect while a long batch is submitted too

@@ -979,14 +979,16 @@ class MemoryAwareExecutor(Executor):
             )
 
     def _check_final_peak(self, item: _Item, outcome: Outcome) -> None:
-        """A strict job whose final peak (the kernel's rusage, its cgroup's) is above its `m`
-        failed over its memory, though no sample saw it there (a short job, or this process
-        stopped while it ran): its `m` is a limit, not a guess."""
+        """A strict job whose processes' final peak (the kernel's rusage, the samples) is above
+        its `m` failed over its memory, though no sample stopped it (a short job, or this process
+        stopped while it ran): its `m` is a limit, not a guess. A cgroup's peak is left out: it
+        counts the page cache of files the job wrote, which the samples' limit does not."""
         spec = item.spec
         strict = self.strict_memory if spec.strict is None else spec.strict
-        if strict and spec.memory is not None and outcome.failure is None and outcome.peak_memory > spec.memory:
+        peak = outcome.process_peak
+        if strict and spec.memory is not None and outcome.failure is None and peak is not None and peak > spec.memory:
             outcome.failure = kinds.MEMORY
-            outcome.error = strict_overuse(outcome.peak_memory, spec.memory, ended=True)
+            outcome.error = strict_overuse(peak, spec.memory, ended=True)
 
     # -- on the monitor thread ---------------------------------------------------------------------
 

@@ -43,6 +43,9 @@ class Outcome:
     error: Optional[str] = None  # the sentence that goes with `failure`
     memory_series: List[Tuple[float, int]] = field(default_factory=list)  # (seconds in, bytes)
     oom_kills: Optional[int] = None  # the job's processes killed by the kernel's OOM killer, if known
+    # The peak of the job's processes themselves (rusage, samples), without its cgroup's figure,
+    # which also counts page cache; None where the launcher does not say (a remote backend).
+    process_peak: Optional[int] = None
     value: Any = None  # what a Python call returned
     exception: Optional[BaseException] = None  # what a Python call raised (failure "raised")
 

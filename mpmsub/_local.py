@@ -443,6 +443,7 @@ class LocalHandle(Handle):
             runtime=runtime,
             cpu_time=self._cpu_time,
             peak_memory=max(self._max_rss, self.sampled_peak, group_peak or 0),
+            process_peak=max(self._max_rss, self.sampled_peak),
             failure=self.failure,
             error=self.error,
             memory_series=list(self.series.points),

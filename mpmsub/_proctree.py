@@ -183,100 +183,124 @@ def signal_tree(roots: Iterable[int], sig: int) -> Set[int]:
 
 
 class Survivors:
-    """The processes of a job being killed, held from the first signal until each has ended.
+    """The processes of a job being killed that left its sessions, held from the first signal
+    until the job ends.
 
     A process that started a session of its own is the job's only through its parent; once the
-    parent dies of the signal, no scan can tell it from another program's. Each process found
-    when the job is signalled is held here (by a pidfd where the system has them, which names
-    that process and no other, whatever its pid becomes), signalled again with the job, measured
-    with it, and waited for: the job ends only once its processes are gone.
+    parent dies of the signal, no scan can tell it from another program's. Each such process
+    found when the job is signalled is held here (by a pidfd where the system has them, which
+    names that process and no other whatever its pid becomes; elsewhere by psutil, which checks
+    the process's start time before it signals), signalled again with the job, measured with it,
+    and waited for. Processes still in the job's sessions are found by their session at each
+    signal, as before, and need no holding.
     """
 
     def __init__(self) -> None:
-        self._held: Dict[int, Optional[int]] = {}  # pid -> pidfd (None: this system has none)
+        self._held: Dict[int, _Held] = {}
 
     def __bool__(self) -> bool:
         return bool(self._held)
 
     def signal(self, roots: Sequence[int], sig: int, sessions: Sequence[int] = ()) -> None:
         """Send `sig` to the tree of `roots` (unreaped session leaders), to every process in the
-        sessions `sessions` (of roots already reaped) and to everything held and what it
-        started; hold every process found."""
+        sessions `sessions` (of roots already reaped), and to everything held and what it
+        started; hold what is found outside those sessions."""
         snap = snapshot()
+        ours = {*roots, *sessions}
         found = members(snap, [*roots, *self.alive()])
         if sessions:
-            wanted = set(sessions)
-            found |= members(snap, [pid for pid, proc in snap.items() if proc.sid in wanted])
+            found |= members(snap, [pid for pid, proc in snap.items() if proc.sid in ours])
+        loose = []
         for pid in found.difference(roots):  # held before any parent can die of the signal
-            if snap[pid].live:
-                self._hold(pid, snap[pid])
+            proc = snap[pid]
+            if proc.sid in ours:
+                loose.append(pid)
+            elif proc.live:
+                self._hold(pid, proc)
         for root in roots:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(root, sig)
-        for pid, fd in list(self._held.items()):
-            _send(pid, fd, sig)
+        for pid in loose:  # in a session of the job, just seen: its pid is not free to be reused
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        for held in self._held.values():
+            held.send(sig)
 
     def _hold(self, pid: int, seen: Proc) -> None:
-        if pid in self._held:
+        held = self._held.get(pid)
+        if held is not None and held.running():
             return
+        if held is not None:  # ended, and its pid taken by another process of the job
+            held.close()
+        held = _Held.of(pid, seen)
+        if held is not None:
+            self._held[pid] = held
+
+    def alive(self) -> List[int]:
+        """The held processes that have not ended."""
+        return [pid for pid, held in self._held.items() if held.running()]
+
+    def fds(self) -> Dict[int, int]:
+        """The pidfds of the held processes (readable once each has ended), by pid."""
+        return {pid: held.fd for pid, held in self._held.items() if held.fd is not None}
+
+    def close(self) -> None:
+        for held in self._held.values():
+            held.close()
+        self._held.clear()
+
+
+class _Held:
+    """One held process: its pidfd, or where there are none, a psutil handle on it."""
+
+    def __init__(self, fd: Optional[int], proc: Optional[psutil.Process]) -> None:
+        self.fd = fd
+        self._proc = proc
+
+    @classmethod
+    def of(cls, pid: int, seen: Proc) -> Optional[_Held]:
+        """A hold on the process `seen` as `pid` in a scan; None if it has ended since."""
         try:
-            fd: Optional[int] = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
+            fd: int = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
         except ProcessLookupError:
-            return  # ended since the scan
-        except (AttributeError, OSError):
-            fd = None
-        if fd is not None and _LINUX:
+            return None
+        except (AttributeError, OSError):  # no pidfds here (macOS, Linux before 5.3)
+            try:
+                return cls(None, psutil.Process(pid))
+            except psutil.Error:
+                return None
+        if _LINUX:
             # The pid may have been reused between the scan and pidfd_open: the process the
             # pidfd names must be the one seen (same parent and session).
             now = _snapshot_proc([pid]).get(pid)
             if now is None or (now.ppid, now.sid) != (seen.ppid, seen.sid):
                 os.close(fd)
-                return
-        self._held[pid] = fd
+                return None
+        return cls(fd, None)
 
-    def alive(self) -> List[int]:
-        """The held processes that have not ended; those that have are let go."""
-        living = []
-        for pid, fd in list(self._held.items()):
-            if _running(pid, fd):
-                living.append(pid)
-            else:
-                self._forget(pid)
-        return living
+    def running(self) -> bool:
+        """Whether the process has not exited: its pidfd is readable once it has."""
+        if self.fd is not None:
+            poller = select.poll()  # not select(): it refuses fds above 1023
+            poller.register(self.fd, select.POLLIN)
+            return not poller.poll(0)
+        assert self._proc is not None
+        try:
+            return self._proc.is_running() and self._proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
 
-    def fds(self) -> Dict[int, int]:
-        """The pidfds of the held processes (readable once each has ended), by pid."""
-        return {pid: fd for pid, fd in self._held.items() if fd is not None}
-
-    def _forget(self, pid: int) -> None:
-        fd = self._held.pop(pid, None)
-        if fd is not None:
-            os.close(fd)
+    def send(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+            if self.fd is not None:
+                signal.pidfd_send_signal(self.fd, sig)  # type: ignore[attr-defined,unused-ignore]
+            elif self._proc is not None and self._proc.is_running():  # not a process that took its pid
+                self._proc.send_signal(sig)
 
     def close(self) -> None:
-        for pid in list(self._held):
-            self._forget(pid)
-
-
-def _send(pid: int, fd: Optional[int], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if fd is not None:
-            signal.pidfd_send_signal(fd, sig)  # type: ignore[attr-defined,unused-ignore]
-        else:
-            os.kill(pid, sig)
-
-
-def _running(pid: int, fd: Optional[int]) -> bool:
-    """Whether a held process has not exited: its pidfd is readable once it has."""
-    if fd is not None:
-        return not select.select([fd], [], [], 0)[0]
-    if _LINUX:
-        proc = _snapshot_proc([pid]).get(pid)
-        return proc is not None and proc.live
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def kill_group(root: int) -> bool:

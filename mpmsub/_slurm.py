@@ -264,7 +264,11 @@ class SlurmLauncher(Launcher):
         spec = handle.spec
         try:
             packed = _remote.pack(
-                spec, strict=True, shared=True, kill_grace=self.kill_grace, output_limit=self.output_limit
+                spec,
+                strict=True,
+                shared=True,
+                kill_grace=self.kill_grace,
+                output_limit=None if self.output_limit is None else self.output_limit / MB,  # a number is MB
             )
             with os.fdopen(_files.open_private(handle.files + ".spec", os.O_EXCL), "wb") as file:
                 file.write(self.key + packed)

@@ -583,6 +583,7 @@ class CallHandle(Handle):
             runtime=time.monotonic() - self._start_mono if runtime is None else runtime,
             cpu_time=cpu,
             peak_memory=peak,
+            process_peak=peak,
             failure=self.failure,
             error=self.error,
             memory_series=list(self.series.points),

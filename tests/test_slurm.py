@@ -416,3 +416,15 @@ def test_the_runner_refuses_a_spec_file_others_could_have_written(tmp_path: Path
     assert done.returncode == _remote.REFUSED, done.stderr
     assert "refused the spec file, which is not private to this user" in done.stderr and why in done.stderr
     assert not (tmp_path / "unpickled").exists() and not (run / "000001.result").exists()
+
+
+@pytest.mark.parametrize(("limit", "kept"), [("1K", 1024), (None, 4999)])
+def test_the_runner_keeps_as_much_output_as_the_sending_executor_would(
+    limit: Optional[str], kept: int, tmp_path: Path
+) -> None:
+    job = [sys.executable, "-c", "print('x' * 4999)"]
+    with mpmsub.MemoryAwareExecutor(backend=_Here(tmp_path / "work"), history=False, output_limit=limit) as ex:
+        result = ex.submit(job).result(timeout=60)
+    assert result.success, result.error
+    assert result.stdout.split("\n")[0] == "x" * kept
+    assert ("stdout cut here" in result.stdout) == (limit is not None)
