@@ -24,7 +24,7 @@ import uuid
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
-from mpmsub import _remote
+from mpmsub import _remote, _threads
 from mpmsub import _result as kinds
 from mpmsub._backends import Backend, LaunchOptions, Node, largest_fit, most_memory
 from mpmsub._job import JobSpec
@@ -167,9 +167,13 @@ class DaskLauncher(Launcher):
         self._handles: Dict[str, DaskHandle] = {}
         self._cond = threading.Condition()
         self._closing = False
-        self._reader: Optional[threading.Thread] = None
         self._kills: List[Tuple[DaskHandle, str, str, Optional[float]]] = []  # handle, failure, message, grace
-        self._killer: Optional[threading.Thread] = None
+        # Started now, with the executor: jobs that end a program without shutdown() run at
+        # interpreter shutdown, when no thread may start any more (Python 3.12+).
+        self._reader = _threads.start(self._read, "mpmsub-dask")
+        self._killer = _threads.start(self._kill, "mpmsub-dask-kill")
+        if self._reader is None or self._killer is None:
+            raise RuntimeError("cannot start mpmsub's Dask threads: the interpreter is shutting down")
 
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
         return self.backend.why_never_fits(spec)
@@ -183,10 +187,7 @@ class DaskLauncher(Launcher):
         with self._cond:
             self._handles[handle.key] = handle
             self._completed.add(future)
-            if self._reader is None:
-                self._reader = threading.Thread(target=self._read, name="mpmsub-dask", daemon=True)
-                self._reader.start()
-            self._cond.notify()
+            self._cond.notify_all()  # the reader, not the killer, which waits on the same condition
         return handle
 
     def _read(self) -> None:
@@ -210,9 +211,6 @@ class DaskLauncher(Launcher):
         all the kills asked for meanwhile in one call."""
         with self._cond:
             self._kills.append((handle, failure, message, grace))
-            if self._killer is None:
-                self._killer = threading.Thread(target=self._kill, name="mpmsub-dask-kill", daemon=True)
-                self._killer.start()
             self._cond.notify_all()
 
     def _kill(self) -> None:

@@ -14,6 +14,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Optional, Tuple
 
+from mpmsub import _threads
 from mpmsub._future import JobFuture
 
 logger = logging.getLogger("mpmsub")
@@ -33,6 +34,7 @@ class Delivery:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Optional[_Action]] = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
+        self._direct = False  # no thread could start (interpreter shutdown)
 
     def set_result(self, future: Future[Any], result: Any) -> None:
         self._resolve(future.set_result, future, result)
@@ -68,9 +70,12 @@ class Delivery:
             thread.join()
 
     def _put(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="mpmsub-results", daemon=True)
-            self._thread.start()
+        if self._thread is None and not self._direct:
+            self._thread = _threads.start(self._run, "mpmsub-results")
+            self._direct = self._thread is None
+        if self._direct:  # the interpreter is shutting down: no thread may start; deliver here
+            _call(fn, args)
+            return
         self._queue.put((fn, args))
 
     def _run(self) -> None:
@@ -78,11 +83,14 @@ class Delivery:
             action = self._queue.get()
             if action is None:
                 return
-            fn, args = action
-            try:
-                fn(*args)
-            except BaseException:  # a callback's exception must not stop the delivery of others
-                logger.exception("mpmsub: exception while resolving a future")
+            _call(*action)
+
+
+def _call(fn: Callable[..., Any], args: Tuple[Any, ...]) -> None:
+    try:
+        fn(*args)
+    except BaseException:  # a callback's exception must not stop the delivery of others
+        logger.exception("mpmsub: exception while resolving a future")
 
 
 def _cancel_and_notify(future: Future[Any]) -> None:

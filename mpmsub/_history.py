@@ -30,6 +30,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
+from mpmsub import _threads
 from mpmsub._files import DIRECTORY_MODE, open_private
 from mpmsub._learn import LEARNED_FROM, WINDOW, Run
 
@@ -293,14 +294,18 @@ class Recorder:
         self._now = threading.Event()  # cuts the gathering short (at close)
         self._write = threading.Lock()  # one writer at a time: this thread's, or a flush
         self._thread: Optional[threading.Thread] = None
+        self._direct = False  # no thread could start (interpreter shutdown): rows written at once
         _recorders.add(self)
 
     def put(self, row: Row) -> None:
         """Queue a row (the executor's loop thread)."""
         self._rows.append(row)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="mpmsub-history", daemon=True)
-            self._thread.start()
+        if self._thread is None and not self._direct:
+            self._thread = _threads.start(self._run, "mpmsub-history")
+            self._direct = self._thread is None
+        if self._direct:
+            self.flush()  # on the loop: slower, but the program is ending and waits for nothing else
+            return
         if not self._pending:
             self._pending = True
             self._wake.set()

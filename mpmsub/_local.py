@@ -24,7 +24,7 @@ import time
 from subprocess import Popen
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from mpmsub import _proctree
+from mpmsub import _proctree, _threads
 from mpmsub import _result as kinds
 from mpmsub._cgroups import JobGroup, JobGroups
 from mpmsub._guard import Watchman
@@ -295,7 +295,8 @@ class LocalHandle(Handle):
         try:
             pidfd = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
         except (AttributeError, OSError):
-            threading.Thread(target=self._wait_thread, args=(pid,), name=f"mpmsub-wait-{pid}", daemon=True).start()
+            if _threads.start(self._wait_thread, f"mpmsub-wait-{pid}", (pid,)) is None:
+                self._poll_exit(pid)  # interpreter shutdown: no thread may wait
             return
         self._pidfds[pid] = pidfd
         self._loop.add_reader(pidfd, self._on_pidfd, pid)
@@ -317,6 +318,21 @@ class LocalHandle(Handle):
                 return
             self._gone.add(pid)  # never signal this pid again: it may be reused
             self._loop.call_soon_threadsafe(self._record_exit, pid, status, usage)
+
+    def _poll_exit(self, pid: int) -> None:
+        """Where neither a pidfd nor a thread can tell of the exit: look again soon."""
+        seen = _threads.exited(pid)
+        if seen is None:
+            self._timers.append(self._loop.call_later(_threads.EXIT_POLL, self._poll_exit, pid))
+        elif hasattr(os, "waitid"):
+            self._reap(pid)  # a zombie still: reaped on the loop, as a pidfd's exit is
+        else:
+            self._gone.add(pid)  # reaped by that look: never signal this pid again
+            status, usage = seen
+            if status is None:
+                self._record_lost(pid)
+            else:
+                self._record_exit(pid, status, usage)
 
     # -- events on the loop ---------------------------------------------------------------------
 

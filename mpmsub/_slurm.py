@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from mpmsub import _files, _remote
+from mpmsub import _files, _remote, _threads
 from mpmsub import _result as kinds
 from mpmsub._backends import Backend, LaunchOptions, Node, largest_fit, most_memory
 from mpmsub._job import JobSpec
@@ -181,7 +181,11 @@ class SlurmLauncher(Launcher):
         self._kills: List[SlurmHandle] = []
         self._active: Dict[str, SlurmHandle] = {}  # by SLURM job id (the thread's)
         self._closing = False
-        self._thread: Optional[threading.Thread] = None
+        # Started now, with the executor: a job that ends a program without shutdown() is started
+        # at interpreter shutdown, when no thread may start any more (Python 3.12+).
+        self._thread = _threads.start(self._run, "mpmsub-slurm")
+        if self._thread is None:
+            raise RuntimeError("cannot start mpmsub's SLURM thread: the interpreter is shutting down")
 
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
         return self.backend.why_never_fits(spec)
@@ -192,9 +196,6 @@ class SlurmLauncher(Launcher):
                 host = socket.gethostname().split(".")[0]
                 self.directory = _files.make_private_directory(self.backend.workdir, f"mpmsub-{host}-{os.getpid()}-")
             handle = SlurmHandle(self, spec, job_id, on_exit, os.path.join(self.directory, f"{next(self._files):06d}"))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="mpmsub-slurm", daemon=True)
-                self._thread.start()
             self._new.append(handle)
             self._cond.notify()
         return handle

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-from mpmsub import _proctree
+from mpmsub import _proctree, _threads
 from mpmsub import _result as kinds
 from mpmsub import _worker as wire
 from mpmsub._errors import CallPicklingError, RemoteTraceback
@@ -82,6 +82,7 @@ class Worker:
         self._pidfd: Optional[int] = None
         self._poller: Optional[Any] = None  # polls the pidfd: has it exited?
         self._waiter: Optional[threading.Thread] = None
+        self._exit_seen = False  # seen by _poll_exit (no pidfd, no thread)
         self._reaped: Optional[Tuple[Optional[int], Any]] = None  # (status, rusage), reaped by the waiter
         self._eof = False
         to_r, self.to_fd = _pipe()
@@ -128,8 +129,9 @@ class Worker:
         except (AttributeError, OSError):
             # No pidfd (macOS, old kernels, a seccomp filter): a thread waits for the exit. The
             # reply pipe's end is no sign of it: a process the call forked may hold the pipe.
-            self._waiter = threading.Thread(target=self._wait, name=f"mpmsub-worker-{self.pid}", daemon=True)
-            self._waiter.start()
+            self._waiter = _threads.start(self._wait, f"mpmsub-worker-{self.pid}")
+            if self._waiter is None:  # interpreter shutdown: no thread may wait; look now and then
+                self._poll_exit()
             return
         self.pool.loop.add_reader(self._pidfd, self._on_exit)
         self._poller = select.poll()
@@ -147,9 +149,20 @@ class Worker:
                 self._reaped = (None, None)
         self.pool.loop.call_soon_threadsafe(self._on_exit)
 
+    def _poll_exit(self) -> None:
+        seen = _threads.exited(self.pid)
+        if seen is None:
+            self.pool.loop.call_later(_threads.EXIT_POLL, self._poll_exit)
+            return
+        self._exit_seen = True
+        status, usage = seen
+        if status is not None:  # reaped by that look (macOS)
+            self._reaped = (os.waitstatus_to_exitcode(status), usage)
+        self._on_exit()
+
     def alive(self) -> bool:
         """False if it has exited (checked before an idle worker is given a call)."""
-        if self.dead:
+        if self.dead or self._exit_seen:
             return False
         if self._poller is not None:
             return not self._poller.poll(0)

@@ -16,6 +16,7 @@ from helpers import alloc_cmd, unique_sleep, wait_gone
 
 import mpmsub
 from mpmsub import JobFailedError, JobResult, MemoryAwareExecutor
+from mpmsub._history import History
 
 
 def test_as_completed_and_wait_over_a_mix_of_submissions() -> None:
@@ -327,6 +328,34 @@ def test_program_exit_without_shutdown_finishes_the_jobs(tmp_path: Path) -> None
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mpmsub.__file__).parent.parent), *sys.path])}
     subprocess.run([sys.executable, str(script)], check=True, timeout=30, env=env)
     assert out.read_text() == "done\n"
+
+
+@pytest.mark.parametrize("pidfds", [True, False])
+def test_jobs_that_end_at_interpreter_shutdown_need_no_new_thread(pidfds: bool, tmp_path: Path) -> None:
+    """From Python 3.12 no thread may start once the interpreter shuts down, which is when the
+    jobs of a program that ends without shutdown() finish: their history rows, done-callbacks,
+    calls and (without pidfds) exits must be handled without one. It hung there on 3.12."""
+    script = tmp_path / "driver.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, sys
+        if not {pidfds!r}:
+            del os.pidfd_open  # as on macOS or Linux before 5.3: exits are waited for otherwise
+        import mpmsub
+        ex = mpmsub.MemoryAwareExecutor(cpus=2, memory="1G", history={str(tmp_path / "h.db")!r})
+        job = ex.submit(["sh", "-c", "sleep 0.5; echo job"])
+        job.add_done_callback(lambda f: print("callback", f.result().stdout.strip(), flush=True))
+        call = ex.submit(pow, 2, 10)
+        call.add_done_callback(lambda f: print("call", f.result(), flush=True))
+    """)
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mpmsub.__file__).parent.parent), *sys.path])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.splitlines()) == ["call 1024", "callback job"], done.stderr
+    assert "internal error" not in done.stderr, done.stderr
+    with History(str(tmp_path / "h.db"), tolerant=False) as history:
+        assert sum(1 for _ in history.rows()) == 2  # both runs recorded
 
 
 def test_done_callbacks_and_first_completed() -> None:
