@@ -162,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
         description="Run many commands in parallel without running the machine out of memory.",
         epilog="Run 'mpmsub run -h' or 'mpmsub profile -h' for their options and examples.",
     )
-    top.add_argument("--version", action="version", version=f"mpmsub {__version__}")
+    top.add_argument("-V", "--version", action="version", version=f"mpmsub {__version__}")
     commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, summary: str, description: str, epilog: str) -> argparse.ArgumentParser:
@@ -658,7 +658,7 @@ def _history_action(args: argparse.Namespace, history: History) -> int:
             size, guess = _prediction(summary.recent)
             rows.append(
                 (
-                    summary.key,
+                    _report.one_line(summary.key),
                     str(summary.runs),
                     "-" if guess is None else format_memory(guess.memory),
                     "-" if guess is None else format_memory(size),
@@ -668,19 +668,21 @@ def _history_action(args: argparse.Namespace, history: History) -> int:
             )
         _table(rows)
         return OK
+    if args.action in ("show", "forget") and args.key is not None:
+        args.key = _stored_key(history, args.key)
     if args.action == "show":
         runs = list(history.rows(args.key))
         if not runs:
             print(f"mpmsub: the run history holds no run of the key {args.key!r}", file=sys.stderr)
             return FAILED
         size, guess = _prediction(history.runs(args.key))
-        print(f"key: {args.key}\nruns: {len(runs)}")
+        print(f"key: {_report.one_line(args.key)}\nruns: {len(runs)}")
         if guess is not None:
             print(
                 f"predicted: {format_memory(guess.memory)} for {format_memory(size)} of input "
                 f"({guess.method} of the last {guess.runs} run(s), margin included)"
             )
-        print(f"last command: {_report.command_line(runs[-1]['argv'])}\n")
+        print(f"last command: {_report.one_line(_report.command_line(runs[-1]['argv']))}\n")
         table: List[Tuple[str, ...]] = [("ENDED", "INPUT", "PEAK", "REQUESTED", "RUNTIME", "CPU", "RESULT", "HOST")]
         for run in runs:
             requested = run["memory_requested"]
@@ -718,6 +720,15 @@ def _history_action(args: argparse.Namespace, history: History) -> int:
         return FAILED
     print(f"mpmsub: wrote {len(lines)} run(s) to {args.output}", file=sys.stderr)
     return OK
+
+
+def _stored_key(history: History, key: str) -> str:
+    """The key as the history holds it: as given, or with the line breaks `history list` shows
+    as \\n written back."""
+    stored = _report.from_one_line(key)
+    if stored == key or next(history.rows(key), None) is not None:
+        return key
+    return stored if next(history.rows(stored), None) is not None else key
 
 
 def _prediction(runs: Sequence[Run]) -> Tuple[int, Optional[Estimate]]:

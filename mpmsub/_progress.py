@@ -79,13 +79,13 @@ class ProgressBar:
         text = " | ".join(parts)
         if self.label:
             text = f"{self.label} {text}"
-        bar_width = max(10, min(40, width - len(text) - 4))  # "[", "] " and a spare column
+        bar_width = max(10, min(30, width // 4))  # by the width alone: the same all through a run
         filled = int(bar_width * fraction)
         return f"[{'█' * filled}{'░' * (bar_width - filled)}] {text}"
 
     def _memory(self) -> str:
         text = f"{format_memory(self.reserved)} reserved"
-        if self.in_use is not None and self.running:
+        if self.in_use and self.running:  # 0 is not measured yet (a job's first tick)
             text += f", {format_memory(self.in_use)} in use"
         return text
 

@@ -79,6 +79,20 @@ def shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+_LINE_BREAKS = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def one_line(text: str) -> str:
+    """`text` for a line of a table: newlines, carriage returns and tabs written as \\n, \\r, \\t
+    (a `python -c` script's lines would break the table)."""
+    return text.translate(_LINE_BREAKS)
+
+
+def from_one_line(text: str) -> str:
+    """What `one_line` made, back as it was (for a key copied from a table)."""
+    return text.replace("\\n", "\n").replace("\\r", "\r").replace("\\t", "\t")
+
+
 def command_line(cmd: Any) -> str:
     """A JobResult's `cmd` (an argv list, or a pipeline's list of them) as one line of text."""
     stages = cmd if cmd and isinstance(cmd[0], list) else [cmd]
@@ -86,7 +100,7 @@ def command_line(cmd: Any) -> str:
 
 
 def _command(result: JobResult) -> str:
-    return command_line(result.cmd)
+    return one_line(command_line(result.cmd))
 
 
 OVER_ASKING = 2.0  # a job reserving more than twice its peak (and 50 MB more) asks too much
@@ -121,7 +135,7 @@ def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int =
     cluster = stats["cluster"]
     lines = [
         "mpmsub summary",
-        f"  resources: {cluster['cpus']} CPUs, {cluster['memory']} memory"
+        f"  resources: {cluster['cpus']} CPU{'s' if cluster['cpus'] != 1 else ''}, {cluster['memory']} memory"
         + (f", at most {cluster['max_workers']} jobs at once" if cluster.get("max_workers") else ""),
         f"  jobs:      {jobs['total']} total, {jobs['completed']} completed, {jobs['failed']} failed"
         + (f" ({jobs['cancelled']} cancelled)" if jobs["cancelled"] else ""),
@@ -149,7 +163,8 @@ def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int =
         lines.append("")
         lines.append(f"Failed jobs ({len(failed)}):")
         for r in failed[: top * 4]:
-            lines.append(f"  {r.job_id:<14} {shorten(r.error or '', 50):<50} {shorten(_command(r), 40)}")
+            error = shorten(one_line(r.error or ""), 50)
+            lines.append(f"  {r.job_id:<14} {error:<50} {shorten(_command(r), 40)}")
         if len(failed) > top * 4:
             lines.append(f"  ... and {len(failed) - top * 4} more")
     ran = sorted((r for r in results if r.failure != CANCELLED), key=lambda r: r.runtime, reverse=True)
@@ -223,7 +238,7 @@ def profile_text(
         declared = format_memory(spec.memory) if spec.memory is not None else "-"
         lines.append(
             f"{r.job_id:<14} {'ok' if r.success else 'FAILED':<7} {r.runtime:8.2f}s {r.memory_used:9.1f} "
-            f"{declared:>9} {rec:>10}  {shorten(spec.describe(), 40)}"
+            f"{declared:>9} {rec:>10}  {shorten(one_line(spec.describe()), 40)}"
         )
         if spec.call is not None:
             code.append(f"p.jobs.append({_call_code(spec, rec, r.job_id if r.job_id in custom_ids else None)})")

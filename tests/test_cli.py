@@ -456,3 +456,22 @@ def test_ctrl_c_while_the_job_file_is_read_exits_130_without_a_traceback(tmp_pat
     driver.send_signal(signal.SIGINT)
     _, err = driver.communicate(timeout=20)
     assert driver.returncode == 130 and err == "mpmsub: interrupted\n"
+
+
+def test_dash_capital_v_is_the_version() -> None:
+    out = subprocess.run([str(SCRIPT), "-V"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("mpmsub ")
+
+
+def test_history_shows_a_key_on_several_lines_on_one_and_takes_it_back_as_shown(tmp_path: Path) -> None:
+    from mpmsub._history import History
+
+    key = "python -c import sys\nprint(1)"
+    with History(str(tmp_path / "h.db"), tolerant=False) as history:
+        history.add([(key, '["python"]', 0, 2**20, 0.1, 0.0, 0, None, None, "host", "0", 1.0)])
+    listed = mpmsub("history", "--db", "h.db", "list", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    row = [line for line in listed.stdout.splitlines() if line.startswith("python")]
+    assert len(row) == 1 and row[0].startswith("python -c import sys\\nprint(1)")
+    shown = mpmsub("history", "--db", "h.db", "show", "python -c import sys\\nprint(1)", cwd=tmp_path)
+    assert shown.returncode == 0 and "runs: 1" in shown.stdout, shown.stderr

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from mpmsub._progress import ProgressBar, format_duration
 
 
@@ -95,3 +97,30 @@ def test_the_summary_gives_the_efficiency_and_the_jobs_that_asked_too_much() -> 
     assert "efficiency: the 2 job(s) with m used" in text
     over = text.split("asked for far more memory than they used (1;", 1)[1]
     assert "greedy" in over.splitlines()[1] and "asked 500 MB" in over and "fair" not in over.split("\n\n")[0]
+
+
+def test_the_bar_keeps_its_width_through_a_run_and_hides_memory_not_measured_yet() -> None:
+    bar = ProgressBar(10, stream=io.StringIO())
+    widths = set()
+    for done, failed, in_use in [(0, 0, 0), (1, 0, 5 * 2**20), (9, 1, 7 * 2**20), (10, 3, 0)]:
+        bar.update(done, failed, 2, 950 * 2**20, in_use)
+        line = bar.line(80)
+        widths.add(line.index("]"))
+        assert ("in use" in line) == bool(in_use)  # 0 is a first tick not taken yet, not 0 bytes
+    assert len(widths) == 1
+
+
+def test_a_command_on_several_lines_keeps_the_summary_one_row_per_job(capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    import mpmsub
+
+    batch = mpmsub.cluster(p=1, m="1G", verbose=False, progress_bar=False)
+    batch.jobs.append([sys.executable, "-c", "import sys\nsys.exit(3)"])
+    batch.run()
+    batch.print_summary()
+    out = capsys.readouterr().out
+    assert "resources: 1 CPU," in out
+    failed = [line for line in out.splitlines() if "exited with status 3" in line]
+    assert len(failed) == 1 and "-c import sys\\ns" in failed[0]  # the script's line break, escaped
+    assert not any(line.startswith("sys.exit") for line in out.splitlines())
