@@ -1,4 +1,19 @@
-"""mpmsub: run many commands in parallel on one machine without running it out of memory."""
+"""mpmsub: run many commands in parallel on one machine without running it out of memory.
+
+Every job declares (or learns) its CPUs and memory; a ledger starts only what fits, the whole
+process tree of each job is measured, and a job that uses more than it said is stopped before
+it hurts the others.
+
+- `MemoryAwareExecutor`: a `concurrent.futures.Executor`; `submit(Job | dict | argv)` for a
+  command, `submit(fn, *args)` / `map(fn, ...)` for Python functions. Futures resolve to a
+  `JobResult` (a command's) or the function's value, with the measured usage in `future.usage`.
+- `cluster(p=, m=)` / `Cluster`: the original mpmsub's batch API (`.jobs.append`, `.run()`,
+  `.profile()`, `.print_summary()`, `.report()`).
+- `Job`, `Pipeline`, `Call`: a job's command and resources (`.cpu()`, `.memory("4G")`,
+  `.memory("auto")` to learn it from past runs, `.with_timeout()`, ...).
+- `DaskBackend`, `SlurmBackend`: the same jobs on a Dask cluster or under SLURM (`backend=`).
+- The `mpmsub` command: `mpmsub run jobs.txt -p 8 -m 32G`; see `mpmsub run -h`.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +38,8 @@ from mpmsub._job import Job, Pipeline, job, pipeline
 from mpmsub._report import recommend_memory
 from mpmsub._result import JobResult
 from mpmsub._slurm import SlurmBackend
-from mpmsub._units import format_memory, parse_memory
+from mpmsub._units import parse_memory
+from mpmsub.utils import format_memory, parse_cpu_string, parse_memory_string  # the original's, in MB
 
 __version__ = "0.1.0"
 
@@ -52,7 +68,9 @@ __all__ = [
     "cluster",
     "format_memory",
     "job",
+    "parse_cpu_string",
     "parse_memory",
+    "parse_memory_string",
     "pipeline",
     "recommend_memory",
     "write_report",

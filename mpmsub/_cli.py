@@ -274,6 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             backend=_backend(args),
             trace=args.trace,
         )
+        cluster._refuse_duplicate_ids = True  # the joblog and --resume find a job by its id
         _admit(cluster, jobs, args.jobfile, getattr(args, "results", None))
         _check_apart(_outputs(args), {"the job file": args.jobfile})
         if args.command == "run":

@@ -13,7 +13,21 @@ import math
 import queue
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, TextIO
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    NoReturn,
+    Optional,
+    Set,
+    TextIO,
+    Tuple,
+    Union,
+    overload,
+)
 
 from mpmsub import _report
 from mpmsub._backends import resolve as resolve_backend
@@ -27,14 +41,34 @@ from mpmsub._scheduler import check_policy
 from mpmsub._trace import PathLike
 from mpmsub._trace import check_target as check_trace
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
+from mpmsub.utils import as_original_dict, format_duration
+from mpmsub.utils import format_memory as format_mb
 
 logger = logging.getLogger("mpmsub")
 
 _REFRESH = 0.5  # seconds between redraws of the progress bar while no job ends
 
 
+class QueuedJob(Dict[str, Any]):
+    """A queued job as the original's job dict (`job["p"]`, `job["m"]` in MB, ...), read-only:
+    changing it would not change the job, so it refuses."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError(
+            f"queued job {self.get('id')!r} is read-only; set its p, m, ... before queueing it "
+            "(or clear() the queue and append it again)"
+        )
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self) -> Tuple[Any, ...]:  # copy and pickle without __setitem__
+        return (QueuedJob, (dict(self),))
+
+
 class JobList:
-    """The cluster's queue of jobs. `append` and `extend` validate at once and return job ids."""
+    """The cluster's queue of jobs. `append` and `extend` validate at once and return job ids;
+    iterating or indexing gives each queued job as the original's dict (a QueuedJob)."""
 
     def __init__(self, cluster: Cluster) -> None:
         self._cluster = cluster
@@ -52,6 +86,7 @@ class JobList:
         return [spec.job_id or "" for spec in specs]
 
     def clear(self) -> None:
+        """Drop every queued job (their ids may be used again)."""
         self._cluster._release_ids(self._specs)
         self._specs.clear()
 
@@ -62,11 +97,19 @@ class JobList:
     def __len__(self) -> int:
         return len(self._specs)
 
-    def __iter__(self) -> Iterator[JobSpec]:
-        return iter(list(self._specs))
+    def __iter__(self) -> Iterator[QueuedJob]:
+        return iter([QueuedJob(as_original_dict(spec)) for spec in self._specs])
 
-    def __getitem__(self, index: int) -> JobSpec:
-        return self._specs[index]
+    @overload
+    def __getitem__(self, index: int) -> QueuedJob: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> List[QueuedJob]: ...
+
+    def __getitem__(self, index: Union[int, slice]) -> Union[QueuedJob, List[QueuedJob]]:
+        if isinstance(index, slice):
+            return [QueuedJob(as_original_dict(spec)) for spec in self._specs[index]]
+        return QueuedJob(as_original_dict(self._specs[index]))
 
     def __repr__(self) -> str:
         return f"<JobList of {len(self)} queued job(s)>"
@@ -130,12 +173,16 @@ class Cluster:
         self._results: List[JobResult] = []
         self._ids: Set[str] = set()
         self._custom_ids: Set[str] = set()
+        # A taken id is renamed (with a warning), as the original accepted it; the command line,
+        # whose joblog finds jobs by id, refuses it instead.
+        self._refuse_duplicate_ids = False
         self._next_auto = 1
         self._capacity = Ledger(self.max_cpus, self._memory)
         self._wall_time: Optional[float] = None
         self._max_workers: Optional[int] = None
         self._runtimes: Dict[str, float] = {}  # command line -> runtime of its last successful run
         self._bar: Optional[ProgressBar] = None  # while jobs run
+        self._active: Optional[Tuple[MemoryAwareExecutor, float]] = None  # and its start (monotonic)
         self._stop: Optional[BaseException] = None  # set (by a signal handler) to stop the run
         self._last_trace: Optional[List[Dict[str, Any]]] = None  # the last run's, kept where no file is
 
@@ -165,9 +212,7 @@ class Cluster:
                 spec = to_spec(item)
                 request = spec.request
                 if spec.job_id is not None:
-                    if spec.job_id in self._ids:
-                        raise ValueError(f"duplicate job id {spec.job_id!r}: ids must be unique within a cluster")
-                    job_id = spec.job_id
+                    job_id = self._unique_id(spec.job_id)
                     self._custom_ids.add(job_id)
                 else:
                     job_id = self._next_auto_id()
@@ -186,6 +231,18 @@ class Cluster:
             self._next_auto = next_auto
             raise
         return specs
+
+    def _unique_id(self, wanted: str) -> str:
+        """`wanted`, or where it is taken, `wanted_2`, `wanted_3`, ... (the first one free)."""
+        if wanted not in self._ids:
+            return wanted
+        if self._refuse_duplicate_ids:
+            raise ValueError(f"duplicate job id {wanted!r}: ids must be unique within a cluster")
+        number = 2
+        while f"{wanted}_{number}" in self._ids:
+            number += 1
+        logger.warning("mpmsub: job id %r is taken in this cluster; this job runs as %r", wanted, f"{wanted}_{number}")
+        return f"{wanted}_{number}"
 
     def _next_auto_id(self) -> str:
         while True:
@@ -253,11 +310,11 @@ class Cluster:
 
     def _executor(self, max_workers: Optional[int], schedule: str, **learning: Any) -> MemoryAwareExecutor:
         # The executor takes a bare number of memory as MB (the seed's unit).
-        learning = {**self._learning, **learning, "trace": self.trace, "_keep_trace": True}
+        learning = {**self._learning, **learning, "trace": self.trace}
         learning["output_limit"] = self._output_limit
         if self._whole:  # the executor sizes itself by the backend (and hands it jobs ahead)
-            return MemoryAwareExecutor(max_workers=max_workers, schedule=schedule, backend=self.backend, **learning)
-        return MemoryAwareExecutor(
+            return _RunExecutor(max_workers=max_workers, schedule=schedule, backend=self.backend, **learning)
+        return _RunExecutor(
             cpus=self.max_cpus,
             memory=self._memory / MB,
             max_workers=max_workers,
@@ -275,6 +332,7 @@ class Cluster:
         on_end: Optional[Callable[[JobResult], None]] = None,
     ) -> List[JobResult]:
         started = time.monotonic()
+        self._active = (executor, started)
         bar = self._bar = ProgressBar(len(specs), label=label, enabled=self.progress_bar)
         level = logger.level
         handler = self._attach_verbose_handler(bar)
@@ -335,6 +393,7 @@ class Cluster:
             raise
         finally:
             self._wall_time = time.monotonic() - started
+            self._active = None
             trace = executor._trace
             self._last_trace = None if trace is None or trace.path is not None else trace.events
             bar.close()
@@ -385,14 +444,45 @@ class Cluster:
 
     @property
     def stats(self) -> Dict[str, Any]:
-        """Statistics of every job run so far: `stats["jobs"]["total"|"completed"|"failed"]`, ..."""
-        return _report.job_stats(
+        """Statistics of every job run so far: `stats["jobs"]["total"|"completed"|"failed"]`, ...
+
+        Also the original's keys: `cluster` `max_cpus`, `max_memory_mb`, `max_memory` ('2.0G'),
+        `runtime` and `runtime_formatted` (of the last run, or the one under way); `jobs`
+        `pending` (queued) and `running`; `resources` (what running jobs reserve)."""
+        stats = _report.job_stats(
             self._results,
             cpus=self.max_cpus,
             memory=self._memory,
             wall_time=self._wall_time,
             max_workers=self._max_workers,
         )
+        active = self._active
+        pending = len(self.jobs)
+        if active is None:
+            runtime, running, cpus, reserved = self._wall_time or 0.0, 0, 0, 0
+        else:  # a run under way (stats read from on_result, or another thread)
+            status = active[0].status()
+            runtime, running, pending = time.monotonic() - active[1], status.running, pending + status.queued
+            cpus, reserved = status.reserved_cpus, status.reserved_memory
+        stats["cluster"].update(
+            max_cpus=self.max_cpus,
+            max_memory_mb=self.max_memory_mb,
+            max_memory=format_mb(self.max_memory_mb),
+            runtime=runtime,
+            runtime_formatted=format_duration(runtime),
+        )
+        stats["jobs"].update(pending=pending, running=running)
+        stats["resources"] = {
+            "cpu_slots_used": cpus,
+            "memory_used": format_mb(reserved / MB),
+            "active_jobs": running,
+        }
+        return stats
+
+    @property
+    def job_queue(self) -> JobQueue:
+        """The original's view of the queue: `pending_jobs` (as dicts), `completed_jobs`, `failed_jobs`."""
+        return JobQueue(self)
 
     def print_summary(self) -> None:
         """Print a readable report of the jobs run so far."""
@@ -406,10 +496,10 @@ class Cluster:
         Returns whether it has the figures."""
         if self._wall_time is None:
             raise RuntimeError("nothing has run yet: call run() before report()")
-        from mpmsub._htmlreport import write_report
+        from mpmsub._htmlreport import report_to
 
         source: Any = self._last_trace if self._last_trace is not None else self.trace
-        return write_report(source, path, plots=plots, _stacklevel=3)  # the warning points at the caller
+        return report_to(source, path, plots, stacklevel=3)  # the warning points at the caller
 
     def describe_resources(self) -> None:
         """Print the cluster's CPUs and memory next to what this machine has."""
@@ -417,6 +507,25 @@ class Cluster:
         if not self.backend.local:
             text = text.replace(" for jobs (this machine", f" for jobs on {self.backend!r} (this machine", 2)
         print(text)
+
+
+class JobQueue:
+    """The original's `cluster.job_queue`, read-only: the queued jobs as its dicts, and the results."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+
+    @property
+    def pending_jobs(self) -> List[QueuedJob]:
+        return list(self._cluster.jobs)
+
+    @property
+    def completed_jobs(self) -> List[JobResult]:
+        return self._cluster.completed_jobs
+
+    @property
+    def failed_jobs(self) -> List[JobResult]:
+        return self._cluster.failed_jobs
 
 
 class _BarHandler(logging.Handler):
@@ -431,6 +540,12 @@ class _BarHandler(logging.Handler):
             self.bar.write_above(self.format(record))
         except Exception:
             self.handleError(record)
+
+
+class _RunExecutor(MemoryAwareExecutor):
+    """The executor of one cluster run: it keeps its trace in memory, for report()."""
+
+    _keeps_trace = True
 
 
 def _usage(future: Future[Any]) -> JobResult:
@@ -458,9 +573,11 @@ def cluster(
     probe_memory: Optional[MemoryLike] = None,
     trace: Optional[PathLike] = None,
     output_limit: Optional[MemoryLike] = DEFAULT_OUTPUT_LIMIT,
+    describe: bool = False,
 ) -> Cluster:
-    """Create a Cluster: `mpmsub.cluster(p=4, m="8G")`; `cpu`/`cpus` and `memory` are aliases."""
-    return Cluster(
+    """Create a Cluster: `mpmsub.cluster(p=4, m="8G")`; `cpu`/`cpus` and `memory` are aliases.
+    With `describe`, print its resources beside the machine's (`describe_resources()`)."""
+    made = Cluster(
         cpus=pick_one("CPU count", p=p, cpu=cpu, cpus=cpus),
         memory=pick_one("memory", m=m, memory=memory),
         verbose=verbose,
@@ -473,3 +590,6 @@ def cluster(
         trace=trace,
         output_limit=output_limit,
     )
+    if describe:
+        made.describe_resources()
+    return made

@@ -291,6 +291,12 @@ class MemoryAwareExecutor(Executor):
     sent to a file (`stdout_to`) is not captured, nor limited.
     """
 
+    # For the package's own subclasses (not parameters, so that help() shows none of them): a
+    # trace kept in memory without a file (the cluster's, for report()), and the seconds between
+    # the monitor's samples once jobs are past their first second.
+    _keeps_trace = False
+    _monitor_interval = 0.1
+
     def __init__(
         self,
         cpus: Optional[int] = None,
@@ -311,9 +317,6 @@ class MemoryAwareExecutor(Executor):
         probe_memory: Optional[MemoryLike] = None,
         trace: Optional[PathLike] = None,
         output_limit: Optional[MemoryLike] = DEFAULT_OUTPUT_LIMIT,
-        _launcher: Optional[Launcher] = None,
-        _keep_trace: bool = False,
-        _monitor_interval: float = 0.1,
     ) -> None:
         slots = None if max_workers is None else parse_cpus(max_workers, "max_workers")
         self.backend = resolve_backend(backend)
@@ -400,7 +403,7 @@ class MemoryAwareExecutor(Executor):
         self._delivery = Delivery()
         self._oom_kills = _proctree.oom_kill_count()
         self._trace: Optional[Trace] = None
-        if trace_path is not None or _keep_trace:
+        if trace_path is not None or self._keeps_trace:
             header = {
                 "cpus": ncpus,
                 "memory": budget,
@@ -408,16 +411,14 @@ class MemoryAwareExecutor(Executor):
                 "schedule": self.schedule,
                 "backend": "local" if self.backend.local else repr(self.backend),
             }
-            self._trace = Trace(trace_path, header, _monitor_interval)  # first: the one open that may fail
+            self._trace = Trace(trace_path, header, self._monitor_interval)  # first: the one open that may fail
         try:
             self._loop = EventLoop("mpmsub-executor")
-            if _launcher is None:
-                options = PoolOptions(max_tasks_per_child, initializer, tuple(initargs))
-                _launcher = self.backend.launcher(
-                    LaunchOptions(self._loop, self.kill_grace, options, strict_memory, self.output_limit)
-                )
-            self._launcher = _launcher
-            self._monitor = Monitor(_monitor_interval, self._check_memory, self._launcher.housekeeping)
+            options = PoolOptions(max_tasks_per_child, initializer, tuple(initargs))
+            self._launcher: Launcher = self.backend.launcher(
+                LaunchOptions(self._loop, self.kill_grace, options, strict_memory, self.output_limit)
+            )
+            self._monitor = Monitor(self._monitor_interval, self._check_memory, self._launcher.housekeeping)
             self._loop.start()
         except BaseException:
             if self._trace is not None:

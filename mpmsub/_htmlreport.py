@@ -152,17 +152,21 @@ def _run(
 
 
 def write_report(
-    trace: Union[PathLike, Sequence[Dict[str, Any]]],
-    output: PathLike,
-    *,
-    plots: Optional[bool] = None,
-    _stacklevel: int = 2,
+    trace: Union[PathLike, Sequence[Dict[str, Any]]], output: PathLike, *, plots: Optional[bool] = None
 ) -> bool:
     """Write the HTML report of `trace` (a trace file's path, or its events) to `output`.
 
     Figures need matplotlib (`pip install 'mpmsub[plot]'`); without it (or with `plots=False`)
     the report holds the tables alone, and (unless `plots=False`) a warning says how to install
     it. Returns whether the figures were drawn."""
+    return report_to(trace, output, plots, stacklevel=3)
+
+
+def report_to(
+    trace: Union[PathLike, Sequence[Dict[str, Any]]], output: PathLike, plots: Optional[bool], stacklevel: int
+) -> bool:
+    """write_report(), its missing-matplotlib warning pointed `stacklevel` frames up (at the
+    user's call, through mpmsub's own)."""
     events = read(trace) if isinstance(trace, (str, os.PathLike)) else list(trace)
     view = load(events)
     figures: Optional[Dict[str, str]] = None
@@ -172,7 +176,7 @@ def write_report(
         except ImportError:
             warnings.warn(
                 f"mpmsub: the report has tables but no figures: matplotlib is not installed ({INSTALL_HINT})",
-                stacklevel=_stacklevel,
+                stacklevel=stacklevel,
             )
         else:
             figures = _figures(view)

@@ -141,10 +141,14 @@ def describe_command(stages: Iterable[Sequence[str]]) -> str:
     return " | ".join(" ".join(stage) for stage in stages)
 
 
+# The options of the original's job dict besides cmd, p, m and id, all present in its dicts.
+SEED_OPTIONS = ("cwd", "env", "timeout", "stdout", "stderr")
+
+
 def optional_fields(job: Union[Job, JobSpec]) -> Dict[str, Any]:
     """The options of a job dict that are set, beyond its command, CPUs, memory and id."""
     data: Dict[str, Any] = {}
-    for key in ("cwd", "env", "timeout", "stdout", "stderr", "strict"):
+    for key in (*SEED_OPTIONS, "strict"):
         value = getattr(job, key)
         if value is not None:
             data[key] = dict(value) if key == "env" else value
@@ -251,7 +255,7 @@ class Resources(abc.ABC):
     Each validates its value at once and returns the object, so calls chain."""
 
     def __init__(self) -> None:
-        self.p: int = 1
+        self.p: Optional[int] = None  # None until set: 1 CPU, as the original's `p`
         self.m: Optional[MemoryLike] = None
         self.id: Optional[str] = None
         self.timeout: Optional[float] = None
@@ -290,19 +294,19 @@ class Resources(abc.ABC):
         if timeout is not None:
             self.with_timeout(timeout)
 
-    def cpu(self, cpus: int) -> Self:
+    def cpu(self, cores: int) -> Self:
         """Set the number of CPUs it needs (a whole number, at least 1)."""
-        self.p = parse_cpus(cpus, "p (cpus)")
+        self.p = parse_cpus(cores, "p (cpus)")
         return self
 
-    def memory(self, memory: Optional[MemoryLike]) -> Self:
+    def memory(self, mem: Optional[MemoryLike]) -> Self:
         """Set the memory it needs: MB as a number, or '500M', '4G', ...; None for no reservation;
         "auto" to have it predicted from the run history (see docs/auto-memory.md)."""
-        if is_auto(memory):
-            memory = AUTO
-        elif memory is not None:
-            parse_memory(memory, "m (memory)")
-        self.m = memory
+        if is_auto(mem):
+            mem = AUTO
+        elif mem is not None:
+            parse_memory(mem, "m (memory)")
+        self.m = mem
         return self
 
     def with_key(self, key: str) -> Self:
@@ -350,7 +354,7 @@ class Resources(abc.ABC):
             raise ValueError("strict memory needs the job's memory (m): there is nothing to hold it to")
         auto = self.m == AUTO
         return {
-            "cpus": self.p,
+            "cpus": 1 if self.p is None else self.p,
             "memory": None if self.m is None or auto else parse_memory(self.m, "m (memory)"),
             "auto": auto,
             "key": self.key,
@@ -419,37 +423,37 @@ class Job(Resources):
         self.cwd = _optional_path(path, "cwd")
         return self
 
-    def environment(self, env: Mapping[str, str]) -> Self:
+    def environment(self, env_vars: Mapping[str, str]) -> Self:
         """Add (or override) environment variables for the job; the rest is inherited."""
-        self.env = _env(env)
+        self.env = _env(env_vars)
         return self
 
-    def stdout_to(self, path: StrPath) -> Self:
+    def stdout_to(self, file_path: StrPath) -> Self:
         """Write the job's stdout to a file instead of capturing it (the cheap path for big output);
         a relative path is taken from the job's working directory, as its command sees it."""
-        self.stdout = _optional_path(path, "stdout")
+        self.stdout = _optional_path(file_path, "stdout")
         return self
 
-    def stderr_to(self, path: StrPath) -> Self:
+    def stderr_to(self, file_path: StrPath) -> Self:
         """Write the job's stderr to a file instead of capturing it."""
-        self.stderr = _optional_path(path, "stderr")
+        self.stderr = _optional_path(file_path, "stderr")
         return self
 
-    def pipe_to(self, cmd: Sequence[StrPath]) -> Self:
+    def pipe_to(self, next_cmd: Sequence[StrPath]) -> Self:
         """Send this job's stdout into another command, like a shell `|`."""
         base = self.cmd if isinstance(self.cmd, Pipeline) else Pipeline([self.cmd])
-        self.cmd = base.pipe_to(cmd)
+        self.cmd = base.pipe_to(next_cmd)
         return self
 
     def to_dict(self) -> Dict[str, Any]:
-        """The job as a seed-style dict (keys cmd, p, m, id, cwd, env, timeout, stdout, stderr)."""
+        """The job as a seed-style dict: keys cmd (or pipeline), p, m, id, cwd, env, timeout, stdout
+        and stderr, None where unset (as the original's), then the other options that are set."""
         if isinstance(self.cmd, Pipeline):
             data: Dict[str, Any] = {"pipeline": [list(c) for c in self.cmd.commands]}
         else:
             data = {"cmd": list(self.cmd)}
-        data.update(p=self.p, m=self.m)
-        if self.id is not None:
-            data["id"] = self.id
+        data.update(p=self.p, m=self.m, id=self.id)
+        data.update(dict.fromkeys(SEED_OPTIONS))
         data.update(optional_fields(self))
         return data
 
@@ -466,7 +470,7 @@ class Job(Resources):
         )
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if v is not None or k in ("p", "m"))
         return f"Job({fields})"
 
 
@@ -498,7 +502,8 @@ def job_from_dict(data: Mapping[str, Any]) -> Job:
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown job key {key!r}{hint}; accepted keys: {', '.join(_DICT_KEYS)}")
+            aliases = ", ".join(f"{alias} (for {name})" for alias, name in _DICT_ALIASES.items())
+            raise ValueError(f"unknown job key {key!r}{hint}; accepted keys: {', '.join(_DICT_KEYS)}, {aliases}")
     kwargs: Dict[str, Any] = {}
     for key, value in data.items():
         name = _DICT_ALIASES.get(key, key)

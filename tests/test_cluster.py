@@ -69,8 +69,7 @@ def test_append_and_extend_return_stable_ids_and_validate_at_once() -> None:
     assert p.jobs.append(mpmsub.Job(["echo", "b"]).with_id("mine")) == "mine"
     assert p.jobs.extend([["echo", "c"], mpmsub.job(["echo", "d"], p=1)]) == ["job_0002", "job_0003"]
     assert len(p.jobs) == 4
-    with pytest.raises(ValueError, match="duplicate job id 'mine'"):
-        p.jobs.append({"cmd": ["x"], "id": "mine"})
+    assert p.jobs.append({"cmd": ["x"], "id": "mine"}) == "mine_2"  # renamed, as the original accepted it
     with pytest.raises(ValueError, match="unknown job key 'comand' \\(did you mean 'cmd'\\?\\)"):
         p.jobs.append({"comand": ["x"]})
     with pytest.raises(ValueError, match="can never run on this cluster: it asks for 3 CPUs but the executor has 2"):
@@ -79,7 +78,7 @@ def test_append_and_extend_return_stable_ids_and_validate_at_once() -> None:
         p.jobs.append({"cmd": ["x"], "m": "2G"})
     with pytest.raises(ValueError, match="cmd is empty"):
         p.jobs.extend([{"cmd": ["ok"]}, {"cmd": []}])
-    assert len(p.jobs) == 4  # a failed extend queues nothing
+    assert len(p.jobs) == 5  # a failed extend queues nothing
     assert p.jobs.append({"cmd": ["echo", "e"]}) == "job_0004"
 
 
@@ -90,7 +89,15 @@ def test_run_returns_stats_and_sorts_results() -> None:
     p.jobs.append(mpmsub.Job(alloc_cmd(100, 0.2)).memory("200M"))
     stats = p.run()
     assert len(p.jobs) == 0
-    assert stats["jobs"] == {"total": 3, "completed": 2, "failed": 1, "cancelled": 0, "success_rate": 2 / 3}
+    assert stats["jobs"] == {
+        "total": 3,
+        "completed": 2,
+        "failed": 1,
+        "cancelled": 0,
+        "success_rate": 2 / 3,
+        "pending": 0,
+        "running": 0,
+    }
     assert stats["cluster"]["cpus"] == 2 and stats["cluster"]["memory_mb"] == 1024
     assert stats["time"]["wall"] > 0 and stats["memory"]["peak_job_mb"] >= 100
     assert p.stats == stats or p.stats["jobs"] == stats["jobs"]

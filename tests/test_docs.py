@@ -125,3 +125,23 @@ def test_docs_page_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.M
         if "pip install" in block:
             continue  # installation commands: the CI's own setup runs them
         run_shell(block, tmp_path)
+
+
+def test_public_signatures_and_the_package_help_show_nothing_private() -> None:
+    import inspect
+
+    import mpmsub
+
+    for name in mpmsub.__all__:
+        obj = getattr(mpmsub, name)
+        targets = [obj] if not inspect.isclass(obj) else [obj, *vars(obj).values()]
+        for target in targets:
+            if not callable(target) or (getattr(target, "__name__", "_").startswith("_") and target is not obj):
+                continue
+            try:
+                parameters = inspect.signature(target).parameters
+            except (TypeError, ValueError):
+                continue
+            assert not [p for p in parameters if p.startswith("_")], (name, target)
+    assert len((mpmsub.__doc__ or "").splitlines()) > 5  # help(mpmsub) says what it is and where to start
+    assert mpmsub.JobList.clear.__doc__

@@ -137,7 +137,11 @@ def test_a_jobs_cgroup_catches_a_brief_overlap_that_sampling_misses(tmp_path: Pa
     # memory until both have it, whenever each started), between slow ticks
     brief = [sys.executable, "-c", BOTH_HOLD, str(tmp_path)]
     both = " & ".join([shlex.join(brief)] * 2)
-    with MemoryAwareExecutor(cpus=1, memory="2G", _monitor_interval=0.5) as ex:
+
+    class SlowSampling(MemoryAwareExecutor):
+        _monitor_interval = 0.5
+
+    with SlowSampling(cpus=1, memory="2G") as ex:
         r = ex.submit(["sh", "-c", f"sleep 0.5; {both} & wait"]).result(timeout=30)
     assert r.success, r.error
     assert r.memory_used >= 390, r.memory_used
