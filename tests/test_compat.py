@@ -345,6 +345,8 @@ def _plain() -> bool:
 
 def _have_original() -> bool:
     return ORIGINAL.is_dir() and (_plain() or shutil.which("git") is not None)
+
+
 # What the original's examples run besides Python.
 PROGRAMS = ("python3", "echo", "sleep", "ls", "cat", "grep", "sort", "wc", "tr", "sed", "date", "env", "pwd")
 # A line of output each script prints when it works as it did with the original.
