@@ -169,7 +169,7 @@ class DaskLauncher(Launcher):
         self._closing = False
         self._kills: List[Tuple[DaskHandle, str, str, Optional[float]]] = []  # handle, failure, message, grace
         # Started now, with the executor: jobs that end a program without shutdown() run at
-        # interpreter shutdown, when no thread may start any more (Python 3.12+).
+        # interpreter shutdown, when Python 3.12.0-3.12.2 start no thread.
         self._reader = _threads.start(self._read, "mpmsub-dask")
         self._killer = _threads.start(self._kill, "mpmsub-dask-kill")
         if self._reader is None or self._killer is None:

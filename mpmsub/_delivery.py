@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from mpmsub import _threads
 from mpmsub._future import JobFuture
@@ -29,12 +29,17 @@ def _has_callbacks(future: Future[Any]) -> Optional[bool]:
 
 
 class Delivery:
-    """Sets results and cancels futures, keeping their callbacks off the caller's thread."""
+    """Sets results and cancels futures, keeping their callbacks off the caller's thread.
+
+    Where no thread may start (at interpreter shutdown, on the Pythons that refuse then), a
+    future is resolved at once, its waiters woken, and its callbacks run later by `join`, on the
+    thread that waits for the executor: never on the loop, where a callback waiting for another
+    future would stop the loop that resolves it."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Optional[_Action]] = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
-        self._direct = False  # no thread could start (interpreter shutdown)
+        self._direct = False  # no thread could start: callbacks wait for join()
 
     def set_result(self, future: Future[Any], result: Any) -> None:
         self._resolve(future.set_result, future, result)
@@ -51,32 +56,45 @@ class Delivery:
                 if _has_callbacks(future) is False:
                     method(value)
                     return
-        self._put(method, value)
+        if self._started():
+            self._queue.put((method, (value,)))
+        else:
+            self._queue.put((_call_back, (future, _without_callbacks(future, method, value))))
 
     def cancel(self, future: Future[Any]) -> None:
         """Cancel a queued future and wake the threads waiting on it (wait, as_completed)."""
         if isinstance(future, JobFuture) and future.cancel_unobserved():
             return  # no one was waiting on it: nothing to wake
-        self._put(_cancel_and_notify, future)
+        if self._started():
+            self._queue.put((_cancel_and_notify, (future,)))
+        else:
+            self._queue.put((_call_back, (future, _without_callbacks(future, _cancel_and_notify, future))))
 
     def close(self) -> None:
         if self._thread is not None:
             self._queue.put(None)
 
     def join(self) -> None:
-        """Wait until everything handed over so far is delivered (not from a callback itself)."""
+        """Wait until everything handed over so far is delivered (not from a callback itself);
+        where no thread could start, run the callbacks waiting for it here."""
+        if self._direct:
+            while True:
+                try:
+                    action = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                if action is not None:
+                    _call(*action)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
-    def _put(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _started(self) -> bool:
+        """Whether the delivery thread runs (started now if need be)."""
         if self._thread is None and not self._direct:
             self._thread = _threads.start(self._run, "mpmsub-results")
             self._direct = self._thread is None
-        if self._direct:  # the interpreter is shutting down: no thread may start; deliver here
-            _call(fn, args)
-            return
-        self._queue.put((fn, args))
+        return not self._direct
 
     def _run(self) -> None:
         while True:
@@ -91,6 +109,23 @@ def _call(fn: Callable[..., Any], args: Tuple[Any, ...]) -> None:
         fn(*args)
     except BaseException:  # a callback's exception must not stop the delivery of others
         logger.exception("mpmsub: exception while resolving a future")
+
+
+def _without_callbacks(future: Future[Any], resolve: Callable[..., Any], *args: Any) -> List[Callable[..., Any]]:
+    """Resolve `future` with `resolve(*args)` now, waking its waiters, without its callbacks: they
+    are returned, for later (the standard library's internals: an empty list where they differ)."""
+    with future._condition:
+        callbacks = getattr(future, "_done_callbacks", None)
+        detached = list(callbacks) if isinstance(callbacks, list) else []
+        if isinstance(callbacks, list):
+            callbacks.clear()
+        resolve(*args)
+    return detached
+
+
+def _call_back(future: Future[Any], callbacks: List[Callable[..., Any]]) -> None:
+    for callback in callbacks:
+        _call(callback, (future,))
 
 
 def _cancel_and_notify(future: Future[Any]) -> None:

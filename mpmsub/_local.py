@@ -322,8 +322,8 @@ class LocalHandle(Handle):
     def _poll_exit(self, pid: int) -> None:
         """Where neither a pidfd nor a thread can tell of the exit: look again soon."""
         seen = _threads.exited(pid)
-        if seen is None:
-            self._timers.append(self._loop.call_later(_threads.EXIT_POLL, self._poll_exit, pid))
+        if seen is None:  # (not among _timers: it ends with the exit, which every finish waits for)
+            self._loop.call_later(_threads.EXIT_POLL, self._poll_exit, pid)
         elif hasattr(os, "waitid"):
             self._reap(pid)  # a zombie still: reaped on the loop, as a pidfd's exit is
         else:

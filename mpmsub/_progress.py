@@ -79,7 +79,9 @@ class ProgressBar:
         text = " | ".join(parts)
         if self.label:
             text = f"{self.label} {text}"
-        bar_width = max(10, min(30, width // 4))  # by the width alone: the same all through a run
+        # By the width alone, so that it stays the same all through a run; narrow below 120
+        # columns, where the figures need the room.
+        bar_width = 10 if width < 120 else min(30, width // 4)
         filled = int(bar_width * fraction)
         return f"[{'█' * filled}{'░' * (bar_width - filled)}] {text}"
 

@@ -182,7 +182,7 @@ class SlurmLauncher(Launcher):
         self._active: Dict[str, SlurmHandle] = {}  # by SLURM job id (the thread's)
         self._closing = False
         # Started now, with the executor: a job that ends a program without shutdown() is started
-        # at interpreter shutdown, when no thread may start any more (Python 3.12+).
+        # at interpreter shutdown, when Python 3.12.0-3.12.2 start no thread.
         self._thread = _threads.start(self._run, "mpmsub-slurm")
         if self._thread is None:
             raise RuntimeError("cannot start mpmsub's SLURM thread: the interpreter is shutting down")

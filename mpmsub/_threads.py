@@ -1,10 +1,10 @@
 """Starting mpmsub's helper threads, which interpreter shutdown may forbid.
 
-From Python 3.12 a thread cannot be started once the interpreter has begun to shut down, and
-that is when the jobs of a program that ended without `shutdown()` finish (the executor's exit
-hook waits for them). Each thread mpmsub starts on demand goes through `start`, and its caller
-does the work another way when it returns False (at once, on the calling thread), so that no
-exit ever waits for a thread that could not be.
+Python 3.12.0 to 3.12.2 refuse to start a thread once the interpreter has begun to shut down
+(3.12.3 and 3.13 allow it again in exit hooks), and that is when the jobs of a program that
+ended without `shutdown()` finish (the executor's exit hook waits for them). Each thread mpmsub
+starts on demand goes through `start`, and its caller does the work another way when it returns
+None, so that no exit ever waits for a thread that could not be.
 """
 
 from __future__ import annotations

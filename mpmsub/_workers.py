@@ -150,25 +150,31 @@ class Worker:
         self.pool.loop.call_soon_threadsafe(self._on_exit)
 
     def _poll_exit(self) -> None:
-        seen = _threads.exited(self.pid)
-        if seen is None:
+        if self._exited():
+            self._on_exit()
+        else:
             self.pool.loop.call_later(_threads.EXIT_POLL, self._poll_exit)
-            return
-        self._exit_seen = True
-        status, usage = seen
-        if status is not None:  # reaped by that look (macOS)
-            self._reaped = (os.waitstatus_to_exitcode(status), usage)
-        self._on_exit()
+
+    def _exited(self) -> bool:
+        """Whether it has exited, looked at now (where neither a pidfd nor a thread tells)."""
+        if not self._exit_seen:
+            seen = _threads.exited(self.pid)
+            if seen is not None:
+                self._exit_seen = True
+                status, usage = seen
+                if status is not None:  # reaped by that look (macOS)
+                    self._reaped = (os.waitstatus_to_exitcode(status), usage)
+        return self._exit_seen
 
     def alive(self) -> bool:
         """False if it has exited (checked before an idle worker is given a call)."""
-        if self.dead or self._exit_seen:
+        if self.dead:
             return False
         if self._poller is not None:
             return not self._poller.poll(0)
         if self._waiter is not None:
             return self._waiter.is_alive()
-        return True
+        return not self._exited()
 
     # -- writing ----------------------------------------------------------------------------------
 
