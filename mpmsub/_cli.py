@@ -1,4 +1,5 @@
-"""The `mpmsub` command: run a job file like GNU parallel, under a CPU and memory budget."""
+"""The `mpmsub` command: run a command template or a job file like GNU parallel, under a CPU and
+memory budget."""
 
 from __future__ import annotations
 
@@ -17,14 +18,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 from mpmsub import __version__, _joblog, _report
 from mpmsub._cluster import Cluster
 from mpmsub._files import open_private
+from mpmsub._halt import FORMS, NOW, SUCCESS, Halt, parse_halt
 from mpmsub._history import History, HistoryError, default_path
 from mpmsub._history import resolve as resolve_history
 from mpmsub._job import AUTO, is_auto
-from mpmsub._jobfile import FORMATS, FileJob, JobFileError, label, read_jobs, with_defaults
+from mpmsub._jobfile import FORMATS, FileJob, JobFileError, label, read_jobs, shell_job, with_defaults
 from mpmsub._learn import Estimate, Run, estimate
 from mpmsub._result import CANCELLED, JobResult
 from mpmsub._scheduler import POLICIES
 from mpmsub._slurm import SlurmError
+from mpmsub._template import SEPARATORS, TemplateError, is_template
+from mpmsub._template import parse as parse_template
 from mpmsub._units import format_memory, parse_cpus, parse_duration, parse_memory
 
 # Exit statuses. GNU parallel exits with the number of failed jobs, but there 2 would also mean
@@ -33,7 +37,20 @@ OK, FAILED, USAGE = 0, 1, 2
 INTERRUPTED = 128 + signal.SIGINT
 TERMINATED = 128 + signal.SIGTERM
 
+_USAGE = """mpmsub {name} [OPTIONS] COMMAND [WORDS...] ::: VALUES... [(::: | :::: | :::+ | ::::+) VALUES...]...
+       mpmsub {name} [OPTIONS] JOBFILE"""
+
 _EPILOG_RUN = """\
+command templates:
+  COMMAND [WORDS...] then input sources, each started by a separator:
+    ::: VALUES...   the values given       :::: FILES...  the lines of the files (- is standard input)
+    :::+ / ::::+    linked to the source before: values paired by position, not combined
+  several sources give every combination, the first varying slowest (as GNU parallel does).
+  replacement strings: {} the value, {.} without extension, {/} base name, {//} directory,
+  {/.} base name without extension, {#} the job's number; {N} {N.} {N/} {N//} {N/.} the N-th
+  source's value. Without any, the values are appended. Values are shell-quoted; the command
+  runs with /bin/sh -c.
+
 job files:
   text   one shell command per line, run with /bin/sh -c; blank lines and # comments skipped;
          every job gets --job-cpus and --job-mem
@@ -43,11 +60,14 @@ job files:
 
 memory sizes: a number of MB, or 512M, 4G, 1.5T.   durations: seconds, or 30s, 5m, 2h.
 
-exit status: 0 all jobs succeeded; 1 one or more failed, or the joblog missed rows; 2 usage or
-job file error; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Running jobs are killed on
-either.
+exit status: 0 all jobs succeeded (or --halt ...,success=N was met); 1 one or more failed, or
+the joblog missed rows; 2 usage, template or job file error; 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM). Running jobs are killed on either.
 
 examples:
+  mpmsub run -j 8 gzip -k {} ::: *.txt
+  mpmsub run -m 32G --job-mem auto 'bwa mem ref.fa {1} {2} > {1/.}.sam' ::: *_1.fq :::+ *_2.fq
+  find . -name '*.log' -print0 | mpmsub run -0 -k --tag wc -l {} :::: -
   mpmsub run jobs.txt -p 8 -m 32G --job-mem 2G
   mpmsub run samples.jsonl --joblog run.log          # then, after a crash or kill:
   mpmsub run samples.jsonl --joblog run.log --resume
@@ -91,6 +111,23 @@ class _Terminated(BaseException):
     """SIGTERM: the running jobs are killed as on Ctrl-C."""
 
 
+class _Halted(BaseException):
+    """--halt now: the running jobs are killed."""
+
+
+_Halted.__name__ = "--halt now"  # the killed and cancelled jobs' errors name what stopped them
+
+
+def _halt_arg(text: str) -> Halt:
+    try:
+        return parse_halt(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_halt_arg.__name__ = "halt"
+
+
 def _arg(parse: Callable[[object, str], Any], what: str) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         try:
@@ -127,7 +164,14 @@ _count.__name__ = "retries"  # argparse names the type in its message
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("jobfile", metavar="JOBFILE", help="the job file; - reads standard input")
+    parser.add_argument("jobfile", metavar="JOBFILE", nargs="?", help="the job file; - reads standard input")
+    template = parser.add_argument_group(
+        "command templates (COMMAND [WORDS...] ::: VALUES..., as GNU parallel takes them)"
+    )
+    template.add_argument(
+        "-a", "--arg-file", metavar="FILE", action="append", default=[], help="an input source: the lines of FILE"
+    )
+    template.add_argument("-0", "--null", action="store_true", help=":::: and -a input is split at NUL bytes")
     parser.add_argument("-p", "--cpus", type=_arg(parse_cpus, "cpus"), help="CPUs to use (default: all)")
     parser.add_argument("-m", "--memory", type=_memory("memory"), help="memory to use (default: all, less a reserve)")
     parser.add_argument("--job-cpus", type=_arg(parse_cpus, "job cpus"), default=1, help="CPUs of each job (1)")
@@ -174,15 +218,23 @@ def parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _common(sub)
+        sub.usage = _USAGE.format(name=name)
         sub.set_defaults(parser=sub)
         return sub
 
     run = command(
         "run",
-        "run the jobs of a job file",
-        "Run the jobs of a job file in parallel, each admitted only when its CPUs and memory fit.",
+        "run a command on many values, or the jobs of a job file",
+        "Run a command template's jobs, or a job file's, in parallel, each admitted only when its CPUs and memory fit.",
         _EPILOG_RUN,
     )
+    run.add_argument(
+        "-j", "--jobs", type=_arg(parse_cpus, "jobs"), help="run at most N jobs at once (and, without -p, on N CPUs)"
+    )
+    run.add_argument("-k", "--keep-order", action="store_true", help="print the jobs' output in input order")
+    run.add_argument("--tag", action="store_true", help="prefix each output line with the job's values and a tab")
+    run.add_argument("--dry-run", action="store_true", help="print the commands that would run; run nothing")
+    run.add_argument("--halt", type=_halt_arg, metavar="WHEN,WHAT=N", help="stop early: " + FORMS.replace("%", "%%"))
     run.add_argument("--retries", type=_count, default=None, help="rerun a failed job up to N times")
     run.add_argument("--schedule", choices=POLICIES, default="pack", help="start order (default: pack)")
     run.add_argument("--joblog", metavar="FILE", help="record each finished job in FILE (GNU parallel's format)")
@@ -252,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from mpmsub import _remote
 
         return _remote.main(words[1:])
-    args = parser().parse_args(argv)
+    args = _parse(parser(), words)
     if args.command == "history":
         return _history(args)
     if args.command == "report":
@@ -261,12 +313,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.parser.error("--resume and --resume-failed need --joblog FILE")
     try:  # everything that can be wrong with the command is found before any job runs
         jobs = _read(args)
+        if getattr(args, "dry_run", False):
+            _dry_run(_to_run(args, jobs))
+            return OK
         if not jobs:
             if not args.quiet:
                 print(f"mpmsub: the job file {label(args.jobfile)} holds no job", file=sys.stderr)
             return OK
         cluster = Cluster(
-            cpus=args.cpus,
+            cpus=args.cpus if args.cpus is not None or args.command != "run" else args.jobs,
             memory=args.memory,
             verbose=False,
             progress_bar=not (args.no_progress or args.quiet),
@@ -275,18 +330,90 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             trace=args.trace,
         )
         cluster._refuse_duplicate_ids = True  # the joblog and --resume find a job by its id
-        _admit(cluster, jobs, args.jobfile, getattr(args, "results", None))
+        _admit(cluster, jobs, _name(args), getattr(args, "results", None))
         _check_apart(_outputs(args), {"the job file": args.jobfile})
         if args.command == "run":
             plan = _plan_run(args, cluster, jobs)
         elif args.output:
             _check_writable(args.output)
-    except (JobFileError, ValueError, TypeError, ImportError, OSError, SlurmError) as exc:
+    except (JobFileError, TemplateError, ValueError, TypeError, ImportError, OSError, SlurmError) as exc:
         command: argparse.ArgumentParser = args.parser
         command.error(str(exc))  # prints the command's usage and the message; exits 2
     if args.command == "run":
         return _run(args, cluster, plan)
     return _profile(args, cluster, jobs)
+
+
+def _parse(top: argparse.ArgumentParser, words: List[str]) -> argparse.Namespace:
+    """The command line's options. `run` and `profile` take a command template when a separator
+    (:::, ::::, :::+, ::::+) or -a FILE is given: their options end at COMMAND, the first word
+    that is not an option (or after --), and every word from there on is the template's."""
+    name = words[0] if words else None
+    if name not in ("run", "profile"):
+        return top.parse_args(words)
+    sub = _subparser(top, name)
+    options, rest = _split_options(sub, words[1:])
+    early = top.parse_args([name, *options])
+    if is_template(rest) or early.arg_file:
+        if early.jobfile is not None:  # options alone were parsed: no positional can be here
+            sub.error(f"unexpected {early.jobfile!r} before the command template")
+        early.template = rest
+        return early
+    args, extra = top.parse_known_args(words)
+    if extra:
+        message = f"unrecognized arguments: {' '.join(extra)}"
+        if args.jobfile is not None and not os.path.exists(args.jobfile) and not extra[0].startswith("-"):
+            words_given = " ".join(rest[:3])
+            message += f"; to run a command on values, give them after a separator: did you mean: mpmsub {name} "
+            message += f"{words_given} ::: VALUES... ?"
+        sub.error(message)
+    args.template = None
+    if args.jobfile is None:
+        sub.error("give a job file, or a command template: COMMAND [WORDS...] ::: VALUES...")
+    return args
+
+
+def _subparser(top: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in top._subparsers._group_actions if top._subparsers else []:
+        choices = getattr(action, "choices", None)
+        if isinstance(choices, dict) and name in choices:
+            found: argparse.ArgumentParser = choices[name]
+            return found
+    raise ValueError(f"no command {name!r}")
+
+
+def _split_options(sub: argparse.ArgumentParser, words: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """The words before COMMAND (options and their values) and those from COMMAND on."""
+    actions = sub._option_string_actions
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--":
+            return list(words[:i]), list(words[i + 1 :])
+        if word in SEPARATORS or not word.startswith("-") or word == "-":
+            break
+        if word.startswith("--"):
+            action = actions.get(word.split("=", 1)[0])
+            takes = action is not None and action.nargs != 0 and "=" not in word
+        else:  # -j 2, -j2, -k0j 2: a value follows when the last flag of the cluster takes one
+            takes = False
+            for at in range(1, len(word)):
+                action = actions.get("-" + word[at])
+                if action is None or action.nargs != 0:
+                    takes = action is not None and at == len(word) - 1
+                    break
+        i += 2 if takes else 1
+    return list(words[:i]), list(words[i:])
+
+
+def _name(args: argparse.Namespace) -> str:
+    """What messages name the jobs' source: the job file, or the template."""
+    return "the template's job" if args.template is not None else str(args.jobfile)
+
+
+def _dry_run(jobs: List[FileJob]) -> None:
+    """--dry-run: each command that would run, one per line, in order."""
+    sys.stdout.writelines(job.command + "\n" for job in jobs)
 
 
 def _backend(args: argparse.Namespace) -> Any:
@@ -404,17 +531,43 @@ def _by_id(jobs: List[FileJob]) -> Dict[str, FileJob]:
 
 
 def _read(args: argparse.Namespace) -> List[FileJob]:
+    if args.template is not None:
+        return _template_jobs(args)
     try:
         if args.jobfile == "-":
             text = sys.stdin.read()
         else:
             with open(args.jobfile, encoding="utf-8") as f:
                 text = f.read()
+    except FileNotFoundError as exc:
+        raise ValueError(
+            f"cannot read the job file {args.jobfile!r}: {exc.strerror}; to run it as a command on values, "
+            f"give them after a separator; did you mean: mpmsub {args.command} {args.jobfile} {{}} :::: - ?"
+        ) from None
     except OSError as exc:
         raise ValueError(f"cannot read the job file {args.jobfile!r}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"cannot read the job file {args.jobfile!r}: not UTF-8 text ({exc.reason})") from None
     return read_jobs(text, args.jobfile, args.format, _defaults(args))
+
+
+def _template_jobs(args: argparse.Namespace) -> List[FileJob]:
+    """The jobs of a command template: one per combination of its sources' values. They share
+    a run-history key, the template itself, so that --job-mem auto learns across its jobs."""
+
+    def read(name: str) -> bytes:
+        if name == "-":
+            return sys.stdin.buffer.read()
+        with open(name, "rb") as f:
+            return f.read()
+
+    template = parse_template(args.template, read, args.arg_file, args.null)
+    defaults = _defaults(args)
+    key = template.command
+    return [
+        shell_job(seq, template.expand(values, seq), values, defaults, key)
+        for seq, values in enumerate(template.jobs(), 1)
+    ]
 
 
 def _defaults(args: argparse.Namespace) -> Dict[str, Any]:
@@ -433,13 +586,22 @@ class _Run:
     skipped: int
     joblog: Optional[_joblog.JobLog]
     echo: bool  # print each job's captured output as it ends
+    keep_order: bool = False  # -k: print each job's output once every earlier job's is printed
+    tag: bool = False  # --tag: prefix each output line with the job's values
+    halt: Optional[Halt] = None
     unlogged: int = 0  # rows the joblog could not take
     joblog_error: Optional[str] = None  # why, the first time
+    halted: bool = False  # --halt's condition was met
+    failed: int = 0
+    succeeded: int = 0
+    held: Dict[int, JobResult] = dataclasses.field(default_factory=dict)  # -k: ended, not yet printed
+    printed: int = 0  # -k: how many of `jobs`, in order, have had their output printed
 
     def logged(self, result: JobResult) -> None:
         """Write the job's joblog row, as soon as it has ended (on mpmsub's results thread): a
         driver killed a moment later must not run it again on --resume. A row that cannot be
         written is counted, and the run then fails, after its jobs."""
+        self._check_halt(result)
         if self.joblog is None or result.failure == CANCELLED:  # cancelled jobs run again
             return
         job = self.by_id[result.job_id]
@@ -451,19 +613,60 @@ class _Run:
                 self.joblog_error = str(exc)
 
     def finished(self, result: JobResult) -> None:
+        """A job's end, on the run's thread: print its output, and halt the run if --halt says so."""
+        if self.keep_order:
+            self.held[self.by_id[result.job_id].seq] = result
+            while self.printed < len(self.jobs) and self.jobs[self.printed].seq in self.held:
+                self._show(self.held.pop(self.jobs[self.printed].seq))
+                self.printed += 1
+        else:
+            self._show(result)
+
+    def _check_halt(self, result: JobResult) -> None:
+        """--halt, the moment a job's end is known (on the results thread, so that as few jobs as
+        can be start after the condition is met): now stops the run through the cluster, as a
+        signal does; soon cancels the queued jobs and lets the running ones finish."""
+        if self.halt is None or self.halted or result.failure == CANCELLED:
+            return
+        self.failed += not result.success
+        self.succeeded += result.success
+        if self.halt.reached(self.failed, self.succeeded, len(self.jobs)):
+            self.halted = True
+            if self.halt.when == NOW:
+                self.cluster._stop = _Halted()
+            else:
+                self.cluster._cancel_queued()
+
+    def flush(self) -> None:
+        """-k: print what is still held (the jobs before it never ended: cancelled or killed)."""
+        for seq in sorted(self.held):
+            self._show(self.held.pop(seq))
+
+    def _show(self, result: JobResult) -> None:
         if self.echo:
             try:
-                self._print(result.stdout, sys.stdout)
-                self._print(result.stderr, sys.stderr)
+                self._print(result.stdout, sys.stdout, result)
+                self._print(result.stderr, sys.stderr, result)
             except BrokenPipeError:  # e.g. `mpmsub run jobs.txt | head`: the jobs go on, unprinted
                 self.echo = False
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())  # so that Python's final flush is quiet
                 os.close(devnull)
 
-    def _print(self, text: Optional[str], stream: TextIO) -> None:
+    def _print(self, text: Optional[str], stream: TextIO, result: JobResult) -> None:
         if text:
+            if self.tag:
+                prefix = self.by_id[result.job_id].tag + "\t"
+                text = "".join(prefix + line for line in text.splitlines(keepends=True))
             self.cluster._echo(text, stream)
+
+
+def _to_run(args: argparse.Namespace, jobs: List[FileJob]) -> List[FileJob]:
+    """The jobs that run: all, or, when resuming, those the joblog does not record as done."""
+    if not (args.resume or args.resume_failed):
+        return jobs
+    recorded = _joblog.read(args.joblog)
+    return [j for j in jobs if not _done(recorded.get(_joblog.key(j.seq, j.command)), args.resume_failed)]
 
 
 def _plan_run(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) -> _Run:
@@ -471,8 +674,7 @@ def _plan_run(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) -
     skipped = 0
     resuming = args.resume or args.resume_failed
     if resuming:
-        recorded = _joblog.read(args.joblog)
-        run = [j for j in jobs if not _done(recorded.get(_joblog.key(j.seq, j.command)), args.resume_failed)]
+        run = _to_run(args, jobs)
         skipped = len(jobs) - len(run)
         if skipped:
             cluster.jobs.clear()
@@ -483,7 +685,17 @@ def _plan_run(args: argparse.Namespace, cluster: Cluster, jobs: List[FileJob]) -
         for job in jobs:
             os.makedirs(_result_dir(args.results, job), mode=0o700, exist_ok=True)
     log = _joblog.JobLog(args.joblog, append=resuming) if args.joblog else None
-    return _Run(cluster, jobs, _by_id(jobs), skipped, log, echo=not args.json)
+    return _Run(
+        cluster,
+        jobs,
+        _by_id(jobs),
+        skipped,
+        log,
+        echo=not args.json,
+        keep_order=args.keep_order,
+        tag=args.tag,
+        halt=args.halt,
+    )
 
 
 def _run(args: argparse.Namespace, cluster: Cluster, plan: _Run) -> int:
@@ -491,7 +703,12 @@ def _run(args: argparse.Namespace, cluster: Cluster, plan: _Run) -> int:
         print(f"mpmsub: {plan.skipped} job(s) skipped: the joblog records them", file=sys.stderr)
     status = OK
     if plan.jobs:
-        status = _execute(cluster, lambda: cluster._run(on_result=plan.finished, on_end=plan.logged))
+        status = _execute(
+            cluster, lambda: cluster._run(max_workers=args.jobs, on_result=plan.finished, on_end=plan.logged)
+        )
+        plan.flush()
+        if plan.halted and not args.quiet:
+            print(f"mpmsub: --halt {plan.halt}: the run was halted", file=sys.stderr)
     if plan.joblog is not None:
         plan.joblog.close()
         if plan.unlogged:
@@ -508,6 +725,8 @@ def _run(args: argparse.Namespace, cluster: Cluster, plan: _Run) -> int:
         print(_report.summary_text(cluster.stats, results), file=sys.stderr)
     if status != OK:
         return status
+    if plan.halted and plan.halt is not None and plan.halt.what == SUCCESS and not plan.unlogged:
+        return OK  # as GNU parallel: halting on success is a success, whatever was stopped
     return OK if all(r.success for r in results) and not plan.unlogged else FAILED
 
 
@@ -535,6 +754,8 @@ def _execute(cluster: Cluster, run: Callable[[], Any]) -> int:
     except _Terminated:
         print("mpmsub: terminated; running jobs were killed", file=sys.stderr)
         return TERMINATED
+    except _Halted:  # --halt now: the jobs were killed; the run's report and status follow
+        pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import queue
+import threading
 import time
 from concurrent.futures import Future
 from typing import (
@@ -184,6 +185,10 @@ class Cluster:
         self._bar: Optional[ProgressBar] = None  # while jobs run
         self._active: Optional[Tuple[MemoryAwareExecutor, float]] = None  # and its start (monotonic)
         self._stop: Optional[BaseException] = None  # set (by a signal handler) to stop the run
+        # _cancel_queued(): no more jobs start. The lock keeps it apart from the submissions.
+        self._halt_lock = threading.RLock()  # re-entered by a callback run at once in submit
+        self._halting = False
+        self._submitted = False  # every job of the run under way is submitted
         self._last_trace: Optional[List[Dict[str, Any]]] = None  # the last run's, kept where no file is
 
     @property
@@ -358,12 +363,26 @@ class Cluster:
                 finally:  # whatever on_end did, the run hears of the end
                     ended.put(future)
 
+            with self._halt_lock:
+                self._halting = self._submitted = False
             for spec in specs:
                 self._raise_stop()  # a signal takes effect while a long batch is submitted too
-                submitted = executor.submit(spec)
-                futures[submitted] = spec
-                submitted.add_done_callback(on_done)
-            while len(results) < len(futures):
+                with self._halt_lock:
+                    if self._halting:
+                        break
+                    submitted = executor.submit(spec)
+                    futures[submitted] = spec
+                    submitted.add_done_callback(on_done)
+            with self._halt_lock:
+                self._submitted = True
+                if self._halting:
+                    executor.shutdown(wait=False, cancel_futures=True)
+            for spec in specs[len(futures) :]:  # those _cancel_queued() stopped before submission
+                results.append(self._record(_cancelled(spec, None), spec))
+                failed += 1
+                if on_result is not None:
+                    on_result(results[-1])
+            while len(results) < len(specs):
                 done = []
                 with contextlib.suppress(queue.Empty):
                     done.append(ended.get(timeout=_REFRESH))
@@ -371,7 +390,9 @@ class Cluster:
                         done.append(ended.get_nowait())
                 self._raise_stop()
                 for future in done:
-                    results.append(self._record(_usage(future), futures[future]))
+                    spec = futures[future]
+                    ended_as = _cancelled(spec, None) if future.cancelled() else _usage(future)
+                    results.append(self._record(ended_as, spec))
                     failed += not results[-1].success
                     if on_result is not None:
                         on_result(results[-1])
@@ -402,6 +423,14 @@ class Cluster:
                 logger.removeHandler(handler)
                 logger.setLevel(level)
         return results
+
+    def _cancel_queued(self) -> None:
+        """Start no more of the run's jobs: the queued ones are cancelled, the running ones
+        finish (from any thread; for --halt soon)."""
+        with self._halt_lock:
+            self._halting = True
+            if self._submitted and self._active is not None:
+                self._active[0].shutdown(wait=False, cancel_futures=True)
 
     def _raise_stop(self) -> None:
         """Raise what a signal handler asked the run to stop with, if it did."""
@@ -554,8 +583,10 @@ def _usage(future: Future[Any]) -> JobResult:
     return usage if isinstance(usage, JobResult) else future.result()
 
 
-def _cancelled(spec: JobSpec, exc: BaseException) -> JobResult:
-    return never_ran(spec, spec.job_id or "", CANCELLED, f"cancelled before it started: {type(exc).__name__}")
+def _cancelled(spec: JobSpec, exc: Optional[BaseException]) -> JobResult:
+    """The result of a job that never started: stopped by `exc`, or (None) cancelled while queued."""
+    why = "the run was halted" if exc is None else type(exc).__name__
+    return never_ran(spec, spec.job_id or "", CANCELLED, f"cancelled before it started: {why}")
 
 
 def cluster(

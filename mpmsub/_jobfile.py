@@ -37,6 +37,12 @@ class FileJob:
     given: Dict[str, Any]  # what the line said, as a job dict ({"cmd": line} for a text line)
     job: Dict[str, Any] = field(repr=False)  # the job dict to run: `given` with the defaults filled in
     spec: JobSpec = field(repr=False, compare=False)
+    values: Optional[Tuple[str, ...]] = None  # a template job's input values (None: a job file's)
+
+    @property
+    def tag(self) -> str:
+        """What --tag prefixes the job's output lines with: its values, or its command."""
+        return self.command if self.values is None else " ".join(self.values)
 
 
 def detect_format(name: str, text: str) -> str:
@@ -87,6 +93,18 @@ def read_jobs(text: str, name: str, fmt: str = "auto", defaults: Optional[Mappin
             command = " | ".join(shlex.join(stage) for stage in spec.stages)
         jobs.append(FileJob(len(jobs) + 1, number, command, given, job, spec))
     return jobs
+
+
+def shell_job(
+    seq: int, command: str, values: Tuple[str, ...], defaults: Mapping[str, Any], key: Optional[str] = None
+) -> FileJob:
+    """A template's job: the shell command `command`, job number `seq` (also its "line"), with
+    the defaults and, given `key`, the run history's key its template's jobs share."""
+    given: Dict[str, Any] = {"cmd": command}
+    if key is not None:
+        given["key"] = key
+    job, _ = _to_job(given, defaults)
+    return FileJob(seq, seq, command, given, job, to_spec(job), values)
 
 
 def label(name: str) -> str:

@@ -475,3 +475,171 @@ def test_history_shows_a_key_on_several_lines_on_one_and_takes_it_back_as_shown(
     assert len(row) == 1 and row[0].startswith("python -c import sys\\nprint(1)")
     shown = mpmsub("history", "--db", "h.db", "show", "python -c import sys\\nprint(1)", cwd=tmp_path)
     assert shown.returncode == 0 and "runs: 1" in shown.stdout, shown.stderr
+
+
+# -- command templates (GNU parallel's form) ------------------------------------------------------
+
+HAVE_PARALLEL = subprocess.run(["sh", "-c", "command -v parallel"], capture_output=True).returncode == 0
+ODD_VALUES = ["a b", "it's", 'say "hi"', "$HOME", "é ü", "", "*", "x\\y"]
+
+
+def quiet(*args: str, cwd: Path, stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+    return mpmsub("run", "-q", *args, cwd=cwd, stdin=stdin)
+
+
+def test_a_template_runs_each_value_once_with_every_replacement_string(tmp_path: Path) -> None:
+    out = quiet(
+        "-k", "echo {} {.} {/} {//} {/.} {#} {1} {1.} {1/} {1//} {1/.}", ":::", "d.x/f.tar.gz", "g", cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (
+        "d.x/f.tar.gz d.x/f.tar f.tar.gz d.x f.tar 1 d.x/f.tar.gz d.x/f.tar f.tar.gz d.x f.tar\ng g g . g 2 g g g . g\n"
+    )
+
+
+def test_values_with_spaces_quotes_dollars_and_unicode_stay_one_word(tmp_path: Path) -> None:
+    out = quiet("-k", "printf '[%s]\\n'", ":::", *ODD_VALUES, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "".join(f"[{v}]\n" for v in ODD_VALUES)
+
+
+def test_several_and_linked_sources_files_and_stdin(tmp_path: Path) -> None:
+    (tmp_path / "nums").write_text("1\n2\n")
+    out = quiet("-k", "echo {1}{2}{3}", ":::", "a", "b", "::::", "nums", "::::+", "-", cwd=tmp_path, stdin="x\ny\n")
+    assert out.stdout == "a1x\na2y\nb1x\nb2y\n", out.stderr
+    out = quiet("-k", "-a", "nums", "echo", cwd=tmp_path)
+    assert out.stdout == "1\n2\n", out.stderr
+
+
+def test_null_separated_input_for_find_print0(tmp_path: Path) -> None:
+    out = quiet("-0", "-k", "printf", "[%s]", ":::: ", cwd=tmp_path)  # ":::: " is a word of the command
+    assert out.returncode == 2
+    out = quiet("-0", "-k", "printf '[%s]\\n'", "::::", "-", cwd=tmp_path, stdin="a\nb\0c d\0")
+    assert out.stdout == "[a\nb]\n[c d]\n", out.stderr
+
+
+def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path: Path) -> None:
+    out = mpmsub("run", "--dry-run", "touch {}.made", ":::", "a b", "c", cwd=tmp_path)
+    assert (out.returncode, out.stdout) == (0, "touch 'a b'.made\ntouch c.made\n"), out.stderr
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "jobs.txt").write_text("touch x\ntouch y\n")
+    out = mpmsub("run", "jobs.txt", "--dry-run", cwd=tmp_path)
+    assert (out.stdout, sorted(p.name for p in tmp_path.iterdir())) == ("touch x\ntouch y\n", ["jobs.txt"])
+
+
+def test_keep_order_and_tag(tmp_path: Path) -> None:
+    out = quiet(
+        "-j", "4", "-k", "--tag", "sleep {1}; echo {2}", ":::", "0.4", "0", ":::+", "one\ntwo", "three", cwd=tmp_path
+    )
+    assert out.stdout == "0.4 one\ntwo\tone\n0.4 one\ntwo\ttwo\n0 three\tthree\n", out.stderr
+    (tmp_path / "jobs.txt").write_text("sleep 0.3; echo a\necho b\n")
+    out = quiet("jobs.txt", "-k", "--tag", cwd=tmp_path)
+    assert out.stdout == "sleep 0.3; echo a\ta\necho b\tb\n"
+
+
+def test_jobs_caps_the_jobs_running_at_once(tmp_path: Path) -> None:
+    script = "mkdir lock.{#} && ls -d lock.* | wc -l >> counts; sleep 0.3; rmdir lock.{#}"
+    out = quiet("-j", "2", "-m", "1G", script, ":::", *"abcdef", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert max(int(n) for n in (tmp_path / "counts").read_text().split()) <= 2
+
+
+@pytest.mark.parametrize(
+    ("halt", "status", "most"),
+    [
+        ("now,fail=1", 1, 4),
+        ("soon,fail=1", 1, 4),
+        ("soon,fail=20%", 1, 4),
+        ("now,success=1", 0, 4),
+        ("soon,success=2", 0, 4),
+    ],
+)
+def test_halt_stops_the_run_early(tmp_path: Path, halt: str, status: int, most: int) -> None:
+    # Jobs 1 and 2 fail or succeed at once, the rest take 2 s: the run stops long before ten ran.
+    # The job after one that ends may start while its end is being reported: one or two more.
+    code = "1" if "fail" in halt else "0"
+    script = f"echo {{#}} >> started; if [ {{#}} -le 2 ]; then exit {code}; fi; sleep 2; exit {1 - int(code)}"
+    began = time.monotonic()
+    out = quiet("-j", "1", "--halt", halt, script, ":::", *map(str, range(10)), cwd=tmp_path)
+    assert out.returncode == status, out.stderr
+    assert len((tmp_path / "started").read_text().split()) <= most
+    assert time.monotonic() - began < 15
+
+
+def test_halt_soon_met_while_a_large_batch_is_still_being_submitted(tmp_path: Path) -> None:
+    out = mpmsub("run", "--no-progress", "--halt", "soon,fail=1", "exit 1", ":::", *map(str, range(5000)), cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "5000 total, 0 completed, 5000 failed" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["echo", ":::"], "the input source ::: is empty"),
+        ([":::", "a"], "the command template is empty"),
+        (["echo", "::::", "missing.txt"], "'missing.txt': No such file"),
+        (["echo", "::::", "empty.txt"], "the input source 'empty.txt' is empty"),
+        (["echo {3}", ":::", "a", ":::", "b"], "invalid replacement string '{3}'"),
+        (["--halt", "never", "echo", ":::", "a"], "invalid --halt 'never'"),
+        (["-j", "0", "echo", ":::", "a"], "invalid jobs '0'"),
+        (["echo"], "did you mean: mpmsub run echo {} :::: - ?"),
+        (["echo", "hi"], "did you mean: mpmsub run echo hi ::: VALUES... ?"),
+    ],
+)
+def test_a_bad_template_is_a_usage_error_before_anything_runs(tmp_path: Path, args: List[str], message: str) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    out = mpmsub("run", "--joblog", "log.tsv", *args, cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert not (tmp_path / "log.tsv").exists()
+
+
+def test_a_nul_byte_in_a_value_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "values").write_bytes(b"a\0b\n")
+    out = mpmsub("run", "echo", "::::", "values", cwd=tmp_path)
+    assert out.returncode == 2 and "holds a NUL byte" in out.stderr
+
+
+def test_a_templates_joblog_records_the_expanded_commands_and_resumes(tmp_path: Path) -> None:
+    template = ["echo {} >> ran; test {} != b", ":::", "a", "b", "c"]
+    out = quiet("--joblog", "log.tsv", *template, cwd=tmp_path)
+    assert out.returncode == 1
+    logged = sorted(rows(tmp_path / "log.tsv"), key=lambda r: int(r[0]))
+    assert [(r[0], r[6], r[8]) for r in logged] == [
+        ("1", "0", "echo a >> ran; test a != b"),
+        ("2", "1", "echo b >> ran; test b != b"),
+        ("3", "0", "echo c >> ran; test c != b"),
+    ]
+    assert quiet("--joblog", "log.tsv", "--resume", *template, cwd=tmp_path).returncode == 0
+    assert sorted((tmp_path / "ran").read_text().split()) == ["a", "b", "c"]
+    dry = mpmsub("run", "--dry-run", "--joblog", "log.tsv", "--resume-failed", *template, cwd=tmp_path)
+    assert dry.stdout == "echo b >> ran; test b != b\n", dry.stderr
+    assert quiet("--joblog", "log.tsv", "--resume-failed", *template, cwd=tmp_path).returncode == 1
+    assert sorted((tmp_path / "ran").read_text().split()) == ["a", "b", "b", "c"]
+
+
+def test_auto_memory_learns_one_key_per_template_with_the_files_as_input(tmp_path: Path) -> None:
+    (tmp_path / "big file.txt").write_text("x" * 5000)
+    env = {**os.environ, "MPMSUB_HISTORY": str(tmp_path / "h.db")}
+    run = [str(SCRIPT), "run", "-q", "--job-mem", "auto", "wc -c {}", ":::", "big file.txt", "big file.txt"]
+    out = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    export = subprocess.run([str(SCRIPT), "history", "export"], env=env, capture_output=True, text=True, check=True)
+    runs = [json.loads(line) for line in export.stdout.splitlines()]
+    assert [(r["key"], r["input_bytes"]) for r in runs] == [("wc -c {}", 5000)] * 2
+
+
+@pytest.mark.skipif(not HAVE_PARALLEL, reason="GNU parallel is not installed")
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["-k", "echo {} {.} {/} {//} {/.} {#}", ":::", "a.b/c", "x/y.tar.gz", "plain", "/f"],
+        ["-k", "printf '[%s]\\n'", ":::", *ODD_VALUES],
+        ["-k", "--tag", "echo {2}", ":::", "a", "b c", ":::", "1", "2"],
+        ["-k", "-j", "3", "sleep {}; echo {}", ":::", "0.3", "0.1", "0.2", ":::+", "x", "y", "z"],
+    ],
+)
+def test_the_output_is_gnu_parallels_byte_for_byte(tmp_path: Path, words: List[str]) -> None:
+    theirs = subprocess.run(["parallel", *words], cwd=tmp_path, capture_output=True, timeout=60)
+    ours = subprocess.run([str(SCRIPT), "run", "-q", *words], cwd=tmp_path, capture_output=True, timeout=60)
+    assert ours.returncode == theirs.returncode == 0, ours.stderr
+    assert ours.stdout == theirs.stdout
