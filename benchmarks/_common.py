@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import psutil
 
@@ -44,6 +44,16 @@ def best_of(runs: int, fn: Callable[[], object]) -> List[float]:
 
 def median(values: List[float]) -> float:
     return statistics.median(values)
+
+
+def interleaved(runs: int, ways: Dict[str, Callable[[], object]]) -> Dict[str, float]:
+    """The median time of each way, the ways run in turn `runs` times, so that all see the same
+    machine load."""
+    times: Dict[str, List[float]] = {name: [] for name in ways}
+    for _ in range(runs):
+        for name, way in ways.items():
+            times[name] += best_of(1, way)
+    return {name: median(taken) for name, taken in times.items()}
 
 
 def arguments(description: Optional[str], runs: int) -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import Figure, arguments, best_of, median, per_job_table, show, xargs_true
+from _common import Figure, arguments, interleaved, per_job_table, show, xargs_true
 
 import mpmsub
 
@@ -26,17 +26,11 @@ def run_mpmsub(n: int, slots: int) -> None:
 
 def measure(jobs: int = 1000, runs: int = 5) -> Figure:
     slots = 2
-    xargs_times, mpmsub_times = [], []
-    for _ in range(runs):  # interleaved, so that both see the same machine load
-        xargs_times += best_of(1, lambda: xargs_true(jobs, slots))
-        mpmsub_times += best_of(1, lambda: run_mpmsub(jobs, slots))
-    ratio = median(mpmsub_times) / median(xargs_times)
-    detail = per_job_table(
-        f"{jobs} `true` jobs, {slots} slots",
-        runs,
-        jobs,
-        [(f"xargs -P{slots}", median(xargs_times)), ("mpmsub", median(mpmsub_times))],
+    times = interleaved(
+        runs, {f"xargs -P{slots}": lambda: xargs_true(jobs, slots), "mpmsub": lambda: run_mpmsub(jobs, slots)}
     )
+    ratio = times["mpmsub"] / times[f"xargs -P{slots}"]
+    detail = per_job_table(f"{jobs} `true` jobs, {slots} slots", runs, jobs, list(times.items()))
     return Figure("dispatch overhead", f"{ratio:.2f}x xargs -P{slots}", "<= 1.3", ratio <= 1.3, detail)
 
 

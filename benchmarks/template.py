@@ -15,7 +15,7 @@ from typing import List
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import Figure, arguments, best_of, median, per_job_table, show, xargs_true
+from _common import Figure, arguments, interleaved, per_job_table, show, xargs_true
 
 MPMSUB = Path(sys.executable).with_name("mpmsub")
 
@@ -31,24 +31,16 @@ def measure(jobs: int = 1000, runs: int = 5) -> Figure:
         raise SystemExit("GNU parallel is not installed (apt-get install parallel)")
     mpmsub = [str(MPMSUB), "run", "-q"]
     parallel = ["parallel", "--will-cite"]
-    xargs_times: List[float] = []
-    parallel_times: List[float] = []
-    mpmsub_times: List[float] = []
-    for _ in range(runs):  # interleaved, so that all see the same machine load
-        xargs_times += best_of(1, lambda: xargs_true(jobs, slots))
-        parallel_times += best_of(1, lambda: command_line(parallel, jobs, slots))
-        mpmsub_times += best_of(1, lambda: command_line(mpmsub, jobs, slots))
-    ratio = median(mpmsub_times) / median(parallel_times)
-    detail = per_job_table(
-        f"{jobs} `true` jobs, -j{slots}",
+    times = interleaved(
         runs,
-        jobs,
-        [
-            (f"xargs -P{slots}", median(xargs_times)),
-            (f"parallel -j{slots}", median(parallel_times)),
-            (f"mpmsub run -j{slots}", median(mpmsub_times)),
-        ],
+        {
+            f"xargs -P{slots}": lambda: xargs_true(jobs, slots),
+            f"parallel -j{slots}": lambda: command_line(parallel, jobs, slots),
+            f"mpmsub run -j{slots}": lambda: command_line(mpmsub, jobs, slots),
+        },
     )
+    ratio = times[f"mpmsub run -j{slots}"] / times[f"parallel -j{slots}"]
+    detail = per_job_table(f"{jobs} `true` jobs, -j{slots}", runs, jobs, list(times.items()))
     return Figure("template command line", f"{ratio:.2f}x GNU parallel", "<= 0.7", ratio <= 0.7, detail)
 
 
