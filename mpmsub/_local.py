@@ -48,7 +48,6 @@ _PLACE_AFTER = 0.1
 # How long a killed job's processes may take to die once its stages have exited (a process in
 # uninterruptible sleep, say): its memory stays the job's until they are gone, or until this.
 _SURVIVOR_WAIT = 10.0
-_SURVIVOR_POLL = 0.05  # seconds between looks where the system has no pidfds to wait on
 
 
 def _start_error(spec: JobSpec, argv0: str, exc: OSError) -> str:
@@ -520,7 +519,7 @@ class LocalHandle(Handle):
                 self._survivor_fds.append(fds[pid])
                 self._loop.add_reader(fds[pid], self._finish)
         if len(self._survivor_fds) < len(self.strays):  # no pidfd to wait on: look again soon
-            self._timers.append(self._loop.call_later(_SURVIVOR_POLL, self._finish))
+            self._timers.append(self._loop.call_later(_threads.EXIT_POLL, self._finish))
         return True
 
     # -- killing and measuring ------------------------------------------------------------------
