@@ -17,9 +17,10 @@ it hurts the others.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mpmsub._call import Call
 from mpmsub._cluster import Cluster, JobList, cluster
-from mpmsub._dask import DaskBackend
 from mpmsub._errors import (
     CallCancelledError,
     CallError,
@@ -29,17 +30,20 @@ from mpmsub._errors import (
     MemoryLimitError,
     MpmsubError,
     RemoteTraceback,
-    WorkerDiedError,
 )
 from mpmsub._executor import ExecutorStatus, MemoryAwareExecutor
 from mpmsub._future import JobFuture
-from mpmsub._htmlreport import write_report
 from mpmsub._job import Job, Pipeline, job, pipeline
-from mpmsub._report import recommend_memory
 from mpmsub._result import JobResult
-from mpmsub._slurm import SlurmBackend
 from mpmsub._units import parse_memory
 from mpmsub.utils import format_memory, parse_cpu_string, parse_memory_string  # the original's, in MB
+
+if TYPE_CHECKING:
+    from mpmsub._dask import DaskBackend
+    from mpmsub._errors import WorkerDiedError
+    from mpmsub._htmlreport import write_report
+    from mpmsub._report import recommend_memory
+    from mpmsub._slurm import SlurmBackend
 
 __version__ = "0.1.0"
 
@@ -75,3 +79,30 @@ __all__ = [
     "recommend_memory",
     "write_report",
 ]
+
+# Names whose modules (and their imports: asyncio, sqlite3, multiprocessing, ...) most programs
+# never need: imported on first use, so that `import mpmsub` stays quick (every worker and every
+# `mpmsub` command line pays for it). Type checkers see them imported above.
+_LAZY = {
+    "DaskBackend": "mpmsub._dask",
+    "SlurmBackend": "mpmsub._slurm",
+    "WorkerDiedError": "mpmsub._errors",
+    "recommend_memory": "mpmsub._report",
+    "write_report": "mpmsub._htmlreport",
+}
+
+if not TYPE_CHECKING:  # a type checker would take every misspelt name for a lazy one
+
+    def __getattr__(name: str) -> object:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        import importlib
+
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # found directly from now on
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

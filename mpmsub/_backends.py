@@ -14,15 +14,16 @@ from __future__ import annotations
 import abc
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
-from urllib.parse import parse_qs, urlsplit
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple
 
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Launcher
 from mpmsub._loop import EventLoop
 from mpmsub._system import detect_cpus, detect_memory
 from mpmsub._units import format_memory
-from mpmsub._workers import PoolOptions
+
+if TYPE_CHECKING:
+    from mpmsub._workers import PoolOptions
 
 ENV = "MPMSUB_BACKEND"
 
@@ -168,6 +169,8 @@ def from_address(text: str) -> Backend:
         from mpmsub._slurm import SlurmBackend
 
         return SlurmBackend()
+    from urllib.parse import parse_qs, urlsplit
+
     parts = urlsplit(text)
     if parts.scheme in ("dask", "dask+tls"):
         if not parts.netloc or parts.path not in ("", "/") or parts.query:

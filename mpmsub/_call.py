@@ -10,9 +10,13 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import reprlib
+import sys
 from typing import Any, Callable, Dict, Generic, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
-from typing_extensions import ParamSpec
+if sys.version_info >= (3, 10):
+    from typing import ParamSpec
+else:  # pragma: no cover - Python 3.9
+    from typing_extensions import ParamSpec
 
 from mpmsub._errors import CallPicklingError
 from mpmsub._job import JobSpec, Resources

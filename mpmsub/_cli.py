@@ -26,7 +26,6 @@ from mpmsub._jobfile import FORMATS, FileJob, JobFileError, label, read_jobs, sh
 from mpmsub._learn import Estimate, Run, estimate
 from mpmsub._result import CANCELLED, JobResult
 from mpmsub._scheduler import POLICIES
-from mpmsub._slurm import SlurmError
 from mpmsub._template import SEPARATORS, TemplateError, is_template
 from mpmsub._template import parse as parse_template
 from mpmsub._units import format_memory, parse_cpus, parse_duration, parse_memory
@@ -297,6 +296,15 @@ def _history_parser(commands: Any) -> None:
     export.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: standard output)")
 
 
+def _command_errors() -> Tuple[type[BaseException], ...]:
+    """What is wrong with a command line: its usage and the message are printed. With the SLURM
+    backend's error where that backend is in use (only then imported: a command line on this
+    machine does without it and its imports)."""
+    errors: Tuple[type[BaseException], ...] = (JobFileError, TemplateError, ValueError, TypeError, ImportError, OSError)
+    slurm = sys.modules.get("mpmsub._slurm")
+    return errors if slurm is None else (*errors, slurm.SlurmError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line's entry point; returns the exit status."""
     words = sys.argv[1:] if argv is None else list(argv)
@@ -336,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             plan = _plan_run(args, cluster, jobs)
         elif args.output:
             _check_writable(args.output)
-    except (JobFileError, TemplateError, ValueError, TypeError, ImportError, OSError, SlurmError) as exc:
+    except _command_errors() as exc:
         command: argparse.ArgumentParser = args.parser
         command.error(str(exc))  # prints the command's usage and the message; exits 2
     if args.command == "run":

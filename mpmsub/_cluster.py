@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import Future
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     Dict,
@@ -30,7 +31,6 @@ from typing import (
     overload,
 )
 
-from mpmsub import _report
 from mpmsub._backends import resolve as resolve_backend
 from mpmsub._backends import size as backend_size
 from mpmsub._executor import DEFAULT_OUTPUT_LIMIT, MemoryAwareExecutor
@@ -39,11 +39,13 @@ from mpmsub._ledger import Ledger
 from mpmsub._progress import ProgressBar
 from mpmsub._result import CANCELLED, JobResult, never_ran
 from mpmsub._scheduler import check_policy
-from mpmsub._trace import PathLike
-from mpmsub._trace import check_target as check_trace
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
 from mpmsub.utils import as_original_dict, format_duration
 from mpmsub.utils import format_memory as format_mb
+
+# The report's texts and the trace are imported where used: `import mpmsub` loads neither.
+if TYPE_CHECKING:
+    from mpmsub._trace import PathLike
 
 logger = logging.getLogger("mpmsub")
 
@@ -150,7 +152,11 @@ class Cluster:
         output_limit: Optional[MemoryLike] = DEFAULT_OUTPUT_LIMIT,
     ) -> None:
         self.schedule = check_policy(schedule)
-        self.trace = check_trace(trace)
+        self.trace: Optional[PathLike] = None
+        if trace is not None:
+            from mpmsub._trace import check_target
+
+            self.trace = check_target(trace)
         self.backend = resolve_backend(backend)
         self._whole = not self.backend.local and cpus is None and memory is None  # all a remote backend has
         self.max_cpus, self._memory = backend_size(
@@ -310,6 +316,8 @@ class Cluster:
         executor = self._executor(max_workers=1, schedule="fifo", auto_memory=False)
         results = self._execute(executor, unreserved, label="profiling")
         if verbose:
+            from mpmsub import _report
+
             print(_report.profile_text(results, originals, self._custom_ids, self.max_cpus, self._memory))
         return results
 
@@ -478,6 +486,8 @@ class Cluster:
         Also the original's keys: `cluster` `max_cpus`, `max_memory_mb`, `max_memory` ('2.0G'),
         `runtime` and `runtime_formatted` (of the last run, or the one under way); `jobs`
         `pending` (queued) and `running`; `resources` (what running jobs reserve)."""
+        from mpmsub import _report
+
         stats = _report.job_stats(
             self._results,
             cpus=self.max_cpus,
@@ -515,6 +525,8 @@ class Cluster:
 
     def print_summary(self) -> None:
         """Print a readable report of the jobs run so far."""
+        from mpmsub import _report
+
         print(_report.summary_text(self.stats, self._results))
 
     def report(self, path: PathLike, *, plots: Optional[bool] = None) -> bool:
@@ -532,6 +544,8 @@ class Cluster:
 
     def describe_resources(self) -> None:
         """Print the cluster's CPUs and memory next to what this machine has."""
+        from mpmsub import _report
+
         text = _report.resources_text(self.max_cpus, self._memory)
         if not self.backend.local:
             text = text.replace(" for jobs (this machine", f" for jobs on {self.backend!r} (this machine", 2)

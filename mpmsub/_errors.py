@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pickle
-from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Optional
+import threading
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
+    from concurrent.futures.process import BrokenProcessPool
+
     from mpmsub._result import JobResult
 
 
@@ -40,11 +42,43 @@ class CallTimeoutError(CallError):
     """The call ran longer than its timeout and its worker was killed."""
 
 
-class WorkerDiedError(CallError, BrokenProcessPool):
-    """The worker process running the call died (a crash such as a segfault, os._exit(), a
-    signal from elsewhere), or could not be started or prepared. It is also a
-    `concurrent.futures.process.BrokenProcessPool`, which code written for ProcessPoolExecutor
-    catches (here only this call failed: the executor goes on)."""
+def _worker_died() -> type[CallError]:
+    # Made on first use: the module of its base imports multiprocessing, which `import mpmsub`
+    # and commands do without.
+    base: type[Exception]
+    try:
+        from concurrent.futures.process import BrokenProcessPool as base
+    except (ImportError, RuntimeError):
+        # First needed at interpreter exit, where that module cannot be imported any more (it
+        # registers an exit hook, refused then): nothing can have caught its class, never imported.
+        from concurrent.futures import BrokenExecutor as base
+
+    class WorkerDiedError(CallError, base):  # type: ignore[misc,valid-type]
+        """The worker process running the call died (a crash such as a segfault, os._exit(), a
+        signal from elsewhere), or could not be started or prepared. It is also a
+        `concurrent.futures.process.BrokenProcessPool`, which code written for ProcessPoolExecutor
+        catches (here only this call failed: the executor goes on)."""
+
+        __qualname__ = "WorkerDiedError"  # pickled by name, as a class of this module
+
+    return WorkerDiedError
+
+
+if TYPE_CHECKING:
+
+    class WorkerDiedError(CallError, BrokenProcessPool):
+        """See _worker_died."""
+
+else:
+    _making = threading.Lock()  # one class, whichever threads ask first
+
+    def __getattr__(name: str) -> Any:
+        if name != "WorkerDiedError":
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        with _making:
+            if name not in globals():
+                globals()[name] = _worker_died()
+            return globals()[name]
 
 
 class CallCancelledError(CallError):

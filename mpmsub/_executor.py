@@ -18,11 +18,25 @@ import weakref
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple, TypeVar, Union, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Literal,
+    Optional,
+    Set,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
 
-from typing_extensions import Literal, ParamSpec
-
-from mpmsub import _proctree
+from mpmsub import _errors, _proctree
 from mpmsub import _result as kinds
 from mpmsub._backends import Backend, LaunchOptions
 from mpmsub._backends import resolve as resolve_backend
@@ -36,29 +50,31 @@ from mpmsub._errors import (
     CallPicklingError,
     CallTimeoutError,
     MemoryLimitError,
-    WorkerDiedError,
 )
 from mpmsub._future import JobFuture
-from mpmsub._history import History, Recorder, close_recorders
-from mpmsub._history import resolve as resolve_history
-from mpmsub._history import row as history_row
-from mpmsub._history import shared as shared_history
 from mpmsub._job import Job, JobSpec, Pipeline, to_spec
 from mpmsub._launcher import Handle, Launcher, Outcome, not_started
-from mpmsub._learn import LEARNED_FROM, WINDOW, Estimate, Run, estimate, key_and_input
 from mpmsub._ledger import Ledger, Request
 from mpmsub._loop import EventLoop
 from mpmsub._monitor import Monitor
-from mpmsub._report import PROFILE_BUFFER
 from mpmsub._result import JobResult
 from mpmsub._scheduler import Scheduler, check_policy
 from mpmsub._system import available_memory, detect_memory, memory_groups
-from mpmsub._trace import PathLike, Trace
-from mpmsub._trace import check_target as check_trace
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory
-from mpmsub._workers import PoolOptions
+
+# The history, m="auto"'s learning, the trace and the worker pool are imported where first used:
+# `import mpmsub` loads what running commands needs, and no more.
+if TYPE_CHECKING:
+    from mpmsub._history import History, Recorder
+    from mpmsub._learn import Estimate, Run
+    from mpmsub._trace import PathLike, Trace
 
 logger = logging.getLogger("mpmsub")
+
+if sys.version_info >= (3, 10):
+    from typing import ParamSpec
+else:  # pragma: no cover - Python 3.9
+    from typing_extensions import ParamSpec
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -233,7 +249,7 @@ def call_exception(result: JobResult) -> BaseException:
     """What `result()` raises for a Python call that did not return."""
     if result.failure == kinds.RAISED and result.exception is not None:
         return result.exception
-    kind = _CALL_ERRORS.get(result.failure or "", WorkerDiedError)
+    kind = _CALL_ERRORS.get(result.failure or "", _errors.WorkerDiedError)
     error: CallError = kind(f"call {result.job_id!r} ({result.cmd[0]}) failed: {result.error}", result)
     return error
 
@@ -334,7 +350,11 @@ class MemoryAwareExecutor(Executor):
         if not isinstance(strict_memory, bool):
             raise TypeError(f"strict_memory must be True or False; got {strict_memory!r}")
         history_path, probe = self._check_learning(history, auto_memory, probe_memory, budget)
-        trace_path = check_trace(trace)
+        trace_path: Optional[PathLike] = None
+        if trace is not None:
+            from mpmsub._trace import check_target
+
+            trace_path = check_target(trace)
         self.output_limit = None if output_limit is None else parse_memory(output_limit, "output_limit")
         if self.output_limit == 0:
             raise ValueError(f"invalid output_limit {output_limit!r}: expected a size above 0, or None to keep all")
@@ -359,8 +379,13 @@ class MemoryAwareExecutor(Executor):
         self.memory_reserve = reserve
         self.auto_memory = auto_memory
         self.probe_memory = probe
-        self.history: Optional[History] = None if history_path is None else shared_history(history_path)
-        self._recorder = None if self.history is None else Recorder(self.history)
+        self.history: Optional[History] = None
+        self._recorder: Optional[Recorder] = None
+        if history_path is not None:
+            from mpmsub import _history
+
+            self.history = _history.shared(history_path)
+            self._recorder = _history.Recorder(self.history)
         # m="auto" (the loop's but for _learned, which submitters fill under _learn_lock): the
         # runs of each key seen so far, the probe in flight of each key never seen, and the jobs
         # of that key held until it ends.
@@ -411,9 +436,13 @@ class MemoryAwareExecutor(Executor):
                 "schedule": self.schedule,
                 "backend": "local" if self.backend.local else repr(self.backend),
             }
+            from mpmsub._trace import Trace
+
             self._trace = Trace(trace_path, header, self._monitor_interval)  # first: the one open that may fail
         try:
             self._loop = EventLoop("mpmsub-executor")
+            from mpmsub._workers import PoolOptions
+
             options = PoolOptions(max_tasks_per_child, initializer, tuple(initargs))
             self._launcher: Launcher = self.backend.launcher(
                 LaunchOptions(self._loop, self.kill_grace, options, strict_memory, self.output_limit)
@@ -440,7 +469,11 @@ class MemoryAwareExecutor(Executor):
                 f"invalid probe_memory {probe_memory!r}: expected a size above 0 and within the "
                 f"{format_memory(budget)} budget (None: what is free when the probe starts)"
             )
-        return resolve_history(history), probe
+        if history is False:
+            return None, probe
+        from mpmsub._history import resolve
+
+        return resolve(history), probe
 
     def __repr__(self) -> str:
         cap = f", max_workers={self.max_workers}" if self.max_workers else ""
@@ -494,6 +527,8 @@ class MemoryAwareExecutor(Executor):
         size = 0
         place: Optional[int] = None
         if spec.auto or self._recorder is not None:  # reads the disk: here, not on the loop
+            from mpmsub._learn import key_and_input
+
             key, size = key_and_input(spec)
             if spec.auto:
                 self._load_runs(key)
@@ -660,6 +695,8 @@ class MemoryAwareExecutor(Executor):
     def _place_auto(self, items: List[_Item]) -> None:
         """Queue m="auto" jobs: with their estimate where their key has runs; else held, and one
         of them (the one with the most input) probes the key (_launch_probe)."""
+        from mpmsub._learn import estimate
+
         for item in items:
             key = item.key or ""
             with self._learn_lock:
@@ -712,6 +749,8 @@ class MemoryAwareExecutor(Executor):
             probe.grab = True
         memory = min(memory, self._most(probe))
         probe.spec = dataclasses.replace(probe.spec, memory=memory, auto=False)
+        from mpmsub._learn import Estimate
+
         probe.estimate = Estimate(memory, "probe", 0)
         self._scheduler.push(probe)
         self._dispatch()
@@ -736,12 +775,14 @@ class MemoryAwareExecutor(Executor):
         """Record a run in the history, and in what this executor estimates from."""
         if item.key is None or result.failure in (kinds.START, kinds.PICKLE, kinds.ERROR):
             return  # never ran, or mpmsub failed: nothing of the tool was measured
+        from mpmsub import _history, _learn
+
         failure = "requeued" if item.requeue else result.failure
         peak = int(result.memory_used * MB)
         if self._recorder is not None:  # before the run is counted below (see _load_runs)
             spec = item.spec
             self._recorder.put(
-                history_row(
+                _history.row(
                     item.key,
                     spec.cmd,
                     item.input_size,
@@ -753,12 +794,12 @@ class MemoryAwareExecutor(Executor):
                     spec.memory,
                 )
             )
-        if failure in LEARNED_FROM:
+        if failure in _learn.LEARNED_FROM:
             with self._learn_lock:
                 runs = self._learned.setdefault(item.key, [])
-                runs.append(Run(item.input_size, peak))
-                if len(runs) > 4 * WINDOW:  # an estimate looks at the last WINDOW
-                    del runs[: -2 * WINDOW]
+                runs.append(_learn.Run(item.input_size, peak))
+                if len(runs) > 4 * _learn.WINDOW:  # an estimate looks at the last WINDOW
+                    del runs[: -2 * _learn.WINDOW]
 
     def _dispatch(self) -> None:
         self._gate_room = None
@@ -918,6 +959,8 @@ class MemoryAwareExecutor(Executor):
             # It was perhaps still growing: its next run waits for room for its peak plus the share
             # profile() adds to a finished job's peak, though not for more than it may be given.
             peak = int(result.memory_used * MB)
+            from mpmsub._report import PROFILE_BUFFER
+
             margin = min(math.ceil(peak * (1 + PROFILE_BUFFER)), self._most(item))
             item.requeue_need = max(item.requeue_need, peak, margin)
             item.attempts -= 1  # a stop for the machine's sake is not the job's failure
@@ -1218,7 +1261,9 @@ def _at_exit() -> None:
             executor.terminate("the program is exiting on an uncaught exception")
         else:
             executor.shutdown(wait=True)
-    close_recorders()  # the rows of executors shut down without waiting
+    history = sys.modules.get("mpmsub._history")  # none to close where it was never imported
+    if history is not None:
+        history.close_recorders()  # the rows of executors shut down without waiting
 
 
 try:

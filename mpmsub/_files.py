@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from typing import Optional
 
 from mpmsub._errors import MpmsubError
@@ -42,6 +41,8 @@ def make_private_directory(parent: str, prefix: str) -> str:
     """A new directory in `parent` (made, 0700, if absent; an existing one is accepted), with an
     unpredictable name (`tempfile.mkdtemp`: created exclusively, mode 0700), checked to be ours."""
     os.makedirs(parent, mode=DIRECTORY_MODE, exist_ok=True)
+    import tempfile
+
     path = tempfile.mkdtemp(prefix=prefix, dir=parent)
     fd = _open_nofollow(path, os.O_RDONLY | _DIRECTORY)
     try:

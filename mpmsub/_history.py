@@ -18,21 +18,23 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import os
-import socket
-import sqlite3
 import sys
 import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
-from mpmsub import _threads
+from mpmsub import __version__, _threads
 from mpmsub._files import DIRECTORY_MODE, open_private
 from mpmsub._learn import LEARNED_FROM, WINDOW, Run
+
+# sqlite3 and json are imported where they are used: an executor makes its History at once, and
+# most never read it (no m="auto") or write it only as their first job ends.
+if TYPE_CHECKING:
+    import sqlite3
 
 logger = logging.getLogger("mpmsub")
 
@@ -76,7 +78,7 @@ PRAGMA user_version = {_SCHEMA_VERSION};
 
 Row = Tuple[Any, ...]  # in the order of _COLUMNS
 T = TypeVar("T")
-HOST = socket.gethostname()
+_host: Optional[str] = None  # this machine's name, asked once
 
 
 def default_path() -> str:
@@ -146,6 +148,8 @@ class History:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
+            import sqlite3
+
             directory = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
             with contextlib.suppress(FileExistsError):  # created 0600 before SQLite would make it 0644
@@ -178,6 +182,8 @@ class History:
                 exc,
             )
         if self._conn is not None:
+            import sqlite3
+
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._conn = None
@@ -185,6 +191,8 @@ class History:
     def _use(self, doing: str, work: Callable[[sqlite3.Connection], T], default: T) -> T:
         """`work` on the connection, under the lock; `default` once the history is off, or when
         it fails (which turns it off, or raises HistoryError outside an executor)."""
+        import sqlite3
+
         with self._lock:
             if self.broken:
                 return default
@@ -233,6 +241,8 @@ class History:
         if key is not None:
             sql, params = sql + " WHERE key = ?", (key,)
         fetched: List[Any] = self._use("read", lambda conn: conn.execute(sql + " ORDER BY id", params).fetchall(), [])
+        import json
+
         for values in fetched:
             row = dict(zip(_COLUMNS, values))
             row["argv"] = json.loads(row["argv"])
@@ -247,6 +257,8 @@ class History:
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
+                import sqlite3
+
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.close()
                 self._conn = None
@@ -361,8 +373,13 @@ def row(
     memory_requested: Optional[int],
 ) -> Row:
     """A finished run as a row of the history (with this host, mpmsub's version and the time)."""
-    from mpmsub import __version__  # here: the package imports this module before it sets it
+    import json
 
+    global _host
+    if _host is None:
+        import socket
+
+        _host = socket.gethostname()
     return (
         key,
         json.dumps(argv),
@@ -373,7 +390,7 @@ def row(
         returncode,
         failure,
         memory_requested,
-        HOST,
+        _host,
         __version__,
         time.time(),
     )

@@ -4,13 +4,16 @@ normalisation of a Job, a dict or an argv list into one validated, immutable `Jo
 from __future__ import annotations
 
 import abc
-import difflib
 import os
+import sys
 from collections import abc as collections_abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from typing_extensions import Self
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:  # pragma: no cover - Python 3.9 and 3.10
+    from typing_extensions import Self
 
 from mpmsub._ledger import Request
 from mpmsub._units import MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory, shown
@@ -500,6 +503,8 @@ def job_from_dict(data: Mapping[str, Any]) -> Job:
     known = set(_DICT_KEYS) | set(_DICT_ALIASES)
     for key in data:
         if key not in known:
+            import difflib
+
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             aliases = ", ".join(f"{alias} (for {name})" for alias, name in _DICT_ALIASES.items())

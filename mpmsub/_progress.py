@@ -6,7 +6,6 @@ and then (every tenth of the batch, or every 30 s) instead of carriage-return no
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from typing import Optional, TextIO
@@ -92,6 +91,8 @@ class ProgressBar:
         return text
 
     def _draw(self) -> None:
+        import shutil  # here: its archive modules are worth no import of mpmsub's
+
         width = shutil.get_terminal_size((100, 20)).columns
         text = self.line(width)[: width - 1]
         self.stream.write("\r" + text + "\x1b[K")

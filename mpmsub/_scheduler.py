@@ -23,9 +23,21 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, Generic, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
-
-from typing_extensions import Protocol
+from typing import (
+    Callable,
+    Deque,
+    Dict,
+    Generic,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Set,
+    Tuple,
+    TypeVar,
+)
 
 from mpmsub._ledger import Ledger, Request
 
