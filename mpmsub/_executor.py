@@ -443,7 +443,8 @@ class MemoryAwareExecutor(Executor):
             self._loop = EventLoop("mpmsub-executor")
             from mpmsub._workers import PoolOptions
 
-            options = PoolOptions(max_tasks_per_child, initializer, tuple(initargs))
+            spawn = mp_context is not None and mp_context.get_start_method() == "spawn"
+            options = PoolOptions(max_tasks_per_child, initializer, tuple(initargs), zygote=not spawn)
             self._launcher: Launcher = self.backend.launcher(
                 LaunchOptions(self._loop, self.kill_grace, options, strict_memory, self.output_limit)
             )

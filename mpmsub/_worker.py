@@ -13,6 +13,7 @@ b"m" ((fn, [args, ...]): a chunk of map()). The worker's are a pickled (reply, u
 READY reply once it is prepared (or BROKEN), then one reply per call.
 """
 
+import contextlib
 import os
 import pickle
 import struct
@@ -157,7 +158,47 @@ def _serve(read_fd: int, write_fd: int) -> None:
         del reply
 
 
+def _prepare(body: bytearray) -> Optional[Tuple[Any, Tuple[Any, ...]]]:
+    """Restore the parent's state from an INIT frame's body (its import path, directory and main
+    module) and unpickle the initializer, which imports its module; return it as (fn, args)."""
+    import multiprocessing.process
+    import multiprocessing.spawn
+
+    process = multiprocessing.process.current_process()
+    preparation, initializer = pickle.loads(body[1:])
+    # As in a process started by multiprocessing: starting processes while the main module
+    # is being imported is an error (the script lacks `if __name__ == "__main__":`).
+    process._inheriting = True  # type: ignore[attr-defined]
+    try:
+        multiprocessing.spawn.prepare(preparation)
+    finally:
+        del process._inheriting  # type: ignore[attr-defined]
+        os.environ.pop("_MPMSUB_WORKER_PREPARING", None)
+    return None if initializer is None else pickle.loads(initializer)
+
+
+def _broken(write_fd: int) -> None:
+    text = traceback.format_exc()
+    _write_frame(write_fd, pickle.dumps(((BROKEN, text), None), pickle.HIGHEST_PROTOCOL))
+
+
+def _work(read_fd: int, write_fd: int, initializer: Optional[Tuple[Any, Tuple[Any, ...]]]) -> None:
+    """Run the initializer, say READY (or BROKEN), and serve calls until the parent closes."""
+    if initializer is not None:
+        try:
+            fn, args = initializer
+            fn(*args)
+        except BaseException:
+            _broken(write_fd)
+            return
+    _write_frame(write_fd, pickle.dumps(((READY,), None), pickle.HIGHEST_PROTOCOL))
+    _serve(read_fd, write_fd)
+
+
 def main() -> None:
+    if sys.argv[1] == "--zygote":
+        _zygote(int(sys.argv[2]), int(sys.argv[3]))
+        return
     read_fd, write_fd = int(sys.argv[1]), int(sys.argv[2])
     for fd in (read_fd, write_fd):
         os.set_inheritable(fd, False)  # programs the calls start must not hold our pipes
@@ -167,30 +208,151 @@ def main() -> None:
     body = _read_frame(read_fd)
     if body is None or body[:1] != INIT:
         return
-    import multiprocessing.process
-    import multiprocessing.spawn
-
-    process = multiprocessing.process.current_process()
     try:
-        preparation, initializer = pickle.loads(body[1:])
-        # As in a process started by multiprocessing: starting processes while the main module
-        # is being imported is an error (the script lacks `if __name__ == "__main__":`).
-        process._inheriting = True  # type: ignore[attr-defined]
-        try:
-            multiprocessing.spawn.prepare(preparation)
-        finally:
-            del process._inheriting  # type: ignore[attr-defined]
-            os.environ.pop("_MPMSUB_WORKER_PREPARING", None)
-        if initializer is not None:
-            fn, args = pickle.loads(initializer)
-            fn(*args)
+        initializer = _prepare(body)
     except BaseException:
-        text = traceback.format_exc()
-        _write_frame(write_fd, pickle.dumps(((BROKEN, text), None), pickle.HIGHEST_PROTOCOL))
+        _broken(write_fd)
         return
     del body
-    _write_frame(write_fd, pickle.dumps(((READY,), None), pickle.HIGHEST_PROTOCOL))
-    _serve(read_fd, write_fd)
+    _work(read_fd, write_fd, initializer)
+
+
+# -- the zygote -------------------------------------------------------------------------------------
+#
+# `_worker.py --zygote SOCKET INIT_FD` (Linux): an interpreter prepared once (the INIT frame read
+# from INIT_FD: path, directory, main module, the initializer unpickled), which then forks each
+# worker on request, so that a worker costs a fork rather than an interpreter and its imports.
+# It is single-threaded when it forks (else it says so and is not used). SOCKET is a
+# SOCK_SEQPACKET socket to the executor; each message is one kind byte and a body:
+#   executor -> zygote: FORK with the new worker's two pipe ends attached (SCM_RIGHTS);
+#                       REAP + pid: reap that worker (it has exited or been killed), reply STATUS.
+#   zygote -> executor: READY | NOFORK (threads were started: fork is not safe) | BROKEN + text,
+#                       once prepared; then FORKED + pid (or FAILED + text) for each FORK, and
+#                       STATUS + pickled (pid, wait status or None, rusage tuple or None) per REAP.
+# Workers are reaped only when the executor asks, once it has seen them exit (a pidfd) and
+# killed what is left in their process group: until then the zombie keeps its pid, so the
+# executor's signals never reach a process that took the number over. Each worker dies with
+# the zygote (PR_SET_PDEATHSIG), and the zygote kills its workers and exits when the executor
+# closes the socket (or dies).
+
+FORK, REAP = b"f", b"r"
+ZYGOTE_READY, NOFORK, ZYGOTE_BROKEN, FORKED, FAILED, STATUS = b"R", b"N", b"B", b"p", b"e", b"s"
+PID = struct.Struct("!q")
+MESSAGE_LIMIT = 32768  # a BROKEN or FAILED text is cut to this many bytes
+_PR_SET_PDEATHSIG = 1
+
+
+def _threads() -> int:
+    """The threads of this process (OS threads, which a C extension may start too)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
+def _die_with_parent() -> Optional[Any]:
+    """A prctl(PR_SET_PDEATHSIG, ...) caller, or None where there is no libc to call it with."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+def _zygote(sock_fd: int, init_fd: int) -> None:
+    import signal
+    import socket
+
+    sock = socket.socket(fileno=sock_fd)
+    os.set_inheritable(init_fd, False)
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    body = _read_frame(init_fd)
+    os.close(init_fd)
+    if body is None or body[:1] != INIT:
+        return
+    try:
+        initializer = _prepare(body)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            sock.send(ZYGOTE_BROKEN + traceback.format_exc().encode(errors="replace")[-MESSAGE_LIMIT:])
+        return
+    del body
+    prctl = _die_with_parent()
+    me = os.getpid()
+    children = set()
+    reply: Optional[bytes] = ZYGOTE_READY if _threads() == 1 else NOFORK
+    while True:
+        if reply is not None:
+            try:
+                sock.send(reply)
+            except OSError:  # the executor is gone
+                break
+            reply = None
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 64, 2)
+        except OSError:
+            break
+        if not data:
+            break  # the executor closed its end, or died
+        if data[:1] == FORK and len(fds) == 2:
+            for fd in fds:
+                os.set_inheritable(fd, False)  # programs the calls start must not hold the pipes
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                reply = FAILED + f"fork() failed: {exc}".encode()[:MESSAGE_LIMIT]
+                pid = -1
+            if pid == 0:
+                code = 1
+                try:
+                    sock.close()
+                    os.setsid()
+                    if prctl is not None:
+                        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+                    if os.getppid() == me:  # else the zygote died before the line above
+                        _work(fds[0], fds[1], initializer)
+                        code = 0
+                        import atexit
+
+                        atexit._run_exitfuncs()  # as a worker's interpreter would at its end
+                finally:
+                    for stream in (sys.stdout, sys.stderr):
+                        with contextlib.suppress(BaseException):
+                            stream.flush()
+                    os._exit(code)
+            for fd in fds:
+                os.close(fd)
+            if pid > 0:
+                children.add(pid)
+                reply = FORKED + PID.pack(pid)
+        elif data[:1] == REAP:
+            (pid,) = PID.unpack_from(data, 1)
+            status: Optional[int] = None
+            usage: Optional[Tuple[float, ...]] = None
+            if pid in children:
+                children.discard(pid)
+                try:
+                    _, raw, rusage = os.wait4(pid, 0)
+                    status, usage = os.waitstatus_to_exitcode(raw), tuple(rusage)
+                except ChildProcessError:
+                    pass
+            reply = STATUS + pickle.dumps((pid, status, usage), pickle.HIGHEST_PROTOCOL)
+        else:
+            for fd in fds:
+                os.close(fd)
+            reply = FAILED + b"a request the zygote does not know"
+    for pid in children:  # the executor is gone: so are its workers
+        for kill, target in ((os.killpg, pid), (os.kill, pid)):
+            with contextlib.suppress(OSError):
+                kill(target, signal.SIGKILL)
+    for pid in children:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-from mpmsub import _proctree, _threads
+from mpmsub import _proctree, _threads, _zygote
 from mpmsub import _result as kinds
 from mpmsub import _worker as wire
 from mpmsub._errors import CallPicklingError, RemoteTraceback
@@ -34,6 +34,7 @@ from mpmsub._guard import Watchman
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Handle, MemorySeries, Outcome, escalate
 from mpmsub._loop import EventLoop, Timer
+from mpmsub._zygote import Zygote
 
 logger = logging.getLogger("mpmsub")
 
@@ -62,7 +63,7 @@ def _pipe() -> Tuple[int, int]:
 class Worker:
     """One worker process and its two pipes."""
 
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, zygote: Optional[Zygote] = None) -> None:
         if getattr(sys, "frozen", False):
             raise RuntimeError("a frozen application has no Python interpreter to start workers for Python calls with")
         if os.environ.get(_PREPARING):
@@ -71,12 +72,14 @@ class Worker:
                 "calls itself: start the executor under `if __name__ == '__main__':`"
             )
         self.pool = pool
+        self.zygote = zygote  # the process it was forked from, which reaps it; None: our child
         self.handle: Optional[CallHandle] = None  # the call it runs
         self.calls = 0  # calls it has finished
         self.reported_cpu = 0.0  # CPU time its replies accounted for
         self.ready = False  # prepared (main module, initializer): calls' timeouts run from then
         self.retiring = False  # its pipe to it is closed: it exits once it has read everything
         self.dead = False
+        self.lost: Optional[str] = None  # why its exit status could not be had, if so
         self._out = bytearray()  # frames not yet written
         self._in = bytearray()
         self._pidfd: Optional[int] = None
@@ -93,14 +96,7 @@ class Worker:
             os.close(self.to_fd)
             raise
         try:
-            proc = subprocess.Popen(
-                [pool.executable, *_interpreter_flags(), _WORKER_SCRIPT, str(to_r), str(from_w)],
-                pass_fds=(to_r, from_w),
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                close_fds=True,
-                env={**os.environ, _PREPARING: "1"},
-            )
+            self.pid = zygote.fork(to_r, from_w) if zygote is not None else self._spawn(to_r, from_w)
         except BaseException:
             os.close(self.to_fd)
             os.close(self.from_fd)
@@ -108,20 +104,32 @@ class Worker:
         finally:
             os.close(to_r)
             os.close(from_w)
-        proc.returncode = 0  # Popen's bookkeeping is ours: the worker is reaped with os.wait4
-        self.pid = proc.pid
         try:
             pool.watchman.watch(self.pid)
             os.set_blocking(self.to_fd, False)
             os.set_blocking(self.from_fd, False)
             pool.loop.add_reader(self.from_fd, self._on_readable)
             self._watch_exit()
-            self.send(pool.init_frame())
+            if zygote is None:  # a forked worker was prepared in the zygote
+                self.send(pool.init_frame())
         except BaseException:
             with contextlib.suppress(OSError):
                 os.kill(self.pid, signal.SIGKILL)
             self._on_exit()
             raise
+
+    def _spawn(self, to_r: int, from_w: int) -> int:
+        """Start a fresh interpreter as the worker; its pid."""
+        proc = subprocess.Popen(
+            [self.pool.executable, *_interpreter_flags(), _WORKER_SCRIPT, str(to_r), str(from_w)],
+            pass_fds=(to_r, from_w),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+            env={**os.environ, _PREPARING: "1"},
+        )
+        proc.returncode = 0  # Popen's bookkeeping is ours: the worker is reaped with os.wait4
+        return proc.pid
 
     def _watch_exit(self) -> None:
         try:
@@ -301,21 +309,30 @@ class Worker:
             # A zombie keeps its pid, so its process group id cannot have been reused: whatever
             # the call started and left in the group is killed.
             _proctree.kill_group(self.pid)
-            try:
-                _, status, usage = os.wait4(self.pid, 0)
-                self._reaped = (os.waitstatus_to_exitcode(status), usage)
-            except ChildProcessError:
-                if self._waiter is not None and not hasattr(os, "waitid"):
-                    self._waiter.join()  # it is reaping it: take what it got
-                if self._reaped is None:
-                    self._reaped = (None, None)  # reaped elsewhere (os.wait(), a SIGCHLD handler)
+            if self.zygote is not None:
+                self._reaped = self.zygote.reap(self.pid)
+                if self._reaped[1] is None:
+                    self.lost = self.zygote.lost
+            else:
+                self._reap_child()
         self.pool.watchman.forget(self.pid)
         if self.from_fd >= 0:
             self.pool.loop.remove_reader(self.from_fd)
             os.close(self.from_fd)
             self.from_fd = -1
         self._close_input()
+        assert self._reaped is not None
         return self._reaped
+
+    def _reap_child(self) -> None:
+        try:
+            _, status, usage = os.wait4(self.pid, 0)
+            self._reaped = (os.waitstatus_to_exitcode(status), usage)
+        except ChildProcessError:
+            if self._waiter is not None and not hasattr(os, "waitid"):
+                self._waiter.join()  # it is reaping it: take what it got
+            if self._reaped is None:
+                self._reaped = (None, None)  # reaped elsewhere (os.wait(), a SIGCHLD handler)
 
     def signal(self, sig: int) -> None:
         if not self.dead:
@@ -338,11 +355,13 @@ def _interpreter_flags() -> List[str]:
 
 
 class PoolOptions(NamedTuple):
-    """ProcessPoolExecutor's options for the workers, as the executor was given them."""
+    """ProcessPoolExecutor's options for the workers, as the executor was given them, and
+    whether workers may be forked from a zygote (not where a "spawn" context was asked for)."""
 
     max_tasks_per_child: Optional[int] = None
     initializer: Optional[Callable[..., Any]] = None
     initargs: Tuple[Any, ...] = ()
+    zygote: bool = True
 
 
 _inherited: Optional[Dict[str, Any]] = None  # a sending process's state (see _remote)
@@ -386,6 +405,9 @@ class WorkerPool:
         # Why workers cannot be prepared (the main module or the initializer raised), once one
         # has failed: later calls fail at once instead of each starting a worker that fails too.
         self.broken: Optional[str] = None
+        self._forks = options.zygote and _zygote.possible()  # workers are forked from a zygote
+        self._zygote: Optional[Zygote] = None
+        self._waiting: List[CallHandle] = []  # calls waiting for the zygote to be prepared
 
     def init_frame(self) -> bytes:
         """What a new worker is told first: the parent's state to restore, and the initializer."""
@@ -405,13 +427,58 @@ class WorkerPool:
         if self.broken is not None:
             handle.fail_start(f"its worker process could not be prepared: {self.broken}")
             return handle
+        worker = self._take_idle()
+        if worker is None and self._forks and (self._zygote is None or self._zygote.state != _zygote.READY):
+            try:
+                if self._zygote is None or self._zygote.state == _zygote.GONE:
+                    self._start_zygote()
+            except Exception as exc:
+                self._forks = False
+                logger.warning(
+                    "mpmsub: could not start a worker parent process (zygote): %s; workers start afresh", exc
+                )
+            else:
+                handle.waiting = True  # it runs once the zygote is prepared
+                self._waiting.append(handle)
+                return handle
+        self._run(handle, worker)
+        return handle
+
+    def _run(self, handle: CallHandle, worker: Optional[Worker] = None) -> None:
         try:
-            worker = self._take_idle() or self._new_worker()
+            worker = worker or self._take_idle() or self._new_worker()
         except Exception as exc:
             handle.fail_start(f"could not start a worker process: {exc}")
-            return handle
+            return
         handle.run_on(worker)
-        return handle
+
+    def _start_zygote(self) -> None:
+        init = self.init_frame()  # made first: it names the executable
+        command = [self.executable, *_interpreter_flags(), _WORKER_SCRIPT]
+        self._zygote = Zygote(self.loop, self.watchman, command, init, _pipe, self._zygote_state)
+
+    def _zygote_state(self, why: Optional[str], broken: bool) -> None:
+        """The zygote is prepared (why is None), or it cannot be used: its main module or its
+        initializer's unpickling raised (`broken`: calls fail, as a fresh worker's would), or
+        another reason (workers start as fresh interpreters)."""
+        if broken:
+            assert why is not None
+            why = self.broke(why)
+        elif why is not None:
+            self._forks = False
+            logger.info("mpmsub: workers start as fresh interpreters: %s", why)
+        waiting, self._waiting = self._waiting, []
+        for handle in waiting:
+            if handle.waiting:
+                handle.waiting = False
+                if self.broken is not None:
+                    handle.fail_start(f"its worker process could not be prepared: {self.broken}")
+                else:
+                    self._run(handle)
+
+    def stop_waiting(self, handle: CallHandle) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(handle)
 
     def _take_idle(self) -> Optional[Worker]:
         while self._idle:
@@ -423,7 +490,10 @@ class WorkerPool:
 
     def _new_worker(self) -> Worker:
         self.init_frame()  # made before the first start: it names the executable
-        worker = Worker(self)
+        zygote = (
+            self._zygote if self._forks and self._zygote is not None and self._zygote.state == _zygote.READY else None
+        )
+        worker = Worker(self, zygote)
         self._workers.add(worker)
         return worker
 
@@ -471,6 +541,8 @@ class WorkerPool:
             if worker.alive():
                 worker.kill_now()
             worker._on_exit()
+        if self._zygote is not None:
+            self._zygote.close()
 
 
 class CallHandle(Handle):
@@ -482,6 +554,7 @@ class CallHandle(Handle):
         self.job_id = job_id
         self._on_exit = on_exit
         self.worker: Optional[Worker] = None
+        self.waiting = False  # for the zygote to be prepared, before it has a worker
         self.killing = False
         self.failure: Optional[str] = None
         self.error: Optional[str] = None
@@ -575,7 +648,11 @@ class CallHandle(Handle):
                 peak = max(peak, usage.ru_maxrss * _proctree.MAXRSS_UNIT)
         elif self.failure is None:
             self.failure = kinds.ERROR
-            self.error = "its worker's exit status was collected by another part of this program"
+            self.error = (
+                f"its worker process ended with its parent: {worker.lost}"
+                if worker.lost
+                else "its worker's exit status was collected by another part of this program"
+            )
         self._finish([code], None, None, cpu, peak)
 
     def _finish(
@@ -615,6 +692,12 @@ class CallHandle(Handle):
 
     def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
         worker = self.worker
+        if self.waiting and not self._finished:  # no process yet: it ends now
+            self.waiting = False
+            self.pool.stop_waiting(self)
+            self.failure, self.error = failure, message
+            self._finish([None])
+            return True
         if self._finished or worker is None:
             return False
         grace = self.pool.kill_grace if grace is None else grace

@@ -24,6 +24,18 @@ def pid(_: Any = None) -> int:
     return os.getpid()
 
 
+def parent(_: Any = None) -> int:
+    """The worker's parent: the executor's zygote, or the executor's process."""
+    return os.getppid()
+
+
+def parent_then_sleep(marker: str) -> None:
+    """Say which process is the worker's parent (in a file named `marker`), then sleep."""
+    with open(marker, "w") as f:
+        f.write(str(os.getppid()))
+    time.sleep(60)
+
+
 def fail(message: str) -> None:
     raise ValueError(message)
 

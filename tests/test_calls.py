@@ -28,6 +28,7 @@ import mpmsub
 from mpmsub import (
     Call,
     CallCancelledError,
+    CallError,
     CallPicklingError,
     CallTimeoutError,
     MemoryAwareExecutor,
@@ -422,7 +423,7 @@ def test_ctrl_c_or_kill_9_of_the_driver_leaves_no_worker(sig: int, tmp_path: Pat
     driver = _run_driver(
         f"""
         ex = mpmsub.MemoryAwareExecutor(max_workers=2)
-        pids = set(ex.map(callees.pid, range(20)))
+        pids = set(ex.map(callees.pid, range(20))) | set(ex.map(callees.parent, range(4)))  # and the zygote
         futures = [ex.submit(callees.sleep_in_child, 60, {marker!r}) for _ in range(2)]
         print(*pids, flush=True)
         futures[0].result()
@@ -439,7 +440,7 @@ def test_ctrl_c_or_kill_9_of_the_driver_leaves_no_worker(sig: int, tmp_path: Pat
         deadline = time.monotonic() + 10
         while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(alive(p) for p in pids), "a worker outlived its driver"
+        assert not any(alive(p) for p in pids), "a worker or the zygote outlived its driver"
         assert not wait_gone(marker, timeout=5), "a call's program outlived its driver"
     finally:
         driver.kill()
@@ -475,3 +476,111 @@ def test_process_pool_executor_and_ours_agree_on_map_results() -> None:
         assert list(ours.map(callees.add, items, items, chunksize=9)) == list(
             theirs.map(callees.add, items, items, chunksize=9)
         )
+
+
+# -- the zygote: workers forked from one prepared process --------------------------------------------
+
+needs_zygote = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"), reason="workers fork from a zygote on Linux"
+)
+
+
+@needs_zygote
+def test_workers_are_forked_from_one_zygote_which_ends_with_the_executor() -> None:
+    with MemoryAwareExecutor(max_workers=2) as ex:
+        slow = [ex.submit(callees.sleep, 0.3) for _ in range(2)]  # both workers busy at once
+        parents = {ex.submit(callees.parent).result(timeout=60) for _ in range(4)}
+        pids = set(ex.map(callees.pid, range(8)))
+        [f.result(timeout=60) for f in slow]
+        assert len(parents) == 1 and os.getpid() not in parents
+        (zygote,) = parents
+        assert "--zygote" in psutil.Process(zygote).cmdline()
+        assert psutil.Process(zygote).ppid() == os.getpid()
+        assert all(psutil.Process(p).ppid() == zygote for p in pids)
+    assert not alive(zygote) and not any(alive(p) for p in pids)
+
+
+@pytest.mark.parametrize("how", ["MPMSUB_ZYGOTE=0", "spawn context"])
+def test_without_a_zygote_workers_are_fresh_interpreters(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+
+    context = None
+    if how == "spawn context":
+        context = multiprocessing.get_context("spawn")
+    else:
+        monkeypatch.setenv("MPMSUB_ZYGOTE", "0")
+    with MemoryAwareExecutor(max_workers=2, mp_context=context, initializer=callees.initialize, initargs=("x",)) as ex:
+        assert set(ex.map(callees.parent, range(6))) == {os.getpid()}
+        assert ex.submit(callees.initialized).result(timeout=60) == "x"
+
+
+@needs_zygote
+def test_a_killed_zygote_fails_the_calls_it_ran_and_a_new_one_serves_the_next(tmp_path: Path) -> None:
+    marker = tmp_path / "parent"
+    with MemoryAwareExecutor(max_workers=2, kill_grace=0.5) as ex:
+        running = ex.submit(callees.parent_then_sleep, str(marker))
+        deadline = time.monotonic() + 60
+        while not (marker.exists() and marker.read_text()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        zygote = int(marker.read_text())
+        assert zygote != os.getpid()
+        os.kill(zygote, signal.SIGKILL)
+        with pytest.raises(WorkerDiedError, match=rf"zygote\) {zygote} exited, status -9"):
+            running.result(timeout=30)
+        assert running.usage is not None and running.usage.runtime < 30
+        again = ex.submit(callees.parent).result(timeout=60)
+        assert again not in (zygote, os.getpid())
+        assert ex.submit(callees.square, 5).result(timeout=60) == 25
+
+
+@needs_zygote
+def test_a_call_killed_while_the_zygote_starts_ends_at_once() -> None:
+    ex = MemoryAwareExecutor(max_workers=2)
+    futures = [ex.submit(callees.square, i) for i in range(2)]
+    ex.terminate("stopped at once")
+    for future in futures:
+        with pytest.raises(CallError):  # cancelled before or while it ran
+            future.result(timeout=10)
+    ex.shutdown()
+    zygotes = [p for p in psutil.Process().children() if "--zygote" in " ".join(p.cmdline())]
+    assert not zygotes
+
+
+def _script(tmp_path: Path, top: str, main: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "script.py"
+    script.write_text(
+        f"import os, sys, threading, time\nsys.path.insert(0, {str(HERE)!r})\nimport callees, mpmsub\n"
+        + textwrap.dedent(top)
+        + "\nif __name__ == '__main__':\n"
+        + textwrap.indent(textwrap.dedent(main), "    ")
+    )
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+@needs_zygote
+def test_a_main_module_that_starts_a_thread_is_not_forked_from(tmp_path: Path) -> None:
+    done = _script(
+        tmp_path,
+        "threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n",
+        """
+        with mpmsub.MemoryAwareExecutor(max_workers=2) as ex:
+            print(sorted(set(ex.map(callees.parent, range(6)))) == [os.getpid()], sum(ex.map(callees.square, range(5))))
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "True 30\n"
+
+
+def test_what_a_call_printed_without_flushing_is_written_when_its_worker_ends(tmp_path: Path) -> None:
+    done = _script(
+        tmp_path,
+        "def say(word):\n    print(word, end=' ')\n    return word\n",
+        """
+        with mpmsub.MemoryAwareExecutor(max_workers=1) as ex:
+            ex.submit(say, "unflushed").result()
+        print("after")
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.split()) == ["after", "unflushed"]

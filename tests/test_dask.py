@@ -83,7 +83,8 @@ def test_jobs_run_on_the_workers_and_are_measured(backend: mpmsub.DaskBackend, c
     with mpmsub.MemoryAwareExecutor(backend=backend, trace=trace) as executor:
         result = executor.submit(mpmsub.Job([sys.executable, "-c", code]).memory("150M")).result()
         value = executor.submit(callees.allocate, 120)
-        assert psutil.Process(value.result()).parent().pid in worker_pids(client)  # a Dask worker's
+        zygote = psutil.Process(value.result()).parent()  # forked from the zygote of a Dask worker's executor
+        assert (zygote.ppid() if "--zygote" in zygote.cmdline() else zygote.pid) in worker_pids(client)
     assert result.success, result.error
     assert int(result.stdout) in worker_pids(client)  # started by a Dask worker's executor
     assert 80 <= result.memory_used < 110
