@@ -17,33 +17,32 @@ it hurts the others.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from mpmsub._call import Call
-from mpmsub._cluster import Cluster, JobList, cluster
-from mpmsub._errors import (
-    CallCancelledError,
-    CallError,
-    CallPicklingError,
-    CallTimeoutError,
-    JobFailedError,
-    MemoryLimitError,
-    MpmsubError,
-    RemoteTraceback,
-)
-from mpmsub._executor import ExecutorStatus, MemoryAwareExecutor
-from mpmsub._future import JobFuture
-from mpmsub._job import Job, Pipeline, job, pipeline
-from mpmsub._result import JobResult
-from mpmsub._units import parse_memory
-from mpmsub.utils import format_memory, parse_cpu_string, parse_memory_string  # the original's, in MB
-
+TYPE_CHECKING = False  # typing's own, without importing typing (type checkers know the name)
 if TYPE_CHECKING:
+    from mpmsub import utils as utils
+    from mpmsub._call import Call
+    from mpmsub._cluster import Cluster, JobList, cluster
     from mpmsub._dask import DaskBackend
-    from mpmsub._errors import WorkerDiedError
+    from mpmsub._errors import (
+        CallCancelledError,
+        CallError,
+        CallPicklingError,
+        CallTimeoutError,
+        JobFailedError,
+        MemoryLimitError,
+        MpmsubError,
+        RemoteTraceback,
+        WorkerDiedError,
+    )
+    from mpmsub._executor import ExecutorStatus, MemoryAwareExecutor
+    from mpmsub._future import JobFuture
     from mpmsub._htmlreport import write_report
+    from mpmsub._job import Job, Pipeline, job, pipeline
     from mpmsub._report import recommend_memory
+    from mpmsub._result import JobResult
     from mpmsub._slurm import SlurmBackend
+    from mpmsub._units import parse_memory
+    from mpmsub.utils import format_memory, parse_cpu_string, parse_memory_string  # the original's, in MB
 
 __version__ = "0.1.0"
 
@@ -80,29 +79,61 @@ __all__ = [
     "write_report",
 ]
 
-# Names whose modules (and their imports: asyncio, sqlite3, multiprocessing, ...) most programs
-# never need: imported on first use, so that `import mpmsub` stays quick (every worker and every
-# `mpmsub` command line pays for it). Type checkers see them imported above.
+# Every public name is imported on first use, from the module that defines it: `import mpmsub`
+# itself imports nothing, which every worker (it imports the program's main module, and with it
+# mpmsub) and every `mpmsub` command line would pay for; the engine is imported when a program
+# first names it. Type checkers see the names imported above.
 _LAZY = {
+    "Call": "mpmsub._call",
+    "Cluster": "mpmsub._cluster",
+    "JobList": "mpmsub._cluster",
+    "cluster": "mpmsub._cluster",
     "DaskBackend": "mpmsub._dask",
-    "SlurmBackend": "mpmsub._slurm",
-    "WorkerDiedError": "mpmsub._errors",
-    "recommend_memory": "mpmsub._report",
+    "ExecutorStatus": "mpmsub._executor",
+    "MemoryAwareExecutor": "mpmsub._executor",
+    "JobFuture": "mpmsub._future",
     "write_report": "mpmsub._htmlreport",
+    "Job": "mpmsub._job",
+    "Pipeline": "mpmsub._job",
+    "job": "mpmsub._job",
+    "pipeline": "mpmsub._job",
+    "recommend_memory": "mpmsub._report",
+    "JobResult": "mpmsub._result",
+    "SlurmBackend": "mpmsub._slurm",
+    "parse_memory": "mpmsub._units",
+    "format_memory": "mpmsub.utils",
+    "parse_cpu_string": "mpmsub.utils",
+    "parse_memory_string": "mpmsub.utils",
+    **dict.fromkeys(
+        [
+            "CallCancelledError",
+            "CallError",
+            "CallPicklingError",
+            "CallTimeoutError",
+            "JobFailedError",
+            "MemoryLimitError",
+            "MpmsubError",
+            "RemoteTraceback",
+            "WorkerDiedError",
+        ],
+        "mpmsub._errors",
+    ),
 }
 
 if not TYPE_CHECKING:  # a type checker would take every misspelt name for a lazy one
 
     def __getattr__(name: str) -> object:
+        import importlib
+
+        if name == "utils":  # the original mpmsub's module, always there
+            return importlib.import_module("mpmsub.utils")
         module = _LAZY.get(name)
         if module is None:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        import importlib
-
         value = getattr(importlib.import_module(module), name)
         globals()[name] = value  # found directly from now on
         return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"utils"})

@@ -11,9 +11,11 @@ import os
 import select
 import signal
 import sys
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
+
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _LINUX = sys.platform.startswith("linux") and os.path.isdir("/proc/self")
@@ -111,6 +113,8 @@ class Scanner:
 
 
 def _snapshot_psutil() -> Snapshot:
+    import psutil  # here, not at import: on Linux /proc is read instead
+
     procs = Snapshot()
     for proc in psutil.process_iter(["ppid", "memory_info", "status"]):
         try:
@@ -265,6 +269,8 @@ class _Held:
         except ProcessLookupError:
             return None
         except (AttributeError, OSError):  # no pidfds here (macOS, Linux before 5.3)
+            import psutil
+
             try:
                 return cls(None, psutil.Process(pid))
             except psutil.Error:
@@ -285,16 +291,22 @@ class _Held:
             poller.register(self.fd, select.POLLIN)
             return not poller.poll(0)
         assert self._proc is not None
+        import psutil
+
         try:
             return self._proc.is_running() and self._proc.status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
 
     def send(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
-            if self.fd is not None:
+        if self.fd is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 signal.pidfd_send_signal(self.fd, sig)  # type: ignore[attr-defined,unused-ignore]
-            elif self._proc is not None and self._proc.is_running():  # not a process that took its pid
+            return
+        import psutil
+
+        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+            if self._proc is not None and self._proc.is_running():  # not a process that took its pid
                 self._proc.send_signal(sig)
 
     def close(self) -> None:

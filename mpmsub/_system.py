@@ -6,8 +6,6 @@ import math
 import os
 from typing import List, NamedTuple, Optional, Tuple
 
-import psutil
-
 _UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a number near 2**63
 
 
@@ -143,6 +141,8 @@ def detect_cpus() -> int:
 
 def detect_memory() -> int:
     """Memory (bytes) this process may use: physical RAM, or a lower cgroup limit."""
+    import psutil  # here, not at import: processes that only import the engine (workers) skip it
+
     total = int(psutil.virtual_memory().total)
     limit = cgroup_memory_limit()
     return min(total, limit) if limit else total
@@ -150,6 +150,8 @@ def detect_memory() -> int:
 
 def memory_groups(root: str = "/") -> List[MemoryGroup]:
     """The cgroups of this process (v2 or v1) that have a memory limit below physical RAM."""
+    import psutil
+
     total = int(psutil.virtual_memory().total)
     return [group for limit, group in _memory_limits(root) if limit < total and os.path.exists(group.usage)]
 
@@ -158,6 +160,8 @@ def available_memory(groups: List[MemoryGroup]) -> int:
     """Bytes that can still be used: the machine's available memory, or less where one of `groups`
     (from memory_groups()) is nearer its limit. A group's usage counts as its working set (less
     its inactive page cache, which the kernel reclaims before it kills), as container tools do."""
+    import psutil
+
     available = int(psutil.virtual_memory().available)
     for group in groups:
         limit, usage = read_file(group.limit), read_file(group.usage)
