@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import statistics
@@ -49,11 +50,21 @@ def median(values: List[float]) -> float:
 def interleaved(runs: int, ways: Dict[str, Callable[[], object]]) -> Dict[str, float]:
     """The median time of each way, the ways run in turn `runs` times, so that all see the same
     machine load."""
-    times: Dict[str, List[float]] = {name: [] for name in ways}
+    return interleaved_medians(runs, {name: functools.partial(_timed, way) for name, way in ways.items()})
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    return best_of(1, fn)[0]
+
+
+def interleaved_medians(runs: int, ways: Dict[str, Callable[[], float]]) -> Dict[str, float]:
+    """The median of the figure each way returns (one it measures itself, such as a time taken
+    inside a child process), the ways run in turn `runs` times."""
+    figures: Dict[str, List[float]] = {name: [] for name in ways}
     for _ in range(runs):
         for name, way in ways.items():
-            times[name] += best_of(1, way)
-    return {name: median(taken) for name, taken in times.items()}
+            figures[name].append(way())
+    return {name: median(values) for name, values in figures.items()}
 
 
 def arguments(description: Optional[str], runs: int) -> argparse.ArgumentParser:

@@ -12,6 +12,10 @@ benchmarks/RESULTS.md (unless --no-record).
 6. Python calls: map(20000 items, chunksize 200) / ProcessPoolExecutor(2) (<= 1.5); 1000 submits
    / ProcessPoolExecutor(2) (<= 2); a 300 MB call's peak after a 1 GB call in the same worker
    (within 10% of 300 MB)
+7. start-up, each run a fresh process: `import mpmsub` (<= 70 ms); a cold map(20000 items) with
+   2 workers / ProcessPoolExecutor with fork (<= 2), forkserver and spawn (< 1 each); executor
+   created and 2 workers ready (<= 40 ms); 1000 `true` jobs as a whole `python -c` process
+   (<= 1.4) and through `mpmsub run` (<= 1.8) / xargs -P2
 
 Exits with status 1 if a target is missed. Takes about a minute.
 Usage: python benchmarks/run_all_benchmarks.py [--no-record]
@@ -32,6 +36,7 @@ import dispatch_overhead
 import mixed_batch
 import monitor_cost
 import scaling
+import startup
 from _common import show
 
 
@@ -47,6 +52,7 @@ def main() -> int:
         monitor_cost.measure(),
         *accuracy.measure(),
         *calls.measure(),
+        *startup.measure(),
     ]
     show("All benchmarks", figures, keep=not args.no_record)
     print(f"\n{sum(f.ok for f in figures)} of {len(figures)} targets met in {time.perf_counter() - started:.0f} s")

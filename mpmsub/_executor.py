@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -85,6 +86,7 @@ DEFAULT_OUTPUT_LIMIT = "64M"
 _GATE_RETRY = 0.5  # seconds between looks at the machine's free memory while a job waits for it
 _MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memory error
 _AUTO_RETRIES = 5  # m="auto": runs again with more memory after a memory stop, up to the budget
+_PREPARING = "_MPMSUB_WORKER_PREPARING"  # _worker.PREPARING (not imported here: the engine does without it)
 _GATHER = 0.05  # seconds between the first job of a key never seen and the choice of its probe
 # How long the kernel's count of available memory may take to show an allocation (measured: up
 # to about a second; its per-CPU counters are folded into it once a second).
@@ -286,10 +288,11 @@ class MemoryAwareExecutor(Executor):
 
     Python functions run too, as with ProcessPoolExecutor: `submit(fn, *args, **kwargs)`,
     `map(fn, *iterables, chunksize=...)`, or `submit(Call(fn, ...).memory("2G"))` to give a call
-    resources. They run in reused worker processes (fresh interpreters, as the "spawn" start
-    method), one call at a time each, under the same ledger as commands. `max_tasks_per_child`,
-    `initializer` and `initargs` are ProcessPoolExecutor's; `mp_context` may be None or a
-    "spawn" or "forkserver" context (workers never fork from this threaded process).
+    resources. They run in reused worker processes, one call at a time each, under the same
+    ledger as commands; the workers are forked from a zygote, one fresh interpreter per executor
+    that imports the main module once (workers never fork from this threaded process).
+    `max_tasks_per_child`, `initializer` and `initargs` are ProcessPoolExecutor's; `mp_context`
+    may be None or a "spawn" or "forkserver" context ("spawn": each worker a fresh interpreter).
 
     `backend` is where jobs run: "local" (this machine), `DaskBackend(address_or_client)`,
     `SlurmBackend(...)`, or an address ("dask://host:8786", "slurm://partition"); by default
@@ -334,6 +337,12 @@ class MemoryAwareExecutor(Executor):
         trace: Optional[PathLike] = None,
         output_limit: Optional[MemoryLike] = DEFAULT_OUTPUT_LIMIT,
     ) -> None:
+        if os.environ.get(_PREPARING):
+            raise RuntimeError(
+                "a worker process is importing the program's main module, and that module creates an "
+                "executor itself (it would run its jobs again here): start the executor under "
+                "`if __name__ == '__main__':`"
+            )
         slots = None if max_workers is None else parse_cpus(max_workers, "max_workers")
         self.backend = resolve_backend(backend)
         self._own_backend = not isinstance(backend, Backend)  # made here from a name: closed here

@@ -13,15 +13,19 @@ b"m" ((fn, [args, ...]): a chunk of map()). The worker's are a pickled (reply, u
 READY reply once it is prepared (or BROKEN), then one reply per call.
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
 import pickle
 import struct
 import sys
 import time
-import traceback
 import types
-from typing import Any, Optional, Tuple
+
+TYPE_CHECKING = False  # typing's own, without importing typing in every worker
+if TYPE_CHECKING:
+    from typing import Any, Optional, Tuple
 
 HEADER = struct.Struct("!Q")
 CALL, CHUNK, INIT = b"c", b"m", b"i"
@@ -33,6 +37,7 @@ UNPICKLED = "unpickled"  # the call could not be unpickled here: message, traceb
 UNPICKLABLE = "unpicklable"  # the return value could not be pickled: message
 BROKEN = "broken"  # the worker could not be prepared (main module, initializer): traceback text
 
+PREPARING = "_MPMSUB_WORKER_PREPARING"  # in the environment while a worker imports the main module
 _LINUX = sys.platform.startswith("linux")
 MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
@@ -62,6 +67,13 @@ def _write_frame(fd: int, body: bytes) -> None:
     view = memoryview(HEADER.pack(len(body)) + body)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _traceback() -> str:
+    """The exception being handled, formatted (the module is imported only when one is)."""
+    import traceback
+
+    return traceback.format_exc()
 
 
 def _reset_peak() -> bool:
@@ -102,7 +114,7 @@ def _run(kind: bytes, call: Any) -> Tuple[Any, ...]:
     try:
         value = fn(*args, **kwargs) if kind == CALL else [fn(*a) for a in args]
     except BaseException as exc:
-        text = traceback.format_exc()
+        text = _traceback()
         try:
             data = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
         except BaseException:
@@ -137,7 +149,7 @@ def _serve(read_fd: int, write_fd: int) -> None:
             with memoryview(frame) as view:
                 call = pickle.loads(view[1:])
         except BaseException as exc:
-            reply: Tuple[Any, ...] = (UNPICKLED, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            reply: Tuple[Any, ...] = (UNPICKLED, f"{type(exc).__name__}: {exc}", _traceback())
         else:
             del frame  # the call holds its arguments; their pickle is not kept while it runs
             reply = _run(kind, call)
@@ -173,12 +185,12 @@ def _prepare(body: bytearray) -> Optional[Tuple[Any, Tuple[Any, ...]]]:
         multiprocessing.spawn.prepare(preparation)
     finally:
         del process._inheriting  # type: ignore[attr-defined]
-        os.environ.pop("_MPMSUB_WORKER_PREPARING", None)
+        os.environ.pop(PREPARING, None)
     return None if initializer is None else pickle.loads(initializer)
 
 
 def _broken(write_fd: int) -> None:
-    text = traceback.format_exc()
+    text = _traceback()
     _write_frame(write_fd, pickle.dumps(((BROKEN, text), None), pickle.HIGHEST_PROTOCOL))
 
 
@@ -279,10 +291,12 @@ def _zygote(sock_fd: int, init_fd: int) -> None:
         initializer = _prepare(body)
     except BaseException:
         with contextlib.suppress(OSError):
-            sock.send(ZYGOTE_BROKEN + traceback.format_exc().encode(errors="replace")[-MESSAGE_LIMIT:])
+            sock.send(ZYGOTE_BROKEN + _traceback().encode(errors="replace")[-MESSAGE_LIMIT:])
         return
     del body
     prctl = _die_with_parent()
+    import resource  # noqa: F401  (each worker's _serve needs it: imported once, here)
+
     me = os.getpid()
     children = set()
     reply: Optional[bytes] = ZYGOTE_READY if _threads() == 1 else NOFORK

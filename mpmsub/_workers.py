@@ -41,7 +41,6 @@ logger = logging.getLogger("mpmsub")
 _WORKER_SCRIPT = os.path.abspath(wire.__file__)
 _READ_SIZE = 1 << 16
 _CLOSE_WAIT = 2.0  # seconds idle workers get to exit once their pipe is closed
-_PREPARING = "_MPMSUB_WORKER_PREPARING"  # set in a worker while it imports the main module
 
 
 def _pipe() -> Tuple[int, int]:
@@ -66,7 +65,7 @@ class Worker:
     def __init__(self, pool: WorkerPool, zygote: Optional[Zygote] = None) -> None:
         if getattr(sys, "frozen", False):
             raise RuntimeError("a frozen application has no Python interpreter to start workers for Python calls with")
-        if os.environ.get(_PREPARING):
+        if os.environ.get(wire.PREPARING):
             raise RuntimeError(
                 "a worker process is importing the program's main module, and that module submits Python "
                 "calls itself: start the executor under `if __name__ == '__main__':`"
@@ -126,7 +125,7 @@ class Worker:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             close_fds=True,
-            env={**os.environ, _PREPARING: "1"},
+            env={**os.environ, wire.PREPARING: "1"},
         )
         proc.returncode = 0  # Popen's bookkeeping is ours: the worker is reaped with os.wait4
         return proc.pid
@@ -405,6 +404,10 @@ class WorkerPool:
         # Why workers cannot be prepared (the main module or the initializer raised), once one
         # has failed: later calls fail at once instead of each starting a worker that fails too.
         self.broken: Optional[str] = None
+        # The main module's file, looked at now: once the script has run (an executor whose calls
+        # start at exit), the interpreter has removed __main__.__file__.
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        self._main_path = os.path.abspath(main_file) if isinstance(main_file, str) else None
         self._forks = options.zygote and _zygote.possible()  # workers are forked from a zygote
         self._zygote: Optional[Zygote] = None
         self._waiting: List[CallHandle] = []  # calls waiting for the zygote to be prepared
@@ -416,6 +419,12 @@ class WorkerPool:
 
             self.executable = multiprocessing.spawn.get_executable() or sys.executable
             preparation = preparation_data()
+            if (
+                _inherited is None
+                and self._main_path
+                and not {"init_main_from_name", "init_main_from_path"} & set(preparation)
+            ):
+                preparation["init_main_from_path"] = self._main_path
             initializer = None
             if self._initializer is not None:
                 initializer = pickle.dumps((self._initializer, self._initargs), pickle.HIGHEST_PROTOCOL)

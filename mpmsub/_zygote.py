@@ -103,7 +103,7 @@ class Zygote:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 close_fds=True,
-                env={**os.environ, "_MPMSUB_WORKER_PREPARING": "1"},
+                env={**os.environ, wire.PREPARING: "1"},
             )
         except BaseException:
             self._sock.close()

@@ -584,3 +584,37 @@ def test_what_a_call_printed_without_flushing_is_written_when_its_worker_ends(tm
     )
     assert done.returncode == 0, done.stderr
     assert sorted(done.stdout.split()) == ["after", "unflushed"]
+
+
+def test_a_call_first_started_at_exit_finds_the_main_module(tmp_path: Path) -> None:
+    """A script that submits and ends without shutdown() has its calls run at exit, when the
+    interpreter has already removed __main__.__file__: the workers still import the script."""
+    done = _script(
+        tmp_path,
+        "def double(x):\n    return 2 * x\n",
+        """
+        ex = mpmsub.MemoryAwareExecutor(max_workers=1)
+        ex.submit(double, 21).add_done_callback(lambda f: print(f.exception() or f.result(), flush=True))
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "42\n"
+
+
+def test_a_main_module_that_creates_an_executor_unguarded_fails_its_calls_and_runs_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    """Its workers import it: the executor it creates there would run its jobs a second time."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport callees, mpmsub\n"
+        "ex = mpmsub.MemoryAwareExecutor(max_workers=1)\n"
+        "print(ex.submit(['echo', 'job ran']).result().stdout, end='', flush=True)\n"
+        "future = ex.submit(pow, 2, 10)\n"
+        "print(type(future.exception()).__name__, flush=True)\n"
+        "ex.shutdown()\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "job ran\nWorkerDiedError\n"
+    assert "creates an executor itself" in done.stderr and "if __name__ == '__main__'" in done.stderr

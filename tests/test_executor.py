@@ -347,13 +347,14 @@ def test_jobs_that_end_at_interpreter_shutdown_need_no_new_thread(threads: bool,
         from mpmsub import _threads
         if not {threads!r}:
             _threads.start = lambda *args, **kwargs: None
-        ex = mpmsub.MemoryAwareExecutor(cpus=2, memory="1G", history={str(tmp_path / "h.db")!r})
-        job = ex.submit(["sh", "-c", "sleep 0.5; echo job"])
-        later = ex.submit(["sh", "-c", "sleep 0.8; echo later"])
-        # A callback that waits for another future must not stop what resolves it (the loop).
-        job.add_done_callback(lambda f: print("callback", f.result().stdout.strip(), later.result().stdout.strip()))
-        call = ex.submit(pow, 2, 10)
-        call.add_done_callback(lambda f: print("call", f.result(), flush=True))
+        if __name__ == "__main__":  # the call's worker imports this file
+            ex = mpmsub.MemoryAwareExecutor(cpus=2, memory="1G", history={str(tmp_path / "h.db")!r})
+            job = ex.submit(["sh", "-c", "sleep 0.5; echo job"])
+            later = ex.submit(["sh", "-c", "sleep 0.8; echo later"])
+            # A callback that waits for another future must not stop what resolves it (the loop).
+            job.add_done_callback(lambda f: print("callback", f.result().stdout.strip(), later.result().stdout.strip()))
+            call = ex.submit(pow, 2, 10)
+            call.add_done_callback(lambda f: print("call", f.result(), flush=True))
     """)
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mpmsub.__file__).parent.parent), *sys.path])}

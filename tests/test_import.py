@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # What `import mpmsub` must not import (each is imported where it is used).
 NOT_AT_IMPORT = [
+    "psutil",  # a worker importing a main module that imports the executor does without it
     "sqlite3",
     "json",
     "asyncio",
@@ -67,8 +68,18 @@ def imported_by(code: str, watched: List[str]) -> Dict[str, Any]:
     return {"imported": ast.literal_eval(lines[-1]), "output": lines[:-1]}
 
 
-def test_import_mpmsub_leaves_the_heavy_modules_alone() -> None:
-    run = imported_by("import mpmsub", NOT_AT_IMPORT)
+def test_import_mpmsub_imports_nothing_until_a_name_is_used() -> None:
+    run = imported_by(
+        "import mpmsub\nprint(sorted(m for m in sys.modules if m.startswith('mpmsub')))", ["typing", "psutil"]
+    )
+    assert run["output"] == ["['mpmsub']"]  # a worker importing a main module that imports mpmsub pays nothing
+    assert run["imported"] == []
+
+
+def test_the_executor_and_the_cluster_leave_the_heavy_modules_alone() -> None:
+    run = imported_by(
+        "import mpmsub\nfrom mpmsub import Call, Cluster, Job, MemoryAwareExecutor, cluster", NOT_AT_IMPORT
+    )
     assert run["imported"] == []
 
 
@@ -189,3 +200,9 @@ def test_a_call_whose_worker_dies_at_interpreter_exit_still_fails_with_worker_di
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["WorkerDiedError", "True", "True"], done.stderr
+
+
+def test_the_executor_knows_a_preparing_worker_by_the_workers_own_word() -> None:
+    from mpmsub import _executor, _worker
+
+    assert _executor._PREPARING == _worker.PREPARING
