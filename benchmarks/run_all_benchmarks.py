@@ -17,7 +17,7 @@ benchmarks/RESULTS.md (unless --no-record).
    created and 2 workers ready (<= 40 ms); 1000 `true` jobs as a whole `python -c` process
    (<= 1.4) and through `mpmsub run` (<= 1.8) / xargs -P2
 
-Exits with status 1 if a target is missed. Takes about a minute.
+Exits with status 1 if a target is missed. Takes about a minute and a half.
 Usage: python benchmarks/run_all_benchmarks.py [--no-record]
 """
 

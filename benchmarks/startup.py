@@ -140,7 +140,7 @@ def _importtime(where: str, statement: str) -> Dict[str, int]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _startup_modules(where: str) -> frozenset[str]:
     """What the interpreter imports before any statement runs (site, encodings, ...)."""
     return frozenset(_importtime(where, "pass"))
