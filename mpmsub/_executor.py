@@ -1217,9 +1217,9 @@ def _check_pool_options(
         method = getattr(mp_context, "get_start_method", lambda: None)()
         if method not in ("spawn", "forkserver"):
             raise ValueError(
-                f"invalid mp_context {mp_context!r} (start method {method!r}): mpmsub's workers start as fresh "
-                "interpreters, never forked from this threaded process; give None, or a 'spawn' or "
-                "'forkserver' context"
+                f"invalid mp_context {mp_context!r} (start method {method!r}): mpmsub's workers are never "
+                "forked from this threaded process (they are forked from a zygote, a fresh interpreter); "
+                "give None, or a 'spawn' or 'forkserver' context"
             )
 
 

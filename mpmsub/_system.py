@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import List, NamedTuple, Optional, Tuple
 
+_LINUX = sys.platform.startswith("linux")
 _UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a number near 2**63
 
 
@@ -139,20 +141,36 @@ def detect_cpus() -> int:
     return max(1, min(cpus, quota) if quota else cpus)
 
 
-def detect_memory() -> int:
-    """Memory (bytes) this process may use: physical RAM, or a lower cgroup limit."""
+def machine_memory() -> Tuple[int, int]:
+    """The machine's (total, available) memory in bytes: /proc/meminfo's MemTotal and
+    MemAvailable on Linux (what psutil reports there, without importing it), else psutil's."""
+    text = read_file("/proc/meminfo") if _LINUX else None
+    if text:
+        fields = {}
+        for line in text.splitlines():
+            name, _, rest = line.partition(":")
+            if name in ("MemTotal", "MemAvailable"):
+                words = rest.split()
+                if words and words[0].isdigit():
+                    fields[name] = int(words[0]) * (1024 if words[1:] == ["kB"] else 1)
+        if len(fields) == 2:
+            return fields["MemTotal"], fields["MemAvailable"]
     import psutil  # here, not at import: processes that only import the engine (workers) skip it
 
-    total = int(psutil.virtual_memory().total)
+    memory = psutil.virtual_memory()
+    return int(memory.total), int(memory.available)
+
+
+def detect_memory() -> int:
+    """Memory (bytes) this process may use: physical RAM, or a lower cgroup limit."""
+    total = machine_memory()[0]
     limit = cgroup_memory_limit()
     return min(total, limit) if limit else total
 
 
 def memory_groups(root: str = "/") -> List[MemoryGroup]:
     """The cgroups of this process (v2 or v1) that have a memory limit below physical RAM."""
-    import psutil
-
-    total = int(psutil.virtual_memory().total)
+    total = machine_memory()[0]
     return [group for limit, group in _memory_limits(root) if limit < total and os.path.exists(group.usage)]
 
 
@@ -160,9 +178,7 @@ def available_memory(groups: List[MemoryGroup]) -> int:
     """Bytes that can still be used: the machine's available memory, or less where one of `groups`
     (from memory_groups()) is nearer its limit. A group's usage counts as its working set (less
     its inactive page cache, which the kernel reclaims before it kills), as container tools do."""
-    import psutil
-
-    available = int(psutil.virtual_memory().available)
+    available = machine_memory()[1]
     for group in groups:
         limit, usage = read_file(group.limit), read_file(group.usage)
         if not (limit and usage and limit.isdigit() and usage.isdigit()):

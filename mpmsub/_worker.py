@@ -1,8 +1,9 @@
 """The worker process that runs Python calls for an executor, one at a time, for many calls.
 
-Started as a script (`python .../mpmsub/_worker.py READ_FD WRITE_FD`) in a session of its own,
-so it imports only the standard library until the parent's import path, working directory and
-main module are restored (as the standard library's "spawn" start method does). Then it reads
+Started as `python -c "...; from mpmsub._worker import main; main()" READ_FD WRITE_FD` (this
+mpmsub's directory first on the path), in a session of its own; it imports only the standard
+library (and mpmsub's __init__, which imports nothing) until the parent's import path, working
+directory and main module are restored (as the standard library's "spawn" start method does). Then it reads
 calls from the parent, runs them and writes back what they returned or raised, with what each
 call used: CPU time and, on Linux, its own peak resident memory, reset before every call by
 writing 5 to /proc/self/clear_refs (so a call's peak is its own, not the worker's high-water mark).
@@ -231,7 +232,7 @@ def main() -> None:
 
 # -- the zygote -------------------------------------------------------------------------------------
 #
-# `_worker.py --zygote SOCKET INIT_FD` (Linux): an interpreter prepared once (the INIT frame read
+# `main()` with `--zygote SOCKET INIT_FD` (Linux): an interpreter prepared once (the INIT frame read
 # from INIT_FD: path, directory, main module, the initializer unpickled), which then forks each
 # worker on request, so that a worker costs a fork rather than an interpreter and its imports.
 # It is single-threaded when it forks (else it says so and is not used). SOCKET is a
@@ -251,17 +252,29 @@ FORK, REAP = b"f", b"r"
 ZYGOTE_READY, NOFORK, ZYGOTE_BROKEN, FORKED, FAILED, STATUS = b"R", b"N", b"B", b"p", b"e", b"s"
 PID = struct.Struct("!q")
 MESSAGE_LIMIT = 32768  # a BROKEN or FAILED text is cut to this many bytes
+REQUEST_LIMIT = 1 << 17  # a FORK's environment larger than this is not sent (the zygote's is used)
 _PR_SET_PDEATHSIG = 1
 
 
-def _threads() -> int:
-    """The threads of this process (OS threads, which a C extension may start too)."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        import threading
+def _python_threads() -> int:
+    """Threads started from Python besides this one. Those are what make forking unsafe (the
+    child would find their locks held forever); the idle pools of numerical libraries (OpenBLAS
+    starts one at import) are made for fork, as ProcessPoolExecutor's "fork" has long relied on."""
+    import _thread
 
-        return threading.active_count()
+    return int(_thread._count())  # type: ignore[attr-defined,unused-ignore]
+
+
+def _above_stdio(fd: int) -> int:
+    """`fd`, moved to 3 or above if it is 0, 1 or 2 (free when this process was started with
+    them closed), where the worker's standard streams would write into it."""
+    if fd > 2:
+        return fd
+    import fcntl
+
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(fd)
+    return moved
 
 
 def _die_with_parent() -> Optional[Any]:
@@ -279,8 +292,10 @@ def _die_with_parent() -> Optional[Any]:
 def _zygote(sock_fd: int, init_fd: int) -> None:
     import signal
     import socket
+    import warnings
 
     sock = socket.socket(fileno=sock_fd)
+    sock.set_inheritable(False)  # what the main module starts must not hold it
     os.set_inheritable(init_fd, False)
     sys.modules["__main__"] = types.ModuleType("__main__")
     body = _read_frame(init_fd)
@@ -294,12 +309,15 @@ def _zygote(sock_fd: int, init_fd: int) -> None:
             sock.send(ZYGOTE_BROKEN + _traceback().encode(errors="replace")[-MESSAGE_LIMIT:])
         return
     del body
+    # Workers are reaped when the executor asks, whatever the main module did with SIGCHLD
+    # (ignored, or a handler that reaps): their own get it back.
+    sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     prctl = _die_with_parent()
     import resource  # noqa: F401  (each worker's _serve needs it: imported once, here)
 
     me = os.getpid()
     children = set()
-    reply: Optional[bytes] = ZYGOTE_READY if _threads() == 1 else NOFORK
+    reply: Optional[bytes] = ZYGOTE_READY if _python_threads() == 0 else NOFORK
     while True:
         if reply is not None:
             try:
@@ -308,16 +326,20 @@ def _zygote(sock_fd: int, init_fd: int) -> None:
                 break
             reply = None
         try:
-            data, fds, _, _ = socket.recv_fds(sock, 64, 2)
+            data, fds, _, _ = socket.recv_fds(sock, REQUEST_LIMIT, 2)
         except OSError:
             break
         if not data:
             break  # the executor closed its end, or died
         if data[:1] == FORK and len(fds) == 2:
+            fds = [_above_stdio(fd) for fd in fds]
             for fd in fds:
                 os.set_inheritable(fd, False)  # programs the calls start must not hold the pipes
+            environment = pickle.loads(data[1:]) if len(data) > 1 else None
             try:
-                pid = os.fork()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: "multi-threaded" (a C pool)
+                    pid = os.fork()
             except OSError as exc:
                 reply = FAILED + f"fork() failed: {exc}".encode()[:MESSAGE_LIMIT]
                 pid = -1
@@ -329,11 +351,14 @@ def _zygote(sock_fd: int, init_fd: int) -> None:
                     if prctl is not None:
                         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
                     if os.getppid() == me:  # else the zygote died before the line above
+                        if sigchld is not None:
+                            signal.signal(signal.SIGCHLD, sigchld)
+                        if environment is not None:
+                            os.environ.clear()
+                            os.environ.update(environment)
                         _work(fds[0], fds[1], initializer)
                         code = 0
-                        import atexit
-
-                        atexit._run_exitfuncs()  # as a worker's interpreter would at its end
+                        _finish_interpreter()
                 finally:
                     for stream in (sys.stdout, sys.stderr):
                         with contextlib.suppress(BaseException):
@@ -367,6 +392,18 @@ def _zygote(sock_fd: int, init_fd: int) -> None:
     for pid in children:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
+
+
+def _finish_interpreter() -> None:
+    """What an interpreter does at its end, for a forked worker about to os._exit: wait for its
+    non-daemon threads, then run the exit hooks."""
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        with contextlib.suppress(BaseException):
+            threading._shutdown()  # type: ignore[attr-defined,unused-ignore]
+    import atexit
+
+    atexit._run_exitfuncs()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Python calls on this machine: a pool of reused worker processes, driven by the event loop.
 
-A worker (see _worker) is a fresh interpreter started with subprocess (fork-and-exec, safe in a
-threaded parent, as the "spawn" start method), in a session of its own, so that killing a call
-kills whatever it started too. It is prepared once (the parent's import path, working directory
-and main module, then the initializer) and runs one call at a time for many calls. A call is
-written to an idle worker when the executor starts it; its reply carries what it returned or
-raised and what it used. A worker that is killed (timeout, memory, termination) or dies is
-replaced by a new one at the next call; the other calls and the pool carry on.
+A worker (see _worker) is forked from the executor's zygote (see _zygote: one interpreter
+started with fork-and-exec, safe in a threaded parent, that has imported the main module), or,
+where there is none, is a fresh interpreter started the same way (as the "spawn" start method);
+either way in a session of its own, so that killing a call kills whatever it started too. A
+worker is prepared once (the parent's import path, working directory and main module, then the
+initializer) and runs one call at a time for many calls. A call is written to an idle worker
+when the executor starts it; its reply carries what it returned or raised and what it used. A
+worker that is killed (timeout, memory, termination) or dies is replaced by a new one at the
+next call; the other calls and the pool carry on. Requests to the zygote are answered through
+the loop: only the pool's close waits for it.
 
 Everything here runs on the loop thread, except `CallHandle.sample` (the monitor thread).
 """
@@ -38,9 +41,15 @@ from mpmsub._zygote import Zygote
 
 logger = logging.getLogger("mpmsub")
 
-_WORKER_SCRIPT = os.path.abspath(wire.__file__)
+# Workers and the zygote run _worker from this mpmsub's own directory, whatever their working
+# directory holds, and from its cached bytecode (a script would be compiled at every start).
+_BOOT = (
+    f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(wire.__file__)))!r}); "
+    "from mpmsub._worker import main; main()"
+)
 _READ_SIZE = 1 << 16
 _CLOSE_WAIT = 2.0  # seconds idle workers get to exit once their pipe is closed
+_ZYGOTE_LOSSES = 3  # zygotes lost one after another before workers start as fresh interpreters
 
 
 def _pipe() -> Tuple[int, int]:
@@ -62,7 +71,11 @@ def _pipe() -> Tuple[int, int]:
 class Worker:
     """One worker process and its two pipes."""
 
-    def __init__(self, pool: WorkerPool, zygote: Optional[Zygote] = None) -> None:
+    def __init__(
+        self, pool: WorkerPool, zygote: Optional[Zygote] = None, forked: Optional[Tuple[int, int, int]] = None
+    ) -> None:
+        """A fresh interpreter started now, or (`forked`: its pid and our ends of its two pipes)
+        a worker `zygote` has forked."""
         if getattr(sys, "frozen", False):
             raise RuntimeError("a frozen application has no Python interpreter to start workers for Python calls with")
         if os.environ.get(wire.PREPARING):
@@ -86,23 +99,27 @@ class Worker:
         self._waiter: Optional[threading.Thread] = None
         self._exit_seen = False  # seen by _poll_exit (no pidfd, no thread)
         self._reaped: Optional[Tuple[Optional[int], Any]] = None  # (status, rusage), reaped by the waiter
+        self._released = False
         self._eof = False
-        to_r, self.to_fd = _pipe()
-        try:
-            self.from_fd, from_w = _pipe()
-        except BaseException:
-            os.close(to_r)
-            os.close(self.to_fd)
-            raise
-        try:
-            self.pid = zygote.fork(to_r, from_w) if zygote is not None else self._spawn(to_r, from_w)
-        except BaseException:
-            os.close(self.to_fd)
-            os.close(self.from_fd)
-            raise
-        finally:
-            os.close(to_r)
-            os.close(from_w)
+        if forked is not None:
+            self.pid, self.to_fd, self.from_fd = forked
+        else:
+            to_r, self.to_fd = _pipe()
+            try:
+                self.from_fd, from_w = _pipe()
+            except BaseException:
+                os.close(to_r)
+                os.close(self.to_fd)
+                raise
+            try:
+                self.pid = self._spawn(to_r, from_w)
+            except BaseException:
+                os.close(self.to_fd)
+                os.close(self.from_fd)
+                raise
+            finally:
+                os.close(to_r)
+                os.close(from_w)
         try:
             pool.watchman.watch(self.pid)
             os.set_blocking(self.to_fd, False)
@@ -113,14 +130,14 @@ class Worker:
                 self.send(pool.init_frame())
         except BaseException:
             with contextlib.suppress(OSError):
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(self.pid, signal.SIGKILL)  # not reaped yet: the pid is its own
             self._on_exit()
             raise
 
     def _spawn(self, to_r: int, from_w: int) -> int:
         """Start a fresh interpreter as the worker; its pid."""
         proc = subprocess.Popen(
-            [self.pool.executable, *_interpreter_flags(), _WORKER_SCRIPT, str(to_r), str(from_w)],
+            [self.pool.executable, *_interpreter_flags(), "-c", _BOOT, str(to_r), str(from_w)],
             pass_fds=(to_r, from_w),
             stdin=subprocess.DEVNULL,
             start_new_session=True,
@@ -134,6 +151,8 @@ class Worker:
         try:
             self._pidfd = os.pidfd_open(self.pid)  # type: ignore[attr-defined,unused-ignore]
         except (AttributeError, OSError):
+            if self.zygote is not None:  # not our child: nothing else can tell us of its exit
+                raise
             # No pidfd (macOS, old kernels, a seccomp filter): a thread waits for the exit. The
             # reply pipe's end is no sign of it: a process the call forked may hold the pipe.
             self._waiter = _threads.start(self._wait, f"mpmsub-worker-{self.pid}")
@@ -297,41 +316,54 @@ class Worker:
             self.pool.loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = self._poller = None
-        status, usage = self._reap()
+        if self.zygote is not None and self._reaped is None:
+            if self.zygote.state != _zygote.GONE:
+                # Not reaped yet (the zygote reaps it when asked), so its process group id cannot
+                # have been reused: whatever the call started and left in the group is killed.
+                _proctree.kill_group(self.pid)
+            self.zygote.reap(self.pid, self._ended)
+        else:
+            self._ended(*self._reap())
+
+    def _ended(self, status: Optional[int], usage: Any) -> None:
+        """It is reaped: let go of it, and end its call with what it left."""
+        if usage is None and self.zygote is not None:
+            self.lost = self.zygote.lost
+        self._reaped = (status, usage)
+        self._release()
         self.pool.gone(self)
         handle, self.handle = self.handle, None
         if handle is not None:
             handle.worker_died(status, usage)
 
-    def _reap(self) -> Tuple[Optional[int], Any]:
-        if self._reaped is None:
-            # A zombie keeps its pid, so its process group id cannot have been reused: whatever
-            # the call started and left in the group is killed.
-            _proctree.kill_group(self.pid)
-            if self.zygote is not None:
-                self._reaped = self.zygote.reap(self.pid)
-                if self._reaped[1] is None:
-                    self.lost = self.zygote.lost
-            else:
-                self._reap_child()
+    def _release(self) -> None:
+        """Close our ends of its pipes and take it off the watchman's list (it is gone, or about
+        to be)."""
+        if self._released:
+            return
+        self._released = True
         self.pool.watchman.forget(self.pid)
         if self.from_fd >= 0:
             self.pool.loop.remove_reader(self.from_fd)
             os.close(self.from_fd)
             self.from_fd = -1
         self._close_input()
-        assert self._reaped is not None
-        return self._reaped
 
-    def _reap_child(self) -> None:
-        try:
-            _, status, usage = os.wait4(self.pid, 0)
-            self._reaped = (os.waitstatus_to_exitcode(status), usage)
-        except ChildProcessError:
-            if self._waiter is not None and not hasattr(os, "waitid"):
-                self._waiter.join()  # it is reaping it: take what it got
-            if self._reaped is None:
-                self._reaped = (None, None)  # reaped elsewhere (os.wait(), a SIGCHLD handler)
+    def _reap(self) -> Tuple[Optional[int], Any]:
+        """Reap our own child (a fresh interpreter)."""
+        if self._reaped is None:
+            # A zombie keeps its pid, so its process group id cannot have been reused: whatever
+            # the call started and left in the group is killed.
+            _proctree.kill_group(self.pid)
+            try:
+                _, status, usage = os.wait4(self.pid, 0)
+                self._reaped = (os.waitstatus_to_exitcode(status), usage)
+            except ChildProcessError:
+                if self._waiter is not None and not hasattr(os, "waitid"):
+                    self._waiter.join()  # it is reaping it: take what it got
+                if self._reaped is None:
+                    self._reaped = (None, None)  # reaped elsewhere (os.wait(), a SIGCHLD handler)
+        return self._reaped
 
     def signal(self, sig: int) -> None:
         if not self.dead:
@@ -410,6 +442,8 @@ class WorkerPool:
         self._main_path = os.path.abspath(main_file) if isinstance(main_file, str) else None
         self._forks = options.zygote and _zygote.possible()  # workers are forked from a zygote
         self._zygote: Optional[Zygote] = None
+        self._zygote_environment: Dict[str, str] = {}  # the environment the zygote started with
+        self._zygote_losses = 0  # zygotes lost since a worker was last forked
         self._waiting: List[CallHandle] = []  # calls waiting for the zygote to be prepared
 
     def init_frame(self) -> bytes:
@@ -436,35 +470,103 @@ class WorkerPool:
         if self.broken is not None:
             handle.fail_start(f"its worker process could not be prepared: {self.broken}")
             return handle
-        worker = self._take_idle()
-        if worker is None and self._forks and (self._zygote is None or self._zygote.state != _zygote.READY):
-            try:
-                if self._zygote is None or self._zygote.state == _zygote.GONE:
-                    self._start_zygote()
-            except Exception as exc:
-                self._forks = False
-                logger.warning(
-                    "mpmsub: could not start a worker parent process (zygote): %s; workers start afresh", exc
-                )
-            else:
-                handle.waiting = True  # it runs once the zygote is prepared
-                self._waiting.append(handle)
-                return handle
-        self._run(handle, worker)
+        self._run(handle)
         return handle
 
-    def _run(self, handle: CallHandle, worker: Optional[Worker] = None) -> None:
+    def _run(self, handle: CallHandle) -> None:
+        """Give the call an idle worker, or a new one: forked from the zygote (started if there
+        is none; the call waits for it), or a fresh interpreter where there is no zygote."""
+        worker = self._take_idle()
+        if worker is None and self._forks:
+            zygote = self._zygote
+            if zygote is not None and zygote.state == _zygote.GONE and zygote.lost:
+                self._zygote_losses += 1
+                if self._zygote_losses >= _ZYGOTE_LOSSES:  # one after another: it cannot serve here
+                    self._forks = False
+                    logger.warning(
+                        "mpmsub: the zygote was lost %d times; workers start as fresh interpreters", self._zygote_losses
+                    )
+            if self._forks and (zygote is None or zygote.state == _zygote.GONE):
+                zygote = None
+                try:
+                    zygote = self._start_zygote()
+                except Exception as exc:
+                    self._forks = False
+                    logger.warning("mpmsub: could not start a worker parent process (zygote): %s", exc)
+            if self._forks and zygote is not None and zygote.state != _zygote.GONE:
+                handle.waiting = True
+                if zygote.state == _zygote.STARTING:
+                    self._waiting.append(handle)  # it runs once the zygote is prepared
+                else:
+                    self._fork(zygote, handle)
+                return
         try:
-            worker = worker or self._take_idle() or self._new_worker()
+            worker = worker or self._new_worker()
         except Exception as exc:
             handle.fail_start(f"could not start a worker process: {exc}")
             return
         handle.run_on(worker)
 
-    def _start_zygote(self) -> None:
+    def _fork(self, zygote: Zygote, handle: CallHandle) -> None:
+        """Ask the zygote for a worker for `handle`; it runs there once the zygote has forked it."""
+        try:
+            to_r, to_w = _pipe()
+            try:
+                from_r, from_w = _pipe()
+            except BaseException:
+                os.close(to_r)
+                os.close(to_w)
+                raise
+        except OSError as exc:
+            handle.waiting = False
+            handle.fail_start(f"could not start a worker process: {exc}")
+            return
+
+        def forked(pid: Optional[int], error: Optional[str]) -> None:
+            if pid is None:
+                os.close(to_w)
+                os.close(from_r)
+                if not handle.waiting:
+                    return  # killed meanwhile: it has ended
+                if zygote.state == _zygote.GONE:
+                    self._run(handle)  # a new zygote, or a fresh interpreter
+                else:
+                    handle.waiting = False
+                    handle.fail_start(f"could not start a worker process: {error}")
+                return
+            try:
+                worker = Worker(self, zygote, (pid, to_w, from_r))
+            except Exception as exc:
+                if handle.waiting:
+                    handle.waiting = False
+                    handle.fail_start(f"could not start a worker process: {exc}")
+                return
+            self._workers.add(worker)
+            self._zygote_losses = 0
+            if handle.waiting:
+                handle.waiting = False
+                handle.run_on(worker)
+            else:
+                self.idle(worker)  # its call was killed meanwhile: the next one takes it
+
+        try:
+            zygote.fork(to_r, from_w, self._environment(), forked)
+        finally:
+            os.close(to_r)
+            os.close(from_w)
+
+    def _environment(self) -> Optional[Dict[str, str]]:
+        """This process's environment, for a worker to take, if it has changed since the zygote
+        took its own (a worker gets the environment of the moment it starts, as a fresh one)."""
+        environment = dict(os.environ)
+        return None if environment == self._zygote_environment else environment
+
+    def _start_zygote(self) -> Zygote:
         init = self.init_frame()  # made first: it names the executable
-        command = [self.executable, *_interpreter_flags(), _WORKER_SCRIPT]
+        command = [self.executable, *_interpreter_flags(), "-c", _BOOT]
+        self._zygote_environment = dict(os.environ)
         self._zygote = Zygote(self.loop, self.watchman, command, init, _pipe, self._zygote_state)
+        return self._zygote
 
     def _zygote_state(self, why: Optional[str], broken: bool) -> None:
         """The zygote is prepared (why is None), or it cannot be used: its main module or its
@@ -475,15 +577,19 @@ class WorkerPool:
             why = self.broke(why)
         elif why is not None:
             self._forks = False
-            logger.info("mpmsub: workers start as fresh interpreters: %s", why)
+            logger.warning("mpmsub: workers start as fresh interpreters: %s", why)
         waiting, self._waiting = self._waiting, []
         for handle in waiting:
-            if handle.waiting:
+            if not handle.waiting:
+                continue  # killed meanwhile
+            if self.broken is not None:
                 handle.waiting = False
-                if self.broken is not None:
-                    handle.fail_start(f"its worker process could not be prepared: {self.broken}")
-                else:
-                    self._run(handle)
+                handle.fail_start(f"its worker process could not be prepared: {self.broken}")
+            elif why is None and self._zygote is not None:
+                self._fork(self._zygote, handle)
+            else:
+                handle.waiting = False
+                self._run(handle)
 
     def stop_waiting(self, handle: CallHandle) -> None:
         with contextlib.suppress(ValueError):
@@ -498,11 +604,9 @@ class WorkerPool:
         return None
 
     def _new_worker(self) -> Worker:
+        """A fresh interpreter."""
         self.init_frame()  # made before the first start: it names the executable
-        zygote = (
-            self._zygote if self._forks and self._zygote is not None and self._zygote.state == _zygote.READY else None
-        )
-        worker = Worker(self, zygote)
+        worker = Worker(self)
         self._workers.add(worker)
         return worker
 
@@ -551,7 +655,8 @@ class WorkerPool:
                 worker.kill_now()
             worker._on_exit()
         if self._zygote is not None:
-            self._zygote.close()
+            self._zygote.settle(_CLOSE_WAIT)  # it reaps them
+            self._zygote.close(kill=True)  # no worker is left: its own exit would only make us wait
 
 
 class CallHandle(Handle):

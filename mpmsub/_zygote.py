@@ -18,7 +18,9 @@ Everything here runs on the executor's loop thread.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import fcntl
 import logging
 import os
 import pickle
@@ -28,7 +30,8 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Any, Callable, List, Optional, Tuple
+import time
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from mpmsub import _worker as wire
 from mpmsub._guard import Watchman
@@ -60,6 +63,23 @@ def possible() -> bool:
     return _possible
 
 
+def _socketpair() -> Tuple[socket.socket, socket.socket]:
+    """A SOCK_SEQPACKET pair whose fds are not 0, 1 or 2 (which a process started with them
+    closed gets, and which the zygote's standard streams would then write into)."""
+    pair = list(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+    try:
+        for i, sock in enumerate(pair):
+            if sock.fileno() <= 2:
+                moved = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
+                sock.close()
+                pair[i] = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=moved)
+    except BaseException:
+        for sock in pair:
+            sock.close()
+        raise
+    return pair[0], pair[1]
+
+
 class ZygoteError(Exception):
     """The zygote could not fork a worker, or is gone."""
 
@@ -87,8 +107,9 @@ class Zygote:
         self.lost: Optional[str] = None  # why it is gone, if it went on its own
         self._reaped = False
         self._pidfd = -1
+        self._pending: Deque[Callable[[bytes], None]] = collections.deque()  # in request order
         self._on_state = on_state
-        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock, theirs = _socketpair()
         self._out = bytearray(wire.HEADER.pack(len(init_frame)) + init_frame)
         try:
             init_r, self._init_w = pipe()
@@ -143,72 +164,91 @@ class Zygote:
             self._init_w = -1
 
     def _on_message(self) -> None:
-        """Its socket is readable outside a request: it is prepared, or it has gone."""
+        """Its socket is readable: it is prepared, a reply to the oldest request, or its end."""
         try:
             data = self._sock.recv(wire.MESSAGE_LIMIT + 1)
-        except (BlockingIOError, socket.timeout):
+        except (BlockingIOError, InterruptedError, socket.timeout):
             return
         except OSError:
             data = b""
         kind = data[:1]
-        if kind == wire.ZYGOTE_READY and self.state == STARTING:
-            self.state = READY
-            self._on_state(None, False)
-        elif kind == wire.NOFORK and self.state == STARTING:
-            self.close(kill=True)  # its threads might keep it from exiting
-            self._on_state("its main module started threads, so it is not forked from", False)
-        elif kind == wire.ZYGOTE_BROKEN and self.state == STARTING:
-            self.close()
-            self._on_state(data[1:].decode(errors="replace"), True)
+        if self.state == STARTING and kind in (wire.ZYGOTE_READY, wire.NOFORK, wire.ZYGOTE_BROKEN):
+            if kind == wire.ZYGOTE_READY:
+                self.state = READY
+                self._on_state(None, False)
+            elif kind == wire.NOFORK:
+                self.close(kill=True)  # its threads might keep it from exiting
+                self._on_state("its main module started threads as it was imported, so it is not forked from", False)
+            else:
+                self.close(kill=True)
+                self._on_state(data[1:].decode(errors="replace"), True)
+        elif data and self._pending:
+            self._pending.popleft()(data)
         else:  # its end: the zygote exited (its workers die with it)
             starting = self.state == STARTING
             self._gone(f"the worker parent process (zygote) {self.pid} exited{self._status()}")
             if starting:
                 self._on_state(self.lost, False)
 
-    def _request(self, message: bytes, fds: Tuple[int, ...] = ()) -> bytes:
-        """Send a request and wait for its reply (the zygote answers each at once)."""
+    def _request(self, message: bytes, fds: List[int], on_reply: Callable[[bytes], None]) -> None:
+        """Send a request; `on_reply` gets its reply (the zygote answers in order), or b"" if
+        the zygote goes first. Raises ZygoteError if it cannot be sent."""
         if self.state != READY:
             raise ZygoteError(self.lost or "the worker parent process (zygote) is not running")
         try:
-            if fds:
-                socket.send_fds(self._sock, [message], list(fds))
-            else:
-                self._sock.send(message)
-            reply = self._sock.recv(wire.MESSAGE_LIMIT + 1)
+            # Blocks only while the zygote has not read what was sent before (it reads at once).
+            socket.send_fds(self._sock, [message], fds, socket.MSG_NOSIGNAL)
         except socket.timeout:
-            self._gone(f"the worker parent process (zygote) {self.pid} did not answer within {_REPLY_WAIT:g} s")
+            self._gone(f"the worker parent process (zygote) {self.pid} did not read its requests for {_REPLY_WAIT:g} s")
             raise ZygoteError(self.lost) from None
         except OSError as exc:
-            reply = b""
-            why = f": {exc}"
-        else:
-            why = ""
-        if not reply:
-            self._gone(f"the worker parent process (zygote) {self.pid} exited{self._status() or why}")
-            raise ZygoteError(self.lost)
-        return reply
+            self._gone(f"the worker parent process (zygote) {self.pid} exited{self._status() or f': {exc}'}")
+            raise ZygoteError(self.lost) from None
+        self._pending.append(on_reply)
 
-    def fork(self, read_fd: int, write_fd: int) -> int:
-        """A new worker, forked with these pipe ends (ours stay open); its pid."""
-        reply = self._request(wire.FORK, (read_fd, write_fd))
-        if reply[:1] == wire.FORKED:
-            return int(wire.PID.unpack_from(reply, 1)[0])
-        raise ZygoteError(reply[1:].decode(errors="replace"))
+    def fork(
+        self,
+        read_fd: int,
+        write_fd: int,
+        environment: Optional[Dict[str, str]],
+        done: Callable[[Optional[int], Optional[str]], None],
+    ) -> None:
+        """Ask for a new worker with these pipe ends (sent with the request: ours may be closed
+        once this returns) and, if not None, this environment; `done(pid, None)` once it is
+        forked, or `done(None, why)`. Raises ZygoteError if the zygote is gone."""
 
-    def reap(self, pid: int) -> Tuple[Optional[int], Any]:
-        """The exit status and rusage of a worker that has exited (or been SIGKILLed), reaped by
-        the zygote; (None, None) where it could not be (the zygote is gone: see `lost`)."""
+        def reply(data: bytes) -> None:
+            if data[:1] == wire.FORKED:
+                done(int(wire.PID.unpack_from(data, 1)[0]), None)
+            else:
+                done(None, data[1:].decode(errors="replace") if data else self.lost)
+
+        body = b"" if environment is None else pickle.dumps(environment, pickle.HIGHEST_PROTOCOL)
+        if len(body) >= wire.REQUEST_LIMIT:
+            logger.warning("mpmsub: the environment is too large to send to the zygote; the worker has its own")
+            body = b""
+        self._request(wire.FORK + body, [read_fd, write_fd], reply)
+
+    def reap(self, pid: int, done: Callable[[Optional[int], Any], None]) -> None:
+        """Have the zygote reap a worker that has exited (or been SIGKILLed): `done(status,
+        rusage)`, or `done(None, None)` where it could not be (the zygote is gone: see `lost`)."""
+
+        def reply(data: bytes) -> None:
+            if data[:1] == wire.STATUS:
+                _, status, usage = pickle.loads(data[1:])  # our own zygote's reply
+                done(status, None if usage is None else resource.struct_rusage(usage))
+            else:
+                done(None, None)
+
         try:
-            reply = self._request(wire.REAP + wire.PID.pack(pid))
+            self._request(wire.REAP + wire.PID.pack(pid), [], reply)
         except ZygoteError:
-            return None, None
-        _, status, usage = pickle.loads(reply[1:])  # our own zygote's reply
-        return status, None if usage is None else resource.struct_rusage(usage)
+            done(None, None)
 
     def _status(self) -> str:
         """Reap it (its socket has closed: it has exited, or is about to); ', status N' or ''."""
-        if self._pidfd >= 0 and select.select([self._pidfd], [], [], _CLOSE_WAIT)[0]:
+        if self._pidfd >= 0 and _ended_within(self._pidfd, _CLOSE_WAIT):
+            self._kill_group()
             with contextlib.suppress(ChildProcessError):
                 got, status = os.waitpid(self.pid, os.WNOHANG)
                 if got:
@@ -216,15 +256,36 @@ class Zygote:
                     return f", status {os.waitstatus_to_exitcode(status)}"
         return ""
 
+    def _kill_group(self) -> None:
+        """Kill what is left in its process group (what its main module started as it was
+        imported); it must not have been reaped (a zombie keeps its group id)."""
+        if not self._reaped:
+            with contextlib.suppress(OSError):
+                os.killpg(self.pid, signal.SIGKILL)
+
     def _gone(self, why: str) -> None:
         if self.state != GONE:
             self.lost = why
             logger.warning("mpmsub: %s; the next worker needed starts a new one", why)
         self.close()
 
+    def settle(self, seconds: float) -> None:
+        """Take the replies to the requests sent, waiting up to `seconds` for them (at the end,
+        when the loop will not run again: the workers are reaped before the zygote goes)."""
+        if self.state == GONE:
+            return
+        deadline = time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        while self._pending and self.state != GONE:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(int(left * 1000) + 1):
+                return
+            self._on_message()
+
     def close(self, kill: bool = False) -> None:
         """Close its socket (it kills its workers and exits), wait for it a moment (unless `kill`),
-        kill it if it is still there, and reap it."""
+        kill it and its process group, and reap it. Requests not answered get b""."""
         if self.state == GONE:
             return
         self.state = GONE
@@ -232,13 +293,26 @@ class Zygote:
         self.loop.remove_reader(self._sock.fileno())
         self._sock.close()
         if not self._reaped:
-            waited = self._pidfd >= 0 and not kill and select.select([self._pidfd], [], [], _CLOSE_WAIT)[0]
+            waited = self._pidfd >= 0 and not kill and _ended_within(self._pidfd, _CLOSE_WAIT)
             if not waited:
                 with contextlib.suppress(OSError):
                     os.kill(self.pid, signal.SIGKILL)  # not yet reaped: the pid is still its own
+            self._kill_group()
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
+            self._reaped = True
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
         self.watchman.forget(self.pid)
+        pending, self._pending = self._pending, collections.deque()
+        for on_reply in pending:
+            on_reply(b"")
+
+
+def _ended_within(pidfd: int, seconds: float) -> bool:
+    """Whether the process of `pidfd` has exited, waiting up to `seconds` (poll, not select:
+    select refuses fds above 1023)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(int(seconds * 1000)))

@@ -29,6 +29,18 @@ def parent(_: Any = None) -> int:
     return os.getppid()
 
 
+def write_later(path: str, seconds: float) -> None:
+    """Start a thread (not a daemon) that writes "done" to `path` after `seconds`."""
+    import threading
+
+    def write() -> None:
+        time.sleep(seconds)
+        with open(path, "w") as f:
+            f.write("done")
+
+    threading.Thread(target=write).start()
+
+
 def parent_then_sleep(marker: str) -> None:
     """Say which process is the worker's parent (in a file named `marker`), then sleep."""
     with open(marker, "w") as f:

@@ -618,3 +618,92 @@ def test_a_main_module_that_creates_an_executor_unguarded_fails_its_calls_and_ru
     assert done.returncode == 0, done.stderr
     assert done.stdout == "job ran\nWorkerDiedError\n"
     assert "creates an executor itself" in done.stderr and "if __name__ == '__main__'" in done.stderr
+
+
+@needs_zygote
+def test_a_main_module_importing_numpy_is_still_forked_from(tmp_path: Path) -> None:
+    """numpy's OpenBLAS starts an idle pool of threads at import: threads of C, made for fork,
+    unlike threads started from Python."""
+    pytest.importorskip("numpy")
+    done = _script(
+        tmp_path,
+        "import numpy\n",
+        """
+        with mpmsub.MemoryAwareExecutor(max_workers=2) as ex:
+            parents = set(ex.map(callees.parent, range(6)))
+            print(len(parents) == 1 and os.getpid() not in parents, ex.submit(callees.square, 4).result())
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "True 16\n", done.stderr
+
+
+@needs_zygote
+def test_a_worker_gets_the_environment_of_the_moment_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    with MemoryAwareExecutor(max_workers=1, max_tasks_per_child=1) as ex:
+        assert ex.submit(os.getenv, "MPMSUB_TEST_LATER").result(timeout=60) is None
+        monkeypatch.setenv("MPMSUB_TEST_LATER", "set after the zygote started")
+        assert ex.submit(os.getenv, "MPMSUB_TEST_LATER").result(timeout=60) == "set after the zygote started"
+        monkeypatch.delenv("MPMSUB_TEST_LATER")
+        assert ex.submit(os.getenv, "MPMSUB_TEST_LATER").result(timeout=60) is None
+
+
+def test_a_main_module_that_ignores_sigchld_still_has_its_calls_exit_statuses(tmp_path: Path) -> None:
+    done = _script(
+        tmp_path,
+        "import signal\nsignal.signal(signal.SIGCHLD, signal.SIG_IGN)\n",
+        """
+        with mpmsub.MemoryAwareExecutor(max_workers=1) as ex:
+            future = ex.submit(callees.exit_hard, 3)
+            print(future.exception(timeout=60), flush=True)
+            print(ex.submit(callees.square, 3).result(timeout=60))
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "its worker process exited with status 3" in done.stdout and done.stdout.endswith("\n9\n")
+
+
+def test_what_the_main_module_starts_as_it_is_imported_ends_with_the_executor(tmp_path: Path) -> None:
+    marker = unique_sleep()
+    done = _script(
+        tmp_path,
+        f"import subprocess\nif __name__ != '__main__':\n    subprocess.Popen(['sleep', {marker!r}])\n",
+        f"""
+        from helpers import processes_with, wait_gone
+        with mpmsub.MemoryAwareExecutor(max_workers=1) as ex:
+            print(ex.submit(callees.square, 5).result(timeout=60), bool(processes_with({marker!r})))
+        # Looked at before this process ends (the watchman would kill what is left then).
+        print(wait_gone({marker!r}, timeout=5) == [])
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "25 True\nTrue\n", "what the zygote's main module started outlived the executor"
+
+
+@needs_zygote
+def test_calls_run_with_the_executors_standard_output_and_error_closed(tmp_path: Path) -> None:
+    """The zygote's socket and the workers' pipes must not take fds 1 or 2, which are then free:
+    what the zygote or a worker writes to its standard streams would go into them."""
+    done = _script(
+        tmp_path,
+        "if __name__ != '__main__':\n"
+        "    try:\n        os.write(2, b'noise at import\\n')\n    except OSError:\n        pass\n",
+        """
+        out = os.dup(1)
+        with mpmsub.MemoryAwareExecutor(max_workers=2) as ex:
+            os.close(1)  # now: the executor's own files took the low numbers before
+            os.close(2)
+            parents = set(ex.map(callees.parent, range(6)))
+            total = sum(ex.map(callees.square, range(20)))
+        os.write(out, f"{total} {len(parents) == 1 and os.getpid() not in parents}\\n".encode())
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "2470 True\n"
+
+
+def test_a_workers_threads_finish_before_it_ends(tmp_path: Path) -> None:
+    marker = tmp_path / "written by a thread"
+    with MemoryAwareExecutor(max_workers=1) as ex:
+        ex.submit(callees.write_later, str(marker), 0.3).result(timeout=60)
+    assert marker.read_text() == "done"

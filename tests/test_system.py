@@ -79,3 +79,14 @@ def test_without_a_limit_the_available_memory_is_the_machines(tmp_path: Path) ->
     write(tmp_path / "sys/fs/cgroup/memory.max", "max")
     assert memory_groups(str(tmp_path)) == []
     assert abs(available_memory([]) - psutil.virtual_memory().available) < 256 * MB
+
+
+def test_the_machines_memory_is_what_psutil_says() -> None:
+    import psutil
+
+    from mpmsub._system import machine_memory
+
+    total, available = machine_memory()
+    memory = psutil.virtual_memory()
+    assert total == memory.total
+    assert abs(available - memory.available) < 0.05 * memory.total  # it moves between the two reads
