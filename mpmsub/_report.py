@@ -6,14 +6,13 @@ Pure functions of results and figures; printing is the caller's choice.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Dict, List, Optional, Sequence, Set
-
-import psutil
 
 from mpmsub._call import function_name
 from mpmsub._job import JobSpec, describe_command, optional_fields
 from mpmsub._result import CANCELLED, JobResult
-from mpmsub._system import cgroup_memory_limit, detect_cpus
+from mpmsub._system import cgroup_memory_limit, detect_cpus, machine_memory
 from mpmsub._units import MB, format_memory
 
 PROFILE_BUFFER = 0.20  # the margin profile() adds to a measured peak
@@ -183,14 +182,14 @@ def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int =
 
 
 def resources_text(cpus: int, memory: int) -> str:
-    vm = psutil.virtual_memory()
+    total, available = machine_memory()
     limit = cgroup_memory_limit()
     return "\n".join(
         [
             "mpmsub resources",
-            f"  CPUs:   {cpus} for jobs (this machine: {detect_cpus()} usable, {psutil.cpu_count()} in all)",
-            f"  memory: {format_memory(memory)} for jobs (this machine: {format_memory(vm.total)} total, "
-            f"{format_memory(vm.available)} available now"
+            f"  CPUs:   {cpus} for jobs (this machine: {detect_cpus()} usable, {os.cpu_count()} in all)",
+            f"  memory: {format_memory(memory)} for jobs (this machine: {format_memory(total)} total, "
+            f"{format_memory(available)} available now"
             + (f", container limit {format_memory(limit)}" if limit else "")
             + ")",
         ]
