@@ -237,3 +237,10 @@ def test_the_watchman_hears_of_finished_jobs_when_the_executor_falls_idle() -> N
             time.sleep(0.01)
         assert not watchman._words
         assert watchman._proc is not None and watchman._proc.poll() is None
+
+
+def test_every_future_is_resolved_when_shutdown_returns() -> None:
+    ex = MemoryAwareExecutor(cpus=2, memory="1G")
+    futures = [ex.submit(["true"]) for _ in range(50)] + [ex.submit(pow, 2, i) for i in range(5)]
+    ex.shutdown(wait=True)
+    assert all(f.done() for f in futures)
