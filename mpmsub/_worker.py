@@ -384,7 +384,7 @@ def _zygote(sock_fd: int, init_fd: int) -> None:
         else:
             for fd in fds:
                 os.close(fd)
-            reply = FAILED + b"a request the zygote does not know"
+            reply = FAILED + (b"a fork request without its two pipes" if data[:1] == FORK else b"an unknown request")
     for pid in children:  # the executor is gone: so are its workers
         for kill, target in ((os.killpg, pid), (os.kill, pid)):
             with contextlib.suppress(OSError):

@@ -37,7 +37,7 @@ from mpmsub._guard import Watchman
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Handle, MemorySeries, Outcome, escalate
 from mpmsub._loop import EventLoop, Timer
-from mpmsub._zygote import Zygote
+from mpmsub._zygote import Zygote, ZygoteError
 
 logger = logging.getLogger("mpmsub")
 
@@ -369,6 +369,13 @@ class Worker:
         if not self.dead:
             _proctree.signal_tree([self.pid], sig)
 
+    def kill_by_pidfd(self) -> None:
+        """SIGKILL it through its pidfd, which names it whatever its pid has become (its zygote
+        is gone: it may have been reaped by init since)."""
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)  # type: ignore[attr-defined,unused-ignore]
+
     def kill_now(self) -> None:
         """SIGKILL it and its group (the worker itself too, if a call moved it to another group)."""
         for kill, target in ((os.killpg, self.pid), (os.kill, self.pid)):
@@ -444,6 +451,7 @@ class WorkerPool:
         self._zygote: Optional[Zygote] = None
         self._zygote_environment: Dict[str, str] = {}  # the environment the zygote started with
         self._zygote_losses = 0  # zygotes lost since a worker was last forked
+        self._closing = False  # close() has begun: a worker forked now is not kept
         self._waiting: List[CallHandle] = []  # calls waiting for the zygote to be prepared
 
     def init_frame(self) -> bytes:
@@ -476,6 +484,7 @@ class WorkerPool:
     def _run(self, handle: CallHandle) -> None:
         """Give the call an idle worker, or a new one: forked from the zygote (started if there
         is none; the call waits for it), or a fresh interpreter where there is no zygote."""
+        handle.waiting = False
         worker = self._take_idle()
         if worker is None and self._forks:
             zygote = self._zygote
@@ -534,6 +543,12 @@ class WorkerPool:
                     handle.waiting = False
                     handle.fail_start(f"could not start a worker process: {error}")
                 return
+            if self._closing:  # the pool is closing: the worker is not wanted any more
+                os.close(to_w)
+                os.close(from_r)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)  # the zygote's, unreaped: it goes with the zygote
+                return
             try:
                 worker = Worker(self, zygote, (pid, to_w, from_r))
             except Exception as exc:
@@ -550,10 +565,11 @@ class WorkerPool:
                 self.idle(worker)  # its call was killed meanwhile: the next one takes it
 
         try:
-            zygote.fork(to_r, from_w, self._environment(), forked)
-        finally:
-            os.close(to_r)
-            os.close(from_w)
+            zygote.fork(to_r, from_w, self._environment(), forked)  # its ends are the zygote's now
+        except ZygoteError:  # it is gone: a new one, or a fresh interpreter
+            os.close(to_w)
+            os.close(from_r)
+            self._run(handle)
 
     def _environment(self) -> Optional[Dict[str, str]]:
         """This process's environment, for a worker to take, if it has changed since the zygote
@@ -598,7 +614,9 @@ class WorkerPool:
     def _take_idle(self) -> Optional[Worker]:
         while self._idle:
             worker = self._idle.pop()
-            if worker.alive():
+            if worker.zygote is not None and worker.zygote.state == _zygote.GONE:
+                worker.kill_by_pidfd()  # it dies with its zygote anyway: not a call's failure
+            elif worker.alive():
                 return worker
             worker._on_exit()  # it died while idle: not a call's failure
         return None
@@ -633,6 +651,7 @@ class WorkerPool:
     def close(self) -> None:
         """End every worker (no call is running): close their pipes, give them a moment to exit,
         then kill what is left; reap them all."""
+        self._closing = True
         workers = list(self._workers)
         for worker in workers:
             worker.retire()
@@ -651,7 +670,9 @@ class WorkerPool:
         for worker in workers:
             if worker.dead:
                 continue
-            if worker.alive():
+            if worker.zygote is not None and worker.zygote.state == _zygote.GONE:
+                worker.kill_by_pidfd()  # its pid may be another's by now
+            elif worker.alive():
                 worker.kill_now()
             worker._on_exit()
         if self._zygote is not None:

@@ -35,7 +35,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from mpmsub import _worker as wire
 from mpmsub._guard import Watchman
-from mpmsub._loop import EventLoop
+from mpmsub._loop import EventLoop, Timer
 
 logger = logging.getLogger("mpmsub")
 
@@ -108,6 +108,10 @@ class Zygote:
         self._reaped = False
         self._pidfd = -1
         self._pending: Deque[Callable[[bytes], None]] = collections.deque()  # in request order
+        self._outbox: Deque[Tuple[bytes, List[int]]] = collections.deque()  # requests not yet sent
+        self._deadline: Optional[Timer] = None  # for the oldest request's reply
+        self._write_fd = -1  # the socket's, again: the loop waits on it to send what waits
+        self._writing = False
         self._on_state = on_state
         self._sock, theirs = _socketpair()
         self._out = bytearray(wire.HEADER.pack(len(init_frame)) + init_frame)
@@ -139,7 +143,8 @@ class Zygote:
             self._pidfd = os.pidfd_open(self.pid)
             watchman.watch(self.pid)
             os.set_blocking(self._init_w, False)
-            self._sock.settimeout(_REPLY_WAIT)
+            self._sock.setblocking(False)
+            self._write_fd = fcntl.fcntl(self._sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
             loop.add_reader(self._sock.fileno(), self._on_message)
             loop.add_writer(self._init_w, self._on_writable)
         except BaseException:
@@ -183,7 +188,12 @@ class Zygote:
                 self.close(kill=True)
                 self._on_state(data[1:].decode(errors="replace"), True)
         elif data and self._pending:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(_REPLY_WAIT, self._expired) if len(self._pending) > 1 else None
             self._pending.popleft()(data)
+        elif data:  # a reply to no request: the two ends disagree, and it cannot be trusted
+            self._gone(f"the worker parent process (zygote) {self.pid} sent a reply to no request", kill=True)
         else:  # its end: the zygote exited (its workers die with it)
             starting = self.state == STARTING
             self._gone(f"the worker parent process (zygote) {self.pid} exited{self._status()}")
@@ -191,20 +201,49 @@ class Zygote:
                 self._on_state(self.lost, False)
 
     def _request(self, message: bytes, fds: List[int], on_reply: Callable[[bytes], None]) -> None:
-        """Send a request; `on_reply` gets its reply (the zygote answers in order), or b"" if
-        the zygote goes first. Raises ZygoteError if it cannot be sent."""
+        """Send a request, with `fds` (ours: closed once sent, or when the zygote goes);
+        `on_reply` gets its reply (the zygote answers in order), or b"" if the zygote goes
+        first, or does not answer within _REPLY_WAIT. Raises ZygoteError (the fds closed) if
+        the zygote is not there to ask."""
         if self.state != READY:
+            for fd in fds:
+                os.close(fd)
             raise ZygoteError(self.lost or "the worker parent process (zygote) is not running")
-        try:
-            # Blocks only while the zygote has not read what was sent before (it reads at once).
-            socket.send_fds(self._sock, [message], fds, socket.MSG_NOSIGNAL)
-        except socket.timeout:
-            self._gone(f"the worker parent process (zygote) {self.pid} did not read its requests for {_REPLY_WAIT:g} s")
-            raise ZygoteError(self.lost) from None
-        except OSError as exc:
-            self._gone(f"the worker parent process (zygote) {self.pid} exited{self._status() or f': {exc}'}")
-            raise ZygoteError(self.lost) from None
+        self._outbox.append((message, fds))
         self._pending.append(on_reply)
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(_REPLY_WAIT, self._expired)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send what waits to be sent, as far as the socket takes it now (never waiting: the
+        zygote's replies, which the loop reads, could otherwise fill its own socket)."""
+        while self._outbox and self.state == READY:
+            message, fds = self._outbox[0]
+            try:
+                socket.send_fds(self._sock, [message], fds, socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                if not self._writing:  # through a second fd: the loop reads the socket's own
+                    self._writing = True
+                    self.loop.add_writer(self._write_fd, self._flush)
+                return
+            except OSError as exc:
+                self._gone(f"the worker parent process (zygote) {self.pid} exited{self._status() or f': {exc}'}")
+                return
+            self._outbox.popleft()
+            for fd in fds:
+                os.close(fd)
+        if self._writing:
+            self._writing = False
+            self.loop.remove_writer(self._write_fd)
+
+    def _expired(self) -> None:
+        """The oldest request has waited _REPLY_WAIT for its answer: the zygote is stopped or
+        stuck, and is given up (its workers die with it)."""
+        self._deadline = None
+        if self._pending:
+            why = f"the worker parent process (zygote) {self.pid} did not answer within {_REPLY_WAIT:g} s"
+            self._gone(why, kill=True)
 
     def fork(
         self,
@@ -213,8 +252,8 @@ class Zygote:
         environment: Optional[Dict[str, str]],
         done: Callable[[Optional[int], Optional[str]], None],
     ) -> None:
-        """Ask for a new worker with these pipe ends (sent with the request: ours may be closed
-        once this returns) and, if not None, this environment; `done(pid, None)` once it is
+        """Ask for a new worker with these pipe ends (the zygote's from now on: closed here once
+        sent) and, if not None, this environment; `done(pid, None)` once it is
         forked, or `done(None, why)`. Raises ZygoteError if the zygote is gone."""
 
         def reply(data: bytes) -> None:
@@ -263,11 +302,11 @@ class Zygote:
             with contextlib.suppress(OSError):
                 os.killpg(self.pid, signal.SIGKILL)
 
-    def _gone(self, why: str) -> None:
+    def _gone(self, why: str, kill: bool = False) -> None:
         if self.state != GONE:
             self.lost = why
             logger.warning("mpmsub: %s; the next worker needed starts a new one", why)
-        self.close()
+        self.close(kill)
 
     def settle(self, seconds: float) -> None:
         """Take the replies to the requests sent, waiting up to `seconds` for them (at the end,
@@ -290,7 +329,20 @@ class Zygote:
             return
         self.state = GONE
         self._close_init()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        for _, fds in self._outbox:
+            for fd in fds:
+                os.close(fd)
+        self._outbox.clear()
         self.loop.remove_reader(self._sock.fileno())
+        if self._writing:
+            self._writing = False
+            self.loop.remove_writer(self._write_fd)
+        if self._write_fd >= 0:
+            os.close(self._write_fd)
+            self._write_fd = -1
         self._sock.close()
         if not self._reaped:
             waited = self._pidfd >= 0 and not kill and _ended_within(self._pidfd, _CLOSE_WAIT)

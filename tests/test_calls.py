@@ -3,6 +3,7 @@ measurement, faults that fail one call alone, and no worker left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -45,6 +46,14 @@ LINUX = sys.platform.startswith("linux")
 def alive(pid: int) -> bool:
     """The process exists, a zombie included (a worker never reaped is a leak too)."""
     return psutil.pid_exists(pid)
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def workers_of(ex: MemoryAwareExecutor) -> List[int]:
@@ -707,3 +716,47 @@ def test_a_workers_threads_finish_before_it_ends(tmp_path: Path) -> None:
     with MemoryAwareExecutor(max_workers=1) as ex:
         ex.submit(callees.write_later, str(marker), 0.3).result(timeout=60)
     assert marker.read_text() == "done"
+
+
+@needs_zygote
+def test_calls_submitted_as_the_zygote_dies_get_a_new_one() -> None:
+    with MemoryAwareExecutor(max_workers=2, max_tasks_per_child=1) as ex:
+        zygote = ex.submit(callees.parent).result(timeout=60)
+        os.kill(zygote, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while running(zygote):  # dead, perhaps not reaped: the executor may not have heard of it yet
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        futures = [ex.submit(callees.parent) for _ in range(4)]  # each needs a new worker
+        parents = {f.result(timeout=60) for f in futures}
+        assert zygote not in parents and os.getpid() not in parents
+
+
+@needs_zygote
+def test_a_stopped_zygote_is_given_up_and_the_call_runs_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpmsub import _zygote
+
+    monkeypatch.setattr(_zygote, "_REPLY_WAIT", 0.5)
+    with MemoryAwareExecutor(max_workers=1, max_tasks_per_child=1) as ex:
+        zygote = ex.submit(callees.parent).result(timeout=60)
+        os.kill(zygote, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            again = ex.submit(callees.parent).result(timeout=30)  # waits for a fork that never comes
+            assert again != zygote and time.monotonic() - started < 20
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(zygote, signal.SIGCONT)
+    assert not alive(zygote)
+
+
+@needs_zygote
+def test_an_idle_worker_of_a_dead_zygote_is_not_given_the_next_call() -> None:
+    with MemoryAwareExecutor(max_workers=1) as ex:
+        zygote = ex.submit(callees.parent).result(timeout=60)  # its worker stays, idle
+        os.kill(zygote, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while running(zygote):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert ex.submit(callees.square, 6).result(timeout=60) == 36
