@@ -760,3 +760,36 @@ def test_an_idle_worker_of_a_dead_zygote_is_not_given_the_next_call() -> None:
             assert time.monotonic() < deadline
             time.sleep(0.001)
         assert ex.submit(callees.square, 6).result(timeout=60) == 36
+
+
+@needs_zygote
+def test_a_zygote_that_dies_before_it_is_ready_leaves_fresh_interpreters(tmp_path: Path) -> None:
+    marker = tmp_path / "imported once"
+    done = _script(
+        tmp_path,
+        # The first process to import it as a worker's main module (the zygote) dies there.
+        f"if __name__ != '__main__' and not os.path.exists({str(marker)!r}):\n"
+        f"    open({str(marker)!r}, 'w').close()\n    os._exit(3)\n",
+        """
+        with mpmsub.MemoryAwareExecutor(max_workers=2) as ex:
+            print(set(ex.map(callees.parent, range(4))) == {os.getpid()}, ex.submit(callees.square, 3).result())
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "True 9\n"
+    assert marker.exists()
+
+
+@needs_zygote
+def test_zygotes_lost_one_after_another_leave_fresh_interpreters(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpmsub import _workers
+
+    monkeypatch.setattr(_workers, "_ZYGOTE_LOSSES", 1)  # the first loss is enough here
+    with MemoryAwareExecutor(max_workers=1, max_tasks_per_child=1) as ex:
+        zygote = ex.submit(callees.parent).result(timeout=60)
+        os.kill(zygote, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while alive(zygote):  # reaped: the executor has seen it go
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert ex.submit(callees.parent).result(timeout=60) == os.getpid()
