@@ -265,9 +265,10 @@ def _python_threads() -> int:
     return int(_thread._count())  # type: ignore[attr-defined,unused-ignore]
 
 
-def _above_stdio(fd: int) -> int:
+def above_stdio(fd: int) -> int:
     """`fd`, moved to 3 or above if it is 0, 1 or 2 (free when this process was started with
-    them closed), where the worker's standard streams would write into it."""
+    them closed), where a worker's or the zygote's standard streams would write into it. The
+    executor's ends of the workers' pipes and of the zygote's socket go through it too."""
     if fd > 2:
         return fd
     import fcntl
@@ -332,7 +333,7 @@ def _zygote(sock_fd: int, init_fd: int) -> None:
         if not data:
             break  # the executor closed its end, or died
         if data[:1] == FORK and len(fds) == 2:
-            fds = [_above_stdio(fd) for fd in fds]
+            fds = [above_stdio(fd) for fd in fds]
             for fd in fds:
                 os.set_inheritable(fd, False)  # programs the calls start must not hold the pipes
             environment = pickle.loads(data[1:]) if len(data) > 1 else None

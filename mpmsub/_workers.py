@@ -17,7 +17,6 @@ Everything here runs on the loop thread, except `CallHandle.sample` (the monitor
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import pickle
@@ -27,9 +26,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-from mpmsub import _proctree, _threads, _zygote
+from mpmsub import _proctree, _threads
 from mpmsub import _result as kinds
 from mpmsub import _worker as wire
 from mpmsub._errors import CallPicklingError, RemoteTraceback
@@ -37,7 +36,9 @@ from mpmsub._guard import Watchman
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Handle, MemorySeries, Outcome, escalate
 from mpmsub._loop import EventLoop, Timer
-from mpmsub._zygote import Zygote, ZygoteError
+
+if TYPE_CHECKING:
+    from mpmsub._zygote import Zygote
 
 logger = logging.getLogger("mpmsub")
 
@@ -52,20 +53,50 @@ _CLOSE_WAIT = 2.0  # seconds idle workers get to exit once their pipe is closed
 _ZYGOTE_LOSSES = 3  # zygotes lost one after another before workers start as fresh interpreters
 
 
+_ZYGOTE_OFF = ("0", "off", "no", "false")  # MPMSUB_ZYGOTE values that turn it off
+_pidfds_work: Optional[bool] = None
+
+
+def can_fork() -> bool:
+    """Whether workers can be forked from a zygote here (see _zygote, imported only then):
+    Linux, pidfds, an interpreter to start, MPMSUB_ZYGOTE not off."""
+    global _pidfds_work
+    if os.environ.get("MPMSUB_ZYGOTE", "").lower() in _ZYGOTE_OFF or not hasattr(os, "pidfd_open"):
+        return False
+    if _pidfds_work is None:
+        _pidfds_work = False
+        if sys.platform.startswith("linux") and not getattr(sys, "frozen", False):
+            try:
+                os.close(os.pidfd_open(os.getpid()))
+                _pidfds_work = True
+            except OSError:  # an old kernel, a seccomp filter
+                pass
+    return _pidfds_work
+
+
 def _pipe() -> Tuple[int, int]:
-    """A pipe whose ends are not 0, 1 or 2 (which a process started with them closed gets from
-    os.pipe(), and which a worker's standard streams would then overwrite)."""
-    fds = list(os.pipe())
+    """A pipe whose ends are not 0, 1 or 2 (see _worker.above_stdio)."""
+    read_fd, write_fd = os.pipe()
     try:
-        for i, fd in enumerate(fds):
-            if fd <= 2:
-                fds[i] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-                os.close(fd)
+        read_fd = wire.above_stdio(read_fd)
+        write_fd = wire.above_stdio(write_fd)
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        os.close(read_fd)
+        os.close(write_fd)
         raise
-    return fds[0], fds[1]
+    return read_fd, write_fd
+
+
+def _pipes() -> Tuple[int, int, int, int]:
+    """A worker's two pipes: (to_r, to_w) for what it is sent, (from_r, from_w) for its replies."""
+    to_r, to_w = _pipe()
+    try:
+        from_r, from_w = _pipe()
+    except BaseException:
+        os.close(to_r)
+        os.close(to_w)
+        raise
+    return to_r, to_w, from_r, from_w
 
 
 class Worker:
@@ -104,13 +135,7 @@ class Worker:
         if forked is not None:
             self.pid, self.to_fd, self.from_fd = forked
         else:
-            to_r, self.to_fd = _pipe()
-            try:
-                self.from_fd, from_w = _pipe()
-            except BaseException:
-                os.close(to_r)
-                os.close(self.to_fd)
-                raise
+            to_r, self.to_fd, self.from_fd, from_w = _pipes()
             try:
                 self.pid = self._spawn(to_r, from_w)
             except BaseException:
@@ -317,7 +342,7 @@ class Worker:
             os.close(self._pidfd)
             self._pidfd = self._poller = None
         if self.zygote is not None and self._reaped is None:
-            if self.zygote.state != _zygote.GONE:
+            if not self.orphaned:
                 # Not reaped yet (the zygote reaps it when asked), so its process group id cannot
                 # have been reused: whatever the call started and left in the group is killed.
                 _proctree.kill_group(self.pid)
@@ -369,9 +394,15 @@ class Worker:
         if not self.dead:
             _proctree.signal_tree([self.pid], sig)
 
+    @property
+    def orphaned(self) -> bool:
+        """It was forked from a zygote that is gone: it dies with it (and may have been reaped
+        by init since, its pid free for another process)."""
+        return self.zygote is not None and self.zygote.gone
+
     def kill_by_pidfd(self) -> None:
-        """SIGKILL it through its pidfd, which names it whatever its pid has become (its zygote
-        is gone: it may have been reaped by init since)."""
+        """SIGKILL it through its pidfd, which names it whatever its pid has become (see
+        `orphaned`)."""
         if self._pidfd is not None:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)  # type: ignore[attr-defined,unused-ignore]
@@ -447,7 +478,7 @@ class WorkerPool:
         # start at exit), the interpreter has removed __main__.__file__.
         main_file = getattr(sys.modules.get("__main__"), "__file__", None)
         self._main_path = os.path.abspath(main_file) if isinstance(main_file, str) else None
-        self._forks = options.zygote and _zygote.possible()  # workers are forked from a zygote
+        self._forks = options.zygote and can_fork()  # workers are forked from a zygote
         self._zygote: Optional[Zygote] = None
         self._zygote_environment: Dict[str, str] = {}  # the environment the zygote started with
         self._zygote_losses = 0  # zygotes lost since a worker was last forked
@@ -487,22 +518,24 @@ class WorkerPool:
         handle.waiting = False
         worker = self._take_idle()
         if worker is None and self._forks:
+            from mpmsub import _zygote  # here: an executor that runs only commands does without it
+
             zygote = self._zygote
-            if zygote is not None and zygote.state == _zygote.GONE and zygote.lost:
+            if zygote is not None and zygote.gone and zygote.lost:
                 self._zygote_losses += 1
                 if self._zygote_losses >= _ZYGOTE_LOSSES:  # one after another: it cannot serve here
                     self._forks = False
                     logger.warning(
                         "mpmsub: the zygote was lost %d times; workers start as fresh interpreters", self._zygote_losses
                     )
-            if self._forks and (zygote is None or zygote.state == _zygote.GONE):
+            if self._forks and (zygote is None or zygote.gone):
                 zygote = None
                 try:
                     zygote = self._start_zygote()
                 except Exception as exc:
                     self._forks = False
                     logger.warning("mpmsub: could not start a worker parent process (zygote): %s", exc)
-            if self._forks and zygote is not None and zygote.state != _zygote.GONE:
+            if self._forks and zygote is not None and not zygote.gone:
                 handle.waiting = True
                 if zygote.state == _zygote.STARTING:
                     self._waiting.append(handle)  # it runs once the zygote is prepared
@@ -518,14 +551,10 @@ class WorkerPool:
 
     def _fork(self, zygote: Zygote, handle: CallHandle) -> None:
         """Ask the zygote for a worker for `handle`; it runs there once the zygote has forked it."""
+        from mpmsub._zygote import ZygoteError
+
         try:
-            to_r, to_w = _pipe()
-            try:
-                from_r, from_w = _pipe()
-            except BaseException:
-                os.close(to_r)
-                os.close(to_w)
-                raise
+            to_r, to_w, from_r, from_w = _pipes()
         except OSError as exc:
             handle.waiting = False
             handle.fail_start(f"could not start a worker process: {exc}")
@@ -537,7 +566,7 @@ class WorkerPool:
                 os.close(from_r)
                 if not handle.waiting:
                     return  # killed meanwhile: it has ended
-                if zygote.state == _zygote.GONE:
+                if zygote.gone:
                     self._run(handle)  # a new zygote, or a fresh interpreter
                 else:
                     handle.waiting = False
@@ -578,6 +607,8 @@ class WorkerPool:
         return None if environment == self._zygote_environment else environment
 
     def _start_zygote(self) -> Zygote:
+        from mpmsub._zygote import Zygote
+
         init = self.init_frame()  # made first: it names the executable
         command = [self.executable, *_interpreter_flags(), "-c", _BOOT]
         self._zygote_environment = dict(os.environ)
@@ -614,7 +645,7 @@ class WorkerPool:
     def _take_idle(self) -> Optional[Worker]:
         while self._idle:
             worker = self._idle.pop()
-            if worker.zygote is not None and worker.zygote.state == _zygote.GONE:
+            if worker.orphaned:
                 worker.kill_by_pidfd()  # it dies with its zygote anyway: not a call's failure
             elif worker.alive():
                 return worker
@@ -670,7 +701,7 @@ class WorkerPool:
         for worker in workers:
             if worker.dead:
                 continue
-            if worker.zygote is not None and worker.zygote.state == _zygote.GONE:
+            if worker.orphaned:
                 worker.kill_by_pidfd()  # its pid may be another's by now
             elif worker.alive():
                 worker.kill_now()

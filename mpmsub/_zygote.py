@@ -7,7 +7,7 @@ parent's import path, directory and main module; the initializer unpickled, whic
 module), and forks each worker on request; each worker runs the initializer itself. The other
 side, and the messages both ways, are in _worker (`_zygote`).
 
-Only where it can be used safely: Linux with pidfds (a forked worker is the zygote's child, not
+Only where it can be used safely (_workers.can_fork): Linux with pidfds (a forked worker is the zygote's child, not
 ours: a pidfd tells us of its exit, and the zygote reaps it when we ask, so that its pid is
 never reused while we may signal it), not a frozen application, and not where the executor
 was given a "spawn" context or MPMSUB_ZYGOTE=0 is set. A zygote whose main module started
@@ -29,7 +29,6 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
@@ -42,37 +41,15 @@ logger = logging.getLogger("mpmsub")
 STARTING, READY, GONE = "starting", "ready", "gone"
 _REPLY_WAIT = 10.0  # seconds a fork or a reap may take before the zygote is taken for hung
 _CLOSE_WAIT = 2.0  # seconds it gets to end its workers and exit once its socket is closed
-_OFF = ("0", "off", "no", "false")
-_possible: Optional[bool] = None
-
-
-def possible() -> bool:
-    """Whether workers can be forked from a zygote here (Linux, pidfds, an interpreter to start,
-    MPMSUB_ZYGOTE not off)."""
-    global _possible
-    if os.environ.get("MPMSUB_ZYGOTE", "").lower() in _OFF or not hasattr(os, "pidfd_open"):
-        return False
-    if _possible is None:
-        _possible = False
-        if sys.platform.startswith("linux") and not getattr(sys, "frozen", False) and hasattr(socket, "send_fds"):
-            try:
-                os.close(os.pidfd_open(os.getpid()))
-                _possible = True
-            except OSError:  # an old kernel, a seccomp filter
-                pass
-    return _possible
 
 
 def _socketpair() -> Tuple[socket.socket, socket.socket]:
-    """A SOCK_SEQPACKET pair whose fds are not 0, 1 or 2 (which a process started with them
-    closed gets, and which the zygote's standard streams would then write into)."""
+    """A SOCK_SEQPACKET pair whose fds are not 0, 1 or 2 (see _worker.above_stdio)."""
     pair = list(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
     try:
         for i, sock in enumerate(pair):
             if sock.fileno() <= 2:
-                moved = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
-                sock.close()
-                pair[i] = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=moved)
+                pair[i] = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=wire.above_stdio(sock.detach()))
     except BaseException:
         for sock in pair:
             sock.close()
@@ -103,7 +80,7 @@ class Zygote:
     ) -> None:
         self.loop = loop
         self.watchman = watchman
-        self.state = STARTING
+        self.state = STARTING  # then READY, then GONE
         self.lost: Optional[str] = None  # why it is gone, if it went on its own
         self._reaped = False
         self._pidfd = -1
@@ -150,6 +127,10 @@ class Zygote:
         except BaseException:
             self.close(kill=True)
             raise
+
+    @property
+    def gone(self) -> bool:
+        return self.state == GONE
 
     def _on_writable(self) -> None:
         try:

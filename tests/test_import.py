@@ -147,7 +147,8 @@ def test_running_commands_without_a_history_never_imports_sqlite3() -> None:
         c.run()
         print(len(c.completed_jobs), len(c.failed_jobs))
         """,
-        ["sqlite3", "mpmsub._history", "asyncio", "ssl", "mpmsub._dask", "mpmsub._slurm"],
+        # Nor the zygote of Python calls: only commands ran.
+        ["sqlite3", "mpmsub._history", "asyncio", "ssl", "mpmsub._dask", "mpmsub._slurm", "mpmsub._zygote"],
     )
     assert run["output"] == ["job", "1 0"]
     assert run["imported"] == []
