@@ -8,14 +8,13 @@ import json
 import os
 import pickle
 import shlex
-import shutil
 import socket
 import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import callees
 import pytest
@@ -28,47 +27,7 @@ from mpmsub._backends import Node
 from mpmsub._job import to_spec
 from mpmsub._launcher import not_started
 
-NODE = Path(__file__).parent / "slurm" / "node.sh"
 KEY = b"k" * _remote.KEY_BYTES  # a launcher's secret key, for tests that drive the runner or a handle
-
-
-def _reachable() -> bool:
-    try:
-        done = subprocess.run(["sinfo", "--noheader"], capture_output=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0 and bool(done.stdout.strip())
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory: Any) -> Iterator[None]:
-    """A SLURM controller: the one configured here, or a single node started for these tests."""
-    if shutil.which("sbatch") is None:
-        pytest.skip("SLURM is not installed here (apt-get install slurm-wlm munge; .ci/run does)")
-    if os.environ.get("SLURM_CONF") and _reachable():
-        yield
-        return
-    if shutil.which("slurmctld") is None or os.geteuid() != 0:
-        pytest.skip("no SLURM controller is reachable, and one can be started only as root with slurm-wlm")
-    directory = tmp_path_factory.mktemp("slurm")
-    # Four CPUs (on two cores) let the tests' short jobs run four at a time.
-    env = dict(os.environ, NODE_CPUS="4")
-    done = subprocess.run(
-        ["bash", str(NODE), "start", str(directory)], capture_output=True, text=True, timeout=120, env=env
-    )
-    if done.returncode != 0:
-        subprocess.run(["bash", str(NODE), "stop", str(directory)], capture_output=True, timeout=120)
-        pytest.fail(f"the test SLURM did not start: {done.stderr[-2000:]}")
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(directory / "slurm.conf")
-    try:
-        yield
-    finally:
-        subprocess.run(["bash", str(NODE), "stop", str(directory)], capture_output=True, timeout=120)
-        if previous is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = previous
 
 
 @pytest.fixture
