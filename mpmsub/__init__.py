@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from mpmsub._htmlreport import write_report
     from mpmsub._job import Job, Pipeline, job, pipeline
     from mpmsub._report import recommend_memory
-    from mpmsub._result import JobResult
+    from mpmsub._result import FailureKind, JobResult
     from mpmsub._slurm import SlurmBackend
     from mpmsub._units import parse_memory
     from mpmsub.utils import format_memory, parse_cpu_string, parse_memory_string  # the original's, in MB
@@ -55,6 +55,7 @@ __all__ = [
     "Cluster",
     "DaskBackend",
     "ExecutorStatus",
+    "FailureKind",
     "Job",
     "JobFailedError",
     "JobFuture",
@@ -98,6 +99,7 @@ _LAZY = {
     "job": "mpmsub._job",
     "pipeline": "mpmsub._job",
     "recommend_memory": "mpmsub._report",
+    "FailureKind": "mpmsub._result",
     "JobResult": "mpmsub._result",
     "SlurmBackend": "mpmsub._slurm",
     "parse_memory": "mpmsub._units",

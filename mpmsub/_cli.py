@@ -309,9 +309,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line's entry point; returns the exit status."""
     words = sys.argv[1:] if argv is None else list(argv)
     if words[:1] == ["_run-job"]:  # a backend's job on this machine (see _remote); not for people
-        from mpmsub import _remote
+        from mpmsub import _node
 
-        return _remote.main(words[1:])
+        return _node.main(words[1:])
     args = _parse(parser(), words)
     if args.command == "history":
         return _history(args)

@@ -321,7 +321,7 @@ class Cluster:
             print(_report.profile_text(results, originals, self._custom_ids, self.max_cpus, self._memory))
         return results
 
-    def _executor(self, max_workers: Optional[int], schedule: str, **learning: Any) -> MemoryAwareExecutor:
+    def _executor(self, max_workers: Optional[int], schedule: str, **learning: Any) -> _RunExecutor:
         # The executor takes a bare number of memory as MB (the seed's unit).
         learning = {**self._learning, **learning, "trace": self.trace}
         learning["output_limit"] = self._output_limit
@@ -338,7 +338,7 @@ class Cluster:
 
     def _execute(
         self,
-        executor: MemoryAwareExecutor,
+        executor: _RunExecutor,
         specs: List[JobSpec],
         label: str,
         on_result: Optional[Callable[[JobResult], None]] = None,
@@ -423,8 +423,7 @@ class Cluster:
         finally:
             self._wall_time = time.monotonic() - started
             self._active = None
-            trace = executor._trace
-            self._last_trace = None if trace is None or trace.path is not None else trace.events
+            self._last_trace = executor.trace_events()
             bar.close()
             self._bar = None
             if handler is not None:
@@ -589,6 +588,11 @@ class _RunExecutor(MemoryAwareExecutor):
     """The executor of one cluster run: it keeps its trace in memory, for report()."""
 
     _keeps_trace = True
+
+    def trace_events(self) -> Optional[List[Dict[str, Any]]]:
+        """The events of its trace, kept in memory (None where it was written to a file)."""
+        trace = self._core.trace
+        return None if trace is None or trace.path is not None else trace.events
 
 
 def _usage(future: Future[Any]) -> JobResult:

@@ -15,13 +15,11 @@ arrives before its task starts is remembered and ends the task as soon as it doe
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import pickle
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from mpmsub import _remote, _threads
@@ -29,11 +27,9 @@ from mpmsub import _result as kinds
 from mpmsub._backends import Backend, LaunchOptions, Node, largest_fit, most_memory
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Handle, Launcher, Outcome, not_started
-from mpmsub._units import MB, format_memory
 
 if TYPE_CHECKING:
-    from mpmsub._executor import MemoryAwareExecutor
-    from mpmsub._future import JobFuture
+    pass
 
 logger = logging.getLogger("mpmsub")
 
@@ -167,7 +163,8 @@ class DaskLauncher(Launcher):
         self._handles: Dict[str, DaskHandle] = {}
         self._cond = threading.Condition()
         self._closing = False
-        self._kills: List[Tuple[DaskHandle, str, str, Optional[float]]] = []  # handle, failure, message, grace
+        # Kills waiting for the killer thread: handle, failure, message, grace.
+        self._kills: List[Tuple[DaskHandle, kinds.FailureKind, str, Optional[float]]] = []
         # Started now, with the executor: jobs that end a program without shutdown() run at
         # interpreter shutdown, when Python 3.12.0-3.12.2 start no thread.
         self._reader = _threads.start(self._read, "mpmsub-dask")
@@ -182,6 +179,8 @@ class DaskLauncher(Launcher):
         handle = DaskHandle(self, spec, job_id, on_exit)
         resources = {"cpus": spec.cpus, "memory": spec.memory or 0}
         data = _remote.pack(spec, self.strict, shared=False)
+        from mpmsub._node import run_on_worker  # the node side: sent to the worker by reference
+
         future = self.client.submit(run_on_worker, data, handle.key, key=handle.key, resources=resources, pure=False)
         handle.future = future
         with self._cond:
@@ -206,7 +205,7 @@ class DaskLauncher(Launcher):
             if handle is not None:
                 handle.finish(future, result)
 
-    def kill_later(self, handle: DaskHandle, failure: str, message: str, grace: Optional[float]) -> None:
+    def kill_later(self, handle: DaskHandle, failure: kinds.FailureKind, message: str, grace: Optional[float]) -> None:
         """Kill on the workers, from a thread of ours (client.run waits for the workers' answers),
         all the kills asked for meanwhile in one call."""
         with self._cond:
@@ -223,6 +222,8 @@ class DaskLauncher(Launcher):
                 kills, self._kills = self._kills, []
             orders = [(handle.key, failure, message, grace) for handle, failure, message, grace in kills]
             killed: Set[str] = set()
+            from mpmsub._node import kill_on_worker
+
             try:
                 answers = self.client.run(kill_on_worker, orders, on_error="return")
                 for answer in answers.values():
@@ -255,7 +256,7 @@ class DaskHandle(Handle):
         self._on_exit = on_exit
         self._lock = threading.Lock()
         self._ended = False
-        self._killed: Optional[Tuple[str, str]] = None
+        self._killed: Optional[Tuple[kinds.FailureKind, str]] = None
         self.future: Any = None
 
     def finish(self, future: Any, result: Any) -> None:
@@ -282,80 +283,10 @@ class DaskHandle(Handle):
         error = result[1] if isinstance(result, tuple) and len(result) == 3 else result
         return not_started(self.spec, kinds.ERROR, f"its Dask task failed: {type(error).__name__}: {error}")
 
-    def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
+    def kill(self, failure: kinds.FailureKind, message: str, grace: Optional[float] = None) -> bool:
         with self._lock:
             if self._ended or self._killed is not None:
                 return False
             self._killed = (failure, message)
         self.launcher.kill_later(self, failure, message, grace)
         return True
-
-
-# -- on the worker -------------------------------------------------------------------------------
-
-_worker_lock = threading.Lock()
-_worker_executor: Optional[MemoryAwareExecutor] = None
-_worker_jobs: Dict[str, JobFuture[object]] = {}
-# Kills that came before their task started: key -> (failure, message, when), kept a minute.
-_tombstones: OrderedDict[str, Tuple[str, str, float]] = OrderedDict()
-_TOMBSTONES = 10000
-
-
-def _executor_here() -> MemoryAwareExecutor:
-    """This worker process's executor, sized by the worker's declared resources."""
-    global _worker_executor
-    if _worker_executor is None:
-        from distributed import get_worker
-
-        from mpmsub._executor import MemoryAwareExecutor
-        from mpmsub._system import detect_cpus, detect_memory
-
-        resources = get_worker().state.total_resources
-        cpus = int(resources.get("cpus") or detect_cpus())
-        memory = int(resources.get("memory") or detect_memory())
-        _worker_executor = MemoryAwareExecutor(cpus=max(1, cpus), memory=memory / MB, backend="local", history=False)
-        logger.debug("mpmsub: executor on this Dask worker: %d CPUs, %s", cpus, format_memory(memory))
-    return _worker_executor
-
-
-def run_on_worker(data: bytes, key: str) -> bytes:
-    """A Dask task: run one packed job here under mpmsub; return its pickled Outcome."""
-    from concurrent.futures import wait
-
-    spec, _ = _remote.unpack(data)  # the worker's executor keeps its own kill grace
-    with _worker_lock:
-        executor = _executor_here()
-        killed = _tombstones.pop(key, None)
-        if killed is not None:
-            outcome = not_started(spec, killed[0], killed[1])
-            return pickle.dumps(_remote.Returned(outcome), pickle.HIGHEST_PROTOCOL)
-        future = executor.submit(dataclasses.replace(spec, job_id=key))
-        _worker_jobs[key] = future
-    try:
-        wait([future])
-    finally:
-        with _worker_lock:
-            _worker_jobs.pop(key, None)
-        executor._forget_id(key)  # a worker runs jobs for as long as it lives: ids must not pile up
-    sent = _remote.returned(spec, future, "cancelled before it started on its Dask worker")
-    return pickle.dumps(sent, pickle.HIGHEST_PROTOCOL)
-
-
-def kill_on_worker(orders: List[Tuple[str, str, str, Optional[float]]]) -> List[str]:
-    """Run by client.run on every worker with (key, failure, message, grace) orders: kill the
-    jobs of those tasks that run here (their keys are returned), and remember the others' kills
-    for a while, in case their task starts here in the meantime."""
-    killed = []
-    now = time.monotonic()
-    with _worker_lock:
-        while _tombstones and (len(_tombstones) > _TOMBSTONES or next(iter(_tombstones.values()))[2] < now - 60):
-            _tombstones.popitem(last=False)
-        executor = _worker_executor
-        for key, failure, message, grace in orders:
-            future = _worker_jobs.get(key)
-            if future is None:
-                _tombstones[key] = (failure, message, now)
-            elif executor is not None:
-                executor._kill_job(future, failure, message, grace)
-                killed.append(key)
-    return killed

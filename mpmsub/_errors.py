@@ -1,4 +1,35 @@
-"""The project's exceptions: every error mpmsub raises on its own subclasses MpmsubError."""
+"""The project's exceptions: every exception class mpmsub defines subclasses MpmsubError.
+
+A class defined in another module keeps the base it had before MpmsubError, as its second base,
+so that code catching that base still catches it. Beyond these, mpmsub raises Python's own
+exceptions where the standard library would: ValueError and TypeError for a wrong argument,
+RuntimeError for a job submitted after shutdown, ImportError for a missing optional package,
+OSError from the system. The tree, with the module of each class defined elsewhere and the
+second bases:
+
+    MpmsubError
+        JobFailedError
+        CallError
+            MemoryLimitError
+            CallTimeoutError
+            WorkerDiedError       also concurrent.futures.process.BrokenProcessPool
+            CallCancelledError
+            CallPicklingError     also pickle.PicklingError
+        RemoteTraceback
+        UnsafeFileError           in _files
+        HistoryError              in _history
+        JobFileError              in _jobfile, also ValueError
+        LedgerError               in _ledger, also RuntimeError
+        _Stopped                  in _node (SIGTERM or SIGINT in the SLURM runner, caught there)
+        SlurmError                in _slurm, also RuntimeError
+        TemplateError             in _template, also ValueError
+        ZygoteError               in _zygote
+
+_worker, the script that worker processes run, imports no mpmsub module and defines no
+exception. The command line's _Terminated and _Halted (in _cli) derive from BaseException, as
+KeyboardInterrupt does, so that no `except Exception` stops them: they end a run, they are not
+errors, and they are outside the tree.
+"""
 
 from __future__ import annotations
 
@@ -91,7 +122,7 @@ class CallPicklingError(CallError, pickle.PicklingError):
     on its way between this process and a worker."""
 
 
-class RemoteTraceback(Exception):
+class RemoteTraceback(MpmsubError):
     """The traceback of an exception raised in a worker, attached as that exception's __cause__."""
 
     def __init__(self, text: str) -> None:

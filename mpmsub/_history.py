@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from mpmsub import __version__, _threads
+from mpmsub._errors import MpmsubError
 from mpmsub._files import DIRECTORY_MODE, open_private
 from mpmsub._learn import LEARNED_FROM, WINDOW, Run
 
@@ -113,7 +114,7 @@ def resolve(history: object) -> Optional[str]:
     return os.path.expanduser(history)
 
 
-class HistoryError(Exception):
+class HistoryError(MpmsubError):
     """The history database cannot be used (for the `mpmsub history` command)."""
 
 

@@ -14,6 +14,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from mpmsub._errors import MpmsubError
 from mpmsub._job import JobSpec, to_spec
 
 SHELL = "/bin/sh"
@@ -23,7 +24,7 @@ _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 ALIASES = {"p": ("p", "cpu", "cpus"), "m": ("m", "memory"), "timeout": ("timeout",), "retries": ("retries",)}
 
 
-class JobFileError(ValueError):
+class JobFileError(MpmsubError, ValueError):
     """A job file that cannot be run as it is: names the file and line."""
 
 

@@ -22,10 +22,13 @@ import abc
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
 
 from mpmsub._job import JobSpec
 from mpmsub._proctree import Snapshot
+
+if TYPE_CHECKING:
+    from mpmsub._result import FailureKind
 
 
 @dataclass
@@ -39,7 +42,7 @@ class Outcome:
     runtime: float  # seconds, from a monotonic clock
     cpu_time: float  # seconds of user + system time
     peak_memory: int  # bytes, whole process tree
-    failure: Optional[str] = None  # a kind from mpmsub._result, when the launcher knows it
+    failure: Optional[FailureKind] = None  # when the launcher knows it
     error: Optional[str] = None  # the sentence that goes with `failure`
     memory_series: List[Tuple[float, int]] = field(default_factory=list)  # (seconds in, bytes)
     oom_kills: Optional[int] = None  # the job's processes killed by the kernel's OOM killer, if known
@@ -50,7 +53,7 @@ class Outcome:
     exception: Optional[BaseException] = None  # what a Python call raised (failure "raised")
 
 
-def not_started(spec: JobSpec, failure: str, error: str) -> Outcome:
+def not_started(spec: JobSpec, failure: FailureKind, error: str) -> Outcome:
     """The Outcome of a job that ended before it could start: nothing ran, nothing measured."""
     return Outcome([None] * len(spec.stages), None, None, time.time(), 0.0, 0.0, 0, failure, error)
 
@@ -88,7 +91,7 @@ class Handle(abc.ABC):
     exact_peak = False
 
     @abc.abstractmethod
-    def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
+    def kill(self, failure: FailureKind, message: str, grace: Optional[float] = None) -> bool:
         """Stop the job's whole process tree; `grace` seconds between SIGTERM and SIGKILL.
 
         True if this call started the kill (and so decides the failure); False if the job had

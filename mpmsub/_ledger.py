@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from mpmsub._errors import MpmsubError
 from mpmsub._units import format_memory
 
 
@@ -20,7 +21,7 @@ class Request:
             raise ValueError(f"invalid request: {self.cpus} CPUs, {self.memory} bytes")
 
 
-class LedgerError(RuntimeError):
+class LedgerError(MpmsubError, RuntimeError):
     """A reservation or release that would break the ledger's invariants (a bug, never user input)."""
 
 

@@ -156,7 +156,7 @@ class LocalHandle(Handle):
         self._group_lock = threading.Lock()
         self._placed = False  # the monitor thread's
         self._timers: List[Timer] = []
-        self.failure: Optional[str] = None
+        self.failure: Optional[kinds.FailureKind] = None
         self.error: Optional[str] = None
         self._killing = False
         self._finished = False
@@ -524,7 +524,7 @@ class LocalHandle(Handle):
 
     # -- killing and measuring ------------------------------------------------------------------
 
-    def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
+    def kill(self, failure: kinds.FailureKind, message: str, grace: Optional[float] = None) -> bool:
         if self._finished or not self._unreaped:
             return False
         grace = self._launcher.kill_grace if grace is None else grace

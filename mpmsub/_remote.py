@@ -19,19 +19,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import os
 import pickle
-import signal
-import sys
-import tempfile
-from concurrent.futures import wait
 from dataclasses import dataclass
-from types import FrameType
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from mpmsub import _result as kinds
 from mpmsub import _workers
-from mpmsub._files import UnsafeFileError, read_private
+from mpmsub._files import UnsafeFileError
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Outcome, not_started
 from mpmsub._result import JobResult
@@ -134,77 +128,3 @@ def verify(key: bytes, data: bytes) -> bytes:
     if not hmac.compare_digest(tag, hmac.new(key, payload, hashlib.sha256).digest()):
         raise UnsafeFileError("it is not signed with this run's key (mpmsub's runner for this job did not write it)")
     return payload
-
-
-class _Stopped(Exception):
-    pass
-
-
-def main(argv: List[str]) -> int:
-    """Run the job in a spec file; write its Outcome to the result file. 0 once written."""
-    if len(argv) != 2:
-        print("usage: python -m mpmsub _run-job SPEC RESULT", file=sys.stderr)
-        return 2
-    spec_path, result_path = argv
-    try:
-        data = read_private(spec_path)  # before anything in it is unpickled
-    except UnsafeFileError as exc:
-        print(f"mpmsub _run-job: refused the spec file, which is not private to this user: {exc}", file=sys.stderr)
-        return REFUSED
-    except OSError as exc:
-        print(f"mpmsub _run-job: cannot read the spec file {spec_path!r}: {exc}", file=sys.stderr)
-        return REFUSED
-    key, (spec, runner) = data[:KEY_BYTES], unpack(data[KEY_BYTES:])
-    from mpmsub._executor import MemoryAwareExecutor
-    from mpmsub._system import detect_memory
-
-    # SLURM holds the job to its --mem, so its m is strict here: mpmsub stops it first, with
-    # its own sentence. The node is SLURM's to share: no gate on this machine's free memory.
-    executor = MemoryAwareExecutor(
-        cpus=spec.cpus,
-        memory=(spec.memory or detect_memory()) / MB,
-        strict_memory=spec.memory is not None,
-        memory_reserve=0,
-        backend="local",
-        history=False,  # the sending executor records the run
-        **runner,  # kill_grace, output_limit
-    )
-    stopped: List[str] = []
-
-    def stop(signum: int, frame: Optional[FrameType]) -> None:
-        if not stopped:  # the first signal stops the job; later ones wait for that
-            stopped.append(signal.Signals(signum).name)
-            raise _Stopped()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    future: Optional[JobFuture[object]] = None
-    reason = ""
-    try:
-        future = executor.submit(spec)
-        wait([future])
-        executor.shutdown(wait=True)
-    except _Stopped:
-        pass
-    if stopped:
-        reason = f"SLURM sent {stopped[0]} (scancel, or a limit of its allocation)"
-        executor.terminate(reason)  # a running job's error: "killed: " and the reason
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if future is None:  # stopped before the job was queued
-        sent = Returned(not_started(spec, kinds.CANCELLED, f"cancelled before it started: {reason}"))
-    else:
-        sent = returned(spec, future, "cancelled before it started")
-        if stopped and sent.outcome.failure is None:
-            # SLURM signals every process of the job, not only this runner: the job's own children
-            # may die of it first, and a shell waiting on them then exits 0. The stop decides.
-            sent.outcome.failure, sent.outcome.error = kinds.CANCELLED, f"killed: {reason}"
-    # mkstemp: created exclusively, mode 0600, with a name no one can guess.
-    fd, temporary = tempfile.mkstemp(
-        prefix=os.path.basename(result_path) + ".", suffix=".tmp", dir=os.path.dirname(result_path) or "."
-    )
-    with os.fdopen(fd, "wb") as file:
-        file.write(sign(key, pickle.dumps(sent, pickle.HIGHEST_PROTOCOL)))
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, result_path)
-    return 0

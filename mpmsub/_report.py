@@ -11,11 +11,10 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 
 from mpmsub._call import function_name
 from mpmsub._job import JobSpec, describe_command, optional_fields
+from mpmsub._policy import PROFILE_BUFFER  # the margin profile() adds to a measured peak
 from mpmsub._result import CANCELLED, JobResult
 from mpmsub._system import cgroup_memory_limit, detect_cpus, machine_memory
 from mpmsub._units import MB, format_memory
-
-PROFILE_BUFFER = 0.20  # the margin profile() adds to a measured peak
 
 
 def recommend_memory(peak_mb: float, buffer: float = PROFILE_BUFFER) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, List, Literal, Optional, Tuple, Union
 
 from mpmsub._errors import JobFailedError
 from mpmsub._units import MB
@@ -12,16 +12,18 @@ from mpmsub._units import MB
 if TYPE_CHECKING:
     from mpmsub._job import JobSpec
 
-# Kinds of failure, recorded on JobResult.failure (None for a success).
-EXIT = "exit"  # ran and exited non-zero
-SIGNAL = "signal"  # killed by a signal it was not sent by mpmsub
-TIMEOUT = "timeout"
-MEMORY = "memory"  # stopped by mpmsub for memory, or killed by the kernel's out-of-memory killer
-START = "start"  # could not be started: program or working directory not found, not executable, ...
-CANCELLED = "cancelled"  # stopped by shutdown, Ctrl-C or cancellation while running
-ERROR = "error"  # mpmsub itself failed while running the job
-RAISED = "raised"  # a Python call raised an exception
-PICKLE = "pickle"  # a Python call, or what it returned, could not be pickled or unpickled
+# Kinds of failure, recorded on JobResult.failure (None for a success). FailureKind names them
+# all; each constant is typed as its own value, so that a type checker accepts it as one.
+FailureKind = Literal["exit", "signal", "timeout", "memory", "start", "cancelled", "error", "raised", "pickle"]
+EXIT: Literal["exit"] = "exit"  # ran and exited non-zero
+SIGNAL: Literal["signal"] = "signal"  # killed by a signal it was not sent by mpmsub
+TIMEOUT: Literal["timeout"] = "timeout"
+MEMORY: Literal["memory"] = "memory"  # stopped by mpmsub for memory, or killed by the kernel's out-of-memory killer
+START: Literal["start"] = "start"  # could not be started: program or working directory not found, not executable, ...
+CANCELLED: Literal["cancelled"] = "cancelled"  # stopped by shutdown, Ctrl-C or cancellation while running
+ERROR: Literal["error"] = "error"  # mpmsub itself failed while running the job
+RAISED: Literal["raised"] = "raised"  # a Python call raised an exception
+PICKLE: Literal["pickle"] = "pickle"  # a Python call, or what it returned, could not be pickled or unpickled
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class JobResult:
     start_time: float
     end_time: float
     error: Optional[str] = None
-    failure: Optional[str] = None
+    failure: Optional[FailureKind] = None
     cpus: int = 1
     memory_requested: Optional[float] = None
     stage_returncodes: List[Optional[int]] = field(default_factory=list)
@@ -84,7 +86,7 @@ class JobResult:
             raise JobFailedError(self)
 
 
-def never_ran(spec: JobSpec, job_id: str, failure: str, error: str, **fields: Any) -> JobResult:
+def never_ran(spec: JobSpec, job_id: str, failure: FailureKind, error: str, **fields: Any) -> JobResult:
     """The result of a job or call that ended before it ran (cancelled, could not be sent)."""
     now = time.time()
     return JobResult(

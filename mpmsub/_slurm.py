@@ -36,6 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from mpmsub import _files, _remote, _threads
 from mpmsub import _result as kinds
 from mpmsub._backends import Backend, LaunchOptions, Node, largest_fit, most_memory
+from mpmsub._errors import MpmsubError
 from mpmsub._job import JobSpec
 from mpmsub._launcher import Handle, Launcher, Outcome, not_started
 from mpmsub._units import MB, format_memory
@@ -67,7 +68,7 @@ _KILL_WAIT = 10.0  # seconds a killed job's result may take to appear (the runne
 _MEMORY_KILL = re.compile(r"exceeded (job )?memory limit|oom[- ]kill", re.IGNORECASE)
 
 
-class SlurmError(RuntimeError):
+class SlurmError(MpmsubError, RuntimeError):
     """A SLURM command could not be run or failed."""
 
 
@@ -376,14 +377,14 @@ class SlurmHandle(Handle):
         self._on_exit = on_exit
         self._lock = threading.Lock()
         self.ended = False
-        self.killed: Optional[Tuple[str, str]] = None
+        self.killed: Optional[Tuple[kinds.FailureKind, str]] = None
         self.slurm_id: Optional[str] = None
         self.state = "SUBMITTING"
         self.submitted = time.time()
         self.running_since: Optional[float] = None
         self.result_missing_since: Optional[float] = None
 
-    def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
+    def kill(self, failure: kinds.FailureKind, message: str, grace: Optional[float] = None) -> bool:
         with self._lock:
             if self.ended or self.killed is not None:
                 return False
@@ -439,7 +440,7 @@ class SlurmHandle(Handle):
         outcome.failure, outcome.error = self._stopped(state, output)
         return outcome
 
-    def _stopped(self, state: str, output: str) -> Tuple[str, str]:
+    def _stopped(self, state: str, output: str) -> Tuple[kinds.FailureKind, str]:
         """The failure and sentence of a job SLURM ended, by its state and output."""
         job = f"SLURM job {self.slurm_id}"
         if state == "OUT_OF_MEMORY" or _MEMORY_KILL.search(output):

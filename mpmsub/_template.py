@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from mpmsub._errors import MpmsubError
+
 VALUES, FILES, LINKED_VALUES, LINKED_FILES = ":::", "::::", ":::+", "::::+"
 SEPARATORS = (VALUES, FILES, LINKED_VALUES, LINKED_FILES)
 STDIN = "-"
@@ -24,7 +26,7 @@ _REPLACEMENT = re.compile(r"\{(#|(\d*)(\.|/|//|/\.)?)\}")
 _SAFE = re.compile(r"[-_.+a-zA-Z0-9/]+")  # what GNU parallel leaves unquoted
 
 
-class TemplateError(ValueError):
+class TemplateError(MpmsubError, ValueError):
     """A template or input source that cannot be run: names the bad value."""
 
 

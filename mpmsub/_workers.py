@@ -722,7 +722,7 @@ class CallHandle(Handle):
         self.worker: Optional[Worker] = None
         self.waiting = False  # for the zygote to be prepared, before it has a worker
         self.killing = False
-        self.failure: Optional[str] = None
+        self.failure: Optional[kinds.FailureKind] = None
         self.error: Optional[str] = None
         self._finished = False
         self._timers: List[Timer] = []
@@ -856,7 +856,7 @@ class CallHandle(Handle):
 
     # -- killing and measuring --------------------------------------------------------------------
 
-    def kill(self, failure: str, message: str, grace: Optional[float] = None) -> bool:
+    def kill(self, failure: kinds.FailureKind, message: str, grace: Optional[float] = None) -> bool:
         worker = self.worker
         if self.waiting and not self._finished:  # no process yet: it ends now
             self.waiting = False

@@ -33,6 +33,7 @@ import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from mpmsub import _worker as wire
+from mpmsub._errors import MpmsubError
 from mpmsub._guard import Watchman
 from mpmsub._loop import EventLoop, Timer
 
@@ -57,7 +58,7 @@ def _socketpair() -> Tuple[socket.socket, socket.socket]:
     return pair[0], pair[1]
 
 
-class ZygoteError(Exception):
+class ZygoteError(MpmsubError):
     """The zygote could not fork a worker, or is gone."""
 
 

@@ -13,12 +13,13 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Iterator, List, Tuple
+from typing import Any, List, Tuple
 
 import callees
 import psutil
 import pytest
 import remote_batch
+from backend_fixtures import DASK_WORKER_MEMORY
 from helpers import unique_sleep, wait_gone
 
 import mpmsub
@@ -28,29 +29,12 @@ distributed = pytest.importorskip(
 )
 
 MB = 2**20
-WORKER_MEMORY = 300 * MB  # each worker's declared memory: three 100M jobs at a time
+WORKER_MEMORY = DASK_WORKER_MEMORY  # each worker's declared memory: three 100M jobs at a time
 
 
 @pytest.fixture(scope="module")
-def dask_cluster() -> Iterator[Any]:
-    cluster = distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=4,
-        processes=True,
-        resources={"cpus": 4, "memory": WORKER_MEMORY},
-        dashboard_address=":0",
-        worker_dashboard_address=":0",
-    )
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
-@pytest.fixture(scope="module")
-def client(dask_cluster: Any) -> Iterator[Any]:
-    with distributed.Client(dask_cluster, set_as_default=False) as client:
-        yield client
+def client(dask_client: Any) -> Any:
+    return dask_client
 
 
 @pytest.fixture
@@ -161,14 +145,14 @@ def test_killing_a_running_job_kills_its_tree_on_the_worker(backend: mpmsub.Dask
 
 def test_a_kill_before_the_task_starts_ends_it_when_it_does(client: Any) -> None:
     """A kill that reaches the workers before Dask starts the task is kept and ends it."""
-    from mpmsub import _dask, _remote
+    from mpmsub import _node, _remote
     from mpmsub._job import to_spec
 
     key = f"mpmsub-test-{unique_sleep()}"
-    client.run(_dask.kill_on_worker, [(key, "cancelled", "killed: early", None)])
+    client.run(_node.kill_on_worker, [(key, "cancelled", "killed: early", None)])
     data = _remote.pack(to_spec(["sleep", "30"]), strict=False, shared=False)  # as DaskLauncher does
     started = time.monotonic()
-    sent = client.submit(_dask.run_on_worker, data, key, key=key, resources={"cpus": 1}, pure=False).result()
+    sent = client.submit(_node.run_on_worker, data, key, key=key, resources={"cpus": 1}, pure=False).result()
     outcome = __import__("pickle").loads(sent).received()
     assert (outcome.failure, outcome.error) == ("cancelled", "killed: early")
     assert time.monotonic() - started < 10
