@@ -1,0 +1,299 @@
+"""The executor's loop core (mpmsub._core) driven by hand: a fake launcher whose jobs end when the
+test says, a loop whose callbacks run when the test says, and a clock the test moves. The
+sequences that real processes can only provoke by chance (a stop racing an exit, a stop of a run
+that has been replaced, a probe cancelled after it was chosen) run here exactly, in one thread."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Any, Callable, List, Optional, Tuple
+
+import pytest
+
+from mpmsub import _policy
+from mpmsub._core import Core, Item, Lifecycle, RunState, Settings
+from mpmsub._future import JobFuture
+from mpmsub._job import Job, JobSpec, to_spec
+from mpmsub._launcher import Handle, Launcher, Outcome
+from mpmsub._ledger import Ledger
+from mpmsub._result import JobResult
+from mpmsub._runbook import RunBook
+from mpmsub._scheduler import Scheduler
+from mpmsub._units import MB
+
+
+class FakeLoop:
+    """Callbacks queued until `run()`; timers due by the fake clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.ready: List[Tuple[Callable[..., Any], Tuple[Any, ...]]] = []
+        self.timers: List[Tuple[float, int, Callable[..., Any], Tuple[Any, ...]]] = []
+        self.order = itertools.count()
+        self.stopped = False
+
+    def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.ready.append((fn, args))
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
+        heapq.heappush(self.timers, (self.clock.now + delay, next(self.order), fn, args))
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def run(self) -> None:
+        """Run every callback ready, and every timer due, until none is left."""
+        while self.ready or (self.timers and self.timers[0][0] <= self.clock.now):
+            if self.ready:
+                fn, args = self.ready.pop(0)
+            else:
+                _, _, fn, args = heapq.heappop(self.timers)
+            fn(*args)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeHandle(Handle):
+    def __init__(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> None:
+        self.spec, self.job_id, self.on_exit = spec, job_id, on_exit
+        self.killed: Optional[Tuple[str, str]] = None
+        self.ended = False
+
+    def kill(self, failure: Any, message: str, grace: Optional[float] = None) -> bool:
+        if self.ended or self.killed is not None:
+            return False
+        self.killed = (failure, message)
+        return True
+
+    def end(self, returncode: int = 0, peak_mb: float = 10, oom_kills: int = 0) -> None:
+        """The job's processes end: with the kill's failure where it was killed."""
+        self.ended = True
+        failure, error = self.killed if self.killed is not None else (None, None)
+        if failure is not None:
+            returncode = -9
+        self.on_exit(
+            Outcome([returncode], "", "", 0.0, 1.0, 0.1, int(peak_mb * MB), failure, error, oom_kills=oom_kills)
+        )
+
+
+class FakeLauncher(Launcher):
+    local = False  # no sampling, no OOM counts of this machine
+
+    def __init__(self) -> None:
+        self.handles: List[FakeHandle] = []
+        self.closed = False
+
+    def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
+        handle = FakeHandle(spec, job_id, on_exit)
+        self.handles.append(handle)
+        return handle
+
+    def close(self) -> None:
+        self.closed = True
+
+    def running(self, job_id: str) -> FakeHandle:
+        (handle,) = [h for h in self.handles if h.job_id == job_id and not h.ended]
+        return handle
+
+
+class Rig:
+    """A core with its fakes, and the jobs given to it."""
+
+    def __init__(self, cpus: int = 2, memory_mb: int = 1000, probe_memory: Optional[int] = None) -> None:
+        self.clock = FakeClock()
+        self.loop = FakeLoop(self.clock)
+        self.launcher = FakeLauncher()
+        settings = Settings(
+            memory=memory_mb * MB,
+            cpus=cpus,
+            kill_grace=1.0,
+            strict_memory=False,
+            memory_reserve=0,
+            probe_memory=probe_memory,
+            memory_groups=None,
+            clock=self.clock,
+        )
+        ledger = Ledger(cpus, memory_mb * MB)
+        self.core = Core(
+            settings, self.loop, self.launcher, ledger, Scheduler("fifo"), None, RunBook(None), monitor_interval=None
+        )  # type: ignore[arg-type]
+        self.seq = itertools.count()
+        self.items: List[Item] = []
+
+    def submit(self, job: Any, key: Optional[str] = None, input_size: int = 0) -> Item:
+        spec = to_spec(job)
+        item = Item(next(self.seq), spec, spec.job_id or f"j{len(self.items)}", JobFuture(), 1.0)
+        item.key, item.input_size = key, input_size
+        self.items.append(item)
+        self.core.take([item])
+        self.loop.run()
+        return item
+
+    def end(self, item: Item, returncode: int = 0, peak_mb: float = 10) -> None:
+        self.launcher.running(item.job_id).end(returncode, peak_mb)
+        self.loop.run()
+
+    def states(self) -> List[str]:
+        return [item.state.value for item in self.items]
+
+
+def result_of(item: Item) -> JobResult:
+    assert item.future.done()
+    usage = item.future.usage
+    assert usage is not None
+    return usage
+
+
+def test_jobs_start_as_capacity_frees_and_their_futures_get_results() -> None:
+    rig = Rig(cpus=2)
+    a, b, c = (rig.submit(Job(["tool", str(i)]).cpu(1)) for i in range(3))
+    assert rig.states() == ["running", "running", "queued"]
+    rig.end(a)
+    assert rig.states() == ["done", "running", "running"]
+    assert result_of(a).success and result_of(a).attempts == 1
+    rig.end(b, returncode=3)
+    assert result_of(b).failure == "exit" and "status 3" in (result_of(b).error or "")
+    rig.end(c)
+    assert rig.states() == ["done", "done", "done"]
+    assert rig.core.lifecycle is Lifecycle.OPEN and not rig.core.running
+
+
+def test_a_retry_goes_back_to_the_head_of_the_queue_with_more_memory() -> None:
+    rig = Rig(cpus=1)
+    a = rig.submit(Job(["tool"]).memory("100M").with_retries(1))
+    b = rig.submit(Job(["other"]))
+    rig.launcher.running("j0").kill("memory", "over its m")
+    rig.end(a)
+    assert a.state is RunState.RUNNING and b.state is RunState.QUEUED  # ahead of the queued job
+    assert a.spec.memory == 200 * MB and a.attempts == 2 and a.retries_left == 0
+    rig.end(a)
+    assert result_of(a).success and result_of(a).attempts == 2
+
+
+def test_a_stop_that_arrives_after_the_exit_changes_nothing() -> None:
+    rig = Rig()
+    a = rig.submit(Job(["tool"]).memory("100M"))
+    run = a.run
+    assert run is not None
+    rig.launcher.running("j0").end(0)  # the exit is on its way to the loop ...
+    rig.loop.call_soon_threadsafe(rig.core.stop, a, run, "used too much", False)  # ... then the stop
+    rig.loop.run()
+    assert result_of(a).success and a.state is RunState.DONE
+
+
+def test_a_stop_decided_for_an_earlier_run_does_not_touch_the_retry() -> None:
+    rig = Rig()
+    a = rig.submit(Job(["tool"]).with_retries(1))
+    first = a.run
+    assert first is not None
+    rig.end(a, returncode=1)
+    assert a.state is RunState.RUNNING and a.run is not first  # retried at once
+    rig.core.stop(a, first, "used too much", False)  # the monitor's stop of the first run
+    handle = rig.launcher.running("j0")
+    assert handle.killed is None
+    handle.end(0)
+    rig.loop.run()
+    assert result_of(a).success and result_of(a).attempts == 2
+
+
+def test_a_requeue_costs_no_attempt_and_gives_up_after_the_most_requeues() -> None:
+    rig = Rig()
+    a = rig.submit(Job(["tool"]).memory("100M"))
+    message = "stopped and requeued: the machine had 1M available, under the 2M reserve"
+    for count in range(_policy.MAX_REQUEUES + 1):
+        run = a.run
+        assert run is not None
+        rig.core.stop(a, run, message, True)
+        assert a.state is RunState.STOPPING
+        rig.end(a, peak_mb=150)
+        if count < _policy.MAX_REQUEUES:
+            assert a.state is RunState.RUNNING and a.requeued == count + 1 and a.attempts == 1
+            assert a.requeue_need == 180 * MB  # its peak and the margin profile() adds
+    result = result_of(a)
+    assert result.failure == "memory" and result.requeued == _policy.MAX_REQUEUES
+    assert result.error is not None and result.error.endswith("(3 times; giving up)")
+
+
+def test_a_job_cancelled_while_queued_is_dropped_once() -> None:
+    rig = Rig(cpus=1)
+    a = rig.submit(Job(["tool"]))
+    b = rig.submit(Job(["other"]))
+    assert b.future.cancel()
+    rig.end(a)
+    assert b.state is RunState.CANCELLED and b.future.cancelled()
+    assert [h.job_id for h in rig.launcher.handles] == ["j0"]
+
+
+def test_a_probe_cancelled_after_it_was_chosen_hands_its_key_to_the_next() -> None:
+    rig = Rig(cpus=1)
+    blocker = rig.submit(Job(["blocker"]))
+    small = rig.submit(Job(["tool", "s"]).memory("auto"), key="tool", input_size=10)
+    big = rig.submit(Job(["tool", "b"]).memory("auto"), key="tool", input_size=500)
+    assert small.state is RunState.HELD and big.state is RunState.HELD
+    rig.clock.now += 0.1  # the probe is chosen once the batch is in
+    rig.loop.run()
+    assert big.probe and big.state is RunState.QUEUED and small.state is RunState.HELD
+    assert big.future.cancel()  # cancelled while queued as the probe
+    rig.end(blocker)
+    assert big.state is RunState.CANCELLED and not big.probe
+    rig.clock.now += 0.1
+    rig.loop.run()
+    assert small.probe and small.state is RunState.RUNNING
+    assert small.spec.memory == 1000 * MB  # a probe takes what is free when it starts
+    rig.end(small, peak_mb=40)
+    assert result_of(small).memory_estimate == "probe"
+
+
+def test_jobs_of_a_key_with_runs_are_queued_with_their_estimate() -> None:
+    rig = Rig(cpus=1)
+    probe = rig.submit(Job(["tool"]).memory("auto"), key="tool")
+    rig.clock.now += 0.1
+    rig.loop.run()
+    rig.end(probe, peak_mb=40)
+    later = rig.submit(Job(["tool"]).memory("auto"), key="tool")
+    assert later.state is RunState.RUNNING and later.estimate is not None
+    assert 40 * MB <= (later.spec.memory or 0) < 100 * MB
+
+
+def test_terminate_cancels_the_queue_kills_the_running_and_retries_nothing() -> None:
+    rig = Rig(cpus=1)
+    a = rig.submit(Job(["tool"]).with_retries(3))
+    b = rig.submit(Job(["other"]))
+    rig.core.advance(Lifecycle.SHUT_DOWN)
+    rig.core.shut_down(True, "stopped by the test")
+    assert b.state is RunState.CANCELLED and b.future.cancelled()
+    assert rig.launcher.running("j0").killed == ("cancelled", "killed: stopped by the test")
+    assert rig.core.lifecycle is Lifecycle.TERMINATING and not rig.loop.stopped
+    rig.end(a)
+    assert result_of(a).failure == "cancelled" and result_of(a).attempts == 1
+    assert rig.core.lifecycle is Lifecycle.CLOSED and rig.loop.stopped and rig.launcher.closed
+
+
+def test_a_retry_cancelled_by_terminate_keeps_its_last_result() -> None:
+    rig = Rig(cpus=2, memory_mb=1000)
+    a = rig.submit(Job(["tool"]).memory("600M").with_retries(2))
+    other = rig.submit(Job(["other"]).memory("300M"))
+    rig.launcher.running("j0").kill("memory", "over its m")
+    rig.end(a)
+    assert a.state is RunState.QUEUED and a.spec.memory == 1000 * MB  # waits for the other's memory
+    rig.core.shut_down(True, "stopped by the test")
+    result = result_of(a)
+    assert a.state is RunState.CANCELLED and result.failure == "cancelled"
+    assert result.error == "over its m; cancelled before it could run again: stopped by the test"
+    rig.end(other)
+    assert rig.core.lifecycle is Lifecycle.CLOSED
+
+
+def test_a_move_the_states_do_not_allow_is_refused() -> None:
+    rig = Rig()
+    a = rig.submit(Job(["tool"]))
+    rig.end(a)
+    with pytest.raises(RuntimeError, match="cannot go from done to queued"):
+        rig.core._move(a, RunState.QUEUED)
