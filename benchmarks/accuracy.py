@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import Figure, TreeSampler, arguments, show
 
 import mpmsub
-from mpmsub._cgroups import JobGroups
+from mpmsub._launch.cgroups import JobGroups
 
 MB = 2**20
 PROGRAM = "import time; x = bytearray({mb} * 2**20); time.sleep({hold})"

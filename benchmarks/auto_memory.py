@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import Figure, TreeSampler, arguments, median, show
 
 import mpmsub
-from mpmsub._history import History
+from mpmsub._learn.history import History
 
 MB = 2**20
 TOOL = Path(__file__).parent.parent / "tests" / "sized_tool.py"

@@ -20,9 +20,12 @@ from __future__ import annotations
 TYPE_CHECKING = False  # typing's own, without importing typing (type checkers know the name)
 if TYPE_CHECKING:
     from mpmsub import utils as utils
+    from mpmsub._backends.dask import DaskBackend
+    from mpmsub._backends.slurm import SlurmBackend
     from mpmsub._call import Call
     from mpmsub._cluster import Cluster, JobList, cluster
-    from mpmsub._dask import DaskBackend
+    from mpmsub._engine.executor import ExecutorStatus, MemoryAwareExecutor
+    from mpmsub._engine.future import JobFuture
     from mpmsub._errors import (
         CallCancelledError,
         CallError,
@@ -34,17 +37,14 @@ if TYPE_CHECKING:
         RemoteTraceback,
         WorkerDiedError,
     )
-    from mpmsub._executor import ExecutorStatus, MemoryAwareExecutor
-    from mpmsub._future import JobFuture
-    from mpmsub._htmlreport import write_report
     from mpmsub._job import Job, Pipeline, job, pipeline
-    from mpmsub._report import recommend_memory
+    from mpmsub._report.html import write_report
+    from mpmsub._report.text import recommend_memory
     from mpmsub._result import FailureKind, JobResult
-    from mpmsub._slurm import SlurmBackend
     from mpmsub._units import parse_memory
+    from mpmsub._version import __version__
     from mpmsub.utils import format_memory, parse_cpu_string, parse_memory_string  # the original's, in MB
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Call",
@@ -85,23 +85,24 @@ __all__ = [
 # mpmsub) and every `mpmsub` command line would pay for; the engine is imported when a program
 # first names it. Type checkers see the names imported above.
 _LAZY = {
+    "__version__": "mpmsub._version",
     "Call": "mpmsub._call",
     "Cluster": "mpmsub._cluster",
     "JobList": "mpmsub._cluster",
     "cluster": "mpmsub._cluster",
-    "DaskBackend": "mpmsub._dask",
-    "ExecutorStatus": "mpmsub._executor",
-    "MemoryAwareExecutor": "mpmsub._executor",
-    "JobFuture": "mpmsub._future",
-    "write_report": "mpmsub._htmlreport",
+    "DaskBackend": "mpmsub._backends.dask",
+    "ExecutorStatus": "mpmsub._engine.executor",
+    "MemoryAwareExecutor": "mpmsub._engine.executor",
+    "JobFuture": "mpmsub._engine.future",
+    "write_report": "mpmsub._report.html",
     "Job": "mpmsub._job",
     "Pipeline": "mpmsub._job",
     "job": "mpmsub._job",
     "pipeline": "mpmsub._job",
-    "recommend_memory": "mpmsub._report",
+    "recommend_memory": "mpmsub._report.text",
     "FailureKind": "mpmsub._result",
     "JobResult": "mpmsub._result",
-    "SlurmBackend": "mpmsub._slurm",
+    "SlurmBackend": "mpmsub._backends.slurm",
     "parse_memory": "mpmsub._units",
     "format_memory": "mpmsub.utils",
     "parse_cpu_string": "mpmsub.utils",

@@ -19,7 +19,8 @@ else:  # pragma: no cover - Python 3.9
     from typing_extensions import ParamSpec
 
 from mpmsub._errors import CallPicklingError
-from mpmsub._job import JobSpec, Resources
+from mpmsub._job import Resources
+from mpmsub._spec import JobSpec
 from mpmsub._units import MemoryLike
 
 T = TypeVar("T")

@@ -31,21 +31,22 @@ from typing import (
     overload,
 )
 
-from mpmsub._backends import resolve as resolve_backend
-from mpmsub._backends import size as backend_size
-from mpmsub._executor import DEFAULT_OUTPUT_LIMIT, MemoryAwareExecutor
-from mpmsub._job import JobSpec, pick_one, to_spec
-from mpmsub._ledger import Ledger
-from mpmsub._progress import ProgressBar
+from mpmsub._backends.base import resolve as resolve_backend
+from mpmsub._backends.base import size as backend_size
+from mpmsub._engine.executor import DEFAULT_OUTPUT_LIMIT, MemoryAwareExecutor
+from mpmsub._job import pick_one, to_spec
+from mpmsub._policy.ledger import Ledger
+from mpmsub._policy.scheduler import check_policy
+from mpmsub._report.progress import ProgressBar
 from mpmsub._result import CANCELLED, JobResult, never_ran
-from mpmsub._scheduler import check_policy
+from mpmsub._spec import JobSpec
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
 from mpmsub.utils import as_original_dict, format_duration
 from mpmsub.utils import format_memory as format_mb
 
 # The report's texts and the trace are imported where used: `import mpmsub` loads neither.
 if TYPE_CHECKING:
-    from mpmsub._trace import PathLike
+    from mpmsub._report.trace import PathLike
 
 logger = logging.getLogger("mpmsub")
 
@@ -154,7 +155,7 @@ class Cluster:
         self.schedule = check_policy(schedule)
         self.trace: Optional[PathLike] = None
         if trace is not None:
-            from mpmsub._trace import check_target
+            from mpmsub._report.trace import check_target
 
             self.trace = check_target(trace)
         self.backend = resolve_backend(backend)
@@ -316,7 +317,7 @@ class Cluster:
         executor = self._executor(max_workers=1, schedule="fifo", auto_memory=False)
         results = self._execute(executor, unreserved, label="profiling")
         if verbose:
-            from mpmsub import _report
+            from mpmsub._report import text as _report
 
             print(_report.profile_text(results, originals, self._custom_ids, self.max_cpus, self._memory))
         return results
@@ -485,7 +486,7 @@ class Cluster:
         Also the original's keys: `cluster` `max_cpus`, `max_memory_mb`, `max_memory` ('2.0G'),
         `runtime` and `runtime_formatted` (of the last run, or the one under way); `jobs`
         `pending` (queued) and `running`; `resources` (what running jobs reserve)."""
-        from mpmsub import _report
+        from mpmsub._report import text as _report
 
         stats = _report.job_stats(
             self._results,
@@ -524,7 +525,7 @@ class Cluster:
 
     def print_summary(self) -> None:
         """Print a readable report of the jobs run so far."""
-        from mpmsub import _report
+        from mpmsub._report import text as _report
 
         print(_report.summary_text(self.stats, self._results))
 
@@ -536,14 +537,14 @@ class Cluster:
         Returns whether it has the figures."""
         if self._wall_time is None:
             raise RuntimeError("nothing has run yet: call run() before report()")
-        from mpmsub._htmlreport import report_to
+        from mpmsub._report.html import report_to
 
         source: Any = self._last_trace if self._last_trace is not None else self.trace
         return report_to(source, path, plots, stacklevel=3)  # the warning points at the caller
 
     def describe_resources(self) -> None:
         """Print the cluster's CPUs and memory next to what this machine has."""
-        from mpmsub import _report
+        from mpmsub._report import text as _report
 
         text = _report.resources_text(self.max_cpus, self._memory)
         if not self.backend.local:

@@ -17,16 +17,16 @@ second bases:
             CallPicklingError     also pickle.PicklingError
         RemoteTraceback
         UnsafeFileError           in _files
-        HistoryError              in _history
-        JobFileError              in _jobfile, also ValueError
-        LedgerError               in _ledger, also RuntimeError
-        _Stopped                  in _node (SIGTERM or SIGINT in the SLURM runner, caught there)
-        SlurmError                in _slurm, also RuntimeError
-        TemplateError             in _template, also ValueError
-        ZygoteError               in _zygote
+        HistoryError              in _learn.history
+        JobFileError              in _cli.jobfile, also ValueError
+        LedgerError               in _policy.ledger, also RuntimeError
+        _Stopped                  in _backends.node (SIGTERM or SIGINT in the SLURM runner, caught there)
+        SlurmError                in _backends.slurm, also RuntimeError
+        TemplateError             in _cli.template, also ValueError
+        ZygoteError               in _launch.zygote
 
-_worker, the script that worker processes run, imports no mpmsub module and defines no
-exception. The command line's _Terminated and _Halted (in _cli) derive from BaseException, as
+_launch.worker_main, the script that worker processes run, imports no mpmsub module and defines no
+exception. The command line's _Terminated and _Halted (in _cli.main) derive from BaseException, as
 KeyboardInterrupt does, so that no `except Exception` stops them: they end a run, they are not
 errors, and they are outside the tree.
 """

@@ -10,7 +10,7 @@ from mpmsub._errors import JobFailedError
 from mpmsub._units import MB
 
 if TYPE_CHECKING:
-    from mpmsub._job import JobSpec
+    from mpmsub._spec import JobSpec
 
 # Kinds of failure, recorded on JobResult.failure (None for a success). FailureKind names them
 # all; each constant is typed as its own value, so that a type checker accepts it as one.

@@ -120,3 +120,8 @@ def parse_duration(value: object, what: str = "timeout", *, zero: bool = False) 
         least = "0 or more" if zero else "more than 0"
         raise ValueError(f"invalid {what} {shown(value)}: expected a number of seconds, {least} and {_SECONDS_MOST}")
     return float(seconds)
+
+
+def shorten(text: str, width: int) -> str:
+    """`text`, cut to `width` characters with an ellipsis where it is longer."""
+    return text if len(text) <= width else text[: width - 1] + "…"

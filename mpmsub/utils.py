@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, Mapping, Optional, Union
 
-from mpmsub._job import SEED_OPTIONS, JobSpec, Pipeline, job_from_dict, optional_fields
+from mpmsub._job import SEED_OPTIONS, Pipeline, job_from_dict, optional_fields
+from mpmsub._spec import JobSpec
 from mpmsub._system import available_memory, detect_cpus, memory_groups
 from mpmsub._units import MB, MemoryLike, parse_cpus, parse_memory, shown
 

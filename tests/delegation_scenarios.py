@@ -12,7 +12,7 @@ import os
 import subprocess
 from typing import Any, Dict, List
 
-from mpmsub._cgroups import JobGroups
+from mpmsub._launch.cgroups import JobGroups
 from mpmsub._system import own_cgroup
 
 

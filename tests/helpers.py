@@ -10,9 +10,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 import psutil
 
-from mpmsub._cgroups import JobGroups
-from mpmsub._trace import PathLike
-from mpmsub._trace import read as read_trace
+from mpmsub._launch.cgroups import JobGroups
+from mpmsub._report.trace import PathLike
+from mpmsub._report.trace import read as read_trace
 
 
 def alloc_cmd(mb: int, hold: float = 0.0, *, steps: int = 1, step_delay: float = 0.0) -> List[str]:

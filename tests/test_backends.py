@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mpmsub
-from mpmsub import _backends
-from mpmsub._backends import Node, largest_fit
-from mpmsub._job import JobSpec
+from mpmsub._backends import base as _backends
+from mpmsub._backends.base import Node, largest_fit
+from mpmsub._spec import JobSpec
 
 MB = 2**20
 

@@ -734,7 +734,7 @@ def test_calls_submitted_as_the_zygote_dies_get_a_new_one() -> None:
 
 @needs_zygote
 def test_a_stopped_zygote_is_given_up_and_the_call_runs_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mpmsub import _zygote
+    from mpmsub._launch import zygote as _zygote
 
     monkeypatch.setattr(_zygote, "_REPLY_WAIT", 0.5)
     with MemoryAwareExecutor(max_workers=1, max_tasks_per_child=1) as ex:
@@ -782,7 +782,7 @@ def test_a_zygote_that_dies_before_it_is_ready_leaves_fresh_interpreters(tmp_pat
 
 @needs_zygote
 def test_zygotes_lost_one_after_another_leave_fresh_interpreters(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mpmsub import _workers
+    from mpmsub._launch import pool as _workers
 
     monkeypatch.setattr(_workers, "_ZYGOTE_LOSSES", 1)  # the first loss is enough here
     with MemoryAwareExecutor(max_workers=1, max_tasks_per_child=1) as ex:

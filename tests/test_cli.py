@@ -14,7 +14,8 @@ from typing import List, Optional
 import pytest
 from helpers import unique_sleep, wait_gone
 
-from mpmsub import _joblog, parse_memory
+from mpmsub import parse_memory
+from mpmsub._cli import joblog as _joblog
 
 SCRIPT = Path(sys.executable).with_name("mpmsub")
 
@@ -332,7 +333,7 @@ def test_an_output_that_names_an_input_is_refused_before_it_is_touched(
     (tmp_path / "sub").mkdir()
     (tmp_path / "jobs.txt").write_text("true\n")
     (tmp_path / "link.txt").symlink_to(tmp_path / "jobs.txt")
-    from mpmsub._history import History
+    from mpmsub._learn.history import History
 
     with History(str(tmp_path / "h.db"), tolerant=False) as history:
         history.add([("true", '["true"]', 0, 1, 0.1, 0.0, 0, None, None, "host", "0", 1.0)])
@@ -464,7 +465,7 @@ def test_dash_capital_v_is_the_version() -> None:
 
 
 def test_history_shows_a_key_on_several_lines_on_one_and_takes_it_back_as_shown(tmp_path: Path) -> None:
-    from mpmsub._history import History
+    from mpmsub._learn.history import History
 
     key = "python -c import sys\nprint(1)"
     with History(str(tmp_path / "h.db"), tolerant=False) as history:

@@ -1,4 +1,4 @@
-"""The executor's loop core (mpmsub._core) driven by hand: a fake launcher whose jobs end when the
+"""The executor's loop core (mpmsub._engine.core) driven by hand: a fake launcher whose jobs end when the
 test says, a loop whose callbacks run when the test says, and a clock the test moves. The
 sequences that real processes can only provoke by chance (a stop racing an exit, a stop of a run
 that has been replaced, a probe cancelled after it was chosen) run here exactly, in one thread."""
@@ -11,15 +11,16 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import pytest
 
-from mpmsub import _policy
-from mpmsub._core import Core, Item, Lifecycle, RunState, Settings
-from mpmsub._future import JobFuture
-from mpmsub._job import Job, JobSpec, to_spec
-from mpmsub._launcher import Handle, Launcher, Outcome
-from mpmsub._ledger import Ledger
+from mpmsub._engine.core import Core, Item, Lifecycle, RunState, Settings
+from mpmsub._engine.future import JobFuture
+from mpmsub._job import Job, to_spec
+from mpmsub._launch.base import Handle, Launcher, Outcome
+from mpmsub._learn.runbook import RunBook
+from mpmsub._policy import runs as _policy
+from mpmsub._policy.ledger import Ledger
+from mpmsub._policy.scheduler import Scheduler
 from mpmsub._result import JobResult
-from mpmsub._runbook import RunBook
-from mpmsub._scheduler import Scheduler
+from mpmsub._spec import JobSpec
 from mpmsub._units import MB
 
 

@@ -145,7 +145,8 @@ def test_killing_a_running_job_kills_its_tree_on_the_worker(backend: mpmsub.Dask
 
 def test_a_kill_before_the_task_starts_ends_it_when_it_does(client: Any) -> None:
     """A kill that reaches the workers before Dask starts the task is kept and ends it."""
-    from mpmsub import _node, _remote
+    from mpmsub._backends import node as _node
+    from mpmsub._backends import remote as _remote
     from mpmsub._job import to_spec
 
     key = f"mpmsub-test-{unique_sleep()}"

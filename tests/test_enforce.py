@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mpmsub._enforce import Usage, budget_stops, newest, strict_stops
+from mpmsub._policy.enforce import Usage, budget_stops, newest, strict_stops
 
 MB = 2**20
 

@@ -22,8 +22,8 @@ from shortage_scenarios import ON_TERM_ALLOCATE, grower
 
 import mpmsub
 from mpmsub import JobResult, MemoryAwareExecutor
+from mpmsub._report.trace import read as read_trace
 from mpmsub._system import available_memory, memory_groups
-from mpmsub._trace import read as read_trace
 from mpmsub._units import format_memory
 
 MB = 2**20

@@ -19,11 +19,13 @@ import mpmsub
 from mpmsub import _errors, _result
 from mpmsub._errors import MpmsubError
 
-# _worker is the standard-library script that worker processes run; __main__ runs the command line.
-NOT_COLLECTED = {"__main__", "_worker"}
+# worker_main is the standard-library script that worker processes run; __main__ runs the command line.
+NOT_COLLECTED = {"mpmsub.__main__", "mpmsub._launch.worker_main"}
 OPTIONAL = {"dask", "distributed", "matplotlib"}  # packages some modules may need when imported
 MODULES = sorted(
-    f"mpmsub.{info.name}" for info in pkgutil.iter_modules(mpmsub.__path__) if info.name not in NOT_COLLECTED
+    info.name
+    for info in pkgutil.walk_packages(mpmsub.__path__, "mpmsub.")
+    if not info.ispkg and info.name not in NOT_COLLECTED
 )
 
 
@@ -91,12 +93,12 @@ def test_every_exception_class_is_an_mpmsub_error(name: str) -> None:
 
 
 def test_each_keeps_its_second_base() -> None:
-    from mpmsub._history import HistoryError
-    from mpmsub._jobfile import JobFileError
-    from mpmsub._ledger import LedgerError
-    from mpmsub._slurm import SlurmError
-    from mpmsub._template import TemplateError
-    from mpmsub._zygote import ZygoteError
+    from mpmsub._backends.slurm import SlurmError
+    from mpmsub._cli.jobfile import JobFileError
+    from mpmsub._cli.template import TemplateError
+    from mpmsub._launch.zygote import ZygoteError
+    from mpmsub._learn.history import HistoryError
+    from mpmsub._policy.ledger import LedgerError
 
     assert issubclass(SlurmError, RuntimeError) and issubclass(LedgerError, RuntimeError)
     assert issubclass(JobFileError, ValueError) and issubclass(TemplateError, ValueError)
@@ -121,7 +123,7 @@ def test_the_docstring_draws_every_class_under_its_base() -> None:
     for name, cls in in_tree.items():
         parent, rest = tree[name]
         assert parent == ("" if cls is MpmsubError else cls.__bases__[0].__name__), name
-        short = cls.__module__.rpartition(".")[2]
+        short = cls.__module__.partition(".")[2]  # its path in the package: _backends.slurm
         assert (f"in {short}" in rest) == (short != "_errors"), (name, rest)
         for base in cls.__bases__[1:]:
             assert base.__name__ in rest, (name, base)

@@ -16,7 +16,7 @@ from helpers import alloc_cmd, unique_sleep, wait_gone
 
 import mpmsub
 from mpmsub import JobFailedError, JobResult, MemoryAwareExecutor
-from mpmsub._history import History
+from mpmsub._learn.history import History
 
 
 def test_as_completed_and_wait_over_a_mix_of_submissions() -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mpmsub._halt import Halt, parse_halt
+from mpmsub._cli.halt import Halt, parse_halt
 
 
 @pytest.mark.parametrize(

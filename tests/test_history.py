@@ -21,10 +21,11 @@ from hypothesis import strategies as st
 
 import mpmsub
 from mpmsub import Job, MemoryAwareExecutor
-from mpmsub import _history as history_module
-from mpmsub._history import History, row
 from mpmsub._job import to_spec
-from mpmsub._learn import FLOOR, MARGIN, Run, estimate, input_size, job_key
+from mpmsub._learn import history as history_module
+from mpmsub._learn.estimate import FLOOR, MARGIN, Run, estimate
+from mpmsub._learn.history import History, row
+from mpmsub._learn.keys import input_size, job_key
 
 MB = 2**20
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -148,7 +149,7 @@ def test_estimate_methods() -> None:
 
 WRITER = """
 import sys
-from mpmsub._history import History, row
+from mpmsub._learn.history import History, row
 history = History(sys.argv[1], tolerant=False)
 for batch in range(20):
     history.add([row("k" + sys.argv[2], ["tool", str(i)], i, i * 1024, 0.1, 0.1, 0, None, None)

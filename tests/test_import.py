@@ -35,17 +35,18 @@ NOT_AT_IMPORT = [
     "tempfile",
     "difflib",
     "hashlib",
-    "mpmsub._cli",
-    "mpmsub._dask",
-    "mpmsub._history",
-    "mpmsub._htmlreport",
-    "mpmsub._learn",
-    "mpmsub._remote",
-    "mpmsub._report",
-    "mpmsub._slurm",
-    "mpmsub._trace",
-    "mpmsub._worker",
-    "mpmsub._workers",
+    "mpmsub._cli.main",
+    "mpmsub._backends.dask",
+    "mpmsub._learn.history",
+    "mpmsub._report.html",
+    "mpmsub._learn.keys",
+    "mpmsub._learn.estimate",
+    "mpmsub._backends.remote",
+    "mpmsub._report.text",
+    "mpmsub._backends.slurm",
+    "mpmsub._report.trace",
+    "mpmsub._launch.worker_main",
+    "mpmsub._launch.pool",
 ]
 if sys.version_info >= (3, 11):  # before, typing lacks some of what mpmsub's annotations use
     NOT_AT_IMPORT.append("typing_extensions")
@@ -87,15 +88,20 @@ def test_the_lazy_names_resolve_on_first_use() -> None:
     run = imported_by(
         """
         import mpmsub
-        print("mpmsub._dask" in sys.modules, "mpmsub._slurm" in sys.modules)
+        print("mpmsub._backends.dask" in sys.modules, "mpmsub._backends.slurm" in sys.modules)
         backend = mpmsub.DaskBackend
         from mpmsub import SlurmBackend, write_report, recommend_memory
         print(backend.__module__, SlurmBackend.__module__, write_report.__module__, recommend_memory(1000.0))
         """,
-        ["mpmsub._dask", "mpmsub._slurm", "mpmsub._htmlreport", "mpmsub._report", "sqlite3"],
+        ["mpmsub._backends.dask", "mpmsub._backends.slurm", "mpmsub._report.html", "mpmsub._report.text", "sqlite3"],
     )
-    assert run["output"] == ["False False", "mpmsub._dask mpmsub._slurm mpmsub._htmlreport 1.2G"]
-    assert run["imported"] == ["mpmsub._dask", "mpmsub._htmlreport", "mpmsub._report", "mpmsub._slurm"]
+    assert run["output"] == ["False False", "mpmsub._backends.dask mpmsub._backends.slurm mpmsub._report.html 1.2G"]
+    assert run["imported"] == [
+        "mpmsub._backends.dask",
+        "mpmsub._backends.slurm",
+        "mpmsub._report.html",
+        "mpmsub._report.text",
+    ]
 
 
 def test_public_names_are_all_there() -> None:
@@ -105,10 +111,10 @@ def test_public_names_are_all_there() -> None:
         assert name in listed
         assert getattr(mpmsub, name) is not None
     from mpmsub import DaskBackend, SlurmBackend, WorkerDiedError, recommend_memory, write_report
-    from mpmsub._dask import DaskBackend as dask_backend
-    from mpmsub._htmlreport import write_report as html_write_report
-    from mpmsub._report import recommend_memory as report_recommend_memory
-    from mpmsub._slurm import SlurmBackend as slurm_backend
+    from mpmsub._backends.dask import DaskBackend as dask_backend
+    from mpmsub._backends.slurm import SlurmBackend as slurm_backend
+    from mpmsub._report.html import write_report as html_write_report
+    from mpmsub._report.text import recommend_memory as report_recommend_memory
 
     assert DaskBackend is dask_backend and SlurmBackend is slurm_backend
     assert write_report is html_write_report and recommend_memory is report_recommend_memory
@@ -148,7 +154,15 @@ def test_running_commands_without_a_history_never_imports_sqlite3() -> None:
         print(len(c.completed_jobs), len(c.failed_jobs))
         """,
         # Nor the zygote of Python calls: only commands ran.
-        ["sqlite3", "mpmsub._history", "asyncio", "ssl", "mpmsub._dask", "mpmsub._slurm", "mpmsub._zygote"],
+        [
+            "sqlite3",
+            "mpmsub._learn.history",
+            "asyncio",
+            "ssl",
+            "mpmsub._backends.dask",
+            "mpmsub._backends.slurm",
+            "mpmsub._launch.zygote",
+        ],
     )
     assert run["output"] == ["job", "1 0"]
     assert run["imported"] == []
@@ -204,6 +218,7 @@ def test_a_call_whose_worker_dies_at_interpreter_exit_still_fails_with_worker_di
 
 
 def test_the_executor_knows_a_preparing_worker_by_the_workers_own_word() -> None:
-    from mpmsub import _executor, _worker
+    from mpmsub._engine import executor as _executor
+    from mpmsub._launch import worker_main as _worker
 
     assert _executor._PREPARING == _worker.PREPARING

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mpmsub import JobResult, _joblog
-from mpmsub._jobfile import JobFileError, detect_format, read_jobs
+from mpmsub import JobResult
+from mpmsub._cli import joblog as _joblog
+from mpmsub._cli.jobfile import JobFileError, detect_format, read_jobs
 
 # Characters str.splitlines() treats as line ends, and NUL (no argument may hold one).
 _NOT_IN_A_LINE = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00"

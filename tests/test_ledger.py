@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mpmsub._ledger import Ledger, LedgerError, Request
+from mpmsub._policy.ledger import Ledger, LedgerError
+from mpmsub._spec import Request
 
 
 def test_fits_counts_cpus_memory_and_slots() -> None:

@@ -21,7 +21,8 @@ import pytest
 from helpers import processes_with, unique_sleep, wait_gone
 
 import mpmsub
-from mpmsub import MemoryAwareExecutor, _proctree
+from mpmsub import MemoryAwareExecutor
+from mpmsub._launch import proctree as _proctree
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mpmsub.__file__).parent.parent), *sys.path])}
 

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 import mpmsub
 from mpmsub import MemoryAwareExecutor
-from mpmsub._cgroups import JobGroups
-from mpmsub._launcher import MemorySeries
-from mpmsub._monitor import pace
+from mpmsub._engine.monitor import pace
+from mpmsub._launch.base import MemorySeries
+from mpmsub._launch.cgroups import JobGroups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import accuracy

@@ -1,4 +1,4 @@
-"""The engine's pure rules (mpmsub._policy), with plain data in and decisions out."""
+"""The engine's pure rules (mpmsub._policy.runs), with plain data in and decisions out."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpmsub import _result as kinds
-from mpmsub._enforce import strict_overuse
-from mpmsub._policy import (
+from mpmsub._policy.enforce import strict_overuse
+from mpmsub._policy.runs import (
     AUTO_RETRIES,
     AVAILABLE_LAG,
     MAX_REQUEUES,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mpmsub import _proctree
+from mpmsub._launch import proctree as _proctree
 
 pytestmark = pytest.mark.skipif(not _proctree._LINUX, reason="the incremental scan reads /proc")
 

@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from mpmsub._progress import ProgressBar, format_duration
+from mpmsub._report.progress import ProgressBar, format_duration
 
 
 class Tty(io.StringIO):
@@ -93,7 +93,7 @@ def test_the_summary_gives_the_efficiency_and_the_jobs_that_asked_too_much() -> 
     code = "import time; x = bytearray(100 * 2**20); time.sleep(0.3)"
     batch.jobs.append(mpmsub.Job([sys.executable, "-c", code]).memory("120M").with_id("fair"))
     batch.run()
-    text = mpmsub._report.summary_text(batch.stats, batch.completed_jobs)
+    text = mpmsub._report.text.summary_text(batch.stats, batch.completed_jobs)
     assert "efficiency: the 2 job(s) with m used" in text
     over = text.split("asked for far more memory than they used (1;", 1)[1]
     assert "greedy" in over.splitlines()[1] and "asked 500 MB" in over and "fair" not in over.split("\n\n")[0]

@@ -24,9 +24,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mpmsub
-from mpmsub import _cli
-from mpmsub._htmlreport import RunView, TraceView, _lanes, load, reserved, steps
-from mpmsub._trace import SAMPLES, Trace, line, read
+from mpmsub._cli import main as _cli
+from mpmsub._report.html import RunView, TraceView, _lanes, load, reserved, steps
+from mpmsub._report.trace import SAMPLES, Trace, line, read
 
 MB = 2**20
 SECTIONS = ["summary", "timeline", "memory", "cpus", "waste", "slowest", "failed", "advice"]
@@ -307,7 +307,7 @@ def test_without_matplotlib_the_report_has_the_tables_and_says_how_to_get_figure
     out = tmp_path / "tables.html"
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"  # as if it were not installed
-        "from mpmsub._cli import main; sys.exit(main(sys.argv[1:]))\n"
+        "from mpmsub._cli.main import main; sys.exit(main(sys.argv[1:]))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, "report", str(trace), "-o", str(out)], capture_output=True, text=True, timeout=60

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpmsub._ledger import Ledger, Request
-from mpmsub._scheduler import Scheduler, _least_release, check_policy
+from mpmsub._policy.ledger import Ledger
+from mpmsub._policy.scheduler import Scheduler, _least_release, check_policy
+from mpmsub._spec import Request
 
 
 @dataclass(eq=False)

@@ -22,10 +22,11 @@ import remote_batch
 from helpers import alloc_cmd, unique_sleep, wait_gone
 
 import mpmsub
-from mpmsub import _remote, _slurm
-from mpmsub._backends import Node
+from mpmsub._backends import remote as _remote
+from mpmsub._backends import slurm as _slurm
+from mpmsub._backends.base import Node
 from mpmsub._job import to_spec
-from mpmsub._launcher import not_started
+from mpmsub._launch.base import not_started
 
 KEY = b"k" * _remote.KEY_BYTES  # a launcher's secret key, for tests that drive the runner or a handle
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mpmsub._template import TemplateError, dirname, expand, is_template, parse, quote, transform
+from mpmsub._cli.template import TemplateError, dirname, expand, is_template, parse, quote, transform
 
 value_text = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=20)
 

@@ -1,0 +1,197 @@
+"""The node side of the remote backends: what runs where a job lands, under mpmsub's own engine.
+
+On a Dask worker, `run_on_worker` is the task each job becomes and `kill_on_worker` what the
+client's kills run (by `client.run`); one `NodeExecutor` per worker process, sized by the
+worker's declared resources, runs the jobs. As a SLURM job, `python -m mpmsub _run-job SPEC
+RESULT` runs `main`: one `NodeExecutor` for the one job in SPEC, its Outcome written to RESULT
+(see `_remote`, which packs and signs what crosses). This is the only backend module that
+imports the engine; the launchers (`_dask`, `_slurm`) name these functions only where they send
+them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import wait
+from types import FrameType
+from typing import Any, Dict, List, Optional, Tuple
+
+from mpmsub import _result as kinds
+from mpmsub._backends.remote import KEY_BYTES, REFUSED, Returned, returned, sign, unpack
+from mpmsub._engine.executor import MemoryAwareExecutor
+from mpmsub._engine.future import JobFuture
+from mpmsub._errors import MpmsubError
+from mpmsub._files import UnsafeFileError, read_private
+from mpmsub._launch.base import not_started
+from mpmsub._units import MB, format_memory
+
+logger = logging.getLogger("mpmsub")
+
+
+class NodeExecutor(MemoryAwareExecutor):
+    """The executor that runs jobs for another machine's executor, which owns their futures."""
+
+    def forget_id(self, job_id: str) -> None:
+        """Let a finished job's id be used again (a Dask worker runs jobs as long as it lives)."""
+        with self._lock:
+            self._ids.discard(job_id)
+
+    def kill_job(
+        self, future: JobFuture[Any], failure: kinds.FailureKind, message: str, grace: Optional[float] = None
+    ) -> None:
+        """Stop the job of `future` (any thread): kill its run, or cancel it while queued."""
+        self._core.kill(future, failure, message, grace)
+
+
+# -- on a Dask worker ----------------------------------------------------------------------------
+
+_worker_lock = threading.Lock()
+_worker_executor: Optional[NodeExecutor] = None
+_worker_jobs: Dict[str, JobFuture[object]] = {}
+# Kills that came before their task started: key -> (failure, message, when), kept a minute.
+_tombstones: OrderedDict[str, Tuple[kinds.FailureKind, str, float]] = OrderedDict()
+_TOMBSTONES = 10000
+
+
+def _executor_here() -> NodeExecutor:
+    """This worker process's executor, sized by the worker's declared resources."""
+    global _worker_executor
+    if _worker_executor is None:
+        from distributed import get_worker
+
+        from mpmsub._system import detect_cpus, detect_memory
+
+        resources = get_worker().state.total_resources
+        cpus = int(resources.get("cpus") or detect_cpus())
+        memory = int(resources.get("memory") or detect_memory())
+        _worker_executor = NodeExecutor(cpus=max(1, cpus), memory=memory / MB, backend="local", history=False)
+        logger.debug("mpmsub: executor on this Dask worker: %d CPUs, %s", cpus, format_memory(memory))
+    return _worker_executor
+
+
+def run_on_worker(data: bytes, key: str) -> bytes:
+    """A Dask task: run one packed job here under mpmsub; return its pickled Outcome."""
+    from concurrent.futures import wait
+
+    spec, _ = unpack(data)  # the worker's executor keeps its own kill grace
+    with _worker_lock:
+        executor = _executor_here()
+        killed = _tombstones.pop(key, None)
+        if killed is not None:
+            outcome = not_started(spec, killed[0], killed[1])
+            return pickle.dumps(Returned(outcome), pickle.HIGHEST_PROTOCOL)
+        future = executor.submit(dataclasses.replace(spec, job_id=key))
+        _worker_jobs[key] = future
+    try:
+        wait([future])
+    finally:
+        with _worker_lock:
+            _worker_jobs.pop(key, None)
+        executor.forget_id(key)  # a worker runs jobs for as long as it lives: ids must not pile up
+    sent = returned(spec, future, "cancelled before it started on its Dask worker")
+    return pickle.dumps(sent, pickle.HIGHEST_PROTOCOL)
+
+
+def kill_on_worker(orders: List[Tuple[str, kinds.FailureKind, str, Optional[float]]]) -> List[str]:
+    """Run by client.run on every worker with (key, failure, message, grace) orders: kill the
+    jobs of those tasks that run here (their keys are returned), and remember the others' kills
+    for a while, in case their task starts here in the meantime."""
+    killed = []
+    now = time.monotonic()
+    with _worker_lock:
+        while _tombstones and (len(_tombstones) > _TOMBSTONES or next(iter(_tombstones.values()))[2] < now - 60):
+            _tombstones.popitem(last=False)
+        executor = _worker_executor
+        for key, failure, message, grace in orders:
+            future = _worker_jobs.get(key)
+            if future is None:
+                _tombstones[key] = (failure, message, now)
+            elif executor is not None:
+                executor.kill_job(future, failure, message, grace)
+                killed.append(key)
+    return killed
+
+
+# -- as a SLURM job ------------------------------------------------------------------------------
+
+
+class _Stopped(MpmsubError):
+    """SIGTERM or SIGINT reached the runner: the job is to be stopped."""
+
+
+def main(argv: List[str]) -> int:
+    """Run the job in a spec file; write its Outcome to the result file. 0 once written."""
+    if len(argv) != 2:
+        print("usage: python -m mpmsub _run-job SPEC RESULT", file=sys.stderr)
+        return 2
+    spec_path, result_path = argv
+    try:
+        data = read_private(spec_path)  # before anything in it is unpickled
+    except UnsafeFileError as exc:
+        print(f"mpmsub _run-job: refused the spec file, which is not private to this user: {exc}", file=sys.stderr)
+        return REFUSED
+    except OSError as exc:
+        print(f"mpmsub _run-job: cannot read the spec file {spec_path!r}: {exc}", file=sys.stderr)
+        return REFUSED
+    key, (spec, runner) = data[:KEY_BYTES], unpack(data[KEY_BYTES:])
+    from mpmsub._system import detect_memory
+
+    # SLURM holds the job to its --mem, so its m is strict here: mpmsub stops it first, with
+    # its own sentence. The node is SLURM's to share: no gate on this machine's free memory.
+    executor = NodeExecutor(
+        cpus=spec.cpus,
+        memory=(spec.memory or detect_memory()) / MB,
+        strict_memory=spec.memory is not None,
+        memory_reserve=0,
+        backend="local",
+        history=False,  # the sending executor records the run
+        **runner,  # kill_grace, output_limit
+    )
+    stopped: List[str] = []
+
+    def stop(signum: int, frame: Optional[FrameType]) -> None:
+        if not stopped:  # the first signal stops the job; later ones wait for that
+            stopped.append(signal.Signals(signum).name)
+            raise _Stopped()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    future: Optional[JobFuture[object]] = None
+    reason = ""
+    try:
+        future = executor.submit(spec)
+        wait([future])
+        executor.shutdown(wait=True)
+    except _Stopped:
+        pass
+    if stopped:
+        reason = f"SLURM sent {stopped[0]} (scancel, or a limit of its allocation)"
+        executor.terminate(reason)  # a running job's error: "killed: " and the reason
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if future is None:  # stopped before the job was queued
+        sent = Returned(not_started(spec, kinds.CANCELLED, f"cancelled before it started: {reason}"))
+    else:
+        sent = returned(spec, future, "cancelled before it started")
+        if stopped and sent.outcome.failure is None:
+            # SLURM signals every process of the job, not only this runner: the job's own children
+            # may die of it first, and a shell waiting on them then exits 0. The stop decides.
+            sent.outcome.failure, sent.outcome.error = kinds.CANCELLED, f"killed: {reason}"
+    # mkstemp: created exclusively, mode 0600, with a name no one can guess.
+    fd, temporary = tempfile.mkstemp(
+        prefix=os.path.basename(result_path) + ".", suffix=".tmp", dir=os.path.dirname(result_path) or "."
+    )
+    with os.fdopen(fd, "wb") as file:
+        file.write(sign(key, pickle.dumps(sent, pickle.HIGHEST_PROTOCOL)))
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, result_path)
+    return 0

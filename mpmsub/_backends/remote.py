@@ -1,0 +1,130 @@
+"""A job run elsewhere (on a Dask worker, as a SLURM job) under mpmsub's own engine.
+
+The sending side packs the job's spec (`pack`); the receiving side runs it through a
+MemoryAwareExecutor there (`run`), which measures, times out, kills and words the failure
+exactly as a local run does, and sends back the Outcome (`Returned`); the sender hands that
+Outcome to its own executor as if a local launcher had measured it. Retries and requeues stay
+with the sender's executor, which owns the job's future.
+
+`python -m mpmsub _run-job SPEC RESULT` is the SLURM side: it runs the pickled spec in SPEC and
+writes its Outcome to RESULT (atomically), and stops the job's whole tree on SIGTERM (scancel).
+Files cross a shared filesystem, where another user might place or change one, so both ends
+trust only what is private to this user: SPEC (the sender's secret key, then the packed job) is
+read only from a file of this user in a directory no one else can enter, and RESULT is signed
+with that key (HMAC-SHA256 in front of the pickle), which the sender checks before it unpickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import pickle
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+
+from mpmsub import _result as kinds
+from mpmsub._files import UnsafeFileError
+from mpmsub._launch import pool as _workers
+from mpmsub._launch.base import Outcome, not_started
+from mpmsub._result import JobResult
+from mpmsub._spec import JobSpec
+from mpmsub._units import MB
+
+if TYPE_CHECKING:
+    from mpmsub._engine.future import JobFuture
+
+
+def pack(spec: JobSpec, strict: bool, shared: bool, **runner: Any) -> bytes:
+    """A job for another machine: retries left to the sender's executor (it owns the future),
+    and the executor's strictness decided. A call goes with this process's state (its path,
+    directory and main script, which its workers there restore) where the machines share a
+    filesystem (`shared`), or else pickled by value where cloudpickle is installed. `runner` is
+    the sender's settings (kill_grace, output_limit) for a receiver that runs this job alone."""
+    call = spec.call
+    preparation = None
+    if call is not None:
+        if shared:
+            preparation = _workers.preparation_data()
+        else:
+            call = call.portable()
+    sent = dataclasses.replace(
+        spec, retries=0, job_id=None, strict=strict if spec.strict is None else spec.strict, call=call
+    )
+    return pickle.dumps((sent, preparation, runner), pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(data: bytes) -> Tuple[JobSpec, Dict[str, Any]]:
+    """The job `pack` made and the sender's settings for its runner, with the sending process's
+    state taken up for its workers."""
+    spec, preparation, runner = pickle.loads(data)
+    if not isinstance(spec, JobSpec):
+        raise TypeError(f"expected a pickled mpmsub JobSpec; got {type(spec).__name__}")
+    if preparation is not None:
+        _workers.inherit(preparation)
+    return spec, runner
+
+
+@dataclass
+class Returned:
+    """An Outcome on its way back. A call's exception travels with its remote traceback, which
+    pickling an exception drops (its __cause__)."""
+
+    outcome: Outcome
+    cause: Optional[BaseException] = None
+
+    def received(self) -> Outcome:
+        exception = self.outcome.exception
+        if exception is not None and self.cause is not None and exception.__cause__ is None:
+            exception.__cause__ = self.cause
+        return self.outcome
+
+
+def outcome_of(result: JobResult) -> Outcome:
+    """The Outcome that makes the sender's executor build this same JobResult."""
+    exception = result.exception
+    return Outcome(
+        returncodes=list(result.stage_returncodes),
+        stdout=result.stdout,
+        stderr=result.stderr,
+        start_time=result.start_time,
+        runtime=result.runtime,
+        cpu_time=result.cpu_used,
+        peak_memory=round(result.memory_used * MB),
+        failure=result.failure,
+        error=result.error,
+        memory_series=[(t, round(mb * MB)) for t, mb in result.memory_series],
+        value=result.value,
+        exception=exception,
+    )
+
+
+def returned(spec: JobSpec, future: JobFuture[object], cancelled: str) -> Returned:
+    """What a finished (or cancelled while queued) future of the receiving executor sends back."""
+    result = future.usage
+    if result is None:  # cancelled before it started
+        return Returned(not_started(spec, kinds.CANCELLED, cancelled))
+    exception = result.exception
+    cause = None if exception is None else exception.__cause__
+    return Returned(outcome_of(result), cause)
+
+
+# -- the SLURM side: python -m mpmsub _run-job SPEC RESULT -----------------------------------------
+
+KEY_BYTES = 32  # the secret key at the head of a spec file, which signs its result
+_TAG_BYTES = hashlib.sha256().digest_size
+REFUSED = 3  # the runner's exit status for a spec file it does not trust
+
+
+def sign(key: bytes, payload: bytes) -> bytes:
+    """A result file's contents: the payload's HMAC-SHA256 under `key`, then the payload."""
+    return hmac.new(key, payload, hashlib.sha256).digest() + payload
+
+
+def verify(key: bytes, data: bytes) -> bytes:
+    """The payload of what `sign` made with `key`; UnsafeFileError for anything else (checked
+    before anything is unpickled)."""
+    tag, payload = data[:_TAG_BYTES], data[_TAG_BYTES:]
+    if not hmac.compare_digest(tag, hmac.new(key, payload, hashlib.sha256).digest()):
+        raise UnsafeFileError("it is not signed with this run's key (mpmsub's runner for this job did not write it)")
+    return payload

@@ -1,0 +1,486 @@
+"""The SLURM backend: each job is an `sbatch` submission that runs it under mpmsub on a node.
+
+A job becomes `sbatch --parsable --cpus-per-task=p --mem=... --time=... --wrap "python -m mpmsub
+_run-job SPEC RESULT"`, with its spec, result and output files in a run directory under `workdir`
+(which must be on a filesystem the nodes share). On the node, mpmsub runs the job as it does
+locally and writes the Outcome; here one thread submits, follows every job with one `squeue` call
+per poll (never one per job; polls back off while nothing changes), cancels with `scancel`, and
+reads the results. A job no node can hold (from `sinfo`) is refused at submit; SLURM's own memory
+and time kills, when they come first, are reported as the same memory and timeout failures.
+
+The run directory is private (mkdtemp: an unpredictable name, mode 0700) and its files 0600; a
+result is trusted only if it is a file of this user signed with the launcher's secret key, which
+only the job's spec file carries (see _remote): one another user placed is rejected, not unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import pickle
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from mpmsub import _files, _threads
+from mpmsub import _result as kinds
+from mpmsub._backends import remote as _remote
+from mpmsub._backends.base import Backend, LaunchOptions, Node, largest_fit, most_memory
+from mpmsub._errors import MpmsubError
+from mpmsub._launch.base import Handle, Launcher, Outcome, not_started
+from mpmsub._spec import JobSpec
+from mpmsub._units import MB, format_memory
+
+logger = logging.getLogger("mpmsub")
+
+# What the runner (python -m mpmsub _run-job: an interpreter, psutil and mpmsub) adds to a job's
+# memory in SLURM's count, which sums every process of the job: added to --mem, so that the job
+# itself has its whole m. Measured here at 22 MB resident while its job runs; rounded up.
+RUNNER_MEMORY = 64 * MB
+_MIN_POLL = 0.25  # seconds between polls while jobs change; multiplied by _BACKOFF while none does
+_BACKOFF = 1.5
+_RESULT_WAIT = 30.0  # seconds a finished job's result file may take to appear (a shared filesystem)
+_TIME_MARGIN = 60.0  # seconds of --time beyond a job's timeout: mpmsub's own kill comes first
+_TERMINAL = {
+    "BOOT_FAIL",
+    "CANCELLED",
+    "COMPLETED",
+    "DEADLINE",
+    "FAILED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+    "TIMEOUT",
+}
+_SLURM_STOPS = {"DEADLINE", "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT"}  # SLURM's own stops of a running job
+_KILL_WAIT = 10.0  # seconds a killed job's result may take to appear (the runner kills its tree first)
+_MEMORY_KILL = re.compile(r"exceeded (job )?memory limit|oom[- ]kill", re.IGNORECASE)
+
+
+class SlurmError(MpmsubError, RuntimeError):
+    """A SLURM command could not be run or failed."""
+
+
+class SlurmBackend(Backend):
+    """Run each job as a SLURM batch job.
+
+    `partition` and `account` go to sbatch's --partition and --account (None: SLURM's defaults);
+    `extra_args` are more sbatch options, as a list of strings (`["--qos=high"]`). `workdir` holds
+    the jobs' spec, result and output files and must be on a filesystem the nodes share, which
+    keeps files' owners and modes (default: `.mpmsub-slurm` in the current directory, made with
+    mode 0700 if absent; each run's files go in a private directory of its own there). `python`
+    is the interpreter the nodes run mpmsub with (default: this one, `sys.executable`).
+    `max_poll` caps the seconds between two polls.
+    """
+
+    name = "slurm"
+    lookahead = 2  # a few pending jobs keep nodes busy; more would meet sites' submit limits
+
+    def __init__(
+        self,
+        partition: Optional[str] = None,
+        account: Optional[str] = None,
+        extra_args: Sequence[str] = (),
+        workdir: Optional[str] = None,
+        *,
+        python: Optional[str] = None,
+        max_poll: float = 5.0,
+    ) -> None:
+        for name, value in (("partition", partition), ("account", account), ("workdir", workdir), ("python", python)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise TypeError(f"{name} must be a non-empty string or None; got {value!r}")
+        if isinstance(extra_args, str) or not all(isinstance(arg, str) for arg in extra_args):
+            raise TypeError(f"extra_args must be a list of strings, such as ['--qos=high']; got {extra_args!r}")
+        # With inf the wait between polls would grow without end (1.5 times each quiet poll)
+        if isinstance(max_poll, bool) or not isinstance(max_poll, (int, float)) or not _MIN_POLL <= max_poll <= 86400:
+            raise ValueError(f"invalid max_poll {max_poll!r}: expected a number of seconds, from {_MIN_POLL} to 86400")
+        self.partition = partition
+        self.account = account
+        self.extra_args = tuple(extra_args)
+        self.workdir = os.path.abspath(workdir or ".mpmsub-slurm")
+        self.python = python or sys.executable
+        self.max_poll = float(max_poll)
+        self.calls: Counter[str] = Counter()  # SLURM commands run, by name (sbatch, squeue, ...)
+        self._nodes: Optional[List[Node]] = None
+
+    def __repr__(self) -> str:
+        options = [f"{name}={value!r}" for name, value in (("partition", self.partition), ("account", self.account))]
+        if self.extra_args:
+            options.append(f"extra_args={list(self.extra_args)!r}")
+        return f"mpmsub.SlurmBackend({', '.join(options)})"
+
+    def command(self, argv: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run a SLURM command; counted in `calls`. Raises SlurmError if it cannot be run."""
+        self.calls[argv[0]] += 1
+        try:
+            return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+        except FileNotFoundError:
+            raise SlurmError(f"{argv[0]!r} is not on PATH: the SLURM backend needs SLURM's commands here") from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SlurmError(f"cannot run {argv[0]!r}: {exc}") from exc
+
+    def nodes(self, fresh: bool = False) -> List[Node]:
+        """The nodes of the partition (or of every partition), from sinfo."""
+        if self._nodes is None or fresh:
+            argv = ["sinfo", "--noheader", "--Node", "--format=%N|%c|%m"]
+            if self.partition:
+                argv.append(f"--partition={self.partition}")
+            done = self.command(argv)
+            if done.returncode != 0:
+                raise SlurmError(f"sinfo failed: {_last_line(done.stderr) or done.returncode}")
+            nodes: Dict[str, Node] = {}
+            for line in done.stdout.splitlines():
+                fields = line.strip().split("|")
+                if len(fields) == 3 and fields[1].isdigit():
+                    memory = int(re.sub(r"\D.*", "", fields[2]) or 0) * MB
+                    nodes[fields[0]] = Node(fields[0], int(fields[1]), memory)
+            self._nodes = sorted(nodes.values(), key=lambda node: node.name)
+        return self._nodes
+
+    def capacity(self) -> Optional[Tuple[int, int]]:
+        nodes = self.nodes(fresh=True)
+        if not nodes:
+            where = f"partition {self.partition!r}" if self.partition else "this SLURM cluster"
+            raise ValueError(f"sinfo lists no node in {where}")
+        return sum(node.cpus for node in nodes), sum(node.memory for node in nodes)
+
+    def why_never_fits(self, spec: JobSpec) -> Optional[str]:
+        return largest_fit(spec, self.nodes(), "SLURM node", overhead=RUNNER_MEMORY)
+
+    def place_memory(self, cpus: int) -> Optional[int]:
+        return most_memory(self.nodes(), cpus, overhead=RUNNER_MEMORY)
+
+    def launcher(self, options: LaunchOptions) -> Launcher:
+        return SlurmLauncher(self, options)
+
+
+class SlurmLauncher(Launcher):
+    """One thread submits, polls and cancels for all of an executor's SLURM jobs."""
+
+    local = False
+
+    def __init__(self, backend: SlurmBackend, options: LaunchOptions) -> None:
+        self.backend = backend
+        self.kill_grace = options.kill_grace
+        self.output_limit = options.output_limit
+        self.key = secrets.token_bytes(_remote.KEY_BYTES)  # signs the results; sent only in spec files
+        self.directory: Optional[str] = None  # the run directory, made with the first job
+        self._files = itertools.count(1)
+        self._cond = threading.Condition()
+        self._new: List[SlurmHandle] = []  # started, not yet submitted
+        self._kills: List[SlurmHandle] = []
+        self._active: Dict[str, SlurmHandle] = {}  # by SLURM job id (the thread's)
+        self._closing = False
+        # Started now, with the executor: a job that ends a program without shutdown() is started
+        # at interpreter shutdown, when Python 3.12.0-3.12.2 start no thread.
+        self._thread = _threads.start(self._run, "mpmsub-slurm")
+        if self._thread is None:
+            raise RuntimeError("cannot start mpmsub's SLURM thread: the interpreter is shutting down")
+
+    def why_never_fits(self, spec: JobSpec) -> Optional[str]:
+        return self.backend.why_never_fits(spec)
+
+    def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
+        with self._cond:
+            if self.directory is None:
+                host = socket.gethostname().split(".")[0]
+                self.directory = _files.make_private_directory(self.backend.workdir, f"mpmsub-{host}-{os.getpid()}-")
+            handle = SlurmHandle(self, spec, job_id, on_exit, os.path.join(self.directory, f"{next(self._files):06d}"))
+            self._new.append(handle)
+            self._cond.notify()
+        return handle
+
+    def kill_later(self, handle: SlurmHandle) -> None:
+        with self._cond:
+            self._kills.append(handle)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        # Every job has ended: what is left (a result that came after its job was given up on)
+        # is nobody's.
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    # -- the thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        interval = _MIN_POLL
+        next_poll = time.monotonic() + interval
+        while True:
+            with self._cond:
+                while not (self._new or self._kills or self._closing):
+                    wait = None if not self._active else next_poll - time.monotonic()
+                    if wait is not None and wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                new, self._new = self._new, []
+                kills, self._kills = self._kills, []
+                if self._closing and not new and not self._active:
+                    return
+            try:
+                for handle in new:
+                    self._submit(handle)
+                if kills:
+                    self._cancel(kills)
+                if new or kills:
+                    interval = _MIN_POLL  # something changed: look again soon
+                    next_poll = min(next_poll, time.monotonic() + interval)
+                if self._active and time.monotonic() >= next_poll:
+                    try:
+                        changed = self._poll()
+                    except SlurmError as exc:  # a busy controller: look again later
+                        logger.warning("mpmsub: %s; polling again later", exc)
+                        changed = False
+                    interval = _MIN_POLL if changed else min(self.backend.max_poll, interval * _BACKOFF)
+                    next_poll = time.monotonic() + interval
+            except Exception:  # a bug or a SLURM failure must not leave jobs without an end
+                logger.exception("mpmsub: the SLURM thread failed; its jobs end as errors")
+                with contextlib.suppress(Exception):
+                    self._cancel(list(self._active.values()))
+                for handle in list(self._active.values()) + new:
+                    handle.end(not_started(handle.spec, kinds.ERROR, "mpmsub's SLURM thread failed"))
+                self._active.clear()
+                time.sleep(_MIN_POLL)
+
+    def _submit(self, handle: SlurmHandle) -> None:
+        if handle.killed is not None:  # killed before it was submitted
+            handle.end(not_started(handle.spec, *handle.killed))
+            return
+        spec = handle.spec
+        try:
+            packed = _remote.pack(
+                spec,
+                strict=True,
+                shared=True,
+                kill_grace=self.kill_grace,
+                output_limit=None if self.output_limit is None else self.output_limit / MB,  # a number is MB
+            )
+            with os.fdopen(_files.open_private(handle.files + ".spec", os.O_EXCL), "wb") as file:
+                file.write(self.key + packed)
+            done = self.backend.command(self._sbatch(handle))
+        except Exception as exc:
+            handle.end(not_started(spec, kinds.START, f"could not submit it to SLURM: {exc}"))
+            handle.remove_files()
+            return
+        slurm_id = done.stdout.strip().split(";")[0]
+        if done.returncode != 0 or not slurm_id.isdigit():
+            why = _last_line(done.stderr) or f"sbatch exited with status {done.returncode}"
+            handle.end(not_started(spec, kinds.START, f"SLURM refused it: {why}"))
+            handle.remove_files()
+            return
+        handle.slurm_id = slurm_id
+        handle.submitted = time.time()
+        self._active[slurm_id] = handle
+        logger.debug("mpmsub: %s is SLURM job %s", handle.job_id, slurm_id)
+
+    def _sbatch(self, handle: SlurmHandle) -> List[str]:
+        spec, backend = handle.spec, self.backend
+        files = handle.files
+        argv = [
+            "sbatch",
+            "--parsable",
+            f"--job-name=mpmsub:{handle.job_id}"[:128],
+            f"--output={files}.out",
+            f"--cpus-per-task={spec.cpus}",
+        ]
+        if spec.memory is not None:
+            argv.append(f"--mem={math.ceil((spec.memory + RUNNER_MEMORY) / MB)}M")
+        if spec.timeout is not None:
+            argv.append(f"--time={math.ceil((spec.timeout + self.kill_grace + _TIME_MARGIN) / 60)}")
+        if backend.partition:
+            argv.append(f"--partition={backend.partition}")
+        if backend.account:
+            argv.append(f"--account={backend.account}")
+        argv.extend(backend.extra_args)
+        runner = [backend.python, "-m", "mpmsub", "_run-job", files + ".spec", files + ".result"]
+        argv.append("--wrap=exec " + shlex.join(runner))
+        return argv
+
+    def _cancel(self, handles: List[SlurmHandle]) -> None:
+        ids = [handle.slurm_id for handle in handles if handle.slurm_id is not None and not handle.ended]
+        if ids:
+            try:
+                done = self.backend.command(["scancel", *ids])
+            except SlurmError as exc:
+                logger.warning("mpmsub: scancel %s failed: %s", " ".join(ids), exc)
+                return
+            if done.returncode != 0:
+                logger.warning("mpmsub: scancel %s failed: %s", " ".join(ids), _last_line(done.stderr))
+
+    def _poll(self) -> bool:
+        """One squeue call for every active job; end the finished ones. True if any changed."""
+        ids = sorted(self._active, key=int)
+        argv = ["squeue", "--noheader", "--states=all", f"--jobs={','.join(ids)}", "--format=%i|%T"]
+        done = self.backend.command(argv)
+        states: Dict[str, str] = {}
+        if done.returncode == 0:
+            states = _states(done.stdout)
+        elif "invalid job id" not in done.stderr.lower():  # every id forgotten gives that: all unknown
+            logger.warning("mpmsub: squeue failed: %s", _last_line(done.stderr))
+            return False
+        changed = False
+        unknown = [slurm_id for slurm_id in ids if slurm_id not in states]
+        if unknown:
+            states.update(self._sacct(unknown))
+        now = time.time()
+        for slurm_id in ids:
+            handle = self._active[slurm_id]
+            state = states.get(slurm_id, "UNKNOWN")
+            if state != handle.state:
+                changed = True
+                handle.state = state
+                if state == "RUNNING" and handle.running_since is None:
+                    handle.running_since = now
+            if state in _TERMINAL or state == "UNKNOWN":
+                outcome = handle.outcome(state, now)
+                if outcome is not None:
+                    del self._active[slurm_id]
+                    handle.end(outcome)
+                    handle.remove_files()
+                    changed = True
+        return changed
+
+    def _sacct(self, ids: List[str]) -> Dict[str, str]:
+        """States of jobs squeue no longer lists (one sacct call); empty where accounting is off."""
+        argv = ["sacct", "--noheader", "--parsable2", f"--jobs={','.join(ids)}", "--format=JobID,State"]
+        done = self.backend.command(argv)
+        if done.returncode != 0:
+            return {}
+        return {slurm_id: state for slurm_id, state in _states(done.stdout).items() if slurm_id in ids}
+
+
+class SlurmHandle(Handle):
+    def __init__(
+        self, launcher: SlurmLauncher, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None], files: str
+    ) -> None:
+        self.launcher = launcher
+        self.spec = spec
+        self.job_id = job_id
+        self.files = files  # the path of its files, less .spec, .result, .out
+        self._on_exit = on_exit
+        self._lock = threading.Lock()
+        self.ended = False
+        self.killed: Optional[Tuple[kinds.FailureKind, str]] = None
+        self.slurm_id: Optional[str] = None
+        self.state = "SUBMITTING"
+        self.submitted = time.time()
+        self.running_since: Optional[float] = None
+        self.result_missing_since: Optional[float] = None
+
+    def kill(self, failure: kinds.FailureKind, message: str, grace: Optional[float] = None) -> bool:
+        with self._lock:
+            if self.ended or self.killed is not None:
+                return False
+            self.killed = (failure, message)
+        self.launcher.kill_later(self)  # scancel: SIGTERM, which the runner turns into its kill
+        return True
+
+    def end(self, outcome: Outcome) -> None:
+        with self._lock:
+            if self.ended:
+                return
+            self.ended = True
+        ran = outcome.failure is None and bool(outcome.returncodes) and all(rc == 0 for rc in outcome.returncodes)
+        if self.killed is not None and not ran:  # the kill decides the failure; the runner's measures stay
+            outcome.failure, outcome.error = self.killed
+        self._on_exit(outcome)
+
+    def outcome(self, state: str, now: float) -> Optional[Outcome]:
+        """The Outcome of a job SLURM reports ended: the runner's, or SLURM's reason. None to
+        wait for a result file a shared filesystem has not shown yet."""
+        path = self.files + ".result"
+        try:
+            # Owner, mode and signature are checked before anything in it is unpickled.
+            data = _files.read_private(path)
+            payload = _remote.verify(self.launcher.key, data)
+        except FileNotFoundError:
+            pass
+        except _files.UnsafeFileError as exc:
+            logger.warning("mpmsub: rejected the result file %s of %s: %s", path, self.job_id, exc)
+            return not_started(self.spec, kinds.ERROR, f"its result file was rejected: {exc}")
+        except OSError as exc:
+            return not_started(self.spec, kinds.ERROR, f"its result file could not be read: {exc!r}")
+        else:
+            try:
+                received: Outcome = pickle.loads(payload).received()
+            except Exception as exc:
+                return not_started(self.spec, kinds.ERROR, f"its result file could not be read: {exc!r}")
+            if state in _SLURM_STOPS and received.failure == kinds.CANCELLED and self.killed is None:
+                # The runner's answer to SLURM's SIGTERM: say why SLURM stopped it.
+                received.failure, received.error = self._stopped(state, self._output_tail())
+            return received
+        if state in ("COMPLETED", "UNKNOWN") or (self.killed is not None and state == "CANCELLED"):
+            # The runner writes its result before it exits (also when scancel stopped it): give
+            # the filesystem time to show it.
+            if self.result_missing_since is None:
+                self.result_missing_since = now
+            if now - self.result_missing_since < (_RESULT_WAIT if self.killed is None else _KILL_WAIT):
+                return None
+        began = self.running_since or self.submitted
+        outcome = not_started(self.spec, kinds.ERROR, "")
+        outcome.start_time, outcome.runtime = began, max(0.0, now - began)
+        output = self._output_tail()
+        outcome.failure, outcome.error = self._stopped(state, output)
+        return outcome
+
+    def _stopped(self, state: str, output: str) -> Tuple[kinds.FailureKind, str]:
+        """The failure and sentence of a job SLURM ended, by its state and output."""
+        job = f"SLURM job {self.slurm_id}"
+        if state == "OUT_OF_MEMORY" or _MEMORY_KILL.search(output):
+            memory = "" if self.spec.memory is None else f" ({format_memory(self.spec.memory)} and the runner's)"
+            return kinds.MEMORY, f"killed by SLURM for using more than its --mem{memory}"
+        if state in ("TIMEOUT", "DEADLINE"):
+            return kinds.TIMEOUT, f"killed by SLURM at its time limit ({job})"
+        if state == "CANCELLED":
+            return kinds.CANCELLED, f"cancelled in SLURM ({job}, scancel)"
+        if state == "UNKNOWN":
+            return kinds.ERROR, f"SLURM no longer lists {job}, and it left no result"
+        return kinds.ERROR, f"SLURM ended {job}: {state}" + (f"; its output: {output}" if output else "")
+
+    def _output_tail(self) -> str:
+        try:
+            with open(self.files + ".out", "rb") as file:
+                file.seek(0, os.SEEK_END)
+                file.seek(max(0, file.tell() - 2000))
+                text = file.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text.splitlines()[-5:] if line.strip())
+
+    def remove_files(self) -> None:
+        for suffix in (".spec", ".result", ".out"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.files + suffix)
+
+
+def _states(text: str) -> Dict[str, str]:
+    """Job states from 'ID|STATE' lines (sacct's 'CANCELLED by 0' read as CANCELLED)."""
+    states = {}
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 2 and fields[1].strip():
+            states[fields[0]] = fields[1].split()[0]
+    return states
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""

@@ -1,0 +1,4 @@
+"""The `mpmsub` command: `main` (argument parsing and the commands), `jobfile` (text and JSON
+Lines job files), `template` (GNU parallel's command templates and input sources), `joblog`
+(GNU parallel's joblog and resume), `halt` (`--halt`).
+"""

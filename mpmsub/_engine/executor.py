@@ -1,0 +1,581 @@
+"""MemoryAwareExecutor: a concurrent.futures.Executor that runs commands under a CPU and memory
+budget.
+
+Callers only validate and enqueue; one event-loop thread owns the queue, the ledger and the
+running jobs, and is woken by submits, process exits, output and timers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Literal,
+    Optional,
+    Set,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
+
+from mpmsub import _result as kinds
+from mpmsub._backends.base import Backend, LaunchOptions
+from mpmsub._backends.base import resolve as resolve_backend
+from mpmsub._backends.base import size as backend_size
+from mpmsub._call import Call, CallPayload, check_callable, chunks, map_call
+from mpmsub._engine.core import Core, Item, Lifecycle, Settings
+from mpmsub._engine.future import JobFuture
+from mpmsub._errors import CallPicklingError
+from mpmsub._job import Job, Pipeline, to_spec
+from mpmsub._launch.base import Launcher, PoolOptions
+from mpmsub._launch.loop import EventLoop
+from mpmsub._learn.runbook import RunBook
+from mpmsub._policy.ledger import Ledger
+from mpmsub._policy.scheduler import Scheduler, check_policy
+from mpmsub._result import JobResult
+from mpmsub._spec import JobSpec
+from mpmsub._system import detect_memory, memory_groups
+from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory
+
+# The history, the trace and the worker pool are imported where first used: `import mpmsub`
+# loads what running commands needs, and no more.
+if TYPE_CHECKING:
+    from mpmsub._learn.history import History, Recorder
+    from mpmsub._report.trace import PathLike, Trace
+
+logger = logging.getLogger("mpmsub")
+
+if sys.version_info >= (3, 10):
+    from typing import ParamSpec
+else:  # pragma: no cover - Python 3.9
+    from typing_extensions import ParamSpec
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+# Each captured stream of a job keeps this much in this process; the rest is read and dropped,
+# and the text ends with a note saying so (stdout_to / --results DIR keep a large output whole).
+DEFAULT_OUTPUT_LIMIT = "64M"
+_PREPARING = "_MPMSUB_WORKER_PREPARING"  # _worker.PREPARING (not imported here: the engine does without it)
+
+_live_executors: weakref.WeakSet[MemoryAwareExecutor] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class ExecutorStatus:
+    """A moment's view of an executor: jobs waiting and running, and what the running ones reserve."""
+
+    queued: int
+    running: int
+    reserved_cpus: int
+    reserved_memory: int  # bytes
+    # bytes: the running jobs' resident memory at their last sample (their whole trees); None
+    # where jobs run elsewhere (a remote backend measures them there)
+    memory_in_use: Optional[int] = None
+
+
+class MemoryAwareExecutor(Executor):
+    """Run commands in parallel without exceeding a CPU and memory budget.
+
+    `cpus` and `memory` default to what this machine (or its container) offers; `memory` takes
+    MB as a number or a string such as '8G'. `max_workers` caps how many jobs run at once; given
+    without `cpus`, it is also the number of CPUs handed out (as ProcessPoolExecutor's workers).
+    `kill_grace` is the time between SIGTERM and SIGKILL when a job is stopped.
+
+    `schedule` picks the order of queued jobs: "fifo" (the default: priority, then submission
+    order), "pack" (priority, then largest memory first) or "greedy" (fifo order, and any job
+    that fits starts at once). With "fifo" and "pack" the first job that does not fit holds a
+    reservation: later jobs start before it only if that cannot delay it (backfill).
+
+    Memory is enforced while jobs run: when the running jobs together use more than `memory`, the
+    one furthest over its declaration is killed and fails with a memory error; with
+    `strict_memory`, any job with `m` is killed as soon as it uses more than its `m`. Jobs with
+    `m` start only while the machine's available memory (or, in a container, what its memory
+    limit leaves), less `memory_reserve` (default: 5% of that memory, at most 2G; 0 turns the
+    gate off), can hold them, or nothing else runs; when it falls
+    under the reserve, the newest job is stopped and put back at the head of the queue.
+
+    Python functions run too, as with ProcessPoolExecutor: `submit(fn, *args, **kwargs)`,
+    `map(fn, *iterables, chunksize=...)`, or `submit(Call(fn, ...).memory("2G"))` to give a call
+    resources. They run in reused worker processes, one call at a time each, under the same
+    ledger as commands; the workers are forked from a zygote, one fresh interpreter per executor
+    that imports the main module once (workers never fork from this threaded process).
+    `max_tasks_per_child`, `initializer` and `initargs` are ProcessPoolExecutor's; `mp_context`
+    may be None or a "spawn" or "forkserver" context ("spawn": each worker a fresh interpreter).
+
+    `backend` is where jobs run: "local" (this machine), `DaskBackend(address_or_client)`,
+    `SlurmBackend(...)`, or an address ("dask://host:8786", "slurm://partition"); by default
+    `MPMSUB_BACKEND` in the environment, else this machine. Elsewhere, `cpus` and `memory` cap
+    what runs at once (by default, all the backend offers), and each job runs under mpmsub on the
+    machine it lands on, measured, timed out and killed as here.
+
+    `trace` is a file the executor writes its trace to as it runs (JSON Lines: each run's start
+    and end with what it reserved and used, and the memory in use over time); `mpmsub report
+    TRACE -o report.html` makes a report of it.
+
+    `output_limit` is how much of each job's captured stdout and of its stderr this process keeps
+    (default 64M each; None keeps everything): the rest is read and dropped, and the text ends
+    with a note saying so. Output held for running jobs counts against `memory`. A job's output
+    sent to a file (`stdout_to`) is not captured, nor limited.
+    """
+
+    # For the package's own subclasses (not parameters, so that help() shows none of them): a
+    # trace kept in memory without a file (the cluster's, for report()), and the seconds between
+    # the monitor's samples once jobs are past their first second.
+    _keeps_trace = False
+    _monitor_interval = 0.1
+
+    def __init__(
+        self,
+        cpus: Optional[int] = None,
+        memory: Optional[MemoryLike] = None,
+        *,
+        max_workers: Optional[int] = None,
+        kill_grace: float = 2.0,
+        strict_memory: bool = False,
+        memory_reserve: Optional[MemoryLike] = None,
+        schedule: str = "fifo",
+        max_tasks_per_child: Optional[int] = None,
+        initializer: Optional[Callable[..., Any]] = None,
+        initargs: Tuple[Any, ...] = (),
+        mp_context: Any = None,
+        backend: Any = None,
+        history: Any = True,
+        auto_memory: bool = False,
+        probe_memory: Optional[MemoryLike] = None,
+        trace: Optional[PathLike] = None,
+        output_limit: Optional[MemoryLike] = DEFAULT_OUTPUT_LIMIT,
+    ) -> None:
+        if os.environ.get(_PREPARING):
+            raise RuntimeError(
+                "a worker process is importing the program's main module, and that module creates an "
+                "executor itself (it would run its jobs again here): start the executor under "
+                "`if __name__ == '__main__':`"
+            )
+        slots = None if max_workers is None else parse_cpus(max_workers, "max_workers")
+        self.backend = resolve_backend(backend)
+        self._own_backend = not isinstance(backend, Backend)  # made here from a name: closed here
+        ncpus, budget = backend_size(
+            self.backend,
+            parse_cpus(cpus, "cpus") if cpus is not None else slots,
+            None if memory is None else parse_memory(memory, "memory"),
+        )
+        if budget <= 0:
+            raise ValueError(f"invalid memory {memory!r}: the executor needs a positive memory budget")
+        if isinstance(kill_grace, bool) or not isinstance(kill_grace, (int, float)):
+            raise ValueError(f"invalid kill_grace {kill_grace!r}: expected a number of seconds, 0 or more")
+        kill_grace = parse_duration(kill_grace, "kill_grace", zero=True)  # inf would never SIGKILL
+        if not isinstance(strict_memory, bool):
+            raise TypeError(f"strict_memory must be True or False; got {strict_memory!r}")
+        history_path, probe = self._check_learning(history, auto_memory, probe_memory, budget)
+        trace_path: Optional[PathLike] = None
+        if trace is not None:
+            from mpmsub._report.trace import check_target
+
+            trace_path = check_target(trace)
+        self.output_limit = None if output_limit is None else parse_memory(output_limit, "output_limit")
+        if self.output_limit == 0:
+            raise ValueError(f"invalid output_limit {output_limit!r}: expected a size above 0, or None to keep all")
+        _check_pool_options(max_tasks_per_child, initializer, initargs, mp_context)
+        if not self.backend.local:
+            # The gate and the reserve watch this machine's memory; the jobs run elsewhere, each
+            # under mpmsub there, which watches its own.
+            if memory_reserve is not None and parse_memory(memory_reserve, "memory_reserve"):
+                raise ValueError(
+                    f"memory_reserve={memory_reserve!r} applies to local runs only; with the backend "
+                    f"{self.backend!r} each machine's mpmsub keeps its own reserve"
+                )
+            reserve = 0
+        elif memory_reserve is None:
+            reserve = min(2 * 1024 * MB, int(0.05 * detect_memory()))
+        else:
+            reserve = parse_memory(memory_reserve, "memory_reserve")
+        self.cpus = ncpus
+        self.memory = budget
+        self.max_workers = slots
+        self.strict_memory = strict_memory
+        self.memory_reserve = reserve
+        self.auto_memory = auto_memory
+        self.probe_memory = probe
+        self.history: Optional[History] = None
+        recorder: Optional[Recorder] = None
+        if history_path is not None:
+            from mpmsub._learn import history as _history
+
+            self.history = _history.shared(history_path)
+            recorder = _history.Recorder(self.history)
+        self._runbook = RunBook(recorder)
+
+        self.schedule = check_policy(schedule)
+        self.kill_grace = float(kill_grace)
+        # A remote backend at its whole size places jobs by each place's own resources and queues
+        # the rest itself: it is handed jobs ahead (Backend.lookahead times its size). Given
+        # sizes are hard caps.
+        ahead = self.backend.lookahead
+        ledger = Ledger(
+            ncpus * ahead if cpus is None and slots is None else ncpus,
+            budget * ahead if memory is None else budget,
+            slots,
+        )
+        self._inbox: List[Item] = []  # submitted, not yet taken by the loop (guarded by _lock)
+        self._inbox_pending = False
+        self._lock = threading.Lock()  # guards the ids, the inbox and the move to SHUT_DOWN
+        self._ids: Set[str] = set()
+        self._seq = itertools.count()
+        self._auto_id = itertools.count(1)
+        trace_log: Optional[Trace] = None
+        if trace_path is not None or self._keeps_trace:
+            header = {
+                "cpus": ncpus,
+                "memory": budget,
+                "max_workers": slots,
+                "schedule": self.schedule,
+                "backend": "local" if self.backend.local else repr(self.backend),
+            }
+            from mpmsub._report.trace import Trace
+
+            trace_log = Trace(trace_path, header, self._monitor_interval)  # first: the one open that may fail
+        try:
+            self._loop = EventLoop("mpmsub-executor")
+            spawn = mp_context is not None and mp_context.get_start_method() == "spawn"
+            options = PoolOptions(max_tasks_per_child, initializer, tuple(initargs), zygote=not spawn)
+            self._launcher: Launcher = self.backend.launcher(
+                LaunchOptions(self._loop, self.kill_grace, options, strict_memory, self.output_limit)
+            )
+            settings = Settings(
+                memory=budget,
+                cpus=ncpus,
+                kill_grace=self.kill_grace,
+                strict_memory=strict_memory,
+                memory_reserve=reserve,
+                probe_memory=probe,
+                memory_groups=memory_groups(),  # a container's limit, read with the machine's figure
+                close_backend=self.backend.close if self._own_backend else None,
+            )
+            scheduler: Scheduler[Item] = Scheduler(self.schedule)
+            self._core = Core(
+                settings,
+                self._loop,
+                self._launcher,
+                ledger,
+                scheduler,
+                trace_log,
+                self._runbook,
+                self._monitor_interval,
+            )
+            self._loop.start()
+        except BaseException:
+            if trace_log is not None:
+                trace_log.close()
+            raise
+        _live_executors.add(self)
+        weakref.finalize(self, _stop_loop, self._loop, self._core.monitor, self._runbook, trace_log)
+
+    @staticmethod
+    def _check_learning(
+        history: Any, auto_memory: object, probe_memory: Optional[MemoryLike], budget: int
+    ) -> Tuple[Optional[str], Optional[int]]:
+        """The history's path (None: off) and the probes' reservation (None: what is free)."""
+        if not isinstance(auto_memory, bool):
+            raise TypeError(f"auto_memory must be True or False; got {auto_memory!r}")
+        probe = None if probe_memory is None else parse_memory(probe_memory, "probe_memory")
+        if probe is not None and not 0 < probe <= budget:
+            raise ValueError(
+                f"invalid probe_memory {probe_memory!r}: expected a size above 0 and within the "
+                f"{format_memory(budget)} budget (None: what is free when the probe starts)"
+            )
+        if history is False:
+            return None, probe
+        from mpmsub._learn.history import resolve
+
+        return resolve(history), probe
+
+    def __repr__(self) -> str:
+        cap = f", max_workers={self.max_workers}" if self.max_workers else ""
+        where = "" if self.backend.local else f", backend={self.backend!r}"
+        return f"MemoryAwareExecutor(cpus={self.cpus}, memory={format_memory(self.memory)!r}{cap}{where})"
+
+    # -- the public interface (any thread) -------------------------------------------------------
+
+    @overload
+    def submit(self, fn: Union[Job, Pipeline, Dict[str, Any], List[Any]], /) -> JobFuture[JobResult]: ...
+
+    @overload
+    def submit(self, fn: Call[T], /) -> JobFuture[T]: ...
+
+    @overload
+    def submit(self, fn: JobSpec, /) -> JobFuture[Any]: ...  # a command's or a call's
+
+    @overload
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> JobFuture[T]: ...
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> JobFuture[Any]:
+        """Queue a job or a Python call; return its Future.
+
+        A job (a Job, a job dict, a Pipeline or a list of strings) resolves to a JobResult, also
+        when the command fails. `submit(fn, *args, **kwargs)` (or a `Call`) runs `fn` in a worker
+        process and resolves to what it returns, or raises what it raised (with the worker's
+        traceback as `__cause__`), or a CallError subclass saying why it did not finish. Bad input
+        raises ValueError/TypeError here, at once, as does a job larger than the executor; a call
+        that cannot be pickled fails its own future (CallPicklingError, naming what failed).
+        Every future's `usage` is the measured JobResult once it is done.
+        """
+        if isinstance(fn, Call):
+            if args or kwargs:
+                raise TypeError(f"submit() takes a Call alone; give the arguments to Call(), not {args!r} {kwargs!r}")
+            spec = fn.spec()
+        elif callable(fn) and not isinstance(fn, (Job, Pipeline, JobSpec)):
+            spec = JobSpec(stages=(), call=CallPayload(fn, args, kwargs, chunk=False))  # Call(fn).spec(), faster
+        elif args or kwargs:
+            raise TypeError(
+                "submit() takes one job (a Job, a job dict, a Pipeline or a list of strings), "
+                f"not extra arguments {args!r} {kwargs!r}"
+            )
+        else:
+            spec = to_spec(fn)
+        return self._submit(spec)
+
+    def _submit(self, spec: JobSpec) -> JobFuture[Any]:
+        if self.auto_memory and spec.memory is None and not spec.auto:
+            spec = dataclasses.replace(spec, auto=True)
+        key: Optional[str] = None
+        size = 0
+        place: Optional[int] = None
+        if spec.auto or self._runbook.recorder is not None:  # reads the disk: here, not on the loop
+            from mpmsub._learn.keys import key_and_input
+
+            key, size = key_and_input(spec)
+            if spec.auto:
+                self._runbook.load(key)
+                if not self._launcher.local:
+                    place = self.backend.place_memory(spec.cpus)
+        request = spec.request
+        future: JobFuture[Any] = JobFuture()
+        unsent: Optional[CallPicklingError] = None
+        if not self._launcher.local:  # asks the backend (a Dask scheduler): not under the lock
+            nowhere = self._launcher.why_never_fits(spec)
+            if nowhere is not None:
+                who = repr(spec.job_id) if spec.job_id is not None else spec.describe()
+                raise ValueError(f"job {who} can never run on {self.backend!r}: {nowhere}")
+        if spec.call is not None:
+            try:
+                spec.call.data()  # pickled here, once, outside the lock: what fails, fails its own future
+            except CallPicklingError as exc:
+                unsent = exc
+        with self._lock:
+            if self._core.lifecycle is not Lifecycle.OPEN:
+                raise RuntimeError("cannot submit a job after the executor has been shut down")
+            job_id = self._claim_id(spec.job_id)
+            why = self._core.ledger.why_never_fits(request)
+            if why is not None:
+                self._ids.discard(job_id)
+                raise ValueError(f"job {job_id!r} can never run on this executor: {why}")
+            if unsent is not None:
+                _unsent(future, spec, job_id, unsent)
+                return future
+            item = Item(next(self._seq), spec, job_id, future, self.kill_grace)
+            item.key, item.input_size, item.place_memory = key, size, place
+            self._inbox.append(item)
+            if not self._inbox_pending:  # one call to the loop for a burst of submits
+                self._loop.call_soon_threadsafe(self._take_inbox)
+                self._inbox_pending = True
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: Optional[float] = None,
+        chunksize: int = 1,
+        cpus: Optional[int] = None,
+        memory: Optional[MemoryLike] = None,
+    ) -> Iterator[T]:
+        """`fn` over the items of `iterables`, in worker processes, as the standard library's
+        `map`: results in order, `timeout` counted from this call, `chunksize` items sent to a
+        worker at a time. `cpus` and `memory` are what each chunk reserves (its items run one
+        after another). Every chunk is submitted now; leaving the iteration early cancels the
+        chunks not yet started."""
+        if isinstance(fn, (Job, Pipeline, JobSpec, Call, list, dict)):
+            raise TypeError(f"map() runs a Python function over items; submit each command with submit(): got {fn!r}")
+        check_callable(fn)
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"invalid chunksize {chunksize!r}: expected a whole number, at least 1")
+        if timeout is not None:
+            timeout = parse_duration(timeout)
+        template = map_call(fn, cpus, memory)
+        end = None if timeout is None else time.monotonic() + timeout
+        futures = [
+            self._submit(template._chunk_spec(chunk, index * chunksize))
+            for index, chunk in enumerate(chunks(iterables, chunksize))
+        ]
+        return _results(futures, end)
+
+    def status(self) -> ExecutorStatus:
+        """Jobs queued and running now, and the CPUs and memory the running ones reserve."""
+        # Plain reads of the loop thread's counters: each is consistent, together a moment's view.
+        core = self._core
+        queued = len(core.scheduler) + len(self._inbox) + core.held_count
+        in_use = core.in_use() if self._launcher.local else None
+        return ExecutorStatus(queued, len(core.running), core.ledger.used_cpus, core.ledger.used_memory, in_use)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting jobs; with `cancel_futures`, cancel the queued ones; with `wait`, return
+        once every started job has finished."""
+        self._shut_down(cancel_futures, None)
+        if wait:
+            self._wait()
+
+    def terminate(self, reason: str = "the executor was terminated") -> None:
+        """Stop now: cancel the queued jobs and kill the process trees of the running ones."""
+        self._shut_down(True, reason)
+        self._wait()
+
+    def _shut_down(self, cancel_queued: bool, kill_reason: Optional[str]) -> None:
+        """Take no more jobs, and tell the loop (with `kill_reason`: kill what runs)."""
+        with self._lock:
+            if self._core.lifecycle is Lifecycle.OPEN:
+                self._core.advance(Lifecycle.SHUT_DOWN)
+            if self._loop.is_alive():
+                self._loop.call_soon_threadsafe(self._core.shut_down, cancel_queued, kill_reason)
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> Literal[False]:
+        if exc_type is None:
+            self.shutdown(wait=True)
+        else:
+            self.terminate(f"stopped by {exc_type.__name__} in the executor's with block")
+        return False
+
+    def _wait(self) -> None:
+        if self._loop.in_loop_thread():
+            return  # the loop cannot wait for itself; it finishes on its own
+        try:
+            self._loop.join()
+        except BaseException:  # Ctrl-C while waiting: nothing of ours may outlive the wait
+            self._shut_down(True, "interrupted while waiting for jobs")
+            self._loop.join()
+            raise
+        self._core.delivery.join()  # results and cancellations handed over are all visible on return
+        self._runbook.join()  # every finished run is in the history on return
+
+    def _take_inbox(self) -> None:
+        """On the loop: hand the jobs submitted since the last call to the core."""
+        with self._lock:
+            items, self._inbox = self._inbox, []
+            self._inbox_pending = False
+        self._core.take(items)
+
+    def _forget_id(self, job_id: str) -> None:
+        """Let a finished job's id be used again (for an executor that runs jobs for others)."""
+        with self._lock:
+            self._ids.discard(job_id)
+
+    def _claim_id(self, wanted: Optional[str]) -> str:
+        if wanted is not None:
+            if wanted in self._ids:
+                raise ValueError(f"duplicate job id {wanted!r}: ids must be unique within an executor")
+            self._ids.add(wanted)
+            return wanted
+        while True:
+            job_id = f"job_{next(self._auto_id):04d}"
+            if job_id not in self._ids:
+                self._ids.add(job_id)
+                return job_id
+
+
+def _check_pool_options(
+    max_tasks_per_child: Optional[int], initializer: Optional[Callable[..., Any]], initargs: Any, mp_context: Any
+) -> None:
+    """ProcessPoolExecutor's options, validated as it does (and the start method we honour)."""
+    if max_tasks_per_child is not None:
+        if isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int):
+            raise TypeError(f"max_tasks_per_child must be a whole number or None; got {max_tasks_per_child!r}")
+        if max_tasks_per_child < 1:
+            raise ValueError(f"invalid max_tasks_per_child {max_tasks_per_child!r}: expected 1 or more")
+    if initializer is not None:
+        check_callable(initializer)
+    if not isinstance(initargs, tuple):
+        raise TypeError(f"initargs must be a tuple; got {initargs!r}")
+    if mp_context is not None:
+        method = getattr(mp_context, "get_start_method", lambda: None)()
+        if method not in ("spawn", "forkserver"):
+            raise ValueError(
+                f"invalid mp_context {mp_context!r} (start method {method!r}): mpmsub's workers are never "
+                "forked from this threaded process (they are forked from a zygote, a fresh interpreter); "
+                "give None, or a 'spawn' or 'forkserver' context"
+            )
+
+
+def _unsent(future: JobFuture[Any], spec: JobSpec, job_id: str, exc: CallPicklingError) -> None:
+    """Fail the future of a call that could not be pickled, with a result saying so."""
+    result = kinds.never_ran(spec, job_id, kinds.PICKLE, str(exc), attempts=0, exception=exc)
+    exc.result = result
+    future.usage = result
+    future.set_exception(exc)
+
+
+def _results(futures: List[JobFuture[Any]], end: Optional[float]) -> Iterator[Any]:
+    """map()'s results, chunk by chunk, in order; the chunks not reached are cancelled if the
+    iteration stops early (an exception, a timeout, or the generator closed)."""
+    try:
+        futures.reverse()  # pop() from the end: each future is dropped once its results are out
+        while futures:
+            future = futures.pop()
+            if end is None:
+                yield from future.result()
+            else:
+                yield from future.result(end - time.monotonic())
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def _stop_loop(loop: EventLoop, monitor: Any, runbook: RunBook, trace: Optional[Trace]) -> None:
+    monitor.close()
+    if trace is not None:
+        trace.close()
+    loop.call_soon_threadsafe(loop.stop)
+    runbook.close()
+
+
+def _at_exit() -> None:
+    """At interpreter exit: finish the work of executors never shut down, or kill it if the
+    program is dying of an exception (such as Ctrl-C)."""
+    dying = getattr(sys, "last_value", None) is not None
+    while True:
+        try:
+            executors = list(_live_executors)
+            break
+        except RuntimeError:  # the set changed while it was copied: an executor closed
+            continue
+    for executor in executors:
+        if dying:
+            executor.terminate("the program is exiting on an uncaught exception")
+        else:
+            executor.shutdown(wait=True)
+    history = sys.modules.get("mpmsub._learn.history")  # none to close where it was never imported
+    if history is not None:
+        history.close_recorders()  # the rows of executors shut down without waiting
+
+
+try:
+    threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - Python without the hook
+    import atexit
+
+    atexit.register(_at_exit)

@@ -1,0 +1,87 @@
+"""The runs an executor learns memory from (m="auto"): each key's past runs, read from the run
+history once per key, and every run this executor ends, which also goes to the history's writer
+thread (`_learn.history.Recorder`).
+
+Submitters read a key's past runs from disk (`load`, on their own thread: disk reads do not
+belong on the loop); the loop estimates from them (`runs`) and adds each run that ends (`learn`).
+A lock guards the runs of each key between them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Dict, List, Optional, Set
+
+from mpmsub._units import MB
+
+if TYPE_CHECKING:
+    from mpmsub._learn.estimate import Run
+    from mpmsub._learn.history import Recorder
+    from mpmsub._result import JobResult
+    from mpmsub._spec import JobSpec
+
+
+class RunBook:
+    def __init__(self, recorder: Optional[Recorder]) -> None:
+        self.recorder = recorder  # None: no history (m="auto" learns from this executor's runs)
+        self._runs: Dict[str, List[Run]] = {}
+        self._loaded: Set[str] = set()  # keys whose runs were read from the history
+        self._lock = threading.Lock()
+
+    def load(self, key: str) -> None:
+        """Read the past runs of `key` from the history, once per executor (this executor's own
+        runs written first, so that each is counted once). Any thread but the loop's."""
+        with self._lock:
+            if key in self._loaded or self.recorder is None:
+                return
+            self._loaded.add(key)
+            known = len(self._runs.get(key, ()))
+        self.recorder.flush()  # the rows of those `known` runs, and of any before them
+        runs = self.recorder.history.runs(key)
+        with self._lock:
+            self._runs[key] = runs + self._runs.get(key, [])[known:]
+
+    def runs(self, key: str) -> List[Run]:
+        """The runs of `key` known now."""
+        with self._lock:
+            return list(self._runs.get(key, ()))
+
+    def learn(self, key: Optional[str], spec: JobSpec, input_size: int, result: JobResult, requeued: bool) -> None:
+        """Record a run that ended in the history, and in what this executor estimates from."""
+        from mpmsub import _result as kinds
+
+        if key is None or result.failure in (kinds.START, kinds.PICKLE, kinds.ERROR):
+            return  # never ran, or mpmsub failed: nothing of the tool was measured
+        from mpmsub._learn import estimate, history
+
+        failure = "requeued" if requeued else result.failure
+        peak = int(result.memory_used * MB)
+        if self.recorder is not None:  # before the run is counted below (see load)
+            row = history.row(
+                key,
+                spec.cmd,
+                input_size,
+                peak,
+                result.runtime,
+                result.cpu_used,
+                result.returncode,
+                failure,
+                spec.memory,
+            )
+            self.recorder.put(row)
+        if failure in estimate.LEARNED_FROM:
+            with self._lock:
+                runs = self._runs.setdefault(key, [])
+                runs.append(estimate.Run(input_size, peak))
+                if len(runs) > 4 * estimate.WINDOW:  # an estimate looks at the last WINDOW
+                    del runs[: -2 * estimate.WINDOW]
+
+    def close(self) -> None:
+        """No more runs: the writer thread finishes writing (joined by `join`)."""
+        if self.recorder is not None:
+            self.recorder.close(wait=False)
+
+    def join(self) -> None:
+        """Every run recorded is in the history."""
+        if self.recorder is not None:
+            self.recorder.join()
