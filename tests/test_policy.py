@@ -11,16 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpmsub import _result as kinds
 from mpmsub._policy.enforce import strict_overuse
 from mpmsub._policy.runs import (
     AUTO_RETRIES,
     AVAILABLE_LAG,
     MAX_REQUEUES,
     PROFILE_BUFFER,
-    Again,
     Ended,
-    again,
+    NextRun,
     choose_probe,
     final_peak_failure,
     floor,
@@ -30,10 +28,12 @@ from mpmsub._policy.runs import (
     grown_memory,
     most_memory,
     need,
+    next_run,
     oom_failure,
     probe_reservation,
     shortage_stop,
 )
+from mpmsub._result import CANCELLED, ERROR, EXIT, MEMORY, PICKLE, RAISED, SIGNAL, START, TIMEOUT
 from mpmsub._units import MB, format_memory
 
 GB = 1024 * MB
@@ -41,22 +41,22 @@ FAST = settings(max_examples=200, deadline=None, derandomize=True, suppress_heal
 
 ALL_FAILURES = [
     None,
-    kinds.EXIT,
-    kinds.SIGNAL,
-    kinds.TIMEOUT,
-    kinds.MEMORY,
-    kinds.START,
-    kinds.CANCELLED,
-    kinds.ERROR,
-    kinds.RAISED,
-    kinds.PICKLE,
+    EXIT,
+    SIGNAL,
+    TIMEOUT,
+    MEMORY,
+    START,
+    CANCELLED,
+    ERROR,
+    RAISED,
+    PICKLE,
 ]
 
 
 def ended(**changes: object) -> Ended:
     """A plain run's end: a 1G job that peaked at 1G and failed for memory, with one retry left."""
     base = Ended(
-        failure=kinds.MEMORY,
+        failure=MEMORY,
         peak=GB,
         memory=GB,
         growth=2.0,
@@ -87,71 +87,71 @@ ends = st.builds(
 )
 
 
-# -- again ---------------------------------------------------------------------------------------
+# -- next_run ---------------------------------------------------------------------------------------
 
 
 def test_a_success_is_final() -> None:
-    assert again(ended(failure=None)) is None
-    assert again(ended(failure=None, auto=True, memory=MB)) is None
+    assert next_run(ended(failure=None)) is None
+    assert next_run(ended(failure=None, auto=True, memory=MB)) is None
 
 
-@pytest.mark.parametrize("failure", [kinds.START, kinds.CANCELLED, kinds.PICKLE])
+@pytest.mark.parametrize("failure", [START, CANCELLED, PICKLE])
 def test_failures_that_a_retry_cannot_mend_are_final(failure: str) -> None:
-    assert again(ended(failure=failure, retries_left=5)) is None
+    assert next_run(ended(failure=failure, retries_left=5)) is None
 
 
-@pytest.mark.parametrize("failure", [kinds.EXIT, kinds.SIGNAL, kinds.TIMEOUT, kinds.ERROR, kinds.RAISED])
+@pytest.mark.parametrize("failure", [EXIT, SIGNAL, TIMEOUT, ERROR, RAISED])
 def test_other_failures_retry_with_the_same_memory(failure: str) -> None:
-    assert again(ended(failure=failure, requeue_need=7)) == Again("retry", GB, 7)
-    assert again(ended(failure=failure, retries_left=0)) is None
+    assert next_run(ended(failure=failure, requeue_need=7)) == NextRun("retry", GB, 7)
+    assert next_run(ended(failure=failure, retries_left=0)) is None
 
 
 def test_final_is_always_final() -> None:
-    assert again(ended(final=True)) is None
-    assert again(ended(final=True, requeue=True)) is None
-    assert again(ended(final=True, auto=True, memory=MB)) is None
+    assert next_run(ended(final=True)) is None
+    assert next_run(ended(final=True, requeue=True)) is None
+    assert next_run(ended(final=True, auto=True, memory=MB)) is None
 
 
 def test_a_requeue_keeps_its_memory_and_waits_for_its_peak_with_the_profile_margin() -> None:
-    decision = again(ended(requeue=True, retries_left=0, peak=1000 * MB, memory=500 * MB))
-    assert decision == Again("requeue", 500 * MB, math.ceil(1000 * MB * (1 + PROFILE_BUFFER)))
+    decision = next_run(ended(requeue=True, retries_left=0, peak=1000 * MB, memory=500 * MB))
+    assert decision == NextRun("requeue", 500 * MB, math.ceil(1000 * MB * (1 + PROFILE_BUFFER)))
     # Not beyond what the job may be given, but never below its peak or an earlier need.
-    assert again(ended(requeue=True, peak=1000 * MB, most=1100 * MB)) == Again("requeue", GB, 1100 * MB)
-    assert again(ended(requeue=True, peak=1000 * MB, most=900 * MB)) == Again("requeue", GB, 1000 * MB)
-    assert again(ended(requeue=True, peak=MB, requeue_need=3 * GB)) == Again("requeue", GB, 3 * GB)
+    assert next_run(ended(requeue=True, peak=1000 * MB, most=1100 * MB)) == NextRun("requeue", GB, 1100 * MB)
+    assert next_run(ended(requeue=True, peak=1000 * MB, most=900 * MB)) == NextRun("requeue", GB, 1000 * MB)
+    assert next_run(ended(requeue=True, peak=MB, requeue_need=3 * GB)) == NextRun("requeue", GB, 3 * GB)
     # A requeue is not the job's failure: whatever failure it carries, and with no retries left.
-    assert again(ended(requeue=True, failure=kinds.MEMORY, retries_left=0, memory=None, peak=0)) == Again(
+    assert next_run(ended(requeue=True, failure=MEMORY, retries_left=0, memory=None, peak=0)) == NextRun(
         "requeue", None, 0
     )
 
 
 def test_a_memory_failure_retries_with_grown_memory() -> None:
     end = ended(memory=GB, growth=1.5, retries_left=2, requeue_need=5)
-    assert again(end) == Again("retry", grown_memory(end), 5)
+    assert next_run(end) == NextRun("retry", grown_memory(end), 5)
     assert grown_memory(end) == math.ceil(1.5 * GB)
-    assert again(ended(retries_left=0)) is None
+    assert next_run(ended(retries_left=0)) is None
 
 
 def test_an_auto_memory_failure_below_most_runs_again_without_retries() -> None:
     end = ended(auto=True, memory=GB, peak=GB, retries_left=0, auto_retries=AUTO_RETRIES - 1)
-    assert again(end) == Again("auto", 2 * GB, 0)
+    assert next_run(end) == NextRun("auto", 2 * GB, 0)
     # Out of auto runs: the job's own retries.
-    assert again(dataclasses.replace(end, auto_retries=AUTO_RETRIES)) is None
-    assert again(dataclasses.replace(end, auto_retries=AUTO_RETRIES, retries_left=1)) == Again("retry", 2 * GB, 0)
+    assert next_run(dataclasses.replace(end, auto_retries=AUTO_RETRIES)) is None
+    assert next_run(dataclasses.replace(end, auto_retries=AUTO_RETRIES, retries_left=1)) == NextRun("retry", 2 * GB, 0)
     # Only a memory failure is a prediction too small.
-    assert again(dataclasses.replace(end, failure=kinds.EXIT)) is None
+    assert next_run(dataclasses.replace(end, failure=EXIT)) is None
 
 
 def test_an_auto_memory_failure_at_most_falls_to_its_own_retries() -> None:
     end = ended(auto=True, memory=16 * GB, most=16 * GB, retries_left=0)
-    assert again(end) is None
-    assert again(dataclasses.replace(end, retries_left=1)) == Again("retry", 16 * GB, 0)
+    assert next_run(end) is None
+    assert next_run(dataclasses.replace(end, retries_left=1)) == NextRun("retry", 16 * GB, 0)
 
 
 @FAST
 @given(ends)
 def test_why_is_requeue_exactly_for_a_requeue_that_is_not_final(end: Ended) -> None:
-    decision = again(end)
+    decision = next_run(end)
     assert (decision is not None and decision.why == "requeue") == (end.requeue and not end.final)
     if end.final:
         assert decision is None
@@ -164,14 +164,14 @@ def test_why_is_requeue_exactly_for_a_requeue_that_is_not_final(end: Ended) -> N
         assert decision.why in ("retry", "auto")
         assert end.retries_left > 0 or decision.why == "auto"
         if decision.why == "auto":
-            assert end.auto and end.failure == kinds.MEMORY and end.auto_retries < AUTO_RETRIES
+            assert end.auto and end.failure == MEMORY and end.auto_retries < AUTO_RETRIES
 
 
 @FAST
 @given(ends)
 def test_a_memory_failure_runs_again_with_more_memory_within_most(end: Ended) -> None:
-    end = dataclasses.replace(end, failure=kinds.MEMORY, requeue=False, final=False)
-    decision = again(end)
+    end = dataclasses.replace(end, failure=MEMORY, requeue=False, final=False)
+    decision = next_run(end)
     if decision is None:
         return
     assert decision.memory == grown_memory(end)
@@ -193,12 +193,12 @@ def test_a_memory_failure_runs_again_with_more_memory_within_most(end: Ended) ->
     peaks=st.lists(sizes, min_size=1, max_size=20),
 )
 def test_repeated_memory_failures_end(start: Ended, retries: int, peaks: List[int]) -> None:
-    end = dataclasses.replace(start, failure=kinds.MEMORY, requeue=False, final=False, retries_left=retries)
+    end = dataclasses.replace(start, failure=MEMORY, requeue=False, final=False, retries_left=retries)
     steps = 0
     while True:
         steps += 1
         assert steps <= retries + AUTO_RETRIES + 1
-        decision = again(end)
+        decision = next_run(end)
         if decision is None:
             break
         assert decision.why in ("retry", "auto")
@@ -278,7 +278,7 @@ FAILED_WORDS = f"failed after the kernel's out-of-memory killer killed one of it
 
 
 def test_oom_failure_keeps_a_known_failure_and_a_clean_exit() -> None:
-    assert oom_failure([-9], kinds.TIMEOUT, 1, GB, 0, 5) is None
+    assert oom_failure([-9], TIMEOUT, 1, GB, 0, 5) is None
     assert oom_failure([0, 0], None, 3, GB, 0, 5) is None
     assert oom_failure([], None, 3, GB, 0, 5) is None
 
@@ -352,7 +352,7 @@ def test_final_peak_failure_examples() -> None:
     )
     assert final_peak_failure(False, 200 * MB, None, 300 * MB) is None
     assert final_peak_failure(True, None, None, 300 * MB) is None
-    assert final_peak_failure(True, 200 * MB, kinds.EXIT, 300 * MB) is None
+    assert final_peak_failure(True, 200 * MB, EXIT, 300 * MB) is None
     assert final_peak_failure(True, 200 * MB, None, None) is None
     assert final_peak_failure(True, 200 * MB, None, 200 * MB) is None
 

@@ -22,11 +22,11 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
-from mpmsub import _result as kinds
 from mpmsub import _threads
 from mpmsub._backends import remote as _remote
 from mpmsub._backends.base import Backend, LaunchOptions, Node, largest_fit, most_memory
 from mpmsub._launch.base import Handle, Launcher, Outcome, not_started
+from mpmsub._result import CANCELLED, ERROR, PICKLE, FailureKind
 from mpmsub._spec import JobSpec
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ class DaskLauncher(Launcher):
         self._cond = threading.Condition()
         self._closing = False
         # Kills waiting for the killer thread: handle, failure, message, grace.
-        self._kills: List[Tuple[DaskHandle, kinds.FailureKind, str, Optional[float]]] = []
+        self._kills: List[Tuple[DaskHandle, FailureKind, str, Optional[float]]] = []
         # Started now, with the executor: jobs that end a program without shutdown() run at
         # interpreter shutdown, when Python 3.12.0-3.12.2 start no thread.
         self._reader = _threads.start(self._read, "mpmsub-dask")
@@ -206,7 +206,7 @@ class DaskLauncher(Launcher):
             if handle is not None:
                 handle.finish(future, result)
 
-    def kill_later(self, handle: DaskHandle, failure: kinds.FailureKind, message: str, grace: Optional[float]) -> None:
+    def kill_later(self, handle: DaskHandle, failure: FailureKind, message: str, grace: Optional[float]) -> None:
         """Kill on the workers, from a thread of ours (client.run waits for the workers' answers),
         all the kills asked for meanwhile in one call."""
         with self._cond:
@@ -257,7 +257,7 @@ class DaskHandle(Handle):
         self._on_exit = on_exit
         self._lock = threading.Lock()
         self._ended = False
-        self._killed: Optional[Tuple[kinds.FailureKind, str]] = None
+        self._killed: Optional[Tuple[FailureKind, str]] = None
         self.future: Any = None
 
     def finish(self, future: Any, result: Any) -> None:
@@ -277,14 +277,14 @@ class DaskHandle(Handle):
                 sent = pickle.loads(result)
                 return sent.received()  # type: ignore[no-any-return]
             except Exception as exc:  # what came back cannot be read here
-                return not_started(self.spec, kinds.PICKLE, f"its result could not be received: {exc!r}")
+                return not_started(self.spec, PICKLE, f"its result could not be received: {exc!r}")
         if status == "cancelled" or self._killed is not None:
-            failure, message = self._killed or (kinds.CANCELLED, "its Dask task was cancelled")
+            failure, message = self._killed or (CANCELLED, "its Dask task was cancelled")
             return not_started(self.spec, failure, message)
         error = result[1] if isinstance(result, tuple) and len(result) == 3 else result
-        return not_started(self.spec, kinds.ERROR, f"its Dask task failed: {type(error).__name__}: {error}")
+        return not_started(self.spec, ERROR, f"its Dask task failed: {type(error).__name__}: {error}")
 
-    def kill(self, failure: kinds.FailureKind, message: str, grace: Optional[float] = None) -> bool:
+    def kill(self, failure: FailureKind, message: str, grace: Optional[float] = None) -> bool:
         with self._lock:
             if self._ended or self._killed is not None:
                 return False

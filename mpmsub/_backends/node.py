@@ -25,13 +25,13 @@ from concurrent.futures import wait
 from types import FrameType
 from typing import Any, Dict, List, Optional, Tuple
 
-from mpmsub import _result as kinds
 from mpmsub._backends.remote import KEY_BYTES, REFUSED, Returned, returned, sign, unpack
 from mpmsub._engine.executor import MemoryAwareExecutor
 from mpmsub._engine.future import JobFuture
 from mpmsub._errors import MpmsubError
 from mpmsub._files import UnsafeFileError, read_private
 from mpmsub._launch.base import not_started
+from mpmsub._result import CANCELLED, FailureKind
 from mpmsub._units import MB, format_memory
 
 logger = logging.getLogger("mpmsub")
@@ -46,7 +46,7 @@ class NodeExecutor(MemoryAwareExecutor):
             self._ids.discard(job_id)
 
     def kill_job(
-        self, future: JobFuture[Any], failure: kinds.FailureKind, message: str, grace: Optional[float] = None
+        self, future: JobFuture[Any], failure: FailureKind, message: str, grace: Optional[float] = None
     ) -> None:
         """Stop the job of `future` (any thread): kill its run, or cancel it while queued."""
         self._core.kill(future, failure, message, grace)
@@ -58,7 +58,7 @@ _worker_lock = threading.Lock()
 _worker_executor: Optional[NodeExecutor] = None
 _worker_jobs: Dict[str, JobFuture[object]] = {}
 # Kills that came before their task started: key -> (failure, message, when), kept a minute.
-_tombstones: OrderedDict[str, Tuple[kinds.FailureKind, str, float]] = OrderedDict()
+_tombstones: OrderedDict[str, Tuple[FailureKind, str, float]] = OrderedDict()
 _TOMBSTONES = 10000
 
 
@@ -101,7 +101,7 @@ def run_on_worker(data: bytes, key: str) -> bytes:
     return pickle.dumps(sent, pickle.HIGHEST_PROTOCOL)
 
 
-def kill_on_worker(orders: List[Tuple[str, kinds.FailureKind, str, Optional[float]]]) -> List[str]:
+def kill_on_worker(orders: List[Tuple[str, FailureKind, str, Optional[float]]]) -> List[str]:
     """Run by client.run on every worker with (key, failure, message, grace) orders: kill the
     jobs of those tasks that run here (their keys are returned), and remember the others' kills
     for a while, in case their task starts here in the meantime."""
@@ -178,13 +178,13 @@ def main(argv: List[str]) -> int:
         executor.terminate(reason)  # a running job's error: "killed: " and the reason
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if future is None:  # stopped before the job was queued
-        sent = Returned(not_started(spec, kinds.CANCELLED, f"cancelled before it started: {reason}"))
+        sent = Returned(not_started(spec, CANCELLED, f"cancelled before it started: {reason}"))
     else:
         sent = returned(spec, future, "cancelled before it started")
         if stopped and sent.outcome.failure is None:
             # SLURM signals every process of the job, not only this runner: the job's own children
             # may die of it first, and a shell waiting on them then exits 0. The stop decides.
-            sent.outcome.failure, sent.outcome.error = kinds.CANCELLED, f"killed: {reason}"
+            sent.outcome.failure, sent.outcome.error = CANCELLED, f"killed: {reason}"
     # mkstemp: created exclusively, mode 0600, with a name no one can guess.
     fd, temporary = tempfile.mkstemp(
         prefix=os.path.basename(result_path) + ".", suffix=".tmp", dir=os.path.dirname(result_path) or "."

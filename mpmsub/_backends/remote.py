@@ -23,11 +23,10 @@ import pickle
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
-from mpmsub import _result as kinds
 from mpmsub._files import UnsafeFileError
 from mpmsub._launch import pool as _workers
 from mpmsub._launch.base import Outcome, not_started
-from mpmsub._result import JobResult
+from mpmsub._result import CANCELLED, JobResult
 from mpmsub._spec import JobSpec
 from mpmsub._units import MB
 
@@ -103,7 +102,7 @@ def returned(spec: JobSpec, future: JobFuture[object], cancelled: str) -> Return
     """What a finished (or cancelled while queued) future of the receiving executor sends back."""
     result = future.usage
     if result is None:  # cancelled before it started
-        return Returned(not_started(spec, kinds.CANCELLED, cancelled))
+        return Returned(not_started(spec, CANCELLED, cancelled))
     exception = result.exception
     cause = None if exception is None else exception.__cause__
     return Returned(outcome_of(result), cause)

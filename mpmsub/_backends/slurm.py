@@ -34,11 +34,11 @@ from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mpmsub import _files, _threads
-from mpmsub import _result as kinds
 from mpmsub._backends import remote as _remote
 from mpmsub._backends.base import Backend, LaunchOptions, Node, largest_fit, most_memory
 from mpmsub._errors import MpmsubError
 from mpmsub._launch.base import Handle, Launcher, Outcome, not_started
+from mpmsub._result import CANCELLED, ERROR, MEMORY, START, TIMEOUT, FailureKind
 from mpmsub._spec import JobSpec
 from mpmsub._units import MB, format_memory
 
@@ -256,7 +256,7 @@ class SlurmLauncher(Launcher):
                 with contextlib.suppress(Exception):
                     self._cancel(list(self._active.values()))
                 for handle in list(self._active.values()) + new:
-                    handle.end(not_started(handle.spec, kinds.ERROR, "mpmsub's SLURM thread failed"))
+                    handle.end(not_started(handle.spec, ERROR, "mpmsub's SLURM thread failed"))
                 self._active.clear()
                 time.sleep(_MIN_POLL)
 
@@ -277,13 +277,13 @@ class SlurmLauncher(Launcher):
                 file.write(self.key + packed)
             done = self.backend.command(self._sbatch(handle))
         except Exception as exc:
-            handle.end(not_started(spec, kinds.START, f"could not submit it to SLURM: {exc}"))
+            handle.end(not_started(spec, START, f"could not submit it to SLURM: {exc}"))
             handle.remove_files()
             return
         slurm_id = done.stdout.strip().split(";")[0]
         if done.returncode != 0 or not slurm_id.isdigit():
             why = _last_line(done.stderr) or f"sbatch exited with status {done.returncode}"
-            handle.end(not_started(spec, kinds.START, f"SLURM refused it: {why}"))
+            handle.end(not_started(spec, START, f"SLURM refused it: {why}"))
             handle.remove_files()
             return
         handle.slurm_id = slurm_id
@@ -378,14 +378,14 @@ class SlurmHandle(Handle):
         self._on_exit = on_exit
         self._lock = threading.Lock()
         self.ended = False
-        self.killed: Optional[Tuple[kinds.FailureKind, str]] = None
+        self.killed: Optional[Tuple[FailureKind, str]] = None
         self.slurm_id: Optional[str] = None
         self.state = "SUBMITTING"
         self.submitted = time.time()
         self.running_since: Optional[float] = None
         self.result_missing_since: Optional[float] = None
 
-    def kill(self, failure: kinds.FailureKind, message: str, grace: Optional[float] = None) -> bool:
+    def kill(self, failure: FailureKind, message: str, grace: Optional[float] = None) -> bool:
         with self._lock:
             if self.ended or self.killed is not None:
                 return False
@@ -415,15 +415,15 @@ class SlurmHandle(Handle):
             pass
         except _files.UnsafeFileError as exc:
             logger.warning("mpmsub: rejected the result file %s of %s: %s", path, self.job_id, exc)
-            return not_started(self.spec, kinds.ERROR, f"its result file was rejected: {exc}")
+            return not_started(self.spec, ERROR, f"its result file was rejected: {exc}")
         except OSError as exc:
-            return not_started(self.spec, kinds.ERROR, f"its result file could not be read: {exc!r}")
+            return not_started(self.spec, ERROR, f"its result file could not be read: {exc!r}")
         else:
             try:
                 received: Outcome = pickle.loads(payload).received()
             except Exception as exc:
-                return not_started(self.spec, kinds.ERROR, f"its result file could not be read: {exc!r}")
-            if state in _SLURM_STOPS and received.failure == kinds.CANCELLED and self.killed is None:
+                return not_started(self.spec, ERROR, f"its result file could not be read: {exc!r}")
+            if state in _SLURM_STOPS and received.failure == CANCELLED and self.killed is None:
                 # The runner's answer to SLURM's SIGTERM: say why SLURM stopped it.
                 received.failure, received.error = self._stopped(state, self._output_tail())
             return received
@@ -435,25 +435,25 @@ class SlurmHandle(Handle):
             if now - self.result_missing_since < (_RESULT_WAIT if self.killed is None else _KILL_WAIT):
                 return None
         began = self.running_since or self.submitted
-        outcome = not_started(self.spec, kinds.ERROR, "")
+        outcome = not_started(self.spec, ERROR, "")
         outcome.start_time, outcome.runtime = began, max(0.0, now - began)
         output = self._output_tail()
         outcome.failure, outcome.error = self._stopped(state, output)
         return outcome
 
-    def _stopped(self, state: str, output: str) -> Tuple[kinds.FailureKind, str]:
+    def _stopped(self, state: str, output: str) -> Tuple[FailureKind, str]:
         """The failure and sentence of a job SLURM ended, by its state and output."""
         job = f"SLURM job {self.slurm_id}"
         if state == "OUT_OF_MEMORY" or _MEMORY_KILL.search(output):
             memory = "" if self.spec.memory is None else f" ({format_memory(self.spec.memory)} and the runner's)"
-            return kinds.MEMORY, f"killed by SLURM for using more than its --mem{memory}"
+            return MEMORY, f"killed by SLURM for using more than its --mem{memory}"
         if state in ("TIMEOUT", "DEADLINE"):
-            return kinds.TIMEOUT, f"killed by SLURM at its time limit ({job})"
+            return TIMEOUT, f"killed by SLURM at its time limit ({job})"
         if state == "CANCELLED":
-            return kinds.CANCELLED, f"cancelled in SLURM ({job}, scancel)"
+            return CANCELLED, f"cancelled in SLURM ({job}, scancel)"
         if state == "UNKNOWN":
-            return kinds.ERROR, f"SLURM no longer lists {job}, and it left no result"
-        return kinds.ERROR, f"SLURM ended {job}: {state}" + (f"; its output: {output}" if output else "")
+            return ERROR, f"SLURM no longer lists {job}, and it left no result"
+        return ERROR, f"SLURM ended {job}: {state}" + (f"; its output: {output}" if output else "")
 
     def _output_tail(self) -> str:
         try:

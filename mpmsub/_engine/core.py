@@ -28,7 +28,6 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
-from mpmsub import _result as kinds
 from mpmsub._engine.delivery import Delivery
 from mpmsub._engine.future import JobFuture
 from mpmsub._engine.outcome import call_exception, cancelled_again, make_result
@@ -38,7 +37,7 @@ from mpmsub._policy import runs as _policy
 from mpmsub._policy.enforce import Usage, budget_stops, newest, strict_stops
 from mpmsub._policy.ledger import Ledger
 from mpmsub._policy.scheduler import Scheduler
-from mpmsub._result import JobResult
+from mpmsub._result import CANCELLED, ERROR, MEMORY, FailureKind, JobResult
 from mpmsub._spec import Request
 from mpmsub._system import available_memory
 from mpmsub._units import MB, format_memory
@@ -121,7 +120,6 @@ class Item:
         "bound",
         "estimate",
         "future",
-        "grab",
         "input_size",
         "job_id",
         "key",
@@ -139,6 +137,7 @@ class Item:
         "spec",
         "state",
         "submitted",
+        "takes_free",
     )
 
     def __init__(self, seq: int, spec: JobSpec, job_id: str, future: JobFuture[Any], grace: float) -> None:
@@ -167,7 +166,7 @@ class Item:
         self.auto_retries = 0
         self.estimate: Optional[Estimate] = None
         self.probe = False
-        self.grab = False  # a probe that takes what is free when it starts
+        self.takes_free = False  # a probe that takes what is free when it starts
         self.place_memory: Optional[int] = None  # the most one place of a remote backend offers
 
     @property
@@ -375,8 +374,8 @@ class Core:
         return False
 
     def _start(self, item: Item) -> None:
-        if item.grab:  # a probe: what is free joins its share (AutoPlacement.launch_probe)
-            item.grab = False
+        if item.takes_free:  # a probe: what is free joins its share (AutoPlacement.launch_probe)
+            item.takes_free = False
             old = item.request
             grab = _policy.grabbed_memory(old.memory, self.ledger.free_memory, self.most(item))
             item.spec = dataclasses.replace(item.spec, memory=grab)
@@ -402,7 +401,7 @@ class Core:
             run.handle = self.launcher.start(item.spec, item.job_id, on_exit)
         except Exception as exc:  # a launcher bug or a backend failure: record it on the job
             logger.exception("mpmsub: could not start job %s", item.job_id)
-            on_exit(not_started(item.spec, kinds.ERROR, f"mpmsub could not start the job: {exc!r}"))
+            on_exit(not_started(item.spec, ERROR, f"mpmsub could not start the job: {exc!r}"))
             return
         if self.launcher.local:
             self.monitor.watch(run.handle, (item, run))
@@ -420,7 +419,7 @@ class Core:
         item.last_result = result
         if self.runbook is not None:
             self.runbook.learn(item.key, item.spec, item.input_size, result, item.requeue)
-        again = self._again(item, result)
+        again = self._run_again(item, result)
         if self.trace is not None:
             status = "requeued" if item.requeue and again else result.failure or "ok"
             self.trace.ended(item.job_id, run.number, status, not again, result)
@@ -451,9 +450,9 @@ class Core:
             strict = self.settings.strict_memory if spec.strict is None else spec.strict
             why = _policy.final_peak_failure(strict, spec.memory, outcome.failure, outcome.process_peak)
         if why is not None:
-            outcome.failure, outcome.error = kinds.MEMORY, why
+            outcome.failure, outcome.error = MEMORY, why
 
-    def _again(self, item: Item, result: JobResult) -> bool:
+    def _run_again(self, item: Item, result: JobResult) -> bool:
         """Requeue or retry a job that ended (_policy.again); False when its result is final."""
         spec = item.spec
         end = _policy.Ended(
@@ -469,7 +468,7 @@ class Core:
             most=self.most(item),
             final=self.lifecycle >= Lifecycle.TERMINATING or item.shortage_final,
         )
-        decision = _policy.again(end)
+        decision = _policy.next_run(end)
         if decision is None:
             return False
         if decision.memory != spec.memory:
@@ -519,15 +518,13 @@ class Core:
             message, final = _policy.shortage_stop(message, item.requeued)
         # Only a stop that started the kill decides what follows: a job already ending (exited,
         # or in a timeout's grace) keeps its own outcome.
-        started = run.handle.kill(kinds.MEMORY, message, grace=0)
+        started = run.handle.kill(MEMORY, message, grace=0)
         item.requeue = started and requeue and not final
         item.shortage_final = started and final
         if started:
             self._move(item, RunState.STOPPING)
 
-    def kill(
-        self, future: JobFuture[Any], failure: kinds.FailureKind, message: str, grace: Optional[float] = None
-    ) -> None:
+    def kill(self, future: JobFuture[Any], failure: FailureKind, message: str, grace: Optional[float] = None) -> None:
         """Stop the job of `future` (any thread): kill its run, or cancel it while queued."""
 
         def kill() -> None:
@@ -554,7 +551,7 @@ class Core:
         if kill_reason is not None:
             for item in list(self.running.values()):
                 if item.run is not None and item.run.handle is not None:
-                    item.run.handle.kill(kinds.CANCELLED, f"killed: {kill_reason}")
+                    item.run.handle.kill(CANCELLED, f"killed: {kill_reason}")
         self.maybe_close()
 
     def maybe_close(self) -> None:
@@ -639,7 +636,7 @@ class AutoPlacement:
         self.probes[key] = probe
         probe.probe = True
         settings = core.settings
-        memory, probe.grab = _policy.probe_reservation(
+        memory, probe.takes_free = _policy.probe_reservation(
             settings.probe_memory, settings.memory, probe.spec.cpus, settings.cpus, core.most(probe)
         )
         probe.spec = dataclasses.replace(probe.spec, memory=memory, auto=False)

@@ -34,7 +34,6 @@ from typing import (
     overload,
 )
 
-from mpmsub import _result as kinds
 from mpmsub._backends.base import Backend, LaunchOptions
 from mpmsub._backends.base import resolve as resolve_backend
 from mpmsub._backends.base import size as backend_size
@@ -48,7 +47,7 @@ from mpmsub._launch.loop import EventLoop
 from mpmsub._learn.runbook import RunBook
 from mpmsub._policy.ledger import Ledger
 from mpmsub._policy.scheduler import Scheduler, check_policy
-from mpmsub._result import JobResult
+from mpmsub._result import PICKLE, JobResult, never_ran
 from mpmsub._spec import JobSpec
 from mpmsub._system import detect_memory, memory_groups
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory
@@ -523,7 +522,7 @@ def _check_pool_options(
 
 def _unsent(future: JobFuture[Any], spec: JobSpec, job_id: str, exc: CallPicklingError) -> None:
     """Fail the future of a call that could not be pickled, with a result saying so."""
-    result = kinds.never_ran(spec, job_id, kinds.PICKLE, str(exc), attempts=0, exception=exc)
+    result = never_ran(spec, job_id, PICKLE, str(exc), attempts=0, exception=exc)
     exc.result = result
     future.usage = result
     future.set_exception(exc)

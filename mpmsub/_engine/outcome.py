@@ -7,9 +7,8 @@ import dataclasses
 from typing import TYPE_CHECKING, Dict, Optional, Type
 
 from mpmsub import _errors
-from mpmsub import _result as kinds
 from mpmsub._errors import CallCancelledError, CallError, CallPicklingError, CallTimeoutError, MemoryLimitError
-from mpmsub._result import JobResult
+from mpmsub._result import CANCELLED, EXIT, MEMORY, PICKLE, RAISED, SIGNAL, TIMEOUT, JobResult
 from mpmsub._units import MB
 
 if TYPE_CHECKING:
@@ -36,12 +35,12 @@ def make_result(
         where = f" (pipeline stage {index + 1}: {spec.stages[index][0]!r})" if spec.is_pipeline else ""
         who = "its worker process was " if spec.call is not None else ""
         if rc is not None and rc < 0:
-            failure, error = kinds.SIGNAL, f"{who}killed by signal {_signal_name(-rc)}{where}"
+            failure, error = SIGNAL, f"{who}killed by signal {_signal_name(-rc)}{where}"
         else:
             who = "its worker process " if spec.call is not None else ""
-            failure, error = kinds.EXIT, f"{who}exited with status {rc}{where}"
+            failure, error = EXIT, f"{who}exited with status {rc}{where}"
     elif failure is None and spec.call is not None and codes and codes[-1] == 0:
-        failure, error = kinds.EXIT, "its worker process exited (status 0) during the call"
+        failure, error = EXIT, "its worker process exited (status 0) during the call"
     return JobResult(
         job_id=job_id,
         cmd=spec.cmd,
@@ -72,7 +71,7 @@ def cancelled_again(last: JobResult, reason: str, attempts: int, requeued: int) 
     """The result of a job whose next run (a retry, or after a requeue) was cancelled."""
     return dataclasses.replace(
         last,
-        failure=kinds.CANCELLED,
+        failure=CANCELLED,
         error=f"{last.error}; cancelled before it could run again: {reason}",
         attempts=attempts,
         requeued=requeued,
@@ -81,16 +80,16 @@ def cancelled_again(last: JobResult, reason: str, attempts: int, requeued: int) 
 
 # The exception a call's future fails with, by failure kind (RAISED re-raises the call's own).
 _CALL_ERRORS: Dict[str, Type[CallError]] = {
-    kinds.MEMORY: MemoryLimitError,
-    kinds.TIMEOUT: CallTimeoutError,
-    kinds.CANCELLED: CallCancelledError,
-    kinds.PICKLE: CallPicklingError,
+    MEMORY: MemoryLimitError,
+    TIMEOUT: CallTimeoutError,
+    CANCELLED: CallCancelledError,
+    PICKLE: CallPicklingError,
 }
 
 
 def call_exception(result: JobResult) -> BaseException:
     """What `result()` raises for a Python call that did not return."""
-    if result.failure == kinds.RAISED and result.exception is not None:
+    if result.failure == RAISED and result.exception is not None:
         return result.exception
     kind = _CALL_ERRORS.get(result.failure or "", _errors.WorkerDiedError)
     error: CallError = kind(f"call {result.job_id!r} ({result.cmd[0]}) failed: {result.error}", result)

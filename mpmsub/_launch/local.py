@@ -24,7 +24,6 @@ import time
 from subprocess import Popen
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from mpmsub import _result as kinds
 from mpmsub import _threads
 from mpmsub._launch import proctree as _proctree
 from mpmsub._launch.base import Handle, Launcher, MemorySeries, Outcome, PoolOptions, escalate
@@ -32,6 +31,7 @@ from mpmsub._launch.cgroups import JobGroup, JobGroups
 from mpmsub._launch.loop import EventLoop, Timer
 from mpmsub._launch.pool import WorkerPool
 from mpmsub._launch.watchman import Watchman
+from mpmsub._result import ERROR, START, TIMEOUT, FailureKind
 from mpmsub._spec import JobSpec
 from mpmsub._units import format_memory
 
@@ -157,7 +157,7 @@ class LocalHandle(Handle):
         self._group_lock = threading.Lock()
         self._placed = False  # the monitor thread's
         self._timers: List[Timer] = []
-        self.failure: Optional[kinds.FailureKind] = None
+        self.failure: Optional[FailureKind] = None
         self.error: Optional[str] = None
         self._killing = False
         self._finished = False
@@ -218,7 +218,7 @@ class LocalHandle(Handle):
             message = (
                 _start_error(spec, argv[0], exc) if isinstance(exc, OSError) else f"cannot start {argv[0]!r}: {exc}"
             )
-            self.failure, self.error = kinds.START, message
+            self.failure, self.error = START, message
             if not self.pids:
                 self._fail_start(self.error)
                 return
@@ -233,7 +233,7 @@ class LocalHandle(Handle):
             self._loop.add_reader(fd, self._on_readable, fd)
         if spec.timeout is not None and not self._killing and self.failure is None:
             self._timers.append(
-                self._loop.call_later(spec.timeout, self.kill, kinds.TIMEOUT, f"timed out after {spec.timeout:g} s")
+                self._loop.call_later(spec.timeout, self.kill, TIMEOUT, f"timed out after {spec.timeout:g} s")
             )
 
     def _popen(self, argv: Sequence[str], stdin: Optional[int], stdout: Any, stderr: Any, env: Any) -> Popen[bytes]:
@@ -284,7 +284,7 @@ class LocalHandle(Handle):
         files.clear()
 
     def _fail_start(self, message: str) -> None:
-        self.failure, self.error = kinds.START, message
+        self.failure, self.error = START, message
         for fd in list(self._outputs):
             os.close(fd)
         self._outputs.clear()
@@ -357,7 +357,7 @@ class LocalHandle(Handle):
         """Another part of the program reaped this stage (a SIGCHLD handler, os.wait())."""
         self._unreaped.pop(pid, None)
         if self.failure is None:
-            self.failure = kinds.ERROR
+            self.failure = ERROR
             self.error = (
                 "its exit status was collected by another part of this program (os.wait() or a SIGCHLD "
                 "handler), so how it ended is unknown"
@@ -525,7 +525,7 @@ class LocalHandle(Handle):
 
     # -- killing and measuring ------------------------------------------------------------------
 
-    def kill(self, failure: kinds.FailureKind, message: str, grace: Optional[float] = None) -> bool:
+    def kill(self, failure: FailureKind, message: str, grace: Optional[float] = None) -> bool:
         if self._finished or not self._unreaped:
             return False
         grace = self._launcher.kill_grace if grace is None else grace

@@ -28,7 +28,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from mpmsub import _result as kinds
 from mpmsub import _threads
 from mpmsub._errors import CallPicklingError, RemoteTraceback
 from mpmsub._launch import proctree as _proctree
@@ -36,6 +35,7 @@ from mpmsub._launch import worker_main as wire
 from mpmsub._launch.base import Handle, MemorySeries, Outcome, escalate
 from mpmsub._launch.loop import EventLoop, Timer
 from mpmsub._launch.watchman import Watchman
+from mpmsub._result import ERROR, PICKLE, RAISED, START, TIMEOUT, FailureKind
 from mpmsub._spec import JobSpec
 
 if TYPE_CHECKING:
@@ -712,7 +712,7 @@ class CallHandle(Handle):
         self.worker: Optional[Worker] = None
         self.waiting = False  # for the zygote to be prepared, before it has a worker
         self.killing = False
-        self.failure: Optional[kinds.FailureKind] = None
+        self.failure: Optional[FailureKind] = None
         self.error: Optional[str] = None
         self._finished = False
         self._timers: List[Timer] = []
@@ -738,11 +738,11 @@ class CallHandle(Handle):
         if self.spec.timeout is not None and not self._finished and not self.killing:
             timeout = self.spec.timeout
             self._timers.append(
-                self.pool.loop.call_later(timeout, self.kill, kinds.TIMEOUT, f"timed out after {timeout:g} s")
+                self.pool.loop.call_later(timeout, self.kill, TIMEOUT, f"timed out after {timeout:g} s")
             )
 
     def fail_start(self, message: str) -> None:
-        self.failure, self.error = kinds.START, message
+        self.failure, self.error = START, message
         self.pool.loop.call_soon_threadsafe(self._finish, [None])
 
     # -- its end ----------------------------------------------------------------------------------
@@ -753,7 +753,7 @@ class CallHandle(Handle):
         try:
             value, exception = self._decode(reply)
         except BaseException as exc:  # user code (__setstate__, __reduce__) ran and failed: the call's
-            self.failure = kinds.PICKLE
+            self.failure = PICKLE
             self.error = f"what it returned could not be unpickled here: {type(exc).__name__}: {exc}"
         started, runtime, cpu, peak, child = usage
         if peak is not None:
@@ -770,7 +770,7 @@ class CallHandle(Handle):
             return pickle.loads(reply[1]), None
         if status == wire.RAISED:
             _, data, text, summary = reply
-            self.failure, self.error = kinds.RAISED, f"raised {summary}"
+            self.failure, self.error = RAISED, f"raised {summary}"
             exception = None
             with contextlib.suppress(Exception):
                 exception = pickle.loads(data) if data is not None else None
@@ -778,7 +778,7 @@ class CallHandle(Handle):
                 exception = CallPicklingError(f"the call raised {summary}, which could not be pickled back")
             exception.__cause__ = RemoteTraceback(text)
             return None, exception
-        self.failure = kinds.PICKLE
+        self.failure = PICKLE
         if status == wire.UNPICKLED:
             self.error = f"the worker could not unpickle the call: {reply[1]}"
         else:  # UNPICKLABLE
@@ -788,7 +788,7 @@ class CallHandle(Handle):
     def broken(self, why: str) -> None:
         """The worker could not be prepared (its main module or initializer raised); it exits
         on its own, and its exit ends the call."""
-        self.failure = kinds.START
+        self.failure = START
         self.error = f"its worker process could not be prepared: {why}"
 
     def worker_died(self, code: Optional[int], usage: Any) -> None:
@@ -803,7 +803,7 @@ class CallHandle(Handle):
             if self._first_call:
                 peak = max(peak, usage.ru_maxrss * _proctree.MAXRSS_UNIT)
         elif self.failure is None:
-            self.failure = kinds.ERROR
+            self.failure = ERROR
             self.error = (
                 f"its worker process ended with its parent: {worker.lost}"
                 if worker.lost
@@ -846,7 +846,7 @@ class CallHandle(Handle):
 
     # -- killing and measuring --------------------------------------------------------------------
 
-    def kill(self, failure: kinds.FailureKind, message: str, grace: Optional[float] = None) -> bool:
+    def kill(self, failure: FailureKind, message: str, grace: Optional[float] = None) -> bool:
         worker = self.worker
         if self.waiting and not self._finished:  # no process yet: it ends now
             self.waiting = False

@@ -48,9 +48,9 @@ class RunBook:
 
     def learn(self, key: Optional[str], spec: JobSpec, input_size: int, result: JobResult, requeued: bool) -> None:
         """Record a run that ended in the history, and in what this executor estimates from."""
-        from mpmsub import _result as kinds
+        from mpmsub._result import ERROR, PICKLE, START
 
-        if key is None or result.failure in (kinds.START, kinds.PICKLE, kinds.ERROR):
+        if key is None or result.failure in (START, PICKLE, ERROR):
             return  # never ran, or mpmsub failed: nothing of the tool was measured
         from mpmsub._learn import estimate, history
 

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Deque, Iterable, Optional, Sequence, Tuple, TypeVar
 
-from mpmsub import _result as kinds
 from mpmsub._policy.enforce import strict_overuse
+from mpmsub._result import CANCELLED, MEMORY, PICKLE, START
 from mpmsub._units import MB, format_memory
 
 PROFILE_BUFFER = 0.20  # the margin profile() adds to a measured peak; a requeued job waits for it too
@@ -47,7 +47,7 @@ class Ended:
 
 
 @dataclass(frozen=True)
-class Again:
+class NextRun:
     """The run that follows: why, with what `m`, and the memory it waits for."""
 
     why: str  # "requeue" (not the job's failure), "auto" (a prediction too small) or "retry"
@@ -55,7 +55,7 @@ class Again:
     requeue_need: int
 
 
-def again(end: Ended) -> Optional[Again]:
+def next_run(end: Ended) -> Optional[NextRun]:
     """What follows a run's end: a run again (requeued, or retried), or None when its result is
     final. A requeue costs no retry; a memory failure's retry gets more memory (grown_memory)."""
     if end.final:
@@ -64,10 +64,10 @@ def again(end: Ended) -> Optional[Again]:
         # It was perhaps still growing: its next run waits for room for its peak plus the share
         # profile() adds to a finished job's peak, though not for more than it may be given.
         margin = min(math.ceil(end.peak * (1 + PROFILE_BUFFER)), end.most)
-        return Again("requeue", end.memory, max(end.requeue_need, end.peak, margin))
-    if end.failure is None or end.failure in (kinds.START, kinds.CANCELLED, kinds.PICKLE):
+        return NextRun("requeue", end.memory, max(end.requeue_need, end.peak, margin))
+    if end.failure is None or end.failure in (START, CANCELLED, PICKLE):
         return None
-    memory_failure = end.failure == kinds.MEMORY
+    memory_failure = end.failure == MEMORY
     # A predicted m that proved too little runs again with more, beyond the job's own retries.
     if end.auto and memory_failure and end.auto_retries < AUTO_RETRIES and (end.memory or 0) < end.most:
         why = "auto"
@@ -76,7 +76,7 @@ def again(end: Ended) -> Optional[Again]:
     else:
         return None
     memory = grown_memory(end) if memory_failure else end.memory
-    return Again(why, memory, end.requeue_need)
+    return NextRun(why, memory, end.requeue_need)
 
 
 def grown_memory(end: Ended) -> int:
