@@ -33,7 +33,7 @@ from typing import (
 
 from mpmsub._backends.base import resolve as resolve_backend
 from mpmsub._backends.base import size as backend_size
-from mpmsub._engine.executor import DEFAULT_OUTPUT_LIMIT, MemoryAwareExecutor
+from mpmsub._engine.executor import DEFAULT_OUTPUT_LIMIT, MemoryAwareExecutor, check_learning
 from mpmsub._job import pick_one, to_spec
 from mpmsub._policy.ledger import Ledger
 from mpmsub._policy.scheduler import check_policy
@@ -169,7 +169,7 @@ class Cluster:
             raise ValueError(f"invalid memory {memory!r}: the cluster needs a positive memory budget")
         # Checked here, at once, by the executor's own rules (and kept as given, for each run's).
         self._learning = {"history": history, "auto_memory": auto_memory, "probe_memory": probe_memory}
-        MemoryAwareExecutor._check_learning(history, auto_memory, probe_memory, self._memory)
+        check_learning(history, auto_memory, probe_memory, self._memory)
         self._output_limit = output_limit
         if output_limit is not None and not parse_memory(output_limit, "output_limit"):
             raise ValueError(f"invalid output_limit {output_limit!r}: expected a size above 0, or None to keep all")

@@ -42,8 +42,7 @@ class NodeExecutor(MemoryAwareExecutor):
 
     def forget_id(self, job_id: str) -> None:
         """Let a finished job's id be used again (a Dask worker runs jobs as long as it lives)."""
-        with self._lock:
-            self._ids.discard(job_id)
+        self._inbox.forget(job_id)
 
     def kill_job(
         self, future: JobFuture[Any], failure: FailureKind, message: str, grace: Optional[float] = None

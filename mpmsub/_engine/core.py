@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Op
 
 from mpmsub._engine.delivery import Delivery
 from mpmsub._engine.future import JobFuture
-from mpmsub._engine.outcome import call_exception, cancelled_again, make_result
+from mpmsub._engine.outcome import cancelled_again, make_result, resolve
 from mpmsub._launch import proctree as _proctree
 from mpmsub._launch.base import Handle, Launcher, Outcome, not_started
 from mpmsub._policy import runs as _policy
@@ -234,10 +234,7 @@ class Core:
         self.held_count = 0
         self.auto = AutoPlacement(self)
         self.watch = MemoryWatch(self)
-        self._gate_room: Optional[int] = None  # free memory above the reserve, this dispatch round
-        self._gate_admitted = 0  # jobs the gate let through in this round (not yet running)
-        self._gate_timer = False
-        self._gate_warned: Set[int] = set()
+        self.gate = LiveGate(self)
         self.monitor: Any = _NoMonitor()
         if monitor_interval is not None:
             from mpmsub._engine.monitor import Monitor
@@ -284,7 +281,7 @@ class Core:
         else:  # its future is running: it gets a result
             result = cancelled_again(item.last_result, reason, item.attempts, item.requeued)
             error = result.error or ""
-            self._resolve(item, result)
+            resolve(self.delivery, item.future, item.spec, result)
         if self.trace is not None:
             self.trace.cancelled(item.job_id, item.runs + 1, error)
         if item.probe:
@@ -315,12 +312,11 @@ class Core:
 
     def dispatch(self) -> None:
         """Start every job the scheduler (and the live gate) lets start now."""
-        self._gate_room = None
-        self._gate_admitted = 0
+        self.gate.new_round()
         try:
             while True:
                 chosen, cancelled = self.scheduler.select(
-                    self.ledger, self.running.values(), self.settings.clock(), self._gate, _cancelled
+                    self.ledger, self.running.values(), self.settings.clock(), self.gate.admits, _cancelled
                 )
                 for item in cancelled:  # taken out of the queue by select()
                     self._drop(item)
@@ -334,44 +330,7 @@ class Core:
                     else:  # cancelled since it was chosen
                         self._drop(item, notified=True)
         finally:
-            if self._gate_room is not None and self.scheduler and not self._gate_timer:
-                # The machine's free memory changes without an event to wait on: look again soon.
-                self._gate_timer = True
-                self.loop.call_later(_GATE_RETRY, self._gate_retry)
-
-    def _gate_retry(self) -> None:
-        self._gate_timer = False
-        self.dispatch()
-        self.maybe_close()  # the round may have dropped the last (cancelled) jobs
-
-    def _gate(self, item: Item) -> bool:
-        """The live memory gate (_policy.gate_admits), with a warning the first time a job waits."""
-        need = _policy.need(item.spec.memory, item.requeue_need)
-        reserve = self.settings.memory_reserve
-        if not need or not reserve:
-            return True
-        if self._gate_room is None:
-            running = [
-                (_policy.need(i.spec.memory, i.requeue_need), 0 if i.run is None else i.run.floor)
-                for i in self.running.values()
-            ]
-            available = available_memory(self.settings.memory_groups)
-            self._gate_room = _policy.gate_room(available, reserve, running)
-        alone = not self.running and not self._gate_admitted
-        if _policy.gate_admits(need, self._gate_room, alone):
-            self._gate_room -= need
-            self._gate_admitted += 1
-            return True
-        if item.seq not in self._gate_warned:
-            self._gate_warned.add(item.seq)
-            logger.warning(
-                "mpmsub: job %s waits for memory: it needs %s, the machine has %s available above the %s reserve",
-                item.job_id,
-                format_memory(need),
-                format_memory(max(0, self._gate_room)),
-                format_memory(reserve),
-            )
-        return False
+            self.gate.round_ended()
 
     def _start(self, item: Item) -> None:
         if item.takes_free:  # a probe: what is free joins its share (AutoPlacement.launch_probe)
@@ -384,7 +343,7 @@ class Core:
         if not self.running:  # the monitor's count may be stale after an idle spell
             self.watch.oom_kills = _proctree.oom_kill_count()
         self._move(item, RunState.RUNNING)
-        self._gate_warned.discard(item.seq)
+        self.gate.started(item)
         item.attempts += 1
         run = item.run = Run(item.runs + 1, self.settings.clock())
         item.requeue = item.shortage_final = False
@@ -414,7 +373,8 @@ class Core:
         self.ledger.release(item.request)
         if run.handle is not None:
             self.monitor.unwatch(run.handle)
-        self._explain(item, outcome)
+        strict = self.settings.strict_memory if item.spec.strict is None else item.spec.strict
+        explain(outcome, item.spec, strict, item.oom_baseline)
         result = make_result(item.spec, item.job_id, outcome, item.attempts, item.requeued, item.estimate)
         item.last_result = result
         if self.runbook is not None:
@@ -433,24 +393,8 @@ class Core:
         self.dispatch()  # start the next jobs before running the user's callbacks
         self._trace_idle()
         logger.debug("mpmsub: end %s: %s", item.job_id, result.error or "ok")
-        self._resolve(item, result)
+        resolve(self.delivery, item.future, item.spec, result)
         self.maybe_close()
-
-    def _explain(self, item: Item, outcome: Outcome) -> None:
-        """Name the failures only the engine can see: a kill by the kernel's out-of-memory killer,
-        and a strict job whose final peak is over its `m`."""
-        count = None
-        if item.oom_baseline is not None and outcome.failure is None and _policy.sigkilled(outcome.returncodes):
-            count = _proctree.oom_kill_count()
-        why = _policy.oom_failure(
-            outcome.returncodes, outcome.failure, outcome.oom_kills or 0, outcome.peak_memory, item.oom_baseline, count
-        )
-        if why is None:
-            spec = item.spec
-            strict = self.settings.strict_memory if spec.strict is None else spec.strict
-            why = _policy.final_peak_failure(strict, spec.memory, outcome.failure, outcome.process_peak)
-        if why is not None:
-            outcome.failure, outcome.error = MEMORY, why
 
     def _run_again(self, item: Item, result: JobResult) -> bool:
         """Requeue or retry a job that ended (_policy.again); False when its result is final."""
@@ -489,18 +433,6 @@ class Core:
             logger.info("mpmsub: %s failed (%s); retrying with %s", item.job_id, result.error, item.spec.resources())
         self._move(item, RunState.QUEUED, front=True)
         return True
-
-    def _resolve(self, item: Item, result: JobResult) -> None:
-        """Hand a job's final result to its future: the JobResult for a command; for a call,
-        what it returned, or an exception."""
-        future = item.future
-        future.usage = result
-        if item.spec.call is None:
-            self.delivery.set_result(future, result)
-        elif result.success:
-            self.delivery.set_result(future, result.value)
-        else:
-            self.delivery.set_exception(future, call_exception(result))
 
     def _trace_idle(self) -> None:
         """Nothing runs now: the trace writes what waits (see Trace.idle)."""
@@ -578,6 +510,67 @@ class Core:
     def in_use(self) -> int:
         """The running jobs' resident memory at their last sample, and the output held for them."""
         return sum((0 if i.run is None else i.run.rss) + i.captured for i in list(self.running.values()))
+
+
+class LiveGate:
+    """The live memory gate (_policy.gate_admits) of a dispatch round: the machine's available
+    memory, read once per round, less the reserve and what running jobs have not yet touched,
+    must hold a job with `m`; a job that waits is warned of once, and while jobs wait the round
+    runs again every _GATE_RETRY seconds (free memory changes without an event to wait on)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.room: Optional[int] = None  # free memory above the reserve, this round (None: not read)
+        self.admitted = 0  # jobs let through in this round (not yet running)
+        self.timer = False
+        self.warned: Set[int] = set()
+
+    def new_round(self) -> None:
+        self.room = None
+        self.admitted = 0
+
+    def round_ended(self) -> None:
+        core = self.core
+        if self.room is not None and core.scheduler and not self.timer:
+            self.timer = True
+            core.loop.call_later(_GATE_RETRY, self._retry)
+
+    def _retry(self) -> None:
+        self.timer = False
+        self.core.dispatch()
+        self.core.maybe_close()  # the round may have dropped the last (cancelled) jobs
+
+    def started(self, item: Item) -> None:
+        self.warned.discard(item.seq)
+
+    def admits(self, item: Item) -> bool:
+        """Whether `item` may start now, as far as the machine's free memory goes."""
+        core = self.core
+        need = _policy.need(item.spec.memory, item.requeue_need)
+        reserve = core.settings.memory_reserve
+        if not need or not reserve:
+            return True
+        if self.room is None:
+            running = [
+                (_policy.need(i.spec.memory, i.requeue_need), 0 if i.run is None else i.run.floor)
+                for i in core.running.values()
+            ]
+            self.room = _policy.gate_room(available_memory(core.settings.memory_groups), reserve, running)
+        alone = not core.running and not self.admitted
+        if _policy.gate_admits(need, self.room, alone):
+            self.room -= need
+            self.admitted += 1
+            return True
+        if item.seq not in self.warned:
+            self.warned.add(item.seq)
+            logger.warning(
+                "mpmsub: job %s waits for memory: it needs %s, the machine has %s available above the %s reserve",
+                item.job_id,
+                format_memory(need),
+                format_memory(max(0, self.room)),
+                format_memory(reserve),
+            )
+        return False
 
 
 class AutoPlacement:
@@ -727,6 +720,22 @@ class _NoMonitor:
 
     def close(self) -> None:
         pass
+
+
+def explain(outcome: Outcome, spec: JobSpec, strict: bool, oom_baseline: Optional[int]) -> None:
+    """Name the failures only the engine can see in a run's outcome: a kill by the kernel's
+    out-of-memory killer (the machine's count read only for a SIGKILL), and a strict job whose
+    final peak is over its `m`."""
+    count = None
+    if oom_baseline is not None and outcome.failure is None and _policy.sigkilled(outcome.returncodes):
+        count = _proctree.oom_kill_count()
+    why = _policy.oom_failure(
+        outcome.returncodes, outcome.failure, outcome.oom_kills or 0, outcome.peak_memory, oom_baseline, count
+    )
+    if why is None:
+        why = _policy.final_peak_failure(strict, spec.memory, outcome.failure, outcome.process_peak)
+    if why is not None:
+        outcome.failure, outcome.error = MEMORY, why
 
 
 def _cancelled(item: Item) -> bool:

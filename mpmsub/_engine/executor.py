@@ -177,34 +177,18 @@ class MemoryAwareExecutor(Executor):
         )
         if budget <= 0:
             raise ValueError(f"invalid memory {memory!r}: the executor needs a positive memory budget")
-        if isinstance(kill_grace, bool) or not isinstance(kill_grace, (int, float)):
-            raise ValueError(f"invalid kill_grace {kill_grace!r}: expected a number of seconds, 0 or more")
-        kill_grace = parse_duration(kill_grace, "kill_grace", zero=True)  # inf would never SIGKILL
+        kill_grace = _check_kill_grace(kill_grace)
         if not isinstance(strict_memory, bool):
             raise TypeError(f"strict_memory must be True or False; got {strict_memory!r}")
-        history_path, probe = self._check_learning(history, auto_memory, probe_memory, budget)
+        history_path, probe = check_learning(history, auto_memory, probe_memory, budget)
         trace_path: Optional[PathLike] = None
         if trace is not None:
             from mpmsub._report.trace import check_target
 
             trace_path = check_target(trace)
-        self.output_limit = None if output_limit is None else parse_memory(output_limit, "output_limit")
-        if self.output_limit == 0:
-            raise ValueError(f"invalid output_limit {output_limit!r}: expected a size above 0, or None to keep all")
+        self.output_limit = _check_output_limit(output_limit)
         _check_pool_options(max_tasks_per_child, initializer, initargs, mp_context)
-        if not self.backend.local:
-            # The gate and the reserve watch this machine's memory; the jobs run elsewhere, each
-            # under mpmsub there, which watches its own.
-            if memory_reserve is not None and parse_memory(memory_reserve, "memory_reserve"):
-                raise ValueError(
-                    f"memory_reserve={memory_reserve!r} applies to local runs only; with the backend "
-                    f"{self.backend!r} each machine's mpmsub keeps its own reserve"
-                )
-            reserve = 0
-        elif memory_reserve is None:
-            reserve = min(2 * 1024 * MB, int(0.05 * detect_memory()))
-        else:
-            reserve = parse_memory(memory_reserve, "memory_reserve")
+        reserve = _reserve(self.backend, memory_reserve)
         self.cpus = ncpus
         self.memory = budget
         self.max_workers = slots
@@ -222,7 +206,7 @@ class MemoryAwareExecutor(Executor):
         self._runbook = RunBook(recorder)
 
         self.schedule = check_policy(schedule)
-        self.kill_grace = float(kill_grace)
+        self.kill_grace = kill_grace
         # A remote backend at its whole size places jobs by each place's own resources and queues
         # the rest itself: it is handed jobs ahead (Backend.lookahead times its size). Given
         # sizes are hard caps.
@@ -232,12 +216,6 @@ class MemoryAwareExecutor(Executor):
             budget * ahead if memory is None else budget,
             slots,
         )
-        self._inbox: List[Item] = []  # submitted, not yet taken by the loop (guarded by _lock)
-        self._inbox_pending = False
-        self._lock = threading.Lock()  # guards the ids, the inbox and the move to SHUT_DOWN
-        self._ids: Set[str] = set()
-        self._seq = itertools.count()
-        self._auto_id = itertools.count(1)
         trace_log: Optional[Trace] = None
         if trace_path is not None or self._keeps_trace:
             header = {
@@ -252,6 +230,7 @@ class MemoryAwareExecutor(Executor):
             trace_log = Trace(trace_path, header, self._monitor_interval)  # first: the one open that may fail
         try:
             self._loop = EventLoop("mpmsub-executor")
+            self._inbox = Inbox(self._loop, self._take_inbox)
             spawn = mp_context is not None and mp_context.get_start_method() == "spawn"
             options = PoolOptions(max_tasks_per_child, initializer, tuple(initargs), zygote=not spawn)
             self._launcher: Launcher = self.backend.launcher(
@@ -285,25 +264,6 @@ class MemoryAwareExecutor(Executor):
             raise
         _live_executors.add(self)
         weakref.finalize(self, _stop_loop, self._loop, self._core.monitor, self._runbook, trace_log)
-
-    @staticmethod
-    def _check_learning(
-        history: Any, auto_memory: object, probe_memory: Optional[MemoryLike], budget: int
-    ) -> Tuple[Optional[str], Optional[int]]:
-        """The history's path (None: off) and the probes' reservation (None: what is free)."""
-        if not isinstance(auto_memory, bool):
-            raise TypeError(f"auto_memory must be True or False; got {auto_memory!r}")
-        probe = None if probe_memory is None else parse_memory(probe_memory, "probe_memory")
-        if probe is not None and not 0 < probe <= budget:
-            raise ValueError(
-                f"invalid probe_memory {probe_memory!r}: expected a size above 0 and within the "
-                f"{format_memory(budget)} budget (None: what is free when the probe starts)"
-            )
-        if history is False:
-            return None, probe
-        from mpmsub._learn.history import resolve
-
-        return resolve(history), probe
 
     def __repr__(self) -> str:
         cap = f", max_workers={self.max_workers}" if self.max_workers else ""
@@ -377,23 +337,20 @@ class MemoryAwareExecutor(Executor):
                 spec.call.data()  # pickled here, once, outside the lock: what fails, fails its own future
             except CallPicklingError as exc:
                 unsent = exc
-        with self._lock:
+        inbox = self._inbox
+        with inbox.lock:
             if self._core.lifecycle is not Lifecycle.OPEN:
                 raise RuntimeError("cannot submit a job after the executor has been shut down")
-            job_id = self._claim_id(spec.job_id)
+            job_id = inbox.claim(spec.job_id)
             why = self._core.ledger.why_never_fits(request)
             if why is not None:
-                self._ids.discard(job_id)
+                inbox.ids.discard(job_id)
                 raise ValueError(f"job {job_id!r} can never run on this executor: {why}")
             if unsent is not None:
                 _unsent(future, spec, job_id, unsent)
                 return future
-            item = Item(next(self._seq), spec, job_id, future, self.kill_grace)
+            item = inbox.put(spec, job_id, future, self.kill_grace)
             item.key, item.input_size, item.place_memory = key, size, place
-            self._inbox.append(item)
-            if not self._inbox_pending:  # one call to the loop for a burst of submits
-                self._loop.call_soon_threadsafe(self._take_inbox)
-                self._inbox_pending = True
         return future
 
     def map(
@@ -447,7 +404,7 @@ class MemoryAwareExecutor(Executor):
 
     def _shut_down(self, cancel_queued: bool, kill_reason: Optional[str]) -> None:
         """Take no more jobs, and tell the loop (with `kill_reason`: kill what runs)."""
-        with self._lock:
+        with self._inbox.lock:
             if self._core.lifecycle is Lifecycle.OPEN:
                 self._core.advance(Lifecycle.SHUT_DOWN)
             if self._loop.is_alive():
@@ -474,27 +431,110 @@ class MemoryAwareExecutor(Executor):
 
     def _take_inbox(self) -> None:
         """On the loop: hand the jobs submitted since the last call to the core."""
-        with self._lock:
-            items, self._inbox = self._inbox, []
-            self._inbox_pending = False
-        self._core.take(items)
+        self._core.take(self._inbox.take())
 
-    def _forget_id(self, job_id: str) -> None:
-        """Let a finished job's id be used again (for an executor that runs jobs for others)."""
-        with self._lock:
-            self._ids.discard(job_id)
 
-    def _claim_id(self, wanted: Optional[str]) -> str:
+class Inbox:
+    """The jobs submitted and not yet taken by the loop, and the job ids in use. Submitters hold
+    `lock` while they claim an id and put a job in; the first job put into an empty inbox posts
+    one call to the loop, which takes the whole inbox."""
+
+    def __init__(self, loop: EventLoop, on_first: Callable[[], None]) -> None:
+        self.lock = threading.Lock()  # also guards the executor's move to SHUT_DOWN
+        self.ids: Set[str] = set()
+        self._items: List[Item] = []
+        self._posted = False
+        self._seq = itertools.count()
+        self._auto_id = itertools.count(1)
+        self._loop = loop
+        self._on_first = on_first
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def claim(self, wanted: Optional[str]) -> str:
+        """The job's id: the one it asks for, unless taken, or the next free job_NNNN (under `lock`)."""
         if wanted is not None:
-            if wanted in self._ids:
+            if wanted in self.ids:
                 raise ValueError(f"duplicate job id {wanted!r}: ids must be unique within an executor")
-            self._ids.add(wanted)
+            self.ids.add(wanted)
             return wanted
         while True:
             job_id = f"job_{next(self._auto_id):04d}"
-            if job_id not in self._ids:
-                self._ids.add(job_id)
+            if job_id not in self.ids:
+                self.ids.add(job_id)
                 return job_id
+
+    def forget(self, job_id: str) -> None:
+        """Let a finished job's id be used again (for an executor that runs jobs for others)."""
+        with self.lock:
+            self.ids.discard(job_id)
+
+    def put(self, spec: JobSpec, job_id: str, future: JobFuture[Any], grace: float) -> Item:
+        """A job in the inbox (under `lock`): one call to the loop for a burst of submits."""
+        item = Item(next(self._seq), spec, job_id, future, grace)
+        self._items.append(item)
+        if not self._posted:
+            self._loop.call_soon_threadsafe(self._on_first)
+            self._posted = True
+        return item
+
+    def take(self) -> List[Item]:
+        """On the loop: every job put in since the last take."""
+        with self.lock:
+            items, self._items = self._items, []
+            self._posted = False
+        return items
+
+
+def _check_kill_grace(kill_grace: object) -> float:
+    """The seconds between SIGTERM and SIGKILL: a number, 0 or more (inf would never SIGKILL)."""
+    if isinstance(kill_grace, bool) or not isinstance(kill_grace, (int, float)):
+        raise ValueError(f"invalid kill_grace {kill_grace!r}: expected a number of seconds, 0 or more")
+    return float(parse_duration(kill_grace, "kill_grace", zero=True))
+
+
+def _check_output_limit(output_limit: Optional[MemoryLike]) -> Optional[int]:
+    """Bytes of each captured stream kept per job (None: all)."""
+    limit = None if output_limit is None else parse_memory(output_limit, "output_limit")
+    if limit == 0:
+        raise ValueError(f"invalid output_limit {output_limit!r}: expected a size above 0, or None to keep all")
+    return limit
+
+
+def _reserve(backend: Backend, memory_reserve: Optional[MemoryLike]) -> int:
+    """The memory the live gate keeps free on this machine (0: no gate)."""
+    if not backend.local:
+        # The gate and the reserve watch this machine's memory; the jobs run elsewhere, each
+        # under mpmsub there, which watches its own.
+        if memory_reserve is not None and parse_memory(memory_reserve, "memory_reserve"):
+            raise ValueError(
+                f"memory_reserve={memory_reserve!r} applies to local runs only; with the backend "
+                f"{backend!r} each machine's mpmsub keeps its own reserve"
+            )
+        return 0
+    if memory_reserve is None:
+        return min(2 * 1024 * MB, int(0.05 * detect_memory()))
+    return parse_memory(memory_reserve, "memory_reserve")
+
+
+def check_learning(
+    history: Any, auto_memory: object, probe_memory: Optional[MemoryLike], budget: int
+) -> Tuple[Optional[str], Optional[int]]:
+    """The history's path (None: off) and the probes' reservation (None: what is free)."""
+    if not isinstance(auto_memory, bool):
+        raise TypeError(f"auto_memory must be True or False; got {auto_memory!r}")
+    probe = None if probe_memory is None else parse_memory(probe_memory, "probe_memory")
+    if probe is not None and not 0 < probe <= budget:
+        raise ValueError(
+            f"invalid probe_memory {probe_memory!r}: expected a size above 0 and within the "
+            f"{format_memory(budget)} budget (None: what is free when the probe starts)"
+        )
+    if history is False:
+        return None, probe
+    from mpmsub._learn.history import resolve
+
+    return resolve(history), probe
 
 
 def _check_pool_options(

@@ -1,10 +1,11 @@
 """From what a launcher measured to what a user sees: the JobResult of a run (`make_result`, with
-the failure explained), and what `result()` raises for a Python call that did not return."""
+the failure explained), what `result()` raises for a Python call that did not return, and the
+hand-over of a final result to its future (`resolve`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Dict, Optional, Type
+from typing import TYPE_CHECKING, Any, Dict, Optional, Type
 
 from mpmsub import _errors
 from mpmsub._errors import CallCancelledError, CallError, CallPicklingError, CallTimeoutError, MemoryLimitError
@@ -12,6 +13,8 @@ from mpmsub._result import CANCELLED, EXIT, MEMORY, PICKLE, RAISED, SIGNAL, TIME
 from mpmsub._units import MB
 
 if TYPE_CHECKING:
+    from mpmsub._engine.delivery import Delivery
+    from mpmsub._engine.future import JobFuture
     from mpmsub._launch.base import Outcome
     from mpmsub._learn.estimate import Estimate
     from mpmsub._spec import JobSpec
@@ -103,3 +106,15 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return str(number)
+
+
+def resolve(delivery: Delivery, future: JobFuture[Any], spec: JobSpec, result: JobResult) -> None:
+    """Hand a job's final result to its future, with its usage: the JobResult for a command;
+    for a call, what it returned, or what `result()` raises (call_exception)."""
+    future.usage = result
+    if spec.call is None:
+        delivery.set_result(future, result)
+    elif result.success:
+        delivery.set_result(future, result.value)
+    else:
+        delivery.set_exception(future, call_exception(result))
