@@ -26,7 +26,7 @@ from mpmsub._units import MemoryLike
 T = TypeVar("T")
 P = ParamSpec("P")
 
-CALL, CHUNK = b"c", b"m"  # a worker's frame kinds (see _worker)
+CALL, CHUNK = b"c", b"m"  # a worker's frame kinds (see _launch.worker_main)
 
 _repr = reprlib.Repr()
 _repr.maxstring = 24

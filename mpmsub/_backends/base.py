@@ -3,7 +3,7 @@
 A Backend makes the launcher an executor uses, and tells the executor how much it offers: the
 executor's ledger, scheduler and futures are the same on every backend. The jobs themselves
 always run under mpmsub's local launcher (on a Dask worker, or as a SLURM job), so what a result
-says is measured and worded alike everywhere (see _remote).
+says is measured and worded alike everywhere (see remote).
 
 `backend=` takes "local", a Backend, or an address: "dask://host:8786", "slurm://partition".
 Without it, `MPMSUB_BACKEND` in the environment chooses, so an unchanged script moves.

@@ -10,7 +10,7 @@ and time kills, when they come first, are reported as the same memory and timeou
 
 The run directory is private (mkdtemp: an unpredictable name, mode 0700) and its files 0600; a
 result is trusted only if it is a file of this user signed with the launcher's secret key, which
-only the job's spec file carries (see _remote): one another user placed is rejected, not unpickled.
+only the job's spec file carries (see remote): one another user placed is rejected, not unpickled.
 """
 
 from __future__ import annotations

@@ -310,7 +310,7 @@ def _command_errors() -> Tuple[type[BaseException], ...]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line's entry point; returns the exit status."""
     words = sys.argv[1:] if argv is None else list(argv)
-    if words[:1] == ["_run-job"]:  # a backend's job on this machine (see _remote); not for people
+    if words[:1] == ["_run-job"]:  # a backend's job on this machine (see _backends.node); not for people
         from mpmsub._backends import node as _node
 
         return _node.main(words[1:])

@@ -7,7 +7,7 @@ pipes are read on the loop, and every stage is reaped with os.wait4 to get the k
 A job's peak memory is the largest of three measures: the kernel's ru_maxrss of each stage from
 wait4 (exact for the largest single process, however short-lived), the sampled sum of its tree's
 resident memory (the monitor's ticks, faster while the job is young), and, where per-job memory
-cgroups can be made (see _cgroups), the group's peak, exact for the whole tree.
+cgroups can be made (see cgroups), the group's peak, exact for the whole tree.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _search_path(env: Optional[Dict[str, str]]) -> str:
 
 class LocalLauncher(Launcher):
     """Runs jobs as local process trees, and Python calls in a pool of reused worker processes
-    (see _workers); every callback runs on `loop`'s thread."""
+    (see pool); every callback runs on `loop`'s thread."""
 
     def __init__(
         self,
@@ -128,8 +128,257 @@ class LocalLauncher(Launcher):
         return handle
 
 
+class CapturedOutput:
+    """A job's captured stdout and stderr: the pipes its last stage writes them to, read on the
+    loop, what the output limit keeps of each, and the note at a stream's end where the limit cut
+    it. Everything here runs on the loop thread; `captured` is read by the monitor thread too."""
+
+    def __init__(self, loop: EventLoop, job_id: str, limit: Optional[int], on_end: Callable[[], None]) -> None:
+        self._loop = loop
+        self._job_id = job_id
+        self._limit = limit  # bytes of each stream kept (None: all)
+        self._on_end = on_end  # called when the last open pipe reaches its end
+        self._open: Dict[int, bytearray] = {}  # capture fd -> what is kept of it
+        self._streams: Dict[str, Tuple[int, bytearray]] = {}  # "stdout" or "stderr" -> (fd, kept)
+        self._dropped: Dict[int, int] = {}  # capture fd -> bytes read past the output limit
+        self.captured = 0  # bytes of output held for the job
+
+    @property
+    def open(self) -> bool:
+        """Whether a pipe is still open: a process may still write to it."""
+        return bool(self._open)
+
+    def pipe(self, name: str) -> int:
+        """A pipe to capture stream `name` ("stdout" or "stderr") through: its write end, for the
+        job (the caller closes ours once the job holds it); its read end is kept here."""
+        read_fd, write_fd = os.pipe()
+        kept = bytearray()
+        self._open[read_fd] = kept
+        self._streams[name] = (read_fd, kept)
+        return write_fd
+
+    def read(self) -> None:
+        """Start reading the pipes on the loop."""
+        for fd in list(self._open):
+            os.set_blocking(fd, False)
+            self._loop.add_reader(fd, self._on_readable, fd)
+
+    def close_unread(self) -> None:
+        """Close the pipes before any is read (the job could not start)."""
+        for fd in list(self._open):
+            os.close(fd)
+        self._open.clear()
+
+    def abandon(self) -> None:
+        """Stop reading: a process outside the job's session keeps its output open."""
+        if self._open:
+            logger.warning(
+                "mpmsub: job %s: a process outside the job's session keeps its output open; "
+                "output after its end is not captured",
+                self._job_id,
+            )
+            for fd in list(self._open):
+                self._close(fd)
+
+    def _on_readable(self, fd: int) -> None:
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        if data:
+            kept = self._open[fd]
+            limit = self._limit
+            if limit is not None and len(kept) + len(data) > limit:  # read on, so the job never blocks
+                self._dropped[fd] = self._dropped.get(fd, 0) + len(kept) + len(data) - limit
+                data = data[: limit - len(kept)]
+            kept += data
+            self.captured += len(data)
+            return
+        self._close(fd)
+        if not self._open:
+            self._on_end()
+
+    def _close(self, fd: int) -> None:
+        self._loop.remove_reader(fd)
+        os.close(fd)
+        del self._open[fd]
+
+    def text(self, name: str) -> Optional[str]:
+        """A captured stream as text, with a note at its end where the output limit cut it (None
+        where the stream was not captured)."""
+        stream = self._streams.get(name)
+        if stream is None:
+            return None
+        fd, kept = stream
+        size = len(kept)
+        text = kept.decode("utf-8", "replace")
+        del kept[:]  # the text is what is held from now on
+        dropped = self._dropped.get(fd)
+        if dropped:
+            limit = format_memory(self._limit or 0)
+            whole = format_memory(size + dropped)
+            note = (
+                f"{name} cut here: the job wrote about {whole}; the first {limit} are kept (output_limit); "
+                f"a file keeps it all ({name}_to, or mpmsub run --results DIR)"
+            )
+            logger.warning("mpmsub: job %s: %s", self._job_id, note)
+            separator = "" if text.endswith("\n") else "\n"
+            text += f"{separator}[mpmsub: {note}]\n"
+        return text
+
+
+class Stages:
+    """A job's stage processes until each is reaped, and what reaping told: their exit codes,
+    their CPU time and the largest ru_maxrss. Exits are learnt through a pidfd registered on the
+    loop, or, where there is none, a waiter thread (or a look now and then); each stage is reaped
+    with os.wait4, on the loop but where a waiter thread must reap it itself (macOS). Everything
+    here runs on the loop thread but the waiter threads (they add to `gone`); the monitor thread
+    reads `unreaped`."""
+
+    def __init__(self, loop: EventLoop, count: int, on_lost: Callable[[], None], on_done: Callable[[], None]) -> None:
+        self._loop = loop
+        self._on_lost = on_lost  # called when another part of the program reaped a stage
+        self._on_done = on_done  # called once no stage is left unreaped
+        self.returncodes: List[Optional[int]] = [None] * count
+        self.unreaped: Dict[int, int] = {}  # pid -> stage index
+        self.gone: Set[int] = set()  # reaped by a waiter thread, not yet recorded on the loop
+        self._pidfds: Dict[int, int] = {}  # pid -> pidfd
+        self.cpu_time = 0.0
+        self.max_rss = 0
+
+    def watch(self, pid: int) -> None:
+        """Learn of the exit of `pid` (in `unreaped`), and reap it then."""
+        try:
+            pidfd = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
+        except (AttributeError, OSError):
+            if _threads.start(self._wait_thread, f"mpmsub-wait-{pid}", (pid,)) is None:
+                self._poll_exit(pid)  # interpreter shutdown: no thread may wait
+            return
+        self._pidfds[pid] = pidfd
+        self._loop.add_reader(pidfd, self._on_pidfd, pid)
+
+    def _wait_thread(self, pid: int) -> None:
+        """Where there is no pidfd: wait for the exit without reaping, then reap on the loop."""
+        if hasattr(os, "waitid"):
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            self._loop.call_soon_threadsafe(self._reap, pid)
+        else:
+            # macOS has no waitid: reaping here gives up the killpg safety of an unreaped leader,
+            # and leftovers in the job's group are not killed after a normal exit.
+            try:
+                _, status, usage = os.wait4(pid, 0)
+            except ChildProcessError:
+                self.gone.add(pid)
+                self._loop.call_soon_threadsafe(self._record_lost, pid)
+                return
+            self.gone.add(pid)  # never signal this pid again: it may be reused
+            self._loop.call_soon_threadsafe(self._record_exit, pid, status, usage)
+
+    def _poll_exit(self, pid: int) -> None:
+        """Where neither a pidfd nor a thread can tell of the exit: look again soon."""
+        seen = _threads.exited(pid)
+        if seen is None:  # (not among the job's timers: it ends with the exit, which every finish waits for)
+            self._loop.call_later(_threads.EXIT_POLL, self._poll_exit, pid)
+        elif hasattr(os, "waitid"):
+            self._reap(pid)  # a zombie still: reaped on the loop, as a pidfd's exit is
+        else:
+            self.gone.add(pid)  # reaped by that look: never signal this pid again
+            status, usage = seen
+            if status is None:
+                self._record_lost(pid)
+            else:
+                self._record_exit(pid, status, usage)
+
+    def _on_pidfd(self, pid: int) -> None:
+        pidfd = self._pidfds.pop(pid)
+        self._loop.remove_reader(pidfd)
+        os.close(pidfd)
+        self._reap(pid)
+
+    def _reap(self, pid: int) -> None:
+        # The stage is a zombie: its pid still holds its process group, so killing what is left
+        # of the group cannot hit an unrelated process.
+        _proctree.kill_group(pid)
+        try:
+            _, status, usage = os.wait4(pid, 0)
+        except ChildProcessError:
+            self._record_lost(pid)
+            return
+        self._record_exit(pid, status, usage)
+
+    def _record_lost(self, pid: int) -> None:
+        """Another part of the program reaped this stage (a SIGCHLD handler, os.wait())."""
+        self.unreaped.pop(pid, None)
+        self._on_lost()
+        if not self.unreaped:
+            self._on_done()
+
+    def _record_exit(self, pid: int, status: int, usage: object) -> None:
+        index = self.unreaped.pop(pid)
+        self.returncodes[index] = os.waitstatus_to_exitcode(status)
+        self.cpu_time += usage.ru_utime + usage.ru_stime  # type: ignore[attr-defined]
+        # A child's ru_maxrss also counts the memory of the process it was forked from (this one)
+        # as it stood at exec time. It is the program's own peak only where it is above ours.
+        max_rss = usage.ru_maxrss * _proctree.MAXRSS_UNIT  # type: ignore[attr-defined]
+        if max_rss > resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _proctree.MAXRSS_UNIT:
+            self.max_rss = max(self.max_rss, max_rss)
+        if not self.unreaped:
+            self._on_done()
+
+
+class CgroupPlacement:
+    """A job's memory cgroup: made, and the job's processes moved in, by the monitor thread once
+    the job has run a while (`place`); its peak and OOM kills read, and the group released, on
+    the loop at the job's end (`release`). `finished` tells whether the job has ended: no group
+    is kept for it after that."""
+
+    def __init__(self, groups: JobGroups, finished: Callable[[], bool]) -> None:
+        self._groups = groups
+        self._finished = finished
+        self._group: Optional[JobGroup] = None  # made by the monitor thread, released on the loop
+        self._lock = threading.Lock()
+        self.placed = False  # the monitor thread's
+
+    def place(self, pids: Set[int]) -> Optional[bool]:
+        """Give the job a memory cgroup and move its processes in (once it has run a while).
+        Whether the group's peak is the whole tree's; None where no group was kept."""
+        groups = self._groups
+        self.placed = True  # tried once, whatever happens
+        if self._finished():
+            return None
+        group = groups.create()
+        if group is None:
+            return None
+        moved = group.adopt(sorted(pids))  # slow (the kernel's grace period): not under the lock
+        with self._lock:
+            if moved and not self._finished():
+                self._group = group
+                # In v1 the memory the processes held moved with them, so the group's peak is
+                # the tree's (unless one was left in a group of its own); in v2 it stayed where it
+                # was charged. Otherwise sampling stays fast.
+                return groups.version == 1 and group.whole
+        groups.release(group)  # nothing moved, or the job ended meanwhile
+        return None
+
+    def release(self, failed: bool) -> Tuple[Optional[int], Optional[int]]:
+        """The group's peak and, where the job `failed`, its OOM kills; (None, None) where it has
+        no group. Called once the job has finished."""
+        with self._lock:  # no group is made for this job from now on
+            group, self._group = self._group, None
+        if group is None:
+            return None, None
+        peak = group.peak()
+        oom_kills = group.oom_kills() if failed else None
+        self._groups.release(group)
+        return peak, oom_kills
+
+
 class LocalHandle(Handle):
-    """One job's processes, output pipes and timers."""
+    """One job's processes, timers and kill; its stages' exits are its Stages', its output pipes
+    its CapturedOutput's, its memory cgroup its CgroupPlacement's. It runs on the loop thread,
+    but for `sample` (and the `strays`, `sampled_peak`, `series`, `exact_peak` and `captured` it
+    and the engine read or write), which runs on the monitor thread."""
 
     def __init__(self, launcher: LocalLauncher, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> None:
         self._launcher = launcher
@@ -138,24 +387,12 @@ class LocalHandle(Handle):
         self.job_id = job_id
         self._on_exit = on_exit
         self.pids: List[int] = []  # stage roots, each a session leader
-        self._returncodes: List[Optional[int]] = [None] * len(spec.stages)
-        self._unreaped: Dict[int, int] = {}  # pid -> stage index
-        self._gone: Set[int] = set()  # reaped by a waiter thread, not yet recorded on the loop
-        self._pidfds: Dict[int, int] = {}  # pid -> pidfd
-        self._outputs: Dict[int, bytearray] = {}  # capture fd -> what is kept of it
-        self._stdout_fd: Optional[int] = None
-        self._stderr_fd: Optional[int] = None
-        self._kept_out = bytearray()
-        self._kept_err = bytearray()
-        self._dropped: Dict[int, int] = {}  # capture fd -> bytes read past the output limit
-        self.captured = 0  # bytes of output held for the job (read by the monitor thread)
-        self._cpu_time = 0.0
-        self._max_rss = 0
+        self._stages = Stages(self._loop, len(spec.stages), self._stage_lost, self._stages_done)
+        self._output = CapturedOutput(self._loop, job_id, launcher.output_limit, self._output_ended)
         self.sampled_peak = 0  # written by the monitor thread
         self.series = MemorySeries()  # written by the monitor thread
-        self._group: Optional[JobGroup] = None  # made by the monitor thread, released on the loop
-        self._group_lock = threading.Lock()
-        self._placed = False  # the monitor thread's
+        groups = launcher.groups
+        self._cgroup = None if groups is None else CgroupPlacement(groups, lambda: self._finished)
         self._timers: List[Timer] = []
         self.failure: Optional[FailureKind] = None
         self.error: Optional[str] = None
@@ -212,7 +449,7 @@ class LocalHandle(Handle):
                 proc.returncode = 0
                 self.pids.append(proc.pid)
                 self._launcher.watchman.watch(proc.pid)  # its session id
-                self._unreaped[proc.pid] = index
+                self._stages.unreaped[proc.pid] = index
         except Exception as exc:
             self._close_all(parent_fds, files)
             message = (
@@ -227,10 +464,8 @@ class LocalHandle(Handle):
         else:
             self._close_all(parent_fds, files)
         for pid in self.pids:
-            self._watch_exit(pid)
-        for fd in list(self._outputs):
-            os.set_blocking(fd, False)
-            self._loop.add_reader(fd, self._on_readable, fd)
+            self._stages.watch(pid)
+        self._output.read()
         if spec.timeout is not None and not self._killing and self.failure is None:
             self._timers.append(
                 self._loop.call_later(spec.timeout, self.kill, TIMEOUT, f"timed out after {spec.timeout:g} s")
@@ -265,13 +500,8 @@ class LocalHandle(Handle):
             f = open(path, "wb")  # noqa: SIM115 - closed in launch() once the children hold it
             files.append(f)
             return f.fileno()
-        read_fd, write_fd = os.pipe()
+        write_fd = self._output.pipe(name)
         parent_fds.append(write_fd)
-        self._outputs[read_fd] = self._kept_out if name == "stdout" else self._kept_err
-        if name == "stdout":
-            self._stdout_fd = read_fd
-        else:
-            self._stderr_fd = read_fd
         return write_fd
 
     @staticmethod
@@ -285,97 +515,20 @@ class LocalHandle(Handle):
 
     def _fail_start(self, message: str) -> None:
         self.failure, self.error = START, message
-        for fd in list(self._outputs):
-            os.close(fd)
-        self._outputs.clear()
+        self._output.close_unread()
         # Report on a later loop iteration, never from inside start().
         self._loop.call_soon_threadsafe(self._finish)
 
-    def _watch_exit(self, pid: int) -> None:
-        try:
-            pidfd = os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
-        except (AttributeError, OSError):
-            if _threads.start(self._wait_thread, f"mpmsub-wait-{pid}", (pid,)) is None:
-                self._poll_exit(pid)  # interpreter shutdown: no thread may wait
-            return
-        self._pidfds[pid] = pidfd
-        self._loop.add_reader(pidfd, self._on_pidfd, pid)
-
-    def _wait_thread(self, pid: int) -> None:
-        """Where there is no pidfd: wait for the exit without reaping, then reap on the loop."""
-        if hasattr(os, "waitid"):
-            with contextlib.suppress(ChildProcessError):
-                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-            self._loop.call_soon_threadsafe(self._reap, pid)
-        else:
-            # macOS has no waitid: reaping here gives up the killpg safety of an unreaped leader,
-            # and leftovers in the job's group are not killed after a normal exit.
-            try:
-                _, status, usage = os.wait4(pid, 0)
-            except ChildProcessError:
-                self._gone.add(pid)
-                self._loop.call_soon_threadsafe(self._record_lost, pid)
-                return
-            self._gone.add(pid)  # never signal this pid again: it may be reused
-            self._loop.call_soon_threadsafe(self._record_exit, pid, status, usage)
-
-    def _poll_exit(self, pid: int) -> None:
-        """Where neither a pidfd nor a thread can tell of the exit: look again soon."""
-        seen = _threads.exited(pid)
-        if seen is None:  # (not among _timers: it ends with the exit, which every finish waits for)
-            self._loop.call_later(_threads.EXIT_POLL, self._poll_exit, pid)
-        elif hasattr(os, "waitid"):
-            self._reap(pid)  # a zombie still: reaped on the loop, as a pidfd's exit is
-        else:
-            self._gone.add(pid)  # reaped by that look: never signal this pid again
-            status, usage = seen
-            if status is None:
-                self._record_lost(pid)
-            else:
-                self._record_exit(pid, status, usage)
-
     # -- events on the loop ---------------------------------------------------------------------
 
-    def _on_pidfd(self, pid: int) -> None:
-        pidfd = self._pidfds.pop(pid)
-        self._loop.remove_reader(pidfd)
-        os.close(pidfd)
-        self._reap(pid)
-
-    def _reap(self, pid: int) -> None:
-        # The stage is a zombie: its pid still holds its process group, so killing what is left
-        # of the group cannot hit an unrelated process.
-        _proctree.kill_group(pid)
-        try:
-            _, status, usage = os.wait4(pid, 0)
-        except ChildProcessError:
-            self._record_lost(pid)
-            return
-        self._record_exit(pid, status, usage)
-
-    def _record_lost(self, pid: int) -> None:
-        """Another part of the program reaped this stage (a SIGCHLD handler, os.wait())."""
-        self._unreaped.pop(pid, None)
+    def _stage_lost(self) -> None:
+        """Another part of the program reaped a stage (a SIGCHLD handler, os.wait())."""
         if self.failure is None:
             self.failure = ERROR
             self.error = (
                 "its exit status was collected by another part of this program (os.wait() or a SIGCHLD "
                 "handler), so how it ended is unknown"
             )
-        if not self._unreaped:
-            self._stages_done()
-
-    def _record_exit(self, pid: int, status: int, usage: object) -> None:
-        index = self._unreaped.pop(pid)
-        self._returncodes[index] = os.waitstatus_to_exitcode(status)
-        self._cpu_time += usage.ru_utime + usage.ru_stime  # type: ignore[attr-defined]
-        # A child's ru_maxrss also counts the memory of the process it was forked from (this one)
-        # as it stood at exec time. It is the program's own peak only where it is above ours.
-        max_rss = usage.ru_maxrss * _proctree.MAXRSS_UNIT  # type: ignore[attr-defined]
-        if max_rss > resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _proctree.MAXRSS_UNIT:
-            self._max_rss = max(self._max_rss, max_rss)
-        if not self._unreaped:
-            self._stages_done()
 
     def _stages_done(self) -> None:
         for timer in self._timers:
@@ -383,7 +536,7 @@ class LocalHandle(Handle):
         self._timers.clear()
         if self._killing:
             self._kill_rest()  # a killed job's processes outside its process group
-        if self._outputs:
+        if self._output.open:
             # Something still holds our output pipes: a process of the job that left its group.
             self._timers.append(self._loop.call_later(_LEFTOVER_GRACE, self._kill_leftovers))
         else:
@@ -400,38 +553,12 @@ class LocalHandle(Handle):
         self._timers.append(self._loop.call_later(_LEFTOVER_GRACE, self._abandon_output))
 
     def _abandon_output(self) -> None:
-        if self._outputs:
-            logger.warning(
-                "mpmsub: job %s: a process outside the job's session keeps its output open; "
-                "output after its end is not captured",
-                self.job_id,
-            )
-            for fd in list(self._outputs):
-                self._close_output(fd)
+        self._output.abandon()
         self._finish()
 
-    def _on_readable(self, fd: int) -> None:
-        try:
-            data = os.read(fd, _READ_SIZE)
-        except BlockingIOError:
-            return
-        if data:
-            kept = self._outputs[fd]
-            limit = self._launcher.output_limit
-            if limit is not None and len(kept) + len(data) > limit:  # read on, so the job never blocks
-                self._dropped[fd] = self._dropped.get(fd, 0) + len(kept) + len(data) - limit
-                data = data[: limit - len(kept)]
-            kept += data
-            self.captured += len(data)
-            return
-        self._close_output(fd)
-        if not self._outputs and not self._unreaped:
+    def _output_ended(self) -> None:
+        if not self._stages.unreaped:
             self._finish()
-
-    def _close_output(self, fd: int) -> None:
-        self._loop.remove_reader(fd)
-        os.close(fd)
-        del self._outputs[fd]
 
     def _finish(self) -> None:
         if self._finished or self._await_survivors():
@@ -444,48 +571,23 @@ class LocalHandle(Handle):
         runtime = time.monotonic() - self._start_mono
         group_peak: Optional[int] = None
         oom_kills: Optional[int] = None
-        with self._group_lock:  # no group is made for this job from now on
-            group, self._group = self._group, None
-        if group is not None and self._launcher.groups is not None:
-            group_peak = group.peak()
-            if any(rc != 0 for rc in self._returncodes):
-                oom_kills = group.oom_kills()
-            self._launcher.groups.release(group)
+        if self._cgroup is not None:
+            group_peak, oom_kills = self._cgroup.release(any(rc != 0 for rc in self._stages.returncodes))
         outcome = Outcome(
-            returncodes=self._returncodes,
-            stdout=self._text(self._stdout_fd, self._kept_out, "stdout"),
-            stderr=self._text(self._stderr_fd, self._kept_err, "stderr"),
+            returncodes=self._stages.returncodes,
+            stdout=self._output.text("stdout"),
+            stderr=self._output.text("stderr"),
             start_time=self._start_time,
             runtime=runtime,
-            cpu_time=self._cpu_time,
-            peak_memory=max(self._max_rss, self.sampled_peak, group_peak or 0),
-            process_peak=max(self._max_rss, self.sampled_peak),
+            cpu_time=self._stages.cpu_time,
+            peak_memory=max(self._stages.max_rss, self.sampled_peak, group_peak or 0),
+            process_peak=max(self._stages.max_rss, self.sampled_peak),
             failure=self.failure,
             error=self.error,
             memory_series=list(self.series.points),
             oom_kills=oom_kills,
         )
         self._on_exit(outcome)
-
-    def _text(self, fd: Optional[int], kept: bytearray, name: str) -> Optional[str]:
-        """A captured stream as text, with a note at its end where the output limit cut it."""
-        if fd is None:
-            return None
-        size = len(kept)
-        text = kept.decode("utf-8", "replace")
-        del kept[:]  # the text is what is held from now on
-        dropped = self._dropped.get(fd)
-        if dropped:
-            limit = format_memory(self._launcher.output_limit or 0)
-            whole = format_memory(size + dropped)
-            note = (
-                f"{name} cut here: the job wrote about {whole}; the first {limit} are kept (output_limit); "
-                f"a file keeps it all ({name}_to, or mpmsub run --results DIR)"
-            )
-            logger.warning("mpmsub: job %s: %s", self.job_id, note)
-            separator = "" if text.endswith("\n") else "\n"
-            text += f"{separator}[mpmsub: {note}]\n"
-        return text
 
     def _await_survivors(self) -> bool:
         """True while processes of a killed job are still alive: each is killed (with what it
@@ -526,7 +628,7 @@ class LocalHandle(Handle):
     # -- killing and measuring ------------------------------------------------------------------
 
     def kill(self, failure: FailureKind, message: str, grace: Optional[float] = None) -> bool:
-        if self._finished or not self._unreaped:
+        if self._finished or not self._stages.unreaped:
             return False
         grace = self._launcher.kill_grace if grace is None else grace
         # A memory stop during a timeout's grace, say, does not wait for the grace to end.
@@ -540,12 +642,17 @@ class LocalHandle(Handle):
         self._timers.append(self._loop.call_later(delay, self._signal, sig))
 
     def _signal(self, sig: int) -> None:
-        roots = [pid for pid in self._unreaped if pid not in self._gone]
+        roots = [pid for pid in self._stages.unreaped if pid not in self._stages.gone]
         self._survivors.signal(roots, sig)
         self.strays = tuple(self._survivors.alive())
 
+    @property
+    def captured(self) -> int:
+        """Bytes of output held for the job (read by the monitor thread)."""
+        return self._output.captured
+
     def sample(self, snapshot: _proctree.Snapshot) -> Optional[int]:
-        roots = [*self._unreaped, *self.strays]
+        roots = [*self._stages.unreaped, *self.strays]
         if not roots:
             return None
         pids = _proctree.members(snapshot, roots)
@@ -555,30 +662,12 @@ class LocalHandle(Handle):
         age = time.monotonic() - self._start_mono
         if rss:  # 0 is a tree of zombies (their resident size reads 0): ended, not small
             self.series.add(age, rss)
-        if not self._placed and self._launcher.groups is not None and age >= _PLACE_AFTER:
-            self._place(pids)
+        cgroup = self._cgroup
+        if cgroup is not None and not cgroup.placed and age >= _PLACE_AFTER:
+            exact = cgroup.place(pids)
+            if exact is not None:
+                self.exact_peak = exact
         return rss
-
-    def _place(self, pids: Set[int]) -> None:
-        """Give the job a memory cgroup and move its processes in (once it has run a while)."""
-        groups = self._launcher.groups
-        assert groups is not None
-        self._placed = True  # tried once, whatever happens
-        if self._finished:
-            return
-        group = groups.create()
-        if group is None:
-            return
-        moved = group.adopt(sorted(pids))  # slow (the kernel's grace period): not under the lock
-        with self._group_lock:
-            if moved and not self._finished:
-                self._group = group
-                # In v1 the memory the processes held moved with them, so the group's peak is
-                # the tree's (unless one was left in a group of its own); in v2 it stayed where it
-                # was charged. Otherwise sampling stays fast.
-                self.exact_peak = groups.version == 1 and group.whole
-                return
-        groups.release(group)  # nothing moved, or the job ended meanwhile
 
     def roots(self) -> Sequence[int]:
         return list(self.pids)

@@ -1,6 +1,6 @@
 """Python calls on this machine: a pool of reused worker processes, driven by the event loop.
 
-A worker (see _worker) is forked from the executor's zygote (see _zygote: one interpreter
+A worker (see worker_main) is forked from the executor's zygote (see zygote: one interpreter
 started with fork-and-exec, safe in a threaded parent, that has imported the main module), or,
 where there is none, is a fresh interpreter started the same way (as the "spawn" start method);
 either way in a session of its own, so that killing a call kills whatever it started too. A
@@ -11,7 +11,9 @@ worker that is killed (timeout, memory, termination) or dies is replaced by a ne
 next call; the other calls and the pool carry on. Requests to the zygote are answered through
 the loop: only the pool's close waits for it.
 
-Everything here runs on the loop thread, except `CallHandle.sample` (the monitor thread).
+Everything here runs on the loop thread, except `CallHandle.sample` (the monitor thread) and,
+where there are no pidfds, `Worker._wait`, on a thread of its own per worker that waits for its
+exit and hands it to the loop.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mpmsub")
 
-# Workers and the zygote run _worker from this mpmsub's own directory, whatever their working
+# Workers and the zygote run worker_main from this mpmsub's own directory, whatever their working
 # directory holds, and from its cached bytecode (a script would be compiled at every start).
 _SITE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(wire.__file__))))  # where mpmsub/ is
 _BOOT = f"import sys; sys.path.insert(0, {_SITE!r}); from mpmsub._launch.worker_main import main; main()"
@@ -58,7 +60,7 @@ _pidfds_work: Optional[bool] = None
 
 
 def can_fork() -> bool:
-    """Whether workers can be forked from a zygote here (see _zygote, imported only then):
+    """Whether workers can be forked from a zygote here (see zygote, imported only then):
     Linux, pidfds, an interpreter to start, MPMSUB_ZYGOTE not off."""
     global _pidfds_work
     if os.environ.get("MPMSUB_ZYGOTE", "").lower() in _ZYGOTE_OFF or not hasattr(os, "pidfd_open"):
@@ -75,7 +77,7 @@ def can_fork() -> bool:
 
 
 def _pipe() -> Tuple[int, int]:
-    """A pipe whose ends are not 0, 1 or 2 (see _worker.above_stdio)."""
+    """A pipe whose ends are not 0, 1 or 2 (see worker_main.above_stdio)."""
     read_fd, write_fd = os.pipe()
     try:
         read_fd = wire.above_stdio(read_fd)
@@ -99,8 +101,121 @@ def _pipes() -> Tuple[int, int, int, int]:
     return to_r, to_w, from_r, from_w
 
 
+class WorkerPipes:
+    """Our ends of a worker's two pipes, and the framing on them: frames written to it (queued
+    while its pipe is full; our end closed once what is queued is written, when it retires), and
+    what it writes back read and cut into frames, each handed to `on_frame`. Everything here runs
+    on the loop thread."""
+
+    def __init__(self, loop: EventLoop, to_fd: int, from_fd: int, on_frame: Callable[[bytes], None]) -> None:
+        self._loop = loop
+        self.to_fd = to_fd  # -1 once closed
+        self.from_fd = from_fd  # -1 once closed
+        self._on_frame = on_frame
+        self.closing = False  # our end of its pipe is closed once what is queued is written
+        self._out = bytearray()  # frames not yet written
+        self._in = bytearray()
+        self._eof = False
+
+    def open(self) -> None:
+        """Start reading its replies on the loop."""
+        os.set_blocking(self.to_fd, False)
+        os.set_blocking(self.from_fd, False)
+        self._loop.add_reader(self.from_fd, self._on_readable)
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def send(self, body: bytes) -> None:
+        header = wire.HEADER.pack(len(body))
+        if self._out:
+            self._out += header
+            self._out += body
+            return
+        try:
+            written = os.writev(self.to_fd, [header, body])
+        except BlockingIOError:
+            written = 0
+        except OSError:  # it is gone: its exit is on its way
+            return
+        if written < len(header) + len(body):
+            self._out += (header + body)[written:]
+            self._loop.add_writer(self.to_fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        try:
+            written = os.write(self.to_fd, self._out)
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(self._out)  # it is gone
+        del self._out[:written]
+        if not self._out:
+            self._loop.remove_writer(self.to_fd)
+            if self.closing:
+                self._close_input()
+
+    def close_input(self) -> None:
+        """Close our end of its pipe once what is queued is written: it exits then."""
+        self.closing = True
+        if not self._out:
+            self._close_input()
+
+    def _close_input(self) -> None:
+        if self.to_fd >= 0:
+            self._loop.remove_writer(self.to_fd)
+            os.close(self.to_fd)
+            self.to_fd = -1
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self.from_fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        if data:
+            self._feed(data)
+            return
+        self._loop.remove_reader(self.from_fd)  # its exit comes through the pidfd or waiter
+        self._eof = True
+
+    def drain(self) -> None:
+        """Read what is in the pipe now (after its exit: what it wrote before it went)."""
+        while not self._eof and self.from_fd >= 0:
+            try:
+                data = os.read(self.from_fd, _READ_SIZE)
+            except BlockingIOError:
+                return  # a process it started may still hold the pipe
+            if not data:
+                self._eof = True
+                return
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        buffer = self._in
+        buffer += data
+        while len(buffer) >= wire.HEADER.size:
+            (size,) = wire.HEADER.unpack_from(buffer)
+            end = wire.HEADER.size + size
+            if len(buffer) < end:
+                break
+            body = bytes(buffer[wire.HEADER.size : end])
+            del buffer[:end]
+            self._on_frame(body)
+
+    def close(self) -> None:
+        """Close our ends of both pipes, whatever is queued."""
+        if self.from_fd >= 0:
+            self._loop.remove_reader(self.from_fd)
+            os.close(self.from_fd)
+            self.from_fd = -1
+        self._close_input()
+
+
 class Worker:
-    """One worker process and its two pipes."""
+    """One worker process: its start, its readiness, the replies it sends (through its
+    WorkerPipes), its exit and reaping. Everything here runs on the loop thread, but for the
+    waiter thread, where there is no pidfd (it waits for the exit, or reaps it on macOS)."""
 
     def __init__(
         self, pool: WorkerPool, zygote: Optional[Zygote] = None, forked: Optional[Tuple[int, int, int]] = None
@@ -120,36 +235,31 @@ class Worker:
         self.calls = 0  # calls it has finished
         self.reported_cpu = 0.0  # CPU time its replies accounted for
         self.ready = False  # prepared (main module, initializer): calls' timeouts run from then
-        self.retiring = False  # its pipe to it is closed: it exits once it has read everything
         self.dead = False
         self.lost: Optional[str] = None  # why its exit status could not be had, if so
-        self._out = bytearray()  # frames not yet written
-        self._in = bytearray()
         self._pidfd: Optional[int] = None
         self._poller: Optional[Any] = None  # polls the pidfd: has it exited?
         self._waiter: Optional[threading.Thread] = None
         self._exit_seen = False  # seen by _poll_exit (no pidfd, no thread)
         self._reaped: Optional[Tuple[Optional[int], Any]] = None  # (status, rusage), reaped by the waiter
         self._released = False
-        self._eof = False
         if forked is not None:
-            self.pid, self.to_fd, self.from_fd = forked
+            self.pid, to_fd, from_fd = forked
         else:
-            to_r, self.to_fd, self.from_fd, from_w = _pipes()
+            to_r, to_fd, from_fd, from_w = _pipes()
             try:
                 self.pid = self._spawn(to_r, from_w)
             except BaseException:
-                os.close(self.to_fd)
-                os.close(self.from_fd)
+                os.close(to_fd)
+                os.close(from_fd)
                 raise
             finally:
                 os.close(to_r)
                 os.close(from_w)
+        self.pipes = WorkerPipes(pool.loop, to_fd, from_fd, self._reply)
         try:
             pool.watchman.watch(self.pid)
-            os.set_blocking(self.to_fd, False)
-            os.set_blocking(self.from_fd, False)
-            pool.loop.add_reader(self.from_fd, self._on_readable)
+            self.pipes.open()
             self._watch_exit()
             if zygote is None:  # a forked worker was prepared in the zygote
                 self.send(pool.init_frame())
@@ -227,85 +337,16 @@ class Worker:
             return self._waiter.is_alive()
         return not self._exited()
 
-    # -- writing ----------------------------------------------------------------------------------
+    # -- its pipes --------------------------------------------------------------------------------
 
     def send(self, body: bytes) -> None:
-        header = wire.HEADER.pack(len(body))
-        if self._out:
-            self._out += header
-            self._out += body
-            return
-        try:
-            written = os.writev(self.to_fd, [header, body])
-        except BlockingIOError:
-            written = 0
-        except OSError:  # it is gone: its exit is on its way
-            return
-        if written < len(header) + len(body):
-            self._out += (header + body)[written:]
-            self.pool.loop.add_writer(self.to_fd, self._on_writable)
-
-    def _on_writable(self) -> None:
-        try:
-            written = os.write(self.to_fd, self._out)
-        except BlockingIOError:
-            return
-        except OSError:
-            written = len(self._out)  # it is gone
-        del self._out[:written]
-        if not self._out:
-            self.pool.loop.remove_writer(self.to_fd)
-            if self.retiring:
-                self._close_input()
+        self.pipes.send(body)
 
     def retire(self) -> None:
         """Let it finish: close our end of its pipe (once what is queued is written); it exits."""
-        self.retiring = True
-        if not self._out:
-            self._close_input()
+        self.pipes.close_input()
 
-    def _close_input(self) -> None:
-        if self.to_fd >= 0:
-            self.pool.loop.remove_writer(self.to_fd)
-            os.close(self.to_fd)
-            self.to_fd = -1
-
-    # -- reading ----------------------------------------------------------------------------------
-
-    def _on_readable(self) -> None:
-        try:
-            data = os.read(self.from_fd, _READ_SIZE)
-        except BlockingIOError:
-            return
-        if data:
-            self._feed(data)
-            return
-        self.pool.loop.remove_reader(self.from_fd)  # its exit comes through the pidfd or waiter
-        self._eof = True
-
-    def _drain(self) -> None:
-        """Read what is in the pipe now (after its exit: what it wrote before it went)."""
-        while not self._eof and self.from_fd >= 0:
-            try:
-                data = os.read(self.from_fd, _READ_SIZE)
-            except BlockingIOError:
-                return  # a process it started may still hold the pipe
-            if not data:
-                self._eof = True
-                return
-            self._feed(data)
-
-    def _feed(self, data: bytes) -> None:
-        buffer = self._in
-        buffer += data
-        while len(buffer) >= wire.HEADER.size:
-            (size,) = wire.HEADER.unpack_from(buffer)
-            end = wire.HEADER.size + size
-            if len(buffer) < end:
-                break
-            body = bytes(buffer[wire.HEADER.size : end])
-            del buffer[:end]
-            self._reply(body)
+    # -- its replies ------------------------------------------------------------------------------
 
     def _reply(self, body: bytes) -> None:
         reply, usage = pickle.loads(body)  # our own frame; what the call returned is inside, as bytes
@@ -336,7 +377,7 @@ class Worker:
         if self.dead:
             return
         self.dead = True
-        self._drain()  # a reply may be behind the exit in this round of the loop
+        self.pipes.drain()  # a reply may be behind the exit in this round of the loop
         if self._pidfd is not None:
             self.pool.loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
@@ -368,11 +409,7 @@ class Worker:
             return
         self._released = True
         self.pool.watchman.forget(self.pid)
-        if self.from_fd >= 0:
-            self.pool.loop.remove_reader(self.from_fd)
-            os.close(self.from_fd)
-            self.from_fd = -1
-        self._close_input()
+        self.pipes.close()
 
     def _reap(self) -> Tuple[Optional[int], Any]:
         """Reap our own child (a fresh interpreter)."""
@@ -423,13 +460,13 @@ def _interpreter_flags() -> List[str]:
         return []
 
 
-_inherited: Optional[Dict[str, Any]] = None  # a sending process's state (see _remote)
+_inherited: Optional[Dict[str, Any]] = None  # a sending process's state (see _backends.remote)
 
 
 def preparation_data() -> Dict[str, Any]:
     """The state a worker restores before its first call, as multiprocessing's spawn does (the
     path, the directory, the main module): this process's, or, in a job run for another
-    process (see _remote), that process's."""
+    process (see _backends.remote), that process's."""
     if _inherited is not None:
         return dict(_inherited)
     import multiprocessing.spawn

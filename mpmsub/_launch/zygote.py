@@ -5,9 +5,9 @@ forked from a zygote costs a fork. The zygote is started as workers were (fork-a
 session of its own: the executor's process has threads and must not fork), prepared once (the
 parent's import path, directory and main module; the initializer unpickled, which imports its
 module), and forks each worker on request; each worker runs the initializer itself. The other
-side, and the messages both ways, are in _worker (`_zygote`).
+side, and the messages both ways, are in worker_main (`_zygote`).
 
-Only where it can be used safely (_workers.can_fork): Linux with pidfds (a forked worker is the zygote's child, not
+Only where it can be used safely (pool.can_fork): Linux with pidfds (a forked worker is the zygote's child, not
 ours: a pidfd tells us of its exit, and the zygote reaps it when we ask, so that its pid is
 never reused while we may signal it), not a frozen application, and not where the executor
 was given a "spawn" context or MPMSUB_ZYGOTE=0 is set. A zygote whose main module started
@@ -45,7 +45,7 @@ _CLOSE_WAIT = 2.0  # seconds it gets to end its workers and exit once its socket
 
 
 def _socketpair() -> Tuple[socket.socket, socket.socket]:
-    """A SOCK_SEQPACKET pair whose fds are not 0, 1 or 2 (see _worker.above_stdio)."""
+    """A SOCK_SEQPACKET pair whose fds are not 0, 1 or 2 (see worker_main.above_stdio)."""
     pair = list(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
     try:
         for i, sock in enumerate(pair):
