@@ -1,7 +1,8 @@
 """The seed's batch API: `mpmsub.cluster(...)`, `.jobs.append(...)`, `.run()`, `.profile()`.
 
-A thin layer over MemoryAwareExecutor: it validates and queues jobs, runs them through one
-executor per run, and keeps the results, the statistics and the progress bar.
+A thin layer over MemoryAwareExecutor: the Cluster validates and queues jobs, and keeps their
+results and statistics; each run is a _Batch, which runs the jobs through one executor of its own
+and draws the progress bar.
 """
 
 from __future__ import annotations
@@ -71,12 +72,17 @@ class QueuedJob(Dict[str, Any]):
 
 
 class JobList:
-    """The cluster's queue of jobs. `append` and `extend` validate at once and return job ids;
-    iterating or indexing gives each queued job as the original's dict (a QueuedJob)."""
+    """The cluster's queue of jobs. `append` and `extend` validate at once (against the cluster's
+    budget and backend) and return job ids; iterating or indexing gives each queued job as the
+    original's dict (a QueuedJob). It keeps the ids taken in the cluster: a job's id stays taken
+    after it ran, so ids are unique within a cluster."""
 
     def __init__(self, cluster: Cluster) -> None:
         self._cluster = cluster
         self._specs: List[JobSpec] = []
+        self._ids: Set[str] = set()
+        self._custom_ids: Set[str] = set()  # those the jobs were given (not made up here)
+        self._next_auto = 1
 
     def append(self, job: Any) -> str:
         """Queue one job (a dict, a Job, a Pipeline, a list of strings, or a Python call as
@@ -85,14 +91,65 @@ class JobList:
 
     def extend(self, jobs: Iterable[Any]) -> List[str]:
         """Queue several jobs; all are validated before any is queued. Return their ids."""
-        specs = self._cluster._admit(list(jobs))
+        specs = self._admit(list(jobs))
         self._specs.extend(specs)
         return [spec.job_id or "" for spec in specs]
 
     def clear(self) -> None:
         """Drop every queued job (their ids may be used again)."""
-        self._cluster._release_ids(self._specs)
+        for spec in self._specs:
+            self._ids.discard(spec.job_id or "")
+            self._custom_ids.discard(spec.job_id or "")
         self._specs.clear()
+
+    def _admit(self, items: List[Any]) -> List[JobSpec]:
+        specs: List[JobSpec] = []
+        claimed: List[str] = []
+        next_auto = self._next_auto
+        backend = self._cluster.backend
+        try:
+            for item in items:
+                spec = to_spec(item)
+                request = spec.request
+                if spec.job_id is not None:
+                    job_id = self._unique_id(spec.job_id)
+                    self._custom_ids.add(job_id)
+                else:
+                    job_id = self._next_auto_id()
+                self._ids.add(job_id)
+                claimed.append(job_id)
+                why = self._cluster._capacity.why_never_fits(request)
+                if why is not None:
+                    raise ValueError(f"job {job_id!r} can never run on this cluster: {why}")
+                nowhere = None if backend.local else backend.why_never_fits(spec)
+                if nowhere is not None:
+                    raise ValueError(f"job {job_id!r} can never run on {backend!r}: {nowhere}")
+                specs.append(dataclasses.replace(spec, job_id=job_id))
+        except BaseException:  # nothing of a refused batch stays claimed, auto ids included
+            self._ids.difference_update(claimed)
+            self._custom_ids.difference_update(claimed)
+            self._next_auto = next_auto
+            raise
+        return specs
+
+    def _unique_id(self, wanted: str) -> str:
+        """`wanted`, or where it is taken, `wanted_2`, `wanted_3`, ... (the first one free)."""
+        if wanted not in self._ids:
+            return wanted
+        if self._cluster._refuse_duplicate_ids:
+            raise ValueError(f"duplicate job id {wanted!r}: ids must be unique within a cluster")
+        number = 2
+        while f"{wanted}_{number}" in self._ids:
+            number += 1
+        logger.warning("mpmsub: job id %r is taken in this cluster; this job runs as %r", wanted, f"{wanted}_{number}")
+        return f"{wanted}_{number}"
+
+    def _next_auto_id(self) -> str:
+        while True:
+            job_id = f"job_{self._next_auto:04d}"
+            self._next_auto += 1
+            if job_id not in self._ids:
+                return job_id
 
     def _take(self) -> List[JobSpec]:
         specs, self._specs = self._specs, []
@@ -179,23 +236,15 @@ class Cluster:
         self.completed_jobs: List[JobResult] = []
         self.failed_jobs: List[JobResult] = []
         self._results: List[JobResult] = []
-        self._ids: Set[str] = set()
-        self._custom_ids: Set[str] = set()
         # A taken id is renamed (with a warning), as the original accepted it; the command line,
         # whose joblog finds jobs by id, refuses it instead.
         self._refuse_duplicate_ids = False
-        self._next_auto = 1
         self._capacity = Ledger(self.max_cpus, self._memory)
         self._wall_time: Optional[float] = None
         self._max_workers: Optional[int] = None
         self._runtimes: Dict[str, float] = {}  # command line -> runtime of its last successful run
-        self._bar: Optional[ProgressBar] = None  # while jobs run
-        self._active: Optional[Tuple[MemoryAwareExecutor, float]] = None  # and its start (monotonic)
+        self._active: Optional[_Batch] = None  # the run under way
         self._stop: Optional[BaseException] = None  # set (by a signal handler) to stop the run
-        # _cancel_queued(): no more jobs start. The lock keeps it apart from the submissions.
-        self._halt_lock = threading.RLock()  # re-entered by a callback run at once in submit
-        self._halting = False
-        self._submitted = False  # every job of the run under way is submitted
         self._last_trace: Optional[List[Dict[str, Any]]] = None  # the last run's, kept where no file is
 
     @property
@@ -212,61 +261,6 @@ class Cluster:
             f"mpmsub.Cluster(cpus={self.max_cpus}, memory={self.max_memory_mb:.0f}M, "
             f"{len(self.jobs)} queued, {len(self.completed_jobs)} completed, {len(self.failed_jobs)} failed)"
         )
-
-    # -- queueing ---------------------------------------------------------------------------------
-
-    def _admit(self, items: List[Any]) -> List[JobSpec]:
-        specs: List[JobSpec] = []
-        claimed: List[str] = []
-        next_auto = self._next_auto
-        try:
-            for item in items:
-                spec = to_spec(item)
-                request = spec.request
-                if spec.job_id is not None:
-                    job_id = self._unique_id(spec.job_id)
-                    self._custom_ids.add(job_id)
-                else:
-                    job_id = self._next_auto_id()
-                self._ids.add(job_id)
-                claimed.append(job_id)
-                why = self._capacity.why_never_fits(request)
-                if why is not None:
-                    raise ValueError(f"job {job_id!r} can never run on this cluster: {why}")
-                nowhere = None if self.backend.local else self.backend.why_never_fits(spec)
-                if nowhere is not None:
-                    raise ValueError(f"job {job_id!r} can never run on {self.backend!r}: {nowhere}")
-                specs.append(dataclasses.replace(spec, job_id=job_id))
-        except BaseException:  # nothing of a refused batch stays claimed, auto ids included
-            self._ids.difference_update(claimed)
-            self._custom_ids.difference_update(claimed)
-            self._next_auto = next_auto
-            raise
-        return specs
-
-    def _unique_id(self, wanted: str) -> str:
-        """`wanted`, or where it is taken, `wanted_2`, `wanted_3`, ... (the first one free)."""
-        if wanted not in self._ids:
-            return wanted
-        if self._refuse_duplicate_ids:
-            raise ValueError(f"duplicate job id {wanted!r}: ids must be unique within a cluster")
-        number = 2
-        while f"{wanted}_{number}" in self._ids:
-            number += 1
-        logger.warning("mpmsub: job id %r is taken in this cluster; this job runs as %r", wanted, f"{wanted}_{number}")
-        return f"{wanted}_{number}"
-
-    def _next_auto_id(self) -> str:
-        while True:
-            job_id = f"job_{self._next_auto:04d}"
-            self._next_auto += 1
-            if job_id not in self._ids:
-                return job_id
-
-    def _release_ids(self, specs: Iterable[JobSpec]) -> None:
-        for spec in specs:
-            self._ids.discard(spec.job_id or "")
-            self._custom_ids.discard(spec.job_id or "")
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -319,7 +313,7 @@ class Cluster:
         if verbose:
             from mpmsub._report import text as _report
 
-            print(_report.profile_text(results, originals, self._custom_ids, self.max_cpus, self._memory))
+            print(_report.profile_text(results, originals, self.jobs._custom_ids, self.max_cpus, self._memory))
         return results
 
     def _executor(self, max_workers: Optional[int], schedule: str, **learning: Any) -> _RunExecutor:
@@ -345,100 +339,22 @@ class Cluster:
         on_result: Optional[Callable[[JobResult], None]] = None,
         on_end: Optional[Callable[[JobResult], None]] = None,
     ) -> List[JobResult]:
-        started = time.monotonic()
-        self._active = (executor, started)
-        bar = self._bar = ProgressBar(len(specs), label=label, enabled=self.progress_bar)
-        level = logger.level
-        handler = self._attach_verbose_handler(bar)
-        results: List[JobResult] = []
-        failed = 0
-        futures: Dict[Future[Any], JobSpec] = {}
+        """Run `specs` on `executor` as one batch, the run under way until it ends."""
+        batch = self._active = _Batch(self, executor, specs, label)
         try:
-            if self.verbose:
-                logger.info(
-                    "mpmsub: running %d job(s) on %d CPUs, %s memory",
-                    len(specs),
-                    self.max_cpus,
-                    format_memory(self._memory),
-                )
-            # Each future says when it is done: waiting costs the same however many are pending.
-            ended: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
-
-            def on_done(future: Future[Any]) -> None:
-                try:
-                    usage = getattr(future, "usage", None)
-                    if on_end is not None and usage is not None:
-                        on_end(usage)
-                finally:  # whatever on_end did, the run hears of the end
-                    ended.put(future)
-
-            with self._halt_lock:
-                self._halting = self._submitted = False
-            for spec in specs:
-                self._raise_stop()  # a signal takes effect while a long batch is submitted too
-                with self._halt_lock:
-                    if self._halting:
-                        break
-                    submitted = executor.submit(spec)
-                    futures[submitted] = spec
-                    submitted.add_done_callback(on_done)
-            with self._halt_lock:
-                self._submitted = True
-                if self._halting:
-                    executor.shutdown(wait=False, cancel_futures=True)
-            for spec in specs[len(futures) :]:  # those _cancel_queued() stopped before submission
-                results.append(self._record(_cancelled(spec, None), spec))
-                failed += 1
-                if on_result is not None:
-                    on_result(results[-1])
-            while len(results) < len(specs):
-                done = []
-                with contextlib.suppress(queue.Empty):
-                    done.append(ended.get(timeout=_REFRESH))
-                    while True:
-                        done.append(ended.get_nowait())
-                self._raise_stop()
-                for future in done:
-                    spec = futures[future]
-                    ended_as = _cancelled(spec, None) if future.cancelled() else _usage(future)
-                    results.append(self._record(ended_as, spec))
-                    failed += not results[-1].success
-                    if on_result is not None:
-                        on_result(results[-1])
-                status = executor.status()
-                bar.update(len(results), failed, status.running, status.reserved_memory, status.memory_in_use)
-            executor.shutdown(wait=True)
-        except BaseException as exc:
-            executor.terminate(f"stopped by {type(exc).__name__}")
-            seen = {r.job_id for r in results}
-            by_spec = {id(spec): future for future, spec in futures.items()}
-            for spec in specs:  # those a signal stopped before they were submitted too
-                if spec.job_id in seen:
-                    continue
-                gone = by_spec.get(id(spec))
-                result = _usage(gone) if gone is not None and not gone.cancelled() else _cancelled(spec, exc)
-                results.append(self._record(result, spec))
-                if on_result is not None:
-                    on_result(result)
-            raise
+            return batch.run(on_result, on_end)
         finally:
-            self._wall_time = time.monotonic() - started
+            self._wall_time = time.monotonic() - batch.started
             self._active = None
             self._last_trace = executor.trace_events()
-            bar.close()
-            self._bar = None
-            if handler is not None:
-                logger.removeHandler(handler)
-                logger.setLevel(level)
-        return results
+            batch.close()
 
     def _cancel_queued(self) -> None:
         """Start no more of the run's jobs: the queued ones are cancelled, the running ones
         finish (from any thread; for --halt soon)."""
-        with self._halt_lock:
-            self._halting = True
-            if self._submitted and self._active is not None:
-                self._active[0].shutdown(wait=False, cancel_futures=True)
+        batch = self._active
+        if batch is not None:
+            batch.cancel_queued()
 
     def _raise_stop(self) -> None:
         """Raise what a signal handler asked the run to stop with, if it did."""
@@ -462,20 +378,12 @@ class Cluster:
 
     def _echo(self, text: str, stream: TextIO) -> None:
         """Write text to a stream without breaking the progress bar, if one is drawn."""
-        if self._bar is not None:
-            self._bar.write_above(text, stream, end="")
+        batch = self._active
+        if batch is not None:
+            batch.bar.write_above(text, stream, end="")
         else:
             stream.write(text)
             stream.flush()
-
-    def _attach_verbose_handler(self, bar: ProgressBar) -> Optional[logging.Handler]:
-        if not self.verbose:
-            return None
-        handler = _BarHandler(bar)
-        logger.addHandler(handler)
-        if logger.level == logging.NOTSET or logger.level > logging.INFO:
-            logger.setLevel(logging.INFO)
-        return handler
 
     # -- reporting --------------------------------------------------------------------------------
 
@@ -500,8 +408,8 @@ class Cluster:
         if active is None:
             runtime, running, cpus, reserved = self._wall_time or 0.0, 0, 0, 0
         else:  # a run under way (stats read from on_result, or another thread)
-            status = active[0].status()
-            runtime, running, pending = time.monotonic() - active[1], status.running, pending + status.queued
+            status = active.executor.status()
+            runtime, running, pending = time.monotonic() - active.started, status.running, pending + status.queued
             cpus, reserved = status.reserved_cpus, status.reserved_memory
         stats["cluster"].update(
             max_cpus=self.max_cpus,
@@ -550,6 +458,138 @@ class Cluster:
         if not self.backend.local:
             text = text.replace(" for jobs (this machine", f" for jobs on {self.backend!r} (this machine", 2)
         print(text)
+
+
+class _Batch:
+    """One run of a cluster's jobs (a `run()` or a `profile()`), made by the cluster for that run.
+
+    It owns the run's executor, its progress bar and verbose logging, and its halt state: it
+    submits the jobs, waits for their ends, records each result in the cluster, and on Ctrl-C
+    (or what a signal handler asked the cluster to stop with) kills the running jobs and records
+    the rest as cancelled. `run`, `on_result` and the bar's redraws are on the caller's thread;
+    the futures' done-callbacks (and `on_end`) on mpmsub's results thread; `cancel_queued` may be
+    called from any thread."""
+
+    def __init__(self, cluster: Cluster, executor: _RunExecutor, specs: List[JobSpec], label: str) -> None:
+        self.cluster = cluster
+        self.executor = executor
+        self.specs = specs
+        self.started = time.monotonic()
+        self.bar = ProgressBar(len(specs), label=label, enabled=cluster.progress_bar)
+        self._level = logger.level
+        self._handler = self._attach_verbose_handler()
+        self.results: List[JobResult] = []
+        self._failed = 0
+        self._futures: Dict[Future[Any], JobSpec] = {}
+        # Each future says when it is done: waiting costs the same however many are pending.
+        self._ended: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
+        # cancel_queued(): no more jobs start. The lock keeps it apart from the submissions.
+        self._halt_lock = threading.RLock()  # re-entered by a callback run at once in submit
+        self._halting = False
+        self._submitted = False  # every job of the run is submitted
+
+    def run(
+        self, on_result: Optional[Callable[[JobResult], None]], on_end: Optional[Callable[[JobResult], None]]
+    ) -> List[JobResult]:
+        """Run every job of the batch; return their results, in the order they ended."""
+        cluster = self.cluster
+        try:
+            if cluster.verbose:
+                logger.info(
+                    "mpmsub: running %d job(s) on %d CPUs, %s memory",
+                    len(self.specs),
+                    cluster.max_cpus,
+                    format_memory(cluster._memory),
+                )
+            self._submit(on_end)
+            for spec in self.specs[len(self._futures) :]:  # those cancel_queued() stopped before submission
+                self._keep(_cancelled(spec, None), spec, on_result)
+            while len(self.results) < len(self.specs):
+                self._wait(on_result)
+            self.executor.shutdown(wait=True)
+        except BaseException as exc:
+            self._stop_all(exc, on_result)
+            raise
+        return self.results
+
+    def _submit(self, on_end: Optional[Callable[[JobResult], None]]) -> None:
+        ended = self._ended
+
+        def on_done(future: Future[Any]) -> None:
+            try:
+                usage = getattr(future, "usage", None)
+                if on_end is not None and usage is not None:
+                    on_end(usage)
+            finally:  # whatever on_end did, the run hears of the end
+                ended.put(future)
+
+        for spec in self.specs:
+            self.cluster._raise_stop()  # a signal takes effect while a long batch is submitted too
+            with self._halt_lock:
+                if self._halting:
+                    break
+                submitted = self.executor.submit(spec)
+                self._futures[submitted] = spec
+                submitted.add_done_callback(on_done)
+        with self._halt_lock:
+            self._submitted = True
+            if self._halting:
+                self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _wait(self, on_result: Optional[Callable[[JobResult], None]]) -> None:
+        """Record the jobs that end within a refresh, and redraw the bar."""
+        done = []
+        with contextlib.suppress(queue.Empty):
+            done.append(self._ended.get(timeout=_REFRESH))
+            while True:
+                done.append(self._ended.get_nowait())
+        self.cluster._raise_stop()
+        for future in done:
+            spec = self._futures[future]
+            self._keep(_cancelled(spec, None) if future.cancelled() else _usage(future), spec, on_result)
+        status = self.executor.status()
+        self.bar.update(len(self.results), self._failed, status.running, status.reserved_memory, status.memory_in_use)
+
+    def _stop_all(self, exc: BaseException, on_result: Optional[Callable[[JobResult], None]]) -> None:
+        """Kill the running jobs; record every job not yet recorded as it ended or as cancelled."""
+        self.executor.terminate(f"stopped by {type(exc).__name__}")
+        seen = {r.job_id for r in self.results}
+        by_spec = {id(spec): future for future, spec in self._futures.items()}
+        for spec in self.specs:  # those a signal stopped before they were submitted too
+            if spec.job_id in seen:
+                continue
+            gone = by_spec.get(id(spec))
+            result = _usage(gone) if gone is not None and not gone.cancelled() else _cancelled(spec, exc)
+            self._keep(result, spec, on_result)
+
+    def _keep(self, result: JobResult, spec: JobSpec, on_result: Optional[Callable[[JobResult], None]]) -> None:
+        self.results.append(self.cluster._record(result, spec))
+        self._failed += not result.success
+        if on_result is not None:
+            on_result(result)
+
+    def cancel_queued(self) -> None:
+        """Start no more jobs: the queued ones are cancelled, the running ones finish."""
+        with self._halt_lock:
+            self._halting = True
+            if self._submitted:
+                self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Close the bar and take the verbose handler off the logger."""
+        self.bar.close()
+        if self._handler is not None:
+            logger.removeHandler(self._handler)
+            logger.setLevel(self._level)
+
+    def _attach_verbose_handler(self) -> Optional[logging.Handler]:
+        if not self.cluster.verbose:
+            return None
+        handler = _BarHandler(self.bar)
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
+        return handler
 
 
 class JobQueue:
