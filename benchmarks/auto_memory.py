@@ -1,6 +1,6 @@
 """Learned memory: m="auto" against an oracle.
 
-A batch of 40 jobs of one program whose memory grows with its input (tests/sized_tool.py: 10M
+A batch of 40 jobs of one program whose memory grows with its input (tests/support/sized_tool.py: 10M
 plus 10M per MB of input), on input files of four sizes made here (4, 14, 39 and 79 MB: 50, 150,
 400 and 800 MB of need), 10 of each, interleaved, under a 2 GB budget on 2 CPUs, three ways in
 one run:
@@ -35,7 +35,7 @@ import mpmsub
 from mpmsub._learn.history import History
 
 MB = 2**20
-TOOL = Path(__file__).parent.parent / "tests" / "sized_tool.py"
+TOOL = Path(__file__).parent.parent / "tests" / "support" / "sized_tool.py"
 INPUT_MB = (4, 14, 39, 79)  # needs of 50, 150, 400 and 800 MB
 PER_MB, BASE, HOLD = 10, 10, 0.4
 JOBS_PER_SIZE = 10

@@ -5,7 +5,7 @@
    measured, with its timeout and kill) / plain `client.submit(subprocess.run, ["true"])` of the
    same 1000, in the same run, alternating, median of --runs (target <= 2).
 2. SLURM: 50 and then 200 jobs of `sleep 0.1` through a single-node SLURM (2 CPUs; started here
-   with tests/slurm/node.sh when none is configured and this runs as root): the sbatch, squeue,
+   with tests/support/slurm/node.sh when none is configured and this runs as root): the sbatch, squeue,
    sacct and scancel calls made. sbatch is one per job; squeue is one per poll for all jobs, so
    it follows the run's length, not the number of jobs (target: squeue calls per second of run
    at most 4, one poll every 0.25 s at the most).
@@ -32,7 +32,7 @@ from _common import Figure, arguments, median, per_job_table, show
 import mpmsub
 
 JOBS = 1000
-NODE = Path(__file__).parent.parent / "tests" / "slurm" / "node.sh"
+NODE = Path(__file__).parent.parent / "tests" / "support" / "slurm" / "node.sh"
 
 
 def plain(client: Any) -> float:

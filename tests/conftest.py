@@ -14,7 +14,7 @@ from hypothesis import settings
 sys.path.insert(0, os.path.dirname(__file__))
 
 # The remote backends' fixtures (a Dask LocalCluster, a SLURM node), for every module that asks.
-from backend_fixtures import dask_client, dask_cluster, slurm, slurm_node  # noqa: F401
+from support.backend_fixtures import dask_client, dask_cluster, slurm, slurm_node  # noqa: F401
 
 # The run history goes to a file of the test session's own, never the user's (a test that
 # needs one of its own sets MPMSUB_HISTORY or history=).

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from helpers import processes_with, unique_sleep, wait_gone
+from support.helpers import processes_with, unique_sleep, wait_gone
 
 import mpmsub
 from mpmsub import MemoryAwareExecutor

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-import callees
 import pytest
-import remote_batch
-from helpers import alloc_cmd, unique_sleep, wait_gone
+from support import callees, remote_batch
+from support.helpers import alloc_cmd, unique_sleep, wait_gone
 
 import mpmsub
 from mpmsub._backends import remote as _remote

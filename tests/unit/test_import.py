@@ -19,7 +19,7 @@ import pytest
 
 import mpmsub
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 # What `import mpmsub` must not import (each is imported where it is used).
 NOT_AT_IMPORT = [

@@ -28,7 +28,7 @@ from mpmsub._learn.history import History, row
 from mpmsub._learn.keys import input_size, job_key
 
 MB = 2**20
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support")  # the tests' programs
 TOOL = os.path.join(TESTS, "sized_tool.py")
 
 

@@ -1,7 +1,7 @@
 """Fixtures for the remote backends, shared by their own tests and the behaviour suite
 (conftest.py makes them visible to every test module): a Dask LocalCluster of two worker
 processes with declared resources, and a SLURM controller (the one configured here, or a
-single node started from tests/slurm/node.sh)."""
+single node started from tests/support/slurm/node.sh)."""
 
 from __future__ import annotations
 

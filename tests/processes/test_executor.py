@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from helpers import alloc_cmd, unique_sleep, wait_gone
+from support.helpers import alloc_cmd, unique_sleep, wait_gone
 
 import mpmsub
 from mpmsub import JobFailedError, JobResult, MemoryAwareExecutor

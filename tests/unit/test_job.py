@@ -4,7 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import alloc_cmd
+from support.helpers import alloc_cmd
 
 import mpmsub
 from mpmsub._job import MAX_GROWTH, to_spec

@@ -12,9 +12,9 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
-from helpers import alloc_cmd, processes_with, unique_sleep, wait_gone
 from hypothesis import given
 from hypothesis import strategies as st
+from support.helpers import alloc_cmd, processes_with, unique_sleep, wait_gone
 
 import mpmsub
 from mpmsub import recommend_memory

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import pytest
-from helpers import unique_sleep, wait_gone
+from support.helpers import unique_sleep, wait_gone
 
 from mpmsub import parse_memory
 from mpmsub._cli import joblog as _joblog

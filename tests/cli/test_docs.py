@@ -12,7 +12,7 @@ from typing import Dict, Iterator, Optional
 import pytest
 from conftest import ExampleRun
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def python_blocks(path: Path) -> list:

@@ -15,13 +15,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Iterator, List, Optional, Set, Tuple
 
-import callees
 import pytest
-from browser import Chromium, find_chromium
 from conftest import ROOT, ExampleRun
-from helpers import alloc_cmd, wait_for_end
 from hypothesis import given
 from hypothesis import strategies as st
+from support import callees
+from support.browser import Chromium, find_chromium
+from support.helpers import alloc_cmd, wait_for_end
 
 import mpmsub
 from mpmsub._cli import main as _cli

@@ -12,7 +12,7 @@ import functools
 from pathlib import Path
 from typing import Dict, FrozenSet, List, NamedTuple, Optional, Set, Tuple, Union
 
-PACKAGE = Path(__file__).resolve().parent.parent / "mpmsub"
+PACKAGE = Path(__file__).resolve().parent.parent.parent / "mpmsub"
 
 # Lowest first: a module may import its own layer and those below, never above. `pkg.*` places
 # the modules of `pkg` that no layer names themselves.

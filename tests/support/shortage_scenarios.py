@@ -16,11 +16,11 @@ import uuid
 from typing import Any, Dict, List
 
 import psutil
-from helpers import wait_for_event
 
 import mpmsub
 from mpmsub import MemoryAwareExecutor
 from mpmsub._system import available_memory, memory_groups
+from support.helpers import wait_for_event
 
 MB = 2**20
 Results = List[Dict[str, Any]]

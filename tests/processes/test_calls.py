@@ -18,12 +18,12 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, List, Tuple
 
-import callees
 import psutil
 import pytest
-from helpers import processes_with, unique_sleep, wait_gone
 from hypothesis import given
 from hypothesis import strategies as st
+from support import callees
+from support.helpers import processes_with, unique_sleep, wait_gone
 
 import mpmsub
 from mpmsub import (
@@ -39,7 +39,7 @@ from mpmsub import (
 )
 from mpmsub._call import chunks
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent / "support"  # the programs and callees the tests run
 LINUX = sys.platform.startswith("linux")
 
 

@@ -26,7 +26,7 @@ from mpmsub import utils
 from mpmsub._job import to_spec
 from mpmsub.utils import format_duration, format_memory, parse_cpu_string, parse_memory_string, validate_job
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def quiet(**kwargs: Any) -> mpmsub.Cluster:

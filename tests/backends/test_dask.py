@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 from typing import Any, List, Tuple
 
-import callees
 import psutil
 import pytest
-import remote_batch
-from backend_fixtures import DASK_WORKER_MEMORY
-from helpers import unique_sleep, wait_gone
+from support import callees, remote_batch
+from support.backend_fixtures import DASK_WORKER_MEMORY
+from support.helpers import unique_sleep, wait_gone
 
 import mpmsub
 
@@ -215,7 +214,7 @@ def _wait_for_port(port: int, timeout: float = 60.0) -> None:
 
 def _documented(prefix: str, port: int) -> List[str]:
     """The docs' console line starting with `prefix`, for a cluster on this machine."""
-    page = (Path(__file__).parent.parent / "docs" / "backends.md").read_text()
+    page = (Path(__file__).parent.parent.parent / "docs" / "backends.md").read_text()
     line = next(line[2:] for line in page.splitlines() if line.startswith(f"$ {prefix}"))
     line = line.split("  #")[0].replace("HEAD", "127.0.0.1").replace("8786", str(port))
     line = line.replace("--nthreads 16", "--nthreads 2").replace("cpus=16,memory=64e9", "cpus=2,memory=2e9")

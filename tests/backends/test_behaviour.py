@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
-from helpers import alloc_cmd, unique_sleep
+from support.helpers import alloc_cmd, unique_sleep
 
 import mpmsub
 

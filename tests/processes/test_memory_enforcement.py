@@ -17,8 +17,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import psutil
 import pytest
-from helpers import job_groups, wait_for_end
-from shortage_scenarios import ON_TERM_ALLOCATE, grower
+from support.helpers import job_groups, wait_for_end
+from support.shortage_scenarios import ON_TERM_ALLOCATE, grower
 
 import mpmsub
 from mpmsub import JobResult, MemoryAwareExecutor
@@ -29,7 +29,7 @@ from mpmsub._units import format_memory
 MB = 2**20
 
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where the support package is
 CGROUP_V1 = "/sys/fs/cgroup/memory"
 CGROUP_V2 = "/sys/fs/cgroup"
 
@@ -119,7 +119,7 @@ class Shortages:
         enter = f"open({procs!r}, 'w').write(str(os.getpid()))\n" if procs else ""
         code = (
             f"import json, os, sys\n{enter}sys.path.insert(0, {TESTS!r})\n"
-            f"import shortage_scenarios\nprint(json.dumps(shortage_scenarios.{name}(*sys.argv[1:])))\n"
+            f"from support import shortage_scenarios\nprint(json.dumps(shortage_scenarios.{name}(*sys.argv[1:])))\n"
         )
         return subprocess.Popen(
             [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

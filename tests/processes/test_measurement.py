@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
-from helpers import job_groups, processes_with, unique_sleep
 from hypothesis import given
 from hypothesis import strategies as st
+from support.helpers import job_groups, processes_with, unique_sleep
 
 import mpmsub
 from mpmsub import MemoryAwareExecutor
@@ -25,7 +25,7 @@ from mpmsub._engine.monitor import pace
 from mpmsub._launch.base import MemorySeries
 from mpmsub._launch.cgroups import JobGroups
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "benchmarks"))
 import accuracy
 
 HOLD = "import time; x = bytearray({mb} * 2**20); time.sleep({hold})"
@@ -244,7 +244,8 @@ def delegated() -> Iterator[Callable[..., Dict[str, Any]]]:
     def play(scenario: str, delegate: bool = True) -> Dict[str, Any]:
         code = (
             f"import json, os, sys\nopen({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
-            f"sys.path.insert(0, {str(Path(__file__).parent)!r})\nimport delegation_scenarios\n"
+            f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+            "from support import delegation_scenarios\n"
             f"print(json.dumps(delegation_scenarios.{scenario}(*sys.argv[1:])))\n"
         )
         args = [UNIFIED, str(group), "hugetlb", needs]

@@ -9,10 +9,9 @@ import time
 from concurrent.futures import Future, wait
 from typing import Any, Dict, List, Tuple
 
-import callees
-from helpers import alloc_cmd
-
 import mpmsub
+from support import callees
+from support.helpers import alloc_cmd
 
 
 def batch() -> List[Tuple[str, Any]]:

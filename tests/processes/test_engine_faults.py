@@ -13,7 +13,7 @@ from concurrent.futures import wait
 from pathlib import Path
 
 import pytest
-from helpers import unique_sleep, wait_gone
+from support.helpers import unique_sleep, wait_gone
 
 import mpmsub
 from mpmsub import MemoryAwareExecutor

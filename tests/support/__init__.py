@@ -1,0 +1,1 @@
+"""What the tests share: helpers, fixtures, the small programs they run, and the test SLURM node."""
