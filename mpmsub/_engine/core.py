@@ -26,7 +26,7 @@ import enum
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 from mpmsub._engine.delivery import Delivery
 from mpmsub._engine.future import JobFuture
@@ -192,8 +192,7 @@ class Item:
         return getattr(None if self.run is None else self.run.handle, "captured", 0)
 
 
-@dataclasses.dataclass
-class Settings:
+class Settings(NamedTuple):
     """What the core is given by the executor: its budget and rules, and its collaborators."""
 
     memory: int  # bytes: the budget

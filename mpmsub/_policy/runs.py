@@ -10,8 +10,7 @@ rules (`_scheduler`, `_ledger`, `_enforce`) are the other policies.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Deque, Iterable, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Deque, Iterable, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 from mpmsub._policy.enforce import strict_overuse
 from mpmsub._result import CANCELLED, MEMORY, PICKLE, START
@@ -29,8 +28,7 @@ T = TypeVar("T")
 # -- after a run's end -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Ended:
+class Ended(NamedTuple):
     """A run that ended, as the retry rule sees it. Sizes in bytes."""
 
     failure: Optional[str]  # the run's failure kind; None for a success
@@ -46,8 +44,7 @@ class Ended:
     final: bool = False  # nothing may follow: the executor is terminating, or requeued too often
 
 
-@dataclass(frozen=True)
-class NextRun:
+class NextRun(NamedTuple):
     """The run that follows: why, with what `m`, and the memory it waits for."""
 
     why: str  # "requeue" (not the job's failure), "auto" (a prediction too small) or "retry"

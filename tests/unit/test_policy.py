@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import deque
 from typing import Deque, List, Optional, Tuple
@@ -67,7 +66,7 @@ def ended(**changes: object) -> Ended:
         requeue_need=0,
         most=16 * GB,
     )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+    return base._replace(**changes)  # type: ignore[arg-type]
 
 
 sizes = st.integers(min_value=0, max_value=64 * GB)
@@ -136,16 +135,16 @@ def test_an_auto_memory_failure_below_most_runs_again_without_retries() -> None:
     end = ended(auto=True, memory=GB, peak=GB, retries_left=0, auto_retries=AUTO_RETRIES - 1)
     assert next_run(end) == NextRun("auto", 2 * GB, 0)
     # Out of auto runs: the job's own retries.
-    assert next_run(dataclasses.replace(end, auto_retries=AUTO_RETRIES)) is None
-    assert next_run(dataclasses.replace(end, auto_retries=AUTO_RETRIES, retries_left=1)) == NextRun("retry", 2 * GB, 0)
+    assert next_run(end._replace(auto_retries=AUTO_RETRIES)) is None
+    assert next_run(end._replace(auto_retries=AUTO_RETRIES, retries_left=1)) == NextRun("retry", 2 * GB, 0)
     # Only a memory failure is a prediction too small.
-    assert next_run(dataclasses.replace(end, failure=EXIT)) is None
+    assert next_run(end._replace(failure=EXIT)) is None
 
 
 def test_an_auto_memory_failure_at_most_falls_to_its_own_retries() -> None:
     end = ended(auto=True, memory=16 * GB, most=16 * GB, retries_left=0)
     assert next_run(end) is None
-    assert next_run(dataclasses.replace(end, retries_left=1)) == NextRun("retry", 16 * GB, 0)
+    assert next_run(end._replace(retries_left=1)) == NextRun("retry", 16 * GB, 0)
 
 
 @FAST
@@ -170,7 +169,7 @@ def test_why_is_requeue_exactly_for_a_requeue_that_is_not_final(end: Ended) -> N
 @FAST
 @given(ends)
 def test_a_memory_failure_runs_again_with_more_memory_within_most(end: Ended) -> None:
-    end = dataclasses.replace(end, failure=MEMORY, requeue=False, final=False)
+    end = end._replace(failure=MEMORY, requeue=False, final=False)
     decision = next_run(end)
     if decision is None:
         return
@@ -193,7 +192,7 @@ def test_a_memory_failure_runs_again_with_more_memory_within_most(end: Ended) ->
     peaks=st.lists(sizes, min_size=1, max_size=20),
 )
 def test_repeated_memory_failures_end(start: Ended, retries: int, peaks: List[int]) -> None:
-    end = dataclasses.replace(start, failure=MEMORY, requeue=False, final=False, retries_left=retries)
+    end = start._replace(failure=MEMORY, requeue=False, final=False, retries_left=retries)
     steps = 0
     while True:
         steps += 1
@@ -202,8 +201,7 @@ def test_repeated_memory_failures_end(start: Ended, retries: int, peaks: List[in
         if decision is None:
             break
         assert decision.why in ("retry", "auto")
-        end = dataclasses.replace(
-            end,
+        end = end._replace(
             memory=decision.memory,
             requeue_need=decision.requeue_need,
             peak=peaks[steps % len(peaks)],
