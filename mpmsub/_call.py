@@ -20,13 +20,13 @@ else:  # pragma: no cover - Python 3.9
 
 from mpmsub._errors import CallPicklingError
 from mpmsub._job import Resources
+from mpmsub._protocol import CALL, CHUNK  # a worker's frame kinds
 from mpmsub._spec import JobSpec
 from mpmsub._units import MemoryLike
 
 T = TypeVar("T")
 P = ParamSpec("P")
 
-CALL, CHUNK = b"c", b"m"  # a worker's frame kinds (see _launch.worker_main)
 
 _repr = reprlib.Repr()
 _repr.maxstring = 24

@@ -30,10 +30,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
+from mpmsub import _protocol as wire
 from mpmsub import _threads
 from mpmsub._errors import CallPicklingError, RemoteTraceback
 from mpmsub._launch import proctree as _proctree
-from mpmsub._launch import worker_main as wire
+from mpmsub._launch import worker_main
 from mpmsub._launch.base import Handle, MemorySeries, Outcome, escalate
 from mpmsub._launch.loop import EventLoop, Timer
 from mpmsub._launch.watchman import Watchman
@@ -48,7 +49,7 @@ logger = logging.getLogger("mpmsub")
 
 # Workers and the zygote run worker_main from this mpmsub's own directory, whatever their working
 # directory holds, and from its cached bytecode (a script would be compiled at every start).
-_SITE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(wire.__file__))))  # where mpmsub/ is
+_SITE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(worker_main.__file__))))  # where mpmsub/ is
 _BOOT = f"import sys; sys.path.insert(0, {_SITE!r}); from mpmsub._launch.worker_main import main; main()"
 _READ_SIZE = 1 << 16
 _CLOSE_WAIT = 2.0  # seconds idle workers get to exit once their pipe is closed
@@ -80,8 +81,8 @@ def _pipe() -> Tuple[int, int]:
     """A pipe whose ends are not 0, 1 or 2 (see worker_main.above_stdio)."""
     read_fd, write_fd = os.pipe()
     try:
-        read_fd = wire.above_stdio(read_fd)
-        write_fd = wire.above_stdio(write_fd)
+        read_fd = worker_main.above_stdio(read_fd)
+        write_fd = worker_main.above_stdio(write_fd)
     except BaseException:
         os.close(read_fd)
         os.close(write_fd)

@@ -19,26 +19,38 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import struct
 import sys
 import time
 import types
+
+from mpmsub._protocol import (
+    BROKEN,
+    CALL,
+    FAILED,
+    FORK,
+    FORKED,
+    HEADER,
+    INIT,
+    MESSAGE_LIMIT,
+    NOFORK,
+    OK,
+    PID,
+    PREPARING,
+    RAISED,
+    READY,
+    REAP,
+    REQUEST_LIMIT,
+    STATUS,
+    UNPICKLABLE,
+    UNPICKLED,
+    ZYGOTE_BROKEN,
+    ZYGOTE_READY,
+)
 
 TYPE_CHECKING = False  # typing's own, without importing typing in every worker
 if TYPE_CHECKING:
     from typing import Any, Optional, Tuple
 
-HEADER = struct.Struct("!Q")
-CALL, CHUNK, INIT = b"c", b"m", b"i"
-READY = "ready"  # the worker's first reply, once prepared: calls' timeouts start from here
-# Replies: the first item says what happened.
-OK = "ok"  # the value is pickled in the second item
-RAISED = "raised"  # the exception (pickled, or None if it could not be) and its traceback text
-UNPICKLED = "unpickled"  # the call could not be unpickled here: message, traceback text
-UNPICKLABLE = "unpicklable"  # the return value could not be pickled: message
-BROKEN = "broken"  # the worker could not be prepared (main module, initializer): traceback text
-
-PREPARING = "_MPMSUB_WORKER_PREPARING"  # in the environment while a worker imports the main module
 _LINUX = sys.platform.startswith("linux")
 MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
@@ -248,11 +260,6 @@ def main() -> None:
 # the zygote (PR_SET_PDEATHSIG), and the zygote kills its workers and exits when the executor
 # closes the socket (or dies).
 
-FORK, REAP = b"f", b"r"
-ZYGOTE_READY, NOFORK, ZYGOTE_BROKEN, FORKED, FAILED, STATUS = b"R", b"N", b"B", b"p", b"e", b"s"
-PID = struct.Struct("!q")
-MESSAGE_LIMIT = 32768  # a BROKEN or FAILED text is cut to this many bytes
-REQUEST_LIMIT = 1 << 17  # a FORK's environment larger than this is not sent (the zygote's is used)
 _PR_SET_PDEATHSIG = 1
 
 

@@ -5,7 +5,7 @@ forked from a zygote costs a fork. The zygote is started as workers were (fork-a
 session of its own: the executor's process has threads and must not fork), prepared once (the
 parent's import path, directory and main module; the initializer unpickled, which imports its
 module), and forks each worker on request; each worker runs the initializer itself. The other
-side, and the messages both ways, are in worker_main (`_zygote`).
+side is in worker_main (`_zygote`), the messages both ways in `_protocol`.
 
 Only where it can be used safely (pool.can_fork): Linux with pidfds (a forked worker is the zygote's child, not
 ours: a pidfd tells us of its exit, and the zygote reaps it when we ask, so that its pid is
@@ -32,8 +32,9 @@ import subprocess
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
+from mpmsub import _protocol as wire
 from mpmsub._errors import MpmsubError
-from mpmsub._launch import worker_main as wire
+from mpmsub._launch import worker_main
 from mpmsub._launch.loop import EventLoop, Timer
 from mpmsub._launch.watchman import Watchman
 
@@ -50,7 +51,9 @@ def _socketpair() -> Tuple[socket.socket, socket.socket]:
     try:
         for i, sock in enumerate(pair):
             if sock.fileno() <= 2:
-                pair[i] = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=wire.above_stdio(sock.detach()))
+                pair[i] = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=worker_main.above_stdio(sock.detach())
+                )
     except BaseException:
         for sock in pair:
             sock.close()

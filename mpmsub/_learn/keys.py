@@ -29,7 +29,7 @@ import shlex
 import stat
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
-from mpmsub._call import CHUNK
+from mpmsub._protocol import CHUNK
 from mpmsub._spec import JobSpec
 
 # -- keys -------------------------------------------------------------------------------------

@@ -215,10 +215,3 @@ def test_a_call_whose_worker_dies_at_interpreter_exit_still_fails_with_worker_di
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["WorkerDiedError", "True", "True"], done.stderr
-
-
-def test_the_executor_knows_a_preparing_worker_by_the_workers_own_word() -> None:
-    from mpmsub._engine import executor as _executor
-    from mpmsub._launch import worker_main as _worker
-
-    assert _executor._PREPARING == _worker.PREPARING
