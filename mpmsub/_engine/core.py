@@ -203,6 +203,7 @@ class Settings(NamedTuple):
     probe_memory: Optional[int]  # None: a probe takes what is free when it starts
     memory_groups: Any  # a container's limit, read with the machine's figure
     close_backend: Optional[Callable[[], None]] = None  # the backend, where the executor made it
+    on_closed: Optional[Callable[[], None]] = None  # told when the core has closed
     clock: Callable[[], float] = time.monotonic
 
 
@@ -227,6 +228,7 @@ class Core:
         self.scheduler = scheduler
         self.trace = trace
         self.runbook = runbook  # m="auto"'s past runs, and the history's recorder
+        self.owner: Any = None  # the executor: alive while its core is (see MemoryAwareExecutor)
         self.delivery = Delivery()
         self.lifecycle = Lifecycle.OPEN
         self.running: Dict[int, Item] = {}
@@ -272,17 +274,18 @@ class Core:
             self.ledger.release(item.request)
         self._move(item, RunState.CANCELLED)
         error = "cancelled before it started" + ("" if reason is None else f": {reason}")
-        if reason is None:
-            if not notified:
-                item.future.set_running_or_notify_cancel()  # wakes wait() and as_completed()
-        elif item.last_result is None:
-            self.delivery.cancel(item.future)
-        else:  # its future is running: it gets a result
+        result = None
+        if reason is not None and item.last_result is not None:  # its future is running: a result
             result = cancelled_again(item.last_result, reason, item.attempts, item.requeued)
             error = result.error or ""
-            resolve(self.delivery, item.future, item.spec, result)
-        if self.trace is not None:
+        if self.trace is not None:  # the trace's last word on it comes before its waiters wake
             self.trace.cancelled(item.job_id, item.runs + 1, error)
+        if result is not None:
+            resolve(self.delivery, item.future, item.spec, result)
+        elif reason is not None:
+            self.delivery.cancel(item.future)
+        elif not notified:
+            item.future.set_running_or_notify_cancel()  # wakes wait() and as_completed()
         if item.probe:
             self.auto.probe_ended(item)
 
@@ -414,7 +417,7 @@ class Core:
         decision = _policy.next_run(end)
         if decision is None:
             return False
-        if decision.memory != spec.memory:
+        if decision.why != "requeue" and result.failure == MEMORY:
             bigger = dataclasses.replace(spec, memory=decision.memory)
             if not self.launcher.local and self.launcher.why_never_fits(bigger) is not None:
                 return False  # no single worker or node can hold more: the backend would wait forever
@@ -442,8 +445,8 @@ class Core:
 
     def stop(self, item: Item, run: Run, message: str, requeue: bool) -> None:
         """A memory stop the monitor thread decided for `run`: kill it, at once."""
-        if item.run is not run or item.state is not RunState.RUNNING or run.handle is None:
-            return
+        if item.run is not run or item.state not in _RUNS or run.handle is None:
+            return  # (a run being killed already is stopped at once: its grace ends now)
         final = False
         if requeue:
             message, final = _policy.shortage_stop(message, item.requeued)
@@ -452,7 +455,7 @@ class Core:
         started = run.handle.kill(MEMORY, message, grace=0)
         item.requeue = started and requeue and not final
         item.shortage_final = started and final
-        if started:
+        if started and item.state is RunState.RUNNING:
             self._move(item, RunState.STOPPING)
 
     def kill(self, future: JobFuture[Any], failure: FailureKind, message: str, grace: Optional[float] = None) -> None:
@@ -503,6 +506,8 @@ class Core:
                 self.trace.close()
             self.delivery.close()
             self.loop.stop()
+            if self.settings.on_closed is not None:
+                self.settings.on_closed()
 
     # -- what the executor's callers may read (plain reads of the loop's counters) ---------------
 
@@ -726,7 +731,12 @@ def explain(outcome: Outcome, spec: JobSpec, strict: bool, oom_baseline: Optiona
     out-of-memory killer (the machine's count read only for a SIGKILL), and a strict job whose
     final peak is over its `m`."""
     count = None
-    if oom_baseline is not None and outcome.failure is None and _policy.sigkilled(outcome.returncodes):
+    if (
+        oom_baseline is not None
+        and not outcome.oom_kills
+        and outcome.failure is None
+        and _policy.sigkilled(outcome.returncodes)
+    ):
         count = _proctree.oom_kill_count()
     why = _policy.oom_failure(
         outcome.returncodes, outcome.failure, outcome.oom_kills or 0, outcome.peak_memory, oom_baseline, count

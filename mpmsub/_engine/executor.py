@@ -47,6 +47,7 @@ from mpmsub._launch.loop import EventLoop
 from mpmsub._learn.runbook import RunBook
 from mpmsub._policy.ledger import Ledger
 from mpmsub._policy.scheduler import Scheduler, check_policy
+from mpmsub._protocol import PREPARING
 from mpmsub._result import PICKLE, JobResult, never_ran
 from mpmsub._spec import JobSpec
 from mpmsub._system import detect_memory, memory_groups
@@ -71,7 +72,6 @@ P = ParamSpec("P")
 # Each captured stream of a job keeps this much in this process; the rest is read and dropped,
 # and the text ends with a note saying so (stdout_to / --results DIR keep a large output whole).
 DEFAULT_OUTPUT_LIMIT = "64M"
-_PREPARING = "_MPMSUB_WORKER_PREPARING"  # _worker.PREPARING (not imported here: the engine does without it)
 
 _live_executors: weakref.WeakSet[MemoryAwareExecutor] = weakref.WeakSet()
 
@@ -161,7 +161,7 @@ class MemoryAwareExecutor(Executor):
         trace: Optional[PathLike] = None,
         output_limit: Optional[MemoryLike] = DEFAULT_OUTPUT_LIMIT,
     ) -> None:
-        if os.environ.get(_PREPARING):
+        if os.environ.get(PREPARING):
             raise RuntimeError(
                 "a worker process is importing the program's main module, and that module creates an "
                 "executor itself (it would run its jobs again here): start the executor under "
@@ -245,6 +245,7 @@ class MemoryAwareExecutor(Executor):
                 probe_memory=probe,
                 memory_groups=memory_groups(),  # a container's limit, read with the machine's figure
                 close_backend=self.backend.close if self._own_backend else None,
+                on_closed=lambda: _live_executors.discard(self),
             )
             scheduler: Scheduler[Item] = Scheduler(self.schedule)
             self._core = Core(
@@ -257,6 +258,10 @@ class MemoryAwareExecutor(Executor):
                 self._runbook,
                 self._monitor_interval,
             )
+            # The core holds its executor: a program that drops an executor with jobs still to
+            # run (`for r in MemoryAwareExecutor().map(...)`) gets them all, and the executor is
+            # shut down at exit (the finalize below holds the monitor, and through it the core).
+            self._core.owner = self
             self._loop.start()
         except BaseException:
             if trace_log is not None:

@@ -65,11 +65,13 @@ class FakeHandle(Handle):
     def __init__(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> None:
         self.spec, self.job_id, self.on_exit = spec, job_id, on_exit
         self.killed: Optional[Tuple[str, str]] = None
+        self.kills: List[Tuple[str, Optional[float]]] = []  # every kill asked for: failure, grace
         self.ended = False
 
     def kill(self, failure: Any, message: str, grace: Optional[float] = None) -> bool:
+        self.kills.append((failure, grace))
         if self.ended or self.killed is not None:
-            return False
+            return False  # (a kill without grace during another's grace hastens it, as escalate() does)
         self.killed = (failure, message)
         return True
 
@@ -107,7 +109,9 @@ class FakeLauncher(Launcher):
 class Rig:
     """A core with its fakes, and the jobs given to it."""
 
-    def __init__(self, cpus: int = 2, memory_mb: int = 1000, probe_memory: Optional[int] = None) -> None:
+    def __init__(
+        self, cpus: int = 2, memory_mb: int = 1000, probe_memory: Optional[int] = None, trace: Any = None
+    ) -> None:
         self.clock = FakeClock()
         self.loop = FakeLoop(self.clock)
         self.launcher = FakeLauncher()
@@ -123,7 +127,7 @@ class Rig:
         )
         ledger = Ledger(cpus, memory_mb * MB)
         self.core = Core(
-            settings, self.loop, self.launcher, ledger, Scheduler("fifo"), None, RunBook(None), monitor_interval=None
+            settings, self.loop, self.launcher, ledger, Scheduler("fifo"), trace, RunBook(None), monitor_interval=None
         )  # type: ignore[arg-type]
         self.seq = itertools.count()
         self.items: List[Item] = []
@@ -298,3 +302,57 @@ def test_a_move_the_states_do_not_allow_is_refused() -> None:
     rig.end(a)
     with pytest.raises(RuntimeError, match="cannot go from done to queued"):
         rig.core._move(a, RunState.QUEUED)
+
+
+def test_a_memory_stop_during_a_kills_grace_kills_at_once() -> None:
+    rig = Rig()
+    a = rig.submit(Job(["tool"]).memory("100M"))
+    run = a.run
+    assert run is not None
+    rig.core.kill(a.future, "cancelled", "killed: by the test", grace=30)
+    rig.loop.run()
+    assert a.state is RunState.STOPPING
+    rig.core.stop(a, run, "used 300M, over its m", False)  # the monitor, during the 30 s grace
+    assert rig.launcher.running("j0").kills == [("cancelled", 30), ("memory", 0)]
+    rig.end(a)
+    assert result_of(a).failure == "cancelled"  # the kill that started decides the failure
+
+
+class RecordingTrace:
+    """A trace that notes each event, and whether the job's future was resolved by then."""
+
+    def __init__(self, items: List[Item]) -> None:
+        self.items = items
+        self.events: List[Tuple[str, str, bool]] = []
+
+    def _note(self, event: str, job_id: str) -> None:
+        (item,) = [i for i in self.items if i.job_id == job_id]
+        self.events.append((event, job_id, item.future.done()))
+
+    def started(self, job_id: str, *args: Any) -> None:
+        self._note("started", job_id)
+
+    def ended(self, job_id: str, *args: Any) -> None:
+        self._note("ended", job_id)
+
+    def cancelled(self, job_id: str, *args: Any) -> None:
+        self._note("cancelled", job_id)
+
+    def idle(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_trace_has_its_last_word_on_a_cancelled_retry_before_its_future_resolves() -> None:
+    items: List[Item] = []
+    rig = Rig(cpus=2, memory_mb=1000, trace=RecordingTrace(items))
+    rig.items = items
+    a = rig.submit(Job(["tool"]).memory("600M").with_retries(2))
+    rig.submit(Job(["other"]).memory("300M"))
+    rig.launcher.running("j0").kill("memory", "over its m")
+    rig.end(a)  # its retry waits for memory
+    rig.core.shut_down(True, "stopped by the test")
+    assert ("cancelled", "j0", False) in rig.core.trace.events  # type: ignore[union-attr]
+    assert result_of(a).failure == "cancelled"

@@ -117,6 +117,30 @@ def test_plain_shutdown_runs_the_queued_jobs() -> None:
     assert [f.result(timeout=30).stdout for f in futures] == [f"{i}\n" for i in range(5)]
 
 
+def test_an_executor_dropped_with_jobs_to_run_still_runs_them() -> None:
+    """No reference to the executor is kept, and the collector runs: its jobs still end and its
+    results still come (as `for r in MemoryAwareExecutor().map(...)` needs)."""
+    import gc
+
+    ex = MemoryAwareExecutor(cpus=1, history=False)
+    first = ex.submit(["sleep", "0.3"])
+    second = ex.submit(["true"])
+    time.sleep(0.1)  # the loop has taken them: nothing of it holds the executor's own methods now
+    del ex
+    gc.collect()
+    assert first.result(timeout=30).success and second.result(timeout=30).success
+    assert list(MemoryAwareExecutor(max_workers=1, history=False).map(abs, [-1, -2])) == [1, 2]
+
+
+def test_a_closed_executor_is_no_longer_one_to_shut_down_at_exit() -> None:
+    from mpmsub._engine.executor import _live_executors
+
+    with MemoryAwareExecutor(max_workers=1, history=False) as ex:
+        assert ex in _live_executors
+        ex.submit(["true"]).result(timeout=30)
+    assert ex not in _live_executors
+
+
 def test_submit_after_shutdown_raises() -> None:
     ex = MemoryAwareExecutor(cpus=1, memory="1G")
     ex.shutdown()
