@@ -119,9 +119,13 @@ def test_plain_shutdown_runs_the_queued_jobs() -> None:
 
 def test_an_executor_dropped_with_jobs_to_run_still_runs_them() -> None:
     """No reference to the executor is kept, and the collector runs: its jobs still end and its
-    results still come (as `for r in MemoryAwareExecutor().map(...)` needs)."""
+    results still come (as `for r in MemoryAwareExecutor().map(...)` needs). It lives on until
+    shut down, or until the program exits."""
     import gc
 
+    from mpmsub._engine.executor import _live_executors
+
+    before = set(_live_executors)
     ex = MemoryAwareExecutor(cpus=1, history=False)
     first = ex.submit(["sleep", "0.3"])
     second = ex.submit(["true"])
@@ -130,6 +134,10 @@ def test_an_executor_dropped_with_jobs_to_run_still_runs_them() -> None:
     gc.collect()
     assert first.result(timeout=30).success and second.result(timeout=30).success
     assert list(MemoryAwareExecutor(max_workers=1, history=False).map(abs, [-1, -2])) == [1, 2]
+    dropped = set(_live_executors) - before
+    assert len(dropped) == 2  # alive still, and shut down at exit; here, now (their workers too)
+    for executor in dropped:
+        executor.shutdown()
 
 
 def test_a_closed_executor_is_no_longer_one_to_shut_down_at_exit() -> None:
