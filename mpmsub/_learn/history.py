@@ -115,6 +115,23 @@ def resolve(history: object) -> Optional[str]:
     return os.path.expanduser(history)
 
 
+def _wal(conn: sqlite3.Connection) -> None:
+    """Put the database in WAL mode. Processes opening a new history at the same moment may find
+    the switch refused at once ("database is locked": SQLite does not wait where waiting could
+    deadlock); each tries again for up to _TIMEOUT."""
+    import sqlite3
+
+    deadline = time.monotonic() + _TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class HistoryError(MpmsubError):
     """The history database cannot be used (for the `mpmsub history` command)."""
 
@@ -158,7 +175,7 @@ class History:
                 os.close(open_private(self.path, os.O_EXCL))
             conn = sqlite3.connect(self.path, timeout=_TIMEOUT, isolation_level=None, check_same_thread=False)
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
+                _wal(conn)
                 conn.execute("PRAGMA synchronous=NORMAL")
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version == 0:  # a new database (reads of an existing one write nothing)
