@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Set
 
+from mpmsub._result import ERROR, PICKLE, START
 from mpmsub._units import MB
 
 if TYPE_CHECKING:
@@ -48,8 +49,6 @@ class RunBook:
 
     def learn(self, key: Optional[str], spec: JobSpec, input_size: int, result: JobResult, requeued: bool) -> None:
         """Record a run that ended in the history, and in what this executor estimates from."""
-        from mpmsub._result import ERROR, PICKLE, START
-
         if key is None or result.failure in (START, PICKLE, ERROR):
             return  # never ran, or mpmsub failed: nothing of the tool was measured
         from mpmsub._learn import estimate, history
