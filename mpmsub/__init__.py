@@ -24,11 +24,12 @@ if TYPE_CHECKING:
     from mpmsub._backends.slurm import SlurmBackend
     from mpmsub._call import Call
     from mpmsub._cluster import Cluster, JobList, cluster
-    from mpmsub._engine.executor import ExecutorStatus, MemoryAwareExecutor
+    from mpmsub._engine.executor import ExecutorStatus, MemoryAwareExecutor, RunningJob
     from mpmsub._engine.future import JobFuture
     from mpmsub._errors import (
         CallCancelledError,
         CallError,
+        CallKilledError,
         CallPicklingError,
         CallTimeoutError,
         JobFailedError,
@@ -50,6 +51,7 @@ __all__ = [
     "Call",
     "CallCancelledError",
     "CallError",
+    "CallKilledError",
     "CallPicklingError",
     "CallTimeoutError",
     "Cluster",
@@ -66,6 +68,7 @@ __all__ = [
     "MpmsubError",
     "Pipeline",
     "RemoteTraceback",
+    "RunningJob",
     "SlurmBackend",
     "WorkerDiedError",
     "__version__",
@@ -92,6 +95,7 @@ _LAZY = {
     "cluster": "mpmsub._cluster",
     "DaskBackend": "mpmsub._backends.dask",
     "ExecutorStatus": "mpmsub._engine.executor",
+    "RunningJob": "mpmsub._engine.executor",
     "MemoryAwareExecutor": "mpmsub._engine.executor",
     "JobFuture": "mpmsub._engine.future",
     "write_report": "mpmsub._report.html",
@@ -111,6 +115,7 @@ _LAZY = {
         [
             "CallCancelledError",
             "CallError",
+            "CallKilledError",
             "CallPicklingError",
             "CallTimeoutError",
             "JobFailedError",

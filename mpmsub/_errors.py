@@ -14,6 +14,7 @@ second bases:
             CallTimeoutError
             WorkerDiedError       also concurrent.futures.process.BrokenProcessPool
             CallCancelledError
+                CallKilledError
             CallPicklingError     also pickle.PicklingError
         RemoteTraceback
         UnsafeFileError           in _files
@@ -115,6 +116,11 @@ else:
 class CallCancelledError(CallError):
     """The call was running when the executor was terminated (Ctrl-C, an exception in its with
     block, terminate()), and its worker was killed."""
+
+
+class CallKilledError(CallCancelledError):
+    """The call was killed on its own (`future.kill(reason)`, `executor.kill`): its worker was
+    killed, and replaced; the message names the reason."""
 
 
 class CallPicklingError(CallError, pickle.PicklingError):

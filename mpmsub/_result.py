@@ -14,13 +14,16 @@ if TYPE_CHECKING:
 
 # Kinds of failure, recorded on JobResult.failure (None for a success). FailureKind names them
 # all; each constant is typed as its own value, so that a type checker accepts it as one.
-FailureKind = Literal["exit", "signal", "timeout", "memory", "start", "cancelled", "error", "raised", "pickle"]
+FailureKind = Literal[
+    "exit", "signal", "timeout", "memory", "start", "cancelled", "killed", "error", "raised", "pickle"
+]
 EXIT: Literal["exit"] = "exit"  # ran and exited non-zero
 SIGNAL: Literal["signal"] = "signal"  # killed by a signal it was not sent by mpmsub
 TIMEOUT: Literal["timeout"] = "timeout"
 MEMORY: Literal["memory"] = "memory"  # stopped by mpmsub for memory, or killed by the kernel's out-of-memory killer
 START: Literal["start"] = "start"  # could not be started: program or working directory not found, not executable, ...
 CANCELLED: Literal["cancelled"] = "cancelled"  # stopped by shutdown, Ctrl-C or cancellation while running
+KILLED: Literal["killed"] = "killed"  # stopped on its own by kill() (JobFuture.kill, executor.kill, Cluster.kill)
 ERROR: Literal["error"] = "error"  # mpmsub itself failed while running the job
 RAISED: Literal["raised"] = "raised"  # a Python call raised an exception
 PICKLE: Literal["pickle"] = "pickle"  # a Python call, or what it returned, could not be pickled or unpickled

@@ -20,7 +20,7 @@ import pickle
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from mpmsub import _threads
 from mpmsub._backends import remote as _remote
@@ -205,6 +205,15 @@ class DaskLauncher(Launcher):
                 handle = self._handles.pop(future.key, None)
             if handle is not None:
                 handle.finish(future, result)
+
+    def where(self, handles: Sequence[Handle]) -> List[str]:
+        """The address of the worker running each task ("waiting in Dask" before one has it)."""
+        try:
+            processing = self.client.processing()
+        except Exception as exc:  # the scheduler cannot be asked now
+            return [f"Dask (unknown: {exc!r})"] * len(handles)
+        at = {key: worker for worker, keys in processing.items() for key in keys}
+        return [at.get(getattr(handle, "key", ""), "waiting in Dask") for handle in handles]
 
     def kill_later(self, handle: DaskHandle, failure: FailureKind, message: str, grace: Optional[float]) -> None:
         """Kill on the workers, from a thread of ours (client.run waits for the workers' answers),

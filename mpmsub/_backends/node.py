@@ -48,7 +48,7 @@ class NodeExecutor(MemoryAwareExecutor):
         self, future: JobFuture[Any], failure: FailureKind, message: str, grace: Optional[float] = None
     ) -> None:
         """Stop the job of `future` (any thread): kill its run, or cancel it while queued."""
-        self._core.kill(future, failure, message, grace)
+        self._kill(future, None, failure, message, grace)
 
 
 # -- on a Dask worker ----------------------------------------------------------------------------

@@ -202,6 +202,15 @@ class SlurmLauncher(Launcher):
             self._cond.notify()
         return handle
 
+    def where(self, handles: Sequence[Handle]) -> List[str]:
+        """Each job's SLURM id and state, as last polled."""
+        places = []
+        for handle in handles:
+            slurm_id = getattr(handle, "slurm_id", None)
+            state = getattr(handle, "state", "?")
+            places.append("SLURM (being submitted)" if slurm_id is None else f"SLURM job {slurm_id} ({state})")
+        return places
+
     def kill_later(self, handle: SlurmHandle) -> None:
         with self._cond:
             self._kills.append(handle)

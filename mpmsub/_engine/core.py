@@ -37,7 +37,7 @@ from mpmsub._policy import runs as _policy
 from mpmsub._policy.enforce import Usage, budget_stops, newest, strict_stops
 from mpmsub._policy.ledger import Ledger
 from mpmsub._policy.scheduler import Scheduler
-from mpmsub._result import CANCELLED, ERROR, MEMORY, FailureKind, JobResult
+from mpmsub._result import CANCELLED, ERROR, KILLED, MEMORY, FailureKind, JobResult
 from mpmsub._spec import Request
 from mpmsub._system import available_memory
 from mpmsub._units import MB, format_memory
@@ -123,6 +123,7 @@ class Item:
         "input_size",
         "job_id",
         "key",
+        "killed",
         "last_result",
         "oom_baseline",
         "place_memory",
@@ -158,6 +159,9 @@ class Item:
         self.shortage_final = False  # stopped for the machine's sake once too often
         self.oom_baseline: Optional[int] = None
         self.last_result: Optional[JobResult] = None
+        # kill(): the message its result gives, and whether it replaces the failure of a run that
+        # was already ending (a memory stop under way); nothing runs again once it is set.
+        self.killed: Optional[Tuple[str, bool]] = None
         # The run history (m="auto"): its key and input size (None: no history, no auto), whether
         # its memory is predicted, from what, and whether it is the probe of its key.
         self.key: Optional[str] = None
@@ -265,18 +269,20 @@ class Core:
         elif to is RunState.RUNNING:
             self.running[item.seq] = item
 
-    def _drop(self, item: Item, reason: Optional[str] = None, notified: bool = False) -> None:
+    def _drop(
+        self, item: Item, reason: Optional[str] = None, notified: bool = False, failure: FailureKind = CANCELLED
+    ) -> None:
         """A job cancelled before its run (or its next run) started. Without `reason`, its future
         was cancelled by its caller (and, with `notified`, its waiters were woken already); with
         one, mpmsub cancels it: a job never run is cancelled, a retry's or requeue's gets its last
-        result, marked cancelled."""
+        result, marked cancelled (or `failure`: killed)."""
         if item.state is RunState.STARTING:
             self.ledger.release(item.request)
         self._move(item, RunState.CANCELLED)
         error = "cancelled before it started" + ("" if reason is None else f": {reason}")
         result = None
         if reason is not None and item.last_result is not None:  # its future is running: a result
-            result = cancelled_again(item.last_result, reason, item.attempts, item.requeued)
+            result = cancelled_again(item.last_result, reason, item.attempts, item.requeued, failure)
             error = result.error or ""
         if self.trace is not None:  # the trace's last word on it comes before its waiters wake
             self.trace.cancelled(item.job_id, item.runs + 1, error)
@@ -377,6 +383,9 @@ class Core:
             self.monitor.unwatch(run.handle)
         strict = self.settings.strict_memory if item.spec.strict is None else item.spec.strict
         explain(outcome, item.spec, strict, item.oom_baseline)
+        if item.killed is not None and item.killed[1] and outcome.failure not in (None, KILLED):
+            # Killed while a memory stop was under way: the kill is what the user sees.
+            outcome.failure, outcome.error = KILLED, f"{item.killed[0]} (it was being stopped: {outcome.error})"
         result = make_result(item.spec, item.job_id, outcome, item.attempts, item.requeued, item.estimate)
         item.last_result = result
         if self.runbook is not None:
@@ -412,7 +421,7 @@ class Core:
             requeue=item.requeue,
             requeue_need=item.requeue_need,
             most=self.most(item),
-            final=self.lifecycle >= Lifecycle.TERMINATING or item.shortage_final,
+            final=self.lifecycle >= Lifecycle.TERMINATING or item.shortage_final or item.killed is not None,
         )
         decision = _policy.next_run(end)
         if decision is None:
@@ -458,20 +467,62 @@ class Core:
         if started and item.state is RunState.RUNNING:
             self._move(item, RunState.STOPPING)
 
-    def kill(self, future: JobFuture[Any], failure: FailureKind, message: str, grace: Optional[float] = None) -> None:
-        """Stop the job of `future` (any thread): kill its run, or cancel it while queued."""
+    def find(self, future: Optional[JobFuture[Any]], job_id: Optional[str]) -> Optional[Item]:
+        """The job of `future` (or with `job_id`) that has not ended yet: running, queued or
+        held; None when it has ended (or is not this executor's)."""
 
-        def kill() -> None:
-            for item in self.running.values():
-                if item.future is future and item.run is not None and item.run.handle is not None:
-                    if item.run.handle.kill(failure, message, grace) and item.state is RunState.RUNNING:
-                        self._move(item, RunState.STOPPING)
-                    return
-            if future.cancel():  # queued here: never started
+        def match(item: Item) -> bool:
+            return item.future is future if future is not None else item.job_id == job_id
+
+        for item in self.running.values():
+            if match(item):
+                return item
+        for item in self.scheduler:
+            if match(item):
+                return item
+        for group in self.auto.held.values():
+            for item in group:
+                if match(item):
+                    return item
+        return None
+
+    def kill(self, item: Item, failure: FailureKind, message: str, grace: Optional[float] = None) -> bool:
+        """Stop one job (on the loop): kill its run's whole tree, or take it out of the queue.
+        Nothing of it runs again. True if this stopped it: a running job's kill started (or it
+        was being stopped for memory, and its result is the kill's); a queued job cancelled."""
+        state = item.state
+        if state in _RUNS and item.run is not None and item.run.handle is not None:
+            if item.killed is not None:
+                return False  # killed already
+            started = item.run.handle.kill(failure, message, grace)
+            # A run already ending (it exited, or its timeout's kill is under way) keeps its own
+            # result; one being stopped for memory ends as killed.
+            item.killed = (message, not started and state is RunState.STOPPING)
+            if started and state is RunState.RUNNING:
+                self._move(item, RunState.STOPPING)
+            return started or state is RunState.STOPPING
+        if state is RunState.QUEUED:
+            self.scheduler.remove(item)
+        elif state is RunState.HELD:
+            group = self.auto.held.get(item.key or "", [])
+            if item in group:
+                group.remove(item)
+        else:
+            return False  # not yet taken from the inbox (the loop takes it first), or ended
+        item.killed = (message, False)
+        if item.future.running():  # a retry or requeue waiting: its last result, marked killed
+            self._drop(item, message, failure=failure)
+        else:  # never started: cancelled, as cancel() does (False if its caller had done so)
+            cancelled = item.future.cancelled()
+            item.future.cancel()
+            self._drop(item, notified=True)
+            if cancelled:
                 self.dispatch()
                 self.maybe_close()
-
-        self.loop.call_soon_threadsafe(kill)
+                return False
+        self.dispatch()
+        self.maybe_close()
+        return True
 
     def shut_down(self, cancel_queued: bool, kill_reason: Optional[str]) -> None:
         """The executor was shut down (with `kill_reason`: terminated): no more jobs will come."""

@@ -48,7 +48,7 @@ from mpmsub._learn.runbook import RunBook
 from mpmsub._policy.ledger import Ledger
 from mpmsub._policy.scheduler import Scheduler, check_policy
 from mpmsub._protocol import PREPARING
-from mpmsub._result import PICKLE, JobResult, never_ran
+from mpmsub._result import KILLED, PICKLE, FailureKind, JobResult, never_ran
 from mpmsub._spec import JobSpec
 from mpmsub._system import detect_memory, memory_groups
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory
@@ -87,6 +87,25 @@ class ExecutorStatus:
     # bytes: the running jobs' resident memory at their last sample (their whole trees); None
     # where jobs run elsewhere (a remote backend measures them there)
     memory_in_use: Optional[int] = None
+    running_jobs: Tuple[str, ...] = ()  # the running jobs' ids (running() says more of each)
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """One running job, as `MemoryAwareExecutor.running()` sees it: enough to pick one to kill."""
+
+    job_id: str
+    command: str  # the command line (a pipeline's stages joined by |; a call's function)
+    start_time: float  # Unix time this run started
+    runtime: float  # seconds since then
+    attempt: int  # 1 for its first run, 2 for its first retry or requeue, ...
+    cpus: int
+    memory_reserved: int  # bytes: its m (0 without one)
+    # bytes: its whole tree's resident memory at the last sample; None where it runs elsewhere
+    memory_in_use: Optional[int]
+    cpu_time: Optional[float]  # seconds of CPU its whole tree used so far; None where it runs elsewhere
+    where: str  # this machine's name, a Dask worker's address, or "SLURM job N" (and its state)
+    stopping: bool = False  # being killed (a kill, a memory stop or its timeout)
 
 
 class MemoryAwareExecutor(Executor):
@@ -269,6 +288,7 @@ class MemoryAwareExecutor(Executor):
             raise
         _live_executors.add(self)
         weakref.finalize(self, _stop_loop, self._loop, self._core.monitor, self._runbook, trace_log)
+        self._ref = weakref.ref(self)  # what each future holds for JobFuture.kill()
 
     def __repr__(self) -> str:
         cap = f", max_workers={self.max_workers}" if self.max_workers else ""
@@ -331,6 +351,7 @@ class MemoryAwareExecutor(Executor):
                     place = self.backend.place_memory(spec.cpus)
         request = spec.request
         future: JobFuture[Any] = JobFuture()
+        future._executor = self._ref
         unsent: Optional[CallPicklingError] = None
         if not self._launcher.local:  # asks the backend (a Dask scheduler): not under the lock
             nowhere = self._launcher.why_never_fits(spec)
@@ -388,12 +409,135 @@ class MemoryAwareExecutor(Executor):
         return _results(futures, end)
 
     def status(self) -> ExecutorStatus:
-        """Jobs queued and running now, and the CPUs and memory the running ones reserve."""
+        """Jobs queued and running now (the running ones' ids), and the CPUs and memory the
+        running ones reserve; `running()` says more of each running job."""
         # Plain reads of the loop thread's counters: each is consistent, together a moment's view.
         core = self._core
         queued = len(core.scheduler) + len(self._inbox) + core.held_count
         in_use = core.in_use() if self._launcher.local else None
-        return ExecutorStatus(queued, len(core.running), core.ledger.used_cpus, core.ledger.used_memory, in_use)
+        running = tuple(item.job_id for item in list(core.running.values()))
+        return ExecutorStatus(queued, len(running), core.ledger.used_cpus, core.ledger.used_memory, in_use, running)
+
+    def kill(self, job: Union[JobFuture[Any], str], reason: Optional[str] = None) -> bool:
+        """Kill one job: the whole process tree of a running job (a call's worker, which is
+        then replaced), SIGTERM and SIGKILL after `kill_grace`; a queued job is cancelled as by
+        `future.cancel()`. `job` is its future or its id. Nothing of it runs again (no retry, no
+        requeue). A killed job's result has failure "killed" and the error "killed: REASON"; a
+        killed call's `result()` raises CallKilledError. Returns whether it stopped the job:
+        False when it had ended (or was ending on its own: it exited, or its timeout's kill was
+        under way; it keeps its own result then) or was killed already. Any thread.
+
+        `future.cancel()` keeps concurrent.futures' meaning: it cancels a queued job and leaves
+        a running one alone. `terminate()` stops every job."""
+        future, job_id = self._target(job)
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"reason must be a string or None; got {reason!r}")
+        message = f"killed: {reason}" if reason else "killed on request"
+        return self._kill(future, job_id, KILLED, message, None)
+
+    def _target(self, job: object) -> Tuple[Optional[JobFuture[Any]], Optional[str]]:
+        """The future or id kill() is given, checked to be this executor's."""
+        if isinstance(job, JobFuture):
+            if job.__dict__.get("_executor") is not self._ref:
+                raise ValueError(f"{job!r} is not the future of a job of this executor")
+            return job, None
+        if isinstance(job, str):
+            with self._inbox.lock:
+                if job not in self._inbox.ids:
+                    raise ValueError(f"no job {job!r} was submitted to this executor")
+            return None, job
+        raise TypeError(f"kill() takes a job's future or its id (a string); got {job!r} ({type(job).__name__})")
+
+    def _kill(
+        self,
+        future: Optional[JobFuture[Any]],
+        job_id: Optional[str],
+        failure: FailureKind,
+        message: str,
+        grace: Optional[float],
+    ) -> bool:
+        core = self._core
+        grace = self.kill_grace if grace is None else grace
+
+        def kill() -> bool:
+            item = core.find(future, job_id)
+            return item is not None and core.kill(item, failure, message, grace)
+
+        return bool(self._on_loop(kill, False))
+
+    def _on_loop(self, function: Callable[[], T], closed: T) -> T:
+        """What `function` returns, run on the loop thread (which owns the jobs); `closed` if
+        the loop has stopped (every job has ended)."""
+        if self._loop.in_loop_thread():
+            return function()
+        answer: List[Any] = []
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                answer.append((True, function()))
+            except BaseException as exc:  # raised again in the caller's thread
+                answer.append((False, exc))
+            finally:
+                done.set()
+
+        self._loop.call_soon_threadsafe(call)
+        # A loop that stops (it had closed: nothing runs) drops the call: look at it now and then.
+        while not done.wait(0.1):
+            if not self._loop.is_alive():
+                break
+        if not answer:
+            return closed
+        ok, value = answer[0]
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def running(self) -> List[RunningJob]:
+        """The jobs running now, in the order they started: id, command, start, CPUs and memory
+        reserved, memory in use at the last sample and CPU time so far (None where jobs run
+        elsewhere), where each runs, and whether it is being stopped. Any thread."""
+
+        def look() -> List[Tuple[Any, ...]]:
+            now, wall = time.monotonic(), time.time()
+            rows = []
+            for item in self._core.running.values():
+                run = item.run
+                if run is None or run.handle is None:
+                    continue
+                started = wall - (now - run.started)
+                rows.append((item, run, run.handle, started, now - run.started, item.state.value == "stopping"))
+            return rows
+
+        none: List[Tuple[Any, ...]] = []
+        rows = self._on_loop(look, none)
+        if not rows:
+            return []
+        local = self._launcher.local
+        snapshot = None
+        if local:
+            from mpmsub._launch import proctree
+
+            snapshot = proctree.snapshot()
+        places = self._launcher.where([row[2] for row in rows])
+        jobs = []
+        for (item, run, handle, started, runtime, stopping), where in zip(rows, places):
+            jobs.append(
+                RunningJob(
+                    job_id=item.job_id,
+                    command=item.spec.describe(),
+                    start_time=started,
+                    runtime=runtime,
+                    attempt=run.number,
+                    cpus=item.spec.cpus,
+                    memory_reserved=item.request.memory,
+                    memory_in_use=(run.rss + item.captured) if local else None,
+                    cpu_time=handle.cpu_time(snapshot) if snapshot is not None else None,
+                    where=where,
+                    stopping=stopping,
+                )
+            )
+        return jobs
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting jobs; with `cancel_futures`, cancel the queued ones; with `wait`, return

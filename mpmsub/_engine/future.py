@@ -45,6 +45,7 @@ class JobFuture(Future[T]):
     """
 
     usage: Optional[JobResult] = None
+    _executor: Any = None  # a weak reference to its executor, for kill()
 
     def __init__(self) -> None:
         if not _STATE:
@@ -63,6 +64,18 @@ class JobFuture(Future[T]):
             if condition is None:
                 condition = self.__dict__["_condition"] = threading.Condition()
         return condition
+
+    def kill(self, reason: Optional[str] = None) -> bool:
+        """Kill this job: a running job's whole process tree (a call's worker, which is then
+        replaced), or a queued job cancelled as by `cancel()`; nothing of it runs again. Its
+        result says failure "killed" and the reason (a call's `result()` raises CallKilledError).
+        Returns whether it stopped the job (False once it has ended). See
+        `MemoryAwareExecutor.kill`; `cancel()` keeps its standard meaning (queued jobs only)."""
+        ref = self.__dict__.get("_executor")
+        executor = None if ref is None else ref()
+        if executor is None:  # its executor is gone, and with it every job it ran
+            return False
+        return bool(executor.kill(self, reason))
 
     def cancelled_now(self) -> bool:
         """cancelled() without taking the lock (nor building it): a glance at the state, for the

@@ -8,8 +8,15 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Dict, Optional, Type
 
 from mpmsub import _errors
-from mpmsub._errors import CallCancelledError, CallError, CallPicklingError, CallTimeoutError, MemoryLimitError
-from mpmsub._result import CANCELLED, EXIT, MEMORY, PICKLE, RAISED, SIGNAL, TIMEOUT, JobResult
+from mpmsub._errors import (
+    CallCancelledError,
+    CallError,
+    CallKilledError,
+    CallPicklingError,
+    CallTimeoutError,
+    MemoryLimitError,
+)
+from mpmsub._result import CANCELLED, EXIT, KILLED, MEMORY, PICKLE, RAISED, SIGNAL, TIMEOUT, FailureKind, JobResult
 from mpmsub._units import MB
 
 if TYPE_CHECKING:
@@ -70,12 +77,19 @@ def make_result(
     )
 
 
-def cancelled_again(last: JobResult, reason: str, attempts: int, requeued: int) -> JobResult:
-    """The result of a job whose next run (a retry, or after a requeue) was cancelled."""
+def cancelled_again(
+    last: JobResult, reason: str, attempts: int, requeued: int, failure: FailureKind = CANCELLED
+) -> JobResult:
+    """The result of a job whose next run (a retry, or after a requeue) was cancelled (or, with
+    `failure` KILLED, killed while it waited for it: `reason` is then the kill's message)."""
+    if failure == CANCELLED:
+        error = f"{last.error}; cancelled before it could run again: {reason}"
+    else:
+        error = f"{last.error}; {reason} (before it could run again)"
     return dataclasses.replace(
         last,
-        failure=CANCELLED,
-        error=f"{last.error}; cancelled before it could run again: {reason}",
+        failure=failure,
+        error=error,
         attempts=attempts,
         requeued=requeued,
     )
@@ -86,6 +100,7 @@ _CALL_ERRORS: Dict[str, Type[CallError]] = {
     MEMORY: MemoryLimitError,
     TIMEOUT: CallTimeoutError,
     CANCELLED: CallCancelledError,
+    KILLED: CallKilledError,
     PICKLE: CallPicklingError,
 }
 

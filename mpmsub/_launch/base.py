@@ -106,6 +106,11 @@ class Handle(abc.ABC):
         """Pids of the job's first processes on this machine (none where it runs elsewhere)."""
         return ()
 
+    def cpu_time(self, snapshot: Snapshot) -> Optional[float]:
+        """The CPU time the job used so far, in seconds (for `running()`, on the caller's
+        thread); None where it runs elsewhere."""
+        return None
+
 
 def escalate(killing: bool, grace: float, send: Callable[[int], None], later: Callable[[float, int], None]) -> bool:
     """The kill every handle does: SIGTERM, then SIGKILL `grace` seconds later (`later` schedules
@@ -146,6 +151,13 @@ class Launcher(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what the launcher holds; called once no job is running."""
+
+    def where(self, handles: Sequence[Handle]) -> List[str]:
+        """Where each of these running jobs runs, in words (for `running()`, on the caller's
+        thread): this machine's name by default."""
+        import socket
+
+        return [socket.gethostname()] * len(handles)
 
     def housekeeping(self) -> None:  # noqa: B027 - optional hook
         """Work that must not run on the event loop: called on the monitor thread at each tick,

@@ -671,3 +671,8 @@ class LocalHandle(Handle):
 
     def roots(self) -> Sequence[int]:
         return list(self.pids)
+
+    def cpu_time(self, snapshot: _proctree.Snapshot) -> Optional[float]:
+        # Its live processes' (with what they waited for) and its stages' already reaped.
+        pids = _proctree.members(snapshot, [*self._stages.unreaped, *self.strays])
+        return _proctree.cpu_seconds(pids) + self._stages.cpu_time

@@ -923,3 +923,11 @@ class CallHandle(Handle):
 
     def roots(self) -> Sequence[int]:
         return [self.worker.pid] if self.worker is not None else []
+
+    def cpu_time(self, snapshot: _proctree.Snapshot) -> Optional[float]:
+        worker = self.worker
+        if worker is None:
+            return 0.0
+        # The worker's whole life so far, less what its earlier calls (and its start) reported.
+        pids = _proctree.members(snapshot, [worker.pid])
+        return max(0.0, _proctree.cpu_seconds(pids) - worker.reported_cpu)

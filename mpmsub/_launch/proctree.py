@@ -166,6 +166,35 @@ def tree_rss(snap: Snapshot, roots: Iterable[int]) -> int:
     return sum(snap[pid].rss for pid in members(snap, roots))
 
 
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU time (user + system) of these processes so far, each with its children that it has
+    waited for: over a job's live processes, the CPU time of its whole tree until now (a process
+    that ended counts in its parent's). A process gone meanwhile counts nothing."""
+    total = 0.0
+    for pid in pids:
+        if _LINUX:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            fields = data[data.rindex(b")") + 2 :].split()
+            # utime, stime, cutime, cstime are fields 14-17: 11-14 after the state (field 3).
+            total += sum(int(value) for value in fields[11:15]) / _TICKS
+        else:
+            import psutil
+
+            try:
+                times = psutil.Process(pid).cpu_times()
+            except (psutil.Error, OSError):
+                continue
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
 def signal_tree(roots: Iterable[int], sig: int) -> Set[int]:
     """Send `sig` to every process of the job whose root processes (session leaders) are `roots`;
     return the processes found.

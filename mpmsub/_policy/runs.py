@@ -13,7 +13,7 @@ import math
 from typing import Callable, Deque, Iterable, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 from mpmsub._policy.enforce import strict_overuse
-from mpmsub._result import CANCELLED, MEMORY, PICKLE, START
+from mpmsub._result import CANCELLED, KILLED, MEMORY, PICKLE, START
 from mpmsub._units import MB, format_memory
 
 PROFILE_BUFFER = 0.20  # the margin profile() adds to a measured peak; a requeued job waits for it too
@@ -41,7 +41,7 @@ class Ended(NamedTuple):
     requeue: bool  # stopped for the machine's sake, to run again
     requeue_need: int  # the memory its next run waits for, from earlier requeues
     most: int  # the most memory the job can be given
-    final: bool = False  # nothing may follow: the executor is terminating, or requeued too often
+    final: bool = False  # nothing may follow: the executor is terminating, the job was killed, or requeued too often
 
 
 class NextRun(NamedTuple):
@@ -62,7 +62,7 @@ def next_run(end: Ended) -> Optional[NextRun]:
         # profile() adds to a finished job's peak, though not for more than it may be given.
         margin = min(math.ceil(end.peak * (1 + PROFILE_BUFFER)), end.most)
         return NextRun("requeue", end.memory, max(end.requeue_need, end.peak, margin))
-    if end.failure is None or end.failure in (START, CANCELLED, PICKLE):
+    if end.failure is None or end.failure in (START, CANCELLED, KILLED, PICKLE):
         return None
     memory_failure = end.failure == MEMORY
     # A predicted m that proved too little runs again with more, beyond the job's own retries.

@@ -218,6 +218,22 @@ class Scheduler(Generic[E]):
         self._count += 1
         self._index(_shape(entry), bucket)
 
+    def remove(self, entry: E) -> bool:
+        """Take one job out of the queue (one killed while it waits); False if it is not queued."""
+        shape = _shape(entry)
+        bucket = self._buckets.get(shape)
+        if bucket is None or entry not in bucket.entries:
+            return False
+        first = bucket.entries[0] is entry
+        bucket.entries.remove(entry)
+        self._front.discard(entry.seq)
+        self._count -= 1
+        if not bucket.entries:
+            del self._buckets[shape]  # its entry in the index is outdated now, and skipped
+        elif first:
+            self._index(shape, bucket)
+        return True
+
     def clear(self) -> List[E]:
         entries = list(self)
         self._buckets.clear()

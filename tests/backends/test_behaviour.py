@@ -249,3 +249,100 @@ def test_a_calls_exception_is_reraised(executor: mpmsub.MemoryAwareExecutor) -> 
 
 def test_map(executor: mpmsub.MemoryAwareExecutor) -> None:
     assert list(executor.map(triple, range(5), chunksize=2)) == [0, 3, 6, 9, 12]
+
+
+# -- killing one job -------------------------------------------------------------------------------
+
+
+def nap(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_kill_stops_one_running_jobs_whole_tree_and_nothing_else(
+    executor_factory: ExecutorFactory, tmp_path: Path
+) -> None:
+    marker, detached = unique_sleep(), unique_sleep()
+    executor = executor_factory(cpus=2)
+    try:
+        # Two children, one of them in a session of its own (setsid): both are the job's.
+        command = f"sleep {marker} & setsid sleep {detached} & sleep {marker}; wait"
+        doomed = executor.submit(mpmsub.Job(["sh", "-c", command]).with_id("doomed").with_retries(2))
+        sibling = executor.submit(["sh", "-c", "sleep 1.5; echo sibling"])
+        wait_until(lambda: sleeps_running(marker) == 2 and sleeps_running(detached) == 1, "its children did not start")
+        assert sorted(job.job_id for job in executor.running()) == ["doomed", "job_0001"]
+        assert doomed.kill("the wrong input") is True
+        assert doomed.kill() is False  # killed already
+        result = doomed.result(timeout=WAIT)
+        assert (result.failure, result.error) == ("killed", "killed: the wrong input")
+        assert result.attempts == 1  # never retried
+        assert left_running(marker) == [] and left_running(detached) == []
+        assert sibling.result(timeout=WAIT).stdout == "sibling\n"  # its sibling ran on
+        assert doomed.kill() is False and executor.kill("doomed") is False  # ended
+    finally:
+        executor.terminate()
+
+
+def test_kill_a_queued_job_cancels_it(executor_factory: ExecutorFactory, tmp_path: Path) -> None:
+    ran = tmp_path / "ran"
+    marker = unique_sleep()
+    executor = executor_factory(cpus=1)  # one job at a time
+    try:
+        first = executor.submit(mpmsub.Job(["sleep", marker]).with_id("first"))
+        queued = executor.submit(mpmsub.Job(["touch", str(ran)]).with_id("queued"))
+        wait_until(lambda: executor.status().running == 1, "the first job did not start")
+        assert executor.status().running_jobs == ("first",)
+        assert executor.kill("queued", "not needed") is True
+        assert queued.cancelled()
+        assert executor.kill(queued) is False
+        assert executor.kill("first") is True
+        result = first.result(timeout=WAIT)
+        assert (result.failure, result.error) == ("killed", "killed on request")
+        assert left_running(marker) == []
+        executor.shutdown(wait=True)
+    finally:
+        executor.terminate()
+    assert not ran.exists()
+
+
+def test_kill_a_running_call(executor_factory: ExecutorFactory) -> None:
+    executor = executor_factory(cpus=1)
+    try:
+        future = executor.submit(nap, 60)
+        wait_until(lambda: executor.status().running == 1, "the call did not start")
+        time.sleep(0.5)  # in the call, not only handed to its worker
+        assert future.kill("enough") is True
+        with pytest.raises(mpmsub.CallKilledError, match="killed: enough") as info:
+            future.result(timeout=WAIT)
+        assert isinstance(info.value, mpmsub.CallCancelledError)
+        assert future.usage is not None and future.usage.failure == "killed"
+        assert executor.submit(nap, 0).result(timeout=WAIT) > 0  # a worker (replaced) runs the next
+    finally:
+        executor.terminate()
+
+
+def test_running_says_what_runs_where(executor_factory: ExecutorFactory) -> None:
+    marker = unique_sleep()
+    executor = executor_factory(cpus=1)
+    try:
+        busy = f"sleep {marker} & i=0; while [ $i -lt 200000 ]; do i=$((i + 1)); done; wait"
+        future = executor.submit(mpmsub.Job(["sh", "-c", busy]).memory("50M").with_id("busy"))
+        wait_until(lambda: executor.status().running == 1, "the job did not start")
+        time.sleep(0.5)
+        (job,) = executor.running()
+        assert (job.job_id, job.attempt, job.cpus, job.memory_reserved) == ("busy", 1, 1, 50 * MB)
+        assert marker in job.command
+        assert 0 < job.runtime < WAIT and abs(job.start_time + job.runtime - time.time()) < 5
+        if executor_factory.name.startswith("local"):
+            assert job.memory_in_use is not None and job.memory_in_use > 0
+            assert job.cpu_time is not None and job.cpu_time > 0.1  # the shell's loop
+            assert job.where == os.uname().nodename
+        else:
+            assert job.memory_in_use is None and job.cpu_time is None
+            assert job.where.startswith("SLURM job" if executor_factory.name == "slurm" else "tcp://"), job.where
+        assert executor.kill(future) is True
+        assert left_running(marker) == []
+        assert future.result(timeout=WAIT).failure == "killed"
+        assert executor.running() == []
+    finally:
+        executor.terminate()

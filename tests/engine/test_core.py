@@ -148,6 +148,9 @@ class Rig:
     def states(self) -> List[str]:
         return [item.state.value for item in self.items]
 
+    def scheduler_items(self) -> List[Item]:
+        return list(self.core.scheduler)
+
 
 def result_of(item: Item) -> JobResult:
     assert item.future.done()
@@ -309,13 +312,74 @@ def test_a_memory_stop_during_a_kills_grace_kills_at_once() -> None:
     a = rig.submit(Job(["tool"]).memory("100M"))
     run = a.run
     assert run is not None
-    rig.core.kill(a.future, "cancelled", "killed: by the test", grace=30)
-    rig.loop.run()
+    assert rig.core.kill(a, "killed", "killed: by the test", grace=30)
     assert a.state is RunState.STOPPING
     rig.core.stop(a, run, "used 300M, over its m", False)  # the monitor, during the 30 s grace
-    assert rig.launcher.running("j0").kills == [("cancelled", 30), ("memory", 0)]
+    assert rig.launcher.running("j0").kills == [("killed", 30), ("memory", 0)]
     rig.end(a)
-    assert result_of(a).failure == "cancelled"  # the kill that started decides the failure
+    assert result_of(a).failure == "killed"  # the kill that started decides the failure
+
+
+def test_a_killed_job_never_runs_again_and_a_second_kill_finds_it_killed() -> None:
+    rig = Rig(cpus=1)
+    a = rig.submit(Job(["tool"]).with_retries(3))
+    assert rig.core.find(a.future, None) is a and rig.core.find(None, "j0") is a
+    assert rig.core.kill(a, "killed", "killed: wrong input")
+    assert not rig.core.kill(a, "killed", "killed: again")
+    rig.end(a, returncode=-15)
+    assert result_of(a).failure == "killed" and result_of(a).error == "killed: wrong input"
+    assert result_of(a).attempts == 1 and len(rig.launcher.handles) == 1  # not retried
+    assert rig.core.find(a.future, None) is None  # ended: nothing to kill
+
+
+def test_a_kill_during_a_memory_stop_makes_it_killed_and_not_requeued() -> None:
+    rig = Rig(cpus=2)
+    a = rig.submit(Job(["tool"]).memory("100M").with_retries(2))
+    assert a.run is not None
+    rig.core.stop(a, a.run, "stopped and requeued: the machine ran short", True)
+    assert a.state is RunState.STOPPING
+    assert rig.core.kill(a, "killed", "killed: not needed")  # its end is not decided yet
+    rig.end(a, returncode=-9)
+    result = result_of(a)
+    assert result.failure == "killed" and len(rig.launcher.handles) == 1
+    assert result.error == "killed: not needed (it was being stopped: stopped and requeued: the machine ran short)"
+
+
+def test_a_kill_during_a_timeouts_grace_keeps_the_timeout_and_stops_the_retry() -> None:
+    rig = Rig(cpus=1)
+    a = rig.submit(Job(["tool"]).with_retries(2))
+    rig.launcher.running("j0").kill("timeout", "timed out after 1 s")  # the launcher's own timer
+    assert not rig.core.kill(a, "killed", "killed: late")  # it was ending on its own
+    rig.end(a, returncode=-15)
+    assert result_of(a).failure == "timeout" and len(rig.launcher.handles) == 1
+
+
+def test_a_killed_retry_waiting_in_the_queue_ends_with_its_last_result_marked_killed() -> None:
+    rig = Rig(cpus=2, memory_mb=1000)
+    a = rig.submit(Job(["tool"]).memory("600M").with_retries(1))
+    b = rig.submit(Job(["other"]).memory("300M"))
+    rig.launcher.running("j0").kill("memory", "used 700M, over its m")
+    rig.end(a, returncode=-9, peak_mb=700)
+    assert a.state is RunState.QUEUED and a.future.running()  # its 1200M retry waits for b
+    assert rig.core.kill(a, "killed", "killed: give up")
+    result = result_of(a)
+    assert result.failure == "killed" and result.attempts == 1
+    assert result.error == "used 700M, over its m; killed: give up (before it could run again)"
+    assert a.state is RunState.CANCELLED and len(rig.scheduler_items()) == 0
+    rig.end(b)
+    assert len(rig.launcher.handles) == 2
+
+
+def test_a_killed_queued_job_is_cancelled_and_the_next_one_starts_in_its_place() -> None:
+    rig = Rig(cpus=1)
+    a, b, c = (rig.submit(Job(["tool", str(i)])) for i in range(3))
+    assert rig.core.kill(b, "killed", "killed on request")
+    assert b.future.cancelled() and b.state is RunState.CANCELLED
+    assert not rig.core.kill(b, "killed", "killed on request")
+    c.future.cancel()  # its caller's cancel: a kill then stops nothing
+    assert not rig.core.kill(c, "killed", "killed on request")
+    rig.end(a)
+    assert rig.states() == ["done", "cancelled", "cancelled"] and len(rig.launcher.handles) == 1
 
 
 class RecordingTrace:

@@ -136,6 +136,6 @@ def test_the_failure_kinds_are_the_constants() -> None:
         if name.isupper() and not name.startswith("_") and isinstance(value, str)
     }
     assert set(typing.get_args(_result.FailureKind)) == constants
-    assert len(typing.get_args(_result.FailureKind)) == 9
+    assert len(typing.get_args(_result.FailureKind)) == 10
     assert _result.EXIT == "exit" and _result.PICKLE == "pickle"
     assert mpmsub.FailureKind is _result.FailureKind

@@ -333,3 +333,31 @@ def test_least_release_for_memory_is_a_safe_lower_bound(values: List[int], targe
         return
     bound = _least_release(values, target)
     assert target <= bound <= min(reaching)  # never more than what is sure to be released
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 3), st.integers(0, 3), st.integers(-1, 1), st.booleans()), max_size=25),
+    st.sampled_from(["fifo", "pack", "greedy"]),
+    st.data(),
+)
+def test_a_removed_job_never_starts_and_the_others_keep_their_order(
+    shapes: list, policy: str, data: st.DataObject
+) -> None:
+    sched: Scheduler[J] = Scheduler(policy)
+    jobs = [J(i, Request(c, m), priority=p) for i, (c, m, p, _) in enumerate(shapes)]
+    for job, (*_, front) in zip(jobs, shapes):
+        (sched.push_front if front else sched.push)(job)
+    removed = data.draw(st.lists(st.sampled_from(jobs), unique=True) if jobs else st.just([]))
+    for job in removed:
+        assert sched.remove(job)
+        assert not sched.remove(job)  # once only
+    assert len(sched) == len(jobs) - len(removed)
+    reference: Scheduler[J] = Scheduler(policy)
+    for job, (*_, front) in zip(jobs, shapes):
+        if job not in removed:
+            (reference.push_front if front else reference.push)(job)
+    big = Ledger(cpus=1000, memory=10**6)
+    chosen = sched.select(big, [], 0.0)[0]
+    assert chosen == reference.select(Ledger(cpus=1000, memory=10**6), [], 0.0)[0]
+    assert len(sched) == 0
