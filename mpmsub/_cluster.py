@@ -34,12 +34,13 @@ from typing import (
 
 from mpmsub._backends.base import resolve as resolve_backend
 from mpmsub._backends.base import size as backend_size
-from mpmsub._engine.executor import DEFAULT_OUTPUT_LIMIT, MemoryAwareExecutor, check_learning
+from mpmsub._engine.executor import DEFAULT_OUTPUT_LIMIT, MemoryAwareExecutor, RunningJob, check_learning
+from mpmsub._engine.future import JobFuture
 from mpmsub._job import pick_one, to_spec
 from mpmsub._policy.ledger import Ledger
 from mpmsub._policy.scheduler import check_policy
 from mpmsub._report.progress import ProgressBar
-from mpmsub._result import CANCELLED, JobResult, never_ran
+from mpmsub._result import CANCELLED, KILLED, JobResult, never_ran
 from mpmsub._spec import JobSpec
 from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
 from mpmsub.utils import as_original_dict, format_duration
@@ -349,6 +350,28 @@ class Cluster:
             self._last_trace = executor.trace_events()
             batch.close()
 
+    def kill(self, job_id: str, reason: Optional[str] = None) -> bool:
+        """Kill one job of the run under way, from another thread or from `on_result`: a
+        running job's whole process tree, or a job still queued (it never starts). Its result
+        has failure "killed" and counts among the failed jobs and as killed in `stats` and the
+        summary; it is not retried. Returns whether it stopped the job: False once it has ended,
+        and when no run is under way. An id never added raises ValueError."""
+        if not isinstance(job_id, str):
+            raise TypeError(f"kill() takes a job's id (a string); got {job_id!r} ({type(job_id).__name__})")
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"reason must be a string or None; got {reason!r}")
+        batch = self._active
+        if batch is not None and job_id in batch.ids:
+            return batch.kill(job_id, reason)
+        if job_id in self.jobs._ids or any(r.job_id == job_id for r in self._results):
+            return False  # not in the run under way (none is): nothing of it runs
+        raise ValueError(f"no job {job_id!r} was added to this cluster")
+
+    def running(self) -> List[RunningJob]:
+        """The jobs of the run under way that run now (see MemoryAwareExecutor.running)."""
+        batch = self._active
+        return [] if batch is None else batch.executor.running()
+
     def _cancel_queued(self) -> None:
         """Start no more of the run's jobs: the queued ones are cancelled, the running ones
         finish (from any thread; for --halt soon)."""
@@ -487,6 +510,10 @@ class _Batch:
         self._halt_lock = threading.RLock()  # re-entered by a callback run at once in submit
         self._halting = False
         self._submitted = False  # every job of the run is submitted
+        self.ids = {spec.job_id for spec in specs}
+        self._by_id: Dict[str, Future[Any]] = {}
+        self._kills: Dict[str, Optional[str]] = {}  # kill() of jobs not submitted yet: id -> reason
+        self._killed: Dict[str, Optional[str]] = {}  # jobs killed by kill(): id -> reason
 
     def run(
         self, on_result: Optional[Callable[[JobResult], None]], on_end: Optional[Callable[[JobResult], None]]
@@ -530,7 +557,10 @@ class _Batch:
                     break
                 submitted = self.executor.submit(spec)
                 self._futures[submitted] = spec
+                self._by_id[spec.job_id or ""] = submitted
                 submitted.add_done_callback(on_done)
+                if spec.job_id in self._kills:  # killed while the batch was being submitted
+                    self._kill_submitted(spec.job_id or "", self._kills.pop(spec.job_id or ""))
         with self._halt_lock:
             self._submitted = True
             if self._halting:
@@ -546,9 +576,32 @@ class _Batch:
         self.cluster._raise_stop()
         for future in done:
             spec = self._futures[future]
-            self._keep(_cancelled(spec, None) if future.cancelled() else _usage(future), spec, on_result)
+            if future.cancelled():
+                if spec.job_id in self._killed:
+                    result = _killed_before(spec, self._killed[spec.job_id or ""])
+                else:
+                    result = _cancelled(spec, None)
+            else:
+                result = _usage(future)
+            self._keep(result, spec, on_result)
         status = self.executor.status()
         self.bar.update(len(self.results), self._failed, status.running, status.reserved_memory, status.memory_in_use)
+
+    def kill(self, job_id: str, reason: Optional[str]) -> bool:
+        """Kill one of the batch's jobs (any thread)."""
+        with self._halt_lock:
+            if job_id not in self._by_id:  # not submitted yet: killed as it is
+                if self._submitted or self._halting or job_id in self._kills:
+                    return False
+                self._kills[job_id] = reason
+                return True
+        return self._kill_submitted(job_id, reason)
+
+    def _kill_submitted(self, job_id: str, reason: Optional[str]) -> bool:
+        future = self._by_id[job_id]
+        assert isinstance(future, JobFuture)
+        self._killed[job_id] = reason
+        return self.executor.kill(future, reason)
 
     def _stop_all(self, exc: BaseException, on_result: Optional[Callable[[JobResult], None]]) -> None:
         """Kill the running jobs; record every job not yet recorded as it ended or as cancelled."""
@@ -646,6 +699,11 @@ def _cancelled(spec: JobSpec, exc: Optional[BaseException]) -> JobResult:
     """The result of a job that never started: stopped by `exc`, or (None) cancelled while queued."""
     why = "the run was halted" if exc is None else type(exc).__name__
     return never_ran(spec, spec.job_id or "", CANCELLED, f"cancelled before it started: {why}")
+
+
+def _killed_before(spec: JobSpec, reason: Optional[str]) -> JobResult:
+    """The result of a job killed (Cluster.kill) while it waited to start."""
+    return never_ran(spec, spec.job_id or "", KILLED, "killed before it started" + (f": {reason}" if reason else ""))
 
 
 def cluster(
