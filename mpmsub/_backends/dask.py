@@ -207,7 +207,8 @@ class DaskLauncher(Launcher):
                 handle.finish(future, result)
 
     def where(self, handles: Sequence[Handle]) -> List[str]:
-        """The address of the worker running each task ("waiting in Dask" before one has it)."""
+        """The address of the worker each task is given to (where it may still wait for the
+        worker's resources), or "waiting in Dask" before the scheduler has given it to one."""
         try:
             processing = self.client.processing()
         except Exception as exc:  # the scheduler cannot be asked now

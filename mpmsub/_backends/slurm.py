@@ -436,7 +436,9 @@ class SlurmHandle(Handle):
                 # The runner's answer to SLURM's SIGTERM: say why SLURM stopped it.
                 received.failure, received.error = self._stopped(state, self._output_tail())
             return received
-        if state in ("COMPLETED", "UNKNOWN") or (self.killed is not None and state == "CANCELLED"):
+        # A job killed before it was ever seen running had no runner to write a result.
+        ran = self.running_since is not None
+        if state in ("COMPLETED", "UNKNOWN") or (self.killed is not None and state == "CANCELLED" and ran):
             # The runner writes its result before it exits (also when scancel stopped it): give
             # the filesystem time to show it.
             if self.result_missing_since is None:
@@ -445,7 +447,7 @@ class SlurmHandle(Handle):
                 return None
         began = self.running_since or self.submitted
         outcome = not_started(self.spec, ERROR, "")
-        outcome.start_time, outcome.runtime = began, max(0.0, now - began)
+        outcome.start_time, outcome.runtime = began, max(0.0, now - began) if ran or self.killed is None else 0.0
         output = self._output_tail()
         outcome.failure, outcome.error = self._stopped(state, output)
         return outcome

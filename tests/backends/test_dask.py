@@ -158,6 +158,30 @@ def test_a_kill_before_the_task_starts_ends_it_when_it_does(client: Any) -> None
     assert time.monotonic() - started < 10
 
 
+def test_a_job_killed_while_it_waits_in_dask_never_runs(backend: mpmsub.DaskBackend, tmp_path: Path) -> None:
+    """The executor hands Dask more jobs than the workers hold (its lookahead): one killed while
+    Dask holds it ends killed without running, and the running ones are killed on their worker."""
+    marker = unique_sleep()
+    ran = tmp_path / "ran"
+    executor = mpmsub.MemoryAwareExecutor(backend=backend)  # the whole cluster: jobs are handed ahead
+    try:
+        running = [executor.submit(mpmsub.Job(["sleep", marker]).cpu(4)) for _ in range(2)]  # both workers
+        waiting = executor.submit(mpmsub.Job(["sh", "-c", f"touch {ran}; sleep {marker}"]).cpu(4).with_id("w"))
+        assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 2)
+        assert executor.status().running == 3  # handed to Dask, which holds the third
+        assert sorted(job.job_id for job in executor.running())[-1] == "w"  # running, for the executor
+        assert waiting.kill("not this one") is True
+        result = waiting.result(timeout=60)
+        assert (result.failure, result.error) == ("killed", "killed: not this one")
+        assert not ran.exists() and result.returncode is None
+        for future in running:
+            assert future.kill() is True
+            assert future.result(timeout=60).failure == "killed"
+        assert wait_gone(marker) == []
+    finally:
+        executor.terminate()
+
+
 def test_memory_is_enforced_on_the_worker(backend: mpmsub.DaskBackend) -> None:
     with mpmsub.MemoryAwareExecutor(backend=backend, strict_memory=True) as executor:
         future = executor.submit(mpmsub.Call(callees.allocate, 200, 2.0).memory("50M"))

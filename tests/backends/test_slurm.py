@@ -85,6 +85,31 @@ def test_terminate_kills_the_job_tree_on_the_node(backend: mpmsub.SlurmBackend) 
     assert os.listdir(backend.workdir) == []  # the killed job's files went with its run directory
 
 
+def test_a_job_killed_while_pending_in_slurm_ends_at_once(backend: mpmsub.SlurmBackend, tmp_path: Path) -> None:
+    """A job SLURM holds pending (the executor hands it jobs ahead) is scancelled and ends
+    killed as soon as SLURM says so: it has no result file to wait for."""
+    marker = unique_sleep()
+    ran = tmp_path / "ran"
+    whole = sum(node.cpus for node in backend.nodes())
+    executor = mpmsub.MemoryAwareExecutor(backend=backend)
+    try:
+        first = executor.submit(mpmsub.Job(["sleep", marker]).cpu(whole))
+        pending = executor.submit(mpmsub.Job(["sh", "-c", f"touch {ran}; sleep {marker}"]).cpu(whole))
+        assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 1)
+        assert remote_batch.wait_for(lambda: "PENDING" in " ".join(j.where for j in executor.running()))
+        started = time.monotonic()
+        assert pending.kill("not needed") is True
+        result = pending.result(timeout=60)
+        assert (result.failure, result.error, result.runtime) == ("killed", "killed: not needed", 0.0)
+        assert time.monotonic() - started < 5  # not the 10 s a running job's result may take
+        assert not ran.exists()
+        assert first.kill() is True and first.result(timeout=60).failure == "killed"
+        assert wait_gone(marker) == []
+    finally:
+        executor.terminate()
+    assert backend.calls["scancel"] == 2
+
+
 def test_slurms_own_memory_kill_is_a_memory_failure(backend: mpmsub.SlurmBackend) -> None:
     """A job without m runs unbounded under mpmsub; SLURM's --mem (given directly) kills it."""
     low = mpmsub.SlurmBackend(workdir=backend.workdir, extra_args=["--mem=100M"], max_poll=1.0)
