@@ -259,6 +259,26 @@ def test_a_probe_cancelled_after_it_was_chosen_hands_its_key_to_the_next() -> No
     assert result_of(small).memory_estimate == "probe"
 
 
+def test_killing_a_held_job_and_a_queued_probe_hands_the_key_to_the_next() -> None:
+    rig = Rig(cpus=1)
+    blocker = rig.submit(Job(["blocker"]))
+    held = [rig.submit(Job(["tool", str(i)]).memory("auto"), key="tool", input_size=i) for i in (10, 20, 500)]
+    rig.clock.now += 0.1
+    rig.loop.run()
+    small, middle, big = held
+    assert big.probe and big.state is RunState.QUEUED and rig.core.held_count == 2
+    assert rig.core.kill(middle, "killed", "killed on request")  # held: out of its key's group
+    assert middle.future.cancelled() and rig.core.held_count == 1
+    assert rig.core.kill(big, "killed", "killed on request")  # the probe, queued
+    assert big.future.cancelled() and not big.probe
+    rig.clock.now += 0.1
+    rig.loop.run()
+    assert small.probe and small.state is RunState.QUEUED  # the next probe of the key
+    rig.end(blocker)
+    rig.end(small)
+    assert rig.states() == ["done", "done", "cancelled", "cancelled"] and rig.core.held_count == 0
+
+
 def test_jobs_of_a_key_with_runs_are_queued_with_their_estimate() -> None:
     rig = Rig(cpus=1)
     probe = rig.submit(Job(["tool"]).memory("auto"), key="tool")
