@@ -395,6 +395,8 @@ class Cluster:
                 logger.info(
                     "mpmsub: %s done in %.2f s, peak %.1f MB", result.job_id, result.runtime, result.memory_used
                 )
+            elif result.failure == KILLED:
+                logger.info("mpmsub: %s KILLED: %s", result.job_id, result.error)
             else:
                 logger.info("mpmsub: %s FAILED: %s", result.job_id, result.error)
         return result
@@ -413,6 +415,8 @@ class Cluster:
     @property
     def stats(self) -> Dict[str, Any]:
         """Statistics of every job run so far: `stats["jobs"]["total"|"completed"|"failed"]`, ...
+        (`failed` is every job that did not succeed, those counted in `cancelled` and `killed`
+        among them).
 
         Also the original's keys: `cluster` `max_cpus`, `max_memory_mb`, `max_memory` ('2.0G'),
         `runtime` and `runtime_formatted` (of the last run, or the one under way); `jobs`
@@ -502,7 +506,8 @@ class _Batch:
         self._level = logger.level
         self._handler = self._attach_verbose_handler()
         self.results: List[JobResult] = []
-        self._failed = 0
+        self._failed = 0  # failures other than kills, for the bar: kills are counted apart
+        self._killed_count = 0
         self._futures: Dict[Future[Any], JobSpec] = {}
         # Each future says when it is done: waiting costs the same however many are pending.
         self._ended: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
@@ -585,7 +590,14 @@ class _Batch:
                 result = _usage(future)
             self._keep(result, spec, on_result)
         status = self.executor.status()
-        self.bar.update(len(self.results), self._failed, status.running, status.reserved_memory, status.memory_in_use)
+        self.bar.update(
+            len(self.results),
+            self._failed,
+            status.running,
+            status.reserved_memory,
+            status.memory_in_use,
+            killed=self._killed_count,
+        )
 
     def kill(self, job_id: str, reason: Optional[str]) -> bool:
         """Kill one of the batch's jobs (any thread)."""
@@ -617,7 +629,9 @@ class _Batch:
 
     def _keep(self, result: JobResult, spec: JobSpec, on_result: Optional[Callable[[JobResult], None]]) -> None:
         self.results.append(self.cluster._record(result, spec))
-        self._failed += not result.success
+        killed = result.failure == KILLED
+        self._failed += not result.success and not killed
+        self._killed_count += killed
         if on_result is not None:
             on_result(result)
 

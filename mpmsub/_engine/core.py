@@ -269,28 +269,33 @@ class Core:
         elif to is RunState.RUNNING:
             self.running[item.seq] = item
 
-    def _drop(
-        self, item: Item, reason: Optional[str] = None, notified: bool = False, failure: FailureKind = CANCELLED
-    ) -> None:
+    def _drop(self, item: Item, reason: Optional[str] = None, notified: bool = False, killed: bool = False) -> None:
         """A job cancelled before its run (or its next run) started. Without `reason`, its future
         was cancelled by its caller (and, with `notified`, its waiters were woken already); with
         one, mpmsub cancels it: a job never run is cancelled, a retry's or requeue's gets its last
-        result, marked cancelled (or `failure`: killed)."""
+        result, marked cancelled. With `killed`, kill() took it out of the queue: `reason` is the
+        kill's message, and a retry's result is marked killed."""
         if item.state is RunState.STARTING:
             self.ledger.release(item.request)
         self._move(item, RunState.CANCELLED)
         error = "cancelled before it started" + ("" if reason is None else f": {reason}")
+        if killed:
+            error = reason or ""
         result = None
         if reason is not None and item.last_result is not None:  # its future is running: a result
-            result = cancelled_again(item.last_result, reason, item.attempts, item.requeued, failure)
+            result = cancelled_again(
+                item.last_result, reason, item.attempts, item.requeued, KILLED if killed else CANCELLED
+            )
             error = result.error or ""
         if self.trace is not None:  # the trace's last word on it comes before its waiters wake
-            self.trace.cancelled(item.job_id, item.runs + 1, error)
+            self.trace.cancelled(item.job_id, item.runs + 1, error, KILLED if killed else CANCELLED)
         if result is not None:
             resolve(self.delivery, item.future, item.spec, result)
+        elif notified:
+            pass  # cancelled, its waiters woken already
         elif reason is not None:
             self.delivery.cancel(item.future)
-        elif not notified:
+        else:
             item.future.set_running_or_notify_cancel()  # wakes wait() and as_completed()
         if item.probe:
             self.auto.probe_ended(item)
@@ -486,21 +491,25 @@ class Core:
                     return item
         return None
 
-    def kill(self, item: Item, failure: FailureKind, message: str, grace: Optional[float] = None) -> bool:
+    def kill(
+        self, item: Item, failure: FailureKind, message: str, grace: Optional[float] = None
+    ) -> Tuple[bool, Optional[JobFuture[Any]]]:
         """Stop one job (on the loop): kill its run's whole tree, or take it out of the queue.
-        Nothing of it runs again. True if this stopped it: a running job's kill started (or it
-        was being stopped for memory, and its result is the kill's); a queued job cancelled."""
+        Nothing of it runs again. Returns whether this stopped it (a running job's kill started,
+        or it was being stopped for memory and its result is the kill's; a queued job taken
+        out), and the future of a job that never started, which the caller cancels, as cancel()
+        does, on its own thread: the future's callbacks are its own, never the loop's."""
         state = item.state
         if state in _RUNS and item.run is not None and item.run.handle is not None:
             if item.killed is not None:
-                return False  # killed already
+                return False, None  # killed already
             started = item.run.handle.kill(failure, message, grace)
             # A run already ending (it exited, or its timeout's kill is under way) keeps its own
             # result; one being stopped for memory ends as killed.
             item.killed = (message, not started and state is RunState.STOPPING)
             if started and state is RunState.RUNNING:
                 self._move(item, RunState.STOPPING)
-            return started or state is RunState.STOPPING
+            return started or state is RunState.STOPPING, None
         if state is RunState.QUEUED:
             self.scheduler.remove(item)
         elif state is RunState.HELD:
@@ -508,21 +517,18 @@ class Core:
             if item in group:
                 group.remove(item)
         else:
-            return False  # not yet taken from the inbox (the loop takes it first), or ended
+            return False, None  # not yet taken from the inbox (the loop takes it first), or ended
         item.killed = (message, False)
         if item.future.running():  # a retry or requeue waiting: its last result, marked killed
-            self._drop(item, message, failure=failure)
-        else:  # never started: cancelled, as cancel() does (False if its caller had done so)
-            cancelled = item.future.cancelled()
-            item.future.cancel()
-            self._drop(item, notified=True)
-            if cancelled:
-                self.dispatch()
-                self.maybe_close()
-                return False
+            self._drop(item, message, killed=True)
+            stopped, cancel = True, None
+        else:  # never started: its caller cancels it (unless it had: nothing stopped then)
+            stopped = not item.future.cancelled()
+            self._drop(item, message if stopped else None, notified=True, killed=stopped)
+            cancel = item.future if stopped else None
         self.dispatch()
         self.maybe_close()
-        return True
+        return stopped, cancel
 
     def shut_down(self, cancel_queued: bool, kill_reason: Optional[str]) -> None:
         """The executor was shut down (with `kill_reason`: terminated): no more jobs will come."""

@@ -459,11 +459,15 @@ class MemoryAwareExecutor(Executor):
         core = self._core
         grace = self.kill_grace if grace is None else grace
 
-        def kill() -> bool:
+        def kill() -> Tuple[bool, Optional[JobFuture[Any]]]:
             item = core.find(future, job_id)
-            return item is not None and core.kill(item, failure, message, grace)
+            return (False, None) if item is None else core.kill(item, failure, message, grace)
 
-        return bool(self._on_loop(kill, False))
+        nothing: Tuple[bool, Optional[JobFuture[Any]]] = (False, None)
+        stopped, never_started = self._on_loop(kill, nothing)
+        if never_started is not None:
+            never_started.cancel()  # here, as cancel() would: its callbacks run on this thread
+        return stopped
 
     def _on_loop(self, function: Callable[[], T], closed: T) -> T:
         """What `function` returns, run on the loop thread (which owns the jobs); `closed` if

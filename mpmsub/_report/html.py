@@ -26,11 +26,12 @@ INSTALL_HINT = "pip install 'mpmsub[plot]'"
 ROWS_PER_JOB = 40  # up to this many jobs, the timeline has a row per job; beyond, packed lanes
 RASTER_ABOVE = 2000  # bars drawn as an image inside the SVG beyond this many runs (file size)
 TOP = 10  # rows in the slowest-jobs table
-LISTED = 100  # rows at most in the failed-jobs and advice tables
+LISTED = 100  # rows at most in the failed-jobs, killed-jobs and advice tables
 WASTE_BARS = 25  # jobs in the requested-versus-used figure
 _CMD_CELL = 90  # characters of a command in a table
 
 OK = "ok"
+KILLED = "killed"  # a job killed on request (kill()): the user's decision, shown apart from failures
 
 
 @dataclasses.dataclass
@@ -56,6 +57,10 @@ class RunView:
     @property
     def failed(self) -> bool:
         return self.status != OK
+
+    @property
+    def killed(self) -> bool:
+        return self.status == KILLED
 
 
 @dataclasses.dataclass
@@ -250,7 +255,7 @@ def _timeline(view: TraceView) -> Any:
     for r in runs:
         y = rows[r.job] if per_job else rows[f"{r.job}#{r.run}"]
         right = max(r.end, r.start + 1e-3)  # a run too short to see keeps a sliver
-        kind = "ok" if not r.failed else "failed" if r.final else "again"
+        kind = "ok" if not r.failed else "again" if not r.final else "killed" if r.killed else "failed"
         boxes, colors = groups[kind]
         boxes.append([(r.start, y - 0.4), (r.start, y + 0.4), (right, y + 0.4), (right, y - 0.4)])
         colors.append(cmap(norm(r.peak / divisor)))
@@ -282,7 +287,7 @@ def _timeline(view: TraceView) -> Any:
         ax.set_ylabel(f"{len(jobs)} jobs, packed into rows")
         ax.set_yticks([])
     ax.set_xlabel("seconds since the start")
-    if ends_x or groups["again"][0]:
+    if ends_x or groups["again"][0] or groups["killed"][0]:
         _legend(ax)
     figure.colorbar(ScalarMappable(norm, cmap), ax=ax, label=f"peak memory ({unit})", pad=0.01)
     return figure
@@ -309,6 +314,7 @@ _BARS: Dict[str, Tuple[str, float, Optional[str], str]] = {
     "ok": ("none", 0.0, None, "_nolegend_"),
     "again": ("#ff7f0e", 1.2, "..", "stopped, then run again"),
     "failed": ("#d62728", 1.5, "///", "failed"),
+    "killed": ("#555555", 1.5, "\\\\\\", "killed on request"),
 }
 
 
@@ -454,6 +460,7 @@ td.cmd { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px;
 table.summary { width: auto; }
 table.summary th { background: none; font-weight: 500; color: #555; }
 .bad { color: #b3261e; font-weight: 600; }
+.killed { color: #555; font-weight: 600; }
 .hint { background: #fff4e5; border: 1px solid #f0c36d; padding: 8px 12px; border-radius: 4px; }
 pre { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; background: #f6f6f6;
       margin: 4px 0 0; padding: 4px 6px; white-space: pre-wrap; word-break: break-all; }
@@ -487,7 +494,7 @@ def _command(r: RunView) -> Tuple[str, str]:
 
 
 def _status(r: RunView) -> Tuple[str, str]:
-    return ("", "ok") if not r.failed else ("bad", _e(r.status))
+    return ("", "ok") if not r.failed else ("killed" if r.killed else "bad", _e(r.status))
 
 
 def summary_rows(view: TraceView) -> List[Tuple[str, str]]:
@@ -495,12 +502,18 @@ def summary_rows(view: TraceView) -> List[Tuple[str, str]]:
     head = view.header
     finals = view.finals
     failed = [r for r in finals if r.failed]
+    killed = sum(r.killed for r in finals)
     _, ry = reserved(view)
     _, cy = cpus_in_use(view)
     used = max((u for _, u in view.samples), default=None)
     with_m = [r for r in finals if r.memory and r.status == OK]
     began = {r.job for r in view.ran}
-    never = sum(r.job not in began for r in finals)
+    never = sum(r.job not in began and not r.killed for r in finals)  # one killed is counted as killed
+    apart = []  # the failed jobs counted apart
+    if killed:
+        apart.append(f"{killed} killed")
+    if never:
+        apart.append(f"{never} cancelled before they started")
     again = sum(not r.final for r in view.runs)
     rows = [
         ("started", datetime.datetime.fromtimestamp(head.get("start", 0)).strftime("%Y-%m-%d %H:%M:%S")),
@@ -515,7 +528,7 @@ def summary_rows(view: TraceView) -> List[Tuple[str, str]]:
         (
             "jobs",
             f"{len(finals)}: {len(finals) - len(failed)} succeeded, {len(failed)} failed"
-            + (f" ({never} cancelled before they started)" if never else "")
+            + (f" ({', '.join(apart)})" if apart else "")
             + (f"; {again} run(s) stopped and run again" if again else ""),
         ),
         ("most reserved at once", f"{format_memory(int(max(ry)))}, {int(max(cy))} CPUs"),
@@ -545,6 +558,7 @@ def render(view: TraceView, figures: Optional[Dict[str, str]]) -> str:
     """The report page; `figures` (SVG by section id) None where matplotlib is missing."""
     finals = view.finals
     failed = [r for r in finals if r.failed]
+    killed = [r for r in failed if r.killed]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -552,7 +566,9 @@ def render(view: TraceView, figures: Optional[Dict[str, str]]) -> str:
         f"<title>mpmsub report: {len(finals)} jobs on {_e(view.header.get('host', '?'))}</title>",
         f"<style>{_CSS}</style></head><body><main>",
         "<h1>mpmsub report</h1>",
-        f'<p class="meta">{len(finals)} jobs, {len(failed)} failed, in {view.duration:,.1f} s</p>',
+        f'<p class="meta">{len(finals)} jobs, {len(failed)} failed'
+        + (f" ({len(killed)} killed)" if killed else "")
+        + f", in {view.duration:,.1f} s</p>",
         '<section id="summary"><h2>Summary</h2><table class="summary"><tbody>',
         *(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in summary_rows(view)),
         "</tbody></table></section>",
@@ -566,7 +582,8 @@ def render(view: TraceView, figures: Optional[Dict[str, str]]) -> str:
     else:
         parts += _figure_sections(view, figures)
     parts += _slowest(finals)
-    parts += _failed(failed, view)
+    parts += _failed([r for r in failed if not r.killed], view, bool(killed))
+    parts += _killed(killed, view)
     parts += _advice(finals)
     parts.append(
         '<footer><p class="note">Written by mpmsub from a trace; every figure and table above is in '
@@ -576,6 +593,7 @@ def render(view: TraceView, figures: Optional[Dict[str, str]]) -> str:
 
 
 def _figure_sections(view: TraceView, figures: Dict[str, str]) -> List[str]:
+    killed = any(r.killed for r in view.ran)
     sampled = (
         "The green line is the memory the running jobs' process trees used, as sampled (the most "
         "at any sample in each interval)."
@@ -592,6 +610,7 @@ def _figure_sections(view: TraceView, figures: Dict[str, str]) -> List[str]:
             "process tree. Failed runs are hatched with a red edge and a cross at their end; runs "
             "stopped and then run again (a retry, or a stop because the machine ran short) have an "
             "orange edge."
+            + (" Runs killed on request are hatched the other way, with a grey edge." if killed else "")
             + (" Beyond 40 jobs, runs are packed into rows that never overlap." if len(view.finals) > 40 else ""),
         ),
         (
@@ -650,12 +669,20 @@ def _slowest(finals: List[RunView]) -> List[str]:
     ]
 
 
-def _failed(failed: List[RunView], view: TraceView) -> List[str]:
-    if not failed:
-        return ['<section id="failed"><h2>Failed jobs</h2><p class="note">None: every job succeeded.</p></section>']
+def _attempts(view: TraceView) -> Dict[str, int]:
+    """How many runs each job had (a job that never began has none)."""
     attempts: Dict[str, int] = {}
     for r in view.ran:
         attempts[r.job] = attempts.get(r.job, 0) + 1
+    return attempts
+
+
+def _failed(failed: List[RunView], view: TraceView, killed: bool = False) -> List[str]:
+    """The failed jobs, those killed on request aside (`killed`: there were some)."""
+    if not failed:
+        none = "every job that was not killed succeeded" if killed else "every job succeeded"
+        return [f'<section id="failed"><h2>Failed jobs</h2><p class="note">None: {none}.</p></section>']
+    attempts = _attempts(view)
     rows = [
         [
             ("", _e(r.job)),
@@ -669,8 +696,36 @@ def _failed(failed: List[RunView], view: TraceView) -> List[str]:
     more = f" The first {LISTED} are listed." if len(failed) > LISTED else ""
     return [
         f'<section id="failed"><h2>Failed jobs</h2><p class="note">{len(failed)} job(s) failed; '
-        f"runs counts every run of the job.{more}</p>",
+        f"runs counts every run of the job.{more}"
+        + (" The jobs killed on request are listed apart, below." if killed else "")
+        + "</p>",
         _table(["job", "status", "runs", "error", "command"], rows, (2,)),
+        "</section>",
+    ]
+
+
+def _killed(killed: List[RunView], view: TraceView) -> List[str]:
+    """The jobs killed on request, with the reason given: a section only where there are some
+    (they are the user's decision, not failures to look into)."""
+    if not killed:
+        return []
+    attempts = _attempts(view)
+    rows = [
+        [
+            ("", _e(r.job)),
+            ("num", str(attempts.get(r.job, 0))),
+            ("num", f"{r.runtime:,.2f}" if r.ran else "-"),
+            ("", _e(r.error or "")),
+            _command(r),
+        ]
+        for r in killed[:LISTED]
+    ]
+    more = f" The first {LISTED} are listed." if len(killed) > LISTED else ""
+    return [
+        f'<section id="killed"><h2>Killed jobs</h2><p class="note">{len(killed)} job(s) killed on request '
+        "(<code>Cluster.kill</code>, <code>executor.kill</code>, <code>future.kill</code>), their whole "
+        f"process tree, or before they started; the error holds the reason given to the kill.{more}</p>",
+        _table(["job", "runs", "runtime s", "error", "command"], rows, (1, 2)),
         "</section>",
     ]
 

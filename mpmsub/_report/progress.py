@@ -27,7 +27,8 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """done/total, percent, elapsed, ETA, and what is running (count, memory reserved and in use)."""
+    """done/total, percent, elapsed, ETA, what is running (count, memory reserved and in use),
+    and how many failed and were killed, apart."""
 
     def __init__(self, total: int, *, label: str = "", stream: Optional[TextIO] = None, enabled: bool = True) -> None:
         self.total = total
@@ -38,6 +39,7 @@ class ProgressBar:
         self.started = time.monotonic()
         self.done = 0
         self.failed = 0
+        self.killed = 0
         self.running = 0
         self.reserved = 0
         self.in_use: Optional[int] = None
@@ -47,11 +49,19 @@ class ProgressBar:
         self._plain_done = -1
 
     def update(
-        self, done: int, failed: int, running: int, reserved_memory: int, memory_in_use: Optional[int] = None
+        self,
+        done: int,
+        failed: int,
+        running: int,
+        reserved_memory: int,
+        memory_in_use: Optional[int] = None,
+        killed: int = 0,
     ) -> None:
-        """The counts, the memory the running jobs reserve and (where known) the memory they use."""
+        """The counts, the memory the running jobs reserve and (where known) the memory they use.
+        `failed` counts the failures other than `killed`: jobs killed on request (kill()) are the
+        user's own doing, shown apart."""
         self.done, self.failed, self.running, self.reserved = done, failed, running, reserved_memory
-        self.in_use = memory_in_use
+        self.in_use, self.killed = memory_in_use, killed
         if not self.enabled:
             return
         if self.interactive:
@@ -75,6 +85,8 @@ class ProgressBar:
         ]
         if self.failed:
             parts.append(f"failed {self.failed}")
+        if self.killed:
+            parts.append(f"killed {self.killed}")
         text = " | ".join(parts)
         if self.label:
             text = f"{self.label} {text}"

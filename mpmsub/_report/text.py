@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 from mpmsub._call import function_name
 from mpmsub._job import optional_fields
 from mpmsub._policy.runs import PROFILE_BUFFER  # the margin profile() adds to a measured peak
-from mpmsub._result import CANCELLED, JobResult
+from mpmsub._result import CANCELLED, KILLED, JobResult
 from mpmsub._spec import JobSpec, describe_command
 from mpmsub._system import cgroup_memory_limit, detect_cpus, machine_memory
 from mpmsub._units import MB, format_memory, shorten
@@ -40,7 +40,7 @@ def job_stats(
 ) -> Dict[str, Any]:
     """The stats dict of `cluster.run()`: cluster figures, job counts, time, memory and CPU."""
     ok = [r for r in results if r.success]
-    runtimes = [r.runtime for r in results if r.failure != CANCELLED or r.runtime > 0]
+    runtimes = [r.runtime for r in results if _ran(r)]
     peaks = [r.memory_used for r in results]
     job_time = sum(runtimes)
     return {
@@ -55,6 +55,7 @@ def job_stats(
             "completed": len(ok),
             "failed": len(results) - len(ok),
             "cancelled": sum(r.failure == CANCELLED for r in results),
+            "killed": sum(r.failure == KILLED for r in results),
             "success_rate": len(ok) / len(results) if results else 0.0,
         },
         "time": {
@@ -71,6 +72,11 @@ def job_stats(
         },
         "cpu": {"cpu_seconds": sum(r.cpu_used for r in results)},
     }
+
+
+def _ran(result: JobResult) -> bool:
+    """Whether a job ran at all: one cancelled or killed while it waited has no runtime."""
+    return result.failure not in (CANCELLED, KILLED) or result.runtime > 0
 
 
 _LINE_BREAKS = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
@@ -124,6 +130,25 @@ def _over_askers(asked: Sequence[JobResult], top: int) -> List[str]:
     return lines
 
 
+def _failed_apart(jobs: Dict[str, Any]) -> str:
+    """The failed jobs that were killed or cancelled, counted apart: ' (1 killed, 2 cancelled)'."""
+    apart = [f"{jobs[kind]} {kind}" for kind in ("killed", "cancelled") if jobs.get(kind)]
+    return f" ({', '.join(apart)})" if apart else ""
+
+
+def _job_errors(title: str, results: Sequence[JobResult], most: int) -> List[str]:
+    """A block of the summary listing `results` (the first `most`) with their errors."""
+    if not results:
+        return []
+    lines = ["", f"{title} ({len(results)}):"]
+    for r in results[:most]:
+        error = shorten(one_line(r.error or ""), 50)
+        lines.append(f"  {r.job_id:<14} {error:<50} {shorten(_command(r), 40)}")
+    if len(results) > most:
+        lines.append(f"  ... and {len(results) - most} more")
+    return lines
+
+
 def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int = 5) -> str:
     jobs, times, mem = stats["jobs"], stats["time"], stats["memory"]
     cluster = stats["cluster"]
@@ -132,7 +157,7 @@ def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int =
         f"  resources: {cluster['cpus']} CPU{'s' if cluster['cpus'] != 1 else ''}, {cluster['memory']} memory"
         + (f", at most {cluster['max_workers']} jobs at once" if cluster.get("max_workers") else ""),
         f"  jobs:      {jobs['total']} total, {jobs['completed']} completed, {jobs['failed']} failed"
-        + (f" ({jobs['cancelled']} cancelled)" if jobs["cancelled"] else ""),
+        + _failed_apart(jobs),
     ]
     if times["wall"] is not None:
         speed = f", {times['speedup']:.1f}x the serial time" if times["speedup"] else ""
@@ -143,7 +168,8 @@ def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int =
             f"  memory:    largest peak {biggest.memory_used:.1f} MB ({biggest.job_id}), "
             f"mean {mem['mean_job_mb']:.1f} MB"
         )
-    reserving = [r for r in results if r.memory_requested and r.failure != CANCELLED]
+    # A job stopped before its end (cancelled, killed) never reached the peak it would have had.
+    reserving = [r for r in results if r.memory_requested and r.failure not in (CANCELLED, KILLED)]
     if reserving:
         used = sum(r.memory_used for r in reserving)
         requested = sum(r.memory_requested or 0.0 for r in reserving)
@@ -152,23 +178,18 @@ def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int =
             f"they reserved ({used:.0f} of {requested:.0f} MB, peak over m)"
         )
     lines += _over_askers(reserving, top)
-    failed = [r for r in results if not r.success]
-    if failed:
-        lines.append("")
-        lines.append(f"Failed jobs ({len(failed)}):")
-        for r in failed[: top * 4]:
-            error = shorten(one_line(r.error or ""), 50)
-            lines.append(f"  {r.job_id:<14} {error:<50} {shorten(_command(r), 40)}")
-        if len(failed) > top * 4:
-            lines.append(f"  ... and {len(failed) - top * 4} more")
-    ran = sorted((r for r in results if r.failure != CANCELLED), key=lambda r: r.runtime, reverse=True)
+    # Killed jobs are the user's own decision, not a fault: listed apart, with their reasons.
+    lines += _job_errors("Failed jobs", [r for r in results if not r.success and r.failure != KILLED], top * 4)
+    lines += _job_errors("Killed jobs", [r for r in results if r.failure == KILLED], top * 4)
+    ran = sorted((r for r in results if r.failure != CANCELLED and _ran(r)), key=lambda r: r.runtime, reverse=True)
     if ran:
         lines.append("")
         lines.append(f"{'job':<14} {'status':<8} {'runtime':>9} {'peak MB':>9} {'asked MB':>9}  command")
         for r in ran[:top]:
             asked = f"{r.memory_requested:.0f}" if r.memory_requested is not None else "-"
+            status = "ok" if r.success else "KILLED" if r.failure == KILLED else "FAILED"
             lines.append(
-                f"{r.job_id:<14} {'ok' if r.success else 'FAILED':<8} {r.runtime:8.2f}s "
+                f"{r.job_id:<14} {status:<8} {r.runtime:8.2f}s "
                 f"{r.memory_used:9.1f} {asked:>9}  {shorten(_command(r), 40)}"
             )
         if len(ran) > top:
@@ -230,8 +251,9 @@ def profile_text(
         spec = specs[r.job_id]
         rec = recommend_memory(r.memory_used)
         declared = format_memory(spec.memory) if spec.memory is not None else "-"
+        status = "ok" if r.success else "KILLED" if r.failure == KILLED else "FAILED"
         lines.append(
-            f"{r.job_id:<14} {'ok' if r.success else 'FAILED':<7} {r.runtime:8.2f}s {r.memory_used:9.1f} "
+            f"{r.job_id:<14} {status:<7} {r.runtime:8.2f}s {r.memory_used:9.1f} "
             f"{declared:>9} {rec:>10}  {shorten(one_line(spec.describe()), 40)}"
         )
         if spec.call is not None:

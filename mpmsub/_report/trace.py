@@ -7,7 +7,7 @@ One object per line, each with a "type":
 - "start": a run of a job began: `t` (seconds since the trace began), `job`, `run` (1, 2, ...
   for retries and requeues), the `cpus` and `memory` (bytes, or null) it reserves, `cmd` (one
   line, shortened) and `waited` (seconds since it was submitted).
-- "end": that run ended (or, with `ran` false, the job was cancelled before it began):
+- "end": that run ended (or, with `ran` false, the job was cancelled or killed before it began):
   `t`, `job`, `run`, `status` ("ok", a JobResult failure kind, or
   "requeued" for a stop for the machine's sake), `final` (false when the job runs again),
   `peak` (bytes, its whole tree), `runtime`, `cpu` (seconds), `rc`, `memory` (what it reserved),
@@ -149,11 +149,12 @@ class Trace:
         self._queue.append(("end", now, job, run, status, final, result))
         self._maybe_drain(now)
 
-    def cancelled(self, job: str, run: int, error: str) -> None:
+    def cancelled(self, job: str, run: int, error: str, status: str = "cancelled") -> None:
         """A job cancelled before its run number `run` started (queued, held, or waiting to run
-        again): its final end, a run that never began."""
+        again): its final end, a run that never began. `status` "killed": it was killed there
+        (kill()), which the report shows apart from the cancelled."""
         now = self._clock()
-        self._queue.append(("cancel", now, job, run, error))
+        self._queue.append(("cancel", now, job, run, error, status))
         self._maybe_drain(now)
 
     def idle(self) -> None:
@@ -228,14 +229,14 @@ class Trace:
             ("waited", round(max(0.0, at - submitted), 3)),
         )
 
-    def _cancel(self, at: float, job: str, run: int, error: str) -> str:
-        """The end event of a job cancelled before its run `run` began."""
+    def _cancel(self, at: float, job: str, run: int, error: str, status: str) -> str:
+        """The end event of a job cancelled (or killed) before its run `run` began."""
         return line(
             ("type", "end"),
             ("t", round(at - self._t0, 3)),
             ("job", job),
             ("run", run),
-            ("status", "cancelled"),
+            ("status", status),
             ("final", True),
             ("peak", 0),
             ("runtime", 0.0),

@@ -145,6 +145,13 @@ class Rig:
         self.launcher.running(item.job_id).end(returncode, peak_mb)
         self.loop.run()
 
+    def kill(self, item: Item, message: str = "killed on request", failure: str = "killed", grace: float = 1.0) -> bool:
+        """core.kill, as the executor calls it: a job that never started is cancelled here."""
+        stopped, never_started = self.core.kill(item, failure, message, grace)  # type: ignore[arg-type]
+        if never_started is not None:
+            assert never_started.cancel()
+        return stopped
+
     def states(self) -> List[str]:
         return [item.state.value for item in self.items]
 
@@ -267,9 +274,9 @@ def test_killing_a_held_job_and_a_queued_probe_hands_the_key_to_the_next() -> No
     rig.loop.run()
     small, middle, big = held
     assert big.probe and big.state is RunState.QUEUED and rig.core.held_count == 2
-    assert rig.core.kill(middle, "killed", "killed on request")  # held: out of its key's group
+    assert rig.kill(middle, "killed on request")  # held: out of its key's group
     assert middle.future.cancelled() and rig.core.held_count == 1
-    assert rig.core.kill(big, "killed", "killed on request")  # the probe, queued
+    assert rig.kill(big, "killed on request")  # the probe, queued
     assert big.future.cancelled() and not big.probe
     rig.clock.now += 0.1
     rig.loop.run()
@@ -332,7 +339,7 @@ def test_a_memory_stop_during_a_kills_grace_kills_at_once() -> None:
     a = rig.submit(Job(["tool"]).memory("100M"))
     run = a.run
     assert run is not None
-    assert rig.core.kill(a, "killed", "killed: by the test", grace=30)
+    assert rig.kill(a, "killed: by the test", grace=30)
     assert a.state is RunState.STOPPING
     rig.core.stop(a, run, "used 300M, over its m", False)  # the monitor, during the 30 s grace
     assert rig.launcher.running("j0").kills == [("killed", 30), ("memory", 0)]
@@ -344,8 +351,8 @@ def test_a_killed_job_never_runs_again_and_a_second_kill_finds_it_killed() -> No
     rig = Rig(cpus=1)
     a = rig.submit(Job(["tool"]).with_retries(3))
     assert rig.core.find(a.future, None) is a and rig.core.find(None, "j0") is a
-    assert rig.core.kill(a, "killed", "killed: wrong input")
-    assert not rig.core.kill(a, "killed", "killed: again")
+    assert rig.kill(a, "killed: wrong input")
+    assert not rig.kill(a, "killed: again")
     rig.end(a, returncode=-15)
     assert result_of(a).failure == "killed" and result_of(a).error == "killed: wrong input"
     assert result_of(a).attempts == 1 and len(rig.launcher.handles) == 1  # not retried
@@ -358,7 +365,7 @@ def test_a_kill_during_a_memory_stop_makes_it_killed_and_not_requeued() -> None:
     assert a.run is not None
     rig.core.stop(a, a.run, "stopped and requeued: the machine ran short", True)
     assert a.state is RunState.STOPPING
-    assert rig.core.kill(a, "killed", "killed: not needed")  # its end is not decided yet
+    assert rig.kill(a, "killed: not needed")  # its end is not decided yet
     rig.end(a, returncode=-9)
     result = result_of(a)
     assert result.failure == "killed" and len(rig.launcher.handles) == 1
@@ -369,7 +376,7 @@ def test_a_kill_during_a_timeouts_grace_keeps_the_timeout_and_stops_the_retry() 
     rig = Rig(cpus=1)
     a = rig.submit(Job(["tool"]).with_retries(2))
     rig.launcher.running("j0").kill("timeout", "timed out after 1 s")  # the launcher's own timer
-    assert not rig.core.kill(a, "killed", "killed: late")  # it was ending on its own
+    assert not rig.kill(a, "killed: late")  # it was ending on its own
     rig.end(a, returncode=-15)
     assert result_of(a).failure == "timeout" and len(rig.launcher.handles) == 1
 
@@ -381,7 +388,7 @@ def test_a_killed_retry_waiting_in_the_queue_ends_with_its_last_result_marked_ki
     rig.launcher.running("j0").kill("memory", "used 700M, over its m")
     rig.end(a, returncode=-9, peak_mb=700)
     assert a.state is RunState.QUEUED and a.future.running()  # its 1200M retry waits for b
-    assert rig.core.kill(a, "killed", "killed: give up")
+    assert rig.kill(a, "killed: give up")
     result = result_of(a)
     assert result.failure == "killed" and result.attempts == 1
     assert result.error == "used 700M, over its m; killed: give up (before it could run again)"
@@ -393,11 +400,11 @@ def test_a_killed_retry_waiting_in_the_queue_ends_with_its_last_result_marked_ki
 def test_a_killed_queued_job_is_cancelled_and_the_next_one_starts_in_its_place() -> None:
     rig = Rig(cpus=1)
     a, b, c = (rig.submit(Job(["tool", str(i)])) for i in range(3))
-    assert rig.core.kill(b, "killed", "killed on request")
+    assert rig.kill(b, "killed on request")
     assert b.future.cancelled() and b.state is RunState.CANCELLED
-    assert not rig.core.kill(b, "killed", "killed on request")
+    assert not rig.kill(b, "killed on request")
     c.future.cancel()  # its caller's cancel: a kill then stops nothing
-    assert not rig.core.kill(c, "killed", "killed on request")
+    assert not rig.kill(c, "killed on request")
     rig.end(a)
     assert rig.states() == ["done", "cancelled", "cancelled"] and len(rig.launcher.handles) == 1
 
@@ -419,8 +426,8 @@ class RecordingTrace:
     def ended(self, job_id: str, *args: Any) -> None:
         self._note("ended", job_id)
 
-    def cancelled(self, job_id: str, *args: Any) -> None:
-        self._note("cancelled", job_id)
+    def cancelled(self, job_id: str, run: int, error: str, status: str = "cancelled") -> None:
+        self._note(status, job_id)
 
     def idle(self) -> None:
         pass
@@ -440,3 +447,22 @@ def test_the_trace_has_its_last_word_on_a_cancelled_retry_before_its_future_reso
     rig.core.shut_down(True, "stopped by the test")
     assert ("cancelled", "j0", False) in rig.core.trace.events  # type: ignore[union-attr]
     assert result_of(a).failure == "cancelled"
+
+
+def test_the_trace_says_killed_for_a_job_killed_before_its_run_began() -> None:
+    items: List[Item] = []
+    rig = Rig(cpus=2, trace=RecordingTrace(items))
+    rig.items = items
+    a = rig.submit(Job(["tool"]).memory("600M").with_retries(1))
+    rig.submit(Job(["holder"]).memory("300M"))
+    b, c = (rig.submit(Job(["tool", str(i)]).memory("100M")) for i in range(2))
+    assert rig.kill(b, "killed on request")  # queued, never ran
+    assert c.future.cancel() and not rig.kill(c, "killed on request")  # its caller's cancel
+    rig.launcher.running("j0").kill("memory", "over its m")
+    rig.end(a)  # its retry (1000M) waits for the holder
+    assert a.state is RunState.QUEUED
+    assert rig.kill(a, "killed: enough")
+    events = rig.core.trace.events  # type: ignore[union-attr]
+    # The trace's word comes before the futures are done; a caller's own cancel stays cancelled.
+    assert ("killed", "j2", False) in events and ("killed", "j0", False) in events
+    assert ("cancelled", "j3", True) in events

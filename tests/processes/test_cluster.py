@@ -8,8 +8,10 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Callable, List, Set, Tuple, TypeVar
 
 import pytest
 from hypothesis import given
@@ -94,6 +96,7 @@ def test_run_returns_stats_and_sorts_results() -> None:
         "completed": 2,
         "failed": 1,
         "cancelled": 0,
+        "killed": 0,
         "success_rate": 2 / 3,
         "pending": 0,
         "running": 0,
@@ -259,3 +262,173 @@ def test_waiting_for_a_batch_costs_the_same_per_job_however_large_it_is() -> Non
     # job grow with the batch (8,000 jobs took 70x as long as 1,000).
     small, large = _main_thread_calls(150), _main_thread_calls(600)
     assert large / small < 5.5, (small, large)  # 4 where the cost per job is constant
+
+
+# -- killing one job -------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def running_ids(p: mpmsub.Cluster) -> Set[str]:
+    return {job.job_id for job in p.running()}
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout} s")
+        time.sleep(0.02)
+
+
+def beside_the_run(work: Callable[[], T]) -> Future[T]:
+    """`work` in a thread of its own, while the test's thread runs the cluster."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(work)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def two_sleeps(marker: str) -> List[str]:
+    """A job whose whole tree (a shell and two sleeps of `marker` seconds) kill() must end."""
+    return ["sh", "-c", f"sleep {marker} & sleep {marker}; wait"]
+
+
+def until_file(path: Path) -> List[str]:
+    """A job that runs until `path` exists."""
+    return ["sh", "-c", f'while [ ! -e "{path}" ]; do sleep 0.02; done']
+
+
+def test_kill_from_another_thread_kills_one_job_and_its_siblings_finish(tmp_path: Path) -> None:
+    marker = unique_sleep()
+    release = tmp_path / "release"
+    p = quiet(p=3, m="1G")
+    p.jobs.append({"cmd": two_sleeps(marker), "id": "long"})
+    p.jobs.append({"cmd": until_file(release), "id": "sibling"})  # runs all through the kill
+    p.jobs.append({"cmd": ["echo", "quick"], "id": "quick"})
+
+    def kill_long() -> Tuple[bool, bool]:
+        try:
+            wait_until(lambda: {"long", "sibling"} <= running_ids(p), "long and sibling did not run")
+            wait_until(lambda: len(processes_with(marker)) == 2, "long's sleeps did not start")
+            return p.kill("long", "enough of it"), p.kill("long", "again")
+        finally:  # the sibling ends once long is killed (or the test failed)
+            release.touch()
+
+    killer = beside_the_run(kill_long)
+    stats = p.run()
+    assert killer.result(timeout=30) == (True, False)  # killed once: the second kill finds it killed
+    assert not wait_gone(marker)  # the whole tree: the shell and both sleeps
+    assert stats["jobs"]["killed"] == 1 and stats["jobs"]["failed"] == 1 and stats["jobs"]["cancelled"] == 0
+    assert sorted(r.job_id for r in p.completed_jobs) == ["quick", "sibling"]
+    (long,) = p.failed_jobs
+    assert (long.job_id, long.failure, long.error) == ("long", "killed", "killed: enough of it")
+    assert long.runtime > 0
+    out = io.StringIO()
+    with redirect_stdout(out):
+        p.print_summary()
+    text = out.getvalue()
+    assert "  jobs:      3 total, 2 completed, 1 failed (1 killed)\n" in text
+    assert "Killed jobs (1):\n  long           killed: enough of it" in text
+    assert "Failed jobs" not in text  # a kill is the user's own doing, not a failure to look into
+    assert any(line.startswith("long           KILLED ") for line in text.splitlines())
+    assert not any(" FAILED " in line for line in text.splitlines())
+    assert p.kill("long") is False and p.kill("quick") is False  # no run under way: nothing to kill
+
+
+def test_kill_from_on_result(tmp_path: Path) -> None:
+    marker = unique_sleep()
+    p = quiet(p=2, m="1G")
+    p.jobs.append({"cmd": two_sleeps(marker), "id": "long"})
+    p.jobs.append({"cmd": until_file(tmp_path / "go"), "id": "first"})
+    killed: List[bool] = []
+
+    def on_result(result: mpmsub.JobResult) -> None:
+        if result.job_id == "first":
+            killed.append(p.kill("long", "first is done"))
+
+    # first ends once long's sleeps run: long is running when on_result kills it
+    waiter = beside_the_run(lambda: wait_until(lambda: len(processes_with(marker)) == 2, "long did not start"))
+    waiter.add_done_callback(lambda _: (tmp_path / "go").touch())
+    stats = p.run(on_result=on_result)
+    waiter.result(timeout=30)
+    assert killed == [True]
+    assert not wait_gone(marker)
+    assert stats["jobs"]["killed"] == 1 and [r.job_id for r in p.completed_jobs] == ["first"]
+    (long,) = p.failed_jobs
+    assert (long.failure, long.error) == ("killed", "killed: first is done")
+
+
+def test_kill_a_job_still_queued_it_never_runs(tmp_path: Path) -> None:
+    marker = unique_sleep()
+    ran = tmp_path / "ran"
+    p = quiet(p=1, m="1G", schedule="fifo")
+    p.jobs.append({"cmd": two_sleeps(marker), "id": "blocker"})
+    p.jobs.append({"cmd": ["touch", str(ran)], "id": "waiting"})  # waits for the one CPU
+
+    def kill_both() -> Tuple[bool, bool, Set[str]]:
+        wait_until(lambda: running_ids(p) == {"blocker"}, "blocker did not run")
+        queued = p.kill("waiting", "not needed after all")
+        return queued, p.kill("blocker"), running_ids(p)
+
+    killer = beside_the_run(kill_both)
+    stats = p.run()
+    queued, blocker, running = killer.result(timeout=30)
+    assert queued and blocker and "waiting" not in running
+    assert not wait_gone(marker)
+    assert not ran.exists()  # it never started
+    assert stats["jobs"]["killed"] == 2 and stats["jobs"]["failed"] == 2 and stats["jobs"]["completed"] == 0
+    results = {r.job_id: r for r in p.failed_jobs}
+    assert (results["waiting"].failure, results["waiting"].error) == (
+        "killed",
+        "killed before it started: not needed after all",
+    )
+    assert results["waiting"].runtime == 0
+    assert (results["blocker"].failure, results["blocker"].error) == ("killed", "killed on request")
+    text = mpmsub._report.text.summary_text(p.stats, p.failed_jobs)
+    assert "2 total, 0 completed, 2 failed (2 killed)" in text
+    table = text[text.index("job            status") :]
+    assert "blocker" in table and "waiting" not in table  # a job that never ran has no runtime to show
+    assert stats["time"]["job_mean"] == results["blocker"].runtime  # over the jobs that ran
+
+
+def test_kill_of_an_unknown_or_ended_job() -> None:
+    p = quiet(p=1, m="1G")
+    with pytest.raises(ValueError, match="no job 'nope' was added to this cluster"):
+        p.kill("nope")
+    with pytest.raises(TypeError, match="takes a job's id"):
+        p.kill(3)  # type: ignore[arg-type]
+    p.jobs.append({"cmd": ["true"], "id": "a"})
+    assert p.kill("a") is False  # queued, but no run is under way
+    assert p.running() == []
+    p.run()
+    assert p.kill("a", "too late") is False
+    with pytest.raises(ValueError, match="no job 'nope'"):
+        p.kill("nope")
+    assert p.stats["jobs"]["killed"] == 0 and [r.job_id for r in p.completed_jobs] == ["a"]
+
+
+def test_running_lists_the_jobs_running_now() -> None:
+    marker = unique_sleep()
+    p = quiet(p=2, m="1G")
+    p.jobs.append({"cmd": two_sleeps(marker), "id": "one", "m": "100M"})
+    p.jobs.append({"cmd": two_sleeps(marker), "id": "two", "m": "100M"})
+    p.jobs.append({"cmd": ["true"], "id": "later", "m": "100M"})  # waits for a CPU
+
+    def look_and_kill() -> List[mpmsub.RunningJob]:
+        try:
+            wait_until(lambda: running_ids(p) == {"one", "two"}, "one and two did not run")
+            return p.running()
+        finally:
+            p.kill("one")
+            p.kill("two")
+
+    looker = beside_the_run(look_and_kill)
+    p.run()
+    rows = looker.result(timeout=30)
+    assert sorted(row.job_id for row in rows) == ["one", "two"]
+    assert all(marker in row.command and row.cpus == 1 and row.memory_reserved == 100 * 2**20 for row in rows)
+    assert all(row.runtime >= 0 and row.attempt == 1 for row in rows)
+    assert not wait_gone(marker)
+    assert p.running() == [] and [r.job_id for r in p.completed_jobs] == ["later"]

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Iterator, List, Optional, Set, Tuple
@@ -21,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import callees
 from support.browser import Chromium, find_chromium
-from support.helpers import alloc_cmd, wait_for_end
+from support.helpers import alloc_cmd, processes_with, unique_sleep, wait_for_end, wait_gone
 
 import mpmsub
 from mpmsub._cli import main as _cli
@@ -363,6 +364,82 @@ def test_jobs_cancelled_before_they_ran_are_in_the_trace_and_the_report(tmp_path
     assert "4: 0 succeeded, 4 failed (2 cancelled before they started)" in section(text, "summary")
     failed = section(text, "failed")
     assert all(f"<td>{job}</td>" in failed for job in "abde")
+
+
+def test_a_job_killed_on_request_is_shown_as_killed_not_as_failed(tmp_path: Path) -> None:
+    marker = unique_sleep()
+    p = mpmsub.cluster(p=3, m="1G", verbose=False, progress_bar=False)
+    p.jobs.append({"cmd": ["sh", "-c", f"sleep {marker} & sleep {marker}; wait"], "id": "long", "m": "50M"})
+    p.jobs.append({"cmd": ["sh", "-c", "echo no input >&2; exit 3"], "id": "broken"})
+    p.jobs.append({"cmd": ["echo", "fine"], "id": "fine"})
+
+    def kill_long() -> bool:
+        deadline = time.monotonic() + 30
+        while len(processes_with(marker)) < 2 and time.monotonic() < deadline:  # its sleeps run
+            time.sleep(0.02)
+        return p.kill("long", "the input changed")
+
+    with ThreadPoolExecutor(1) as pool:
+        killer = pool.submit(kill_long)
+        p.run()
+        assert killer.result(timeout=30)
+    assert not wait_gone(marker)
+    out = tmp_path / "killed.html"
+    assert p.report(out, plots=False) is False
+    text = out.read_text()
+    check_html(text)
+    assert re.findall(r'<section id="(\w+)">', text) == ["summary", "slowest", "failed", "killed", "advice"]
+    assert '<p class="meta">3 jobs, 2 failed (1 killed), in' in text
+    assert "3: 1 succeeded, 2 failed (1 killed)" in section(text, "summary")
+    failed, killed = section(text, "failed"), section(text, "killed")
+    assert "<td>broken</td>" in failed and "exited with status 3" in failed and "long" not in failed
+    assert "The jobs killed on request are listed apart, below." in failed
+    assert "1 job(s) killed on request" in killed and "<td>long</td>" in killed
+    assert "killed: the input changed" in killed and "broken" not in killed
+    row = re.search(r"<td>long</td>(.*?)</tr>", section(text, "slowest"), re.S)
+    assert row and '<td class="killed">killed</td>' in row.group(1)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    drawn = tmp_path / "killed-plots.html"
+    assert p.report(drawn, plots=True) is True
+    text = drawn.read_text()
+    check_html(text)
+    timeline = section(text, "timeline")
+    legend = re.findall(r"<text[^>]*>([^<]*)</text>", timeline)
+    assert "killed on request" in legend and "failed" in legend  # each its own entry
+    assert "Runs killed on request are hatched the other way, with a grey edge." in timeline
+
+
+def test_a_job_killed_before_it_started_is_counted_as_killed(tmp_path: Path) -> None:
+    lines = [
+        {"type": "start", "t": 0.0, "job": "a", "run": 1, "cpus": 1, "memory": MB, "cmd": "x", "waited": 0},
+        {"type": "end", "t": 1.0, "job": "a", "run": 1, "status": "ok", "final": True, "peak": MB, "runtime": 1.0},
+        {
+            "type": "end",
+            "t": 0.5,
+            "job": "b",
+            "run": 1,
+            "status": "killed",
+            "final": True,
+            "peak": 0,
+            "runtime": 0.0,
+            "error": "killed before it started: not needed",
+            "ran": False,
+        },
+        {"type": "end", "t": 0.6, "job": "c", "run": 1, "status": "cancelled", "final": True, "ran": False},
+    ]
+    out = tmp_path / "queued.html"
+    mpmsub.write_report(synthetic(tmp_path, lines), out, plots=False)
+    text = out.read_text()
+    check_html(text)
+    assert "3: 1 succeeded, 2 failed (1 killed, 1 cancelled before they started)" in section(text, "summary")
+    killed = section(text, "killed")
+    row = re.search(r"<td>b</td>(.*?)</tr>", killed, re.S)
+    assert row and '<td class="num">0</td><td class="num">-</td>' in row.group(1)  # no run, no runtime
+    assert "killed before it started: not needed" in row.group(1)
+    assert "<td>c</td>" in section(text, "failed") and "<td>b</td>" not in section(text, "failed")
 
 
 def synthetic(tmp_path: Path, lines: List[Dict[str, Any]], header: Optional[Dict[str, Any]] = None) -> Path:

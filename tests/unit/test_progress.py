@@ -122,3 +122,30 @@ def test_a_command_on_several_lines_keeps_the_summary_one_row_per_job(capsys: py
     failed = [line for line in out.splitlines() if "exited with status 3" in line]
     assert len(failed) == 1 and failed[0].endswith("sh -c true\\nexit 3")  # the script's line break, escaped
     assert not any(line.startswith("exit 3") for line in out.splitlines())
+
+
+def test_the_bar_counts_killed_jobs_apart_from_failed_ones() -> None:
+    bar = ProgressBar(10, stream=io.StringIO())
+    bar.update(4, 1, 2, 0, None, killed=2)
+    assert bar.line().endswith("| failed 1 | killed 2")
+    bar.update(5, 0, 2, 0, killed=1)
+    line = bar.line()
+    assert line.endswith("| killed 1") and "failed" not in line
+    bar.update(6, 3, 2, 0)  # killed left out (positional callers): none killed
+    assert bar.line().endswith("| failed 3")
+
+
+def test_a_cluster_run_shows_its_killed_jobs_apart_on_the_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    import mpmsub
+
+    batch = mpmsub.cluster(p=2, m="1G", verbose=False, progress_bar=True)
+    batch.jobs.append({"cmd": ["false"], "id": "bad"})
+    batch.jobs.append({"cmd": ["sleep", "60"], "id": "long"})
+
+    def on_result(result: mpmsub.JobResult) -> None:
+        if result.job_id == "bad":
+            assert batch.kill("long", "not needed")
+
+    batch.run(on_result=on_result)
+    last = capsys.readouterr().err.splitlines()[-1]  # not a terminal: plain lines, the last at the end
+    assert "2/2 (100.0%)" in last and last.endswith("| failed 1 | killed 1")
