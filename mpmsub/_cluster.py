@@ -518,6 +518,8 @@ class _Batch:
         self.ids = {spec.job_id for spec in specs}
         self._by_id: Dict[str, Future[Any]] = {}
         self._kills: Dict[str, Optional[str]] = {}  # kill() of jobs not submitted yet: id -> reason
+        self._killed_early: List[Tuple[JobSpec, Optional[str]]] = []  # such jobs, never submitted
+        self._taken = 0  # specs submitted, or not submitted for their kill
         self._killed: Dict[str, Optional[str]] = {}  # jobs killed by kill(): id -> reason
 
     def run(
@@ -534,7 +536,9 @@ class _Batch:
                     format_memory(cluster._memory),
                 )
             self._submit(on_end)
-            for spec in self.specs[len(self._futures) :]:  # those cancel_queued() stopped before submission
+            for spec, reason in self._killed_early:  # kill() reached them before they were submitted
+                self._keep(_killed_before(spec, reason), spec, on_result)
+            for spec in self.specs[self._taken :]:  # those cancel_queued() stopped before submission
                 self._keep(_cancelled(spec, None), spec, on_result)
             while len(self.results) < len(self.specs):
                 self._wait(on_result)
@@ -560,12 +564,14 @@ class _Batch:
             with self._halt_lock:
                 if self._halting:
                     break
+                self._taken += 1
+                if spec.job_id in self._kills:  # killed while the batch was being submitted: never
+                    self._killed_early.append((spec, self._kills.pop(spec.job_id or "")))
+                    continue
                 submitted = self.executor.submit(spec)
                 self._futures[submitted] = spec
                 self._by_id[spec.job_id or ""] = submitted
                 submitted.add_done_callback(on_done)
-                if spec.job_id in self._kills:  # killed while the batch was being submitted
-                    self._kill_submitted(spec.job_id or "", self._kills.pop(spec.job_id or ""))
         with self._halt_lock:
             self._submitted = True
             if self._halting:
@@ -612,8 +618,11 @@ class _Batch:
     def _kill_submitted(self, job_id: str, reason: Optional[str]) -> bool:
         future = self._by_id[job_id]
         assert isinstance(future, JobFuture)
-        self._killed[job_id] = reason
-        return self.executor.kill(future, reason)
+        self._killed[job_id] = reason  # before the kill: its end may be read before kill() returns
+        stopped = self.executor.kill(future, reason)
+        if not stopped:
+            self._killed.pop(job_id, None)  # it ended, or a halt cancelled it: its own result says
+        return stopped
 
     def _stop_all(self, exc: BaseException, on_result: Optional[Callable[[JobResult], None]]) -> None:
         """Kill the running jobs; record every job not yet recorded as it ended or as cancelled."""

@@ -149,6 +149,7 @@ class Item:
         self.bound = None if spec.timeout is None else spec.timeout + grace + 1.0
         self.job_id = job_id
         self.future = future
+        future._job_id = job_id  # type: ignore[attr-defined]  # how kill(future) finds it (Core.live)
         self.run: Optional[Run] = None  # the current (or last) run
         self.attempts = 0
         self.retries_left = spec.retries
@@ -236,6 +237,7 @@ class Core:
         self.delivery = Delivery()
         self.lifecycle = Lifecycle.OPEN
         self.running: Dict[int, Item] = {}
+        self.live: Dict[str, Item] = {}  # the jobs taken and not yet ended, by id (for kill)
         self.held_count = 0
         self.auto = AutoPlacement(self)
         self.watch = MemoryWatch(self)
@@ -255,6 +257,8 @@ class Core:
         if to not in _MOVES[was]:
             raise RuntimeError(f"mpmsub: job {item.job_id!r} cannot go from {was.value} to {to.value}")
         item.state = to
+        if (to is RunState.DONE or to is RunState.CANCELLED) and self.live.get(item.job_id) is item:
+            del self.live[item.job_id]
         if was is RunState.HELD:
             self.held_count -= 1
         elif was in _RUNS and to not in _RUNS:
@@ -293,6 +297,8 @@ class Core:
             resolve(self.delivery, item.future, item.spec, result)
         elif notified:
             pass  # cancelled, its waiters woken already
+        elif item.future.cancelled_now():  # by kill(), on its caller's thread: its waiters wake now
+            item.future.set_running_or_notify_cancel()
         elif reason is not None:
             self.delivery.cancel(item.future)
         else:
@@ -309,7 +315,9 @@ class Core:
     def take(self, items: Iterable[Item]) -> None:
         """The jobs submitted since the last call: queued, or (m="auto") placed."""
         auto = []
+        live = self.live
         for item in items:
+            live[item.job_id] = item
             if item.auto:
                 auto.append(item)
             else:
@@ -475,60 +483,60 @@ class Core:
     def find(self, future: Optional[JobFuture[Any]], job_id: Optional[str]) -> Optional[Item]:
         """The job of `future` (or with `job_id`) that has not ended yet: running, queued or
         held; None when it has ended (or is not this executor's)."""
+        if future is not None:
+            job_id = future.__dict__.get("_job_id")
+        item = self.live.get(job_id or "")
+        if item is None or (future is not None and item.future is not future):
+            return None
+        return item
 
-        def match(item: Item) -> bool:
-            return item.future is future if future is not None else item.job_id == job_id
-
-        for item in self.running.values():
-            if match(item):
-                return item
-        for item in self.scheduler:
-            if match(item):
-                return item
-        for group in self.auto.held.values():
-            for item in group:
-                if match(item):
-                    return item
-        return None
-
-    def kill(
-        self, item: Item, failure: FailureKind, message: str, grace: Optional[float] = None
-    ) -> Tuple[bool, Optional[JobFuture[Any]]]:
-        """Stop one job (on the loop): kill its run's whole tree, or take it out of the queue.
-        Nothing of it runs again. Returns whether this stopped it (a running job's kill started,
-        or it was being stopped for memory and its result is the kill's; a queued job taken
-        out), and the future of a job that never started, which the caller cancels, as cancel()
-        does, on its own thread: the future's callbacks are its own, never the loop's."""
+    def kill(self, item: Item, failure: FailureKind, message: str, grace: Optional[float] = None) -> Optional[bool]:
+        """Stop one job (on the loop): kill its run's whole tree, or take a retry waiting in the
+        queue out of it; nothing of it runs again. Returns whether this stopped it (a kill
+        started, or it was being stopped for memory and its result is the kill's), or None for
+        a job that never started: the caller cancels its future on its own thread, as cancel()
+        does (its callbacks are never the loop's), then calls `drop_killed`."""
         state = item.state
         if state in _RUNS and item.run is not None and item.run.handle is not None:
             if item.killed is not None:
-                return False, None  # killed already
+                return False  # killed already
             started = item.run.handle.kill(failure, message, grace)
             # A run already ending (it exited, or its timeout's kill is under way) keeps its own
-            # result; one being stopped for memory ends as killed.
+            # result, but does not run again; one being stopped for memory ends as killed.
             item.killed = (message, not started and state is RunState.STOPPING)
             if started and state is RunState.RUNNING:
                 self._move(item, RunState.STOPPING)
-            return started or state is RunState.STOPPING, None
-        if state is RunState.QUEUED:
-            self.scheduler.remove(item)
-        elif state is RunState.HELD:
+            return started or state is RunState.STOPPING
+        if state not in (RunState.QUEUED, RunState.HELD):
+            return False  # ended (the loop takes the inbox before any kill that follows a submit)
+        if not item.future.running():
+            return None
+        self._unqueue(item)  # a retry or requeue waiting: its last result, marked killed
+        item.killed = (message, False)
+        self._drop(item, message, killed=True)
+        self.dispatch()
+        self.maybe_close()
+        return True
+
+    def drop_killed(self, item: Item, message: str, by_kill: bool) -> bool:
+        """A job that never started, whose future kill() has cancelled (`by_kill`; False: its
+        caller had): out of the queue now, its waiters woken. Returns `by_kill`."""
+        if item.state in (RunState.QUEUED, RunState.HELD):  # (not dropped by a dispatch meanwhile)
+            self._unqueue(item)
+            if by_kill:
+                item.killed = (message, False)
+            self._drop(item, message if by_kill else None, killed=by_kill)
+            self.dispatch()
+            self.maybe_close()
+        return by_kill
+
+    def _unqueue(self, item: Item) -> None:
+        if item.state is RunState.HELD:
             group = self.auto.held.get(item.key or "", [])
             if item in group:
                 group.remove(item)
-        else:
-            return False, None  # not yet taken from the inbox (the loop takes it first), or ended
-        item.killed = (message, False)
-        if item.future.running():  # a retry or requeue waiting: its last result, marked killed
-            self._drop(item, message, killed=True)
-            stopped, cancel = True, None
-        else:  # never started: its caller cancels it (unless it had: nothing stopped then)
-            stopped = not item.future.cancelled()
-            self._drop(item, message if stopped else None, notified=True, killed=stopped)
-            cancel = item.future if stopped else None
-        self.dispatch()
-        self.maybe_close()
-        return stopped, cancel
+        elif not self.scheduler.remove(item):
+            raise RuntimeError(f"mpmsub: job {item.job_id!r} is queued but not in the queue")
 
     def shut_down(self, cancel_queued: bool, kill_reason: Optional[str]) -> None:
         """The executor was shut down (with `kill_reason`: terminated): no more jobs will come."""

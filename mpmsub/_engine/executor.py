@@ -105,7 +105,7 @@ class RunningJob:
     memory_in_use: Optional[int]
     cpu_time: Optional[float]  # seconds of CPU its whole tree used so far; None where it runs elsewhere
     where: str  # this machine's name, a Dask worker's address, or "SLURM job N" (and its state)
-    stopping: bool = False  # being killed (a kill, a memory stop or its timeout)
+    stopping: bool = False  # being killed by kill(), or stopped for memory
 
 
 class MemoryAwareExecutor(Executor):
@@ -425,7 +425,9 @@ class MemoryAwareExecutor(Executor):
         requeue). A killed job's result has failure "killed" and the error "killed: REASON"; a
         killed call's `result()` raises CallKilledError. Returns whether it stopped the job:
         False when it had ended (or was ending on its own: it exited, or its timeout's kill was
-        under way; it keeps its own result then) or was killed already. Any thread.
+        under way; it keeps its own result then, and is not retried) or was killed already. On
+        Dask and SLURM a job that ended there a moment before may still count as stopped (its
+        result, read later, says how it ended). Any thread.
 
         `future.cancel()` keeps concurrent.futures' meaning: it cancels a queued job and leaves
         a running one alone. `terminate()` stops every job."""
@@ -458,22 +460,32 @@ class MemoryAwareExecutor(Executor):
     ) -> bool:
         core = self._core
         grace = self.kill_grace if grace is None else grace
+        item: Optional[Item] = None
 
-        def kill() -> Tuple[bool, Optional[JobFuture[Any]]]:
+        def kill() -> Optional[bool]:
+            nonlocal item
             item = core.find(future, job_id)
-            return (False, None) if item is None else core.kill(item, failure, message, grace)
+            return False if item is None else core.kill(item, failure, message, grace)
 
-        nothing: Tuple[bool, Optional[JobFuture[Any]]] = (False, None)
-        stopped, never_started = self._on_loop(kill, nothing)
-        if never_started is not None:
-            never_started.cancel()  # here, as cancel() would: its callbacks run on this thread
-        return stopped
+        none: Optional[bool] = False
+        stopped = self._on_loop(kill, none)
+        if stopped is not None or item is None:
+            return bool(stopped)
+        # It never started: cancelled here, as cancel() does (its callbacks run on this thread),
+        # then taken out of the queue. A job that started meanwhile is killed as a running one.
+        queued = item
+        cancelled_before = queued.future.cancelled()
+        if not queued.future.cancel():
+            return self._kill(future, job_id, failure, message, grace)
+        return bool(self._on_loop(lambda: core.drop_killed(queued, message, not cancelled_before), False))
 
     def _on_loop(self, function: Callable[[], T], closed: T) -> T:
         """What `function` returns, run on the loop thread (which owns the jobs); `closed` if
         the loop has stopped (every job has ended)."""
         if self._loop.in_loop_thread():
             return function()
+        if not self._loop.is_alive():
+            return closed
         answer: List[Any] = []
         done = threading.Event()
 

@@ -146,11 +146,14 @@ class Rig:
         self.loop.run()
 
     def kill(self, item: Item, message: str = "killed on request", failure: str = "killed", grace: float = 1.0) -> bool:
-        """core.kill, as the executor calls it: a job that never started is cancelled here."""
-        stopped, never_started = self.core.kill(item, failure, message, grace)  # type: ignore[arg-type]
-        if never_started is not None:
-            assert never_started.cancel()
-        return stopped
+        """core.kill, as the executor calls it: a job that never started is cancelled here,
+        then dropped by the core."""
+        stopped = self.core.kill(item, failure, message, grace)  # type: ignore[arg-type]
+        if stopped is not None:
+            return stopped
+        cancelled_before = item.future.cancelled()
+        assert item.future.cancel()
+        return self.core.drop_killed(item, message, not cancelled_before)
 
     def states(self) -> List[str]:
         return [item.state.value for item in self.items]
@@ -463,6 +466,7 @@ def test_the_trace_says_killed_for_a_job_killed_before_its_run_began() -> None:
     assert a.state is RunState.QUEUED
     assert rig.kill(a, "killed: enough")
     events = rig.core.trace.events  # type: ignore[union-attr]
-    # The trace's word comes before the futures are done; a caller's own cancel stays cancelled.
-    assert ("killed", "j2", False) in events and ("killed", "j0", False) in events
+    # A retry's result comes after the trace's word; a job that never ran is cancelled by the
+    # kill's caller first (as cancel() is). A caller's own cancel stays cancelled.
+    assert ("killed", "j2", True) in events and ("killed", "j0", False) in events
     assert ("cancelled", "j3", True) in events
