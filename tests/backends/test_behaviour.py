@@ -15,6 +15,7 @@ workers' path has the tests' directory, as multiprocessing's spawn gives it).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import subprocess
@@ -294,6 +295,8 @@ def test_kill_a_queued_job_cancels_it(executor_factory: ExecutorFactory, tmp_pat
         assert executor.status().running_jobs == ("first",)
         assert executor.kill("queued", "not needed") is True
         assert queued.cancelled()
+        done, _ = concurrent.futures.wait([queued], timeout=WAIT)  # its waiters are woken
+        assert done == {queued}
         assert executor.kill(queued) is False
         assert executor.kill("first") is True
         result = first.result(timeout=WAIT)
