@@ -510,7 +510,9 @@ class _Batch:
         self._killed_count = 0
         self._futures: Dict[Future[Any], JobSpec] = {}
         # Each future says when it is done: waiting costs the same however many are pending.
-        self._ended: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
+        # A Queue, not a SimpleQueue: SimpleQueue.get(timeout) can fail to return after the
+        # process was stopped and continued (Ctrl-Z, fg), and a Ctrl-C then never gets through.
+        self._ended: queue.Queue[Future[Any]] = queue.Queue()
         # cancel_queued(): no more jobs start. The lock keeps it apart from the submissions.
         self._halt_lock = threading.RLock()  # re-entered by a callback run at once in submit
         self._halting = False

@@ -44,9 +44,9 @@ def make_private_directory(parent: str, prefix: str) -> str:
     import tempfile
 
     path = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    fd = _open_nofollow(path, os.O_RDONLY | _DIRECTORY)
+    fd = open_nofollow(path, os.O_RDONLY | _DIRECTORY)
     try:
-        _check_directory(path, os.fstat(fd))
+        check_directory(path, os.fstat(fd))
     except UnsafeFileError:
         os.rmdir(path)
         raise
@@ -60,12 +60,12 @@ def read_private(path: str) -> bytes:
     write, in a directory of this user that no one else can enter. Raises UnsafeFileError saying
     which is not so, FileNotFoundError if it is absent."""
     directory = os.path.dirname(path) or "."
-    dir_fd = _open_nofollow(directory, os.O_RDONLY | _DIRECTORY)
+    dir_fd = open_nofollow(directory, os.O_RDONLY | _DIRECTORY)
     try:
-        _check_directory(directory, os.fstat(dir_fd))
+        check_directory(directory, os.fstat(dir_fd))
         # Opened in the directory just checked (dir_fd): no rename of a path can swap what is read.
         # O_NONBLOCK: a FIFO put in its place must not hang the open (it is refused below).
-        fd = _open_nofollow(os.path.basename(path), os.O_RDONLY | os.O_NONBLOCK, dir_fd, repr(path))
+        fd = open_nofollow(os.path.basename(path), os.O_RDONLY | os.O_NONBLOCK, dir_fd, repr(path))
     finally:
         os.close(dir_fd)
     with os.fdopen(fd, "rb") as file:
@@ -78,7 +78,7 @@ def read_private(path: str) -> bytes:
         return file.read()
 
 
-def _open_nofollow(path: str, flags: int, dir_fd: Optional[int] = None, shown: str = "") -> int:
+def open_nofollow(path: str, flags: int, dir_fd: Optional[int] = None, shown: str = "") -> int:
     try:
         return os.open(path, flags | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
@@ -94,7 +94,7 @@ def _open_nofollow(path: str, flags: int, dir_fd: Optional[int] = None, shown: s
         raise UnsafeFileError(f"{shown or repr(path)} is a symbolic link") from None
 
 
-def _check_directory(path: str, status: os.stat_result) -> None:
+def check_directory(path: str, status: os.stat_result) -> None:
     if not stat.S_ISDIR(status.st_mode):
         raise UnsafeFileError(f"{path!r} is not a directory")
     _check_owner(path, status)

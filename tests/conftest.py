@@ -23,6 +23,10 @@ if "MPMSUB_HISTORY" not in os.environ:
 
     os.environ["MPMSUB_HISTORY"] = os.path.join(tempfile.mkdtemp(prefix="mpmsub-history-"), "history.db")
 
+# So do the control sockets of the `mpmsub run`s tests start (mkdtemp: 0700, short enough for a
+# socket's path).
+os.environ["XDG_RUNTIME_DIR"] = __import__("tempfile").mkdtemp(prefix="mpmsub-run-")
+
 # Tests send SIGINT (a Ctrl-C) to Python programs they start. A shell without job control starts
 # a background command with SIGINT ignored, and an ignored signal stays ignored across exec, so
 # under `pytest &` those programs would never hear it. A handler (unlike "ignore") is reset on

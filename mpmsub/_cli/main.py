@@ -15,22 +15,24 @@ import warnings
 from types import FrameType
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
+from mpmsub._cli import control as _control
 from mpmsub._cli import joblog as _joblog
 from mpmsub._cli.halt import FORMS, NOW, SUCCESS, Halt, parse_halt
 from mpmsub._cli.jobfile import FORMATS, FileJob, JobFileError, label, read_jobs, shell_job, with_defaults
 from mpmsub._cli.template import SEPARATORS, TemplateError, is_template
 from mpmsub._cli.template import parse as parse_template
 from mpmsub._cluster import Cluster
-from mpmsub._files import open_private
+from mpmsub._files import UnsafeFileError, open_private
 from mpmsub._job import AUTO, is_auto
 from mpmsub._learn.estimate import Estimate, Run, estimate
 from mpmsub._learn.history import History, HistoryError, default_path
 from mpmsub._learn.history import resolve as resolve_history
 from mpmsub._policy.scheduler import POLICIES
 from mpmsub._report import text as _report
-from mpmsub._result import CANCELLED, JobResult
+from mpmsub._result import CANCELLED, KILLED, JobResult
 from mpmsub._units import format_memory, parse_cpus, parse_duration, parse_memory
 from mpmsub._version import __version__
+from mpmsub.utils import format_duration
 
 # Exit statuses. GNU parallel exits with the number of failed jobs, but there 2 would also mean
 # two failed jobs; mpmsub keeps 2 for usage errors alone, as argparse does.
@@ -61,9 +63,12 @@ job files:
 
 memory sizes: a number of MB, or 512M, 4G, 1.5T.   durations: seconds, or 30s, 5m, 2h.
 
-exit status: 0 all jobs succeeded (or --halt ...,success=N was met); 1 one or more failed, or
-the joblog missed rows; 2 usage, template or job file error; 130 interrupted (Ctrl-C), 143
-terminated (SIGTERM). Running jobs are killed on either.
+exit status: 0 all jobs succeeded (or --halt ...,success=N was met); 1 one or more failed (a
+job killed with mpmsub kill too), or the joblog missed rows; 2 usage, template or job file
+error; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Running jobs are killed on either.
+
+while it runs: mpmsub ps lists its running jobs, mpmsub kill JOBID kills one (see their -h;
+--no-control: not this run).
 
 examples:
   mpmsub run -j 8 gzip -k {} ::: *.txt
@@ -105,6 +110,33 @@ Figures need matplotlib: pip install 'mpmsub[plot]'. Without it the report has t
 examples:
   mpmsub run jobs.txt -m 16G --job-mem 2G --trace run.jsonl
   mpmsub report run.jsonl -o report.html
+"""
+
+
+_EPILOG_PS = """\
+The run answers on a Unix socket in a directory only you can enter ($XDG_RUNTIME_DIR/mpmsub,
+else beside the run history); mpmsub run --no-control opens none. With several runs of yours
+going, --run PID picks one.
+
+examples:
+  mpmsub ps
+  mpmsub ps --run 12345 --json
+"""
+
+
+_EPILOG_KILL = """\
+A job is named by its id (mpmsub ps shows it; job_0001... for a line without one) or its
+number in the job file. Its whole process tree is killed (SIGTERM, then SIGKILL); a job not
+yet started never starts. It is not retried, counts as failed in the exit status (but not for
+--halt), and its joblog row (Exitval -1, Signal 15 or 9, Failure killed) makes --resume and
+--resume-failed run it again.
+
+exit status: 0 every job named was killed; 1 otherwise (one had ended, no such job, no run).
+
+examples:
+  mpmsub kill job_0007
+  mpmsub kill 7 12 --reason 'stuck on bad input'
+  mpmsub kill --run 12345 sample_3
 """
 
 
@@ -211,16 +243,9 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, summary: str, description: str, epilog: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(
-            name,
-            help=summary,
-            description=description,
-            epilog=epilog,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        sub = _add_command(commands, name, summary, description, epilog)
         _common(sub)
         sub.usage = _USAGE.format(name=name)
-        sub.set_defaults(parser=sub)
         return sub
 
     run = command(
@@ -250,6 +275,9 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write each job's stdout and stderr to DIR/SEQ/stdout and DIR/SEQ/stderr instead of capturing them",
     )
+    run.add_argument(
+        "--no-control", action="store_true", help="open no control socket: mpmsub ps and mpmsub kill do not see the run"
+    )
     profile = command(
         "profile",
         "measure each job's peak memory and recommend a request",
@@ -258,34 +286,45 @@ def parser() -> argparse.ArgumentParser:
     )
     profile.add_argument("-o", "--output", metavar="FILE", help="write the jobs as JSON Lines with memory filled in")
     _history_parser(commands)
-    report = commands.add_parser(
+    _control_parsers(commands)
+    report = _add_command(
+        commands,
         "report",
-        help="write an HTML report of a run's trace",
-        description="Write a self-contained HTML report of a trace that mpmsub run --trace wrote: a timeline "
-        "of the jobs, memory and CPUs over time, requested versus used memory, the slowest and failed "
-        "jobs, and memory advice.",
-        epilog=_EPILOG_REPORT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "write an HTML report of a run's trace",
+        "Write a self-contained HTML report of a trace that mpmsub run --trace wrote: a timeline of the jobs, "
+        "memory and CPUs over time, requested versus used memory, the slowest and failed jobs, and memory advice.",
+        _EPILOG_REPORT,
     )
     report.add_argument("trace", metavar="TRACE", help="the trace file (mpmsub run --trace TRACE)")
     report.add_argument("-o", "--output", metavar="FILE", help="the HTML file (default: TRACE with .html)")
     report.add_argument("--no-plots", action="store_true", help="tables only, without figures")
-    report.set_defaults(parser=report)
     return top
 
 
-def _history_parser(commands: Any) -> None:
-    history = commands.add_parser(
-        "history",
-        help="list, show, forget or export the run history m='auto' learns from",
-        description="The run history: a row per finished job, which m='auto' predicts memory from.",
-        epilog=_EPILOG_HISTORY,
+def _add_command(commands: Any, name: str, summary: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """A command of `mpmsub` whose help ends with its epilog as written (examples, notes)."""
+    sub: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.set_defaults(parser=sub)
+    return sub
+
+
+def _history_parser(commands: Any) -> None:
+    history = _add_command(
+        commands,
+        "history",
+        "list, show, forget or export the run history m='auto' learns from",
+        "The run history: a row per finished job, which m='auto' predicts memory from.",
+        _EPILOG_HISTORY,
     )
     history.add_argument(
         "--db", metavar="FILE", help="the history database (default: $MPMSUB_HISTORY, else " + default_path() + ")"
     )
-    history.set_defaults(parser=history)
     actions = history.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("list", help="keys with their run counts and predicted memory")
     show = actions.add_parser("show", help="the runs of one key and its prediction")
@@ -296,6 +335,38 @@ def _history_parser(commands: Any) -> None:
     target.add_argument("--all", action="store_true", help="delete every run")
     export = actions.add_parser("export", help="every run as JSON Lines")
     export.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: standard output)")
+
+
+def _control_parsers(commands: Any) -> None:
+    ps = _add_command(
+        commands,
+        "ps",
+        "list the running jobs of a run under way",
+        "List the jobs an mpmsub run of yours on this machine runs now: id, runtime, CPUs, memory reserved "
+        "and in use, CPU time, where and command.",
+        _EPILOG_PS,
+    )
+    ps.add_argument("--json", action="store_true", help="print the run's answer as JSON")
+    kill = _add_command(
+        commands,
+        "kill",
+        "kill jobs of a run under way",
+        "Kill jobs of an mpmsub run of yours on this machine; the run goes on with the others.",
+        _EPILOG_KILL,
+    )
+    kill.add_argument("jobs", metavar="JOBID", nargs="+", help="a job's id, or its number in the job file")
+    kill.add_argument("--reason", metavar="TEXT", help="why: in the job's error, the summary and --json")
+    for sub in (ps, kill):
+        sub.add_argument("--run", metavar="PID", type=_pid, help="the run's process id (with several runs going)")
+
+
+def _pid(text: str) -> int:
+    if not re.fullmatch(r"\s*\d{1,10}\s*", text, re.ASCII) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid pid {text!r}: expected a process id, such as mpmsub ps shows")
+    return int(text)
+
+
+_pid.__name__ = "pid"  # argparse names the type in its message
 
 
 def _command_errors() -> Tuple[type[BaseException], ...]:
@@ -319,6 +390,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _history(args)
     if args.command == "report":
         return _report_command(args)
+    if args.command == "ps":
+        return _ps(args)
+    if args.command == "kill":
+        return _kill(args)
     if args.command == "run" and (args.resume or args.resume_failed) and not args.joblog:
         args.parser.error("--resume and --resume-failed need --joblog FILE")
     try:  # everything that can be wrong with the command is found before any job runs
@@ -602,8 +677,9 @@ class _Run:
     unlogged: int = 0  # rows the joblog could not take
     joblog_error: Optional[str] = None  # why, the first time
     halted: bool = False  # --halt's condition was met
-    failed: int = 0
+    failed: int = 0  # --halt's counts: the jobs that ended on their own
     succeeded: int = 0
+    ended: Dict[str, int] = dataclasses.field(default_factory=dict)  # mpmsub ps's counts, by outcome
     held: Dict[int, JobResult] = dataclasses.field(default_factory=dict)  # -k: ended, not yet printed
     printed: int = 0  # -k: how many of `jobs`, in order, have had their output printed
 
@@ -611,6 +687,10 @@ class _Run:
         """Write the job's joblog row, as soon as it has ended (on mpmsub's results thread): a
         driver killed a moment later must not run it again on --resume. A row that cannot be
         written is counted, and the run then fails, after its jobs."""
+        outcome = (
+            "succeeded" if result.success else result.failure if result.failure in (KILLED, CANCELLED) else "failed"
+        )
+        self.ended[outcome] = self.ended.get(outcome, 0) + 1
         self._check_halt(result)
         if self.joblog is None or result.failure == CANCELLED:  # cancelled jobs run again
             return
@@ -635,8 +715,9 @@ class _Run:
     def _check_halt(self, result: JobResult) -> None:
         """--halt, the moment a job's end is known (on the results thread, so that as few jobs as
         can be start after the condition is met): now stops the run through the cluster, as a
-        signal does; soon cancels the queued jobs and lets the running ones finish."""
-        if self.halt is None or self.halted or result.failure == CANCELLED:
+        signal does; soon cancels the queued jobs and lets the running ones finish. A job
+        cancelled or killed (mpmsub kill) is not counted: the user stopped it, it did not fail."""
+        if self.halt is None or self.halted or result.failure in (CANCELLED, KILLED):
             return
         self.failed += not result.success
         self.succeeded += result.success
@@ -713,9 +794,14 @@ def _run(args: argparse.Namespace, cluster: Cluster, plan: _Run) -> int:
         print(f"mpmsub: {plan.skipped} job(s) skipped: the joblog records them", file=sys.stderr)
     status = OK
     if plan.jobs:
-        status = _execute(
-            cluster, lambda: cluster._run(max_workers=args.jobs, on_result=plan.finished, on_end=plan.logged)
-        )
+        control = None if args.no_control else _serve(args, plan)
+        try:
+            status = _execute(
+                cluster, lambda: cluster._run(max_workers=args.jobs, on_result=plan.finished, on_end=plan.logged)
+            )
+        finally:  # the socket goes with the run, however it ends
+            if control is not None:
+                control.close()
         plan.flush()
         if plan.halted and not args.quiet:
             print(f"mpmsub: --halt {plan.halt}: the run was halted", file=sys.stderr)
@@ -738,6 +824,23 @@ def _run(args: argparse.Namespace, cluster: Cluster, plan: _Run) -> int:
     if plan.halted and plan.halt is not None and plan.halt.what == SUCCESS and not plan.unlogged:
         return OK  # as GNU parallel: halting on success is a success, whatever was stopped
     return OK if all(r.success for r in results) and not plan.unlogged else FAILED
+
+
+def _serve(args: argparse.Namespace, plan: _Run) -> Optional[_control.Server]:
+    """The run's control socket for mpmsub ps and kill; None, said on stderr, where it cannot
+    have one (the run goes on without it)."""
+    if args.template is not None:
+        source = "template: " + _report.one_line(" ".join(args.template))
+    else:
+        source = "standard input" if args.jobfile == "-" else os.path.abspath(args.jobfile)
+    info = {"jobfile": source, "cwd": os.getcwd(), "version": __version__}
+    state = _control.RunState(
+        plan.cluster, {job_id: job.seq for job_id, job in plan.by_id.items()}, info, plan.ended.copy
+    )
+    server, why = _control.serve(state)
+    if server is None and not args.quiet:
+        print(f"mpmsub: mpmsub ps and kill will not see this run: no control socket ({why})", file=sys.stderr)
+    return server
 
 
 def _done(success: Optional[bool], only_succeeded: bool) -> bool:
@@ -952,6 +1055,91 @@ def _history_action(args: argparse.Namespace, history: History) -> int:
         return FAILED
     print(f"mpmsub: wrote {len(lines)} run(s) to {args.output}", file=sys.stderr)
     return OK
+
+
+def _ps(args: argparse.Namespace) -> int:
+    """`mpmsub ps [--run PID] [--json]`."""
+    asked = _ask_run(args.run, {"op": "ps"})
+    if asked is None:
+        return FAILED
+    run, reply = asked
+    if args.json:
+        json.dump(reply, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return OK
+    counts = reply["counts"]
+    tally = ", ".join(
+        f"{counts[what]} {what}"
+        for what in ("running", "queued", "succeeded", "failed", "killed", "cancelled")
+        if counts.get(what) or what in ("running", "queued")
+    )
+    print(f"mpmsub run {run.describe()}\n{tally} of {counts['total']} job(s)")
+    if not reply["jobs"]:
+        return OK
+    rows: List[Tuple[str, ...]] = [
+        ("ID", "SEQ", "STATE", "RUNTIME", "CPUS", "RESERVED", "IN USE", "CPU TIME", "WHERE", "COMMAND")
+    ]
+    for job in reply["jobs"]:
+        rows.append(
+            (
+                _report.one_line(job["job_id"]),
+                "-" if job["seq"] is None else str(job["seq"]),
+                "stopping" if job["stopping"] else "running",
+                format_duration(job["runtime"]),
+                str(job["cpus"]),
+                format_memory(job["memory_reserved"]) if job["memory_reserved"] else "-",
+                "-" if job["memory_in_use"] is None else format_memory(job["memory_in_use"]),
+                "-" if job["cpu_time"] is None else format_duration(job["cpu_time"]),
+                job["where"],
+                _shorten(_report.one_line(job["command"]), 60),
+            )
+        )
+    _table(rows)
+    return OK
+
+
+def _kill(args: argparse.Namespace) -> int:
+    """`mpmsub kill JOBID... [--reason TEXT] [--run PID]`: 0 when every job named was killed."""
+    asked = _ask_run(args.run, {"op": "kill", "jobs": args.jobs, "reason": args.reason})
+    if asked is None:
+        return FAILED
+    _, reply = asked
+    status = OK
+    for result in reply["results"]:
+        name = _report.one_line(result["job"])
+        if result.get("killed"):
+            print(f"{name}: killed" + ("" if result["started"] else " (before it started)"))
+            continue
+        status = FAILED
+        if "error" in result:
+            print(f"mpmsub: {name}: {result['error']}", file=sys.stderr)
+        elif result.get("stopping"):
+            print(f"{name}: not killed (it was being stopped already)")
+        else:
+            print(f"{name}: not running (it had ended)")
+    return status
+
+
+def _ask_run(pid: Optional[int], message: Dict[str, Any]) -> Optional[Tuple[_control.RunInfo, Dict[str, Any]]]:
+    """The run (the one of `pid`, or the only one) and its answer to `message`; None, said on
+    stderr, where there is no such run or it did not answer or refused."""
+    try:
+        run = _control.pick_run(pid)
+        reply = _control.request(run.path, message)
+    except (LookupError, UnsafeFileError, OSError, ValueError) as exc:
+        reason = str(exc)
+        if isinstance(exc, OSError) and exc.strerror:  # the reason, without the error's number
+            reason = f"cannot reach the run: {exc.strerror}" + (f" {exc.filename!r}" if exc.filename else "")
+        print(f"mpmsub: {reason}", file=sys.stderr)
+        return None
+    if not reply["ok"]:
+        print(f"mpmsub: the run refused: {reply.get('error')}", file=sys.stderr)
+        return None
+    return run, reply
+
+
+def _shorten(text: str, most: int) -> str:
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def _stored_key(history: History, key: str) -> str:

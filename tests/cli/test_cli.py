@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 from support.helpers import unique_sleep, wait_gone
@@ -20,6 +22,15 @@ from mpmsub._cli import joblog as _joblog
 SCRIPT = Path(sys.executable).with_name("mpmsub")
 
 
+@pytest.fixture(autouse=True)
+def _runtime_directory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every run here opens its control socket in a directory of its own, not the user's."""
+    base = tempfile.mkdtemp(prefix="mx-", dir="/tmp")  # short: a socket's path has ~104 bytes at most
+    monkeypatch.setenv("XDG_RUNTIME_DIR", base)
+    yield
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def mpmsub(*args: str, cwd: Path, stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
     assert SCRIPT.exists(), f"the console script is not installed next to {sys.executable}"
     return subprocess.run([str(SCRIPT), *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=60)
@@ -27,7 +38,8 @@ def mpmsub(*args: str, cwd: Path, stdin: Optional[str] = None) -> subprocess.Com
 
 def rows(joblog: Path) -> List[List[str]]:
     lines = joblog.read_text().splitlines()
-    assert lines[0].split("\t") == [*_joblog.PARALLEL_COLUMNS, "PeakMemMB", "Cpus", "ReqMemMB", "Attempts", "JobId"]
+    mpmsubs = ["PeakMemMB", "Cpus", "ReqMemMB", "Attempts", "JobId", "Failure"]
+    assert lines[0].split("\t") == [*_joblog.PARALLEL_COLUMNS, *mpmsubs]
     parallel = "Seq Host Starttime JobRuntime Send Receive Exitval Signal Command"  # GNU parallel's header
     assert "\t".join(_joblog.PARALLEL_COLUMNS) == parallel.replace(" ", "\t")
     return [line.split("\t") for line in lines[1:]]
@@ -79,7 +91,7 @@ def test_a_jsonl_job_file_gives_each_job_its_own_settings(tmp_path: Path) -> Non
     assert results["job_0003"]["stdout"] == "a\nb\n" and results["job_0003"]["command"] == "printf 'b\\na\\n' | sort"
     assert [r["seq"] for r in report["results"]] == [1, 2, 3]
     slow = next(r for r in rows(tmp_path / "log.tsv") if r[13] == "slow")
-    assert slow[6] == "0" and slow[7] in (str(int(signal.SIGTERM)), str(int(signal.SIGKILL)))
+    assert slow[6] == "-1" and slow[7] in (str(int(signal.SIGTERM)), str(int(signal.SIGKILL)))
 
 
 def test_a_failed_job_makes_the_exit_status_1(tmp_path: Path) -> None:
@@ -644,3 +656,26 @@ def test_the_output_is_gnu_parallels_byte_for_byte(tmp_path: Path, words: List[s
     ours = subprocess.run([str(SCRIPT), "run", "-q", *words], cwd=tmp_path, capture_output=True, timeout=60)
     assert ours.returncode == theirs.returncode == 0, ours.stderr
     assert ours.stdout == theirs.stdout
+
+
+@pytest.mark.skipif(not HAVE_PARALLEL, reason="GNU parallel is not installed")
+def test_a_timed_out_job_is_in_the_joblog_as_gnu_parallel_writes_it(tmp_path: Path) -> None:
+    """Exitval and Signal of a job the tool killed for its timeout: -1 and 15, as `parallel
+    --timeout --joblog` writes them."""
+    words = ["--timeout", "1", "--joblog", "{log}", "sh", "-c", "{}", ":::", "sleep 30", "exit 3", "true"]
+    theirs = subprocess.run(
+        ["parallel", *[w.replace("{log}", "theirs.tsv") for w in words]], cwd=tmp_path, capture_output=True, timeout=60
+    )
+    ours = subprocess.run(
+        [str(SCRIPT), "run", "-q", *[w.replace("{log}", "ours.tsv") for w in words]],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+    )
+    assert theirs.returncode == 2 and ours.returncode == 1, ours.stderr  # (parallel: 2 jobs failed)
+
+    def fields(name: str) -> List[Tuple[str, str, str]]:
+        lines = (tmp_path / name).read_text().splitlines()[1:]
+        return sorted((row[0], row[6], row[7]) for row in (line.split("\t") for line in lines))
+
+    assert fields("ours.tsv") == fields("theirs.tsv") == [("1", "-1", "15"), ("2", "3", "0"), ("3", "0", "0")]
