@@ -7,25 +7,14 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from support.helpers import a_result
 
 from mpmsub._cli import joblog as _joblog
 from mpmsub._result import JobResult
 
 
 def result(failure: Optional[str], returncode: Optional[int], job_id: str = "j1") -> JobResult:
-    return JobResult(
-        job_id=job_id,
-        cmd=["x"],
-        returncode=returncode,
-        stdout=None,
-        stderr=None,
-        runtime=1.5,
-        memory_used=12.25,
-        cpu_used=0.1,
-        start_time=1700000000.0,
-        end_time=1700000001.5,
-        failure=failure,  # type: ignore[arg-type]
-    )
+    return a_result(failure, returncode, job_id=job_id)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import psutil
 from mpmsub._launch.cgroups import JobGroups
 from mpmsub._report.trace import PathLike
 from mpmsub._report.trace import read as read_trace
+from mpmsub._result import JobResult
 
 
 def alloc_cmd(mb: int, hold: float = 0.0, *, steps: int = 1, step_delay: float = 0.0) -> List[str]:
@@ -83,3 +84,21 @@ def job_groups() -> Optional[JobGroups]:
     if groups is not None:
         groups.close()
     return groups
+
+
+def a_result(failure: Optional[str], returncode: Optional[int], **fields: Any) -> JobResult:
+    """A finished job's JobResult with made-up figures (for what reads results: joblogs, reports)."""
+    made: Dict[str, Any] = dict(
+        job_id="j1",
+        cmd=["x"],
+        returncode=returncode,
+        stdout=None,
+        stderr=None,
+        runtime=1.5,
+        memory_used=12.25,
+        cpu_used=0.1,
+        start_time=1700000000.0,
+        end_time=1700000001.5,
+        failure=failure,
+    )
+    return JobResult(**{**made, **fields})

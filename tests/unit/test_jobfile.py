@@ -13,6 +13,7 @@ from typing import List
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support.helpers import a_result
 
 from mpmsub import JobResult
 from mpmsub._cli import joblog as _joblog
@@ -113,20 +114,7 @@ def test_the_format_follows_the_extension_or_stdins_first_job_line() -> None:
 
 
 def _result(success: bool, returncode: int) -> JobResult:
-    return JobResult(
-        job_id="j\t1",
-        cmd=["x"],
-        returncode=returncode,
-        stdout="out",
-        stderr=None,
-        runtime=1.5,
-        memory_used=12.25,
-        cpu_used=0.1,
-        start_time=1700000000.0,
-        end_time=1700000001.5,
-        failure=None if success else "exit",
-        memory_requested=None,
-    )
+    return a_result(None if success else "exit", returncode, job_id="j\t1", stdout="out")
 
 
 @given(st.integers(1, 10**6), st.text(max_size=30), st.sampled_from([(True, 0), (False, 3), (False, -9), (False, 0)]))
