@@ -4,8 +4,10 @@
 starts an input source; several sources give every combination (the first varying slowest),
 and a `+` source is linked to the one before it (paired by position). Replacement strings are
 GNU parallel's: `{}` `{.}` `{/}` `{//}` `{/.}` `{#}` and `{N}` `{N.}` `{N/}` `{N//}` `{N/.}`;
-values are shell-quoted where they are substituted, as parallel quotes them. Pure: reading a
-`::::` file is the caller's `read` function.
+values are shell-quoted where they are substituted, as parallel quotes them, except in a command
+that starts with a replacement string (none is quoted there), and without a command the values
+are the commands (as `{}`: parallel's "cat | sh"). Pure: reading a `::::` file is the caller's
+`read` function.
 """
 
 from __future__ import annotations
@@ -79,10 +81,7 @@ def parse(
     cut = next((i for i, word in enumerate(words) if word in SEPARATORS), len(words))
     command = " ".join(words[:cut])
     if not command.strip():
-        raise TemplateError(
-            f"the command template is empty: give the command before {words[cut] if cut < len(words) else ':::'} "
-            "(e.g. mpmsub run gzip -k {} ::: a.txt b.txt)"
-        )
+        command = "{}"  # no command: each job's values are its command, unquoted (parallel ::: CMDS)
     sources: List[Source] = [_file_source(name, read, null, False) for name in arg_files]
     groups: List[Tuple[str, List[str]]] = []
     for word in words[cut:]:
@@ -155,16 +154,19 @@ def has_replacement(command: str) -> bool:
 
 
 def expand(command: str, values: Sequence[str], seq: int) -> str:
-    """`command` with its replacement strings filled in; with none, the values appended."""
+    """`command` with its replacement strings filled in; with none, the values appended. As in
+    GNU parallel, a command that starts with a replacement string has none of them quoted: the
+    values are (the start of) the command."""
     if not has_replacement(command):
         return " ".join([command, *(quote(v) for v in values)])
+    quoted = _REPLACEMENT.match(command) is None
 
     def replace(match: re.Match[str]) -> str:
         if match.group(1) == "#":
             return str(seq)
         number, how = match.group(2), match.group(3)
         chosen = [values[int(number) - 1]] if number else list(values)
-        return " ".join(quote(transform(v, how)) for v in chosen)
+        return " ".join(quote(transform(v, how)) if quoted else transform(v, how) for v in chosen)
 
     return _REPLACEMENT.sub(replace, command)
 
@@ -206,7 +208,13 @@ def quote(value: str) -> str:
     """A value as one shell word, quoted as GNU parallel quotes it."""
     if _SAFE.fullmatch(value):
         return value
-    return "'" + value.replace("'", "'\"'\"'") + "'"
+    quoted = "'" + value.replace("'", "'\"'\"'") + "'"
+    # As parallel: no empty '' left at either end by a quote there ("a'" is 'a'"'", not 'a'"'"'').
+    if value.startswith("'"):
+        quoted = quoted[2:]
+    if value.endswith("'"):
+        quoted = quoted[:-2]
+    return quoted
 
 
 def values_text(values: Sequence[str]) -> str:

@@ -589,7 +589,6 @@ def test_halt_soon_met_while_a_large_batch_is_still_being_submitted(tmp_path: Pa
     ("args", "message"),
     [
         (["echo", ":::"], "the input source ::: is empty"),
-        ([":::", "a"], "the command template is empty"),
         (["echo", "::::", "missing.txt"], "'missing.txt': No such file"),
         (["echo", "::::", "empty.txt"], "the input source 'empty.txt' is empty"),
         (["echo {3}", ":::", "a", ":::", "b"], "invalid replacement string '{3}'"),
@@ -649,6 +648,8 @@ def test_auto_memory_learns_one_key_per_template_with_the_files_as_input(tmp_pat
         ["-k", "printf '[%s]\\n'", ":::", *ODD_VALUES],
         ["-k", "--tag", "echo {2}", ":::", "a", "b c", ":::", "1", "2"],
         ["-k", "-j", "3", "sleep {}; echo {}", ":::", "0.3", "0.1", "0.2", ":::+", "x", "y", "z"],
+        ["-k", ":::", "echo 'x  y'", "printf '%s-' a b; echo", "echo {}"],
+        ["-k", "{} {2}", ":::", "echo", "printf '<%s>'", ":::", "a b"],
     ],
 )
 def test_the_output_is_gnu_parallels_byte_for_byte(tmp_path: Path, words: List[str]) -> None:

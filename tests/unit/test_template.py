@@ -93,7 +93,6 @@ def test_file_sources_are_lines_or_nul_separated_values() -> None:
     ("words", "message"),
     [
         (["echo", ":::"], "the input source ::: is empty"),
-        (["  ", ":::", "a"], "the command template is empty"),
         (["echo", "::::", "missing"], "cannot read the input source 'missing'"),
         (["echo", "::::", "empty"], "the input source 'empty' is empty"),
         (["echo {3}", ":::", "a", ":::", "b"], "invalid replacement string '{3}'"),
@@ -145,9 +144,19 @@ needs_parallel = pytest.mark.skipif(
     [
         ["echo {} {.} {/} {//} {/.} {#}", ":::", "a.b/c", "x/y.tar.gz", "plain", ".hidden", "/abs/f.txt", "a/"],
         ["echo", ":::", "a b", "it's", "x$y", "é", "", "a+b", "a@b", "~x", "*", '"q"', "a\\b"],
+        ["echo", ":::", "a'", "'a", "''", "'", "a'b'"],
         ["echo {2} {1}", ":::", "a", "b", ":::", "1 2", "3"],
         ["echo", ":::", "a", "b", ":::", "x", "y", ":::+", "1", "2"],
         ["echo {1.} {2/} {1//}", ":::", "d/a.x", ":::", "e/f.g"],
+        # No command: the values are the commands (parallel's "cat | sh"), unquoted.
+        [":::", "echo 'a b'", "ls; true", "echo $HOME"],
+        [":::", "echo", "printf '%s\\n'", ":::", "a b", "c"],
+        # A command that starts with a replacement string has none quoted; a space before it does.
+        ["{} {}", ":::", "echo 'a b'"],
+        ["{2} {1}", ":::", "x y", ":::", "echo"],
+        ["{.} x", ":::", "echo a.b"],
+        [" {}", ":::", "echo 'a b'"],
+        ["{#} {}", ":::", "a b"],
     ],
 )
 def test_the_commands_are_those_gnu_parallel_runs(words: List[str]) -> None:
