@@ -161,6 +161,14 @@ class DaskLauncher(Launcher):
         self.client = backend.client
         self.strict = options.strict_memory
         self._completed = distributed.as_completed(loop=self.client.loop, with_results=True, raise_errors=False)
+        from mpmsub._backends import node  # the node side: its plugin is sent to the workers by reference
+
+        # Each worker kills a job whose task the scheduler takes back (its client died, say).
+        self.client.register_plugin(node.release_watch_plugin(), name=node.RELEASE_WATCH)
+        # Each run of a task says where it starts: a second start is Dask running it again after
+        # its worker died, which mpmsub stops and counts as a failed run (see _started).
+        self._topic = f"mpmsub-runs-{uuid.uuid4().hex}"
+        self.client.subscribe_topic(self._topic, self._started)
         self._handles: Dict[str, DaskHandle] = {}
         self._cond = threading.Condition()
         self._closing = False
@@ -182,7 +190,9 @@ class DaskLauncher(Launcher):
         data = _remote.pack(spec, self.strict, shared=False)
         from mpmsub._backends.node import run_on_worker  # the node side: sent to the worker by reference
 
-        future = self.client.submit(run_on_worker, data, handle.key, key=handle.key, resources=resources, pure=False)
+        future = self.client.submit(
+            run_on_worker, data, handle.key, self._topic, key=handle.key, resources=resources, pure=False
+        )
         handle.future = future
         with self._cond:
             self._handles[handle.key] = handle
@@ -215,6 +225,25 @@ class DaskLauncher(Launcher):
             return [f"Dask (unknown: {exc!r})"] * len(handles)
         at = {key: worker for worker, keys in processing.items() for key in keys}
         return [at.get(getattr(handle, "key", ""), "waiting in Dask") for handle in handles]
+
+    def _started(self, event: Any) -> None:
+        """A run of a task began on a worker (on the client's event loop). A second run of one
+        task is Dask's own retry after the worker running it died: it is stopped, and the job's
+        run ends as an error, which the job's retries (with_retries) then decide on, each run
+        counted in its attempts, its history and its trace."""
+        try:
+            _, message = event
+            key, worker = message["key"], message["worker"]
+        except (TypeError, ValueError, KeyError):
+            return
+        with self._cond:
+            handle = self._handles.get(key)
+        if handle is None:
+            return
+        before, handle.worker = handle.worker, worker
+        if before is not None:
+            lost = f"its Dask worker {before} died while it ran (Dask started it again on {worker}: stopped)"
+            handle.kill(ERROR, lost, 0)
 
     def kill_later(self, handle: DaskHandle, failure: FailureKind, message: str, grace: Optional[float]) -> None:
         """Kill on the workers, from a thread of ours (client.run waits for the workers' answers),
@@ -250,6 +279,10 @@ class DaskLauncher(Launcher):
                         logger.exception("mpmsub: could not cancel the Dask task %s", handle.key)
 
     def close(self) -> None:
+        try:
+            self.client.unsubscribe_topic(self._topic)
+        except Exception:  # the client is gone: nothing to tell it
+            logger.debug("mpmsub: could not unsubscribe from %s", self._topic, exc_info=True)
         with self._cond:
             self._closing = True
             self._cond.notify_all()
@@ -269,6 +302,7 @@ class DaskHandle(Handle):
         self._ended = False
         self._killed: Optional[Tuple[FailureKind, str]] = None
         self.future: Any = None
+        self.worker: Optional[str] = None  # where its last run started (on the client's loop)
 
     def finish(self, future: Any, result: Any) -> None:
         """The task is over: `result` is what it returned, or (type, exception, traceback) for

@@ -77,10 +77,17 @@ def _executor_here() -> NodeExecutor:
     return _worker_executor
 
 
-def run_on_worker(data: bytes, key: str) -> bytes:
-    """A Dask task: run one packed job here under mpmsub; return its pickled Outcome."""
+def run_on_worker(data: bytes, key: str, topic: Optional[str] = None) -> bytes:
+    """A Dask task: run one packed job here under mpmsub; return its pickled Outcome. Each run
+    says where it starts on `topic` (the submitting launcher's): Dask runs a task again when
+    the worker running it dies, and the launcher counts (and stops) such runs."""
     from concurrent.futures import wait
 
+    if topic is not None:
+        from distributed import get_worker
+
+        worker = get_worker()
+        worker.log_event(topic, {"key": key, "worker": worker.address})
     spec, _ = unpack(data)  # the worker's executor keeps its own kill grace
     with _worker_lock:
         executor = _executor_here()
@@ -98,6 +105,57 @@ def run_on_worker(data: bytes, key: str) -> bytes:
         executor.forget_id(key)  # a worker runs jobs for as long as it lives: ids must not pile up
     sent = returned(spec, future, "cancelled before it started on its Dask worker")
     return pickle.dumps(sent, pickle.HIGHEST_PROTOCOL)
+
+
+RELEASE_WATCH = "mpmsub-release-watch"  # the name the worker plugin below is registered under
+_RELEASED = "its Dask task was released by the scheduler (the client that submitted it went away, or cancelled it)"
+
+
+def _release_watch() -> type:
+    """`ReleaseWatch`, made on first use (it subclasses distributed's WorkerPlugin, which the
+    SLURM runner, importing this module, need not load): a worker plugin that kills the job of a
+    task the scheduler takes back while it runs (its client was killed, disconnected or
+    cancelled it), so that a driver's death never leaves its jobs running on the workers."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class ReleaseWatch(WorkerPlugin):
+        idempotent = True  # one per worker, whichever client registered it first
+
+        def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+            # On the worker's event loop: the kill waits for the worker's executor, on a thread.
+            # (The state machine reports the state asked for, "released", where the task's own
+            # state becomes "cancelled" while its function still runs.)
+            if start in _RUNNING and finish in _TAKEN_BACK and _ours(key):
+                threading.Thread(
+                    target=kill_on_worker, args=([(key, CANCELLED, _RELEASED, None)],), daemon=True
+                ).start()
+
+    ReleaseWatch.__module__ = __name__
+    ReleaseWatch.__qualname__ = ReleaseWatch.__name__ = "ReleaseWatch"
+    return ReleaseWatch
+
+
+_RUNNING = ("executing", "long-running")
+_TAKEN_BACK = ("released", "cancelled", "forgotten")
+
+
+def _ours(key: Any) -> bool:
+    return isinstance(key, str) and key.startswith("mpmsub-")
+
+
+def release_watch_plugin() -> Any:
+    """A ReleaseWatch, to register with a Dask client (`client.register_plugin`)."""
+    return __getattr__("ReleaseWatch")()
+
+
+def __getattr__(name: str) -> Any:
+    # The plugin's class is pickled by reference: a worker finds it here by name.
+    if name != "ReleaseWatch":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _worker_lock:
+        if "ReleaseWatch" not in globals():
+            globals()["ReleaseWatch"] = _release_watch()
+    return globals()["ReleaseWatch"]
 
 
 def kill_on_worker(orders: List[Tuple[str, FailureKind, str, Optional[float]]]) -> List[str]:

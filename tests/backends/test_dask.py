@@ -182,6 +182,94 @@ def test_a_job_killed_while_it_waits_in_dask_never_runs(backend: mpmsub.DaskBack
         executor.terminate()
 
 
+DRIVER = """
+import sys, time
+import mpmsub
+executor = mpmsub.MemoryAwareExecutor(backend=mpmsub.DaskBackend(sys.argv[1]), history=False)
+marker = sys.argv[2]
+futures = [executor.submit(["sh", "-c", f"sleep {marker} & sleep {marker}; wait"]) for _ in range(int(sys.argv[3]))]
+print("submitted", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_driver_leaves_no_job_running_on_the_workers(
+    dask_cluster: Any, backend: mpmsub.DaskBackend, tmp_path: Path, how: signal.Signals
+) -> None:
+    """The scheduler takes back a dead client's tasks; each worker then kills their jobs' trees,
+    and their resources are free for the next driver's jobs."""
+    marker = unique_sleep()
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    jobs = 8  # every CPU the two workers declare
+    driver = subprocess.Popen([sys.executable, str(script), dask_cluster.scheduler_address, marker, str(jobs)])
+    try:
+        sleeps = lambda: sum(1 for p in wait_gone(marker, 0) if p.name() == "sleep")  # noqa: E731
+        assert remote_batch.wait_for(lambda: sleeps() == 2 * jobs), "the jobs did not start"
+        driver.send_signal(how)
+        driver.wait(timeout=30)
+        assert wait_gone(marker, timeout=30) == []
+    finally:
+        driver.kill()
+        driver.wait()
+    with mpmsub.MemoryAwareExecutor(backend=backend, history=False) as executor:  # the next driver
+        started = time.monotonic()
+        results = [f.result(timeout=30) for f in [executor.submit(["true"]) for _ in range(jobs)]]
+        assert all(r.success for r in results) and time.monotonic() - started < 10
+
+
+@pytest.fixture
+def own_cluster() -> Any:
+    """Two worker processes of a cluster of the test's own (the test kills one)."""
+    cluster = distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=2,
+        processes=True,
+        resources={"cpus": 2, "memory": WORKER_MEMORY},
+        dashboard_address=":0",
+        worker_dashboard_address=":0",
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def _worker_running(marker: str) -> psutil.Process:
+    """The Dask worker process whose job runs `sleep MARKER` (the job's shell is its child)."""
+    (sleep,) = wait_gone(marker, 0)
+    shell = sleep.parent()
+    assert shell is not None and shell.parent() is not None
+    return shell.parent()  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_worker_that_dies_under_a_job_is_one_failed_run_that_retries_decide_on(
+    own_cluster: Any, tmp_path: Path, retries: int
+) -> None:
+    """Dask runs a task again when its worker dies; mpmsub stops that run and counts a failed
+    one: with no retries the job fails, naming the dead worker; with one, it runs once more."""
+    marker = unique_sleep()
+    runs = tmp_path / "runs"
+    # The first run and Dask's own rerun sleep (until killed); a retry of mpmsub's ends at once.
+    script = f"echo run >> {runs}; if [ $(wc -l < {runs}) -le 2 ]; then sleep {marker}; fi"
+    with distributed.Client(own_cluster, set_as_default=False) as client:  # noqa: SIM117 (3.9)
+        with mpmsub.MemoryAwareExecutor(backend=mpmsub.DaskBackend(client), history=False) as executor:
+            future = executor.submit(mpmsub.Job(["sh", "-c", script]).with_retries(retries))
+            assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 1)
+            _worker_running(marker).kill()  # its nanny starts another; Dask runs the task again
+            result = future.result(timeout=60)
+    assert wait_gone(marker) == []
+    if retries:
+        assert (result.success, result.attempts) == (True, 2), result.error
+    else:
+        assert (result.failure, result.attempts) == ("error", 1)
+        assert "its Dask worker tcp://" in (result.error or "") and "died while it ran" in (result.error or "")
+    # The run the worker died under, Dask's own rerun (stopped), and a retry where one is allowed.
+    assert runs.read_text().count("run") == 2 + retries
+
+
 def test_memory_is_enforced_on_the_worker(backend: mpmsub.DaskBackend) -> None:
     with mpmsub.MemoryAwareExecutor(backend=backend, strict_memory=True) as executor:
         future = executor.submit(mpmsub.Call(callees.allocate, 200, 2.0).memory("50M"))
