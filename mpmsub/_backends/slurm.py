@@ -436,9 +436,11 @@ class SlurmHandle(Handle):
                 # The runner's answer to SLURM's SIGTERM: say why SLURM stopped it.
                 received.failure, received.error = self._stopped(state, self._output_tail())
             return received
-        # A job killed before it was ever seen running had no runner to write a result.
+        # A job killed before it was ever seen running (pending: terminate(), Ctrl-C, kill()) had
+        # no runner to write a result: it ends now, whatever SLURM (or sacct's absence) says.
         ran = self.running_since is not None
-        if state in ("COMPLETED", "UNKNOWN") or (self.killed is not None and state == "CANCELLED" and ran):
+        waits = state in ("COMPLETED", "UNKNOWN") or (self.killed is not None and state == "CANCELLED")
+        if waits and (ran or self.killed is None):
             # The runner writes its result before it exits (also when scancel stopped it): give
             # the filesystem time to show it.
             if self.result_missing_since is None:

@@ -110,6 +110,27 @@ def test_a_job_killed_while_pending_in_slurm_ends_at_once(backend: mpmsub.SlurmB
     assert backend.calls["scancel"] == 2
 
 
+def test_terminate_with_jobs_pending_in_slurm_ends_at_once(backend: mpmsub.SlurmBackend) -> None:
+    """Ctrl-C or terminate() with jobs SLURM holds pending: they end cancelled at once, without
+    waiting for result files that no runner will write."""
+    marker = unique_sleep()
+    whole = sum(node.cpus for node in backend.nodes())
+    executor = mpmsub.MemoryAwareExecutor(backend=backend)
+    try:
+        running = executor.submit(mpmsub.Job(["sleep", marker]).cpu(whole))
+        pending = executor.submit(mpmsub.Job(["sleep", marker]).cpu(whole))
+        assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 1)
+        assert remote_batch.wait_for(lambda: "PENDING" in " ".join(j.where for j in executor.running()))
+        started = time.monotonic()
+        executor.terminate("stopped by the test")
+        assert time.monotonic() - started < 5  # was 10 s and more: a pending job's result was awaited
+    finally:
+        executor.terminate()
+    assert (pending.result().failure, pending.result().runtime) == ("cancelled", 0.0)
+    assert running.result().failure == "cancelled"
+    assert wait_gone(marker) == []
+
+
 def test_slurms_own_memory_kill_is_a_memory_failure(backend: mpmsub.SlurmBackend) -> None:
     """A job without m runs unbounded under mpmsub; SLURM's --mem (given directly) kills it."""
     low = mpmsub.SlurmBackend(workdir=backend.workdir, extra_args=["--mem=100M"], max_poll=1.0)
