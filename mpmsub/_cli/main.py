@@ -149,6 +149,7 @@ class _Halted(BaseException):
 
 
 _Halted.__name__ = "--halt now"  # the killed and cancelled jobs' errors name what stopped them
+_Terminated.__name__ = "SIGTERM"  # "stopped by SIGTERM", not by the class's own name
 
 
 def _halt_arg(text: str) -> Halt:

@@ -318,8 +318,11 @@ def test_sigterm_takes_effect_while_a_large_batch_is_still_being_submitted(tmp_p
     out, err = driver.communicate(timeout=60)
     assert driver.returncode == 128 + signal.SIGTERM, err
     assert not wait_gone(arg, timeout=3)
-    stats = json.loads(out)["stats"]["jobs"]
+    report = json.loads(out)
+    stats = report["stats"]["jobs"]
     assert stats["total"] == jobs and stats["cancelled"] == jobs  # the unsubmitted ones too
+    errors = {r["error"] for r in report["results"]}
+    assert "killed: stopped by SIGTERM" in errors and "cancelled before it started: SIGTERM" in errors, errors
     # Only submitted jobs reach the trace: the signal stopped the submission part way.
     traced = sum(1 for line in (tmp_path / "trace.jsonl").read_text().splitlines() if '"type":"end"' in line)
     assert traced < jobs - 500, traced
