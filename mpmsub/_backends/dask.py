@@ -15,7 +15,9 @@ arrives before its task starts is remembered and ends the task as soon as it doe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import pickle
 import threading
 import time
@@ -26,7 +28,7 @@ from mpmsub import _threads
 from mpmsub._backends import remote as _remote
 from mpmsub._backends.base import Backend, LaunchOptions, Node, largest_fit, most_memory
 from mpmsub._launch.base import Handle, Launcher, Outcome, not_started
-from mpmsub._result import CANCELLED, ERROR, PICKLE, FailureKind
+from mpmsub._result import CANCELLED, ERROR, PICKLE, START, FailureKind
 from mpmsub._spec import JobSpec
 
 if TYPE_CHECKING:
@@ -187,6 +189,16 @@ class DaskLauncher(Launcher):
     def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
         handle = DaskHandle(self, spec, job_id, on_exit)
         resources = {"cpus": spec.cpus, "memory": spec.memory or 0}
+        if spec.cwd is None and spec.call is None:
+            # As here and under SLURM: a command without a cwd runs in the submitting process's
+            # directory, not the worker's (the workers' machines must have it: see _outcome).
+            try:
+                spec = dataclasses.replace(spec, cwd=os.getcwd())
+            except OSError as exc:
+                why = f"this process's working directory is gone ({exc.strerror}): give the job a cwd"
+                on_exit(not_started(spec, START, why))
+                handle._ended = True
+                return handle
         data = _remote.pack(spec, self.strict, shared=False)
         from mpmsub._backends.node import run_on_worker  # the node side: sent to the worker by reference
 
@@ -319,7 +331,13 @@ class DaskHandle(Handle):
         if status == "finished":
             try:
                 sent = pickle.loads(result)
-                return sent.received()  # type: ignore[no-any-return]
+                received: Outcome = sent.received()
+                if self.spec.cwd is None and (received.error or "").startswith("working directory not found"):
+                    received.error = (
+                        f"{received.error} on its Dask worker: a job without a cwd runs in the submitting "
+                        "process's directory, which the worker's machine must have (or give the job a cwd)"
+                    )
+                return received
             except Exception as exc:  # what came back cannot be read here
                 return not_started(self.spec, PICKLE, f"its result could not be received: {exc!r}")
         if status == "cancelled" or self._killed is not None:

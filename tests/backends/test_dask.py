@@ -270,6 +270,46 @@ def test_a_worker_that_dies_under_a_job_is_one_failed_run_that_retries_decide_on
     assert runs.read_text().count("run") == 2 + retries
 
 
+def test_a_command_without_cwd_runs_in_the_submitting_directory(
+    backend: mpmsub.DaskBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As locally and under SLURM (the README's own example gzips a file of the directory it runs
+    in); a directory the worker's machine lacks is a start failure that says so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "numbers.txt").write_text("1\n2\n")
+    with mpmsub.MemoryAwareExecutor(backend=backend) as executor:
+        result = executor.submit(["sh", "-c", "gzip -k numbers.txt && pwd"]).result(timeout=60)
+        assert result.success, result.error
+        assert result.stdout == f"{tmp_path}\n" and (tmp_path / "numbers.txt.gz").exists()
+        gone = tmp_path / "gone"
+        gone.mkdir()
+        monkeypatch.chdir(gone)
+        gone.rmdir()  # this process's directory, which no machine has any more
+        result = executor.submit(["true"]).result(timeout=60)
+    assert (result.failure, result.error) == (
+        "start",
+        "this process's working directory is gone (No such file or directory): give the job a cwd",
+    )
+
+
+def test_a_submitting_directory_the_worker_lacks_is_a_start_failure_that_says_so(backend: mpmsub.DaskBackend) -> None:
+    """(A worker on another machine without the directory: its runner's answer, as it reads.)"""
+    from mpmsub._backends.dask import DaskHandle
+    from mpmsub._backends.remote import Returned
+    from mpmsub._job import to_spec
+    from mpmsub._launch.base import not_started
+
+    spec = to_spec(["true"])
+    handle = DaskHandle(None, spec, "j", lambda outcome: None)  # type: ignore[arg-type]
+    answer = Returned(not_started(spec, "start", "working directory not found: '/home/me/run'"))
+    outcome = handle._outcome("finished", __import__("pickle").dumps(answer))
+    assert outcome.failure == "start"
+    assert outcome.error == (
+        "working directory not found: '/home/me/run' on its Dask worker: a job without a cwd runs in the "
+        "submitting process's directory, which the worker's machine must have (or give the job a cwd)"
+    )
+
+
 def test_memory_is_enforced_on_the_worker(backend: mpmsub.DaskBackend) -> None:
     with mpmsub.MemoryAwareExecutor(backend=backend, strict_memory=True) as executor:
         future = executor.submit(mpmsub.Call(callees.allocate, 200, 2.0).memory("50M"))
