@@ -13,12 +13,12 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import psutil
 import pytest
 from support import callees, remote_batch
-from support.backend_fixtures import DASK_WORKER_MEMORY
+from support.backend_fixtures import DASK_WORKER_MEMORY, local_dask_cluster
 from support.helpers import unique_sleep, wait_gone
 
 import mpmsub
@@ -220,20 +220,9 @@ def test_a_killed_driver_leaves_no_job_running_on_the_workers(
 
 
 @pytest.fixture
-def own_cluster() -> Any:
-    """Two worker processes of a cluster of the test's own (the test kills one)."""
-    cluster = distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=2,
-        processes=True,
-        resources={"cpus": 2, "memory": WORKER_MEMORY},
-        dashboard_address=":0",
-        worker_dashboard_address=":0",
-    )
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+def own_cluster() -> Iterator[Any]:
+    """Two worker processes of 2 CPUs, of a cluster of the test's own (the test kills one)."""
+    yield from local_dask_cluster(2, WORKER_MEMORY)
 
 
 def _worker_running(marker: str) -> psutil.Process:

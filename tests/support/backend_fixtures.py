@@ -20,17 +20,17 @@ DASK_WORKER_CPUS = 4
 NODE = Path(__file__).parent / "slurm" / "node.sh"
 
 
-@pytest.fixture(scope="module")
-def dask_cluster() -> Iterator[Any]:
-    """Two worker processes of 4 threads, each declaring 4 CPUs and DASK_WORKER_MEMORY."""
+def local_dask_cluster(cpus: int, memory: int) -> Iterator[Any]:
+    """A LocalCluster of two worker processes of `cpus` threads, each declaring `cpus` CPUs and
+    `memory` bytes; closed when the fixture using it ends."""
     distributed = pytest.importorskip(
         "distributed", reason="the Dask backend's tests need distributed: pip install 'mpmsub[dask]'"
     )
     cluster = distributed.LocalCluster(
         n_workers=2,
-        threads_per_worker=4,
+        threads_per_worker=cpus,
         processes=True,
-        resources={"cpus": DASK_WORKER_CPUS, "memory": DASK_WORKER_MEMORY},
+        resources={"cpus": cpus, "memory": memory},
         dashboard_address=":0",
         worker_dashboard_address=":0",
     )
@@ -38,6 +38,12 @@ def dask_cluster() -> Iterator[Any]:
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture(scope="module")
+def dask_cluster() -> Iterator[Any]:
+    """Two worker processes of 4 threads, each declaring 4 CPUs and DASK_WORKER_MEMORY."""
+    yield from local_dask_cluster(DASK_WORKER_CPUS, DASK_WORKER_MEMORY)
 
 
 @pytest.fixture(scope="module")
