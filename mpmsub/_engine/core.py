@@ -297,11 +297,9 @@ class Core:
             resolve(self.delivery, item.future, item.spec, result)
         elif notified:
             pass  # cancelled, its waiters woken already
-        elif item.future.cancelled_now():  # by kill(), on its caller's thread: its waiters wake now
-            item.future.set_running_or_notify_cancel()
-        elif reason is not None:
+        elif reason is not None and not item.future.cancelled_now():  # (kill() cancelled it already)
             self.delivery.cancel(item.future)
-        else:
+        else:  # cancelled by its caller, or by kill() on its caller's thread
             item.future.set_running_or_notify_cancel()  # wakes wait() and as_completed()
         if item.probe:
             self.auto.probe_ended(item)
@@ -511,16 +509,12 @@ class Core:
             return False  # ended (the loop takes the inbox before any kill that follows a submit)
         if not item.future.running():
             return None
-        self._unqueue(item)  # a retry or requeue waiting: its last result, marked killed
-        item.killed = (message, False)
-        self._drop(item, message, killed=True)
-        self.dispatch()
-        self.maybe_close()
-        return True
+        return self.drop_killed(item, message, True)  # a retry or requeue waiting: its last result, killed
 
     def drop_killed(self, item: Item, message: str, by_kill: bool) -> bool:
-        """A job that never started, whose future kill() has cancelled (`by_kill`; False: its
-        caller had): out of the queue now, its waiters woken. Returns `by_kill`."""
+        """A queued job kill() stops: one that never started, whose future kill() has cancelled
+        (`by_kill`; False: its caller had), or a retry or requeue waiting (`by_kill`): out of the
+        queue now, its waiters woken. Returns `by_kill`."""
         if item.state in (RunState.QUEUED, RunState.HELD):  # (not dropped by a dispatch meanwhile)
             self._unqueue(item)
             if by_kill:

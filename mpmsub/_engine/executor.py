@@ -38,7 +38,7 @@ from mpmsub._backends.base import Backend, LaunchOptions
 from mpmsub._backends.base import resolve as resolve_backend
 from mpmsub._backends.base import size as backend_size
 from mpmsub._call import Call, CallPayload, check_callable, chunks, map_call
-from mpmsub._engine.core import Core, Item, Lifecycle, Settings
+from mpmsub._engine.core import Core, Item, Lifecycle, RunState, Settings
 from mpmsub._engine.future import JobFuture
 from mpmsub._errors import CallPicklingError
 from mpmsub._job import Job, Pipeline, to_spec
@@ -522,7 +522,7 @@ class MemoryAwareExecutor(Executor):
                 if run is None or run.handle is None:
                     continue
                 started = wall - (now - run.started)
-                rows.append((item, run, run.handle, started, now - run.started, item.state.value == "stopping"))
+                rows.append((item, run, run.handle, started, now - run.started, item.state is RunState.STOPPING))
             return rows
 
         none: List[Tuple[Any, ...]] = []

@@ -222,10 +222,13 @@ class Scheduler(Generic[E]):
         """Take one job out of the queue (one killed while it waits); False if it is not queued."""
         shape = _shape(entry)
         bucket = self._buckets.get(shape)
-        if bucket is None or entry not in bucket.entries:
+        if bucket is None:
             return False
         first = bucket.entries[0] is entry
-        bucket.entries.remove(entry)
+        try:
+            bucket.entries.remove(entry)  # (one scan of its bucket)
+        except ValueError:
+            return False
         self._front.discard(entry.seq)
         self._count -= 1
         if not bucket.entries:
