@@ -164,7 +164,10 @@ def requeued_waits_for_margin(trace: str) -> Results:
     with MemoryAwareExecutor(cpus=2, memory="20G", memory_reserve=reserve, trace=trace) as ex:
         a = ex.submit(mpmsub.Job([sys.executable, "-c", WAIT_FOR_FILE, done]))
         try:
-            b = ex.submit(mpmsub.Job(grower(400, step_mb=400, hold=0.3)).memory("100M"))
+            # B grows in small steps: the peak it is stopped at is then close to all the room it had
+            # (a 400M allocation at once could be caught mid-way, and then room for 1.2x that peak
+            # would already be there when B ends, and B would start again at once).
+            b = ex.submit(mpmsub.Job(grower(400, step_mb=10, step_delay=0.02, hold=0.3)).memory("100M"))
             peak = _requeued_peak(trace)
             free = available() - int(reserve[:-1]) * MB  # the room the gate sees now that B has ended
             while ballast and free + 10 * MB <= peak * 1.1:  # at most 1.1x: more than the peak, under 1.2x
