@@ -68,6 +68,9 @@ class JobResult:
     # that measured a tool never seen) and from how many past runs (None, 0: not predicted).
     memory_estimate: Optional[str] = None
     memory_estimate_runs: int = 0
+    # Where it ran: this machine's name for a local job, the node's under SLURM, the worker's
+    # address under Dask; None for a job that never started.
+    host: Optional[str] = None
 
     @property
     def success(self) -> bool:

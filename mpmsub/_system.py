@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import sys
 from typing import List, NamedTuple, Optional, Tuple
 
 _LINUX = sys.platform.startswith("linux")
 _UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a number near 2**63
+
+
+_HOST: List[str] = []
+
+
+def hostname() -> str:
+    """This machine's name (read once)."""
+    if not _HOST:
+        _HOST.append(socket.gethostname())
+    return _HOST[0]
 
 
 def read_file(path: str) -> Optional[str]:

@@ -95,6 +95,7 @@ def outcome_of(result: JobResult) -> Outcome:
         memory_series=[(t, round(mb * MB)) for t, mb in result.memory_series],
         value=result.value,
         exception=exception,
+        host=result.host,
     )
 
 

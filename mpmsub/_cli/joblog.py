@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 from mpmsub._files import open_private
 from mpmsub._result import KILLED, TIMEOUT, JobResult
+from mpmsub._system import hostname
 
 PARALLEL_COLUMNS = ("Seq", "Host", "Starttime", "JobRuntime", "Send", "Receive", "Exitval", "Signal", "Command")
 MPMSUB_COLUMNS = ("PeakMemMB", "Cpus", "ReqMemMB", "Attempts", "JobId", "Failure")
@@ -68,6 +69,13 @@ def exit_fields(result: JobResult) -> Tuple[int, int]:
     return exitval, signal
 
 
+def host_field(result: JobResult) -> str:
+    """The Host column: GNU parallel's ":" for this machine (and for a job that never started),
+    else where the job ran (a SLURM node, a Dask worker's address), without tabs."""
+    host = result.host
+    return LOCAL_HOST if host is None or host == hostname() else escape(host)
+
+
 def row(seq: int, command: str, result: JobResult, columns: int = len(COLUMNS)) -> str:
     """A joblog row; with `columns` 9, GNU parallel's columns alone (14: without Failure)."""
     exitval, signal = exit_fields(result)
@@ -75,7 +83,7 @@ def row(seq: int, command: str, result: JobResult, columns: int = len(COLUMNS)) 
     requested = "" if result.memory_requested is None else f"{result.memory_requested:.0f}"
     fields = (
         str(seq),
-        LOCAL_HOST,
+        host_field(result),
         f"{result.start_time:.3f}",
         f"{result.runtime:.3f}",
         "0",

@@ -74,6 +74,7 @@ def make_result(
         exception=outcome.exception,
         memory_estimate=None if estimate is None else estimate.method,
         memory_estimate_runs=0 if estimate is None else estimate.runs,
+        host=outcome.host,
     )
 
 

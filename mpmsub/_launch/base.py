@@ -51,6 +51,7 @@ class Outcome:
     process_peak: Optional[int] = None
     value: Any = None  # what a Python call returned
     exception: Optional[BaseException] = None  # what a Python call raised (failure "raised")
+    host: Optional[str] = None  # where it ran (JobResult.host); None if it never started
 
 
 def not_started(spec: JobSpec, failure: FailureKind, error: str) -> Outcome:
@@ -155,9 +156,9 @@ class Launcher(abc.ABC):
     def where(self, handles: Sequence[Handle]) -> List[str]:
         """Where each of these running jobs runs, in words (for `running()`, on the caller's
         thread): this machine's name by default."""
-        import socket
+        from mpmsub._system import hostname
 
-        return [socket.gethostname()] * len(handles)
+        return [hostname()] * len(handles)
 
     def housekeeping(self) -> None:  # noqa: B027 - optional hook
         """Work that must not run on the event loop: called on the monitor thread at each tick,

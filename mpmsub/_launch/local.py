@@ -33,6 +33,7 @@ from mpmsub._launch.pool import WorkerPool
 from mpmsub._launch.watchman import Watchman
 from mpmsub._result import ERROR, START, TIMEOUT, FailureKind
 from mpmsub._spec import JobSpec
+from mpmsub._system import hostname
 from mpmsub._units import format_memory
 
 logger = logging.getLogger("mpmsub")
@@ -586,6 +587,7 @@ class LocalHandle(Handle):
             error=self.error,
             memory_series=list(self.series.points),
             oom_kills=oom_kills,
+            host=hostname(),
         )
         self._on_exit(outcome)
 

@@ -40,6 +40,7 @@ from mpmsub._launch.loop import EventLoop, Timer
 from mpmsub._launch.watchman import Watchman
 from mpmsub._result import ERROR, PICKLE, RAISED, START, TIMEOUT, FailureKind
 from mpmsub._spec import JobSpec
+from mpmsub._system import hostname
 
 if TYPE_CHECKING:
     from mpmsub._launch.base import PoolOptions
@@ -879,6 +880,7 @@ class CallHandle(Handle):
             memory_series=list(self.series.points),
             value=value,
             exception=exception,
+            host=hostname(),
         )
         self._on_exit(outcome)
 

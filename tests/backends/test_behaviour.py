@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -139,6 +140,18 @@ def test_a_commands_result(executor: mpmsub.MemoryAwareExecutor) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, "out\n", "err\n")
     assert (result.success, result.failure, result.error) == (True, None, None)
     assert result.attempts == 1 and result.end_time >= result.start_time
+
+
+def test_a_result_says_where_it_ran(
+    executor_factory: ExecutorFactory, executor: mpmsub.MemoryAwareExecutor, request: pytest.FixtureRequest
+) -> None:
+    command, call = executor.submit(["true"]), executor.submit(triple, 1)
+    assert command.result(timeout=WAIT).success and call.result(timeout=WAIT) == 3 and call.usage is not None
+    hosts = {command.result().host, call.usage.host}
+    if executor_factory.name == "dask":  # the worker's address: two workers may share a machine
+        assert hosts <= set(request.getfixturevalue("dask_client").scheduler_info()["workers"]), hosts
+    else:  # this machine's name (the test SLURM node is this machine too)
+        assert hosts == {socket.gethostname()}
 
 
 def test_a_non_zero_exit(executor: mpmsub.MemoryAwareExecutor) -> None:

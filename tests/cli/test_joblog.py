@@ -3,6 +3,8 @@ killed (Exitval -1, the signal), mpmsub's Failure column, and resuming that runs
 
 from __future__ import annotations
 
+import dataclasses
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -95,3 +97,12 @@ def test_a_row_whose_command_holds_tabs_still_has_its_failure_read(tmp_path: Pat
     fields = ["1", ":", "1.0", "0.5", "0", "0", "-1", "15", "printf\ta", "1.0", "1", "", "1", "j1", "killed"]
     log.write_text(_joblog.HEADER + "\n" + "\t".join(fields) + "\n" + _joblog.row(2, "b\tc", result(None, 0)))
     assert _joblog.read(str(log)) == {_joblog.key(2, "b\tc"): True}
+
+
+def test_the_host_column_is_parallels_colon_here_and_the_node_or_worker_elsewhere() -> None:
+    def host(where: Optional[str]) -> str:
+        return _joblog.row(1, "true", dataclasses.replace(result(None, 0), host=where)).split("\t")[1]
+
+    assert host(None) == ":" and host(socket.gethostname()) == ":"
+    assert host("node7") == "node7" and host("tcp://10.0.0.5:40123") == "tcp://10.0.0.5:40123"
+    assert host("a\tb") == "a\\tb"  # one column still
