@@ -44,15 +44,45 @@ def make_private_directory(parent: str, prefix: str) -> str:
     import tempfile
 
     path = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    fd = open_nofollow(path, os.O_RDONLY | _DIRECTORY)
     try:
-        check_directory(path, os.fstat(fd))
+        _check_open_directory(path, made=False)
     except UnsafeFileError:
         os.rmdir(path)
         raise
+    return path
+
+
+def private_directory(path: str, create: bool) -> bool:
+    """Whether `path` is there, as a directory private to this user; with `create`, made (mode
+    0700, exclusively; its parents too) if absent. Raises UnsafeFileError for one that is a
+    symlink, another user's, or open to others."""
+    made = False
+    if create:
+        os.makedirs(os.path.dirname(path), mode=DIRECTORY_MODE, exist_ok=True)
+        try:
+            os.mkdir(path, DIRECTORY_MODE)
+            made = True
+        except FileExistsError:
+            pass
+    try:
+        _check_open_directory(path, made)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _check_open_directory(path: str, made: bool) -> None:
+    """Open `path` without following a symlink and check it is a private directory of ours;
+    one this call `made` first gets the mode 0700 that the umask may have narrowed."""
+    fd = _open_nofollow(path, os.O_RDONLY | _DIRECTORY)
+    try:
+        status = os.fstat(fd)
+        if made and status.st_uid == os.geteuid():
+            os.fchmod(fd, DIRECTORY_MODE)
+            status = os.fstat(fd)
+        _check_directory(path, status)
     finally:
         os.close(fd)
-    return path
 
 
 def read_private(path: str) -> bytes:
@@ -60,12 +90,12 @@ def read_private(path: str) -> bytes:
     write, in a directory of this user that no one else can enter. Raises UnsafeFileError saying
     which is not so, FileNotFoundError if it is absent."""
     directory = os.path.dirname(path) or "."
-    dir_fd = open_nofollow(directory, os.O_RDONLY | _DIRECTORY)
+    dir_fd = _open_nofollow(directory, os.O_RDONLY | _DIRECTORY)
     try:
-        check_directory(directory, os.fstat(dir_fd))
+        _check_directory(directory, os.fstat(dir_fd))
         # Opened in the directory just checked (dir_fd): no rename of a path can swap what is read.
         # O_NONBLOCK: a FIFO put in its place must not hang the open (it is refused below).
-        fd = open_nofollow(os.path.basename(path), os.O_RDONLY | os.O_NONBLOCK, dir_fd, repr(path))
+        fd = _open_nofollow(os.path.basename(path), os.O_RDONLY | os.O_NONBLOCK, dir_fd, repr(path))
     finally:
         os.close(dir_fd)
     with os.fdopen(fd, "rb") as file:
@@ -78,7 +108,7 @@ def read_private(path: str) -> bytes:
         return file.read()
 
 
-def open_nofollow(path: str, flags: int, dir_fd: Optional[int] = None, shown: str = "") -> int:
+def _open_nofollow(path: str, flags: int, dir_fd: Optional[int] = None, shown: str = "") -> int:
     try:
         return os.open(path, flags | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
@@ -94,7 +124,7 @@ def open_nofollow(path: str, flags: int, dir_fd: Optional[int] = None, shown: st
         raise UnsafeFileError(f"{shown or repr(path)} is a symbolic link") from None
 
 
-def check_directory(path: str, status: os.stat_result) -> None:
+def _check_directory(path: str, status: os.stat_result) -> None:
     if not stat.S_ISDIR(status.st_mode):
         raise UnsafeFileError(f"{path!r} is not a directory")
     _check_owner(path, status)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from mpmsub import _threads
 from mpmsub._cluster import Cluster
-from mpmsub._files import DIRECTORY_MODE, UnsafeFileError, check_directory, open_nofollow
+from mpmsub._files import UnsafeFileError, private_directory
 from mpmsub._learn.history import default_path
 
 PROTOCOL = 1
@@ -38,7 +38,6 @@ _SERVE_TIMEOUT = 2.0  # seconds the run waits for a connection's request, which 
 _NAME = re.compile(r"run-(\d{1,10})\.sock", re.ASCII)
 # A Unix socket's path, its NUL included, fits in sun_path: 108 bytes on Linux, 104 on macOS.
 _PATH_MAX = 108 if sys.platform.startswith("linux") else 104
-_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
 def runtime_directory() -> Optional[str]:
@@ -71,33 +70,6 @@ def directories() -> List[str]:
 
 def socket_path(directory: str, pid: int) -> str:
     return os.path.join(directory, f"run-{pid}.sock")
-
-
-def private_directory(path: str, create: bool) -> bool:
-    """Whether `path` is there, as a directory private to this user; with `create`, made (mode
-    0700, exclusively) if absent. Raises UnsafeFileError for one that is a symlink, another
-    user's, or open to others."""
-    made = False
-    if create:
-        os.makedirs(os.path.dirname(path), mode=DIRECTORY_MODE, exist_ok=True)
-        try:
-            os.mkdir(path, DIRECTORY_MODE)
-            made = True
-        except FileExistsError:
-            pass
-    try:
-        fd = open_nofollow(path, os.O_RDONLY | _DIRECTORY)
-    except FileNotFoundError:
-        return False
-    try:
-        status = os.fstat(fd)
-        if made and status.st_uid == os.geteuid():
-            os.fchmod(fd, DIRECTORY_MODE)  # what the umask took from a directory just made
-            status = os.fstat(fd)
-        check_directory(path, status)
-    finally:
-        os.close(fd)
-    return True
 
 
 # -- the run's side --------------------------------------------------------------------------------
