@@ -60,18 +60,24 @@ def _listing() -> List[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
+def _stat(pid: int) -> Optional[List[bytes]]:
+    """The fields of /proc/PID/stat from the state (field 3) on; None for a process gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:  # the process ended between listdir and open
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    return data[data.rindex(b")") + 2 :].split()
+
+
 def _snapshot_proc(pids: Iterable[int]) -> Snapshot:
     procs = Snapshot()
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                data = f.read()
-        except OSError:  # the process ended between listdir and open
-            continue
-        # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-        fields = data[data.rindex(b")") + 2 :].split()
-        # fields[0] is the state (field 3): ppid is field 4, session 6, rss (pages) 24.
-        procs[pid] = Proc(int(fields[1]), int(fields[3]), int(fields[21]) * _PAGE, fields[0] != b"Z")
+        fields = _stat(pid)
+        if fields is not None:
+            # fields[0] is the state (field 3): ppid is field 4, session 6, rss (pages) 24.
+            procs[pid] = Proc(int(fields[1]), int(fields[3]), int(fields[21]) * _PAGE, fields[0] != b"Z")
     return procs
 
 
@@ -176,14 +182,10 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     total = 0.0
     for pid in pids:
         if _LINUX:
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            fields = data[data.rindex(b")") + 2 :].split()
-            # utime, stime, cutime, cstime are fields 14-17: 11-14 after the state (field 3).
-            total += sum(int(value) for value in fields[11:15]) / _TICKS
+            fields = _stat(pid)
+            if fields is not None:
+                # utime, stime, cutime, cstime are fields 14-17: 11-14 after the state (field 3).
+                total += sum(int(value) for value in fields[11:15]) / _TICKS
         else:
             import psutil
 
