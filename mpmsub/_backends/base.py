@@ -67,6 +67,11 @@ class Backend(abc.ABC):
         this machine's."""
         return None
 
+    def check(self) -> None:
+        """Raise ValueError where the backend can place no job at all; asked when the executor is
+        given both its CPUs and memory (by default, asking `capacity` checks it)."""
+        self.capacity()
+
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
         """Why the job can never run here (no single place can hold it), or None."""
         return None
@@ -96,9 +101,12 @@ class LocalBackend(Backend):
 
 
 def size(backend: Backend, cpus: Optional[int], memory: Optional[int]) -> Tuple[int, int]:
-    """CPUs and bytes of memory as given, or by default the remote backend's whole size (asked
-    of it also when both are given: asking checks that it can place jobs at all), else this
-    machine's."""
+    """CPUs and bytes of memory as given, or by default the remote backend's whole size, else
+    this machine's. A remote backend given both is still asked whether it can place jobs at all
+    (an adaptive Dask cluster with no worker yet can: its jobs wait for workers)."""
+    if not backend.local and cpus is not None and memory is not None:
+        backend.check()
+        return cpus, memory
     offered = None if backend.local else backend.capacity()
     if cpus is None:
         cpus = offered[0] if offered else detect_cpus()

@@ -15,10 +15,12 @@ arrives before its task starts is remembered and ends the task as soon as it doe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import pickle
+import sys
 import threading
 import time
 import uuid
@@ -39,6 +41,12 @@ logger = logging.getLogger("mpmsub")
 _INSTALL = "the Dask backend needs the distributed package: pip install 'mpmsub[dask]'"
 _DECLARE = 'start each worker with its resources: dask worker ADDRESS --nthreads 4 --resources "cpus=4,memory=16e9"'
 _REFRESH = 1.0  # seconds a look at the workers' resources is reused for
+_NO_WORKER = "waiting for a Dask worker (none is connected)"
+_IMPORTABLE = (
+    "install the module on the workers, or send it with client.upload_file(PATH) "
+    "(modules in the script's own directory go with each call)"
+)
+_LOST = "scheduler-connection-lost"  # the reason of the tasks a client cancels when it loses its scheduler
 
 
 def _distributed() -> Any:
@@ -56,13 +64,17 @@ class DaskBackend(Backend):
     Workers must declare their resources, `dask worker ADDRESS --nthreads N --resources
     "cpus=N,memory=BYTES"`: a job asks for `cpus` = its p and `memory` = its m in bytes, and
     Dask starts it on a worker that has them free. The executor's budget is, by default, the sum
-    of the workers' resources when it starts. `timeout` is the seconds to wait for the scheduler.
+    of the workers' resources when it starts; given `cpus` and `memory` are a cap, and with them
+    the executor starts with no worker connected (an adaptive cluster): its jobs wait for workers.
+    `timeout` is the seconds to wait for the scheduler. `worker_grace` is the seconds a job that
+    no connected worker can hold any more (its worker left) waits for one that can, before it
+    fails as an error (which `with_retries` decides on).
     """
 
     name = "dask"
     lookahead = 8  # measured: 1000 short jobs took 2.9x plain client.submit without, 1.6x with
 
-    def __init__(self, address_or_client: Any, *, timeout: float = 10.0) -> None:
+    def __init__(self, address_or_client: Any, *, timeout: float = 10.0, worker_grace: float = 30.0) -> None:
         distributed = _distributed()
         if isinstance(address_or_client, distributed.Client):
             self.address: Optional[str] = None
@@ -80,6 +92,14 @@ class DaskBackend(Backend):
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
             raise ValueError(f"invalid timeout {timeout!r}: expected a number of seconds above 0, at most 86400")
         self.timeout = float(timeout)
+        if (
+            isinstance(worker_grace, bool)
+            or not isinstance(worker_grace, (int, float))
+            or not 0 <= worker_grace <= 86400
+        ):
+            raise ValueError(f"invalid worker_grace {worker_grace!r}: expected a number of seconds from 0 to 86400")
+        self.worker_grace = float(worker_grace)
+        self.connected = 0  # workers connected at the last look, declaring resources or not
         self._lock = threading.Lock()
         self._nodes: List[Node] = []
         self._seen = -_REFRESH  # monotonic time of the last look at the workers
@@ -105,11 +125,12 @@ class DaskBackend(Backend):
         if fresh or now - self._seen >= _REFRESH:
             info = self._scheduler_info()
             nodes = []
-            for address, worker in info.get("workers", {}).items():
+            workers = info.get("workers", {})
+            for address, worker in workers.items():
                 resources = worker.get("resources") or {}
                 if "cpus" in resources and "memory" in resources:
                     nodes.append(Node(address, int(resources["cpus"]), int(resources["memory"])))
-            self._nodes, self._seen = nodes, now
+            self._nodes, self.connected, self._seen = nodes, len(workers), now
         return self._nodes
 
     def _scheduler_info(self) -> Dict[str, Any]:
@@ -119,17 +140,29 @@ class DaskBackend(Backend):
             return self.client.scheduler_info()  # type: ignore[no-any-return]
 
     def capacity(self) -> Optional[Tuple[int, int]]:
-        nodes = self.nodes(fresh=True)
+        self.check()
+        nodes = self.nodes()
         if not nodes:
-            count = len(self._scheduler_info().get("workers", {}))
             raise ValueError(
-                f"no worker of the Dask cluster at {self._where()} declares 'cpus' and 'memory' resources "
-                f"({count} worker(s) connected), so Dask would ignore every job's size: {_DECLARE}"
+                f"no worker is connected to the Dask cluster at {self._where()}, so there is nothing to size "
+                "the executor by: give it cpus= and memory= (the most its jobs take at once), and its jobs "
+                "wait for workers to join (as an adaptive cluster starts them)"
             )
         return sum(node.cpus for node in nodes), sum(node.memory for node in nodes)
 
+    def check(self) -> None:
+        """Workers connected must declare their resources; none connected is fine (they may join)."""
+        if not self.nodes(fresh=True) and self.connected:
+            raise ValueError(
+                f"no worker of the Dask cluster at {self._where()} declares 'cpus' and 'memory' resources "
+                f"({self.connected} worker(s) connected), so Dask would ignore every job's size: {_DECLARE}"
+            )
+
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
-        return largest_fit(spec, self.nodes(), "Dask worker")
+        nodes = self.nodes()
+        if not nodes and not self.connected:
+            return None  # no worker yet: the job waits for one (DaskLauncher says so)
+        return largest_fit(spec, nodes, "Dask worker")
 
     def place_memory(self, cpus: int) -> Optional[int]:
         return most_memory(self.nodes(), cpus)
@@ -150,6 +183,92 @@ class DaskBackend(Backend):
         return str(getattr(scheduler, "address", None) or self._client)
 
 
+_modules_seen = 0  # how many modules were loaded at the last look for the user's own
+_PREFIXES = {sys.prefix, sys.base_prefix, sys.exec_prefix}  # Python's own and the environment's modules
+
+
+def _send_own_modules() -> None:
+    """Have cloudpickle send by value (with each call) the modules and packages of the script's
+    directory, such as a `mylib.py` beside the script, which a worker elsewhere cannot import.
+    Other modules must be importable on the workers (see _IMPORTABLE)."""
+    global _modules_seen
+    modules = dict(sys.modules)
+    if len(modules) == _modules_seen:
+        return
+    _modules_seen = len(modules)
+    try:
+        import cloudpickle  # type: ignore[import-untyped, unused-ignore]
+    except ImportError:
+        return
+    main = getattr(modules.get("__main__"), "__file__", None)
+    home = os.path.dirname(os.path.abspath(main)) if main else os.getcwd()
+    installed = tuple(os.path.join(os.path.abspath(prefix), "") for prefix in _PREFIXES)
+    for name, module in modules.items():
+        path = getattr(module, "__file__", None)
+        # Top-level modules only: a package sent by value takes its submodules along. mpmsub
+        # itself (a checkout beside the script) goes by reference: its classes must stay its own.
+        if "." in name or name in ("__main__", "mpmsub") or not path:
+            continue
+        path = os.path.abspath(path)
+        if path.startswith(installed) or "site-packages" in path or "dist-packages" in path:
+            continue
+        where = os.path.dirname(path)
+        if os.path.basename(path).startswith("__init__."):  # a package: where its directory is
+            where = os.path.dirname(where)
+        if where == home:
+            with contextlib.suppress(ValueError):  # (unloaded meanwhile)
+                cloudpickle.register_pickle_by_value(module)
+
+
+# The launchers of each client (by id) told of workers joining and leaving: the scheduler says
+# both on its "all" topic, and a client keeps one handler per topic, which hands them on.
+_watching_lock = threading.Lock()
+_watching: Dict[int, Tuple[Any, List[DaskLauncher], Callable[[Any], None]]] = {}
+_WORKER_ACTIONS = ("add-worker", "remove-worker")
+
+
+def _watch_workers(launcher: DaskLauncher) -> None:
+    client = launcher.client
+    with _watching_lock:
+        entry = _watching.get(id(client))
+        if entry is None:
+            entry = _watching[id(client)] = (client, [], lambda event: _workers_changed(client, event))
+        if launcher not in entry[1]:
+            entry[1].append(launcher)
+        # (Again after a new scheduler, which knows nothing of the last one's subscriptions.)
+        client.subscribe_topic("all", entry[2])
+
+
+def _unwatch_workers(launcher: DaskLauncher) -> None:
+    client = launcher.client
+    with _watching_lock:
+        entry = _watching.get(id(client))
+        if entry is None or launcher not in entry[1]:
+            return
+        entry[1].remove(launcher)
+        if entry[1]:
+            return
+        del _watching[id(client)]
+    try:
+        client.unsubscribe_topic("all")
+    except Exception:  # the client is gone: nothing to tell it
+        logger.debug("mpmsub: could not unsubscribe from the Dask scheduler's events", exc_info=True)
+
+
+def _workers_changed(client: Any, event: Any) -> None:
+    """An event of the scheduler's "all" topic (on the client's event loop)."""
+    try:
+        action = event[1]["action"]
+    except (TypeError, IndexError, KeyError):
+        return
+    if action in _WORKER_ACTIONS:
+        with _watching_lock:
+            entry = _watching.get(id(client))
+            launchers = [] if entry is None else list(entry[1])
+        for launcher in launchers:
+            launcher.look_at_workers()
+
+
 class DaskLauncher(Launcher):
     """Starts jobs as Dask tasks. One thread takes their results as they come, which Dask's
     `as_completed` fetches concurrently (a done-callback fetching each result in turn would wait
@@ -163,25 +282,60 @@ class DaskLauncher(Launcher):
         self.client = backend.client
         self.strict = options.strict_memory
         self._completed = distributed.as_completed(loop=self.client.loop, with_results=True, raise_errors=False)
-        from mpmsub._backends import node  # the node side: its plugin is sent to the workers by reference
-
-        # Each worker kills a job whose task the scheduler takes back (its client died, say).
-        self.client.register_plugin(node.release_watch_plugin(), name=node.RELEASE_WATCH)
-        # Each run of a task says where it starts: a second start is Dask running it again after
-        # its worker died, which mpmsub stops and counts as a failed run (see _started).
         self._topic = f"mpmsub-runs-{uuid.uuid4().hex}"
-        self.client.subscribe_topic(self._topic, self._started)
         self._handles: Dict[str, DaskHandle] = {}
         self._cond = threading.Condition()
         self._closing = False
         # Kills waiting for the killer thread: handle, failure, message, grace.
         self._kills: List[Tuple[DaskHandle, FailureKind, str, Optional[float]]] = []
+        # The killer thread also looks at the workers when they change, and when a job that no
+        # connected worker can hold has waited worker_grace for one (then: _deadline).
+        self._look = False
+        self._deadline: Optional[float] = None
+        self._alone = False  # no worker was connected at the last look: said so once
+        self._rejoining = False  # the scheduler was lost: a thread registers with the next one
+        self._register()
         # Started now, with the executor: jobs that end a program without shutdown() run at
         # interpreter shutdown, when Python 3.12.0-3.12.2 start no thread.
         self._reader = _threads.start(self._read, "mpmsub-dask")
         self._killer = _threads.start(self._kill, "mpmsub-dask-kill")
         if self._reader is None or self._killer is None:
             raise RuntimeError("cannot start mpmsub's Dask threads: the interpreter is shutting down")
+
+    def _register(self) -> None:
+        """Tell the scheduler (again, after a new one) what mpmsub needs of it. Subscriptions
+        wait in a reconnecting client for its new connection; the plugin's registration waits
+        for the scheduler itself (the client's connect timeout at most)."""
+        from mpmsub._backends import node  # the node side: its plugin is sent to the workers by reference
+
+        # Each run of a task says where it starts: a second start is Dask running it again after
+        # its worker died, which mpmsub stops and counts as a failed run (see _started).
+        self.client.subscribe_topic(self._topic, self._started)
+        _watch_workers(self)
+        # Each worker kills a job whose task the scheduler takes back (its client died, say).
+        self.client.register_plugin(node.release_watch_plugin(), name=node.RELEASE_WATCH)
+
+    def scheduler_lost(self) -> None:
+        """The client lost its scheduler (any thread): register with the next one it reaches, on
+        a thread of its own, which close() does not wait for."""
+        with self._cond:
+            if self._rejoining or self._closing:
+                return
+            self._rejoining = True
+        if _threads.start(self._rejoin, "mpmsub-dask-rejoin") is None:  # (at interpreter shutdown)
+            self._rejoining = False
+
+    def _rejoin(self) -> None:
+        try:
+            self._register()
+        except Exception as exc:
+            if not self._closing:
+                logger.warning(
+                    "mpmsub: could not register with the Dask scheduler at %s: %r", self.backend._where(), exc
+                )
+        finally:
+            with self._cond:
+                self._rejoining = False
 
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
         return self.backend.why_never_fits(spec)
@@ -199,17 +353,26 @@ class DaskLauncher(Launcher):
                 on_exit(not_started(spec, START, why))
                 handle._ended = True
                 return handle
+        if spec.call is not None:
+            _send_own_modules()
         data = _remote.pack(spec, self.strict, shared=False)
         from mpmsub._backends.node import run_on_worker  # the node side: sent to the worker by reference
 
-        future = self.client.submit(
-            run_on_worker, data, handle.key, self._topic, key=handle.key, resources=resources, pure=False
-        )
+        try:
+            future = self.client.submit(
+                run_on_worker, data, handle.key, self._topic, key=handle.key, resources=resources, pure=False
+            )
+        except Exception as exc:  # the client closed (it lost its scheduler, and found none again)
+            why = f"it could not be handed to the Dask scheduler at {self.backend._where()}: {exc}"
+            on_exit(not_started(spec, ERROR, why))
+            handle._ended = True
+            return handle
         handle.future = future
         with self._cond:
             self._handles[handle.key] = handle
             self._completed.add(future)
-            self._cond.notify_all()  # the reader, not the killer, which waits on the same condition
+            self._look = self._look or not self.backend.connected  # to say that it waits for a worker
+            self._cond.notify_all()  # the reader, and the killer to look
         return handle
 
     def _read(self) -> None:
@@ -230,13 +393,59 @@ class DaskLauncher(Launcher):
 
     def where(self, handles: Sequence[Handle]) -> List[str]:
         """The address of the worker each task is given to (where it may still wait for the
-        worker's resources), or "waiting in Dask" before the scheduler has given it to one."""
+        worker's resources), or "waiting in Dask" before the scheduler has given it to one (or
+        _NO_WORKER)."""
         try:
             processing = self.client.processing()
         except Exception as exc:  # the scheduler cannot be asked now
             return [f"Dask (unknown: {exc!r})"] * len(handles)
         at = {key: worker for worker, keys in processing.items() for key in keys}
-        return [at.get(getattr(handle, "key", ""), "waiting in Dask") for handle in handles]
+        waiting = "waiting in Dask" if processing else _NO_WORKER
+        return [at.get(getattr(handle, "key", ""), waiting) for handle in handles]
+
+    def look_at_workers(self) -> None:
+        """Workers joined or left (any thread): the killer thread looks at them."""
+        with self._cond:
+            self._look = True
+            self._cond.notify_all()
+
+    def _looked(self) -> None:
+        """Fail the jobs that no connected worker has been able to hold for worker_grace (their
+        worker left), naming their size and the largest worker's, as a submit refuses them. With
+        no worker connected at all, jobs wait (an adaptive cluster starts workers for them)."""
+        try:
+            nodes = self.backend.nodes(fresh=True)
+        except Exception:  # the scheduler cannot be asked now: its loss ends the runs (see finish)
+            logger.debug("mpmsub: could not look at the Dask workers", exc_info=True)
+            return
+        with self._cond:
+            handles = [handle for handle in self._handles.values() if handle.future is not None]
+        now, grace, connected = time.monotonic(), self.backend.worker_grace, self.backend.connected
+        alone, self._alone = self._alone, not connected and bool(handles)
+        if self._alone and not alone:
+            logger.warning(
+                "mpmsub: no worker is connected to the Dask cluster at %s: %d job(s) wait for one to join",
+                self.backend._where(),
+                len(handles),
+            )
+        deadlines = []
+        for handle in handles:
+            why = largest_fit(handle.spec, nodes, "Dask worker") if connected else None
+            if why is None:
+                handle.unplaced = None
+                continue
+            if handle.unplaced is None:
+                handle.unplaced = now
+            if now - handle.unplaced < grace:
+                deadlines.append(handle.unplaced + grace)
+                continue
+            handle.kill(
+                ERROR,
+                f"no connected Dask worker can hold it any more, and none that can joined within {grace:g} s "
+                f"(DaskBackend's worker_grace): {why}",
+                0,
+            )
+        self._deadline = min(deadlines, default=None)
 
     def _started(self, event: Any) -> None:
         """A run of a task began on a worker (on the client's event loop). A second run of one
@@ -267,30 +476,42 @@ class DaskLauncher(Launcher):
     def _kill(self) -> None:
         while True:
             with self._cond:
-                while not self._kills:
+                while not self._kills and not self._look:
                     if self._closing:
                         return
-                    self._cond.wait()
+                    wait = None if self._deadline is None else self._deadline - time.monotonic()
+                    if wait is not None and wait <= 0:
+                        self._look = True
+                    else:
+                        self._cond.wait(wait)
                 kills, self._kills = self._kills, []
-            orders = [(handle.key, failure, message, grace) for handle, failure, message, grace in kills]
-            killed: Set[str] = set()
-            from mpmsub._backends.node import kill_on_worker
+                look, self._look = self._look, False
+            if look:
+                self._looked()
+            if kills:
+                self._send_kills(kills)
 
-            try:
-                answers = self.client.run(kill_on_worker, orders, on_error="return")
-                for answer in answers.values():
-                    if isinstance(answer, list):
-                        killed.update(answer)
-            except Exception:
-                logger.exception("mpmsub: could not reach the Dask workers to kill %d job(s)", len(orders))
-            for handle, *_ in kills:
-                if handle.key not in killed:  # still queued in Dask (a late start meets its tombstone)
-                    try:
-                        handle.future.cancel()
-                    except Exception:
-                        logger.exception("mpmsub: could not cancel the Dask task %s", handle.key)
+    def _send_kills(self, kills: List[Tuple[DaskHandle, FailureKind, str, Optional[float]]]) -> None:
+        orders = [(handle.key, failure, message, grace) for handle, failure, message, grace in kills]
+        killed: Set[str] = set()
+        from mpmsub._backends.node import kill_on_worker
+
+        try:
+            answers = self.client.run(kill_on_worker, orders, on_error="return")
+            for answer in answers.values():
+                if isinstance(answer, list):
+                    killed.update(answer)
+        except Exception as exc:  # (no scheduler: its loss ends the runs, and the workers kill them)
+            logger.warning("mpmsub: could not reach the Dask workers to kill %d job(s): %r", len(orders), exc)
+        for handle, *_ in kills:
+            if handle.key not in killed:  # still queued in Dask (a late start meets its tombstone)
+                try:
+                    handle.future.cancel()
+                except Exception as exc:
+                    logger.warning("mpmsub: could not cancel the Dask task %s: %r", handle.key, exc)
 
     def close(self) -> None:
+        _unwatch_workers(self)
         try:
             self.client.unsubscribe_topic(self._topic)
         except Exception:  # the client is gone: nothing to tell it
@@ -315,6 +536,7 @@ class DaskHandle(Handle):
         self._killed: Optional[Tuple[FailureKind, str]] = None
         self.future: Any = None
         self.worker: Optional[str] = None  # where its last run started (on the client's loop)
+        self.unplaced: Optional[float] = None  # since when no connected worker can hold it (killer thread)
 
     def finish(self, future: Any, result: Any) -> None:
         """The task is over: `result` is what it returned, or (type, exception, traceback) for
@@ -324,7 +546,12 @@ class DaskHandle(Handle):
             if self._ended:
                 return
             self._ended = True
-        future.release()  # the result is ours now: the cluster may forget it
+        if self._lost(result):
+            self.launcher.scheduler_lost()
+        try:
+            future.release()  # the result is ours now: the cluster may forget it
+        except Exception:  # a closed client holds nothing
+            logger.debug("mpmsub: could not release the Dask task %s", self.key, exc_info=True)
         self._on_exit(outcome)
 
     def _outcome(self, status: str, result: Any) -> Outcome:
@@ -337,14 +564,25 @@ class DaskHandle(Handle):
                         f"{received.error} on its Dask worker: a job without a cwd runs in the submitting "
                         "process's directory, which the worker's machine must have (or give the job a cwd)"
                     )
+                elif received.failure == PICKLE and "No module named" in (received.error or ""):
+                    received.error = f"{received.error} on its Dask worker: {_IMPORTABLE}"
                 return received
             except Exception as exc:  # what came back cannot be read here
                 return not_started(self.spec, PICKLE, f"its result could not be received: {exc!r}")
+        if self._lost(result):
+            # The workers close too, and their ReleaseWatch kills the jobs: an error, which the
+            # job's retries decide on.
+            where = self.launcher.backend._where()
+            return not_started(self.spec, ERROR, f"the connection to its Dask scheduler at {where} was lost")
         if status == "cancelled" or self._killed is not None:
             failure, message = self._killed or (CANCELLED, "its Dask task was cancelled")
             return not_started(self.spec, failure, message)
         error = result[1] if isinstance(result, tuple) and len(result) == 3 else result
         return not_started(self.spec, ERROR, f"its Dask task failed: {type(error).__name__}: {error}")
+
+    def _lost(self, result: Any) -> bool:
+        """Whether the client cancelled the task because it lost its scheduler (not for a kill)."""
+        return self._killed is None and getattr(result, "reason", None) == _LOST
 
     def kill(self, failure: FailureKind, message: str, grace: Optional[float] = None) -> bool:
         with self._lock:

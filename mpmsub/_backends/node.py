@@ -25,13 +25,13 @@ from concurrent.futures import wait
 from types import FrameType
 from typing import Any, Dict, List, Optional, Tuple
 
-from mpmsub._backends.remote import KEY_BYTES, REFUSED, Returned, returned, sign, unpack
+from mpmsub._backends.remote import KEY_BYTES, REFUSED, Heartbeat, Returned, returned, sign, unpack
 from mpmsub._engine.executor import MemoryAwareExecutor
 from mpmsub._engine.future import JobFuture
 from mpmsub._errors import MpmsubError
 from mpmsub._files import UnsafeFileError, read_private
 from mpmsub._launch.base import not_started
-from mpmsub._result import CANCELLED, FailureKind
+from mpmsub._result import CANCELLED, EXIT, SIGNAL, FailureKind
 from mpmsub._units import MB, format_memory
 
 logger = logging.getLogger("mpmsub")
@@ -78,15 +78,14 @@ def _executor_here() -> NodeExecutor:
 
 
 def run_on_worker(data: bytes, key: str, topic: Optional[str] = None) -> bytes:
-    """A Dask task: run one packed job here under mpmsub; return its pickled Outcome. Each run
-    says where it starts on `topic` (the submitting launcher's): Dask runs a task again when
-    the worker running it dies, and the launcher counts (and stops) such runs."""
-    from concurrent.futures import wait
+    """A Dask task: run one packed job here under mpmsub; return its pickled Outcome, whose host
+    is this worker's address (two workers may share a machine). Each run says where it starts
+    on `topic` (the submitting launcher's): Dask runs a task again when the worker running it
+    dies, and the launcher counts (and stops) such runs."""
+    from distributed import get_worker
 
+    worker = get_worker()
     if topic is not None:
-        from distributed import get_worker
-
-        worker = get_worker()
         worker.log_event(topic, {"key": key, "worker": worker.address})
     spec, _ = unpack(data)  # the worker's executor keeps its own kill grace
     with _worker_lock:
@@ -104,11 +103,14 @@ def run_on_worker(data: bytes, key: str, topic: Optional[str] = None) -> bytes:
             _worker_jobs.pop(key, None)
         executor.forget_id(key)  # a worker runs jobs for as long as it lives: ids must not pile up
     sent = returned(spec, future, "cancelled before it started on its Dask worker")
+    if sent.outcome.host is not None:  # it ran here
+        sent.outcome.host = worker.address
     return pickle.dumps(sent, pickle.HIGHEST_PROTOCOL)
 
 
 RELEASE_WATCH = "mpmsub-release-watch"  # the name the worker plugin below is registered under
 _RELEASED = "its Dask task was released by the scheduler (the client that submitted it went away, or cancelled it)"
+_CLOSED = "its Dask worker closed"
 
 
 def _release_watch() -> type:
@@ -129,6 +131,12 @@ def _release_watch() -> type:
                 threading.Thread(
                     target=kill_on_worker, args=([(key, CANCELLED, _RELEASED, None)],), daemon=True
                 ).start()
+
+        def teardown(self, worker: Any) -> None:
+            # The worker closes (it lost its scheduler, say): its tasks' threads, blocked on their
+            # jobs, would keep it alive as long as they run. Kills only ask the executor: no wait.
+            keys = [key for key in worker.state.tasks if _ours(key)]
+            kill_on_worker([(key, CANCELLED, _CLOSED, None) for key in keys])
 
     ReleaseWatch.__module__ = __name__
     ReleaseWatch.__qualname__ = ReleaseWatch.__name__ = "ReleaseWatch"
@@ -200,6 +208,11 @@ def main(argv: List[str]) -> int:
         print(f"mpmsub _run-job: cannot read the spec file {spec_path!r}: {exc}", file=sys.stderr)
         return REFUSED
     key, (spec, runner) = data[:KEY_BYTES], unpack(data[KEY_BYTES:])
+    heartbeat = runner.pop("heartbeat", None)  # (path, timeout) of the driver's heartbeat file, if it has one
+    watch = None if heartbeat is None else Heartbeat(*heartbeat)
+    gone = None if watch is None else watch.stale()
+    if gone is not None:  # a pending job that started after its driver died: it is no one's
+        return _send(key, Returned(not_started(spec, CANCELLED, f"cancelled before it started: {gone}")), result_path)
     from mpmsub._system import detect_memory
 
     # SLURM holds the job to its --mem, so its m is strict here: mpmsub stops it first, with
@@ -224,12 +237,17 @@ def main(argv: List[str]) -> int:
     signal.signal(signal.SIGINT, stop)
     future: Optional[JobFuture[object]] = None
     reason = ""
+    unwatch = None
     try:
         future = executor.submit(spec)
+        if watch is not None:
+            unwatch = watch.watch(executor.terminate)  # the job's error: "killed: " and why
         wait([future])
         executor.shutdown(wait=True)
     except _Stopped:
         pass
+    if unwatch is not None:
+        unwatch()
     if stopped:
         reason = f"SLURM sent {stopped[0]} (scancel, or a limit of its allocation)"
         executor.terminate(reason)  # a running job's error: "killed: " and the reason
@@ -238,14 +256,24 @@ def main(argv: List[str]) -> int:
         sent = Returned(not_started(spec, CANCELLED, f"cancelled before it started: {reason}"))
     else:
         sent = returned(spec, future, "cancelled before it started")
-        if stopped and sent.outcome.failure is None:
-            # SLURM signals every process of the job, not only this runner: the job's own children
-            # may die of it first, and a shell waiting on them then exits 0. The stop decides.
+        if stopped and sent.outcome.failure in (None, EXIT, SIGNAL):
+            # SLURM signals every process of the job, not only this runner: the job's own processes
+            # may die of it first (a signal failure), or a shell waiting on them then exits 0 or
+            # non-zero. The stop decides.
             sent.outcome.failure, sent.outcome.error = CANCELLED, f"killed: {reason}"
+    return _send(key, sent, result_path)
+
+
+def _send(key: bytes, sent: Returned, result_path: str) -> int:
+    """Write the signed result file (atomically); 0 once written, or where its run directory is gone."""
     # mkstemp: created exclusively, mode 0600, with a name no one can guess.
-    fd, temporary = tempfile.mkstemp(
-        prefix=os.path.basename(result_path) + ".", suffix=".tmp", dir=os.path.dirname(result_path) or "."
-    )
+    try:
+        fd, temporary = tempfile.mkstemp(
+            prefix=os.path.basename(result_path) + ".", suffix=".tmp", dir=os.path.dirname(result_path) or "."
+        )
+    except FileNotFoundError:  # its driver removed its run directory: no one reads the result
+        print(f"mpmsub _run-job: no result written: {os.path.dirname(result_path)!r} is gone", file=sys.stderr)
+        return 0
     with os.fdopen(fd, "wb") as file:
         file.write(sign(key, pickle.dumps(sent, pickle.HIGHEST_PROTOCOL)))
         file.flush()

@@ -7,7 +7,9 @@ Outcome to its own executor as if a local launcher had measured it. Retries and 
 with the sender's executor, which owns the job's future.
 
 `python -m mpmsub _run-job SPEC RESULT` is the SLURM side: it runs the pickled spec in SPEC and
-writes its Outcome to RESULT (atomically), and stops the job's whole tree on SIGTERM (scancel).
+writes its Outcome to RESULT (atomically), and stops the job's whole tree on SIGTERM (scancel), or
+when the driver's heartbeat file stops changing (`Heartbeat`: a driver killed with -9 cancels
+nothing, and its jobs would run, and its pending jobs start, for no one).
 Files cross a shared filesystem, where another user might place or change one, so both ends
 trust only what is private to this user: SPEC (the sender's secret key, then the packed job) is
 read only from a file of this user in a directory no one else can enter, and RESULT is signed
@@ -19,9 +21,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import os
 import pickle
+import threading
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 from mpmsub._files import UnsafeFileError
 from mpmsub._launch import pool as _workers
@@ -128,3 +133,67 @@ def verify(key: bytes, data: bytes) -> bytes:
     if not hmac.compare_digest(tag, hmac.new(key, payload, hashlib.sha256).digest()):
         raise UnsafeFileError("it is not signed with this run's key (mpmsub's runner for this job did not write it)")
     return payload
+
+
+# -- the driver's heartbeat ------------------------------------------------------------------------
+
+HEARTBEAT = "heartbeat"  # the file in a run directory that the driver touches while it lives
+
+
+def beat_interval(timeout: float) -> float:
+    """Seconds between two beats of the driver, and two looks of a runner: a few per `timeout`."""
+    return min(5.0, timeout / 6)
+
+
+class Heartbeat:
+    """A runner's view of its driver's heartbeat file: stale once unchanged for `timeout` seconds.
+
+    The first look takes the file's age from the clocks (the driver's machine and this one, which
+    a cluster keeps close); later looks time it by this machine's clock alone, from the last change
+    seen. The file is opened, not stat'ed: NFS checks a file with the server at open
+    (close-to-open), where a stat may be answered from its cache for up to a minute."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._seen: Optional[Tuple[float, float]] = None  # (the file's mtime, when it changed: monotonic)
+
+    def stale(self) -> Optional[str]:
+        """Why the driver is taken for gone, or None while it beats."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            return f"its driver is gone: its run directory's heartbeat file {self.path} was removed"
+        except OSError:
+            return None  # unreadable for a moment (a busy filesystem): the next look decides
+        try:
+            mtime = os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+        now = time.monotonic()
+        if self._seen is None:
+            self._seen = (mtime, now - max(0.0, time.time() - mtime))
+        elif mtime != self._seen[0]:
+            self._seen = (mtime, now)
+        age = now - self._seen[1]
+        if age <= self.timeout:
+            return None
+        return (
+            f"its driver is gone: its heartbeat file {self.path} has not changed for {age:.1f} s, over its"
+            f" heartbeat_timeout of {self.timeout:g} s (the driver was killed, or its machine stopped)"
+        )
+
+    def watch(self, on_stale: Callable[[str], Any]) -> Callable[[], None]:
+        """Look every beat_interval in a thread of its own; call `on_stale(why)` once, when stale.
+        Returns what stops the watch."""
+        done = threading.Event()
+
+        def look() -> None:
+            while not done.wait(beat_interval(self.timeout)):
+                why = self.stale()
+                if why is not None:
+                    on_stale(why)
+                    return
+
+        threading.Thread(target=look, name="mpmsub-heartbeat", daemon=True).start()
+        return done.set

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import signal
@@ -13,7 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import psutil
 import pytest
@@ -126,6 +127,178 @@ def test_workers_without_resources_are_refused(dask_cluster: Any) -> None:
     finally:
         client.close()
         bare.close()
+
+
+@pytest.fixture
+def empty_cluster() -> Iterator[Any]:
+    """A cluster with no worker yet, as an adaptive one starts: scale() adds workers of 4 CPUs."""
+    yield from local_dask_cluster(4, WORKER_MEMORY, n_workers=0)
+
+
+def test_given_its_size_an_executor_waits_for_workers_and_caps_those_that_join(
+    empty_cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An adaptive cluster (dask-jobqueue, cluster.adapt()) may have no worker yet: given cpus
+    and memory, the executor starts, its jobs wait for workers and it says so; the given size
+    is the cap when a larger worker joins (one job at a time on one CPU, on a 4-CPU worker)."""
+    code = "import time; print(time.time()); time.sleep(0.3); print(time.time())"
+    with distributed.Client(empty_cluster, set_as_default=False) as client:
+        backend = mpmsub.DaskBackend(client)
+        with pytest.raises(ValueError, match=r"no worker is connected .* give it cpus= and memory="):
+            mpmsub.MemoryAwareExecutor(backend=backend)  # nothing to size it by
+        with mpmsub.MemoryAwareExecutor(cpus=1, memory="200M", backend=backend, history=False) as executor:
+            with caplog.at_level(logging.WARNING, logger="mpmsub"):
+                futures = [executor.submit([sys.executable, "-c", code]) for _ in range(3)]
+                assert remote_batch.wait_for(lambda: "wait for one to join" in caplog.text)
+            assert [job.where for job in executor.running()] == ["waiting for a Dask worker (none is connected)"]
+            empty_cluster.scale(1)
+            results = [future.result(timeout=60) for future in futures]
+    assert all(result.success for result in results), [result.error for result in results]
+    spans = sorted(tuple(map(float, result.stdout.split())) for result in results)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), spans  # one at a time
+
+
+@contextlib.contextmanager
+def worker_processes(client: Any, *resources: str) -> Iterator[Dict[str, int]]:
+    """`dask worker` processes without a nanny (a killed one stays dead), one per resources
+    string ("cpus=2,memory=1e8": as many threads as CPUs), connected to the client's scheduler:
+    their pids by address."""
+    address = client.scheduler.address
+    bindir = Path(sys.executable).parent
+    before = set(client.scheduler_info(n_workers=-1)["workers"])
+    threads = lambda each: dict(part.split("=") for part in each.split(","))["cpus"]  # noqa: E731
+    daemons = [
+        subprocess.Popen(
+            [str(bindir / "dask"), "worker", address, "--no-nanny", "--nthreads", threads(each), "--resources", each],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for each in resources
+    ]
+    try:
+        client.wait_for_workers(len(before) + len(daemons), timeout=60)
+        pids = client.run(os.getpid)
+        yield {worker: pid for worker, pid in pids.items() if worker not in before}
+    finally:
+        for daemon in daemons:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+
+
+def test_a_bad_worker_grace_is_refused_at_once() -> None:
+    for bad in (-1, True, "30", float("nan")):
+        with pytest.raises(ValueError, match=rf"invalid worker_grace {bad!r}: expected a number of seconds from 0"):
+            mpmsub.DaskBackend("tcp://h:1", worker_grace=bad)
+
+
+@contextlib.contextmanager
+def small_and_big_worker(cluster: Any, grace: float) -> Iterator[Tuple[Any, mpmsub.MemoryAwareExecutor, int]]:
+    """A worker of 100M and one of 300M (1 CPU each) on `cluster`, and an executor of 2 CPUs and
+    400M with that worker_grace: the client, the executor and the big worker's pid."""
+    with distributed.Client(cluster, set_as_default=False) as client:  # noqa: SIM117 (3.9)
+        with worker_processes(client, f"cpus=1,memory={100 * MB}", f"cpus=1,memory={300 * MB}") as pids:
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            (big,) = [pid for worker, pid in pids.items() if workers[worker]["resources"]["memory"] == 300 * MB]
+            backend = mpmsub.DaskBackend(client, worker_grace=grace)
+            with mpmsub.MemoryAwareExecutor(cpus=2, memory="400M", backend=backend, history=False) as executor:
+                yield client, executor, big
+
+
+def test_a_job_no_connected_worker_can_hold_fails_after_the_grace(empty_cluster: Any) -> None:
+    """A 200M job whose only worker of 300M died, next to a worker of 100M: it fails once no
+    worker that can hold it has come back within the grace, naming its size and the worker's."""
+    marker = unique_sleep()
+    with small_and_big_worker(empty_cluster, 1) as (_, executor, big):
+        future = executor.submit(mpmsub.Job(["sleep", marker]).memory("200M"))
+        assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 1)
+        os.kill(big, signal.SIGKILL)
+        result = future.result(timeout=60)
+    assert (result.failure, result.attempts) == ("error", 1)
+    assert result.error is not None and result.error.startswith(
+        "no connected Dask worker can hold it any more, and none that can joined within 1 s (DaskBackend's "
+        "worker_grace): it needs 1 CPU and 200M on one Dask worker; the largest Dask worker: tcp://"
+    )
+    assert result.error.endswith("offers 1 CPU and 100M")
+    assert wait_gone(marker) == []
+
+
+def test_a_worker_that_joins_within_the_grace_takes_the_jobs_a_dead_one_held(empty_cluster: Any) -> None:
+    """The same with a worker of 300M back in time: the job that waited for the dead worker's
+    resources runs on it (the one that ran there is one failed run, as a worker's death is)."""
+    marker = unique_sleep()
+    with small_and_big_worker(empty_cluster, 60) as (client, executor, big):
+        running = executor.submit(mpmsub.Job(["sleep", marker]).memory("200M"))
+        waiting = executor.submit(mpmsub.Job(["echo", "ran"]).memory("200M"))
+        assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 1)
+        os.kill(big, signal.SIGKILL)
+        assert wait_gone(marker, timeout=30) == []
+        with worker_processes(client, f"cpus=1,memory={300 * MB}"):
+            result = waiting.result(timeout=60)
+            assert running.result(timeout=60).failure == "error"
+    assert result.success and result.stdout == "ran\n", result.error
+    assert "died while it ran" in (running.result().error or "")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def scheduler_process(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A `dask scheduler` process listening on `port` (killed with SIGKILL at the end)."""
+    dask = Path(sys.executable).parent / "dask"
+    scheduler = subprocess.Popen(
+        [str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_port(port)
+        yield scheduler
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(scheduler.pid, signal.SIGKILL)
+        scheduler.wait()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # distributed's sockets
+def test_a_lost_scheduler_is_an_error_that_kills_the_jobs_and_retries_decide_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The scheduler killed and started again: each job's run is an error naming the scheduler
+    (not a cancel), its tree dies with its worker (which closes), and a retry runs through the
+    reconnected client on a worker of the new scheduler. Nothing is logged as an error."""
+    marker, port = unique_sleep(), _free_port()
+    runs = tmp_path / "runs"
+    # The first run sleeps (until killed); a retry ends at once.
+    again = f"echo run >> {runs}; if [ $(wc -l < {runs}) -le 2 ]; then sleep {marker}; fi"
+    resources = f"cpus=2,memory={200 * MB}"
+    with scheduler_process(port) as scheduler:
+        client = distributed.Client(f"tcp://127.0.0.1:{port}", timeout=30, set_as_default=False)
+        executor = mpmsub.MemoryAwareExecutor(cpus=2, memory="200M", backend=mpmsub.DaskBackend(client), history=False)
+        try:
+            with worker_processes(client, resources):
+                once = executor.submit(["sh", "-c", again])
+                retried = executor.submit(mpmsub.Job(["sh", "-c", again]).with_retries(1))
+                assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 2)
+                os.killpg(scheduler.pid, signal.SIGKILL)
+                assert wait_gone(marker, timeout=30) == []  # the workers closed, and killed their jobs
+                result = once.result(timeout=60)
+                assert (result.failure, result.attempts) == ("error", 1)
+                assert result.error == f"the connection to its Dask scheduler at tcp://127.0.0.1:{port} was lost"
+            with scheduler_process(port), worker_processes(client, resources):
+                result = retried.result(timeout=60)
+            assert (result.success, result.attempts) == (True, 2), result.error
+        finally:
+            executor.terminate()
+            client.close()
+    assert not [record for record in caplog.records if record.name == "mpmsub" and record.levelno >= logging.ERROR]
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_killing_a_running_job_kills_its_tree_on_the_worker(backend: mpmsub.DaskBackend) -> None:
@@ -341,6 +514,41 @@ def test_mpmsub_backend_moves_an_unchanged_script(dask_cluster: Any, client: Any
     assert psutil.pid_exists(int(pid))  # the worker lives on; the script closed its own client
 
 
+def test_calls_take_the_modules_beside_the_script_along(dask_cluster: Any, tmp_path: Path) -> None:
+    """A function of a module beside the script (and what it imports from there) runs on workers
+    that cannot import it; a module from elsewhere fails saying how to send it."""
+    (tmp_path / "mylib.py").write_text("import helpers\n\ndef f(x):\n    return helpers.g(x) + 1\n")
+    (tmp_path / "helpers").mkdir()
+    (tmp_path / "helpers" / "__init__.py").write_text("def g(x):\n    return 10 * x\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "other.py").write_text("def h(x):\n    return x\n")
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            import mpmsub
+            from mylib import f
+
+            sys.path.append(sys.path[0] + "/elsewhere")
+            from other import h
+
+            if __name__ == "__main__":
+                with mpmsub.MemoryAwareExecutor(history=False) as ex:
+                    print(ex.submit(f, 2).result())
+                    print(ex.submit(h, 1).exception())
+            """
+        )
+    )
+    env = dict(os.environ, MPMSUB_BACKEND=dask_cluster.scheduler_address.replace("tcp://", "dask://"))
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    value, error = done.stdout.splitlines()
+    assert value == "21"
+    assert "No module named 'other' on its Dask worker: install the module on the workers, or send it with " in error
+    assert "client.upload_file(PATH)" in error
+
+
 def _wait_for_port(port: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -365,9 +573,7 @@ def _documented(prefix: str, port: int) -> List[str]:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # distributed's sockets
 def test_the_documented_commands_make_a_cluster_mpmsub_uses(tmp_path: Path) -> None:
     """docs/backends.md's commands, run as written (on this machine, on a free port)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     bindir = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
     daemons = []

@@ -20,14 +20,14 @@ DASK_WORKER_CPUS = 4
 NODE = Path(__file__).parent / "slurm" / "node.sh"
 
 
-def local_dask_cluster(cpus: int, memory: int) -> Iterator[Any]:
-    """A LocalCluster of two worker processes of `cpus` threads, each declaring `cpus` CPUs and
-    `memory` bytes; closed when the fixture using it ends."""
+def local_dask_cluster(cpus: int, memory: int, n_workers: int = 2) -> Iterator[Any]:
+    """A LocalCluster of `n_workers` worker processes of `cpus` threads (scale() adds more alike),
+    each declaring `cpus` CPUs and `memory` bytes; closed when the fixture using it ends."""
     distributed = pytest.importorskip(
         "distributed", reason="the Dask backend's tests need distributed: pip install 'mpmsub[dask]'"
     )
     cluster = distributed.LocalCluster(
-        n_workers=2,
+        n_workers=n_workers,
         threads_per_worker=cpus,
         processes=True,
         resources={"cpus": cpus, "memory": memory},
