@@ -275,6 +275,7 @@ class DaskLauncher(Launcher):
     a round trip to a worker per job)."""
 
     local = False
+    defers_start = True  # a task may wait in Dask for a worker: cancel() takes it back until it begins
 
     def __init__(self, backend: DaskBackend, options: LaunchOptions) -> None:
         distributed = _distributed()
@@ -462,7 +463,9 @@ class DaskLauncher(Launcher):
         if handle is None:
             return
         before, handle.worker = handle.worker, worker
-        if before is not None:
+        if before is None:
+            self.on_begin(handle.job_id)
+        else:
             lost = f"its Dask worker {before} died while it ran (Dask started it again on {worker}: stopped)"
             handle.kill(ERROR, lost, 0)
 
@@ -529,6 +532,7 @@ class DaskHandle(Handle):
     def __init__(self, launcher: DaskLauncher, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> None:
         self.launcher = launcher
         self.spec = spec
+        self.job_id = job_id
         self.key = f"mpmsub-{job_id}-{uuid.uuid4().hex[:12]}"
         self._on_exit = on_exit
         self._lock = threading.Lock()

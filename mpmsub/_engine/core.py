@@ -149,7 +149,7 @@ class Item:
         self.bound = None if spec.timeout is None else spec.timeout + grace + 1.0
         self.job_id = job_id
         self.future = future
-        future._job_id = job_id  # type: ignore[attr-defined]  # how kill(future) finds it (Core.live)
+        future._job_id = job_id  # how kill(future) finds it (Core.live)
         self.run: Optional[Run] = None  # the current (or last) run
         self.attempts = 0
         self.retries_left = spec.retries
@@ -243,6 +243,8 @@ class Core:
         self.watch = MemoryWatch(self)
         self.gate = LiveGate(self)
         self.monitor: Any = _NoMonitor()
+        if launcher.defers_start:
+            launcher.on_begin = lambda job_id: loop.call_soon_threadsafe(self._began, job_id)
         if monitor_interval is not None:
             from mpmsub._engine.monitor import Monitor
 
@@ -343,8 +345,18 @@ class Core:
                     return
                 for item in chosen:
                     self._move(item, RunState.STARTING)
-                    # A retried or requeued job's future is running already.
-                    if item.future.running() or item.future.set_running_or_notify_cancel():
+                    future = item.future
+                    if future.running():  # a retried or requeued job's
+                        self._start(item)
+                    elif self.launcher.defers_start:
+                        # Its future stays pending until the run begins there (_began); cancel()
+                        # meanwhile takes it back from the backend (take_back).
+                        future._handed = True
+                        if future.cancelled_now():
+                            self._drop(item)
+                        else:
+                            self._start(item)
+                    elif future.set_running_or_notify_cancel():
                         self._start(item)
                     else:  # cancelled since it was chosen
                         self._drop(item, notified=True)
@@ -399,6 +411,9 @@ class Core:
             outcome.failure, outcome.error = KILLED, f"{item.killed[0]} (it was being stopped: {outcome.error})"
         result = make_result(item.spec, item.job_id, outcome, item.attempts, item.requeued, item.estimate)
         item.last_result = result
+        if item.future.cancelled_now():  # cancel() took it back before it began (take_back)
+            self._taken_back(item, run, result)
+            return
         if self.runbook is not None:
             self.runbook.learn(item.key, item.spec, item.input_size, result, item.requeue)
         again = self._run_again(item, result)
@@ -416,6 +431,38 @@ class Core:
         self._trace_idle()
         logger.debug("mpmsub: end %s: %s", item.job_id, result.error or "ok")
         resolve(self.delivery, item.future, item.spec, result)
+        self.maybe_close()
+
+    def _began(self, job_id: str) -> None:
+        """A run handed to a launcher that defers starts has begun there: its future is running
+        (unless cancel() took it back meanwhile: take_back stops it)."""
+        item = self.live.get(job_id)
+        if item is None or item.state not in _RUNS or item.future.running() or item.future.cancelled_now():
+            return
+        item.future.set_running_or_notify_cancel()
+
+    def take_back(self, job_id: str) -> None:
+        """cancel() succeeded on the future of a job handed to a launcher that defers starts
+        (its caller's thread told the loop): stop its run, which had not begun there."""
+        item = self.live.get(job_id)
+        handle = None if item is None or item.run is None else item.run.handle
+        if item is None or item.state is not RunState.RUNNING or item.killed is not None or handle is None:
+            return
+        item.future.wake_cancelled()  # wait() and as_completed() see it cancelled now
+        if handle.kill(CANCELLED, "cancelled before it started"):
+            self._move(item, RunState.STOPPING)
+
+    def _taken_back(self, item: Item, run: Run, result: JobResult) -> None:
+        """The end of a run whose future cancel() took back: no result, no retry; its waiters
+        are woken (wait(), as_completed()) as for a job cancelled in the queue."""
+        if self.trace is not None:
+            self.trace.ended(item.job_id, run.number, CANCELLED, True, result)
+        self._move(item, RunState.DONE)
+        item.future.wake_cancelled()
+        if item.probe:
+            self.auto.probe_ended(item)
+        self.dispatch()
+        self._trace_idle()
         self.maybe_close()
 
     def _run_again(self, item: Item, result: JobResult) -> bool:
@@ -507,7 +554,7 @@ class Core:
             return started or state is RunState.STOPPING
         if state not in (RunState.QUEUED, RunState.HELD):
             return False  # ended (the loop takes the inbox before any kill that follows a submit)
-        if not item.future.running():
+        if item.last_result is None:  # (a retry's future may be pending: see take_back)
             return None
         return self.drop_killed(item, message, True)  # a retry or requeue waiting: its last result, killed
 

@@ -479,6 +479,13 @@ class MemoryAwareExecutor(Executor):
             return self._kill(future, job_id, failure, message, grace)
         return bool(self._on_loop(lambda: core.drop_killed(queued, message, not cancelled_before), False))
 
+    def _take_back(self, future: JobFuture[Any]) -> None:
+        """JobFuture.cancel() cancelled a job handed to the backend (any thread): the loop takes
+        it back from there (Core.take_back), without waiting."""
+        job_id = future.__dict__.get("_job_id")
+        if job_id is not None and self._loop.is_alive():
+            self._loop.call_soon_threadsafe(self._core.take_back, job_id)
+
     def _on_loop(self, function: Callable[[], T], closed: T) -> T:
         """What `function` returns, run on the loop thread (which owns the jobs); `closed` if
         the loop has stopped (every job has ended)."""

@@ -46,6 +46,8 @@ class JobFuture(Future[T]):
 
     usage: Optional[JobResult] = None
     _executor: Any = None  # a weak reference to its executor, for kill()
+    _job_id: Optional[str] = None
+    _handed = False  # its job was handed to a backend where it may wait before it begins
 
     def __init__(self) -> None:
         if not _STATE:
@@ -64,6 +66,25 @@ class JobFuture(Future[T]):
             if condition is None:
                 condition = self.__dict__["_condition"] = threading.Condition()
         return condition
+
+    def cancel(self) -> bool:
+        """Cancel the job if it has not begun: True if it is cancelled now (then it never runs).
+        A job waits in the executor's queue, or, on Dask, also as a task handed to the cluster
+        that no worker has begun yet: such a task is taken back. False once it runs (see kill())."""
+        if not super().cancel():
+            return False
+        if self.__dict__.get("_handed"):
+            ref = self.__dict__.get("_executor")
+            executor = None if ref is None else ref()
+            if executor is not None:
+                executor._take_back(self)
+        return True
+
+    def wake_cancelled(self) -> None:
+        """Wake wait() and as_completed() for a future cancelled and not woken yet (on the loop's
+        thread, which alone does so: other threads only ever cancel)."""
+        if self.__dict__.get("_state") == CANCELLED:
+            self.set_running_or_notify_cancel()
 
     def kill(self, reason: Optional[str] = None) -> bool:
         """Kill this job: a running job's whole process tree (a call's worker, which is then

@@ -141,6 +141,11 @@ class Launcher(abc.ABC):
     # False where jobs run on other machines: this machine's memory gate, OOM counts and
     # sampling do not apply to them (their own launcher there does all of that).
     local = True
+    # True where a job handed over waits there before it begins (a Dask task waiting for a
+    # worker): its future stays pending, and cancel() takes it back, until the launcher calls
+    # `on_begin(job_id)` (any thread; set by the engine) when it begins.
+    defers_start = False
+    on_begin: Callable[[str], None] = staticmethod(lambda job_id: None)
 
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
         """Why no place this launcher uses can ever hold the job (checked at submit), or None."""

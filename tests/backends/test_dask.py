@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -353,6 +354,27 @@ def test_a_job_killed_while_it_waits_in_dask_never_runs(backend: mpmsub.DaskBack
         assert wait_gone(marker) == []
     finally:
         executor.terminate()
+
+
+def test_a_job_cancelled_while_it_waits_in_dask_never_runs(backend: mpmsub.DaskBackend, tmp_path: Path) -> None:
+    """cancel() as locally for a queued job: a job handed to Dask that no worker has begun is
+    cancelled (its future is pending until a worker begins it), and never runs."""
+    marker = unique_sleep()
+    ran = tmp_path / "ran"
+    with mpmsub.MemoryAwareExecutor(backend=backend) as executor:  # jobs are handed ahead
+        running = [executor.submit(mpmsub.Job(["sleep", marker]).cpu(4)) for _ in range(2)]  # both workers
+        waiting = executor.submit(mpmsub.Job(["touch", str(ran)]).cpu(4))
+        assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 2)
+        assert remote_batch.wait_for(lambda: all(future.running() for future in running))
+        assert executor.status().running == 3 and not waiting.running()  # handed to Dask, not begun
+        assert waiting.cancel() is True
+        assert concurrent.futures.wait([waiting], timeout=10).done == {waiting}  # woken at once
+        for future in running:
+            assert future.cancel() is False  # begun: kill() stops it
+            assert future.kill() is True
+    assert waiting.cancelled() and waiting.usage is None and not ran.exists()
+    assert [future.result().failure for future in running] == ["killed", "killed"]
+    assert wait_gone(marker) == []
 
 
 DRIVER = """
