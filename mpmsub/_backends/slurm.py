@@ -1,12 +1,16 @@
-"""The SLURM backend: each job is an `sbatch` submission that runs it under mpmsub on a node.
+"""The SLURM backend: each job is a SLURM job (an array element) that runs it under mpmsub on a node.
 
 A job becomes `sbatch --parsable --cpus-per-task=p --mem=... --time=... --wrap "python -m mpmsub
 _run-job SPEC RESULT"`, with its spec, result and output files in a run directory under `workdir`
-(which must be on a filesystem the nodes share). On the node, mpmsub runs the job as it does
-locally and writes the Outcome; here one thread submits, follows every job with one `squeue` call
-per poll (never one per job; polls back off while nothing changes), cancels with `scancel`, and
-reads the results. A job no node can hold (from `sinfo`) is refused at submit; SLURM's own memory
-and time kills, when they come first, are reported as the same memory and timeout failures.
+(which must be on a filesystem the nodes share). Jobs handed over together that are alike in those
+options are one `sbatch --array`, whose element i finds its files by $SLURM_ARRAY_TASK_ID and is
+SLURM job ARRAYID_i. On the node, mpmsub runs the job as it does locally and writes the Outcome;
+here one thread submits, follows every job with one `squeue` call per poll (never one per job;
+polls back off while nothing changes), cancels with `scancel`, and reads the results. A job no
+node can hold (from `sinfo`) is refused at submit; SLURM's own memory and time kills, when they
+come first, are reported as the same memory and timeout failures. A second thread touches a
+heartbeat file in the run directory, by which the runners learn that their driver died (killed
+with -9: nothing cancelled its jobs) and stop (see remote.Heartbeat).
 
 The run directory is private (mkdtemp: an unpredictable name, mode 0700) and its files 0600; a
 result is trusted only if it is a file of this user signed with the launcher's secret key, which
@@ -38,9 +42,9 @@ from mpmsub._backends import remote as _remote
 from mpmsub._backends.base import Backend, LaunchOptions, Node, largest_fit, most_memory
 from mpmsub._errors import MpmsubError
 from mpmsub._launch.base import Handle, Launcher, Outcome, not_started
-from mpmsub._result import CANCELLED, ERROR, MEMORY, START, TIMEOUT, FailureKind
+from mpmsub._result import CANCELLED, ERROR, EXIT, MEMORY, SIGNAL, START, TIMEOUT, FailureKind
 from mpmsub._spec import JobSpec
-from mpmsub._units import MB, format_memory
+from mpmsub._units import MB, format_memory, parse_memory
 
 logger = logging.getLogger("mpmsub")
 
@@ -67,6 +71,10 @@ _TERMINAL = {
 _SLURM_STOPS = {"DEADLINE", "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT"}  # SLURM's own stops of a running job
 _KILL_WAIT = 10.0  # seconds a killed job's result may take to appear (the runner kills its tree first)
 _MEMORY_KILL = re.compile(r"exceeded (job )?memory limit|oom[- ]kill", re.IGNORECASE)
+_MEMORY_USED = re.compile(r"exceeded memory limit \((\d+) > \d+\)")  # slurmstepd's kill: bytes used > allowed
+_ALLOCATED = re.compile(r"\bTRES=\S*?\bmem=(\d+(?:\.\d+)?[KMGT]?)\b")  # scontrol show job: its --mem, as granted
+# What a runner reports when SLURM's signal stopped its job, rather than its own verdict.
+_STOP_ANSWERS = (CANCELLED, SIGNAL, EXIT)
 
 
 class SlurmError(MpmsubError, RuntimeError):
@@ -82,11 +90,16 @@ class SlurmBackend(Backend):
     keeps files' owners and modes (default: `.mpmsub-slurm` in the current directory, made with
     mode 0700 if absent; each run's files go in a private directory of its own there). `python`
     is the interpreter the nodes run mpmsub with (default: this one, `sys.executable`).
-    `max_poll` caps the seconds between two polls.
+    `max_poll` caps the seconds between two polls. While jobs run, the driver (this process)
+    touches a heartbeat file in its run directory every few seconds; a job whose driver has not
+    for `heartbeat_timeout` seconds (killed with -9, its machine down) is killed on its node, and
+    one that starts later never runs its command (None: jobs outlive their driver).
     """
 
     name = "slurm"
-    lookahead = 2  # a few pending jobs keep nodes busy; more would meet sites' submit limits
+    # A batch goes to SLURM at once, as a few job arrays (sites ask for that, not a stream of
+    # sbatch); SLURM queues it. A site's submit limit (MaxSubmitJobs) refuses what is over it.
+    lookahead = 1000
 
     def __init__(
         self,
@@ -97,6 +110,7 @@ class SlurmBackend(Backend):
         *,
         python: Optional[str] = None,
         max_poll: float = 5.0,
+        heartbeat_timeout: Optional[float] = 60.0,
     ) -> None:
         for name, value in (("partition", partition), ("account", account), ("workdir", workdir), ("python", python)):
             if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -106,14 +120,23 @@ class SlurmBackend(Backend):
         # With inf the wait between polls would grow without end (1.5 times each quiet poll)
         if isinstance(max_poll, bool) or not isinstance(max_poll, (int, float)) or not _MIN_POLL <= max_poll <= 86400:
             raise ValueError(f"invalid max_poll {max_poll!r}: expected a number of seconds, from {_MIN_POLL} to 86400")
+        if heartbeat_timeout is not None and (
+            isinstance(heartbeat_timeout, bool)
+            or not isinstance(heartbeat_timeout, (int, float))
+            or not 1 <= heartbeat_timeout <= 86400
+        ):
+            expected = "a number of seconds, from 1 to 86400, or None"
+            raise ValueError(f"invalid heartbeat_timeout {heartbeat_timeout!r}: expected {expected}")
         self.partition = partition
         self.account = account
         self.extra_args = tuple(extra_args)
         self.workdir = os.path.abspath(workdir or ".mpmsub-slurm")
         self.python = python or sys.executable
         self.max_poll = float(max_poll)
+        self.heartbeat_timeout = None if heartbeat_timeout is None else float(heartbeat_timeout)
         self.calls: Counter[str] = Counter()  # SLURM commands run, by name (sbatch, squeue, ...)
         self._nodes: Optional[List[Node]] = None
+        self._max_array: Optional[int] = None
 
     def __repr__(self) -> str:
         options = [f"{name}={value!r}" for name, value in (("partition", self.partition), ("account", self.account))]
@@ -148,6 +171,21 @@ class SlurmBackend(Backend):
                     nodes[fields[0]] = Node(fields[0], int(fields[1]), memory)
             self._nodes = sorted(nodes.values(), key=lambda node: node.name)
         return self._nodes
+
+    def max_array_size(self) -> int:
+        """The most jobs one array may hold: the site's MaxArraySize (scontrol, asked once); 1
+        where arrays are off, or it cannot be learned."""
+        if self._max_array is None:
+            try:
+                done = self.command(["scontrol", "show", "config"])
+            except SlurmError as exc:
+                done = subprocess.CompletedProcess([], 1, "", str(exc))
+            found = re.search(r"^MaxArraySize\s*=\s*(\d+)", done.stdout, re.MULTILINE)
+            if found is None:
+                why = _last_line(done.stderr) or "no MaxArraySize in its output"
+                logger.warning("mpmsub: scontrol show config failed (%s): one sbatch per job", why)
+            self._max_array = max(1, int(found.group(1))) if found else 1
+        return self._max_array
 
     def capacity(self) -> Optional[Tuple[int, int]]:
         nodes = self.nodes(fresh=True)
@@ -186,8 +224,13 @@ class SlurmLauncher(Launcher):
         # Started now, with the executor: a job that ends a program without shutdown() is started
         # at interpreter shutdown, when Python 3.12.0-3.12.2 start no thread.
         self._thread = _threads.start(self._run, "mpmsub-slurm")
-        if self._thread is None:
-            raise RuntimeError("cannot start mpmsub's SLURM thread: the interpreter is shutting down")
+        self._closed = threading.Event()
+        self._heart: Optional[threading.Thread] = None
+        if self._thread is not None and backend.heartbeat_timeout is not None:
+            # Its own thread: the SLURM thread may wait a minute on a busy controller.
+            self._heart = _threads.start(self._beat, "mpmsub-slurm-heartbeat", (backend.heartbeat_timeout,))
+        if self._thread is None or (self._heart is None and backend.heartbeat_timeout is not None):
+            raise RuntimeError("cannot start mpmsub's SLURM threads: the interpreter is shutting down")
 
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
         return self.backend.why_never_fits(spec)
@@ -196,7 +239,10 @@ class SlurmLauncher(Launcher):
         with self._cond:
             if self.directory is None:
                 host = socket.gethostname().split(".")[0]
-                self.directory = _files.make_private_directory(self.backend.workdir, f"mpmsub-{host}-{os.getpid()}-")
+                directory = _files.make_private_directory(self.backend.workdir, f"mpmsub-{host}-{os.getpid()}-")
+                if self.backend.heartbeat_timeout is not None:
+                    os.close(_files.open_private(os.path.join(directory, _remote.HEARTBEAT), os.O_EXCL))
+                self.directory = directory
             handle = SlurmHandle(self, spec, job_id, on_exit, os.path.join(self.directory, f"{next(self._files):06d}"))
             self._new.append(handle)
             self._cond.notify()
@@ -223,12 +269,25 @@ class SlurmLauncher(Launcher):
             thread = self._thread
         if thread is not None:
             thread.join()
+        self._closed.set()
+        if self._heart is not None:
+            self._heart.join()
         # Every job has ended: what is left (a result that came after its job was given up on)
         # is nobody's.
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
 
-    # -- the thread --------------------------------------------------------------------------------
+    # -- the threads -------------------------------------------------------------------------------
+
+    def _beat(self, timeout: float) -> None:
+        """Touch the run directory's heartbeat file until closed: the runners' sign that this
+        driver lives (see remote.Heartbeat)."""
+        while not self._closed.wait(_remote.beat_interval(timeout)):
+            if self.directory is not None:
+                try:
+                    os.utime(os.path.join(self.directory, _remote.HEARTBEAT))
+                except OSError as exc:  # its jobs will take the driver for gone
+                    logger.warning("mpmsub: cannot touch the SLURM jobs' heartbeat file: %s", exc)
 
     def _run(self) -> None:
         interval = _MIN_POLL
@@ -245,8 +304,7 @@ class SlurmLauncher(Launcher):
                 if self._closing and not new and not self._active:
                     return
             try:
-                for handle in new:
-                    self._submit(handle)
+                self._submit(new)
                 if kills:
                     self._cancel(kills)
                 if new or kills:
@@ -269,58 +327,97 @@ class SlurmLauncher(Launcher):
                 self._active.clear()
                 time.sleep(_MIN_POLL)
 
-    def _submit(self, handle: SlurmHandle) -> None:
-        if handle.killed is not None:  # killed before it was submitted
-            handle.end(not_started(handle.spec, *handle.killed))
-            return
-        spec = handle.spec
+    def _submit(self, new: List[SlurmHandle]) -> None:
+        """Submit the jobs started since the last round: those alike on sbatch's command line
+        (their resources) as one job array each, up to the site's MaxArraySize; a job alone as
+        itself. Nothing waits to gather more: a dispatch round starts its jobs in one go, and
+        those started while sbatch runs make the next round's arrays."""
+        groups: Dict[Tuple[str, ...], List[SlurmHandle]] = {}
+        for handle in new:
+            if handle.killed is not None:  # killed before it was submitted
+                handle.end(not_started(handle.spec, *handle.killed))
+            else:
+                groups.setdefault(self._resources(handle.spec), []).append(handle)
+        for resources, handles in groups.items():
+            size = self.backend.max_array_size() if len(handles) > 1 else 1
+            for first in range(0, len(handles), size):
+                self._submit_group(resources, handles[first : first + size])
+
+    def _submit_group(self, resources: Tuple[str, ...], handles: List[SlurmHandle]) -> None:
+        """One sbatch: an array whose element i runs the job of the files PREFIX-i, or one job."""
+        prefix = handles[0].files
+        array = len(handles) > 1
+        if array:
+            for index, handle in enumerate(handles):
+                handle.files = f"{prefix}-{index}"
         try:
-            packed = _remote.pack(
-                spec,
-                strict=True,
-                shared=True,
-                kill_grace=self.kill_grace,
-                output_limit=None if self.output_limit is None else self.output_limit / MB,  # a number is MB
-            )
-            with os.fdopen(_files.open_private(handle.files + ".spec", os.O_EXCL), "wb") as file:
-                file.write(self.key + packed)
-            done = self.backend.command(self._sbatch(handle))
+            for handle in handles:
+                self._write_spec(handle)
+            done = self.backend.command(self._sbatch(resources, handles, prefix))
         except Exception as exc:
-            handle.end(not_started(spec, START, f"could not submit it to SLURM: {exc}"))
-            handle.remove_files()
+            self._refused(handles, f"could not submit it to SLURM: {exc}")
             return
         slurm_id = done.stdout.strip().split(";")[0]
         if done.returncode != 0 or not slurm_id.isdigit():
             why = _last_line(done.stderr) or f"sbatch exited with status {done.returncode}"
-            handle.end(not_started(spec, START, f"SLURM refused it: {why}"))
-            handle.remove_files()
+            self._refused(handles, f"SLURM refused it: {why}")
             return
-        handle.slurm_id = slurm_id
-        handle.submitted = time.time()
-        self._active[slurm_id] = handle
-        logger.debug("mpmsub: %s is SLURM job %s", handle.job_id, slurm_id)
+        now = time.time()
+        for index, handle in enumerate(handles):
+            handle.slurm_id = f"{slurm_id}_{index}" if array else slurm_id
+            handle.submitted = now
+            self._active[handle.slurm_id] = handle
+            logger.debug("mpmsub: %s is SLURM job %s", handle.job_id, handle.slurm_id)
 
-    def _sbatch(self, handle: SlurmHandle) -> List[str]:
-        spec, backend = handle.spec, self.backend
-        files = handle.files
-        argv = [
-            "sbatch",
-            "--parsable",
-            f"--job-name=mpmsub:{handle.job_id}"[:128],
-            f"--output={files}.out",
-            f"--cpus-per-task={spec.cpus}",
-        ]
+    def _write_spec(self, handle: SlurmHandle) -> None:
+        timeout = self.backend.heartbeat_timeout
+        beating = os.path.join(os.path.dirname(handle.files), _remote.HEARTBEAT)
+        packed = _remote.pack(
+            handle.spec,
+            strict=True,
+            shared=True,
+            kill_grace=self.kill_grace,
+            output_limit=None if self.output_limit is None else self.output_limit / MB,  # a number is MB
+            heartbeat=None if timeout is None else (beating, timeout),
+        )
+        with os.fdopen(_files.open_private(handle.files + ".spec", os.O_EXCL), "wb") as file:
+            file.write(self.key + packed)
+
+    @staticmethod
+    def _refused(handles: List[SlurmHandle], why: str) -> None:
+        for handle in handles:
+            handle.end(not_started(handle.spec, START, why))
+            handle.remove_files()
+
+    def _resources(self, spec: JobSpec) -> Tuple[str, ...]:
+        """The sbatch options of a job's resources (and the backend's): its array's shape."""
+        backend = self.backend
+        options = [f"--cpus-per-task={spec.cpus}"]
         if spec.memory is not None:
-            argv.append(f"--mem={math.ceil((spec.memory + RUNNER_MEMORY) / MB)}M")
+            options.append(f"--mem={math.ceil((spec.memory + RUNNER_MEMORY) / MB)}M")
         if spec.timeout is not None:
-            argv.append(f"--time={math.ceil((spec.timeout + self.kill_grace + _TIME_MARGIN) / 60)}")
+            options.append(f"--time={math.ceil((spec.timeout + self.kill_grace + _TIME_MARGIN) / 60)}")
         if backend.partition:
-            argv.append(f"--partition={backend.partition}")
+            options.append(f"--partition={backend.partition}")
         if backend.account:
-            argv.append(f"--account={backend.account}")
-        argv.extend(backend.extra_args)
-        runner = [backend.python, "-m", "mpmsub", "_run-job", files + ".spec", files + ".result"]
-        argv.append("--wrap=exec " + shlex.join(runner))
+            options.append(f"--account={backend.account}")
+        options.extend(backend.extra_args)
+        return tuple(options)
+
+    def _sbatch(self, resources: Tuple[str, ...], handles: List[SlurmHandle], prefix: str) -> List[str]:
+        first, last = handles[0].job_id, handles[-1].job_id
+        argv = ["sbatch", "--parsable"]
+        if len(handles) > 1:
+            # One name for all the elements (SLURM's); each finds its files by its index.
+            argv += [f"--job-name=mpmsub:{first}..{last}"[:128], f"--array=0-{len(handles) - 1}"]
+            argv.append(f"--output={prefix}-%a.out")
+            files = shlex.quote(prefix + "-") + '"$SLURM_ARRAY_TASK_ID"'
+        else:
+            argv += [f"--job-name=mpmsub:{first}"[:128], f"--output={prefix}.out"]
+            files = shlex.quote(prefix)
+        argv.extend(resources)
+        runner = shlex.join([self.backend.python, "-m", "mpmsub", "_run-job"])
+        argv.append(f"--wrap=exec {runner} {files}.spec {files}.result")
         return argv
 
     def _cancel(self, handles: List[SlurmHandle]) -> None:
@@ -336,10 +433,12 @@ class SlurmLauncher(Launcher):
 
     def _poll(self) -> bool:
         """One squeue call for every active job; end the finished ones. True if any changed."""
-        ids = sorted(self._active, key=int)
-        argv = ["squeue", "--noheader", "--states=all", f"--jobs={','.join(ids)}", "--format=%i|%T"]
+        ids = list(self._active)
+        # An array's id lists its elements, one a line with --array ("123_4"), pending ones too.
+        jobs = ",".join(_submissions(ids))
+        argv = ["squeue", "--noheader", "--array", "--states=all", f"--jobs={jobs}", "--format=%i|%T|%N"]
         done = self.backend.command(argv)
-        states: Dict[str, str] = {}
+        states: Dict[str, Tuple[str, str]] = {}
         if done.returncode == 0:
             states = _states(done.stdout)
         elif "invalid job id" not in done.stderr.lower():  # every id forgotten gives that: all unknown
@@ -352,7 +451,8 @@ class SlurmLauncher(Launcher):
         now = time.time()
         for slurm_id in ids:
             handle = self._active[slurm_id]
-            state = states.get(slurm_id, "UNKNOWN")
+            state, node = states.get(slurm_id, ("UNKNOWN", ""))
+            handle.node = node or handle.node
             if state != handle.state:
                 changed = True
                 handle.state = state
@@ -367,9 +467,11 @@ class SlurmLauncher(Launcher):
                     changed = True
         return changed
 
-    def _sacct(self, ids: List[str]) -> Dict[str, str]:
-        """States of jobs squeue no longer lists (one sacct call); empty where accounting is off."""
-        argv = ["sacct", "--noheader", "--parsable2", f"--jobs={','.join(ids)}", "--format=JobID,State"]
+    def _sacct(self, ids: List[str]) -> Dict[str, Tuple[str, str]]:
+        """States and nodes of jobs squeue no longer lists (one sacct call); empty where
+        accounting is off."""
+        jobs = ",".join(_submissions(ids))
+        argv = ["sacct", "--noheader", "--parsable2", f"--jobs={jobs}", "--format=JobID,State,NodeList"]
         done = self.backend.command(argv)
         if done.returncode != 0:
             return {}
@@ -393,6 +495,7 @@ class SlurmHandle(Handle):
         self.submitted = time.time()
         self.running_since: Optional[float] = None
         self.result_missing_since: Optional[float] = None
+        self.node = ""  # where SLURM runs it, once squeue names the node
 
     def kill(self, failure: FailureKind, message: str, grace: Optional[float] = None) -> bool:
         with self._lock:
@@ -432,9 +535,12 @@ class SlurmHandle(Handle):
                 received: Outcome = pickle.loads(payload).received()
             except Exception as exc:
                 return not_started(self.spec, ERROR, f"its result file could not be read: {exc!r}")
-            if state in _SLURM_STOPS and received.failure == CANCELLED and self.killed is None:
-                # The runner's answer to SLURM's SIGTERM: say why SLURM stopped it.
+            if state in _SLURM_STOPS and received.failure in _STOP_ANSWERS and self.killed is None:
+                # The runner's answer to SLURM's SIGTERM, or its job's death of that signal, which
+                # SLURM sends every process of the job: say why SLURM stopped it.
                 received.failure, received.error = self._stopped(state, self._output_tail())
+                if received.failure == MEMORY:
+                    received.peak_memory = max(received.peak_memory, self._killed_at())
             return received
         # A job killed before it was ever seen running (pending: terminate(), Ctrl-C, kill()) had
         # no runner to write a result: it ends now, whatever SLURM (or sacct's absence) says.
@@ -452,6 +558,10 @@ class SlurmHandle(Handle):
         outcome.start_time, outcome.runtime = began, max(0.0, now - began) if ran or self.killed is None else 0.0
         output = self._output_tail()
         outcome.failure, outcome.error = self._stopped(state, output)
+        if outcome.failure == MEMORY:
+            # The runner died with its job and measured nothing: a retry without an m grows what
+            # SLURM saw, not the 0 measured here (it would run strict at 1 MB, and fail again).
+            outcome.peak_memory = self._killed_at()
         return outcome
 
     def _stopped(self, state: str, output: str) -> Tuple[FailureKind, str]:
@@ -464,11 +574,39 @@ class SlurmHandle(Handle):
             return TIMEOUT, f"killed by SLURM at its time limit ({job})"
         if state == "CANCELLED":
             return CANCELLED, f"cancelled in SLURM ({job}, scancel)"
+        if output:
+            why = f"; its output: {output}"
+        elif state in ("COMPLETED", "FAILED", "UNKNOWN"):
+            # Its output file is written on the node: neither file here, the node wrote elsewhere.
+            node = f"node {self.node}" if self.node else "the node it ran on"
+            why = (
+                f"; neither its result nor its output file appeared in {os.path.dirname(self.files)}: the"
+                f" workdir {self.launcher.backend.workdir} may not be shared with {node} (it must be on a"
+                " filesystem both mount at the same path)"
+            )
+        else:
+            why = ""
         if state == "UNKNOWN":
-            return ERROR, f"SLURM no longer lists {job}, and it left no result"
-        return ERROR, f"SLURM ended {job}: {state}" + (f"; its output: {output}" if output else "")
+            return ERROR, f"SLURM no longer lists {job}, and it left no result{why}"
+        return ERROR, f"SLURM ended {job}: {state}{why}"
 
-    def _output_tail(self) -> str:
+    def _killed_at(self) -> int:
+        """The memory SLURM killed the job at: what its kill message says it used, or its
+        allocation (scontrol), whichever is more; else the most a node offers it."""
+        used = [int(figure) for figure in _MEMORY_USED.findall(self._output_tail(lines=None))]
+        backend = self.launcher.backend
+        try:
+            done = backend.command(["scontrol", "--oneliner", "show", "job", str(self.slurm_id)])
+        except SlurmError as exc:
+            logger.warning("mpmsub: cannot learn SLURM job %s's allocation: %s", self.slurm_id, exc)
+        else:
+            allocated = _ALLOCATED.search(done.stdout)
+            if allocated is not None:
+                used.append(parse_memory(allocated.group(1)))
+        return max(used) if used else backend.place_memory(self.spec.cpus) or 0
+
+    def _output_tail(self, lines: Optional[int] = 5) -> str:
+        """The end of its output file: its last `lines` lines, joined with ' | ' (None: the text as it is)."""
         try:
             with open(self.files + ".out", "rb") as file:
                 file.seek(0, os.SEEK_END)
@@ -476,7 +614,9 @@ class SlurmHandle(Handle):
                 text = file.read().decode(errors="replace")
         except OSError:
             return ""
-        return " | ".join(line.strip() for line in text.splitlines()[-5:] if line.strip())
+        if lines is None:
+            return text
+        return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
 
     def remove_files(self) -> None:
         for suffix in (".spec", ".result", ".out"):
@@ -484,14 +624,21 @@ class SlurmHandle(Handle):
                 os.unlink(self.files + suffix)
 
 
-def _states(text: str) -> Dict[str, str]:
-    """Job states from 'ID|STATE' lines (sacct's 'CANCELLED by 0' read as CANCELLED)."""
+def _states(text: str) -> Dict[str, Tuple[str, str]]:
+    """Job states and nodes from 'ID|STATE|NODES' lines (sacct's 'CANCELLED by 0' read as
+    CANCELLED; a pending job's nodes are empty, or sacct's 'None assigned')."""
     states = {}
     for line in text.splitlines():
         fields = line.strip().split("|")
-        if len(fields) == 2 and fields[1].strip():
-            states[fields[0]] = fields[1].split()[0]
+        if len(fields) == 3 and fields[1].strip():
+            node = fields[2].strip()
+            states[fields[0]] = (fields[1].split()[0], "" if " " in node else node)
     return states
+
+
+def _submissions(ids: List[str]) -> List[str]:
+    """The sbatch ids of SLURM job ids: an array element's ("123_4") is its array's."""
+    return sorted({slurm_id.split("_")[0] for slurm_id in ids}, key=int)
 
 
 def _last_line(text: str) -> str:

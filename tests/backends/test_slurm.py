@@ -7,14 +7,16 @@ import itertools
 import json
 import os
 import pickle
+import re
 import shlex
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 from support import callees, remote_batch
@@ -46,20 +48,103 @@ def test_results_read_as_local_ones(backend: mpmsub.SlurmBackend) -> None:
     local = remote_batch.run("local")
     on_slurm = remote_batch.run(backend)
     assert on_slurm == local
-    assert backend.calls["sbatch"] == len(remote_batch.batch())
     assert os.listdir(backend.workdir) == []  # every job's files read and removed
+
+
+def _submit_at_once(executor: mpmsub.MemoryAwareExecutor, jobs: Sequence[mpmsub.Job]) -> List[Any]:
+    """Submit `jobs` in one dispatch round, as a program's burst of submits usually is: the
+    executor's loop is held until all are in."""
+    held = threading.Event()
+    executor._loop.call_soon_threadsafe(held.wait, 10)
+    try:
+        return [executor.submit(job) for job in jobs]
+    finally:
+        held.set()
 
 
 def test_one_squeue_call_per_poll_for_all_jobs(backend: mpmsub.SlurmBackend) -> None:
     started = time.monotonic()
     with mpmsub.MemoryAwareExecutor(backend=backend) as executor:
-        futures = [executor.submit(mpmsub.Job(["true"]).memory("20M")) for _ in range(12)]
+        futures = _submit_at_once(executor, [mpmsub.Job(["true"]).memory("20M") for _ in range(12)])
         assert all(f.result().success for f in futures)
     elapsed = time.monotonic() - started
-    assert backend.calls["sbatch"] == 12
+    assert backend.calls["sbatch"] == 1  # one array
     # Polls come at most every 0.25 s, whatever the number of jobs (never one call per job).
     assert backend.calls["squeue"] <= elapsed / 0.25 + 2
     assert backend.calls["sinfo"] == 1
+
+
+def test_jobs_alike_go_out_as_one_job_array_each(backend: mpmsub.SlurmBackend) -> None:
+    """Jobs of one shape (resources) are one `sbatch --array`; each element runs its own job."""
+    small = [mpmsub.Job(["sh", "-c", f"echo small {i}"]).memory("20M") for i in range(12)]
+    large = [mpmsub.Job(["sh", "-c", f"echo large {i}"]).memory("30M").cpu(2) for i in range(3)]
+    with mpmsub.MemoryAwareExecutor(backend=backend) as executor:
+        futures = _submit_at_once(executor, small + large)
+        results = [future.result(timeout=60) for future in futures]
+    assert [result.stdout for result in results] == [f"small {i}\n" for i in range(12)] + [
+        f"large {i}\n" for i in range(3)
+    ]
+    assert backend.calls["sbatch"] == 2
+    assert backend.calls["scontrol"] == 1  # MaxArraySize, asked once
+    assert os.listdir(backend.workdir) == []
+
+
+def test_an_array_larger_than_maxarraysize_is_split(backend: mpmsub.SlurmBackend) -> None:
+    assert backend.max_array_size() == 1001  # SLURM's default, read from scontrol show config
+    backend._max_array = 2
+    with mpmsub.MemoryAwareExecutor(backend=backend) as executor:
+        futures = _submit_at_once(executor, [mpmsub.Job(["echo", str(i)]) for i in range(5)])
+        assert [future.result(timeout=60).stdout for future in futures] == [f"{i}\n" for i in range(5)]
+    assert backend.calls["sbatch"] == 3  # 2 + 2 + 1
+    assert backend.calls["scontrol"] == 1
+
+
+def test_an_element_of_an_array_is_killed_alone_running_or_pending(
+    backend: mpmsub.SlurmBackend, tmp_path: Path
+) -> None:
+    """scancel of one element (123_4): the running one and the pending one end killed, the
+    pending one at once and without running; their siblings run to the end."""
+    marker, ran = unique_sleep(), tmp_path / "ran"
+    half = sum(node.cpus for node in backend.nodes()) // 2  # two elements run, two pend
+    commands = [f"sleep {marker}", "sleep 3; echo one", f"touch {ran}; sleep {marker}", "echo three"]
+    jobs = [mpmsub.Job(["sh", "-c", command]).cpu(half).with_id(f"e{i}") for i, command in enumerate(commands)]
+    executor = mpmsub.MemoryAwareExecutor(backend=backend)
+    try:
+        running, one, pending, three = _submit_at_once(executor, jobs)
+        assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 1)
+
+        def places() -> Dict[str, str]:
+            return {job.job_id: job.where for job in executor.running()}
+
+        assert remote_batch.wait_for(lambda: places()["e0"].endswith("(RUNNING)")), places()
+        assert re.fullmatch(r"SLURM job \d+_0 \(RUNNING\)", places()["e0"]), places()
+        assert re.fullmatch(r"SLURM job \d+_2 \(PENDING\)", places()["e2"]), places()
+        started = time.monotonic()
+        assert pending.kill("not needed") is True
+        result = pending.result(timeout=60)
+        assert (result.failure, result.error, result.runtime) == ("killed", "killed: not needed", 0.0)
+        assert time.monotonic() - started < 5
+        assert running.kill() is True and running.result(timeout=60).failure == "killed"
+        assert wait_gone(marker) == []
+        assert (one.result(timeout=60).stdout, three.result(timeout=60).stdout) == ("one\n", "three\n")
+        assert not ran.exists()
+    finally:
+        executor.terminate()
+    assert (backend.calls["sbatch"], backend.calls["scancel"]) == (1, 2)
+
+
+def test_an_element_of_an_array_times_out_alone(backend: mpmsub.SlurmBackend) -> None:
+    marker = unique_sleep()
+    jobs = [mpmsub.Job(["sleep", marker]).with_timeout(1)] + [
+        mpmsub.Job(["echo", str(i)]).with_timeout(1) for i in range(2)
+    ]
+    with mpmsub.MemoryAwareExecutor(backend=backend) as executor:
+        futures = _submit_at_once(executor, jobs)
+        results = [future.result(timeout=60) for future in futures]
+    assert results[0].failure == "timeout", results[0].error
+    assert [result.stdout for result in results[1:]] == ["0\n", "1\n"]
+    assert backend.calls["sbatch"] == 1
+    assert wait_gone(marker) == []
 
 
 def test_a_job_no_node_can_hold_is_refused_at_submit(backend: mpmsub.SlurmBackend) -> None:
@@ -141,16 +226,24 @@ def test_slurms_own_memory_kill_is_a_memory_failure(backend: mpmsub.SlurmBackend
 
 
 def test_slurm_states_map_to_mpmsubs_failures(tmp_path: Path) -> None:
-    """What an ended job without a result reads as, by its SLURM state and output."""
+    """What an ended job without a result reads as, by its SLURM state and output. A memory kill
+    keeps the memory SLURM saw it use (the runner died with it and measured nothing)."""
     launcher: Any = object.__new__(_slurm.SlurmLauncher)
+    launcher.backend = _Here(tmp_path / "work")  # scontrol knows no job 17: its largest node decides
     handle = _slurm.SlurmHandle(launcher, to_spec(["true"]), "job", lambda outcome: None, str(tmp_path / "j"))
     handle.slurm_id = "17"
-    (tmp_path / "j.out").write_text("slurmstepd: error: Exceeded job memory limit\n")
-    assert handle.outcome("FAILED", time.time()).failure == "memory"
+    (tmp_path / "j.out").write_text(
+        "slurmstepd-n1: error: StepId=17.batch exceeded memory limit (629145600 > 524288000), being killed\n"
+        "slurmstepd-n1: error: Exceeded job memory limit\n"
+        "slurmstepd-n1: error: *** JOB 17 ON n1 CANCELLED AT 2026-12-05T01:23:15 ***\n"
+    )
+    killed = handle.outcome("FAILED", time.time())
+    assert (killed.failure, killed.peak_memory) == ("memory", 600 * 2**20)
     (tmp_path / "j.out").write_text("")
     timed = handle.outcome("TIMEOUT", time.time())
     assert (timed.failure, timed.error) == ("timeout", "killed by SLURM at its time limit (SLURM job 17)")
-    assert handle.outcome("OUT_OF_MEMORY", time.time()).failure == "memory"
+    out_of_memory = handle.outcome("OUT_OF_MEMORY", time.time())
+    assert (out_of_memory.failure, out_of_memory.peak_memory) == ("memory", 2**30 - _slurm.RUNNER_MEMORY)
     assert handle.outcome("NODE_FAIL", time.time()).error == "SLURM ended SLURM job 17: NODE_FAIL"
     assert handle.outcome("COMPLETED", time.time()) is None  # the result file may yet appear
     # A killed job's result: the kill's failure, unless the job had succeeded before it landed.
@@ -169,6 +262,61 @@ def test_slurm_states_map_to_mpmsubs_failures(tmp_path: Path) -> None:
     assert ended[1].failure is None
 
 
+@pytest.mark.parametrize("array", [False, True])
+def test_a_memory_kill_without_output_keeps_the_memory_slurm_granted(
+    backend: mpmsub.SlurmBackend, tmp_path: Path, array: bool
+) -> None:
+    """A kill by SLURM's cgroup (OUT_OF_MEMORY) writes no figure: the job's allocation, from
+    scontrol, is what it was killed at; an array's element's too (scontrol show job 123_1).
+    (This node kills by JobAcctGather, not cgroups, so the state is given here, for a real job.)"""
+    argv = ["sbatch", "--parsable", "--mem=300M", "--output=/dev/null", "--wrap=true"]
+    done = backend.command([*argv, "--array=0-1"] if array else argv)
+    assert done.returncode == 0, done.stderr
+    launcher: Any = object.__new__(_slurm.SlurmLauncher)
+    launcher.backend = backend
+    handle = _slurm.SlurmHandle(launcher, to_spec(["true"]), "job", lambda outcome: None, str(tmp_path / "j"))
+    handle.slurm_id = done.stdout.strip() + ("_1" if array else "")
+    outcome = handle.outcome("OUT_OF_MEMORY", time.time())
+    assert (outcome.failure, outcome.peak_memory) == ("memory", 300 * 2**20)
+
+
+def test_a_job_without_m_killed_by_slurm_for_memory_is_retried_with_more(backend: mpmsub.SlurmBackend) -> None:
+    """A job without m runs under the partition's default memory (500M a CPU on this node);
+    SLURM kills it over that, and its retry asks for what SLURM saw it use, grown (was: 1M, made
+    strict, so the retry failed at once)."""
+    with mpmsub.MemoryAwareExecutor(backend=backend) as executor:
+        job = mpmsub.Job(alloc_cmd(700, hold=2, steps=7, step_delay=0.2)).with_retries(1, memory_growth=1.5)
+        result = executor.submit(job).result()
+    assert result.success, result.error
+    assert result.attempts == 2
+    assert result.memory_requested is not None and result.memory_requested > 500 * 1.5  # what it was killed over, grown
+
+
+def test_a_job_dead_of_slurms_time_limit_signal_reads_as_a_timeout(tmp_path: Path) -> None:
+    """At a time limit SLURM sends SIGTERM to every process of the job: the job's own may die of
+    it before the runner sees its signal, and the runner's result says "killed by signal
+    SIGTERM". With SLURM's TIMEOUT that is SLURM's timeout. (SLURM enforces a limit, of a minute
+    at least, up to 30 s late: the signal is sent here, to the real runner; a real limit, tried
+    by hand with `scontrol update JobId=N EndTime=now`, ended the same way.)"""
+    marker = unique_sleep()
+    (tmp_path / "j.spec").write_bytes(KEY + _remote.pack(to_spec(["sleep", marker]), strict=False, shared=True))
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "mpmsub", "_run-job", str(tmp_path / "j.spec"), str(tmp_path / "j.result")]
+    )
+    assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 1)
+    for process in wait_gone(marker, 0):
+        process.terminate()
+    assert runner.wait(timeout=30) == 0
+    launcher: Any = object.__new__(_slurm.SlurmLauncher)
+    launcher.key = KEY
+    handle = _slurm.SlurmHandle(launcher, to_spec(["sleep", marker]), "job", lambda outcome: None, str(tmp_path / "j"))
+    handle.slurm_id = "19"
+    assert handle.outcome("COMPLETED", time.time()).error == "killed by signal SIGTERM"  # what the runner says
+    outcome = handle.outcome("TIMEOUT", time.time())
+    assert (outcome.failure, outcome.error) == ("timeout", "killed by SLURM at its time limit (SLURM job 19)")
+    assert outcome.returncodes == [-15] and outcome.runtime > 0
+
+
 def test_slurms_stop_answered_by_the_runner_reads_as_slurms_reason(tmp_path: Path) -> None:
     """The runner answers SLURM's SIGTERM at a time limit with a cancelled result: it reads as a
     timeout, with the runner's measurements."""
@@ -185,17 +333,19 @@ def test_slurms_stop_answered_by_the_runner_reads_as_slurms_reason(tmp_path: Pat
     assert handle.outcome("COMPLETED", time.time()).failure == "cancelled"  # not SLURM's stop: as it came
 
 
-def test_a_runner_signalled_with_its_job_reports_the_stop_not_the_shells_exit(tmp_path: Path) -> None:
-    """scancel signals every process of a job at once: the runner, and the job's own processes.
-    A shell whose children die of it exits 0; the runner, stopped too, reports the stop. (Without
-    that rule this test failed in three of six runs: the shell's exit 0 came back as a success.)"""
+@pytest.mark.parametrize("shell", [True, False])
+def test_a_runner_signalled_with_its_job_reports_the_stop_not_the_jobs_end(tmp_path: Path, shell: bool) -> None:
+    """scancel (or a time limit) signals every process of a job at once: the runner, and the
+    job's own processes. A shell whose children die of it exits 0, a job that dies of it is a
+    signal failure; the runner, stopped too, reports the stop. (Without that rule the shell's
+    exit 0 came back as a success in three of six runs.)"""
     marker = unique_sleep()
-    spec = to_spec(["sh", "-c", f"sleep {marker} & sleep {marker}; wait"])
+    spec = to_spec(["sh", "-c", f"sleep {marker} & sleep {marker}; wait"] if shell else ["sleep", marker])
     (tmp_path / "spec").write_bytes(KEY + _remote.pack(spec, strict=False, shared=True))
     runner = subprocess.Popen(
         [sys.executable, "-m", "mpmsub", "_run-job", str(tmp_path / "spec"), str(tmp_path / "result")]
     )
-    assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 2)  # the two sleeps
+    assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == (2 if shell else 1))  # the sleeps
     for process in wait_gone(marker, 0):  # the children first: without the runner's stop, sh would exit 0
         process.terminate()
     runner.terminate()
@@ -204,6 +354,74 @@ def test_a_runner_signalled_with_its_job_reports_the_stop_not_the_shells_exit(tm
     assert outcome.failure == "cancelled", (outcome.returncodes, outcome.error)
     assert outcome.error.startswith("killed: SLURM sent SIGTERM")
     assert wait_gone(marker) == []
+
+
+def test_a_result_that_never_appears_names_the_workdir_and_the_node(
+    backend: mpmsub.SlurmBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that does not share the workdir writes the job's files elsewhere: played here by
+    an "interpreter" that removes its output file and exits 0. The job completes in SLURM, and
+    no file appears: the error says where they were awaited, and which node may not share it."""
+    monkeypatch.setattr(_slurm, "_RESULT_WAIT", 1.0)  # 30 s for a slow shared filesystem
+    elsewhere = tmp_path / "elsewhere.sh"
+    elsewhere.write_text('#!/bin/sh\nrm -f "${4%.spec}.out"\n')
+    elsewhere.chmod(0o700)
+    unshared = mpmsub.SlurmBackend(workdir=backend.workdir, python=str(elsewhere), max_poll=1.0)
+    with mpmsub.MemoryAwareExecutor(backend=unshared) as executor:
+        result = executor.submit(["true"]).result()
+    node = unshared.nodes()[0].name
+    assert result.failure == "error"
+    assert re.fullmatch(
+        rf"SLURM ended SLURM job \d+: COMPLETED; neither its result nor its output file appeared in"
+        rf" {re.escape(backend.workdir)}/mpmsub-\S+: the workdir {re.escape(backend.workdir)} may not be shared"
+        rf" with node {node} \(it must be on a filesystem both mount at the same path\)",
+        result.error,
+    ), result.error
+
+
+_DRIVER = """
+import sys, time, mpmsub
+workdir, marker, ran = sys.argv[1:]
+backend = mpmsub.SlurmBackend(workdir=workdir, heartbeat_timeout=2, max_poll=1.0)
+whole = sum(node.cpus for node in backend.nodes())
+executor = mpmsub.MemoryAwareExecutor(backend=backend)
+executor.submit(mpmsub.Job(["sleep", marker]).cpu(whole).with_id("orphan-" + marker))
+executor.submit(mpmsub.Job(["sh", "-c", f"touch {ran}; sleep {marker}"]).cpu(whole).with_id("pending-" + marker))
+time.sleep(600)
+"""
+
+
+def test_the_jobs_of_a_driver_killed_with_sigkill_end_on_their_own(slurm: None, tmp_path: Path) -> None:
+    """A driver killed with -9 cancels nothing: its running job stops once the heartbeat is older
+    than heartbeat_timeout, and its pending job, when it starts, never runs its command."""
+    marker, ran = unique_sleep(), tmp_path / "ran"
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(tmp_path / "work"), marker, str(ran)])
+
+    def states() -> List[str]:
+        listed = subprocess.run(
+            ["squeue", "-h", "-t", "all", "--array", "-o", "%i %j %T"], capture_output=True, text=True
+        )
+        return sorted(line for line in listed.stdout.split("\n") if marker in line)  # one array, or two jobs
+
+    try:
+        assert remote_batch.wait_for(lambda: len(wait_gone(marker, 0)) == 1)
+        assert remote_batch.wait_for(lambda: any(line.endswith("PENDING") for line in states()))
+        driver.kill()
+        driver.wait()
+        assert remote_batch.wait_for(lambda: all(line.endswith("COMPLETED") for line in states())), states()
+        assert wait_gone(marker, 0) == []
+        assert len(states()) == 2 and not ran.exists()
+    finally:
+        driver.kill()
+        driver.wait()
+        for line in states():
+            subprocess.run(["scancel", line.split()[0]], check=False)
+
+
+@pytest.mark.parametrize("value", [0, 0.5, -1, 86401, float("inf"), float("nan"), True, "60"])
+def test_a_bad_heartbeat_timeout_is_refused_naming_it(value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"invalid heartbeat_timeout {re.escape(repr(value))}: expected a number"):
+        mpmsub.SlurmBackend(heartbeat_timeout=value)
 
 
 def test_a_refused_submission_is_a_start_failure(backend: mpmsub.SlurmBackend) -> None:
@@ -340,6 +558,12 @@ def test_a_missing_workdir_is_made_private(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert stat.S_IMODE(os.stat(tmp_path / "work").st_mode) == 0o700
+
+
+def test_without_a_heartbeat_jobs_run_as_before(tmp_path: Path) -> None:
+    backend = _Here(tmp_path / "work")
+    backend.heartbeat_timeout = None
+    assert _one_job(backend).success
 
 
 def _unsigned(spec: Path, result: Path) -> None:
