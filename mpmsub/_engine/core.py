@@ -243,8 +243,9 @@ class Core:
         self.watch = MemoryWatch(self)
         self.gate = LiveGate(self)
         self.monitor: Any = _NoMonitor()
+        self._flush_posted = False  # a call of launcher.flush is queued on the loop
         if launcher.defers_start:
-            launcher.on_begin = lambda job_id: loop.call_soon_threadsafe(self._began, job_id)
+            launcher.on_begin = self._began
         if monitor_interval is not None:
             from mpmsub._engine.monitor import Monitor
 
@@ -393,6 +394,11 @@ class Core:
             logger.exception("mpmsub: could not start job %s", item.job_id)
             on_exit(not_started(item.spec, ERROR, f"mpmsub could not start the job: {exc!r}"))
             return
+        if self.launcher.groups_starts and not self._flush_posted:
+            # After the callbacks already queued (the ends of a batch of results, each starting
+            # the next job): the launcher hands all their starts over at once.
+            self._flush_posted = True
+            self.loop.call_soon_threadsafe(self._flush)
         if self.launcher.local:
             self.monitor.watch(run.handle, (item, run))
 
@@ -433,13 +439,20 @@ class Core:
         resolve(self.delivery, item.future, item.spec, result)
         self.maybe_close()
 
+    def _flush(self) -> None:
+        self._flush_posted = False
+        try:
+            self.launcher.flush()
+        except Exception:  # a launcher bug: its jobs' ends say what became of them
+            logger.exception("mpmsub: could not hand the started jobs to the backend")
+
     def _began(self, job_id: str) -> None:
-        """A run handed to a launcher that defers starts has begun there: its future is running
-        (unless cancel() took it back meanwhile: take_back stops it)."""
+        """A run handed to a launcher that defers starts has begun there (any thread: no hop to
+        the loop, a look at `live` and the future's own lock): its future is running, unless
+        cancel() took it back meanwhile (take_back stops it)."""
         item = self.live.get(job_id)
-        if item is None or item.state not in _RUNS or item.future.running() or item.future.cancelled_now():
-            return
-        item.future.set_running_or_notify_cancel()
+        if item is not None:
+            item.future.begin()
 
     def take_back(self, job_id: str) -> None:
         """cancel() succeeded on the future of a job handed to a launcher that defers starts

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any, Dict, Optional, TypeVar
 
 if TYPE_CHECKING:
@@ -79,6 +79,13 @@ class JobFuture(Future[T]):
             if executor is not None:
                 executor._take_back(self)
         return True
+
+    def begin(self) -> None:
+        """Its job's run has begun where a backend runs it (any thread): a pending future is
+        running now; one cancelled or resolved meanwhile stays so."""
+        with self._condition:
+            if self._state == PENDING:
+                self._state = RUNNING
 
     def wake_cancelled(self) -> None:
         """Wake wait() and as_completed() for a future cancelled and not woken yet (on the loop's

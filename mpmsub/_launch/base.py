@@ -145,6 +145,9 @@ class Launcher(abc.ABC):
     # worker): its future stays pending, and cancel() takes it back, until the launcher calls
     # `on_begin(job_id)` (any thread; set by the engine) when it begins.
     defers_start = False
+    # True where start() only takes the job, and flush() hands over those of a round at once
+    # (on the loop, after the callbacks queued when the first was started).
+    groups_starts = False
     on_begin: Callable[[str], None] = staticmethod(lambda job_id: None)
 
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
@@ -154,6 +157,9 @@ class Launcher(abc.ABC):
     @abc.abstractmethod
     def start(self, spec: JobSpec, job_id: str, on_exit: Callable[[Outcome], None]) -> Handle:
         """Start `spec`; call `on_exit` once when it is over."""
+
+    def flush(self) -> None:  # noqa: B027 - optional hook, nothing held back by default
+        """Hand over what start() took since the last call (see groups_starts)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what the launcher holds; called once no job is running."""

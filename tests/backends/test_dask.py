@@ -484,7 +484,7 @@ def test_a_submitting_directory_the_worker_lacks_is_a_start_failure_that_says_so
     from mpmsub._launch.base import not_started
 
     spec = to_spec(["true"])
-    handle = DaskHandle(None, spec, "j", lambda outcome: None)  # type: ignore[arg-type]
+    handle = DaskHandle(None, spec, "j", lambda outcome: None, "mpmsub-j-0")  # type: ignore[arg-type]
     answer = Returned(not_started(spec, "start", "working directory not found: '/home/me/run'"))
     outcome = handle._outcome("finished", __import__("pickle").dumps(answer))
     assert outcome.failure == "start"
