@@ -73,7 +73,7 @@ class DaskBackend(Backend):
     """
 
     name = "dask"
-    lookahead = 8  # measured: 1000 short jobs took 2.9x plain client.submit without, 1.6x with
+    lookahead = 8  # measured: 1000 short jobs took 2.9x plain client.submit without (1.6x with, before grouped starts)
 
     def __init__(self, address_or_client: Any, *, timeout: float = 10.0, worker_grace: float = 30.0) -> None:
         distributed = _distributed()
