@@ -417,6 +417,10 @@ class Core:
             outcome.failure, outcome.error = KILLED, f"{item.killed[0]} (it was being stopped: {outcome.error})"
         result = make_result(item.spec, item.job_id, outcome, item.attempts, item.requeued, item.estimate)
         item.last_result = result
+        if self.launcher.defers_start and not item.future.running():
+            # Ended before it began there (killed, lost): from here cancel() fails, as for a
+            # running job; one that succeeded already wins (under the future's lock either way).
+            item.future.begin()
         if item.future.cancelled_now():  # cancel() took it back before it began (take_back)
             self._taken_back(item, run, result)
             return
@@ -599,6 +603,14 @@ class Core:
             reason = kill_reason or "the executor was shut down with cancel_futures=True"
             for item in self.auto.clear() + self.scheduler.clear():
                 self._drop(item, reason)
+            if kill_reason is None and self.launcher.defers_start:
+                # Handed to the backend and not begun there: pending futures, cancelled too (on
+                # the delivery thread, as cancel() on its caller's: take_back then stops them).
+                for item in list(self.running.values()):
+                    if not item.future.running():
+                        self.delivery.cancel(item.future)
+                        if item.future.cancelled_now():  # at once: no one was waiting on it
+                            self.take_back(item.job_id)
         else:  # after a plain shutdown the queued jobs still run, as in the standard library
             self.dispatch()  # drops the jobs cancelled while queued, which may be all that is left
         if kill_reason is not None:

@@ -68,9 +68,10 @@ class JobFuture(Future[T]):
         return condition
 
     def cancel(self) -> bool:
-        """Cancel the job if it has not begun: True if it is cancelled now (then it never runs).
-        A job waits in the executor's queue, or, on Dask, also as a task handed to the cluster
-        that no worker has begun yet: such a task is taken back. False once it runs (see kill())."""
+        """Cancel the job if it has not begun: True if it is cancelled now. A job waits in the
+        executor's queue, or, on Dask, also as a task handed to the cluster that no worker has
+        begun yet: such a task is taken back (a worker may have begun it a moment before: it is
+        then killed). False once it runs (see kill())."""
         if not super().cancel():
             return False
         if self.__dict__.get("_handed"):

@@ -5,6 +5,7 @@ that has been replaced, a probe cancelled after it was chosen) run here exactly,
 
 from __future__ import annotations
 
+import concurrent.futures
 import heapq
 import itertools
 from typing import Any, Callable, List, Optional, Tuple
@@ -110,11 +111,17 @@ class Rig:
     """A core with its fakes, and the jobs given to it."""
 
     def __init__(
-        self, cpus: int = 2, memory_mb: int = 1000, probe_memory: Optional[int] = None, trace: Any = None
+        self,
+        cpus: int = 2,
+        memory_mb: int = 1000,
+        probe_memory: Optional[int] = None,
+        trace: Any = None,
+        defers_start: bool = False,
     ) -> None:
         self.clock = FakeClock()
         self.loop = FakeLoop(self.clock)
         self.launcher = FakeLauncher()
+        self.launcher.defers_start = defers_start  # as Dask's: a job handed over begins later
         settings = Settings(
             memory=memory_mb * MB,
             cpus=cpus,
@@ -470,3 +477,52 @@ def test_the_trace_says_killed_for_a_job_killed_before_its_run_began() -> None:
     # kill's caller first (as cancel() is). A caller's own cancel stays cancelled.
     assert ("killed", "j2", True) in events and ("killed", "j0", False) in events
     assert ("cancelled", "j3", True) in events
+
+
+# -- a launcher that defers starts (Dask's): futures pending until the run begins there -----------
+
+
+def test_a_handed_job_is_pending_until_it_begins_and_cancel_takes_it_back() -> None:
+    rig = Rig(defers_start=True)
+    a, b = rig.submit(Job(["tool"])), rig.submit(Job(["other"]))
+    assert a.state is b.state is RunState.RUNNING and not a.future.running() and not b.future.running()
+    rig.launcher.on_begin("j0")
+    assert a.future.running() and not a.future.cancel()
+    assert b.future.cancel()  # (the executor's future then asks the loop to take it back)
+    rig.core.take_back("j1")
+    assert rig.launcher.running("j1").killed == ("cancelled", "cancelled before it started")
+    rig.end(b)
+    assert b.state is RunState.DONE and b.future.cancelled() and b.future.usage is None
+    assert concurrent.futures.wait([b.future], timeout=0).done == {b.future}  # its waiters woken
+    rig.end(a)
+    assert result_of(a).success and rig.states() == ["done", "done"]
+
+
+def test_a_handed_job_that_ended_before_it_began_is_running_for_its_retry() -> None:
+    """Its end decides: a cancel() after it fails, as for a running job (the retry's end, or a
+    terminate, resolves the future; a cancelled one would refuse the result)."""
+    rig = Rig(cpus=1, defers_start=True)
+    a = rig.submit(Job(["tool"]).with_retries(1))
+    rig.launcher.running("j0").kill("error", "its Dask worker left")
+    rig.end(a)
+    assert a.state is RunState.RUNNING and a.runs == 2 and a.future.running()  # its retry, handed
+    assert not a.future.cancel()
+    rig.core.shut_down(True, "stopped by the test")
+    rig.end(a)
+    assert result_of(a).failure == "cancelled" and result_of(a).attempts == 2
+
+
+def test_shutdown_with_cancel_futures_takes_back_the_handed_jobs_not_begun() -> None:
+    rig = Rig(defers_start=True)
+    a, b = rig.submit(Job(["tool"])), rig.submit(Job(["other"]))
+    rig.launcher.on_begin("j1")
+    rig.core.advance(Lifecycle.SHUT_DOWN)
+    rig.core.shut_down(True, None)
+    # Cancelled on the delivery thread (callbacks never run on the loop), then taken back.
+    assert concurrent.futures.wait([a.future], timeout=10).done == {a.future}
+    rig.core.take_back("j0")  # what the executor's future asks of the loop once cancelled
+    assert a.future.cancelled() and rig.launcher.running("j0").killed == ("cancelled", "cancelled before it started")
+    assert rig.launcher.running("j1").killed is None  # begun: it runs on
+    rig.end(a)
+    rig.end(b)
+    assert result_of(b).success and rig.core.lifecycle is Lifecycle.CLOSED
