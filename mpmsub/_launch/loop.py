@@ -67,6 +67,7 @@ class EventLoop:
         # and the wake-up flag.
         self._close_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._ended = threading.Event()  # set by the loop's thread as it ends (see join)
 
     # -- from any thread ------------------------------------------------------------------------
 
@@ -96,10 +97,13 @@ class EventLoop:
                 self._wake_pending = True
 
     def join(self, timeout: Optional[float] = None) -> None:
-        self._thread.join(timeout)
+        """Wait for the loop to end. Not Thread.join: on Python 3.11, a Ctrl-C that interrupts
+        Thread.join marks a thread that runs on as stopped (is_alive() then says False), and an
+        executor would take its loop for ended, and leave its jobs running."""
+        self._ended.wait(timeout)
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._ended.is_set()
 
     # -- on the loop thread only ----------------------------------------------------------------
 
@@ -148,7 +152,10 @@ class EventLoop:
                 except Exception:  # a bug in the loop itself: keep serving the jobs
                     logger.exception("mpmsub internal error in the event loop")
         finally:
-            self._close()
+            try:
+                self._close()
+            finally:
+                self._ended.set()
 
     def _run_once(self) -> None:
         timeout: Optional[float]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -345,6 +346,40 @@ def test_ctrl_c_in_a_driver_script_leaves_no_process(tmp_path: Path) -> None:
     _, stderr = proc.communicate(timeout=30)
     assert b"KeyboardInterrupt" in stderr
     assert not wait_gone(marker)
+
+
+def test_ctrl_c_during_shutdown_wait_stops_every_job_in_a_process_that_goes_on(tmp_path: Path) -> None:
+    """As in a notebook: the KeyboardInterrupt is caught, and the process lives on. Its jobs must
+    be stopped and their futures done by then (on Python 3.11 an interrupted Thread.join left
+    the executor taking its loop for ended)."""
+    marker = unique_sleep()
+    script = tmp_path / "driver.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import json, subprocess, time, mpmsub
+        ex = mpmsub.MemoryAwareExecutor(cpus=2, memory="1G", kill_grace=0.5, history=False)
+        futures = [ex.submit(["sleep", "{marker}"]) for _ in range(6)]
+        while not futures[0].running():
+            time.sleep(0.01)
+        print("ready", flush=True)
+        try:
+            ex.shutdown(wait=True)
+        except KeyboardInterrupt:
+            pass
+        done = [f.done() for f in futures]
+        left = subprocess.run(["pgrep", "-f", "sleep {marker}"], capture_output=True, text=True).stdout.split()
+        print(json.dumps({{"done": done, "left": left}}), flush=True)
+    """)
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mpmsub.__file__).parent.parent), *sys.path])}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, stderr = proc.communicate(timeout=30)
+    seen = json.loads(out.decode().splitlines()[-1])
+    assert seen == {"done": [True] * 6, "left": []}, stderr.decode()[-2000:]
 
 
 def test_program_exit_without_shutdown_finishes_the_jobs(tmp_path: Path) -> None:
