@@ -75,6 +75,8 @@ _MEMORY_USED = re.compile(r"exceeded memory limit \((\d+) > \d+\)")  # slurmstep
 _ALLOCATED = re.compile(r"\bTRES=\S*?\bmem=(\d+(?:\.\d+)?[KMGT]?)\b")  # scontrol show job: its --mem, as granted
 # What a runner reports when SLURM's signal stopped its job, rather than its own verdict.
 _STOP_ANSWERS = (CANCELLED, SIGNAL, EXIT)
+# sbatch's refusal for a limit on the jobs a user or account may have in SLURM at once.
+_SUBMIT_LIMIT = re.compile(r"MaxSubmitJob|job submit limit", re.IGNORECASE)
 
 
 class SlurmError(MpmsubError, RuntimeError):
@@ -220,6 +222,9 @@ class SlurmLauncher(Launcher):
         self._new: List[SlurmHandle] = []  # started, not yet submitted
         self._kills: List[SlurmHandle] = []
         self._active: Dict[str, SlurmHandle] = {}  # by SLURM job id (the thread's)
+        # Refused for the site's submit limit (MaxSubmitJobs): submitted again at the next poll
+        # that sees jobs end, or at the next poll at all when none of ours is in SLURM (the thread's).
+        self._held: List[SlurmHandle] = []
         self._closing = False
         # Started now, with the executor: a job that ends a program without shutdown() is started
         # at interpreter shutdown, when Python 3.12.0-3.12.2 start no thread.
@@ -295,7 +300,7 @@ class SlurmLauncher(Launcher):
         while True:
             with self._cond:
                 while not (self._new or self._kills or self._closing):
-                    wait = None if not self._active else next_poll - time.monotonic()
+                    wait = None if not (self._active or self._held) else next_poll - time.monotonic()
                     if wait is not None and wait <= 0:
                         break
                     self._cond.wait(wait)
@@ -307,24 +312,32 @@ class SlurmLauncher(Launcher):
                 self._submit(new)
                 if kills:
                     self._cancel(kills)
+                    for handle in list(self._held):
+                        if handle.killed is not None:  # never submitted: it ends now
+                            self._held.remove(handle)
+                            handle.end(not_started(handle.spec, *handle.killed))
                 if new or kills:
                     interval = _MIN_POLL  # something changed: look again soon
                     next_poll = min(next_poll, time.monotonic() + interval)
-                if self._active and time.monotonic() >= next_poll:
+                if (self._active or self._held) and time.monotonic() >= next_poll:
+                    changed = False
                     try:
-                        changed = self._poll()
+                        changed = bool(self._active) and self._poll()
                     except SlurmError as exc:  # a busy controller: look again later
                         logger.warning("mpmsub: %s; polling again later", exc)
-                        changed = False
+                    if self._held and (changed or not self._active):
+                        held, self._held = self._held, []
+                        self._submit(held)
                     interval = _MIN_POLL if changed else min(self.backend.max_poll, interval * _BACKOFF)
                     next_poll = time.monotonic() + interval
             except Exception:  # a bug or a SLURM failure must not leave jobs without an end
                 logger.exception("mpmsub: the SLURM thread failed; its jobs end as errors")
                 with contextlib.suppress(Exception):
                     self._cancel(list(self._active.values()))
-                for handle in list(self._active.values()) + new:
+                for handle in list(self._active.values()) + new + self._held:
                     handle.end(not_started(handle.spec, ERROR, "mpmsub's SLURM thread failed"))
                 self._active.clear()
+                self._held.clear()
                 time.sleep(_MIN_POLL)
 
     def _submit(self, new: List[SlurmHandle]) -> None:
@@ -360,6 +373,13 @@ class SlurmLauncher(Launcher):
         slurm_id = done.stdout.strip().split(";")[0]
         if done.returncode != 0 or not slurm_id.isdigit():
             why = _last_line(done.stderr) or f"sbatch exited with status {done.returncode}"
+            if _SUBMIT_LIMIT.search(done.stderr):  # the site's cap on pending jobs: later, not never
+                if not self._held:
+                    logger.warning("mpmsub: SLURM's submit limit (%s): jobs wait for earlier ones to end", why)
+                for handle in handles:
+                    handle.remove_files()
+                self._held.extend(handles)
+                return
             self._refused(handles, f"SLURM refused it: {why}")
             return
         now = time.time()

@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import shlex
+import shutil
 import socket
 import stat
 import subprocess
@@ -87,6 +88,34 @@ def test_jobs_alike_go_out_as_one_job_array_each(backend: mpmsub.SlurmBackend) -
     assert backend.calls["sbatch"] == 2
     assert backend.calls["scontrol"] == 1  # MaxArraySize, asked once
     assert os.listdir(backend.workdir) == []
+
+
+SBATCH_OVER_LIMIT = """#!/bin/sh
+# The site's submit limit the first time (as sbatch says it), then the real sbatch.
+if [ ! -e "{seen}" ]; then
+    touch "{seen}"
+    echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2
+    echo "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit, \\
+user's size and/or time limits)" >&2
+    exit 1
+fi
+exec {sbatch} "$@"
+"""
+
+
+def test_jobs_refused_for_the_sites_submit_limit_are_submitted_again_later(
+    backend: mpmsub.SlurmBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal for MaxSubmitJobs is not the jobs' failure: they wait, and go out again."""
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text(SBATCH_OVER_LIMIT.format(seen=tmp_path / "seen", sbatch=shutil.which("sbatch")))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    with mpmsub.MemoryAwareExecutor(backend=backend) as executor:
+        futures = _submit_at_once(executor, [mpmsub.Job(["echo", str(i)]) for i in range(3)])
+        assert [future.result(timeout=60).stdout for future in futures] == [f"{i}\n" for i in range(3)]
+    assert backend.calls["sbatch"] == 2  # refused, then one array
 
 
 def test_an_array_larger_than_maxarraysize_is_split(backend: mpmsub.SlurmBackend) -> None:
