@@ -10,7 +10,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, CancelledError, as_completed, wait
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import pytest
 from support.helpers import alloc_cmd, unique_sleep, wait_gone
@@ -322,6 +322,17 @@ def test_leaving_the_with_block_on_an_exception_kills_running_trees() -> None:
     assert not wait_gone(marker)
 
 
+def interrupted_when_ready(script: Path) -> Tuple[bytes, bytes]:
+    """Run a driver script, send it SIGINT once it prints "ready": its stdout and stderr."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mpmsub.__file__).parent.parent), *sys.path])}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=30)
+
+
 def test_ctrl_c_in_a_driver_script_leaves_no_process(tmp_path: Path) -> None:
     marker = unique_sleep()
     script = tmp_path / "driver.py"
@@ -337,13 +348,7 @@ def test_ctrl_c_in_a_driver_script_leaves_no_process(tmp_path: Path) -> None:
                 f.result()
     """)
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mpmsub.__file__).parent.parent), *sys.path])}
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"ready\n"
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=30)
+    _, stderr = interrupted_when_ready(script)
     assert b"KeyboardInterrupt" in stderr
     assert not wait_gone(marker)
 
@@ -371,13 +376,7 @@ def test_ctrl_c_during_shutdown_wait_stops_every_job_in_a_process_that_goes_on(t
         print(json.dumps({{"done": done, "left": left}}), flush=True)
     """)
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(mpmsub.__file__).parent.parent), *sys.path])}
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"ready\n"
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    out, stderr = proc.communicate(timeout=30)
+    out, stderr = interrupted_when_ready(script)
     seen = json.loads(out.decode().splitlines()[-1])
     assert seen == {"done": [True] * 6, "left": []}, stderr.decode()[-2000:]
 
