@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Tuple
 
 from mpmsub._launch.base import Launcher
 from mpmsub._launch.loop import EventLoop
@@ -98,6 +98,14 @@ class LocalBackend(Backend):
 
     def __repr__(self) -> str:
         return "'local'"
+
+
+def seconds(name: str, value: object, ok: Callable[[float], bool], expected: str) -> float:
+    """A backend's option of seconds, as a float; ValueError naming it and `expected` where it
+    is no plain number (a bool is none) or `ok` refuses it (NaN and infinity fail every bound)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ValueError(f"invalid {name} {value!r}: expected {expected}")
+    return float(value)
 
 
 def size(backend: Backend, cpus: Optional[int], memory: Optional[int]) -> Tuple[int, int]:

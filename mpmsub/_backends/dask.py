@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 from mpmsub import _threads
 from mpmsub._backends import remote as _remote
-from mpmsub._backends.base import Backend, LaunchOptions, Node, largest_fit, most_memory
+from mpmsub._backends.base import Backend, LaunchOptions, Node, largest_fit, most_memory, seconds
 from mpmsub._launch.base import Handle, Launcher, Outcome, not_started
 from mpmsub._result import CANCELLED, ERROR, PICKLE, START, FailureKind
 from mpmsub._spec import JobSpec
@@ -90,16 +90,12 @@ class DaskBackend(Backend):
                 "DaskBackend takes a scheduler's address (such as 'tcp://host:8786') or a distributed.Client; "
                 f"got {address_or_client!r} ({type(address_or_client).__name__})"
             )
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
-            raise ValueError(f"invalid timeout {timeout!r}: expected a number of seconds above 0, at most 86400")
-        self.timeout = float(timeout)
-        if (
-            isinstance(worker_grace, bool)
-            or not isinstance(worker_grace, (int, float))
-            or not 0 <= worker_grace <= 86400
-        ):
-            raise ValueError(f"invalid worker_grace {worker_grace!r}: expected a number of seconds from 0 to 86400")
-        self.worker_grace = float(worker_grace)
+        self.timeout = seconds(
+            "timeout", timeout, lambda s: 0 < s <= 86400, "a number of seconds above 0, at most 86400"
+        )
+        self.worker_grace = seconds(
+            "worker_grace", worker_grace, lambda s: 0 <= s <= 86400, "a number of seconds from 0 to 86400"
+        )
         self.connected = 0  # workers connected at the last look, declaring resources or not
         self._lock = threading.Lock()
         self._nodes: List[Node] = []
@@ -358,8 +354,7 @@ class DaskLauncher(Launcher):
                 spec = dataclasses.replace(spec, cwd=os.getcwd())
             except OSError as exc:
                 why = f"this process's working directory is gone ({exc.strerror}): give the job a cwd"
-                on_exit(not_started(spec, START, why))
-                handle._ended = True
+                handle.end_unstarted(START, why)
                 return handle
         if spec.call is not None:
             _send_own_modules()
@@ -375,8 +370,7 @@ class DaskLauncher(Launcher):
         groups: Dict[Tuple[int, int], List[Tuple[DaskHandle, bytes]]] = {}
         for handle, data in self._pending:
             if handle._killed is not None:  # killed before it was handed over: it never runs
-                handle._ended = True
-                handle._on_exit(not_started(handle.spec, *handle._killed))
+                handle.end_unstarted(*handle._killed)
                 continue
             groups.setdefault((handle.spec.cpus, handle.spec.memory or 0), []).append((handle, data))
         self._pending = []
@@ -400,8 +394,7 @@ class DaskLauncher(Launcher):
                 for handle, _ in group:
                     with self._cond:
                         self._handles.pop(handle.key, None)
-                    handle._ended = True
-                    handle._on_exit(not_started(handle.spec, ERROR, why))
+                    handle.end_unstarted(ERROR, why)
                 continue
             # A job no worker known can hold (its worker left before it came: a retry, say) has
             # the killer look, which fails it after worker_grace unless one that can joins.
@@ -607,6 +600,11 @@ class DaskHandle(Handle):
         self.future: Any = None
         self.worker: Optional[str] = None  # where its last run started (on the client's loop)
         self.unplaced: Optional[float] = None  # since when no connected worker can hold it (killer thread)
+
+    def end_unstarted(self, failure: FailureKind, error: str) -> None:
+        """End before its task was handed to Dask (on the loop: nothing else touches it then)."""
+        self._ended = True
+        self._on_exit(not_started(self.spec, failure, error))
 
     def finish(self, future: Any, result: Any) -> None:
         """The task is over: `result` is what it returned, or (type, exception, traceback) for

@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mpmsub import _files, _threads
 from mpmsub._backends import remote as _remote
-from mpmsub._backends.base import Backend, LaunchOptions, Node, largest_fit, most_memory
+from mpmsub._backends.base import Backend, LaunchOptions, Node, largest_fit, most_memory, seconds
 from mpmsub._errors import MpmsubError
 from mpmsub._launch.base import Handle, Launcher, Outcome, not_started
 from mpmsub._result import CANCELLED, ERROR, EXIT, MEMORY, SIGNAL, START, TIMEOUT, FailureKind
@@ -120,22 +120,20 @@ class SlurmBackend(Backend):
         if isinstance(extra_args, str) or not all(isinstance(arg, str) for arg in extra_args):
             raise TypeError(f"extra_args must be a list of strings, such as ['--qos=high']; got {extra_args!r}")
         # With inf the wait between polls would grow without end (1.5 times each quiet poll)
-        if isinstance(max_poll, bool) or not isinstance(max_poll, (int, float)) or not _MIN_POLL <= max_poll <= 86400:
-            raise ValueError(f"invalid max_poll {max_poll!r}: expected a number of seconds, from {_MIN_POLL} to 86400")
-        if heartbeat_timeout is not None and (
-            isinstance(heartbeat_timeout, bool)
-            or not isinstance(heartbeat_timeout, (int, float))
-            or not 1 <= heartbeat_timeout <= 86400
-        ):
+        polls = seconds(
+            "max_poll", max_poll, lambda s: _MIN_POLL <= s <= 86400, f"a number of seconds, from {_MIN_POLL} to 86400"
+        )
+        beats = None
+        if heartbeat_timeout is not None:
             expected = "a number of seconds, from 1 to 86400, or None"
-            raise ValueError(f"invalid heartbeat_timeout {heartbeat_timeout!r}: expected {expected}")
+            beats = seconds("heartbeat_timeout", heartbeat_timeout, lambda s: 1 <= s <= 86400, expected)
         self.partition = partition
         self.account = account
         self.extra_args = tuple(extra_args)
         self.workdir = os.path.abspath(workdir or ".mpmsub-slurm")
         self.python = python or sys.executable
-        self.max_poll = float(max_poll)
-        self.heartbeat_timeout = None if heartbeat_timeout is None else float(heartbeat_timeout)
+        self.max_poll = polls
+        self.heartbeat_timeout = beats
         self.calls: Counter[str] = Counter()  # SLURM commands run, by name (sbatch, squeue, ...)
         self._nodes: Optional[List[Node]] = None
         self._max_array: Optional[int] = None
