@@ -23,6 +23,7 @@ from typing import (
     Iterable,
     Iterator,
     List,
+    Mapping,
     NoReturn,
     Optional,
     Set,
@@ -34,7 +35,14 @@ from typing import (
 
 from mpmsub._backends.base import resolve as resolve_backend
 from mpmsub._backends.base import size as backend_size
-from mpmsub._engine.executor import DEFAULT_OUTPUT_LIMIT, MemoryAwareExecutor, RunningJob, check_learning
+from mpmsub._engine.devices import GpuDevices
+from mpmsub._engine.executor import (
+    DEFAULT_OUTPUT_LIMIT,
+    ExecutorStatus,
+    MemoryAwareExecutor,
+    RunningJob,
+    check_learning,
+)
 from mpmsub._engine.future import JobFuture
 from mpmsub._job import pick_one, to_spec
 from mpmsub._policy.ledger import Ledger
@@ -42,7 +50,7 @@ from mpmsub._policy.scheduler import check_policy
 from mpmsub._report.progress import ProgressBar
 from mpmsub._result import CANCELLED, KILLED, JobResult, never_ran
 from mpmsub._spec import JobSpec
-from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory
+from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_memory, parse_resources
 from mpmsub.utils import as_original_dict, format_duration
 from mpmsub.utils import format_memory as format_mb
 
@@ -119,6 +127,8 @@ class JobList:
                     job_id = self._next_auto_id()
                 self._ids.add(job_id)
                 claimed.append(job_id)
+                if spec.gpus:
+                    self._cluster._gpus.ready(self._cluster._capacity)
                 why = self._cluster._capacity.why_never_fits(request)
                 if why is not None:
                     raise ValueError(f"job {job_id!r} can never run on this cluster: {why}")
@@ -194,6 +204,7 @@ class Cluster:
 
     `trace` is a file each `run()` (and `profile()`) writes its trace to, anew (see
     MemoryAwareExecutor); `report()` makes an HTML report of the last one, with or without it.
+    `resources` (named pools) and `gpus` (devices) are MemoryAwareExecutor's too.
     """
 
     def __init__(
@@ -209,6 +220,8 @@ class Cluster:
         probe_memory: Optional[MemoryLike] = None,
         trace: Optional[PathLike] = None,
         output_limit: Optional[MemoryLike] = DEFAULT_OUTPUT_LIMIT,
+        resources: Optional[Mapping[str, int]] = None,
+        gpus: Any = None,
     ) -> None:
         self.schedule = check_policy(schedule)
         self.trace: Optional[PathLike] = None
@@ -240,7 +253,11 @@ class Cluster:
         # A taken id is renamed (with a warning), as the original accepted it; the command line,
         # whose joblog finds jobs by id, refuses it instead.
         self._refuse_duplicate_ids = False
-        self._capacity = Ledger(self.max_cpus, self._memory)
+        self.resources: Dict[str, int] = {} if resources is None else parse_resources(resources)
+        self._gpus = GpuDevices(gpus, self.backend.local)  # None: detected when a job first asks for one
+        self._capacity = Ledger(
+            self.max_cpus, self._memory, None, self.resources, self._gpus.places(), here=self.backend.local
+        )
         self._wall_time: Optional[float] = None
         self._max_workers: Optional[int] = None
         self._runtimes: Dict[str, float] = {}  # command line -> runtime of its last successful run
@@ -321,6 +338,8 @@ class Cluster:
         # The executor takes a bare number of memory as MB (the seed's unit).
         learning = {**self._learning, **learning, "trace": self.trace}
         learning["output_limit"] = self._output_limit
+        learning["resources"] = self.resources
+        learning["gpus"] = self._gpus  # the devices as this cluster found them (or detects them)
         if self._whole:  # the executor sizes itself by the backend (and hands it jobs ahead)
             return _RunExecutor(max_workers=max_workers, schedule=schedule, backend=self.backend, **learning)
         return _RunExecutor(
@@ -416,7 +435,7 @@ class Cluster:
     def stats(self) -> Dict[str, Any]:
         """Statistics of every job run so far: `stats["jobs"]["total"|"completed"|"failed"]`, ...
         (`failed` is every job that did not succeed, those counted in `cancelled` and `killed`
-        among them).
+        among them); `stats["cluster"]` has its `gpus` (how many) and named `resources` too.
 
         Also the original's keys: `cluster` `max_cpus`, `max_memory_mb`, `max_memory` ('2.0G'),
         `runtime` and `runtime_formatted` (of the last run, or the one under way); `jobs`
@@ -429,6 +448,8 @@ class Cluster:
             memory=self._memory,
             wall_time=self._wall_time,
             max_workers=self._max_workers,
+            resources=self.resources,
+            gpus=len(self._gpus.devices or ()),  # none until a job asks for one, where not given
         )
         active = self._active
         pending = len(self.jobs)
@@ -478,10 +499,11 @@ class Cluster:
         return report_to(source, path, plots, stacklevel=3)  # the warning points at the caller
 
     def describe_resources(self) -> None:
-        """Print the cluster's CPUs and memory next to what this machine has."""
+        """Print the cluster's CPUs and memory next to what this machine has, and its GPUs (given,
+        or detected once a job asked for one) and named resources."""
         from mpmsub._report import text as _report
 
-        text = _report.resources_text(self.max_cpus, self._memory)
+        text = _report.resources_text(self.max_cpus, self._memory, self.resources, self._gpus.places())
         if not self.backend.local:
             text = text.replace(" for jobs (this machine", f" for jobs on {self.backend!r} (this machine", 2)
         print(text)
@@ -605,7 +627,18 @@ class _Batch:
             status.reserved_memory,
             status.memory_in_use,
             killed=self._killed_count,
+            held=self._held(status),
         )
+
+    def _held(self, status: ExecutorStatus) -> List[Tuple[str, int, int]]:
+        """The GPUs and named resources the running jobs hold, of the run's, for the bar."""
+        held = []
+        devices = self.cluster._gpus.devices
+        if devices:  # (none where a remote backend has them: its own scheduler places jobs there)
+            held.append(("gpu", len(status.gpus_in_use), len(devices)))
+        pools = self.cluster.resources
+        held += [(name, status.reserved_resources.get(name, 0), pools[name]) for name in sorted(pools)]
+        return held
 
     def kill(self, job_id: str, reason: Optional[str]) -> bool:
         """Kill one of the batch's jobs (any thread)."""
@@ -747,6 +780,8 @@ def cluster(
     trace: Optional[PathLike] = None,
     output_limit: Optional[MemoryLike] = DEFAULT_OUTPUT_LIMIT,
     describe: bool = False,
+    resources: Optional[Mapping[str, int]] = None,
+    gpus: Any = None,
 ) -> Cluster:
     """Create a Cluster: `mpmsub.cluster(p=4, m="8G")`; `cpu`/`cpus` and `memory` are aliases.
     With `describe`, print its resources beside the machine's (`describe_resources()`)."""
@@ -762,6 +797,8 @@ def cluster(
         probe_memory=probe_memory,
         trace=trace,
         output_limit=output_limit,
+        resources=resources,
+        gpus=gpus,
     )
     if describe:
         made.describe_resources()

@@ -15,7 +15,7 @@ else:  # pragma: no cover - Python 3.9 and 3.10
     from typing_extensions import Self
 
 from mpmsub._spec import Argv, JobSpec
-from mpmsub._units import MemoryLike, parse_cpus, parse_duration, parse_memory, shown
+from mpmsub._units import MB, MemoryLike, parse_count, parse_cpus, parse_duration, parse_memory, parse_resources, shown
 
 if TYPE_CHECKING:
     pass
@@ -152,6 +152,21 @@ def optional_fields(job: Union[Job, JobSpec]) -> Dict[str, Any]:
         data["priority"] = job.priority
     if job.key is not None:
         data["key"] = job.key
+    gpu_memory: Optional[MemoryLike]
+    if isinstance(job, Resources):
+        pools, gpu_memory = job.pools, job.gpu_memory
+    else:  # a spec's bytes as the MB a job dict's number means
+        pools, gpu_memory = dict(job.resources), AUTO if job.gpu_auto else job.gpu_memory
+        if isinstance(gpu_memory, int):
+            gpu_memory = gpu_memory // MB if gpu_memory % MB == 0 else gpu_memory / MB
+    if pools:
+        data["resources"] = dict(pools)
+    if job.gpus:
+        data["gpus"] = job.gpus
+        if gpu_memory is not None:
+            data["gpu_memory"] = gpu_memory
+        if job.gpu_strict:
+            data["gpu_strict"] = True
     if job.retries:
         data.update(retries=job.retries, memory_growth=job.memory_growth)
     return data
@@ -204,6 +219,10 @@ class Resources(abc.ABC):
         self.strict: Optional[bool] = None
         self.priority: int = 0
         self.key: Optional[str] = None
+        self.pools: Dict[str, int] = {}  # named resources: resources()
+        self.gpus: int = 0
+        self.gpu_memory: Optional[MemoryLike] = None
+        self.gpu_strict: bool = False
 
     def _configure(
         self,
@@ -279,6 +298,38 @@ class Resources(abc.ABC):
         self.strict = enabled
         return self
 
+    def resources(self, counts: Optional[Mapping[str, int]] = None, /, **more: int) -> Self:
+        """Hold units of the executor's named resources while it runs: `.resources(licence=1)`
+        (or a mapping). The executor must have them (`resources=` on it)."""
+        if counts is not None and not isinstance(counts, Mapping):
+            raise TypeError(f"resources() takes a mapping or NAME=COUNT arguments; got {shown(counts)}")
+        self.pools = parse_resources({**(counts or {}), **more})
+        return self
+
+    def gpu(self, n: int = 1, memory: Optional[MemoryLike] = None, strict: bool = False) -> Self:
+        """Give it `n` GPU devices of its own, named in its CUDA_VISIBLE_DEVICES; with `memory`,
+        that much GPU memory on each instead, sharing devices with other jobs whose reservations
+        fit ("auto": predicted from the GPU peaks of its past runs, whole devices until one was
+        measured). `strict` stops it when its processes use more GPU memory than that (measured
+        with NVML). `gpu(0)` asks for none."""
+        gpus = parse_count(n, "gpus (number of GPUs)")
+        if is_auto(memory):
+            memory = AUTO
+            if strict:
+                raise ValueError("gpu strict needs a GPU memory to hold the job to, not 'auto'")
+        elif memory is not None:
+            parse_memory(memory, "gpu memory")
+        if memory is not None and not gpus:
+            raise ValueError(f"gpu memory {memory!r} is given for 0 GPUs: ask for at least 1")
+        if not isinstance(strict, bool):
+            raise TypeError(f"gpu strict must be True or False; got {strict!r}")
+        if strict and memory is None:
+            raise ValueError(
+                "gpu strict needs the job's GPU memory (gpu(n, memory=...)): there is nothing to hold it to"
+            )
+        self.gpus, self.gpu_memory, self.gpu_strict = gpus, memory, strict
+        return self
+
     def with_priority(self, priority: int) -> Self:
         """Start this job before queued jobs of lower priority (default 0; negative runs later)."""
         self.priority = _priority(priority)
@@ -304,6 +355,11 @@ class Resources(abc.ABC):
             "memory_growth": self.memory_growth,
             "strict": self.strict,
             "priority": self.priority,
+            "resources": tuple(sorted(self.pools.items())),
+            "gpus": self.gpus,
+            "gpu_memory": None if self.gpu_memory in (None, AUTO) else parse_memory(self.gpu_memory, "gpu memory"),
+            "gpu_strict": self.gpu_strict,
+            "gpu_auto": self.gpu_memory == AUTO,
         }
 
 
@@ -331,6 +387,10 @@ class Job(Resources):
         strict: Optional[bool] = None,
         priority: Optional[int] = None,
         key: Optional[str] = None,
+        resources: Optional[Mapping[str, int]] = None,
+        gpus: Optional[int] = None,
+        gpu_memory: Optional[MemoryLike] = None,
+        gpu_strict: Optional[bool] = None,
     ) -> None:
         if cmd is not None and pipeline is not None:
             raise ValueError("give a Job either cmd or pipeline, not both")
@@ -349,6 +409,10 @@ class Job(Resources):
         self.stdout: Optional[str] = None
         self.stderr: Optional[str] = None
         self._configure(p, m, id, timeout, retries, memory_growth, strict, priority, key)
+        if resources is not None:
+            self.resources(resources)
+        if gpus is not None or gpu_memory is not None or gpu_strict is not None:
+            self.gpu(1 if gpus is None else gpus, gpu_memory, bool(gpu_strict))
         if cwd is not None:
             self.working_dir(cwd)
         if env is not None:
@@ -431,6 +495,10 @@ _DICT_KEYS = (
     "strict",
     "priority",
     "key",
+    "resources",
+    "gpus",
+    "gpu_memory",
+    "gpu_strict",
 )
 _DICT_ALIASES = {"cpu": "p", "cpus": "p", "memory": "m"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, List, Literal, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Tuple, Union
 
 from mpmsub._errors import JobFailedError
 from mpmsub._units import MB
@@ -71,6 +71,14 @@ class JobResult:
     # Where it ran: this machine's name for a local job, the node's under SLURM, the worker's
     # address under Dask; None for a job that never started.
     host: Optional[str] = None
+    # What it held beside CPUs and memory: its GPU devices by id (as its CUDA_VISIBLE_DEVICES
+    # named them), the GPU memory it reserved on each and its processes' peak on them in MB (None:
+    # not asked, or not measured: NVML is needed), and the named resources of the executor's
+    # `resources=` it held.
+    gpus: Tuple[int, ...] = ()
+    gpu_memory_requested: Optional[float] = None
+    gpu_memory_used: Optional[float] = None
+    resources: Dict[str, int] = field(default_factory=dict)
 
     @property
     def success(self) -> bool:

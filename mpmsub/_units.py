@@ -1,4 +1,4 @@
-"""Parsing and formatting of memory sizes, CPU counts and durations.
+"""Parsing and formatting of memory sizes, CPU counts, named resources and durations.
 
 Bytes and seconds inside; megabytes and human strings only at the edges the
 seed API fixes (a bare number of memory means megabytes there).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Union
+from typing import Dict, Mapping, Union
 
 MB = 1024 * 1024
 
@@ -125,3 +125,58 @@ def parse_duration(value: object, what: str = "timeout", *, zero: bool = False) 
 def shorten(text: str, width: int) -> str:
     """`text`, cut to `width` characters with an ellipsis where it is longer."""
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_NAME_HELP = "a name of letters, digits, '_', '.' and '-' that starts with a letter or '_'"
+RESERVED_NAMES = ("cpus", "memory", "gpus")  # the vector's own: given by their own options
+_COUNT_HELP = "a whole number"
+
+
+def parse_count(value: object, what: str, least: int = 0) -> int:
+    """A whole number of things (GPUs, units of a named resource), at least `least`, from an int,
+    an integral float or a digit string; at most MAX_CPUS."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"{what} must be {_COUNT_HELP} from {least}; got {shown(value)} ({type(value).__name__})")
+    number: float
+    if isinstance(value, str):
+        match = _CPUS_RE.match(value)
+        if match is None:
+            raise ValueError(f"invalid {what} {value!r}: expected {_COUNT_HELP} from {least}")
+        number = float(match.group(1))
+    else:
+        number = value
+    if not least <= number <= MAX_CPUS or number != int(number):
+        raise ValueError(f"invalid {what} {shown(value)}: expected {_COUNT_HELP} from {least} to {MAX_CPUS}")
+    return int(number)
+
+
+def resource_name(name: object, what: str = "resource") -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"invalid {what} name {shown(name)}: expected {_NAME_HELP}")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"invalid {what} name {name!r}: {name} have an option of their own")
+    return name
+
+
+def parse_resources(value: object, what: str = "resources", least: int = 1) -> Dict[str, int]:
+    """Named resources and counts: a mapping, or text such as 'licence=1,scratch_io=2' (the command
+    line's form), each count a whole number from `least`."""
+    if isinstance(value, str):
+        pairs = []
+        for part in value.split(","):
+            name, sep, count = part.partition("=")
+            if not sep:
+                raise ValueError(f"invalid {what} {value!r}: expected NAME=COUNT[,NAME=COUNT...]")
+            pairs.append((name.strip(), count.strip()))
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        raise TypeError(f"{what} must be a mapping of names to counts; got {shown(value)} ({type(value).__name__})")
+    counts: Dict[str, int] = {}
+    for name, count in pairs:
+        resource_name(name)
+        if name in counts:
+            raise ValueError(f"invalid {what}: {name!r} is given twice")
+        counts[name] = parse_count(count, f"count of resource {name!r}", least)
+    return counts

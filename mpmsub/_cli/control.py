@@ -116,6 +116,17 @@ def answer(state: RunState, request: object) -> Dict[str, Any]:
     return reply
 
 
+def held_text(job: Dict[str, Any]) -> str:
+    """What a running job of a `ps` answer holds beside CPUs and memory: 'GPU 0,1 licence=1'
+    ('' for nothing: an older run's answer has no such keys)."""
+    parts = []
+    gpus = job.get("gpus") or []
+    if gpus:
+        parts.append(f"GPU{'s' if len(gpus) != 1 else ''} {','.join(map(str, gpus))}")
+    parts += [f"{name}={count}" for name, count in sorted(dict(job.get("resources") or {}).items())]
+    return " ".join(parts)
+
+
 def _kill(
     state: RunState, job: str, reason: Optional[str], by_seq: Dict[str, str], started: Set[str]
 ) -> Dict[str, Any]:

@@ -22,7 +22,15 @@ SHELL = "/bin/sh"
 FORMATS = ("auto", "text", "jsonl")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # Where a file's line does not say, these defaults apply; a line may name them under any alias.
-ALIASES = {"p": ("p", "cpu", "cpus"), "m": ("m", "memory"), "timeout": ("timeout",), "retries": ("retries",)}
+ALIASES = {
+    "p": ("p", "cpu", "cpus"),
+    "m": ("m", "memory"),
+    "timeout": ("timeout",),
+    "retries": ("retries",),
+    "resources": ("resources",),
+    "gpus": ("gpus",),
+    "gpu_memory": ("gpu_memory",),
+}
 
 
 class JobFileError(MpmsubError, ValueError):
@@ -120,6 +128,8 @@ def with_defaults(job: Mapping[str, Any], defaults: Mapping[str, Any]) -> Dict[s
     filled = dict(job)
     for key, value in defaults.items():
         if value is not None and not any(alias in filled for alias in ALIASES[key]):
+            if key == "gpu_memory" and not filled.get("gpus"):
+                continue  # a share of the GPUs a job gets: none for a job that gets none
             filled[key] = value
     return filled
 

@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from types import FrameType
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 from mpmsub._cli import control as _control
 from mpmsub._cli import joblog as _joblog
@@ -30,7 +30,7 @@ from mpmsub._learn.history import resolve as resolve_history
 from mpmsub._policy.scheduler import POLICIES
 from mpmsub._report import text as _report
 from mpmsub._result import CANCELLED, KILLED, JobResult
-from mpmsub._units import format_memory, parse_cpus, parse_duration, parse_memory
+from mpmsub._units import format_memory, parse_count, parse_cpus, parse_duration, parse_memory, parse_resources
 from mpmsub._version import __version__
 from mpmsub.utils import format_duration
 
@@ -173,6 +173,14 @@ def _arg(parse: Callable[[object, str], Any], what: str) -> Callable[[str], Any]
     return convert
 
 
+def _gpus_option(text: object, what: str) -> Union[int, List[int]]:
+    """--gpus: a number of devices ('4'), or their ids ('0,2')."""
+    words = str(text).split(",")
+    if len(words) == 1:
+        return parse_count(words[0], what)
+    return [parse_count(word, f"{what} device id") for word in words]
+
+
 def _memory(what: str, auto: bool = False) -> Callable[[str], str]:
     """A memory size, checked here and kept as written (a bare number means MB to the API too);
     with `auto`, also "auto"."""
@@ -215,6 +223,33 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="memory each job reserves (default: none); auto: predicted from the run history",
     )
     parser.add_argument("--timeout", type=_arg(parse_duration, "timeout"), help="kill a job running longer")
+    parser.add_argument(
+        "--job-res",
+        metavar="NAME=N[,...]",
+        type=_arg(parse_resources, "job resources"),
+        help="named resources each job holds (of --resources)",
+    )
+    parser.add_argument(
+        "--job-gpus", metavar="N", type=_arg(parse_count, "job gpus"), help="GPU devices each job gets, its own"
+    )
+    parser.add_argument(
+        "--job-gpu-mem",
+        metavar="SIZE",
+        type=_memory("job gpu memory", auto=True),
+        help="GPU memory each job reserves on each of its devices, sharing them; auto: from the run history",
+    )
+    parser.add_argument(
+        "--resources",
+        metavar="NAME=N[,...]",
+        type=_arg(parse_resources, "resources"),
+        help="named resources to share out, such as licence=2,scratch_io=4",
+    )
+    parser.add_argument(
+        "--gpus",
+        metavar="N|IDS",
+        type=_arg(_gpus_option, "gpus"),
+        help="GPU devices to use: a number, or ids such as 0,2 (default: those nvidia-smi lists)",
+    )
     parser.add_argument("--format", choices=FORMATS, default="auto", help="job file format (default: by extension)")
     parser.add_argument("--trace", metavar="FILE", help="write the run's trace to FILE (JSON Lines), for mpmsub report")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -414,6 +449,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             schedule=getattr(args, "schedule", "pack"),
             backend=_backend(args),
             trace=args.trace,
+            resources=args.resources,
+            gpus=args.gpus,
         )
         cluster._refuse_duplicate_ids = True  # the joblog and --resume find a job by its id
         _admit(cluster, jobs, _name(args), getattr(args, "results", None))
@@ -659,7 +696,15 @@ def _template_jobs(args: argparse.Namespace) -> List[FileJob]:
 def _defaults(args: argparse.Namespace) -> Dict[str, Any]:
     """What the options give the jobs whose lines leave it out."""
     retries = getattr(args, "retries", None)
-    return {"p": args.job_cpus, "m": args.job_mem, "timeout": args.timeout, "retries": retries}
+    return {
+        "p": args.job_cpus,
+        "m": args.job_mem,
+        "timeout": args.timeout,
+        "retries": retries,
+        "resources": args.job_res,
+        "gpus": args.job_gpus,
+        "gpu_memory": args.job_gpu_mem,
+    }
 
 
 @dataclasses.dataclass
@@ -1077,10 +1122,14 @@ def _ps(args: argparse.Namespace) -> int:
     print(f"mpmsub run {run.describe()}\n{tally} of {counts['total']} job(s)")
     if not reply["jobs"]:
         return OK
+    held = [_control.held_text(job) for job in reply["jobs"]]  # GPUs, named resources
+    holds = any(held)  # a column only where some job holds some
     rows: List[Tuple[str, ...]] = [
-        ("ID", "SEQ", "STATE", "RUNTIME", "CPUS", "RESERVED", "IN USE", "CPU TIME", "WHERE", "COMMAND")
+        ("ID", "SEQ", "STATE", "RUNTIME", "CPUS", "RESERVED", "IN USE", "CPU TIME")
+        + (("HOLDS",) if holds else ())
+        + ("WHERE", "COMMAND")
     ]
-    for job in reply["jobs"]:
+    for job, also in zip(reply["jobs"], held):
         rows.append(
             (
                 _report.one_line(job["job_id"]),
@@ -1091,9 +1140,9 @@ def _ps(args: argparse.Namespace) -> int:
                 format_memory(job["memory_reserved"]) if job["memory_reserved"] else "-",
                 "-" if job["memory_in_use"] is None else format_memory(job["memory_in_use"]),
                 "-" if job["cpu_time"] is None else format_duration(job["cpu_time"]),
-                job["where"],
-                _shorten(_report.one_line(job["command"]), 60),
             )
+            + ((also or "-",) if holds else ())
+            + (job["where"], _shorten(_report.one_line(job["command"]), 60))
         )
     _table(rows)
     return OK

@@ -34,7 +34,7 @@ from mpmsub._engine.outcome import cancelled_again, make_result, resolve
 from mpmsub._launch import proctree as _proctree
 from mpmsub._launch.base import Handle, Launcher, Outcome, not_started
 from mpmsub._policy import runs as _policy
-from mpmsub._policy.enforce import Usage, budget_stops, newest, strict_stops
+from mpmsub._policy.enforce import Stop, Usage, budget_stops, gpu_overuse, newest, strict_stops
 from mpmsub._policy.ledger import Ledger
 from mpmsub._policy.scheduler import Scheduler
 from mpmsub._result import CANCELLED, ERROR, KILLED, MEMORY, FailureKind, JobResult
@@ -96,7 +96,7 @@ class Run:
     """One run of a job. The monitor thread writes `rss`, `floor`, `window` and `stopping` (and
     nothing else of the engine's); the loop reads them."""
 
-    __slots__ = ("floor", "handle", "number", "rss", "started", "stopping", "window")
+    __slots__ = ("floor", "gpu_peak", "handle", "number", "rss", "started", "stopping", "window")
 
     def __init__(self, number: int, started: float) -> None:
         self.number = number  # 1 for the first run of its job
@@ -108,6 +108,7 @@ class Run:
         self.floor = 0
         self.window: Deque[Tuple[float, int]] = deque()
         self.stopping = False  # a stop for memory is on its way
+        self.gpu_peak: Optional[int] = None  # bytes: its tree's GPU memory peak, where NVML measures it
 
 
 class Item:
@@ -118,6 +119,7 @@ class Item:
         "auto",
         "auto_retries",
         "bound",
+        "devices",
         "estimate",
         "future",
         "input_size",
@@ -173,6 +175,7 @@ class Item:
         self.probe = False
         self.takes_free = False  # a probe that takes what is free when it starts
         self.place_memory: Optional[int] = None  # the most one place of a remote backend offers
+        self.devices: Tuple[int, ...] = ()  # the GPU devices its run holds
 
     @property
     def request(self) -> Request:
@@ -197,6 +200,19 @@ class Item:
         return getattr(None if self.run is None else self.run.handle, "captured", 0)
 
 
+def held_beside(spec: JobSpec, devices: Tuple[int, ...]) -> Optional[Dict[str, Any]]:
+    """What a run holds beside CPUs and memory, for its trace: GPU devices (and the memory it
+    reserves on each) and named resources; None when nothing."""
+    held: Dict[str, Any] = {}
+    if spec.gpus:
+        held["gpus"] = list(devices) if devices else spec.gpus
+        if spec.gpu_memory is not None:
+            held["gpu_memory"] = spec.gpu_memory
+    if spec.resources:
+        held["resources"] = dict(spec.resources)
+    return held or None
+
+
 class Settings(NamedTuple):
     """What the core is given by the executor: its budget and rules, and its collaborators."""
 
@@ -210,6 +226,9 @@ class Settings(NamedTuple):
     close_backend: Optional[Callable[[], None]] = None  # the backend, where the executor made it
     on_closed: Optional[Callable[[], None]] = None  # told when the core has closed
     clock: Callable[[], float] = time.monotonic
+    # The environment naming a job's GPU devices (CUDA_VISIBLE_DEVICES, ...), where the launcher
+    # runs jobs on this machine.
+    gpu_env: Optional[Callable[[Tuple[int, ...]], Dict[str, str]]] = None
 
 
 class Core:
@@ -283,7 +302,7 @@ class Core:
         result, marked cancelled. With `killed`, kill() took it out of the queue: `reason` is the
         kill's message, and a retry's result is marked killed."""
         if item.state is RunState.STARTING:
-            self.ledger.release(item.request)
+            self.ledger.release(item.request, item.seq)
         self._move(item, RunState.CANCELLED)
         error = "cancelled before it started" + ("" if reason is None else f": {reason}")
         if killed:
@@ -319,6 +338,8 @@ class Core:
         live = self.live
         for item in items:
             live[item.job_id] = item
+            if item.spec.gpu_auto:
+                self._gpu_estimate(item)
             if item.auto:
                 auto.append(item)
             else:
@@ -329,6 +350,19 @@ class Core:
 
     def most(self, item: Item) -> int:
         return _policy.most_memory(self.settings.memory, item.place_memory)
+
+    def _gpu_estimate(self, item: Item) -> None:
+        """gpu(n, memory="auto"): the GPU memory its key's measured runs predict, on each of its
+        devices (at most a device's); whole devices while none was measured (NVML measures)."""
+        pool = self.ledger.gpus
+        sizes = [memory for memory in pool.memory.values() if memory is not None]
+        if self.runbook is None or item.key is None or not pool.counted or not sizes:
+            return
+        from mpmsub._learn.estimate import estimate
+
+        guess = estimate(self.runbook.gpu_runs(item.key), item.input_size)
+        if guess is not None:
+            item.spec = dataclasses.replace(item.spec, gpu_memory=min(guess.memory, max(sizes)))
 
     # -- starting jobs ---------------------------------------------------------------------------
 
@@ -370,8 +404,8 @@ class Core:
             old = item.request
             grab = _policy.grabbed_memory(old.memory, self.ledger.free_memory, self.most(item))
             item.spec = dataclasses.replace(item.spec, memory=grab)
-            self.ledger.release(old)
-            self.ledger.reserve(item.request)
+            self.ledger.release(old, item.seq)
+            self.ledger.reserve(item.request, item.seq)
         if not self.running:  # the monitor's count may be stale after an idle spell
             self.watch.oom_kills = _proctree.oom_kill_count()
         self._move(item, RunState.RUNNING)
@@ -380,16 +414,20 @@ class Core:
         run = item.run = Run(item.runs + 1, self.settings.clock())
         item.requeue = item.shortage_final = False
         item.oom_baseline = self.watch.oom_kills if self.launcher.local else None
+        spec = item.spec
+        item.devices = self.ledger.devices(item.seq)
         if self.trace is not None:
-            spec = item.spec
-            self.trace.started(item.job_id, run.number, spec.cpus, spec.memory, spec.describe(), item.submitted)
-        logger.debug("mpmsub: start %s (%s): %s", item.job_id, item.spec.resources(), item.spec.describe())
+            held = held_beside(spec, item.devices)
+            self.trace.started(item.job_id, run.number, spec.cpus, spec.memory, spec.describe(), item.submitted, held)
+        logger.debug("mpmsub: start %s (%s): %s", item.job_id, spec.describe_resources(), spec.describe())
 
         def on_exit(outcome: Outcome) -> None:
             self.loop.call_soon_threadsafe(self._on_exit, item, run, outcome)
 
+        if item.devices and self.settings.gpu_env is not None:
+            spec = dataclasses.replace(spec, env={**(spec.env or {}), **self.settings.gpu_env(item.devices)})
         try:
-            run.handle = self.launcher.start(item.spec, item.job_id, on_exit)
+            run.handle = self.launcher.start(spec, item.job_id, on_exit)
         except Exception as exc:  # a launcher bug or a backend failure: record it on the job
             logger.exception("mpmsub: could not start job %s", item.job_id)
             on_exit(not_started(item.spec, ERROR, f"mpmsub could not start the job: {exc!r}"))
@@ -407,11 +445,15 @@ class Core:
     def _on_exit(self, item: Item, run: Run, outcome: Outcome) -> None:
         if item.run is not run or item.state not in _RUNS:
             return  # the end of an earlier run of a job started again
-        self.ledger.release(item.request)
+        self.ledger.release(item.request, item.seq)
         if run.handle is not None:
             self.monitor.unwatch(run.handle)
         strict = self.settings.strict_memory if item.spec.strict is None else item.spec.strict
         explain(outcome, item.spec, strict, item.oom_baseline)
+        if outcome.gpus is None:
+            outcome.gpus = item.devices
+        if outcome.gpu_peak is None:
+            outcome.gpu_peak = run.gpu_peak
         if item.killed is not None and item.killed[1] and outcome.failure not in (None, KILLED):
             # Killed while a memory stop was under way: the kill is what the user sees.
             outcome.failure, outcome.error = KILLED, f"{item.killed[0]} (it was being stopped: {outcome.error})"
@@ -516,7 +558,9 @@ class Core:
                 item.auto_retries += 1
             else:
                 item.retries_left -= 1
-            logger.info("mpmsub: %s failed (%s); retrying with %s", item.job_id, result.error, item.spec.resources())
+            logger.info(
+                "mpmsub: %s failed (%s); retrying with %s", item.job_id, result.error, item.spec.describe_resources()
+            )
         self._move(item, RunState.QUEUED, front=True)
         return True
 
@@ -800,6 +844,7 @@ class MemoryWatch:
         self.core = core
         # The machine's count of OOM kills, at the last sample (read at a start after an idle spell).
         self.oom_kills = _proctree.oom_kill_count()
+        self.gpu_meter: Any = None  # NVML, opened when a job with GPUs first runs (False: none here)
 
     def check(self, measures: List[Tuple[Any, int]]) -> None:
         core, settings = self.core, self.core.settings
@@ -822,6 +867,9 @@ class MemoryWatch:
         if core.trace is not None:
             core.trace.sample((item.job_id, rss) for (item, run), rss in measures if item.run is run)
         stops = strict_stops(usages)
+        gpu_runs = [runs[u.key] for u in usages if runs[u.key][0].devices]
+        if gpu_runs:
+            stops += self._gpu_stops(gpu_runs, {s.key for s in stops})
         stopped = {s.key for s in stops}
         # The output captured for a running job is held in this process: it counts as the job's.
         stops += budget_stops([u for u in usages if u.key not in stopped], settings.memory)
@@ -842,6 +890,32 @@ class MemoryWatch:
                     f"{format_memory(settings.memory_reserve)} reserve"
                 )
                 core.loop.call_soon_threadsafe(core.stop, item, run, message, True)
+
+    def _gpu_stops(self, gpu_runs: List[Tuple[Item, Run]], stopped: Set[int]) -> List[Stop]:
+        """Measure the GPU memory of the runs that hold devices (their trees' processes, by NVML),
+        and the stops of those with gpu strict over what they reserved."""
+        if self.gpu_meter is None:
+            self.gpu_meter = _meter()
+        meter = self.gpu_meter
+        if not meter:
+            return []
+        stops = []
+        for item, run in gpu_runs:
+            if run.handle is None:
+                continue
+            used = meter.used_by(run.handle.tree)
+            if run.gpu_peak is None or used > run.gpu_peak:
+                run.gpu_peak = used
+            reserved = item.spec.gpu_memory
+            if item.spec.gpu_strict and reserved is not None and used > reserved and item.seq not in stopped:
+                stops.append(Stop(item.seq, gpu_overuse(used, reserved)))
+        return stops
+
+
+def _meter() -> Any:
+    from mpmsub._launch import gpus as _gpus
+
+    return _gpus.GpuMeter.open() or False
 
 
 class _NoMonitor:

@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -26,6 +26,7 @@ from typing import (
     Iterator,
     List,
     Literal,
+    Mapping,
     Optional,
     Set,
     Tuple,
@@ -39,6 +40,7 @@ from mpmsub._backends.base import resolve as resolve_backend
 from mpmsub._backends.base import size as backend_size
 from mpmsub._call import Call, CallPayload, check_callable, chunks, map_call
 from mpmsub._engine.core import Core, Item, Lifecycle, RunState, Settings
+from mpmsub._engine.devices import GpuDevices
 from mpmsub._engine.future import JobFuture
 from mpmsub._errors import CallPicklingError
 from mpmsub._job import Job, Pipeline, to_spec
@@ -51,7 +53,7 @@ from mpmsub._protocol import PREPARING
 from mpmsub._result import KILLED, PICKLE, FailureKind, JobResult, never_ran
 from mpmsub._spec import JobSpec
 from mpmsub._system import detect_memory, memory_groups
-from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory
+from mpmsub._units import MB, MemoryLike, format_memory, parse_cpus, parse_duration, parse_memory, parse_resources
 
 # The history, the trace and the worker pool are imported where first used: `import mpmsub`
 # loads what running commands needs, and no more.
@@ -78,7 +80,8 @@ _live_executors: weakref.WeakSet[MemoryAwareExecutor] = weakref.WeakSet()
 
 @dataclass(frozen=True)
 class ExecutorStatus:
-    """A moment's view of an executor: jobs waiting and running, and what the running ones reserve."""
+    """A moment's view of an executor: jobs waiting and running, and what the running ones
+    reserve: CPUs, memory, the named pools of `resources=` and GPU devices."""
 
     queued: int
     running: int
@@ -88,6 +91,11 @@ class ExecutorStatus:
     # where jobs run elsewhere (a remote backend measures them there)
     memory_in_use: Optional[int] = None
     running_jobs: Tuple[str, ...] = ()  # the running jobs' ids (running() says more of each)
+    # Each named pool of the executor (every one listed, 0 when none is held): what running jobs hold.
+    reserved_resources: Dict[str, int] = field(default_factory=dict)
+    # The GPU devices running jobs hold, by id, sorted (a device shared by several jobs once);
+    # empty where a remote backend places jobs on its own devices.
+    gpus_in_use: Tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,8 @@ class RunningJob:
     cpu_time: Optional[float]  # seconds of CPU its whole tree used so far; None where it runs elsewhere
     where: str  # this machine's name, a Dask worker's address, or "SLURM job N" (and its state)
     stopping: bool = False  # being killed by kill(), or stopped for memory
+    gpus: Tuple[int, ...] = ()  # the GPU devices it holds, by id (as its CUDA_VISIBLE_DEVICES names them)
+    resources: Dict[str, int] = field(default_factory=dict)  # the named resources it holds
 
 
 class MemoryAwareExecutor(Executor):
@@ -147,6 +157,10 @@ class MemoryAwareExecutor(Executor):
     and end with what it reserved and used, and the memory in use over time); `mpmsub report
     TRACE -o report.html` makes a report of it.
 
+    `resources` names countable pools jobs hold units of (`{"licence": 2}`; `Job.resources`), and
+    `gpus` the GPU devices jobs get (`Job.gpu`): None detects them (NVML or nvidia-smi) when a job
+    first asks, a number or a list of ids names them; see docs/gpus.md.
+
     `output_limit` is how much of each job's captured stdout and of its stderr this process keeps
     (default 64M each; None keeps everything): the rest is read and dropped, and the text ends
     with a note saying so. Output held for running jobs counts against `memory`. A job's output
@@ -179,6 +193,8 @@ class MemoryAwareExecutor(Executor):
         probe_memory: Optional[MemoryLike] = None,
         trace: Optional[PathLike] = None,
         output_limit: Optional[MemoryLike] = DEFAULT_OUTPUT_LIMIT,
+        resources: Optional[Mapping[str, int]] = None,
+        gpus: Any = None,
     ) -> None:
         if os.environ.get(PREPARING):
             raise RuntimeError(
@@ -208,6 +224,8 @@ class MemoryAwareExecutor(Executor):
         self.output_limit = _check_output_limit(output_limit)
         _check_pool_options(max_tasks_per_child, initializer, initargs, mp_context)
         reserve = _reserve(self.backend, memory_reserve)
+        self.resources: Dict[str, int] = {} if resources is None else parse_resources(resources)
+        self._gpus = GpuDevices(gpus, self.backend.local)  # None: detected when a job first asks for one
         self.cpus = ncpus
         self.memory = budget
         self.max_workers = slots
@@ -234,16 +252,23 @@ class MemoryAwareExecutor(Executor):
             ncpus * ahead if cpus is None and slots is None else ncpus,
             budget * ahead if memory is None else budget,
             slots,
+            self.resources,
+            self._gpus.places(),
+            here=self.backend.local,
         )
         trace_log: Optional[Trace] = None
         if trace_path is not None or self._keeps_trace:
-            header = {
+            header: Dict[str, Any] = {
                 "cpus": ncpus,
                 "memory": budget,
                 "max_workers": slots,
                 "schedule": self.schedule,
                 "backend": "local" if self.backend.local else repr(self.backend),
             }
+            if self.resources:
+                header["resources"] = dict(self.resources)
+            if self._gpus.devices:  # (given, or a cluster's already detected)
+                header["gpus"] = [{"id": device.id, "memory": device.memory} for device in self._gpus.devices]
             from mpmsub._report.trace import Trace
 
             trace_log = Trace(trace_path, header, self._monitor_interval)  # first: the one open that may fail
@@ -265,6 +290,7 @@ class MemoryAwareExecutor(Executor):
                 memory_groups=memory_groups(),  # a container's limit, read with the machine's figure
                 close_backend=self.backend.close if self._own_backend else None,
                 on_closed=lambda: _live_executors.discard(self),
+                gpu_env=self._gpus.environment,
             )
             scheduler: Scheduler[Item] = Scheduler(self.schedule)
             self._core = Core(
@@ -341,15 +367,22 @@ class MemoryAwareExecutor(Executor):
         key: Optional[str] = None
         size = 0
         place: Optional[int] = None
-        if spec.auto or self._runbook.recorder is not None:  # reads the disk: here, not on the loop
+        if spec.auto or spec.gpu_auto or self._runbook.recorder is not None:  # reads the disk: not on the loop
             from mpmsub._learn.keys import key_and_input
 
             key, size = key_and_input(spec)
-            if spec.auto:
+            if spec.auto or spec.gpu_auto:
                 self._runbook.load(key)
                 if not self._launcher.local:
                     place = self.backend.place_memory(spec.cpus)
         request = spec.request
+        if spec.gpus:
+            if spec.call is not None:
+                raise ValueError(
+                    "a call runs in a worker process that runs other calls too, and CUDA reads its visible "
+                    "devices once per process: give GPUs to a command (Job), not a call"
+                )
+            self._gpus.ready(self._core.ledger)  # detects them: not on the loop, not under the lock
         future: JobFuture[Any] = JobFuture()
         future._executor = self._ref
         unsent: Optional[CallPicklingError] = None
@@ -409,14 +442,24 @@ class MemoryAwareExecutor(Executor):
         return _results(futures, end)
 
     def status(self) -> ExecutorStatus:
-        """Jobs queued and running now (the running ones' ids), and the CPUs and memory the
-        running ones reserve; `running()` says more of each running job."""
+        """Jobs queued and running now (the running ones' ids), and the CPUs, memory, named
+        resources and GPU devices the running ones hold; `running()` says more of each running job."""
         # Plain reads of the loop thread's counters: each is consistent, together a moment's view.
         core = self._core
+        ledger = core.ledger
         queued = len(core.scheduler) + len(self._inbox) + core.held_count
         in_use = core.in_use() if self._launcher.local else None
-        running = tuple(item.job_id for item in list(core.running.values()))
-        return ExecutorStatus(queued, len(running), core.ledger.used_cpus, core.ledger.used_memory, in_use, running)
+        items = list(core.running.values())
+        return ExecutorStatus(
+            queued,
+            len(items),
+            ledger.used_cpus,
+            ledger.used_memory,
+            in_use,
+            tuple(item.job_id for item in items),
+            {name: ledger.used[name] for name in ledger.named},
+            tuple(sorted({device for item in items for device in item.devices})),
+        )
 
     def kill(self, job: Union[JobFuture[Any], str], reason: Optional[str] = None) -> bool:
         """Kill one job: the whole process tree of a running job (a call's worker, which is
@@ -519,7 +562,8 @@ class MemoryAwareExecutor(Executor):
     def running(self) -> List[RunningJob]:
         """The jobs running now, in the order they started: id, command, start, CPUs and memory
         reserved, memory in use at the last sample and CPU time so far (None where jobs run
-        elsewhere), where each runs, and whether it is being stopped. Any thread."""
+        elsewhere), where each runs, whether it is being stopped, and the GPU devices and named
+        resources it holds. Any thread."""
 
         def look() -> List[Tuple[Any, ...]]:
             now, wall = time.monotonic(), time.time()
@@ -529,7 +573,8 @@ class MemoryAwareExecutor(Executor):
                 if run is None or run.handle is None:
                     continue
                 started = wall - (now - run.started)
-                rows.append((item, run, run.handle, started, now - run.started, item.state is RunState.STOPPING))
+                stopping = item.state is RunState.STOPPING
+                rows.append((item, run, run.handle, started, now - run.started, stopping, item.devices))
             return rows
 
         none: List[Tuple[Any, ...]] = []
@@ -544,7 +589,7 @@ class MemoryAwareExecutor(Executor):
             snapshot = proctree.snapshot()
         places = self._launcher.where([row[2] for row in rows])
         jobs = []
-        for (item, run, handle, started, runtime, stopping), where in zip(rows, places):
+        for (item, run, handle, started, runtime, stopping, devices), where in zip(rows, places):
             jobs.append(
                 RunningJob(
                     job_id=item.job_id,
@@ -558,6 +603,8 @@ class MemoryAwareExecutor(Executor):
                     cpu_time=handle.cpu_time(snapshot) if snapshot is not None else None,
                     where=where,
                     stopping=stopping,
+                    gpus=devices,
+                    resources=dict(item.spec.resources),
                 )
             )
         return jobs

@@ -75,6 +75,10 @@ def make_result(
         memory_estimate=None if estimate is None else estimate.method,
         memory_estimate_runs=0 if estimate is None else estimate.runs,
         host=outcome.host,
+        gpus=tuple(outcome.gpus or ()),
+        gpu_memory_used=None if outcome.gpu_peak is None else outcome.gpu_peak / MB,
+        gpu_memory_requested=None if spec.gpu_memory is None else spec.gpu_memory / MB,
+        resources=dict(spec.resources),
     )
 
 

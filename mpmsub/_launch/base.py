@@ -22,7 +22,7 @@ import abc
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Collection, List, NamedTuple, Optional, Sequence, Tuple
 
 from mpmsub._launch.proctree import Snapshot
 from mpmsub._spec import JobSpec
@@ -52,6 +52,8 @@ class Outcome:
     value: Any = None  # what a Python call returned
     exception: Optional[BaseException] = None  # what a Python call raised (failure "raised")
     host: Optional[str] = None  # where it ran (JobResult.host); None if it never started
+    gpus: Optional[Tuple[int, ...]] = None  # the GPU devices it had, where the launcher chose them
+    gpu_peak: Optional[int] = None  # bytes: the peak GPU memory of its processes, where measured
 
 
 def not_started(spec: JobSpec, failure: FailureKind, error: str) -> Outcome:
@@ -90,6 +92,8 @@ class Handle(abc.ABC):
     # True once the launcher measures the job's whole-tree peak by other means than sampling
     # (a memory cgroup), so that sampling need not be fast to catch it.
     exact_peak = False
+    # The pids of its process tree at the last sample (where it runs here): whose GPU memory is its.
+    tree: Collection[int] = ()
 
     @abc.abstractmethod
     def kill(self, failure: FailureKind, message: str, grace: Optional[float] = None) -> bool:

@@ -658,6 +658,7 @@ class LocalHandle(Handle):
         if not roots:
             return None
         pids = _proctree.members(snapshot, roots)
+        self.tree = pids
         rss = sum(snapshot[pid].rss for pid in pids)
         if rss > self.sampled_peak:
             self.sampled_peak = rss

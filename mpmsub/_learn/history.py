@@ -57,6 +57,7 @@ _COLUMNS = (
     "host",
     "version",
     "time",
+    "gpu_peak_bytes",
 )
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
@@ -72,7 +73,8 @@ CREATE TABLE IF NOT EXISTS runs (
     memory_requested INTEGER,     -- bytes reserved, NULL for none
     host TEXT NOT NULL,
     version TEXT NOT NULL,        -- mpmsub's
-    time REAL NOT NULL            -- Unix time of its end
+    time REAL NOT NULL,           -- Unix time of its end
+    gpu_peak_bytes INTEGER        -- GPU memory peak of its process tree (NVML); NULL: not measured
 );
 CREATE INDEX IF NOT EXISTS runs_by_key ON runs (key, id);
 PRAGMA user_version = {_SCHEMA_VERSION};
@@ -130,6 +132,18 @@ def _wal(conn: sqlite3.Connection) -> None:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def _gpu_column(conn: sqlite3.Connection, add: bool) -> bool:
+    """Whether the runs table has the GPU peak column (a history written before mpmsub measured
+    GPUs has not); with `add`, it has it after (an added column: older mpmsubs still read and
+    write the table, leaving it NULL)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+    if "gpu_peak_bytes" in columns:
+        return True
+    if add:
+        conn.execute("ALTER TABLE runs ADD COLUMN gpu_peak_bytes INTEGER")
+    return add
 
 
 class HistoryError(MpmsubError):
@@ -223,22 +237,38 @@ class History:
 
     def runs(self, key: str, limit: int = WINDOW) -> List[Run]:
         """The last `limit` runs of `key` that an estimate learns from, oldest first."""
+        return self._learned(key, "peak_bytes", limit)
+
+    def gpu_runs(self, key: str, limit: int = WINDOW) -> List[Run]:
+        """As `runs`, with the GPU memory peak of those where it was measured."""
+        return self._learned(key, "gpu_peak_bytes", limit)
+
+    def _learned(self, key: str, peak: str, limit: int) -> List[Run]:
         marks = ",".join("?" * (len(LEARNED_FROM) - 1))
         sql = (
-            "SELECT input_bytes, peak_bytes FROM runs WHERE key = ? AND (failure IS NULL OR failure IN "
-            f"({marks})) ORDER BY id DESC LIMIT ?"
+            f"SELECT input_bytes, {peak} FROM runs WHERE key = ? AND {peak} IS NOT NULL AND "
+            f"(failure IS NULL OR failure IN ({marks})) ORDER BY id DESC LIMIT ?"
         )
         params = (key, *[f for f in LEARNED_FROM if f is not None], limit)
-        rows: List[Any] = self._use("read", lambda conn: conn.execute(sql, params).fetchall(), [])
-        return [Run(int(size), int(peak)) for size, peak in reversed(rows)]
+
+        def read(conn: sqlite3.Connection) -> List[Any]:
+            if peak == "gpu_peak_bytes" and not _gpu_column(conn, False):
+                return []  # a history written before GPUs were measured
+            return conn.execute(sql, params).fetchall()
+
+        rows: List[Any] = self._use("read", read, [])
+        return [Run(int(size), int(figure)) for size, figure in reversed(rows)]
 
     def add(self, rows: Sequence[Row]) -> None:
-        """Add runs (rows in the order of _COLUMNS), in one transaction."""
+        """Add runs (rows in the order of _COLUMNS; one without the last, the GPU peak, has none),
+        in one transaction."""
         sql = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+        rows = [(*r, None) if len(r) == len(_COLUMNS) - 1 else r for r in rows]
 
         def insert(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             try:
+                _gpu_column(conn, True)
                 conn.executemany(sql, rows)
                 conn.execute("COMMIT")
             except BaseException:
@@ -255,15 +285,19 @@ class History:
 
     def rows(self, key: Optional[str] = None) -> Iterator[Dict[str, Any]]:
         """The rows of `key` (of every key when None), oldest first, as dicts (argv decoded)."""
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM runs"
-        params: Tuple[Any, ...] = ()
-        if key is not None:
-            sql, params = sql + " WHERE key = ?", (key,)
-        fetched: List[Any] = self._use("read", lambda conn: conn.execute(sql + " ORDER BY id", params).fetchall(), [])
+        params: Tuple[Any, ...] = () if key is None else (key,)
+
+        def read(conn: sqlite3.Connection) -> List[Any]:
+            columns = _COLUMNS if _gpu_column(conn, False) else _COLUMNS[:-1]
+            sql = f"SELECT {', '.join(columns)} FROM runs" + ("" if key is None else " WHERE key = ?")
+            return conn.execute(sql + " ORDER BY id", params).fetchall()
+
+        fetched: List[Any] = self._use("read", read, [])
         import json
 
         for values in fetched:
             row = dict(zip(_COLUMNS, values))
+            row.setdefault("gpu_peak_bytes", None)
             row["argv"] = json.loads(row["argv"])
             yield row
 
@@ -390,6 +424,7 @@ def row(
     returncode: Optional[int],
     failure: Optional[str],
     memory_requested: Optional[int],
+    gpu_peak: Optional[int] = None,
 ) -> Row:
     """A finished run as a row of the history (with this host, mpmsub's version and the time)."""
     import json
@@ -412,4 +447,5 @@ def row(
         _host,
         __version__,
         time.time(),
+        gpu_peak,
     )

@@ -26,6 +26,7 @@ class RunBook:
     def __init__(self, recorder: Optional[Recorder]) -> None:
         self.recorder = recorder  # None: no history (m="auto" learns from this executor's runs)
         self._runs: Dict[str, List[Run]] = {}
+        self._gpu_runs: Dict[str, List[Run]] = {}  # the same, GPU memory peaks (where NVML measured them)
         self._loaded: Set[str] = set()  # keys whose runs were read from the history
         self._lock = threading.Lock()
 
@@ -37,15 +38,23 @@ class RunBook:
                 return
             self._loaded.add(key)
             known = len(self._runs.get(key, ()))
+            known_gpu = len(self._gpu_runs.get(key, ()))
         self.recorder.flush()  # the rows of those `known` runs, and of any before them
         runs = self.recorder.history.runs(key)
+        gpu_runs = self.recorder.history.gpu_runs(key)
         with self._lock:
             self._runs[key] = runs + self._runs.get(key, [])[known:]
+            self._gpu_runs[key] = gpu_runs + self._gpu_runs.get(key, [])[known_gpu:]
 
     def runs(self, key: str) -> List[Run]:
         """The runs of `key` known now."""
         with self._lock:
             return list(self._runs.get(key, ()))
+
+    def gpu_runs(self, key: str) -> List[Run]:
+        """The runs of `key` known now whose GPU memory was measured, with that peak."""
+        with self._lock:
+            return list(self._gpu_runs.get(key, ()))
 
     def learn(self, key: Optional[str], spec: JobSpec, input_size: int, result: JobResult, requeued: bool) -> None:
         """Record a run that ended in the history, and in what this executor estimates from."""
@@ -55,6 +64,7 @@ class RunBook:
 
         failure = "requeued" if requeued else result.failure
         peak = int(result.memory_used * MB)
+        gpu_peak = None if result.gpu_memory_used is None else int(result.gpu_memory_used * MB)
         if self.recorder is not None:  # before the run is counted below (see load)
             row = history.row(
                 key,
@@ -66,14 +76,18 @@ class RunBook:
                 result.returncode,
                 failure,
                 spec.memory,
+                gpu_peak,
             )
             self.recorder.put(row)
         if failure in estimate.LEARNED_FROM:
             with self._lock:
-                runs = self._runs.setdefault(key, [])
-                runs.append(estimate.Run(input_size, peak))
-                if len(runs) > 4 * estimate.WINDOW:  # an estimate looks at the last WINDOW
-                    del runs[: -2 * estimate.WINDOW]
+                for runs, figure in ((self._runs, peak), (self._gpu_runs, gpu_peak)):
+                    if figure is None:
+                        continue
+                    kept = runs.setdefault(key, [])
+                    kept.append(estimate.Run(input_size, figure))
+                    if len(kept) > 4 * estimate.WINDOW:  # an estimate looks at the last WINDOW
+                        del kept[: -2 * estimate.WINDOW]
 
     def close(self) -> None:
         """No more runs: the writer thread finishes writing (joined by `join`)."""

@@ -58,6 +58,15 @@ def strict_overuse(used: int, declared: int, ended: bool = False) -> str:
     return f"exceeded its memory limit: used {_mb(used)} of the {_mb(declared)} it declared (strict memory{when})"
 
 
+def gpu_overuse(used: int, reserved: int) -> str:
+    """Why a job with gpu(..., strict=True) was stopped: its processes held more GPU memory than
+    it reserved on its devices."""
+    return (
+        f"exceeded its GPU memory: its processes used {_mb(used)} of GPU memory, over the {_mb(reserved)} it "
+        "reserved (gpu strict)"
+    )
+
+
 def budget_stops(usages: Sequence[Usage], budget: int) -> List[Stop]:
     """The jobs to stop so that the rest fit in `budget`: furthest over its declaration first."""
     total = sum(u.total for u in usages)

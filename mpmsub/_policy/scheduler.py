@@ -24,10 +24,12 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from typing import (
+    Any,
     Callable,
     Deque,
     Dict,
     Generic,
+    Hashable,
     Iterable,
     Iterator,
     List,
@@ -37,6 +39,7 @@ from typing import (
     Set,
     Tuple,
     TypeVar,
+    Union,
 )
 
 from mpmsub._policy.ledger import Ledger
@@ -74,8 +77,9 @@ class Running(Protocol):
 
 
 E = TypeVar("E", bound=Entry)
-Shape = Tuple[int, int, int, Optional[float]]  # priority, cpus, memory, bound
-Held = Sequence[Tuple[Request, Optional[float]]]  # running jobs: request, latest end
+Shape = Tuple[int, Request, Optional[float]]  # priority, request, bound
+# Running jobs: request, latest end and (where it holds GPU devices) the ledger's holder of them.
+Held = Sequence[Union[Tuple[Request, Optional[float]], Tuple[Request, Optional[float], Hashable]]]
 
 
 def check_policy(policy: object) -> str:
@@ -96,27 +100,44 @@ class _Bucket(Generic[E]):
 class Reservation:
     """The head job's claim while later jobs are considered.
 
-    `cpus`, `memory`, `slots` (the slack): what later jobs may take without delaying the head at
-    all, whatever the running jobs' run times. When the running jobs end, in whatever order, the
-    head fits at the first moment it would have fitted with no backfill, because each resource
-    is then free by at least its smallest possible surplus, and backfilled jobs hold no more.
+    `slack` (per resource of the vector) and `slots`: what later jobs may take without delaying
+    the head at all, whatever the running jobs' run times. When the running jobs end, in whatever
+    order, the head fits at the first moment it would have fitted with no backfill, because each
+    resource is then free by at least its smallest possible surplus, and backfilled jobs hold no
+    more. GPU devices are places, not a count: while the head needs GPUs, `gpus` is False and a
+    later job that needs one starts only by the shadow rule; a head without GPUs leaves them free.
 
     `shadow`: when the head is sure to fit, from the running jobs' time bounds (start plus
     timeout); infinite if one it needs has none. A job sure to end by then may also start, as in
     SLURM's backfill: it may delay the head, but never past this time.
     """
 
-    cpus: int
-    memory: int
+    slack: Dict[str, int]
     slots: int
     shadow: float
+    gpus: bool = True  # later jobs may take GPU devices
     before_shadow: int = 0  # jobs admitted because they end before the shadow time
+
+    @property
+    def cpus(self) -> int:
+        return self.slack["cpus"]
+
+    @property
+    def memory(self) -> int:
+        return self.slack["memory"]
 
     def admits(self, entry: Entry, now: float) -> bool:
         request = entry.request
-        if request.cpus <= self.cpus and request.memory <= self.memory and self.slots >= 1:
-            self.cpus -= request.cpus
-            self.memory -= request.memory
+        slack = self.slack
+        # (A resource the ledger does not count, a remote backend's, limits nothing here.)
+        if (
+            self.slots >= 1
+            and (self.gpus or not request.gpus)
+            and all(amount <= slack.get(name, amount) for name, amount in request.amounts())
+        ):
+            for name, amount in request.amounts():
+                if name in slack:
+                    slack[name] -= amount
             self.slots -= 1
             return True
         if entry.bound is not None and not math.isinf(self.shadow) and now + entry.bound <= self.shadow:
@@ -127,16 +148,21 @@ class Reservation:
     @property
     def closed(self) -> bool:
         """True when no later job could be admitted."""
-        return (self.cpus < 1 or self.slots < 1) and math.isinf(self.shadow)
+        return (self.slack["cpus"] < 1 or self.slots < 1) and math.isinf(self.shadow)
 
 
 def reserve_for(head: Request, ledger: Ledger, running: Held) -> Reservation:
-    """The reservation of `head` given the ledger and the running jobs (request, latest end)."""
+    """The reservation of `head` given the ledger and the running jobs (request, latest end and,
+    for the GPU devices they hold, who holds them)."""
     slots_free = ledger.slots - ledger.used_slots if ledger.slots is not None else 1 << 30
-    cpus = _surplus(ledger.free_cpus, head.cpus, [r.cpus for r, _ in running])
-    memory = _surplus(ledger.free_memory, head.memory, [r.memory for r, _ in running])
+    need = dict(head.amounts())
+    holding = [dict(held[0].amounts()) for held in running]
+    slack = {
+        name: _surplus(ledger.free(name), need.get(name, 0), [amounts.get(name, 0) for amounts in holding])
+        for name in ledger.capacity
+    }
     slots = _surplus(slots_free, 1, [1] * len(running))
-    return Reservation(cpus, memory, slots, _shadow(head, ledger, slots_free, running))
+    return Reservation(slack, slots, _shadow(head, ledger, slots_free, running), gpus=not head.gpus)
 
 
 def _surplus(free: int, need: int, held: List[int]) -> int:
@@ -168,13 +194,23 @@ def _least_release(values: List[int], target: int) -> int:
 
 def _shadow(head: Request, ledger: Ledger, slots_free: int, running: Held) -> float:
     """When `head` is sure to fit if every running job ends by its bound; infinity if unsure."""
-    cpus, memory, slots = ledger.free_cpus, ledger.free_memory, slots_free
-    for request, ends_by in sorted(((r, e) for r, e in running if e is not None), key=lambda x: x[1] or 0.0):
-        cpus += request.cpus
-        memory += request.memory
+    free = {name: ledger.free(name) for name in ledger.capacity}
+    slots = slots_free
+    pool = ledger.gpus.copy() if head.gpus else None
+    need = list(head.amounts())
+    for held in sorted((h for h in running if h[1] is not None), key=lambda h: h[1] or 0.0):
+        for name, amount in held[0].amounts():
+            if name in free:
+                free[name] += amount
         slots += 1
-        if cpus >= head.cpus and memory >= head.memory and slots >= 1:
-            return ends_by or 0.0
+        if pool is not None and len(held) > 2:
+            pool.release(held[2])
+        if (
+            slots >= 1
+            and all(amount <= free.get(name, amount) for name, amount in need)
+            and (pool is None or pool.place(head.gpus, head.gpu_memory) is not None)
+        ):
+            return held[1] or 0.0
     return math.inf
 
 
@@ -290,13 +326,13 @@ class Scheduler(Generic[E]):
                     break
                 if not fits or (admit is not None and not admit(entry)):
                     if reserving and reservation is None:
-                        held = [(r.request, r.ends_by) for r in running]
-                        held += [(c.request, None if c.bound is None else now + c.bound) for c in chosen]
+                        held: List[Any] = [(r.request, r.ends_by, getattr(r, "seq", None)) for r in running]
+                        held += [(c.request, None if c.bound is None else now + c.bound, c.seq) for c in chosen]
                         reservation = reserve_for(request, ledger, held)
                         self.head, self.reservation = entry, reservation
                     blocked = True
                     break
-                ledger.reserve(request)
+                ledger.reserve(request, entry.seq)
                 self._pop(entries)
                 chosen.append(entry)
             if entries:
@@ -335,10 +371,17 @@ class Scheduler(Generic[E]):
         """The order of jobs: smaller first."""
         front = 0 if entry.seq in self._front else 1
         if self.policy == "pack":
-            return (-entry.priority, front, -entry.request.memory, -entry.request.cpus, entry.seq)
+            request = entry.request
+            size = (
+                -request.memory,
+                -request.cpus,
+                -request.gpus,
+                -request.gpu_memory,
+                -sum(c for _, c in request.resources),
+            )
+            return (-entry.priority, front, *size, entry.seq)
         return (-entry.priority, front, entry.seq)
 
 
 def _shape(entry: Entry) -> Shape:
-    request = entry.request
-    return (entry.priority, request.cpus, request.memory, entry.bound)
+    return (entry.priority, entry.request, entry.bound)

@@ -53,6 +53,11 @@ class RunView:
     waited: float
     stderr: Optional[str] = None
     ran: bool = True  # False: cancelled before it began (no bar, no reservation)
+    gpus: Tuple[int, ...] = ()  # its GPU devices by id
+    gpu_count: int = 0  # how many GPUs it held (a remote backend's are counted, not named)
+    gpu_memory: Optional[int] = None  # bytes reserved on each of its GPUs; None: whole devices
+    gpu_peak: Optional[int] = None  # bytes: its processes' peak GPU memory (measured by NVML only)
+    resources: Dict[str, int] = dataclasses.field(default_factory=dict)  # named resources it held
 
     @property
     def failed(self) -> bool:
@@ -134,6 +139,10 @@ def _run(
     began = began or {}
     done = ended or {}
     memory = done.get("memory", began.get("memory"))
+    # A start names its devices, or counts them where a remote backend picks them; an end names them.
+    named = done.get("gpus", began.get("gpus"))
+    devices = tuple(int(device) for device in named) if isinstance(named, list) else ()
+    gpu_memory, gpu_peak = began.get("gpu_memory"), done.get("gpu_peak")
     return RunView(
         job=job,
         run=number,
@@ -150,6 +159,11 @@ def _run(
         waited=float(began.get("waited", 0.0)),
         stderr=done.get("stderr"),
         ran=bool(done.get("ran", True)),
+        gpus=devices,
+        gpu_count=len(devices) if devices else int(named or 0),
+        gpu_memory=None if gpu_memory is None else int(gpu_memory),
+        gpu_peak=None if gpu_peak is None else int(gpu_peak),
+        resources={str(name): int(count) for name, count in dict(began.get("resources") or {}).items()},
     )
 
 
@@ -366,6 +380,23 @@ def cpus_in_use(view: TraceView) -> Tuple[List[float], List[float]]:
     return _held(view, lambda r: float(r.cpus))
 
 
+def gpus_in_use(view: TraceView) -> int:
+    """The most GPU devices held at once (a device shared by several runs counted once; a remote
+    backend's, named by no id, by their number)."""
+    changes = []
+    for r in view.ran:
+        if r.gpu_count:
+            held = r.gpus or tuple(range(-r.gpu_count, 0))  # unnamed: never shared, each its own
+            changes += [(r.start, 1, held), (r.end, -1, held)]
+    holders: Dict[int, int] = {}
+    most = 0
+    for _, delta, held in sorted(changes, key=lambda change: change[:2]):  # ends first at a tie
+        for device in held:
+            holders[device] = holders.get(device, 0) + delta
+        most = max(most, sum(1 for count in holders.values() if count > 0))
+    return most
+
+
 def in_use(view: TraceView) -> List[Tuple[float, int]]:
     """The sampled memory in use, with a 0 wherever no job was running (the monitor samples
     nothing then)."""
@@ -521,6 +552,7 @@ def summary_rows(view: TraceView) -> List[Tuple[str, str]]:
         (
             "resources",
             f"{head.get('cpus')} CPUs, {format_memory(int(head.get('memory', 0)))} memory"
+            + _beside(head)
             + (f", at most {head['max_workers']} jobs at once" if head.get("max_workers") else "")
             + f"; schedule {head.get('schedule', '?')}",
         ),
@@ -541,6 +573,7 @@ def summary_rows(view: TraceView) -> List[Tuple[str, str]]:
             else "not sampled",
         ),
     ]
+    rows += _held_rows(view)
     if with_m:
         peak = sum(r.peak for r in with_m)
         asked = sum(r.memory or 0 for r in with_m)
@@ -552,6 +585,39 @@ def summary_rows(view: TraceView) -> List[Tuple[str, str]]:
             )
         )
     return rows
+
+
+def _beside(head: Dict[str, Any]) -> str:
+    """The run's GPUs and named resources, for its resources row: ', 4 GPUs (80G each), licence 2'."""
+    text = ""
+    gpus = head.get("gpus") or []
+    if gpus:
+        sizes = {device.get("memory") for device in gpus}
+        size = sizes.pop() if len(sizes) == 1 else None
+        text += f", {len(gpus)} GPU{'s' if len(gpus) != 1 else ''}"
+        text += f" ({format_memory(int(size))} each)" if size else ""
+    return text + "".join(f", {name} {count}" for name, count in sorted(dict(head.get("resources") or {}).items()))
+
+
+def _holding(name: str) -> Callable[[RunView], float]:
+    """How much of the named resource `name` a run holds."""
+    return lambda r: float(r.resources.get(name, 0))
+
+
+def _held_rows(view: TraceView) -> List[Tuple[str, str]]:
+    """The most GPUs and named resources held at once, against the run's: a row only where
+    some run held some."""
+    head = view.header
+    parts = []
+    gpus = gpus_in_use(view)
+    if gpus:
+        total = len(head.get("gpus") or [])
+        parts.append(f"{gpus} GPU{'s' if gpus != 1 else ''}" + (f" of {total}" if total else ""))
+    pools = dict(head.get("resources") or {})
+    for name in sorted({name for r in view.ran for name in r.resources}):
+        _, held = _held(view, _holding(name))
+        parts.append(f"{name} {int(max(held))}" + (f" of {pools[name]}" if name in pools else ""))
+    return [("most held at once", ", ".join(parts))] if parts else []
 
 
 def render(view: TraceView, figures: Optional[Dict[str, str]]) -> str:
@@ -582,6 +648,7 @@ def render(view: TraceView, figures: Optional[Dict[str, str]]) -> str:
     else:
         parts += _figure_sections(view, figures)
     parts += _slowest(finals)
+    parts += _gpu_table(view)
     parts += _failed([r for r in failed if not r.killed], view, bool(killed))
     parts += _killed(killed, view)
     parts += _advice(finals)
@@ -665,6 +732,37 @@ def _slowest(finals: List[RunView]) -> List[str]:
         f'<section id="slowest"><h2>Slowest jobs</h2><p class="note">The {len(ran)} longest runs (their last run '
         "each); waited is the time from submission to start.</p>",
         _table(["job", "status", "runtime s", "waited s", "peak MiB", "reserved MiB", "command"], rows, (2, 3, 4, 5)),
+        "</section>",
+    ]
+
+
+def _gpu_table(view: TraceView) -> List[str]:
+    """The runs that held GPUs: their devices, the GPU memory each reserved and its peak (a
+    section only where some run held GPUs)."""
+    runs = [r for r in view.ran if r.gpu_count]
+    if not runs:
+        return []
+    rows = [
+        [
+            ("", _e(r.job) + (f" (run {r.run})" if r.run > 1 else "")),
+            _status(r),
+            ("", _e(", ".join(map(str, r.gpus)) if r.gpus else f"{r.gpu_count} (chosen by the backend)")),
+            ("num", "whole" if r.gpu_memory is None else _mb(r.gpu_memory)),
+            ("num", _mb(r.gpu_peak)),
+            ("num", f"{r.runtime:,.2f}"),
+            _command(r),
+        ]
+        for r in runs[:LISTED]
+    ]
+    more = f" The first {LISTED} of {len(runs)} are listed." if len(runs) > LISTED else ""
+    return [
+        '<section id="gpus"><h2>GPU jobs</h2><p class="note">Each run that held GPUs: its devices (as its '
+        "<code>CUDA_VISIBLE_DEVICES</code> named them), the GPU memory it reserved on each (whole: the devices "
+        "were its alone) and its processes' peak GPU memory, measured where NVML is available "
+        f"(-: not measured).{more}</p>",
+        _table(
+            ["job", "status", "devices", "reserved MiB each", "GPU peak MiB", "runtime s", "command"], rows, (3, 4, 5)
+        ),
         "</section>",
     ]
 

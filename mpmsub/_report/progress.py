@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Optional, TextIO
+from typing import Optional, Sequence, TextIO, Tuple
 
 from mpmsub._units import format_memory
 
@@ -26,9 +26,13 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+Held = Tuple[str, int, int]  # a resource beside CPUs and memory: its name, how much is held, of how much
+
+
 class ProgressBar:
-    """done/total, percent, elapsed, ETA, what is running (count, memory reserved and in use),
-    and how many failed and were killed, apart."""
+    """done/total, percent, elapsed, ETA, what is running (count, memory reserved and in use;
+    GPUs and named resources held, where the executor has them), and how many failed and were
+    killed, apart."""
 
     def __init__(self, total: int, *, label: str = "", stream: Optional[TextIO] = None, enabled: bool = True) -> None:
         self.total = total
@@ -43,6 +47,7 @@ class ProgressBar:
         self.running = 0
         self.reserved = 0
         self.in_use: Optional[int] = None
+        self.held: Tuple[Held, ...] = ()
         self._last_plain = -1.0
         self._last_decile = -1
         self._drawn = False
@@ -56,12 +61,14 @@ class ProgressBar:
         reserved_memory: int,
         memory_in_use: Optional[int] = None,
         killed: int = 0,
+        held: Sequence[Held] = (),
     ) -> None:
         """The counts, the memory the running jobs reserve and (where known) the memory they use.
         `failed` counts the failures other than `killed`: jobs killed on request (kill()) are the
-        user's own doing, shown apart."""
+        user's own doing, shown apart. `held`: the GPUs and named resources the running jobs
+        hold, each (name, held, capacity), shown as 'gpu 2/4'."""
         self.done, self.failed, self.running, self.reserved = done, failed, running, reserved_memory
-        self.in_use, self.killed = memory_in_use, killed
+        self.in_use, self.killed, self.held = memory_in_use, killed, tuple(held)
         if not self.enabled:
             return
         if self.interactive:
@@ -83,6 +90,8 @@ class ProgressBar:
             f"ETA {format_duration(eta) if eta is not None else '?'}",
             f"running {self.running} ({self._memory()})",
         ]
+        if self.held:
+            parts.append(", ".join(f"{name} {used}/{total}" for name, used, total in self.held))
         if self.failed:
             parts.append(f"failed {self.failed}")
         if self.killed:

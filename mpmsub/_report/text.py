@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from mpmsub._call import function_name
 from mpmsub._job import optional_fields
@@ -37,8 +37,11 @@ def job_stats(
     memory: int,
     wall_time: Optional[float],
     max_workers: Optional[int] = None,
+    resources: Optional[Mapping[str, int]] = None,
+    gpus: int = 0,
 ) -> Dict[str, Any]:
-    """The stats dict of `cluster.run()`: cluster figures, job counts, time, memory and CPU."""
+    """The stats dict of `cluster.run()`: cluster figures (its named `resources` and number of
+    `gpus` among them), job counts, time, memory and CPU."""
     ok = [r for r in results if r.success]
     runtimes = [r.runtime for r in results if _ran(r)]
     peaks = [r.memory_used for r in results]
@@ -49,6 +52,8 @@ def job_stats(
             "memory_mb": memory / MB,
             "memory": format_memory(memory),
             "max_workers": max_workers,
+            "gpus": gpus,
+            "resources": dict(sorted((resources or {}).items())),
         },
         "jobs": {
             "total": len(results),
@@ -149,12 +154,39 @@ def _job_errors(title: str, results: Sequence[JobResult], most: int) -> List[str
     return lines
 
 
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _resources(cluster: Dict[str, Any]) -> str:
+    """What the jobs shared: '8 CPUs, 32G memory, 4 GPUs, licence 2'."""
+    parts = [_plural(cluster["cpus"], "CPU"), f"{cluster['memory']} memory"]
+    if cluster.get("gpus"):
+        parts.append(_plural(cluster["gpus"], "GPU"))
+    parts += [f"{name} {count}" for name, count in (cluster.get("resources") or {}).items()]
+    return ", ".join(parts)
+
+
+def _gpu_line(results: Sequence[JobResult]) -> List[str]:
+    """How many jobs held GPUs, and the largest GPU memory peak where NVML measured one."""
+    held = [r for r in results if r.gpus]
+    if not held:
+        return []
+    devices = sorted({device for r in held for device in r.gpus})
+    line = f"  GPUs:      {len(held)} job(s) held GPUs (devices {', '.join(map(str, devices))})"
+    measured = [r for r in held if r.gpu_memory_used is not None]
+    if measured:
+        biggest = max(measured, key=lambda r: r.gpu_memory_used or 0.0)
+        line += f", largest GPU memory peak {biggest.gpu_memory_used:.1f} MB ({biggest.job_id})"
+    return [line]
+
+
 def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int = 5) -> str:
     jobs, times, mem = stats["jobs"], stats["time"], stats["memory"]
     cluster = stats["cluster"]
     lines = [
         "mpmsub summary",
-        f"  resources: {cluster['cpus']} CPU{'s' if cluster['cpus'] != 1 else ''}, {cluster['memory']} memory"
+        f"  resources: {_resources(cluster)}"
         + (f", at most {cluster['max_workers']} jobs at once" if cluster.get("max_workers") else ""),
         f"  jobs:      {jobs['total']} total, {jobs['completed']} completed, {jobs['failed']} failed"
         + _failed_apart(jobs),
@@ -168,6 +200,7 @@ def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int =
             f"  memory:    largest peak {biggest.memory_used:.1f} MB ({biggest.job_id}), "
             f"mean {mem['mean_job_mb']:.1f} MB"
         )
+    lines += _gpu_line(results)
     # A job stopped before its end (cancelled, killed) never reached the peak it would have had.
     reserving = [r for r in results if r.memory_requested and r.failure not in (CANCELLED, KILLED)]
     if reserving:
@@ -183,33 +216,51 @@ def summary_text(stats: Dict[str, Any], results: Sequence[JobResult], top: int =
     lines += _job_errors("Killed jobs", [r for r in results if r.failure == KILLED], top * 4)
     ran = sorted((r for r in results if r.failure != CANCELLED and _ran(r)), key=lambda r: r.runtime, reverse=True)
     if ran:
+        # GPU memory is measured only with NVML: a column only where some job has a figure.
+        gpu = any(r.gpu_memory_used is not None for r in ran)
         lines.append("")
-        lines.append(f"{'job':<14} {'status':<8} {'runtime':>9} {'peak MB':>9} {'asked MB':>9}  command")
+        lines.append(
+            f"{'job':<14} {'status':<8} {'runtime':>9} {'peak MB':>9} {'asked MB':>9}"
+            + (f" {'GPU MB':>9}" if gpu else "")
+            + "  command"
+        )
         for r in ran[:top]:
             asked = f"{r.memory_requested:.0f}" if r.memory_requested is not None else "-"
             status = "ok" if r.success else "KILLED" if r.failure == KILLED else "FAILED"
+            gpu_mb = "-" if r.gpu_memory_used is None else f"{r.gpu_memory_used:.1f}"
             lines.append(
                 f"{r.job_id:<14} {status:<8} {r.runtime:8.2f}s "
-                f"{r.memory_used:9.1f} {asked:>9}  {shorten(_command(r), 40)}"
+                f"{r.memory_used:9.1f} {asked:>9}" + (f" {gpu_mb:>9}" if gpu else "") + f"  {shorten(_command(r), 40)}"
             )
         if len(ran) > top:
             lines.append(f"({len(ran) - top} faster jobs not shown)")
     return "\n".join(lines)
 
 
-def resources_text(cpus: int, memory: int) -> str:
+def resources_text(
+    cpus: int,
+    memory: int,
+    resources: Optional[Mapping[str, int]] = None,
+    gpus: Sequence[Tuple[int, Optional[int]]] = (),
+) -> str:
+    """What jobs share (CPUs, memory; the named `resources` and `gpus`, each an id and its
+    memory in bytes or None, where there are some) beside what this machine has."""
     total, available = machine_memory()
     limit = cgroup_memory_limit()
-    return "\n".join(
-        [
-            "mpmsub resources",
-            f"  CPUs:   {cpus} for jobs (this machine: {detect_cpus()} usable, {os.cpu_count()} in all)",
-            f"  memory: {format_memory(memory)} for jobs (this machine: {format_memory(total)} total, "
-            f"{format_memory(available)} available now"
-            + (f", container limit {format_memory(limit)}" if limit else "")
-            + ")",
-        ]
-    )
+    lines = [
+        "mpmsub resources",
+        f"  CPUs:   {cpus} for jobs (this machine: {detect_cpus()} usable, {os.cpu_count()} in all)",
+        f"  memory: {format_memory(memory)} for jobs (this machine: {format_memory(total)} total, "
+        f"{format_memory(available)} available now"
+        + (f", container limit {format_memory(limit)}" if limit else "")
+        + ")",
+    ]
+    if gpus:
+        each = ", ".join(str(i) if size is None else f"{i} ({format_memory(size)})" for i, size in gpus)
+        lines.append(f"  GPUs:   {len(gpus)} for jobs: {each}")
+    if resources:
+        lines.append("  named:  " + ", ".join(f"{name} {count}" for name, count in sorted(resources.items())))
+    return "\n".join(lines)
 
 
 def _call_code(spec: JobSpec, memory: str, job_id: Optional[str]) -> str:

@@ -3,16 +3,21 @@
 One object per line, each with a "type":
 
 - "run" (the first line): format `version`, mpmsub's version, `start` (Unix time), `host`, the
-  executor's `cpus`, `memory` (bytes), `max_workers`, `schedule` and `backend`.
+  executor's `cpus`, `memory` (bytes), `max_workers`, `schedule` and `backend`, and where it has
+  them, its named `resources` (name -> count) and `gpus` (each device's `id` and `memory`).
 - "start": a run of a job began: `t` (seconds since the trace began), `job`, `run` (1, 2, ...
   for retries and requeues), the `cpus` and `memory` (bytes, or null) it reserves, `cmd` (one
-  line, shortened) and `waited` (seconds since it was submitted).
+  line, shortened) and `waited` (seconds since it was submitted); and, for a run that holds
+  them, `gpus` (its device ids, or their number where a remote backend chooses them),
+  `gpu_memory` (bytes it reserves on each) and `resources` (named resource -> count).
 - "end": that run ended (or, with `ran` false, the job was cancelled or killed before it began):
   `t`, `job`, `run`, `status` ("ok", a JobResult failure kind, or
   "requeued" for a stop for the machine's sake), `final` (false when the job runs again),
   `peak` (bytes, its whole tree), `runtime`, `cpu` (seconds), `rc`, `memory` (what it reserved),
   `error` (shortened), `estimate` (m="auto": how its memory was predicted) and, for a run that
-  failed, `stderr`: the last lines of its standard error where it was captured.
+  failed, `stderr`: the last lines of its standard error where it was captured; `gpus` (the
+  device ids it had) and `gpu_peak` (bytes, its processes' peak GPU memory, where NVML measured
+  it) when it had GPUs.
 - "sample": the memory in use, measured on this machine: `t`, `used` (bytes, every running job's
   tree at this tick), `max` (the most `used` was at any tick since the last sample line, this
   one included; written when the last running job ends too, so no tick goes unreported), and
@@ -138,9 +143,20 @@ class Trace:
             self._drain()
             return [json.loads(line) for line in self._lines]
 
-    def started(self, job: str, run: int, cpus: int, memory: Optional[int], cmd: str, submitted: float) -> None:
+    def started(
+        self,
+        job: str,
+        run: int,
+        cpus: int,
+        memory: Optional[int],
+        cmd: str,
+        submitted: float,
+        held: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        """`held`: what the run holds beside CPUs and memory ("gpus": device ids, or a count where
+        they are chosen elsewhere; "gpu_memory": bytes on each; "resources": name to count)."""
         now = self._clock()
-        self._queue.append(("start", now, job, run, cpus, memory, cmd, submitted))
+        self._queue.append(("start", now, job, run, cpus, memory, cmd, submitted, held))
         self._maybe_drain(now)
 
     def ended(self, job: str, run: int, status: str, final: bool, result: Any) -> None:
@@ -216,9 +232,17 @@ class Trace:
             self._flush()
 
     def _start(
-        self, at: float, job: str, run: int, cpus: int, memory: Optional[int], cmd: str, submitted: float
+        self,
+        at: float,
+        job: str,
+        run: int,
+        cpus: int,
+        memory: Optional[int],
+        cmd: str,
+        submitted: float,
+        held: Optional[Dict[str, Any]],
     ) -> str:
-        return line(
+        text = line(
             ("type", "start"),
             ("t", round(at - self._t0, 3)),
             ("job", job),
@@ -228,6 +252,9 @@ class Trace:
             ("cmd", shorten(cmd, _CMD)),
             ("waited", round(max(0.0, at - submitted), 3)),
         )
+        if held:  # (rare: a line of its own making is cheap enough)
+            text = text[:-1] + "," + json.dumps(held, separators=(",", ":"))[1:]
+        return text
 
     def _cancel(self, at: float, job: str, run: int, error: str, status: str) -> str:
         """The end event of a job cancelled (or killed) before its run `run` began."""
@@ -252,7 +279,7 @@ class Trace:
     def _end(self, at: float, job: str, run: int, status: str, final: bool, result: Any) -> str:
         """The end event of a run: its status, whether the job runs again, and its JobResult."""
         requested = result.memory_requested
-        return line(
+        text = line(
             ("type", "end"),
             ("t", round(at - self._t0, 3)),
             ("job", job),
@@ -268,6 +295,11 @@ class Trace:
             ("estimate", result.memory_estimate),
             ("stderr", None if status == "ok" else _tail(result.stderr)),
         )
+        if result.gpus:
+            text = text[:-1] + f',"gpus":{json.dumps(list(result.gpus))}}}'
+        if result.gpu_memory_used is not None:
+            text = text[:-1] + f',"gpu_peak":{int(result.gpu_memory_used * 2**20)}}}'
+        return text
 
     def _stop(self) -> None:
         self._closed = True

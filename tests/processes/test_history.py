@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import stat
 import subprocess
@@ -506,3 +507,26 @@ def test_a_name_that_is_not_utf8_gives_a_key_the_history_can_store(tmp_path: Pat
         assert ex.submit(mpmsub.Job(spec.stages[0]).memory("auto")).result().success
     with History(str(tmp_path / "h.db"), tolerant=False) as history:
         assert len(history.runs(key)) == 1
+
+
+def test_a_history_written_before_gpu_peaks_is_read_and_then_takes_them(tmp_path: Path) -> None:
+    """A runs table without the GPU peak column (as mpmsub wrote it before measuring GPUs): its
+    rows read as before (no GPU peak), and the first row with one adds the column."""
+    path = tmp_path / "old.db"
+    old_schema = re.sub(
+        r"NOT NULL,(\s*-- Unix time of its end)\n\s*gpu_peak_bytes[^\n]*", r"NOT NULL\1", history_module._SCHEMA
+    )
+    assert "gpu_peak_bytes" not in old_schema
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(old_schema)
+        old_row = row("tool", ["tool"], 0, 5 * 2**20, 1.0, 1.0, 0, None, None)[:-1]
+        conn.execute(
+            f"INSERT INTO runs ({', '.join(history_module._COLUMNS[:-1])}) VALUES ({', '.join('?' * 12)})", old_row
+        )
+        conn.commit()
+    with History(str(path), tolerant=False) as old:
+        assert [r["peak_bytes"] for r in old.rows("tool")] == [5 * 2**20]
+        assert old.gpu_runs("tool") == [] and old.runs("tool") == [Run(0, 5 * 2**20)]
+        old.add([row("tool", ["tool"], 0, 6 * 2**20, 1.0, 1.0, 0, None, None, 300 * 2**20)])
+        assert [r["gpu_peak_bytes"] for r in old.rows("tool")] == [None, 300 * 2**20]
+        assert old.gpu_runs("tool") == [Run(0, 300 * 2**20)]

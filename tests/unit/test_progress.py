@@ -149,3 +149,14 @@ def test_a_cluster_run_shows_its_killed_jobs_apart_on_the_bar(capsys: pytest.Cap
     batch.run(on_result=on_result)
     last = capsys.readouterr().err.splitlines()[-1]  # not a terminal: plain lines, the last at the end
     assert "2/2 (100.0%)" in last and last.endswith("| failed 1 | killed 1")
+
+
+def test_the_bar_shows_the_gpus_and_named_resources_held_like_cpus() -> None:
+    bar = ProgressBar(4, stream=io.StringIO())
+    bar.update(1, 0, 2, 0, held=[("gpu", 2, 4), ("licence", 1, 2)])
+    parts = bar.line().split(" | ")
+    assert parts[-1] == "gpu 2/4, licence 1/2" and parts[-2].startswith("running 2 (")
+    bar.update(2, 1, 0, 0, held=[("gpu", 0, 4)])
+    assert bar.line().endswith(" | gpu 0/4 | failed 1")
+    bar.update(3, 0, 1, 0)  # an executor with none of them: nothing more
+    assert "gpu" not in bar.line() and bar.line().endswith("reserved)")

@@ -361,3 +361,94 @@ def test_a_removed_job_never_starts_and_the_others_keep_their_order(
     chosen = sched.select(big, [], 0.0)[0]
     assert chosen == reference.select(Ledger(cpus=1000, memory=10**6), [], 0.0)[0]
     assert len(sched) == 0
+
+
+def vector_order_key(policy: str, job: J) -> Tuple[int, ...]:
+    """`order_key` where requests hold GPUs and named pools: pack sorts by memory, CPUs, GPUs,
+    GPU memory, then the sum of the named pools' units, each largest first."""
+    if policy != "pack":
+        return order_key(policy, job)
+    r = job.request
+    units = sum(count for _, count in r.resources)
+    return (-job.priority, -r.memory, -r.cpus, -r.gpus, -r.gpu_memory, -units, job.seq)
+
+
+def simulate_devices(policy: str, jobs: List[J], cpus: int, devices: int, device_memory: int, seats: int) -> None:
+    """As `simulate`, on a ledger with GPU devices and a pool of `seats`: at every step no device
+    is held whole beside another holder, its shares fit its memory, and the seats are counted."""
+    sched: Scheduler[J] = Scheduler(policy)
+    for job in jobs:
+        sched.push(job)
+    ledger = Ledger(cpus, 1000, None, {"seat": seats}, [(d, device_memory) for d in range(devices)])
+    running: List[J] = []
+    held: dict = {}
+    now = 0.0
+    while len(sched) or running:
+        before = list(running)
+        chosen, _ = sched.select(ledger, running, now)
+        head = sched.head
+        if head is not None and head.ahead is None:
+            head.ahead = before + [j for j in chosen if vector_order_key(policy, j) < vector_order_key(policy, head)]
+        for job in chosen:
+            job.started = now
+            held[job.seq] = ledger.devices(job.seq)
+            assert len(held[job.seq]) == job.request.gpus
+        running += chosen
+        for device in range(devices):
+            on = [j for j in running if device in held[j.seq]]
+            wholes = [j for j in on if not j.request.gpu_memory]
+            assert not wholes or len(on) == 1, f"device {device} double-booked"
+            assert sum(j.request.gpu_memory for j in on) <= device_memory
+        assert sum(dict(j.request.resources).get("seat", 0) for j in running) <= seats
+        assert sum(j.request.cpus for j in running) <= cpus
+        if not running:
+            assert not len(sched), "jobs wait while nothing runs: a deadlock"
+            break
+        now = min(j.ends for j in running)
+        for job in [j for j in running if j.ends <= now]:
+            running.remove(job)
+            ledger.release(job.request, job.seq)
+
+
+gpu_shapes = st.tuples(
+    st.integers(1, 3),  # cpus
+    st.integers(0, 3),  # gpus
+    st.sampled_from([0, 0, 20, 50, 90]),  # gpu memory on each (0: whole devices)
+    st.integers(0, 2),  # seats
+    st.integers(1, 20),  # duration
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(gpu_shapes, min_size=1, max_size=20), st.sampled_from(["fifo", "pack", "greedy"]), st.integers(1, 4))
+def test_no_gpu_device_is_double_booked_and_every_job_runs(shapes: list, policy: str, cpus: int) -> None:
+    jobs = []
+    for i, (c, g, share, seats, d) in enumerate(shapes):
+        resources = (("seat", seats),) if seats else ()
+        jobs.append(J(i, Request(min(c, cpus), 0, resources, g, share if g else 0), duration=float(d)))
+    simulate_devices(policy, jobs, cpus, 3, 100, 2)
+    assert all(j.started >= 0 for j in jobs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 2), st.integers(0, 3), st.integers(1, 20)), min_size=2, max_size=14),
+    st.sampled_from(["fifo", "pack"]),
+)
+def test_backfill_never_delays_a_head_that_needs_gpus(shapes: list, policy: str) -> None:
+    """Whole devices and CPUs: each job that held the reservation starts at the very moment it
+    would have if no job had started after it became the head."""
+    jobs = [J(i, Request(c, 0, (), g), duration=float(d)) for i, (c, g, d) in enumerate(shapes)]
+    simulate_devices(policy, jobs, 4, 3, 100, 1)
+    for job in jobs:
+        if job.ahead is None:
+            continue
+        ahead, ends = job.ahead, [j.ends for j in job.ahead]
+        for t in sorted(set(ends)):
+            still = [j for j, e in zip(ahead, ends) if e > t]
+            if (
+                4 - sum(j.request.cpus for j in still) >= job.request.cpus
+                and 3 - sum(j.request.gpus for j in still) >= job.request.gpus
+            ):
+                assert job.started == t
+                break
