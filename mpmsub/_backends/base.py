@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import abc
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mpmsub._launch.base import Launcher
 from mpmsub._launch.loop import EventLoop
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from mpmsub._launch.base import PoolOptions
 
 ENV = "MPMSUB_BACKEND"
+GPU = "GPU"  # the name of a place's GPUs among its resources (Dask's custom; SLURM's gres gpu)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class Node:
     name: str
     cpus: int
     memory: int  # bytes
+    # Its other countable resources by name: GPU devices as GPU, and a Dask worker's named ones.
+    resources: Mapping[str, int] = field(default_factory=dict, compare=False)
 
 
 class Backend(abc.ABC):
@@ -123,28 +126,78 @@ def size(backend: Backend, cpus: Optional[int], memory: Optional[int]) -> Tuple[
     return cpus, memory
 
 
-def largest_fit(spec: JobSpec, nodes: Sequence[Node], kind: str, overhead: int = 0) -> Optional[str]:
-    """None if one of `nodes` can hold the job (its CPUs and its memory plus `overhead` on the
-    same one); else a sentence naming the job's size and the largest places."""
+def asks(spec: JobSpec) -> Dict[str, int]:
+    """What a job needs of one place beside CPUs and memory: its GPUs (as GPU) and named resources."""
+    wants = {GPU: spec.gpus} if spec.gpus else {}
+    wants.update(spec.resources)
+    return wants
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _and(parts: Sequence[str]) -> str:
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def _label(name: str, count: int) -> str:
+    return f"{name}={count}"
+
+
+def largest_fit(
+    spec: JobSpec,
+    nodes: Sequence[Node],
+    kind: str,
+    overhead: int = 0,
+    declares: str = "declares",
+    label: Callable[[str, int], str] = _label,
+) -> Optional[str]:
+    """None if one of `nodes` can hold the job (its CPUs, its memory plus `overhead`, its GPUs and
+    named resources, all on the same one); else a sentence naming what the job asks and what the
+    largest places offer. `declares` and `label` word a place's resources ("declares", GPU=2)."""
     need = 0 if spec.memory is None else spec.memory + overhead
-    if any(node.cpus >= spec.cpus and node.memory >= need for node in nodes):
+    wants = asks(spec)
+
+    def holds(node: Node) -> bool:
+        return (
+            node.cpus >= spec.cpus
+            and node.memory >= need
+            and all(node.resources.get(name, 0) >= count for name, count in wants.items())
+        )
+
+    if any(holds(node) for node in nodes):
         return None
     if not nodes:
         return f"no {kind} is available"
-    most_cpus = max(nodes, key=lambda node: (node.cpus, node.memory))
-    most_memory = max(nodes, key=lambda node: (node.memory, node.cpus))
-    asked = f"it needs {spec.cpus} CPU{'s' if spec.cpus != 1 else ''}"
+    for name, count in wants.items():  # one no place has enough of, whatever else it has
+        most = max(node.resources.get(name, 0) for node in nodes)
+        if most < count:
+            what = _plural(count, "GPU") if name == GPU else f"{count} of resource {name!r}"
+            has = f"more than {most} ({label(name, most)})" if most else "any" if name == GPU else "it"
+            return f"it asks for {what} but no {kind} {declares} {has}"
+    parts = [_plural(spec.cpus, "CPU")]
     if need:
-        asked += f" and {format_memory(need)}"
+        memory = format_memory(need)
         if overhead:
-            asked += f" ({format_memory(spec.memory or 0)}, and {format_memory(overhead)} for mpmsub's runner)"
-    asked += f" on one {kind}"
-    biggest = {most_cpus, most_memory}
-    offers = " and ".join(
-        f"{node.name} offers {node.cpus} CPU{'s' if node.cpus != 1 else ''} and {format_memory(node.memory)}"
-        for node in sorted(biggest, key=lambda node: node.name)
-    )
-    return f"{asked}; the largest {kind}: {offers}"
+            memory += f" ({format_memory(spec.memory or 0)}, and {format_memory(overhead)} for mpmsub's runner)"
+        parts.append(memory)
+    parts.extend(_plural(count, "GPU") if name == GPU else label(name, count) for name, count in wants.items())
+    biggest: List[Node] = [
+        max(nodes, key=lambda node: (node.cpus, node.memory)),
+        max(nodes, key=lambda node: (node.memory, node.cpus)),
+    ]
+    for name in wants:
+        biggest.append(max(nodes, key=lambda node: (node.resources.get(name, 0), node.cpus, node.memory)))
+    unique = {id(node): node for node in biggest}.values()
+
+    def offers(node: Node) -> str:
+        has = [_plural(node.cpus, "CPU"), format_memory(node.memory)]
+        has.extend(label(name, node.resources.get(name, 0)) for name in wants)
+        return f"{node.name} offers {_and(has)}"
+
+    listed = " and ".join(offers(node) for node in sorted(unique, key=lambda node: node.name))
+    return f"it needs {_and(parts)} on one {kind}; the largest {kind}: {listed}"
 
 
 def most_memory(nodes: Sequence[Node], cpus: int, overhead: int = 0) -> Optional[int]:

@@ -1,15 +1,17 @@
 """The Dask backend: each job is a Dask task that runs it under mpmsub on a worker.
 
 On the client, a job becomes `client.submit(run_on_worker, ..., resources={"cpus": p, "memory":
-bytes}, pure=False)`, so Dask's scheduler places it on a worker whose declared resources hold it
-(`dask worker ADDRESS --resources "cpus=4,memory=16e9"`). Dask queues a request no worker can
-hold forever and ignores resources no worker declares, so both are refused here first.
+bytes, "GPU": n, NAME: count}, pure=False)`, so Dask's scheduler places it on a worker whose
+declared resources hold it (`dask worker ADDRESS --resources "cpus=4,memory=16e9,GPU=2"`): its
+GPUs and the named resources it holds are counted by Dask, per worker. Dask queues a request no
+worker can hold forever and ignores resources no worker declares, so both are refused here first.
 
 On the worker, one MemoryAwareExecutor per worker process (its CPUs and memory are the worker's
-declared resources) runs the jobs Dask hands it, as it does locally: the whole tree measured,
-timed out and killed, calls in reused worker processes. Dask's own cancel leaves a running
-task's subprocesses alive, so a kill goes to the worker's executor by `client.run`; a kill that
-arrives before its task starts is remembered and ends the task as soon as it does.
+declared resources) runs the jobs Dask hands it, as it does locally: the whole tree measured, timed
+out and killed, calls in reused worker processes, GPU devices chosen among the worker's. Dask's own
+cancel leaves a running task's subprocesses alive, so a kill goes to the worker's executor by
+`client.run`; a kill that arrives before its task starts is remembered and ends the task as soon as
+it does.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 from mpmsub import _threads
 from mpmsub._backends import remote as _remote
-from mpmsub._backends.base import Backend, LaunchOptions, Node, largest_fit, most_memory, seconds
+from mpmsub._backends.base import GPU, Backend, LaunchOptions, Node, largest_fit, most_memory, seconds
 from mpmsub._launch.base import Handle, Launcher, Outcome, not_started
 from mpmsub._result import CANCELLED, ERROR, PICKLE, START, FailureKind
 from mpmsub._spec import JobSpec
+from mpmsub._units import format_memory
 
 if TYPE_CHECKING:
     pass
@@ -41,6 +44,7 @@ logger = logging.getLogger("mpmsub")
 
 _INSTALL = "the Dask backend needs the distributed package: pip install 'mpmsub[dask]'"
 _DECLARE = 'start each worker with its resources: dask worker ADDRESS --nthreads 4 --resources "cpus=4,memory=16e9"'
+_KIND = "Dask worker"
 _REFRESH = 1.0  # seconds a look at the workers' resources is reused for
 _NO_WORKER = "waiting for a Dask worker (none is connected)"
 _IMPORTABLE = (
@@ -63,10 +67,12 @@ class DaskBackend(Backend):
     existing `distributed.Client`.
 
     Workers must declare their resources, `dask worker ADDRESS --nthreads N --resources
-    "cpus=N,memory=BYTES"`: a job asks for `cpus` = its p and `memory` = its m in bytes, and
-    Dask starts it on a worker that has them free. The executor's budget is, by default, the sum
-    of the workers' resources when it starts; given `cpus` and `memory` are a cap, and with them
-    the executor starts with no worker connected (an adaptive cluster): its jobs wait for workers.
+    "cpus=N,memory=BYTES"`: a job asks for `cpus` = its p and `memory` = its m in bytes, `GPU` =
+    its GPUs and each named resource it holds, and Dask starts it on a worker that has them free (a
+    worker with GPUs or named resources declares them too: "...,GPU=2,licence=1"). The executor's
+    budget is, by default, the sum of the workers' resources when it starts; given `cpus` and
+    `memory` are a cap, and with them the executor starts with no worker connected (an adaptive
+    cluster): its jobs wait for workers.
     `timeout` is the seconds to wait for the scheduler. `worker_grace` is the seconds a job that
     no connected worker can hold any more (its worker left) waits for one that can, before it
     fails as an error (which `with_retries` decides on).
@@ -117,7 +123,7 @@ class DaskBackend(Backend):
             return self._client
 
     def nodes(self, fresh: bool = False) -> List[Node]:
-        """The workers that declare both `cpus` and `memory` resources."""
+        """The workers that declare both `cpus` and `memory` resources (and what else they declare)."""
         now = time.monotonic()
         if fresh or now - self._seen >= _REFRESH:
             info = self._scheduler_info()
@@ -126,7 +132,8 @@ class DaskBackend(Backend):
             for address, worker in workers.items():
                 resources = worker.get("resources") or {}
                 if "cpus" in resources and "memory" in resources:
-                    nodes.append(Node(address, int(resources["cpus"]), int(resources["memory"])))
+                    others = {name: int(amount) for name, amount in resources.items() if name not in _SIZE}
+                    nodes.append(Node(address, int(resources["cpus"]), int(resources["memory"]), others))
             self._nodes, self.connected, self._seen = nodes, len(workers), now
         return self._nodes
 
@@ -156,10 +163,18 @@ class DaskBackend(Backend):
             )
 
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
+        if spec.gpu_memory is not None:
+            # A worker's GPU resource counts devices: Dask cannot hold a job to memory on each.
+            return (
+                f"it asks for {format_memory(spec.gpu_memory)} on each of its GPUs, sharing them, but on Dask "
+                f"a job gets whole GPUs (a worker's {GPU} resource counts devices): ask gpu(n) without memory"
+            )
+        if GPU in dict(spec.resources):
+            return f"its resource {GPU!r} is Dask's name for GPUs: ask for GPUs with gpu(n), or name it otherwise"
         nodes = self.nodes()
         if not nodes and not self.connected:
             return None  # no worker yet: the job waits for one (DaskLauncher says so)
-        return largest_fit(spec, nodes, "Dask worker")
+        return largest_fit(spec, nodes, _KIND)
 
     def place_memory(self, cpus: int) -> Optional[int]:
         return most_memory(self.nodes(), cpus)
@@ -178,6 +193,18 @@ class DaskBackend(Backend):
             return self.address
         scheduler = getattr(self._client, "scheduler", None)
         return str(getattr(scheduler, "address", None) or self._client)
+
+
+_SIZE = ("cpus", "memory")  # the resources every worker declares (Node's own fields)
+
+
+def task_resources(spec: JobSpec) -> Dict[str, float]:
+    """The Dask resources of a job's task: what Dask holds of its worker while it runs."""
+    resources: Dict[str, float] = {"cpus": spec.cpus, "memory": spec.memory or 0}
+    if spec.gpus:
+        resources[GPU] = spec.gpus
+    resources.update(spec.resources)
+    return resources
 
 
 _modules_seen = 0  # how many modules were loaded at the last look for the user's own
@@ -362,19 +389,20 @@ class DaskLauncher(Launcher):
         return handle
 
     def flush(self) -> None:
-        """Hand Dask the tasks of this round's jobs: one `client.map` per size of job (cpus,
-        memory), as one graph; a submit per job costs the scheduler a graph update each
+        """Hand Dask the tasks of this round's jobs: one `client.map` per size of job (its Dask
+        resources), as one graph; a submit per job costs the scheduler a graph update each
         (measured: 1000 `true` jobs took 1.9x plain client.submit that way, 1.2x so)."""
         from mpmsub._backends.node import run_on_worker  # the node side: sent to the worker by reference
 
-        groups: Dict[Tuple[int, int], List[Tuple[DaskHandle, bytes]]] = {}
+        groups: Dict[Tuple[Tuple[str, float], ...], List[Tuple[DaskHandle, bytes]]] = {}
         for handle, data in self._pending:
             if handle._killed is not None:  # killed before it was handed over: it never runs
                 handle.end_unstarted(*handle._killed)
                 continue
-            groups.setdefault((handle.spec.cpus, handle.spec.memory or 0), []).append((handle, data))
+            size = tuple(task_resources(handle.spec).items())
+            groups.setdefault(size, []).append((handle, data))
         self._pending = []
-        for (cpus, memory), group in groups.items():
+        for size, group in groups.items():
             keys = [handle.key for handle, _ in group]
             with self._cond:  # before the graph goes: a run's start may come back at once
                 for handle, _ in group:
@@ -386,7 +414,7 @@ class DaskLauncher(Launcher):
                     keys,
                     [self._topic] * len(group),
                     key=keys,
-                    resources={"cpus": cpus, "memory": memory},
+                    resources=dict(size),
                     pure=False,
                 )
             except Exception as exc:  # the client closed (it lost its scheduler, and found none again)
@@ -399,7 +427,7 @@ class DaskLauncher(Launcher):
             # A job no worker known can hold (its worker left before it came: a retry, say) has
             # the killer look, which fails it after worker_grace unless one that can joins.
             nodes, connected = self.backend._nodes, self.backend.connected
-            unplaced = connected and largest_fit(group[0][0].spec, nodes, "Dask worker") is not None
+            unplaced = connected and largest_fit(group[0][0].spec, nodes, _KIND) is not None
             with self._cond:
                 for (handle, _), future in zip(group, futures):
                     handle.future = future
@@ -488,7 +516,7 @@ class DaskLauncher(Launcher):
             )
         deadlines = []
         for handle in handles:
-            why = largest_fit(handle.spec, nodes, "Dask worker") if connected else None
+            why = largest_fit(handle.spec, nodes, _KIND) if connected else None
             if why is None:
                 handle.unplaced = None
                 continue

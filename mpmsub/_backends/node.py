@@ -7,6 +7,10 @@ RESULT` runs `main`: one `NodeExecutor` for the one job in SPEC, its Outcome wri
 (see `_remote`, which packs and signs what crosses). This is the only backend module that
 imports the engine; the launchers (`_dask`, `_slurm`) name these functions only where they send
 them.
+
+Named resources were counted where the job was placed (Dask's resources, SLURM's licenses), so
+the executor here never sees them; GPU devices are chosen here, among those this process was
+given (`granted_gpus`), so that the job's CUDA_VISIBLE_DEVICES names devices of its own.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import wait
 from types import FrameType
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from mpmsub._backends.remote import KEY_BYTES, REFUSED, Heartbeat, Returned, returned, sign, unpack
 from mpmsub._engine.executor import MemoryAwareExecutor
@@ -51,6 +55,31 @@ class NodeExecutor(MemoryAwareExecutor):
         self._kill(future, None, failure, message, grace)
 
 
+def granted_gpus(environ: Mapping[str, str]) -> Optional[List[int]]:
+    """The GPU devices this process was given, by the ids its CUDA_VISIBLE_DEVICES names: SLURM
+    sets it for a job's --gres, and a Dask worker that shares its machine's GPUs with others is
+    started with its own (as dask-cuda does). None where it is unset, or names devices otherwise
+    (by UUID, SLURM's NoDevFiles): every device found here is the executor's."""
+    text = environ.get("CUDA_VISIBLE_DEVICES")
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    return [int(part) for part in parts] if all(part.isdigit() for part in parts) else None
+
+
+def _node_executor(gpus: Optional[List[int]], **options: Any) -> NodeExecutor:
+    """A NodeExecutor of the devices `gpus` (None: those it detects when a job first asks). Ids
+    that detection here does not list (a device cgroup numbers them otherwise) leave the choice
+    to detection, said in a warning."""
+    try:
+        return NodeExecutor(gpus=gpus, backend="local", history=False, **options)
+    except ValueError as exc:
+        if gpus is None:
+            raise
+        logger.warning("mpmsub: CUDA_VISIBLE_DEVICES=%s here, but %s: using the GPUs found here", gpus, exc)
+        return NodeExecutor(gpus=None, backend="local", history=False, **options)
+
+
 # -- on a Dask worker ----------------------------------------------------------------------------
 
 _worker_lock = threading.Lock()
@@ -62,7 +91,9 @@ _TOMBSTONES = 10000
 
 
 def _executor_here() -> NodeExecutor:
-    """This worker process's executor, sized by the worker's declared resources."""
+    """This worker process's executor, sized by the worker's declared resources; its GPU devices
+    are the worker's own (its CUDA_VISIBLE_DEVICES), or all this machine's, detected when a job
+    first asks for one (how many run at once is Dask's count of the worker's GPU resource)."""
     global _worker_executor
     if _worker_executor is None:
         from distributed import get_worker
@@ -72,7 +103,7 @@ def _executor_here() -> NodeExecutor:
         resources = get_worker().state.total_resources
         cpus = int(resources.get("cpus") or detect_cpus())
         memory = int(resources.get("memory") or detect_memory())
-        _worker_executor = NodeExecutor(cpus=max(1, cpus), memory=memory / MB, backend="local", history=False)
+        _worker_executor = _node_executor(granted_gpus(os.environ), cpus=max(1, cpus), memory=memory / MB)
         logger.debug("mpmsub: executor on this Dask worker: %d CPUs, %s", cpus, format_memory(memory))
     return _worker_executor
 
@@ -94,7 +125,8 @@ def run_on_worker(data: bytes, key: str, topic: Optional[str] = None) -> bytes:
         if killed is not None:
             outcome = not_started(spec, killed[0], killed[1])
             return pickle.dumps(Returned(outcome), pickle.HIGHEST_PROTOCOL)
-        future = executor.submit(dataclasses.replace(spec, job_id=key))
+        # Dask held the job's named resources on this worker: the executor here has none.
+        future = executor.submit(dataclasses.replace(spec, job_id=key, resources=()))
         _worker_jobs[key] = future
     try:
         wait([future])
@@ -217,15 +249,18 @@ def main(argv: List[str]) -> int:
 
     # SLURM holds the job to its --mem, so its m is strict here: mpmsub stops it first, with
     # its own sentence. The node is SLURM's to share: no gate on this machine's free memory.
-    executor = NodeExecutor(
+    # The sending executor records the run (no history here). SLURM held the job's licenses; its
+    # GPUs are those SLURM gave it (--gres: CUDA_VISIBLE_DEVICES), chosen again here so that the
+    # result names them.
+    executor = _node_executor(
+        granted_gpus(os.environ) if spec.gpus else None,
         cpus=spec.cpus,
         memory=(spec.memory or detect_memory()) / MB,
         strict_memory=spec.memory is not None,
         memory_reserve=0,
-        backend="local",
-        history=False,  # the sending executor records the run
         **runner,  # kill_grace, output_limit
     )
+    spec = dataclasses.replace(spec, resources=())
     stopped: List[str] = []
 
     def stop(signum: int, frame: Optional[FrameType]) -> None:

@@ -101,6 +101,8 @@ def outcome_of(result: JobResult) -> Outcome:
         value=result.value,
         exception=exception,
         host=result.host,
+        gpus=tuple(result.gpus),  # the devices it had there, which the sender's executor reports as they are
+        gpu_peak=None if result.gpu_memory_used is None else round(result.gpu_memory_used * MB),
     )
 
 

@@ -1,16 +1,18 @@
 """The SLURM backend: each job is a SLURM job (an array element) that runs it under mpmsub on a node.
 
-A job becomes `sbatch --parsable --cpus-per-task=p --mem=... --time=... --wrap "python -m mpmsub
-_run-job SPEC RESULT"`, with its spec, result and output files in a run directory under `workdir`
-(which must be on a filesystem the nodes share). Jobs handed over together that are alike in those
-options are one `sbatch --array`, whose element i finds its files by $SLURM_ARRAY_TASK_ID and is
-SLURM job ARRAYID_i. On the node, mpmsub runs the job as it does locally and writes the Outcome;
-here one thread submits, follows every job with one `squeue` call per poll (never one per job;
-polls back off while nothing changes), cancels with `scancel`, and reads the results. A job no
-node can hold (from `sinfo`) is refused at submit; SLURM's own memory and time kills, when they
-come first, are reported as the same memory and timeout failures. A second thread touches a
-heartbeat file in the run directory, by which the runners learn that their driver died (killed
-with -9: nothing cancelled its jobs) and stop (see remote.Heartbeat).
+A job becomes `sbatch --parsable --cpus-per-task=p --mem=... --time=... [--gres=gpu:N]
+[--licenses=NAME:N,...] --wrap "python -m mpmsub _run-job SPEC RESULT"`, with its spec, result and
+output files in a run directory under `workdir` (which must be on a filesystem the nodes share).
+Jobs handed over together that are alike in those options are one `sbatch --array`, whose element i
+finds its files by $SLURM_ARRAY_TASK_ID and is SLURM job ARRAYID_i. On the node, mpmsub runs the
+job as it does locally and writes the Outcome; here one thread submits, follows every job with one
+`squeue` call per poll (never one per job; polls back off while nothing changes), cancels with
+`scancel`, and reads the results. A job no node can hold (from `sinfo`: CPUs, memory, gpu gres), or
+asking for more of a license than SLURM has (`scontrol show licenses`), is refused at submit;
+SLURM's own memory and time kills, when they come first, are reported as the same memory and
+timeout failures. A second thread touches a heartbeat file in the run directory, by which the
+runners learn that their driver died (killed with -9: nothing cancelled its jobs) and stop (see
+remote.Heartbeat).
 
 The run directory is private (mkdtemp: an unpredictable name, mode 0700) and its files 0600; a
 result is trusted only if it is a file of this user signed with the launcher's secret key, which
@@ -20,6 +22,7 @@ only the job's spec file carries (see remote): one another user placed is reject
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -39,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mpmsub import _files, _threads
 from mpmsub._backends import remote as _remote
-from mpmsub._backends.base import Backend, LaunchOptions, Node, largest_fit, most_memory, seconds
+from mpmsub._backends.base import GPU, Backend, LaunchOptions, Node, largest_fit, most_memory, seconds
 from mpmsub._errors import MpmsubError
 from mpmsub._launch.base import Handle, Launcher, Outcome, not_started
 from mpmsub._result import CANCELLED, ERROR, EXIT, MEMORY, SIGNAL, START, TIMEOUT, FailureKind
@@ -77,6 +80,9 @@ _ALLOCATED = re.compile(r"\bTRES=\S*?\bmem=(\d+(?:\.\d+)?[KMGT]?)\b")  # scontro
 _STOP_ANSWERS = (CANCELLED, SIGNAL, EXIT)
 # sbatch's refusal for a limit on the jobs a user or account may have in SLURM at once.
 _SUBMIT_LIMIT = re.compile(r"MaxSubmitJob|job submit limit", re.IGNORECASE)
+# A gpu entry of sinfo's gres column (%G): gpu:4, gpu:a100:4 (a socket list in brackets removed).
+_GPU_GRES = re.compile(r"^gpu(?::[^:]+)?:(\d+)$")
+_LICENSE = re.compile(r"\bLicenseName=(\S+)\s.*?\bTotal=(\d+)")  # scontrol --oneliner show licenses
 
 
 class SlurmError(MpmsubError, RuntimeError):
@@ -137,6 +143,8 @@ class SlurmBackend(Backend):
         self.calls: Counter[str] = Counter()  # SLURM commands run, by name (sbatch, squeue, ...)
         self._nodes: Optional[List[Node]] = None
         self._max_array: Optional[int] = None
+        self._licenses: Optional[Dict[str, int]] = None
+        self._licenses_known = False  # asked once: None above where scontrol could not tell
 
     def __repr__(self) -> str:
         options = [f"{name}={value!r}" for name, value in (("partition", self.partition), ("account", self.account))]
@@ -155,9 +163,9 @@ class SlurmBackend(Backend):
             raise SlurmError(f"cannot run {argv[0]!r}: {exc}") from exc
 
     def nodes(self, fresh: bool = False) -> List[Node]:
-        """The nodes of the partition (or of every partition), from sinfo."""
+        """The nodes of the partition (or of every partition), from sinfo, with their GPUs (gres)."""
         if self._nodes is None or fresh:
-            argv = ["sinfo", "--noheader", "--Node", "--format=%N|%c|%m"]
+            argv = ["sinfo", "--noheader", "--Node", "--format=%N|%c|%m|%G"]
             if self.partition:
                 argv.append(f"--partition={self.partition}")
             done = self.command(argv)
@@ -166,9 +174,10 @@ class SlurmBackend(Backend):
             nodes: Dict[str, Node] = {}
             for line in done.stdout.splitlines():
                 fields = line.strip().split("|")
-                if len(fields) == 3 and fields[1].isdigit():
+                if len(fields) == 4 and fields[1].isdigit():
                     memory = int(re.sub(r"\D.*", "", fields[2]) or 0) * MB
-                    nodes[fields[0]] = Node(fields[0], int(fields[1]), memory)
+                    gpus = gres_gpus(fields[3])
+                    nodes[fields[0]] = Node(fields[0], int(fields[1]), memory, {GPU: gpus} if gpus else {})
             self._nodes = sorted(nodes.values(), key=lambda node: node.name)
         return self._nodes
 
@@ -187,6 +196,22 @@ class SlurmBackend(Backend):
             self._max_array = max(1, int(found.group(1))) if found else 1
         return self._max_array
 
+    def licenses(self) -> Optional[Dict[str, int]]:
+        """SLURM's licenses and how many of each it has in all (scontrol show licenses, asked
+        once); None where scontrol cannot tell."""
+        if not self._licenses_known:
+            try:
+                done = self.command(["scontrol", "--oneliner", "show", "licenses"])
+            except SlurmError as exc:
+                done = subprocess.CompletedProcess([], 1, "", str(exc))
+            if done.returncode == 0:
+                self._licenses = {name: int(total) for name, total in _LICENSE.findall(done.stdout)}
+            else:
+                why = _last_line(done.stderr) or f"exit status {done.returncode}"
+                logger.warning("mpmsub: scontrol show licenses failed (%s): sbatch checks the licenses", why)
+            self._licenses_known = True
+        return self._licenses
+
     def capacity(self) -> Optional[Tuple[int, int]]:
         nodes = self.nodes(fresh=True)
         if not nodes:
@@ -195,7 +220,39 @@ class SlurmBackend(Backend):
         return sum(node.cpus for node in nodes), sum(node.memory for node in nodes)
 
     def why_never_fits(self, spec: JobSpec) -> Optional[str]:
-        return largest_fit(spec, self.nodes(), "SLURM node", overhead=RUNNER_MEMORY)
+        if spec.gpu_memory is not None:
+            return (
+                f"it asks for {format_memory(spec.gpu_memory)} on each of its GPUs, sharing them, but SLURM "
+                "gives a job whole GPUs (--gres=gpu:N): ask gpu(n) without memory"
+            )
+        if spec.resources:
+            why = self._why_no_licenses(spec)
+            if why is not None:
+                return why
+        # Licenses are the cluster's, not a node's: a node holds the job's CPUs, memory and GPUs.
+        placed = dataclasses.replace(spec, resources=()) if spec.resources else spec
+        return largest_fit(
+            placed, self.nodes(), "SLURM node", RUNNER_MEMORY, "has", lambda name, count: f"gres gpu:{count}"
+        )
+
+    def _why_no_licenses(self, spec: JobSpec) -> Optional[str]:
+        licenses = self.licenses()
+        if licenses is None:
+            return None  # sbatch refuses an unknown license itself
+        for name, count in spec.resources:
+            total = licenses.get(name)
+            if total is None:
+                have = ", ".join(f"{other}:{number}" for other, number in sorted(licenses.items())) or "none"
+                return (
+                    f"it asks for {count} of resource {name!r} (sbatch --licenses={name}:{count}) but SLURM has "
+                    f"no license {name!r} (scontrol show licenses lists {have})"
+                )
+            if count > total:
+                return (
+                    f"it asks for {count} of resource {name!r} (sbatch --licenses={name}:{count}) but SLURM's "
+                    f"license {name!r} has {total} in all"
+                )
+        return None
 
     def place_memory(self, cpus: int) -> Optional[int]:
         return most_memory(self.nodes(), cpus, overhead=RUNNER_MEMORY)
@@ -348,7 +405,7 @@ class SlurmLauncher(Launcher):
             if handle.killed is not None:  # killed before it was submitted
                 handle.end(not_started(handle.spec, *handle.killed))
             else:
-                groups.setdefault(self._resources(handle.spec), []).append(handle)
+                groups.setdefault(sbatch_options(handle.spec, self.backend, self.kill_grace), []).append(handle)
         for resources, handles in groups.items():
             size = self.backend.max_array_size() if len(handles) > 1 else 1
             for first in range(0, len(handles), size):
@@ -406,21 +463,6 @@ class SlurmLauncher(Launcher):
         for handle in handles:
             handle.end(not_started(handle.spec, START, why))
             handle.remove_files()
-
-    def _resources(self, spec: JobSpec) -> Tuple[str, ...]:
-        """The sbatch options of a job's resources (and the backend's): its array's shape."""
-        backend = self.backend
-        options = [f"--cpus-per-task={spec.cpus}"]
-        if spec.memory is not None:
-            options.append(f"--mem={math.ceil((spec.memory + RUNNER_MEMORY) / MB)}M")
-        if spec.timeout is not None:
-            options.append(f"--time={math.ceil((spec.timeout + self.kill_grace + _TIME_MARGIN) / 60)}")
-        if backend.partition:
-            options.append(f"--partition={backend.partition}")
-        if backend.account:
-            options.append(f"--account={backend.account}")
-        options.extend(backend.extra_args)
-        return tuple(options)
 
     def _sbatch(self, resources: Tuple[str, ...], handles: List[SlurmHandle], prefix: str) -> List[str]:
         first, last = handles[0].job_id, handles[-1].job_id
@@ -640,6 +682,36 @@ class SlurmHandle(Handle):
         for suffix in (".spec", ".result", ".out"):
             with contextlib.suppress(OSError):
                 os.unlink(self.files + suffix)
+
+
+def sbatch_options(spec: JobSpec, backend: SlurmBackend, kill_grace: float) -> Tuple[str, ...]:
+    """The sbatch options of a job's resources (and the backend's): its array's shape. GPUs are
+    a gres of the node (`--gres=gpu:N`, whole devices: SLURM sets the job's CUDA_VISIBLE_DEVICES);
+    named resources are SLURM licenses (`--licenses=NAME:N,...`), pools the cluster counts, as a
+    licence's seats or a database's connections are. The backend's extra_args come last, so that
+    a site's own option (`--gres=gpu:a100:1`) wins."""
+    options = [f"--cpus-per-task={spec.cpus}"]
+    if spec.memory is not None:
+        options.append(f"--mem={math.ceil((spec.memory + RUNNER_MEMORY) / MB)}M")
+    if spec.timeout is not None:
+        options.append(f"--time={math.ceil((spec.timeout + kill_grace + _TIME_MARGIN) / 60)}")
+    if spec.gpus:
+        options.append(f"--gres=gpu:{spec.gpus}")
+    if spec.resources:
+        options.append("--licenses=" + ",".join(f"{name}:{count}" for name, count in spec.resources))
+    if backend.partition:
+        options.append(f"--partition={backend.partition}")
+    if backend.account:
+        options.append(f"--account={backend.account}")
+    options.extend(backend.extra_args)
+    return tuple(options)
+
+
+def gres_gpus(gres: str) -> int:
+    """The GPUs in a node's gres as sinfo's %G shows them: 'gpu:4', 'gpu:a100:2(S:0-1)',
+    'gpu:a100:2,gpu:v100:2' (4), '(null)' (0)."""
+    entries = re.sub(r"\([^)]*\)", "", gres).split(",")
+    return sum(int(found.group(1)) for entry in entries if (found := _GPU_GRES.match(entry.strip())))
 
 
 def _states(text: str) -> Dict[str, Tuple[str, str]]:

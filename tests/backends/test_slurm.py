@@ -3,6 +3,7 @@ configured; `.ci/run` installs it)."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -21,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 from support import callees, remote_batch
+from support.fake_nvidia_smi import fake_gpus_on_path
 from support.helpers import alloc_cmd, unique_sleep, wait_gone
 
 import mpmsub
@@ -686,3 +688,34 @@ def test_the_runner_keeps_as_much_output_as_the_sending_executor_would(
     assert result.success, result.error
     assert result.stdout.split("\n")[0] == "x" * kept
     assert ("stdout cut here" in result.stdout) == (limit is not None)
+
+
+class _HereWithGpus(_Here):
+    """SLURM played here, on a node of four GPUs and a license of two seats."""
+
+    def nodes(self, fresh: bool = False) -> List[Node]:
+        return [Node("here", 2, 2**30, {"GPU": 4})]
+
+    def licenses(self) -> Optional[Dict[str, int]]:
+        return {"licence": 2}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pynvml") is not None, reason="the runner would ask NVML, not nvidia-smi")
+def test_the_runner_gives_a_job_the_gpus_slurm_granted_and_reports_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --gres, SLURM sets the job's CUDA_VISIBLE_DEVICES (played here: 2,3 of the four devices
+    a fake nvidia-smi lists): the runner's executor hands the job those devices, and the result
+    names them. The license was SLURM's to count: the runner's executor never sees it."""
+    fake_gpus_on_path(monkeypatch, tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    show = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
+    backend = _HereWithGpus(tmp_path / "work")
+    with mpmsub.MemoryAwareExecutor(backend=backend, history=False, resources={"licence": 2}) as executor:
+        both = executor.submit(mpmsub.Job([sys.executable, "-c", show]).gpu(2).resources(licence=1))
+        one = executor.submit(mpmsub.Job([sys.executable, "-c", show]).gpu(1))
+        results = [both.result(timeout=60), one.result(timeout=60)]
+    for result in results:
+        assert result.success, result.error
+    assert [(result.stdout, result.gpus) for result in results] == [("2,3\n", (2, 3)), ("2\n", (2,))]
+    assert results[0].resources == {"licence": 1}

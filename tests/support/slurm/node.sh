@@ -50,6 +50,7 @@ mkdir -p "$dir/state" "$dir/spool" "$dir/log"
 # (else the node is invalid); EnforcePartLimits=ALL makes sbatch refuse a job no node can hold
 # (else it pends forever); OverMemoryKill kills a job over its --mem (sampled once a second).
 # DefMemPerCPU gives a job without --mem 500M a CPU, as sites do (else it takes the whole node).
+# Licenses: a cluster-wide pool of two seats, which jobs holding resources(licence=1) count.
 cat >"$SLURM_CONF" <<EOF
 ClusterName=mpmsubtest
 SlurmctldHost=localhost
@@ -76,6 +77,7 @@ JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=1
 JobAcctGatherParams=OverMemoryKill
 AccountingStorageType=accounting_storage/none
+Licenses=licence:2
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=${NODE_CPUS:-2} RealMemory=${NODE_MEM:-20000} State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=500
 EOF
