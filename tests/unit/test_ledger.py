@@ -66,3 +66,34 @@ def test_ledger_never_goes_negative_or_over_capacity(ops: list, cpus: int, memor
         assert slots is None or ledger.used_slots <= slots  # type: ignore[operator]
         assert ledger.used_cpus == sum(r.cpus for r in held)
         assert ledger.used_memory == sum(r.memory for r in held)
+
+
+def test_a_device_is_shared_while_the_shares_fit_its_memory() -> None:
+    """An H200 shows about 139G: six 20G shares fit on it, a seventh waits; a whole-device
+    request waits for every share to end, and no share is placed beside it."""
+    gib = 2**30
+    ledger = Ledger(cpus=16, memory=gib, gpus=[(0, 139 * gib)])
+    share = Request(1, 0, (), 1, 20 * gib)
+    for holder in range(6):
+        assert ledger.reserve(share, holder) == (0,)
+    assert not ledger.fits(share) and not ledger.fits(Request(1, 0, (), 1))
+    for holder in range(6):
+        ledger.release(share, holder)
+    assert ledger.reserve(Request(1, 0, (), 1), "whole") == (0,)
+    assert not ledger.fits(share)
+    assert ledger.why_never_fits(Request(1, 0, (), 1, 140 * gib)) == (
+        "it asks for 140G on a GPU but the executor's largest GPU has 139G"
+    )
+    assert ledger.why_never_fits(Request(1, 0, (("licence", 1),))) == (
+        "it asks for 1 of resource 'licence' but the executor has none (its resources: none)"
+    )
+
+
+def test_a_ledger_of_a_remote_backend_leaves_gpus_and_unnamed_pools_to_it() -> None:
+    ledger = Ledger(cpus=4, memory=100, resources={"licence": 1}, here=False)
+    asks = Request(1, 0, (("db", 5), ("licence", 1)), 8)
+    assert ledger.why_never_fits(asks) is None and ledger.fits(asks)
+    ledger.reserve(asks, "a")
+    assert not ledger.fits(asks)  # the licence it was given is a cap
+    ledger.release(asks, "a")
+    assert ledger.used == {"cpus": 0, "memory": 0, "licence": 0}
