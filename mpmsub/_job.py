@@ -317,8 +317,8 @@ class Resources(abc.ABC):
             memory = AUTO
             if strict:
                 raise ValueError("gpu strict needs a GPU memory to hold the job to, not 'auto'")
-        elif memory is not None:
-            parse_memory(memory, "gpu memory")
+        elif memory is not None and not parse_memory(memory, "gpu memory"):
+            raise ValueError(f"invalid gpu memory {memory!r}: a share of a device is above 0 (None: the whole device)")
         if memory is not None and not gpus:
             raise ValueError(f"gpu memory {memory!r} is given for 0 GPUs: ask for at least 1")
         if not isinstance(strict, bool):
@@ -411,7 +411,7 @@ class Job(Resources):
         self._configure(p, m, id, timeout, retries, memory_growth, strict, priority, key)
         if resources is not None:
             self.resources(resources)
-        if gpus is not None or gpu_memory is not None or gpu_strict is not None:
+        if gpus is not None or gpu_memory is not None or gpu_strict:  # (gpu_strict False asks for nothing)
             self.gpu(1 if gpus is None else gpus, gpu_memory, bool(gpu_strict))
         if cwd is not None:
             self.working_dir(cwd)

@@ -159,10 +159,10 @@ def resource_name(name: object, what: str = "resource") -> str:
     return name
 
 
-def parse_resources(value: object, what: str = "resources", least: int = 1) -> Dict[str, int]:
-    """Named resources and counts: a mapping, or text such as 'licence=1,scratch_io=2' (the command
-    line's form), each count a whole number from `least`."""
-    if isinstance(value, str):
+def parse_resources(value: object, what: str = "resources", least: int = 1, text: bool = False) -> Dict[str, int]:
+    """Named resources and counts: a mapping, or with `text` the command line's form such as
+    'licence=1,scratch_io=2'; each count a whole number from `least`."""
+    if text and isinstance(value, str):
         pairs = []
         for part in value.split(","):
             name, sep, count = part.partition("=")

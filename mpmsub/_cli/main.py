@@ -173,6 +173,11 @@ def _arg(parse: Callable[[object, str], Any], what: str) -> Callable[[str], Any]
     return convert
 
 
+def _resources_text(text: object, what: str) -> Dict[str, int]:
+    """--resources, --job-res: NAME=N[,NAME=N...]."""
+    return parse_resources(text, what, text=True)
+
+
 def _gpus_option(text: object, what: str) -> Union[int, List[int]]:
     """--gpus: a number of devices ('4'), or their ids ('0,2')."""
     words = str(text).split(",")
@@ -226,7 +231,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--job-res",
         metavar="NAME=N[,...]",
-        type=_arg(parse_resources, "job resources"),
+        type=_arg(_resources_text, "job resources"),
         help="named resources each job holds (of --resources)",
     )
     parser.add_argument(
@@ -241,7 +246,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resources",
         metavar="NAME=N[,...]",
-        type=_arg(parse_resources, "resources"),
+        type=_arg(_resources_text, "resources"),
         help="named resources to share out, such as licence=2,scratch_io=4",
     )
     parser.add_argument(
@@ -696,13 +701,18 @@ def _template_jobs(args: argparse.Namespace) -> List[FileJob]:
 def _defaults(args: argparse.Namespace) -> Dict[str, Any]:
     """What the options give the jobs whose lines leave it out."""
     retries = getattr(args, "retries", None)
+    gpus = args.job_gpus
+    if args.job_gpu_mem is not None:
+        if gpus == 0:
+            raise ValueError(f"--job-gpu-mem {args.job_gpu_mem} is a share of each job's GPUs, and --job-gpus is 0")
+        gpus = 1 if gpus is None else gpus  # a share of one device, as gpu(memory=...) in Python
     return {
         "p": args.job_cpus,
         "m": args.job_mem,
         "timeout": args.timeout,
         "retries": retries,
         "resources": args.job_res,
-        "gpus": args.job_gpus,
+        "gpus": gpus,
         "gpu_memory": args.job_gpu_mem,
     }
 

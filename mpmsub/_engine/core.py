@@ -37,7 +37,7 @@ from mpmsub._policy import runs as _policy
 from mpmsub._policy.enforce import Stop, Usage, budget_stops, gpu_overuse, newest, strict_stops
 from mpmsub._policy.ledger import Ledger
 from mpmsub._policy.scheduler import Scheduler
-from mpmsub._result import CANCELLED, ERROR, KILLED, MEMORY, FailureKind, JobResult
+from mpmsub._result import CANCELLED, ERROR, EXIT, KILLED, MEMORY, FailureKind, JobResult
 from mpmsub._spec import Request
 from mpmsub._system import available_memory
 from mpmsub._units import MB, format_memory
@@ -96,7 +96,7 @@ class Run:
     """One run of a job. The monitor thread writes `rss`, `floor`, `window` and `stopping` (and
     nothing else of the engine's); the loop reads them."""
 
-    __slots__ = ("floor", "gpu_peak", "handle", "number", "rss", "started", "stopping", "window")
+    __slots__ = ("floor", "gpu_peak", "gpu_stopped", "handle", "number", "rss", "started", "stopping", "window")
 
     def __init__(self, number: int, started: float) -> None:
         self.number = number  # 1 for the first run of its job
@@ -108,7 +108,8 @@ class Run:
         self.floor = 0
         self.window: Deque[Tuple[float, int]] = deque()
         self.stopping = False  # a stop for memory is on its way
-        self.gpu_peak: Optional[int] = None  # bytes: its tree's GPU memory peak, where NVML measures it
+        self.gpu_peak: Optional[int] = None  # bytes: its tree's GPU memory peak on a device, where NVML measures it
+        self.gpu_stopped = False  # the stop for memory was for its GPU memory (gpu strict)
 
 
 class Item:
@@ -527,8 +528,10 @@ class Core:
     def _run_again(self, item: Item, result: JobResult) -> bool:
         """Requeue or retry a job that ended (_policy.again); False when its result is final."""
         spec = item.spec
+        # A stop for GPU memory grows the job's GPU memory, not its m (and is no m="auto" miss).
+        gpu_stop = result.failure == MEMORY and item.run is not None and item.run.gpu_stopped
         end = _policy.Ended(
-            failure=result.failure,
+            failure=EXIT if gpu_stop else result.failure,
             peak=int(result.memory_used * MB),
             memory=spec.memory,
             growth=spec.memory_growth,
@@ -543,7 +546,12 @@ class Core:
         decision = _policy.next_run(end)
         if decision is None:
             return False
-        if decision.why != "requeue" and result.failure == MEMORY:
+        if gpu_stop:
+            grown = _policy.grown_gpu_memory(spec.gpu_memory or 0, spec.memory_growth, self.ledger.gpus.largest)
+            if grown is None:
+                return False  # no device holds more
+            item.spec = dataclasses.replace(spec, gpu_memory=grown)
+        elif decision.why != "requeue" and result.failure == MEMORY:
             bigger = dataclasses.replace(spec, memory=decision.memory)
             if not self.launcher.local and self.launcher.why_never_fits(bigger) is not None:
                 return False  # no single worker or node can hold more: the backend would wait forever
@@ -671,6 +679,7 @@ class Core:
         self.advance(Lifecycle.CLOSED)
         try:
             self.monitor.close()
+            self.watch.close_meter()
             self.launcher.close()
             if self.runbook is not None:
                 self.runbook.close()  # its thread finishes writing; joined by the executor's wait
@@ -891,6 +900,12 @@ class MemoryWatch:
                 )
                 core.loop.call_soon_threadsafe(core.stop, item, run, message, True)
 
+    def close_meter(self) -> None:
+        """Let go of NVML (a monitor tick still under way finds it closed: it reads nothing)."""
+        meter, self.gpu_meter = self.gpu_meter, False
+        if meter:
+            meter.close()
+
     def _gpu_stops(self, gpu_runs: List[Tuple[Item, Run]], stopped: Set[int]) -> List[Stop]:
         """Measure the GPU memory of the runs that hold devices (their trees' processes, by NVML),
         and the stops of those with gpu strict over what they reserved."""
@@ -903,11 +918,12 @@ class MemoryWatch:
         for item, run in gpu_runs:
             if run.handle is None:
                 continue
-            used = meter.used_by(run.handle.tree)
+            used = max(meter.by_device(run.handle.tree), default=0)  # as reserved: on each device
             if run.gpu_peak is None or used > run.gpu_peak:
                 run.gpu_peak = used
             reserved = item.spec.gpu_memory
             if item.spec.gpu_strict and reserved is not None and used > reserved and item.seq not in stopped:
+                run.gpu_stopped = True
                 stops.append(Stop(item.seq, gpu_overuse(used, reserved)))
         return stops
 

@@ -4,7 +4,7 @@ that an executor whose jobs never ask pays nothing for it), and the environment 
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mpmsub._policy.ledger import GpuPool, Ledger
 
@@ -15,10 +15,7 @@ class GpuDevices:
 
         self._lock = threading.Lock()
         self.devices: Optional[Tuple[_gpus.Device, ...]] = None  # None: not detected yet
-        if isinstance(option, GpuDevices):  # a cluster's, for each run's executor: found once
-            option.ready_devices()
-            self.devices = option.devices
-            return
+        self.on_found: Optional[Callable[[List[Dict[str, Any]]], None]] = None  # told what detection found
         if not local:
             if option is not None:
                 raise ValueError(
@@ -29,32 +26,27 @@ class GpuDevices:
         elif option is not None:
             self.devices = _gpus.check_gpus(option)
 
+    def described(self) -> List[Dict[str, Any]]:
+        """The devices as the trace has them: id and memory (bytes, or None)."""
+        return [{"id": device.id, "memory": device.memory} for device in self.devices or ()]
+
     def places(self) -> List[Tuple[int, Optional[int]]]:
         """The devices as the ledger counts them: id and memory."""
         return [(device.id, device.memory) for device in self.devices or ()]
 
     def ready(self, ledger: Ledger) -> None:
-        """Detect the devices if nobody gave them, once, and hand them to `ledger` (before any
-        job that asks for a GPU is queued: the loop never looks at an empty pool's devices)."""
-        if self.devices is not None:
-            return
+        """Detect the devices if nobody gave them, once, and hand them to `ledger` where it has
+        none yet (before any job that asks for a GPU is queued on it: the loop never looks at an
+        empty pool's devices). A cluster's are its runs' executors' too: each ledger takes them."""
         with self._lock:
             if self.devices is None:
-                devices = self._detect()
-                ledger.gpus = GpuPool([(device.id, device.memory) for device in devices])
-                self.devices = devices
+                from mpmsub._launch import gpus as _gpus
 
-    def ready_devices(self) -> None:
-        """Detect them now if nobody gave them (for another ledger that takes them at its start)."""
-        with self._lock:
-            if self.devices is None:
-                self.devices = self._detect()
-
-    @staticmethod
-    def _detect() -> Tuple[Any, ...]:
-        from mpmsub._launch import gpus as _gpus
-
-        return _gpus.detect()
+                self.devices = _gpus.detect()
+                if self.devices and self.on_found is not None:
+                    self.on_found(self.described())
+            if self.devices and ledger.here and not len(ledger.gpus):
+                ledger.gpus = GpuPool([(device.id, device.memory) for device in self.devices])
 
     def environment(self, ids: Tuple[int, ...]) -> Dict[str, str]:
         """CUDA_VISIBLE_DEVICES and its kin, naming the devices `ids` (for a job that got them)."""

@@ -225,7 +225,8 @@ class MemoryAwareExecutor(Executor):
         _check_pool_options(max_tasks_per_child, initializer, initargs, mp_context)
         reserve = _reserve(self.backend, memory_reserve)
         self.resources: Dict[str, int] = {} if resources is None else parse_resources(resources)
-        self._gpus = GpuDevices(gpus, self.backend.local)  # None: detected when a job first asks for one
+        # None: detected when a job first asks for one (a cluster's run: the cluster's devices).
+        self._gpus = gpus if isinstance(gpus, GpuDevices) else GpuDevices(gpus, self.backend.local)
         self.cpus = ncpus
         self.memory = budget
         self.max_workers = slots
@@ -267,11 +268,12 @@ class MemoryAwareExecutor(Executor):
             }
             if self.resources:
                 header["resources"] = dict(self.resources)
-            if self._gpus.devices:  # (given, or a cluster's already detected)
-                header["gpus"] = [{"id": device.id, "memory": device.memory} for device in self._gpus.devices]
+            if self._gpus.devices:  # (given, or a cluster's already detected; else a line when found)
+                header["gpus"] = self._gpus.described()
             from mpmsub._report.trace import Trace
 
             trace_log = Trace(trace_path, header, self._monitor_interval)  # first: the one open that may fail
+            self._gpus.on_found = trace_log.devices
         try:
             self._loop = EventLoop("mpmsub-executor")
             self._inbox = Inbox(self._loop, self._take_inbox)

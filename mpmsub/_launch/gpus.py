@@ -245,7 +245,7 @@ def _whole(value: object) -> Optional[int]:
 
 def visible_env(devices: Sequence[Device]) -> Dict[str, str]:
     """The environment that shows a job its devices, ids in the given order (the job numbers them
-    0, 1, ... in that order). Empty for no devices: see `hidden_env`."""
+    0, 1, ... in that order). Empty for no devices: a job that asks for none is left alone."""
     if not devices:
         return {}
     ids = ",".join(str(device.id) for device in devices)
@@ -260,20 +260,6 @@ def visible_env(devices: Sequence[Device]) -> Dict[str, str]:
         # from 0, so the same ids in both would name other devices, or none.
         env["HIP_VISIBLE_DEVICES"] = ids
     return env
-
-
-def hidden_env(devices_of_executor: Sequence[Device]) -> Dict[str, str]:
-    """The environment that hides every device from a job that asked for none (else CUDA gives it
-    all of them); empty where the executor has no devices."""
-    if not devices_of_executor:
-        return {}
-    env = dict.fromkeys(_NVIDIA_VARIABLES, "")
-    if any(device.vendor != "nvidia" for device in devices_of_executor):
-        env.update(dict.fromkeys(("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"), ""))
-    return env
-
-
-# --- device memory in use ---
 
 
 class GpuMeter:
@@ -316,12 +302,16 @@ class GpuMeter:
         return cls(nvml, handles)
 
     def used_by(self, pids: Iterable[int]) -> int:
-        """Bytes of device memory those processes hold now, over all devices. A device NVML cannot
-        read this time adds nothing (logged at debug)."""
+        """Bytes of device memory those processes hold now, over all devices."""
+        return sum(self.by_device(pids))
+
+    def by_device(self, pids: Iterable[int]) -> List[int]:
+        """Bytes of memory those processes hold now on each device (the devices they hold memory
+        on). A device NVML cannot read this time adds nothing (logged at debug)."""
         wanted = pids if isinstance(pids, (set, frozenset)) else set(pids)
         if not wanted:
-            return 0
-        total = 0
+            return []
+        figures = []
         for handle, reads in self._reads:
             on_device: Dict[int, int] = {}
             for read in reads:
@@ -335,8 +325,9 @@ class GpuMeter:
                         used = process.usedGpuMemory or 0  # None where the driver cannot tell
                         if used > on_device.get(process.pid, 0):
                             on_device[process.pid] = used
-            total += sum(on_device.values())
-        return total
+            if on_device:
+                figures.append(sum(on_device.values()))
+        return figures
 
     def close(self) -> None:
         """Shut NVML down (once; used_by reads nothing after)."""

@@ -85,6 +85,15 @@ def grown_memory(end: Ended) -> int:
     return min(end.most, max(base + MB, math.ceil(base * end.growth)))
 
 
+def grown_gpu_memory(reserved: int, growth: float, largest: Optional[int]) -> Optional[int]:
+    """The GPU memory on each device of the next run of a job stopped for its GPU memory (gpu
+    strict): grown by its memory_growth, at most the largest device's; None when that device
+    already was all it had."""
+    if largest is None or reserved >= largest:
+        return None
+    return min(largest, max(reserved + MB, math.ceil(reserved * growth)))
+
+
 def shortage_stop(message: str, requeued: int) -> Tuple[str, bool]:
     """A stop for the machine's sake of a job requeued `requeued` times so far: the message, and
     whether this stop is its last (it then fails with a memory error instead of running again)."""

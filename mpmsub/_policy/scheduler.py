@@ -48,6 +48,7 @@ from mpmsub._spec import Request
 POLICIES = ("fifo", "pack", "greedy")
 
 _UNITS = 1 << 16  # resolution of the memory subset sums (see _least_release)
+_WHOLE = 1 << 62  # pack's figure of a whole GPU device, above any share of one
 
 
 class Entry(Protocol):
@@ -162,7 +163,8 @@ def reserve_for(head: Request, ledger: Ledger, running: Held) -> Reservation:
         for name in ledger.capacity
     }
     slots = _surplus(slots_free, 1, [1] * len(running))
-    return Reservation(slack, slots, _shadow(head, ledger, slots_free, running), gpus=not head.gpus)
+    # (GPUs a remote backend places are no concern of this ledger's: they never wait here.)
+    return Reservation(slack, slots, _shadow(head, ledger, slots_free, running), gpus=not head.gpus or not ledger.here)
 
 
 def _surplus(free: int, need: int, held: List[int]) -> int:
@@ -372,13 +374,8 @@ class Scheduler(Generic[E]):
         front = 0 if entry.seq in self._front else 1
         if self.policy == "pack":
             request = entry.request
-            size = (
-                -request.memory,
-                -request.cpus,
-                -request.gpus,
-                -request.gpu_memory,
-                -sum(c for _, c in request.resources),
-            )
+            share = request.gpu_memory or _WHOLE  # a whole device before any share of one
+            size = (-request.memory, -request.cpus, -request.gpus, -share, -sum(c for _, c in request.resources))
             return (-entry.priority, front, *size, entry.seq)
         return (-entry.priority, front, entry.seq)
 

@@ -107,6 +107,7 @@ def load(events: Sequence[Dict[str, Any]]) -> TraceView:
     if not events or not isinstance(events[0], dict) or events[0].get("type") != "run":
         raise ValueError("not an mpmsub trace: it does not begin with a 'run' event")
     remote = _remote(events[0])
+    header = events[0]
     starts: Dict[Tuple[str, int], Dict[str, Any]] = {}
     runs: List[RunView] = []
     samples: List[Tuple[float, int]] = []
@@ -125,12 +126,14 @@ def load(events: Sequence[Dict[str, Any]]) -> TraceView:
                 runs.append(_run(str(event["job"]), int(event["run"]), begun, end, start, event))
             elif kind == "sample":
                 samples.append((float(event["t"]), int(event.get("max", event.get("used", 0)))))
+            elif kind == "gpus" and not header.get("gpus"):  # found after the header was written
+                header = {**header, "gpus": list(event["gpus"])}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"event {number} of the trace is not a valid one ({exc!r}): {str(event)[:100]}") from None
     for (job, number), start in starts.items():
         runs.append(_run(job, number, float(start["t"]), last_t, start, None))
     runs.sort(key=lambda r: (r.start, r.job, r.run))
-    return TraceView(events[0], runs, samples, last_t)
+    return TraceView(header, runs, samples, last_t)
 
 
 def _run(

@@ -22,6 +22,8 @@ One object per line, each with a "type":
   tree at this tick), `max` (the most `used` was at any tick since the last sample line, this
   one included; written when the last running job ends too, so no tick goes unreported), and
   `jobs` (job id -> bytes, the largest `JOBS_PER_SAMPLE` of them).
+- "gpus": the GPU devices (each device's `id` and `memory`), at `t`, when they were detected
+  after the run began (as a job first asked for one); the header has them where they were known.
 - "close" (the last line): `t`, when the executor finished.
 
 Size: two lines per run, and sample lines at most every `interval` seconds in the first
@@ -190,6 +192,13 @@ class Trace:
             if t - self._last_sample >= max(self._interval, t / SAMPLES):
                 self._drain()
                 self._write_tick()
+
+    def devices(self, gpus: List[Dict[str, Any]]) -> None:
+        """The GPU devices, where they were found after the run began (detected when a job first
+        asked for one): a line of their own, as the header would have them."""
+        with self._lock:
+            self._drain()
+            self._put({"type": "gpus", "t": round(self._clock() - self._t0, 3), "gpus": gpus}, flush=True)
 
     def close(self) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ from support.fake_nvidia_smi import A100_MIB, fake_gpus_on_path, fake_uuid
 from support.fake_pynvml import ALLOCATE, install_fake_nvml
 
 import mpmsub
+from mpmsub._job import to_spec
 from mpmsub._learn.history import History
 from mpmsub._report.trace import read as read_trace
 
@@ -291,3 +292,80 @@ def test_on_a_real_gpu_nvml_measures_what_a_job_allocated() -> None:
         result = executor.submit(mpmsub.Job([sys.executable, "-c", allocate]).gpu(1, memory="4G")).result(timeout=120)
     assert result.success, result.stderr
     assert result.gpus and 512 <= (result.gpu_memory_used or 0) <= 512 + 1024
+
+
+def test_gpu_memory_is_held_to_each_device_and_a_strict_stop_grows_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """gpu(2, memory=...) reserves that much on each of two devices: the figure measured and held
+    to it is the busiest device's, not the sum. A job over its share is stopped and retried with
+    its GPU memory grown (memory_growth), its m untouched. NVML is let go with the executor."""
+    fake_gpus_on_path(monkeypatch, tmp_path)
+    held = tmp_path / "gpu-memory"
+    nvml = install_fake_nvml(monkeypatch, held, devices=4, memory=A100_MIB * MB)
+    trace = tmp_path / "trace.jsonl"
+
+    def allocating(mb: int, seconds: float) -> List[str]:
+        return ["sh", "-c", f"\"{sys.executable}\" -c '{ALLOCATE}' {held} {mb} {seconds}; true"]
+
+    with mpmsub.MemoryAwareExecutor(cpus=2, memory="2G", trace=trace) as executor:
+        pair = executor.submit(mpmsub.Job(allocating(600, 1.0)).gpu(2, memory="1G", strict=True))
+        grown = executor.submit(mpmsub.Job(allocating(1500, 1.5)).gpu(1, memory="1G", strict=True).with_retries(1))
+        pair_result, grown_result = pair.result(timeout=60), grown.result(timeout=60)
+    assert pair_result.success and len(pair_result.gpus) == 2, pair_result.error
+    assert 480 <= (pair_result.gpu_memory_used or 0) <= 600  # on each device, as reserved
+    assert grown_result.success and grown_result.attempts == 2, grown_result.error
+    assert grown_result.gpu_memory_requested == 2048 and grown_result.memory_requested is None
+    assert nvml.calls["init"] == nvml.calls["shutdown"] > 0
+    # Found after the trace's header was written (a job first asked): a line of their own.
+    (found,) = [e for e in read_trace(trace) if e["type"] == "gpus"]
+    assert [d["id"] for d in found["gpus"]] == [0, 1, 2, 3]
+    from mpmsub._report.html import load
+
+    assert len(load(read_trace(trace)).header["gpus"]) == 4
+
+
+def test_a_cluster_finds_its_devices_when_a_job_first_asks_in_any_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A run without GPU jobs asks nvidia-smi nothing; a later job asking for one is placed."""
+    smi = fake_gpus_on_path(monkeypatch, tmp_path)
+    asked = tmp_path / "asked"
+    smi.write_text(smi.read_text().replace("#!/bin/sh\n", f"#!/bin/sh\necho >> {asked}\n", 1))
+    p = mpmsub.cluster(p=2, m="1G", verbose=False, progress_bar=False)
+    p.jobs.append(["true"])
+    p.run()
+    assert not asked.exists()
+    p.jobs.append(mpmsub.Job(["sh", "-c", "echo $CUDA_VISIBLE_DEVICES"]).gpu(2))
+    p.run()
+    assert p.completed_jobs[-1].stdout == "0,1\n" and asked.read_text().count("\n") == 1
+
+
+def test_gpu_options_that_ask_for_nothing_give_nothing() -> None:
+    assert mpmsub.Job(["true"], gpu_strict=False).spec().gpus == 0
+    assert to_spec({"cmd": ["true"], "gpu_strict": False}).gpus == 0
+    with pytest.raises(ValueError, match="invalid gpu memory 0: a share of a device is above 0"):
+        mpmsub.Job(["true"]).gpu(1, memory=0)
+    with pytest.raises(TypeError, match="resources must be a mapping of names to counts; got 'licence=2'"):
+        mpmsub.MemoryAwareExecutor(resources="licence=2")  # type: ignore[arg-type]
+
+
+def test_a_gpu_share_on_the_command_line_asks_for_one_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake_gpus_on_path(monkeypatch, tmp_path)
+    run = [sys.executable, "-m", "mpmsub", "run", "-q"]
+    done = subprocess.run(
+        [*run, "--job-gpu-mem", "10G", "echo $CUDA_VISIBLE_DEVICES", ":::", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout == "0 x\n", done.stderr  # (the value is appended)
+    done = subprocess.run(
+        [*run, "--job-gpus", "0", "--job-gpu-mem", "10G", "true", ":::", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        done.returncode == 2 and "--job-gpu-mem 10G is a share of each job's GPUs, and --job-gpus is 0" in done.stderr
+    )

@@ -19,18 +19,20 @@ from typing import Any, List
 
 import pytest
 
-# Run as `python -c ALLOCATE DIRECTORY MB SECONDS`: holds MB on the first device of its
+# Run as `python -c ALLOCATE DIRECTORY MB SECONDS`: holds MB on each device of its
 # CUDA_VISIBLE_DEVICES for SECONDS (in steps of a fifth of it), then lets go.
 ALLOCATE = """
 import os, sys, time
 directory, mb, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-device = os.environ["CUDA_VISIBLE_DEVICES"].split(",")[0]
-path = os.path.join(directory, device, str(os.getpid()))
+devices = os.environ["CUDA_VISIBLE_DEVICES"].split(",")
+paths = [os.path.join(directory, device, str(os.getpid())) for device in devices]
 for step in range(1, 6):
-    with open(path, "w") as f:
-        f.write(str(mb * step // 5 * 1024 * 1024))
+    for path in paths:
+        with open(path, "w") as f:
+            f.write(str(mb * step // 5 * 1024 * 1024))
     time.sleep(seconds / 5)
-os.remove(path)
+for path in paths:
+    os.remove(path)
 """
 
 
@@ -64,10 +66,15 @@ def make(directory: Path, devices: int, memory: int) -> types.ModuleType:
                 found.append(_Process(int(entry.name), int(Path(entry.path).read_text() or 0)))
         return found
 
+    module.calls = {"init": 0, "shutdown": 0}  # type: ignore[attr-defined]
+
+    def count(name: str) -> None:
+        module.calls[name] += 1  # type: ignore[attr-defined]
+
     functions: dict = {
         "NVMLError": NVMLError,
-        "nvmlInit": lambda: None,
-        "nvmlShutdown": lambda: None,
+        "nvmlInit": lambda: count("init"),
+        "nvmlShutdown": lambda: count("shutdown"),
         "nvmlDeviceGetCount": lambda: devices,
         "nvmlDeviceGetHandleByIndex": lambda index: index,
         "nvmlDeviceGetUUID": lambda handle: f"GPU-fake-{handle}",

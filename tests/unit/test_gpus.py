@@ -21,7 +21,7 @@ from support.fake_nvidia_smi import (
     install_fake_nvidia_smi,
 )
 
-from mpmsub._launch.gpus import Device, GpuMeter, check_gpus, detect, hidden_env, parse_query, visible_env
+from mpmsub._launch.gpus import Device, GpuMeter, check_gpus, detect, parse_query, visible_env
 
 MIB = 2**20
 FOUR = tuple(Device(i, fake_uuid(i), A100_MIB * MIB) for i in range(4))
@@ -269,19 +269,6 @@ def test_visible_env_of_no_devices_is_empty() -> None:
     assert visible_env([]) == {}
 
 
-def test_hidden_env_hides_every_device() -> None:
-    assert hidden_env(FOUR) == {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": ""}
-    hidden = hidden_env([Device(0, vendor="any")])
-    assert set(hidden) == {
-        "CUDA_VISIBLE_DEVICES",
-        "NVIDIA_VISIBLE_DEVICES",
-        "HIP_VISIBLE_DEVICES",
-        "ROCR_VISIBLE_DEVICES",
-    }
-    assert set(hidden.values()) == {""}
-    assert hidden_env([]) == {}
-
-
 # --- GpuMeter ---
 
 
@@ -386,6 +373,8 @@ def test_used_by_sums_the_pids_over_devices_and_lists(monkeypatch: pytest.Monkey
     )
     meter = open_meter(monkeypatch, nvml)
     assert meter.used_by([10, 11, 12]) == 185
+    assert meter.by_device([10, 11, 12]) == [155, 30]  # what a share on each device is held to
+    assert meter.by_device([11]) == [50] and meter.by_device([5]) == []
     assert meter.used_by({10}) == 130
     assert meter.used_by(iter([11])) == 50
     assert meter.used_by([]) == 0

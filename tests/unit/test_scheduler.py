@@ -365,12 +365,12 @@ def test_a_removed_job_never_starts_and_the_others_keep_their_order(
 
 def vector_order_key(policy: str, job: J) -> Tuple[int, ...]:
     """`order_key` where requests hold GPUs and named pools: pack sorts by memory, CPUs, GPUs,
-    GPU memory, then the sum of the named pools' units, each largest first."""
+    GPU memory (a whole device first), then the sum of the named pools' units, each largest first."""
     if policy != "pack":
         return order_key(policy, job)
     r = job.request
     units = sum(count for _, count in r.resources)
-    return (-job.priority, -r.memory, -r.cpus, -r.gpus, -r.gpu_memory, -units, job.seq)
+    return (-job.priority, -r.memory, -r.cpus, -r.gpus, -(r.gpu_memory or 1 << 62), -units, job.seq)
 
 
 def simulate_devices(policy: str, jobs: List[J], cpus: int, devices: int, device_memory: int, seats: int) -> None:
@@ -452,3 +452,17 @@ def test_backfill_never_delays_a_head_that_needs_gpus(shapes: list, policy: str)
             ):
                 assert job.started == t
                 break
+
+
+def test_on_a_remote_backend_a_gpu_head_lets_gpu_jobs_backfill() -> None:
+    """Its ledger does not count GPUs (the backend places them): a head short of CPUs keeps only
+    the CPUs it needs, whatever the later jobs' GPUs."""
+    sched: Scheduler[J] = Scheduler("fifo")
+    ledger = Ledger(cpus=4, memory=1000, here=False)
+    running = [J(0, Request(3, 0))]
+    ledger.reserve(running[0].request, 0)
+    head, later = J(1, Request(2, 0, (), 1)), J(2, Request(1, 0, (), 1))
+    for job in (head, later):
+        sched.push(job)
+    chosen, _ = sched.select(ledger, running, 0.0)
+    assert chosen == [later] and sched.head is head
