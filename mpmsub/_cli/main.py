@@ -101,6 +101,8 @@ examples:
   mpmsub history show 'bwa mem -t # *.fa *.fq'
   mpmsub history forget 'bwa mem -t # *.fa *.fq'
   mpmsub history export -o runs.jsonl
+  mpmsub history import --key-prefix nf: results/pipeline_info/execution_trace_*.txt
+  mpmsub history import --key bwa_map benchmarks/bwa_map/*.tsv
 """
 
 
@@ -359,7 +361,7 @@ def _history_parser(commands: Any) -> None:
     history = _add_command(
         commands,
         "history",
-        "list, show, forget or export the run history m='auto' learns from",
+        "list, show, forget, export or import the run history m='auto' learns from",
         "The run history: a row per finished job, which m='auto' predicts memory from.",
         _EPILOG_HISTORY,
     )
@@ -376,6 +378,27 @@ def _history_parser(commands: Any) -> None:
     target.add_argument("--all", action="store_true", help="delete every run")
     export = actions.add_parser("export", help="every run as JSON Lines")
     export.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: standard output)")
+    imports = actions.add_parser(
+        "import",
+        help="add the runs of Nextflow trace files and Snakemake benchmark files",
+        description="Add the tasks of Nextflow trace files and the jobs of Snakemake benchmark files (TSV or "
+        "JSON Lines) to the run history, each as a run of its process's or rule's key. CACHED and ABORTED "
+        "tasks are passed over, malformed rows skipped; a run already imported is not added again.",
+    )
+    imports.add_argument(
+        "files", metavar="FILE", nargs="+", help="a trace.txt, a trace CSV, or a benchmark .tsv/.jsonl"
+    )
+    imports.add_argument(
+        "--key",
+        metavar="NAME",
+        help="every run's key (default: the process, the rule, else the file's name less its extension)",
+    )
+    imports.add_argument("--key-prefix", metavar="PREFIX", default="", help="put PREFIX before every key, such as nf:")
+    imports.add_argument(
+        "--input-size",
+        metavar="COLUMN",
+        help="the input size's column (default: Nextflow's rchar; Snakemake's input_size_mb where present, else 0)",
+    )
 
 
 def _control_parsers(commands: Any) -> None:
@@ -1020,7 +1043,7 @@ def _history(args: argparse.Namespace) -> int:
         command.error(str(exc))
     if path is None:
         command.error("the run history is off (MPMSUB_HISTORY=off); give --db FILE to read one")
-    if not os.path.exists(path):
+    if not os.path.exists(path) and args.action != "import":  # an import makes it
         print(f"mpmsub: no run history at {path}", file=sys.stderr)
         return OK if args.action in ("list", "export") else FAILED
     if getattr(args, "output", None):
@@ -1039,6 +1062,8 @@ def _history(args: argparse.Namespace) -> int:
 
 
 def _history_action(args: argparse.Namespace, history: History) -> int:
+    if args.action == "import":
+        return _history_import(args, history)
     if args.action == "list":
         summaries = history.summaries()
         if not summaries:
@@ -1110,6 +1135,63 @@ def _history_action(args: argparse.Namespace, history: History) -> int:
         print(f"mpmsub: cannot write {args.output!r}: {exc.strerror}", file=sys.stderr)
         return FAILED
     print(f"mpmsub: wrote {len(lines)} run(s) to {args.output}", file=sys.stderr)
+    return OK
+
+
+def _history_import(args: argparse.Namespace, history: History) -> int:
+    """`mpmsub history import FILE...`: every file read before any run is added (a file of
+    neither format adds nothing), then the runs not yet in the history, in one transaction."""
+    from collections import Counter
+
+    from mpmsub._job import history_key
+    from mpmsub._learn import imports
+
+    try:
+        history_key(args.key_prefix + ("x" if args.key is None else args.key))
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    options = imports.Options(key=args.key, key_prefix=args.key_prefix, input_size=args.input_size)
+    files = []
+    for name in args.files:
+        try:
+            with open(name, "rb") as file:
+                data, when = file.read(), os.fstat(file.fileno()).st_mtime
+            files.append((name, imports.read(data, name, os.path.realpath(name), when, options)))
+        except OSError as exc:
+            print(f"mpmsub: cannot read {name!r}: {exc.strerror}", file=sys.stderr)
+            return FAILED
+        except ValueError as exc:
+            print(f"mpmsub: {exc}", file=sys.stderr)
+            return FAILED
+    known: Dict[str, set[str]] = {}  # each key's runs in the history, by identity
+    added: List[imports.ImportedRun] = []
+    lines = []
+    for name, found in files:
+        keys: Counter[str] = Counter()
+        again = 0
+        for run in found.runs:
+            if run.key not in known:
+                known[run.key] = {json.dumps(row["argv"]) for row in history.rows(run.key)}
+            if run.identity in known[run.key]:
+                again += 1
+                continue
+            known[run.key].add(run.identity)
+            added.append(run)
+            keys[run.key] += 1
+        counts = [f"{sum(keys.values())} run(s) of {len(keys)} key(s) imported"]
+        counts += [f"{again} already imported"] if again else []
+        counts += [f"{found.passed_over} cached or aborted"] if found.passed_over else []
+        counts += [f"{found.malformed} malformed"] if found.malformed else []
+        lines.append(f"{name} ({found.kind}): {', '.join(counts)}")
+        lines += [f"  {count:6d}  {_report.one_line(key)}" for key, count in sorted(keys.items())]
+        if found.malformed:
+            print(
+                f"mpmsub: {name}: skipped {found.malformed} malformed row(s); the first, {found.first_malformed}",
+                file=sys.stderr,
+            )
+    if added:
+        history.add([run.row() for run in added])
+    print("\n".join(lines))
     return OK
 
 

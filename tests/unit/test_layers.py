@@ -42,7 +42,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
             "_report.__init__",
         ),
     ),
-    ("policy (pure)", ("_policy.*", "_learn.keys", "_learn.estimate")),
+    ("policy (pure)", ("_policy.*", "_learn.keys", "_learn.estimate", "_learn.imports")),
     ("launch", ("_launch.*",)),
     # The run records the engine writes (history, runbook, trace) and the reports read from them.
     ("run records", ("_learn.history", "_learn.runbook", "_report.*")),
@@ -80,7 +80,7 @@ MODULE, DEFERRED, TYPING = "module-level", "deferred", "typing-only"
 
 
 def is_pure(module: str) -> bool:
-    return module.startswith("_policy.") or module == "_learn.estimate"
+    return module.startswith("_policy.") or module in ("_learn.estimate", "_learn.imports")
 
 
 def path_of(module: str) -> str:
