@@ -64,7 +64,7 @@ class JobResult:
     # A Python call's return value, or the exception it raised (None for commands).
     value: Any = field(default=None, repr=False, compare=False)
     exception: Optional[BaseException] = field(default=None, repr=False, compare=False)
-    # m="auto": how its memory was predicted ("fit", "scaled", "highest"; "probe" for the run
+    # m="auto": how its memory was predicted ("neighbours", "fit", "scaled", "highest"; "probe" for the run
     # that measured a tool never seen) and from how many past runs (None, 0: not predicted).
     memory_estimate: Optional[str] = None
     memory_estimate_runs: int = 0

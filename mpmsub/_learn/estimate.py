@@ -4,15 +4,21 @@ which runs are of the same key."""
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from mpmsub._units import MB
 
-WINDOW = 50  # the most recent runs of a key an estimate looks at
-MARGIN = 0.10  # the safety margin: the estimate is the model's figure plus 10%...
-FLOOR = 16 * MB  # ...plus 16M (what a process's start may add, for small tools)
+WINDOW = 200  # the most recent runs of a key an estimate looks at
+MARGIN = 0.10  # where one input size was seen (or this one before): its highest peak plus 10%...
+FLOOR = 16 * MB  # ...and every estimate plus 16M (what a process's start may add, for small tools)
+NEIGHBOURS = 12  # a run's neighbours by input size: this many, or NEIGHBOURS_SHARE of the runs
+NEIGHBOURS_SHARE = 0.3
+FIT_RUNS = 20  # the least runs a straight line is weighed against the neighbours from
+MISS_COST = 2.0  # the cost of a run the estimate would have missed, in its allocation x runtime
+RETRY_GROWTH = 1.25  # an m="auto" run stopped for memory runs again with its peak times this
 # Outcomes whose peak says what the job needed (a memory stop: at least that much). A run that
 # was timed out, cancelled, killed by a signal or stopped for its neighbours' sake says little.
 LEARNED_FROM = (None, "exit", "memory")
@@ -20,10 +26,12 @@ LEARNED_FROM = (None, "exit", "memory")
 
 @dataclass(frozen=True)
 class Run:
-    """A past run of a key: the size of its input files and its peak memory, in bytes."""
+    """A past run of a key: the size of its input files and its peak memory, in bytes, and its
+    runtime in seconds (0: unknown), which weighs what a wrong estimate of it would have cost."""
 
     size: int
     peak: int
+    runtime: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -31,9 +39,12 @@ class Estimate:
     """A predicted peak in bytes (margin included), the method that gave it, and the number of
     past runs it was made from.
 
-    Methods: "fit" (a straight line of peak against input size, raised to cover every run it
-    was fitted to), "scaled" (one input size seen, and this one larger: that run's peak scaled
-    by the ratio of sizes), "highest" (the highest peak seen, where sizes do not vary)."""
+    Methods: "neighbours" (the runs of the nearest input sizes: their highest peak, following
+    their trend upwards, times the most a past run rose above its own neighbours'), "fit" (a
+    straight line of peak against input size, raised to cover every run, where it would have
+    wasted less on the past runs than the neighbours), "scaled" (one input size seen, and this
+    one larger: that run's peak scaled by the ratio of sizes), "highest" (the highest peak seen,
+    where sizes do not vary)."""
 
     memory: int
     method: str
@@ -43,31 +54,77 @@ class Estimate:
 def estimate(runs: Sequence[Run], size: int) -> Optional[Estimate]:
     """The memory to reserve for a run with `size` bytes of input, from past `runs` of its key
     (oldest first); None without any. Never below the largest peak of a run with the same input
-    size (among all of `runs`), nor below the highest of the last runs where sizes do not vary."""
+    size (among all of `runs`, plus the margin), nor below the highest of the last runs where
+    sizes do not vary."""
     if not runs:
         return None
     window = runs[-WINDOW:]
     sizes = {run.size for run in window}
-    highest = max(run.peak for run in window)
     if len(sizes) >= 2:
-        base, method = _fit(window, size), "fit"
-    elif size > next(iter(sizes)) > 0:
-        base, method = highest * size / next(iter(sizes)), "scaled"
+        base, method = _from_sizes(sorted(window, key=lambda run: run.size), size)
     else:
-        base, method = float(highest), "highest"
+        highest = max(run.peak for run in window)
+        seen = next(iter(sizes))
+        if size > seen > 0:
+            base, method = highest * size / seen * (1 + MARGIN), "scaled"
+        else:
+            base, method = highest * (1 + MARGIN), "highest"
     same = max((run.peak for run in runs if run.size == size), default=0)
-    base = max(base, float(same))
-    return Estimate(math.ceil(base * (1 + MARGIN)) + FLOOR, method, len(window))
+    base = max(base, same * (1 + MARGIN))
+    return Estimate(math.ceil(base) + FLOOR, method, len(window))
 
 
-def _fit(runs: Sequence[Run], size: int) -> float:
-    """A least-squares line of peak against size (its slope at least 0: more input never
-    needs less), raised by the largest amount a run lies above it; its value at `size`."""
+def retry_memory(allocation: int, peak: int) -> int:
+    """The memory of the next run of an m="auto" job stopped for memory: it had `allocation` and
+    was stopped at `peak` (at least its allocation where it was stopped on passing it): what it
+    reached, grown by RETRY_GROWTH, not a blind doubling."""
+    base = max(allocation, peak)
+    return max(base + MB, math.ceil(base * RETRY_GROWTH))
+
+
+def _from_sizes(runs: Sequence[Run], size: int) -> Tuple[float, str]:
+    """The estimate where inputs of two sizes or more were seen (`runs` by input size): the
+    neighbours' or the line's, whichever would have cost the past runs less."""
+    n = len(runs)
+    half = max(NEIGHBOURS, int(NEIGHBOURS_SHARE * n)) // 2
+    peaks = [run.peak for run in runs]
+    # Each run's neighbours' highest peak (itself left out), and how far above it runs rose:
+    # the second most any did (the most may be a run like no other).
+    tops = [max(peaks[max(0, i - half) : i] + peaks[i + 1 : i + half + 1], default=peaks[i]) for i in range(n)]
+    rises = sorted((peak / max(1, top) for peak, top in zip(peaks, tops)), reverse=True)
+    rise = max(1.0, rises[min(1, n - 1)])
+    at = bisect.bisect_left([run.size for run in runs], size)
+    near = runs[max(0, at - half) : at + half] or runs
+    slope, _ = _line(near)
+    guess = rise * max(run.peak + slope * max(0, size - run.size) for run in near)
+    method = "neighbours"
+    if n >= FIT_RUNS:
+        slope, intercept = _line(runs)
+        line = [max(1.0, intercept + slope * run.size) for run in runs]
+        above = max(1.0, max(run.peak / value for run, value in zip(runs, line)))
+        if _cost(runs, [above * value for value in line]) < _cost(runs, [rise * top for top in tops]):
+            guess, method = above * max(1.0, intercept + slope * size), "fit"
+    return guess, method
+
+
+def _line(runs: Sequence[Run]) -> Tuple[float, float]:
+    """The least-squares line of peak against size: slope (at least 0: more input never needs
+    less) and intercept."""
     n = len(runs)
     mean_size = sum(run.size for run in runs) / n
     mean_peak = sum(run.peak for run in runs) / n
     spread = sum((run.size - mean_size) ** 2 for run in runs)
-    slope = max(0.0, sum((run.size - mean_size) * (run.peak - mean_peak) for run in runs) / spread)
-    intercept = mean_peak - slope * mean_size
-    above = max(run.peak - (intercept + slope * run.size) for run in runs)
-    return max(0.0, intercept + slope * size + max(0.0, above))
+    slope = 0.0
+    if spread:
+        slope = max(0.0, sum((run.size - mean_size) * (run.peak - mean_peak) for run in runs) / spread)
+    return slope, mean_peak - slope * mean_size
+
+
+def _cost(runs: Sequence[Run], allocations: Sequence[float]) -> float:
+    """What allocations would have cost the runs: the memory left unused times the runtime, and
+    MISS_COST times a missed run's allocation times its runtime."""
+    cost = 0.0
+    for run, allocation in zip(runs, allocations):
+        seconds = max(run.runtime, 1e-3)
+        cost += (allocation - run.peak) * seconds if allocation >= run.peak else MISS_COST * allocation * seconds
+    return cost

@@ -246,7 +246,7 @@ class History:
     def _learned(self, key: str, peak: str, limit: int) -> List[Run]:
         marks = ",".join("?" * (len(LEARNED_FROM) - 1))
         sql = (
-            f"SELECT input_bytes, {peak} FROM runs WHERE key = ? AND {peak} IS NOT NULL AND "
+            f"SELECT input_bytes, {peak}, runtime FROM runs WHERE key = ? AND {peak} IS NOT NULL AND "
             f"(failure IS NULL OR failure IN ({marks})) ORDER BY id DESC LIMIT ?"
         )
         params = (key, *[f for f in LEARNED_FROM if f is not None], limit)
@@ -257,7 +257,7 @@ class History:
             return conn.execute(sql, params).fetchall()
 
         rows: List[Any] = self._use("read", read, [])
-        return [Run(int(size), int(figure)) for size, figure in reversed(rows)]
+        return [Run(int(size), int(figure), float(runtime)) for size, figure, runtime in reversed(rows)]
 
     def add(self, rows: Sequence[Row]) -> None:
         """Add runs (rows in the order of _COLUMNS; one without the last, the GPU peak, has none),

@@ -85,7 +85,7 @@ class RunBook:
                     if figure is None:
                         continue
                     kept = runs.setdefault(key, [])
-                    kept.append(estimate.Run(input_size, figure))
+                    kept.append(estimate.Run(input_size, figure, result.runtime))
                     if len(kept) > 4 * estimate.WINDOW:  # an estimate looks at the last WINDOW
                         del kept[: -2 * estimate.WINDOW]
 

@@ -18,7 +18,7 @@ from mpmsub._units import MB, format_memory
 
 PROFILE_BUFFER = 0.20  # the margin profile() adds to a measured peak; a requeued job waits for it too
 MAX_REQUEUES = 3  # stops for the machine's sake before a job fails with a memory error
-AUTO_RETRIES = 5  # m="auto": runs again with more memory after a memory stop, up to the budget
+AUTO_RETRIES = 10  # m="auto": runs again with more memory after a memory stop, up to the budget
 # How long the kernel's count of available memory may take to show an allocation (measured: up
 # to about a second; its per-CPU counters are folded into it once a second).
 AVAILABLE_LAG = 1.5
@@ -77,11 +77,14 @@ def next_run(end: Ended) -> Optional[NextRun]:
 
 
 def grown_memory(end: Ended) -> int:
-    """The `m` of a memory failure's next run: its `m` (or, without one, its peak; for m="auto",
-    whichever is larger) grown by its memory_growth, by at least 1 MB, within what it may get."""
-    base = end.memory if end.memory is not None else end.peak
+    """The `m` of a memory failure's next run: its `m` (or, without one, its peak) grown by its
+    memory_growth, by at least 1 MB; for m="auto", what it reached grown by the estimate's retry
+    rule (`retry_memory`); within what it may get."""
     if end.auto:
-        base = max(base, end.peak)
+        from mpmsub._learn.estimate import retry_memory  # (an m="auto" job's: loaded with its history)
+
+        return min(end.most, retry_memory(end.memory or 0, end.peak))
+    base = end.memory if end.memory is not None else end.peak
     return min(end.most, max(base + MB, math.ceil(base * end.growth)))
 
 

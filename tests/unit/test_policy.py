@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mpmsub._learn.estimate import RETRY_GROWTH
 from mpmsub._policy.enforce import strict_overuse
 from mpmsub._policy.runs import (
     AUTO_RETRIES,
@@ -133,10 +134,11 @@ def test_a_memory_failure_retries_with_grown_memory() -> None:
 
 def test_an_auto_memory_failure_below_most_runs_again_without_retries() -> None:
     end = ended(auto=True, memory=GB, peak=GB, retries_left=0, auto_retries=AUTO_RETRIES - 1)
-    assert next_run(end) == NextRun("auto", 2 * GB, 0)
+    grown = math.ceil(GB * RETRY_GROWTH)  # what it reached, grown by the estimate's retry rule
+    assert next_run(end) == NextRun("auto", grown, 0)
     # Out of auto runs: the job's own retries.
     assert next_run(end._replace(auto_retries=AUTO_RETRIES)) is None
-    assert next_run(end._replace(auto_retries=AUTO_RETRIES, retries_left=1)) == NextRun("retry", 2 * GB, 0)
+    assert next_run(end._replace(auto_retries=AUTO_RETRIES, retries_left=1)) == NextRun("retry", grown, 0)
     # Only a memory failure is a prediction too small.
     assert next_run(end._replace(failure=EXIT)) is None
 
@@ -220,8 +222,9 @@ def test_grown_memory_examples() -> None:
     assert grown_memory(ended(memory=None, peak=300 * MB, growth=2.0)) == 600 * MB  # from the peak
     assert grown_memory(ended(memory=None, peak=0, growth=2.0)) == MB
     assert grown_memory(ended(memory=GB, peak=3 * GB, growth=2.0)) == 2 * GB  # a fixed m ignores the peak
-    assert grown_memory(ended(memory=GB, peak=3 * GB, growth=2.0, auto=True)) == 6 * GB  # auto: the larger
-    assert grown_memory(ended(memory=3 * GB, peak=GB, growth=2.0, auto=True)) == 6 * GB
+    # m="auto": what it reached (the larger of its m and its peak) times RETRY_GROWTH, not doubled.
+    assert grown_memory(ended(memory=GB, peak=3 * GB, growth=2.0, auto=True)) == math.ceil(3 * GB * RETRY_GROWTH)
+    assert grown_memory(ended(memory=3 * GB, peak=GB, growth=2.0, auto=True)) == math.ceil(3 * GB * RETRY_GROWTH)
     assert grown_memory(ended(memory=10 * GB, growth=2.0, most=16 * GB)) == 16 * GB  # capped
 
 
@@ -230,14 +233,15 @@ def test_grown_memory_examples() -> None:
 def test_grown_memory_grows_by_a_megabyte_at_least_unless_capped(end: Ended) -> None:
     grown = grown_memory(end)
     base = end.memory if end.memory is not None else end.peak
-    if end.auto:
-        base = max(base, end.peak)
+    growth = end.growth
+    if end.auto:  # what it reached, grown by the estimate's retry rule
+        base, growth = max(end.memory or 0, end.peak), RETRY_GROWTH
     assert grown <= end.most
     if grown < end.most:
         assert grown >= base + MB
-        assert grown >= math.ceil(base * end.growth)
+        assert grown >= math.ceil(base * growth)
     else:
-        assert max(base + MB, math.ceil(base * end.growth)) >= end.most
+        assert max(base + MB, math.ceil(base * growth)) >= end.most
 
 
 # -- shortage_stop -------------------------------------------------------------------------------
