@@ -257,7 +257,8 @@ def test_gpu_memory_auto_learns_from_the_measured_runs(monkeypatch: pytest.Monke
     assert first.success and first.gpu_memory_requested is None  # never measured: a whole device
     assert 400 <= (first.gpu_memory_used or 0) <= 500
     assert second.gpu_memory_requested == pytest.approx(first.gpu_memory_used * 1.1 + 16, abs=1)
-    rows = list(History(str(tmp_path / "history.db")).rows("basecaller"))
+    with History(str(tmp_path / "history.db")) as history:  # (closed: an open one warns on 3.13)
+        rows = list(history.rows("basecaller"))
     assert [row["gpu_peak_bytes"] // MB for row in rows] == [int(r.gpu_memory_used or 0) for r in results]
 
 
