@@ -356,14 +356,14 @@ class Core:
         """gpu(n, memory="auto"): the GPU memory its key's measured runs predict, on each of its
         devices (at most a device's); whole devices while none was measured (NVML measures)."""
         pool = self.ledger.gpus
-        sizes = [memory for memory in pool.memory.values() if memory is not None]
-        if self.runbook is None or item.key is None or not pool.counted or not sizes:
+        largest = pool.largest
+        if self.runbook is None or item.key is None or not pool.counted or largest is None:
             return
         from mpmsub._learn.estimate import estimate
 
         guess = estimate(self.runbook.gpu_runs(item.key), item.input_size)
         if guess is not None:
-            item.spec = dataclasses.replace(item.spec, gpu_memory=min(guess.memory, max(sizes)))
+            item.spec = dataclasses.replace(item.spec, gpu_memory=min(guess.memory, largest))
 
     # -- starting jobs ---------------------------------------------------------------------------
 

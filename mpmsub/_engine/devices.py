@@ -46,7 +46,7 @@ class GpuDevices:
                 if self.devices and self.on_found is not None:
                     self.on_found(self.described())
             if self.devices and ledger.here and not len(ledger.gpus):
-                ledger.gpus = GpuPool([(device.id, device.memory) for device in self.devices])
+                ledger.gpus = GpuPool(self.places())
 
     def environment(self, ids: Tuple[int, ...]) -> Dict[str, str]:
         """CUDA_VISIBLE_DEVICES and its kin, naming the devices `ids` (for a job that got them)."""

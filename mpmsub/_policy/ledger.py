@@ -58,11 +58,6 @@ class GpuPool:
         """The memory of the largest device (None: none, or none's memory known)."""
         return max((memory for memory in self.memory.values() if memory is not None), default=None)
 
-    @property
-    def free_devices(self) -> int:
-        """Devices nobody holds at all."""
-        return sum(1 for device in self.memory if not self.whole[device] and not self.sharers[device])
-
     def why_never_fits(self, gpus: int, each: int) -> Optional[str]:
         if not self.counted:
             return None

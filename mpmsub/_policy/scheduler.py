@@ -119,14 +119,6 @@ class Reservation:
     gpus: bool = True  # later jobs may take GPU devices
     before_shadow: int = 0  # jobs admitted because they end before the shadow time
 
-    @property
-    def cpus(self) -> int:
-        return self.slack["cpus"]
-
-    @property
-    def memory(self) -> int:
-        return self.slack["memory"]
-
     def admits(self, entry: Entry, now: float) -> bool:
         request = entry.request
         slack = self.slack
