@@ -102,7 +102,9 @@ def _from_sizes(runs: Sequence[Run], size: int) -> Tuple[float, str]:
         slope, intercept = _line(runs)
         line = [max(1.0, intercept + slope * run.size) for run in runs]
         above = max(1.0, max(run.peak / value for run, value in zip(runs, line)))
-        if _cost(runs, [above * value for value in line]) < _cost(runs, [rise * top for top in tops]):
+        # The line where it costs no more (within rounding): it also follows the runs beyond them.
+        rounding = 1e-9 * sum(run.peak * max(run.runtime, 1e-3) for run in runs)
+        if _cost(runs, [above * value for value in line]) <= _cost(runs, [rise * top for top in tops]) + rounding:
             guess, method = above * max(1.0, intercept + slope * size), "fit"
     return guess, method
 
@@ -124,7 +126,8 @@ def _cost(runs: Sequence[Run], allocations: Sequence[float]) -> float:
     """What allocations would have cost the runs: the memory left unused times the runtime, and
     MISS_COST times a missed run's allocation times its runtime."""
     cost = 0.0
-    for run, allocation in zip(runs, allocations):
+    for run, figure in zip(runs, allocations):
+        allocation = math.ceil(figure)  # whole bytes, as reserved (a float a hair under a peak is no miss)
         seconds = max(run.runtime, 1e-3)
         cost += (allocation - run.peak) * seconds if allocation >= run.peak else MISS_COST * allocation * seconds
     return cost
