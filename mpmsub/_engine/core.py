@@ -542,6 +542,7 @@ class Core:
             requeue_need=item.requeue_need,
             most=self.most(item),
             final=self.lifecycle >= Lifecycle.TERMINATING or item.shortage_final or item.killed is not None,
+            after_miss=item.estimate.after_miss if item.estimate is not None else 0,
         )
         decision = _policy.next_run(end)
         if decision is None:

@@ -42,6 +42,7 @@ class Ended(NamedTuple):
     requeue_need: int  # the memory its next run waits for, from earlier requeues
     most: int  # the most memory the job can be given
     final: bool = False  # nothing may follow: the executor is terminating, the job was killed, or requeued too often
+    after_miss: int = 0  # an m="auto" job's: what its estimate says a miss runs again with at least
 
 
 class NextRun(NamedTuple):
@@ -79,11 +80,11 @@ def next_run(end: Ended) -> Optional[NextRun]:
 def grown_memory(end: Ended) -> int:
     """The `m` of a memory failure's next run: its `m` (or, without one, its peak) grown by its
     memory_growth, by at least 1 MB; for m="auto", what it reached grown by the estimate's retry
-    rule (`retry_memory`); within what it may get."""
+    rule (`retry_memory`: at least its estimate's after_miss); within what it may get."""
     if end.auto:
         from mpmsub._learn.estimate import retry_memory  # (an m="auto" job's: loaded with its history)
 
-        return min(end.most, retry_memory(end.memory or 0, end.peak))
+        return min(end.most, retry_memory(end.memory or 0, end.peak, end.after_miss))
     base = end.memory if end.memory is not None else end.peak
     return min(end.most, max(base + MB, math.ceil(base * end.growth)))
 

@@ -24,7 +24,7 @@ import mpmsub
 from mpmsub import Job, MemoryAwareExecutor
 from mpmsub._job import to_spec
 from mpmsub._learn import history as history_module
-from mpmsub._learn.estimate import FIT_RUNS, FLOOR, MARGIN, WINDOW, Run, estimate
+from mpmsub._learn.estimate import FIT_RUNS, FLOOR, MARGIN, RETRY_GROWTH, WINDOW, Run, estimate, retry_memory
 from mpmsub._learn.history import History, row
 from mpmsub._learn.keys import input_size, job_key
 
@@ -126,10 +126,10 @@ def test_an_estimate_is_never_below_the_largest_peak_seen_for_the_same_input_siz
 
 
 @given(st.lists(st.integers(1, 2000), min_size=2, max_size=60), st.integers(0, 3000))
-def test_a_linear_tool_is_covered_and_from_20_runs_followed_exactly(sizes_mb: List[int], query_mb: int) -> None:
+def test_a_linear_tool_is_covered_and_from_30_runs_followed_exactly(sizes_mb: List[int], query_mb: int) -> None:
     """A tool whose peak is a line of its input: the estimate covers the line at this input (and
-    so every run), and where 20 runs or more show the line, it is the line's value (plus 16M, and
-    the margin of an input seen before)."""
+    so every run), and where FIT_RUNS (30) runs or more show the line, it is the line's value
+    (plus 16M, and the margin of an input seen before)."""
     if len(set(sizes_mb)) < 2:
         sizes_mb = [*sizes_mb, sizes_mb[0] + 1]
     runs = [Run(s * MB, 50 * MB + 3 * s * MB, 1.0) for s in sizes_mb]  # peak = 50M + 3 x input
@@ -150,6 +150,33 @@ def test_estimate_methods() -> None:
     scaled = estimate([Run(10 * MB, 100 * MB)], 40 * MB)  # one size seen, this input 4x larger
     assert scaled is not None and scaled.method == "scaled"
     assert scaled.memory == pytest.approx(400 * MB * (1 + MARGIN) + FLOOR, abs=2)
+
+
+def test_a_rare_high_peak_is_left_to_a_miss_that_goes_straight_to_it() -> None:
+    """30 runs near 100M and one of 1G: covering the rare one every time would cost more than
+    missing it once, so the estimate leaves it out, and a miss runs again with 1G at once (its
+    key's highest peak), not in steps of 1.25; beyond that peak, steps of 1.25."""
+    runs = [Run((10 + i) * MB, (100 + i % 7) * MB, 10.0) for i in range(30)]
+    runs.insert(15, Run(25 * MB, 1000 * MB, 10.0))
+    guess = estimate(runs, 20 * MB)
+    assert guess is not None and guess.memory < 200 * MB and guess.after_miss == 1000 * MB
+    assert retry_memory(guess.memory, guess.memory, guess.after_miss) == 1000 * MB
+    assert retry_memory(1000 * MB, 1000 * MB, guess.after_miss) == 1000 * MB * RETRY_GROWTH
+    assert retry_memory(guess.memory, guess.memory) < 200 * MB  # without it: one step
+    covered = estimate(runs[:15], 20 * MB)  # every peak within the estimate: nothing to jump to
+    assert covered is not None and covered.after_miss == 0
+
+
+def test_a_band_of_input_sizes_whose_peaks_are_higher_is_learned_where_it_is() -> None:
+    """Peaks of about 1G, except three times as much for inputs in one band of sizes (as a tool
+    switching strategy at some size does): inside the band the estimate covers the band's
+    peaks; away from it, it is not raised by them."""
+    runs = [Run(s * 10 * MB, (3000 if 30 <= s < 36 else 1000 + 7 * (s % 5)) * MB, 60.0) for s in range(1, 61)]
+    inside = estimate(runs, 32 * 10 * MB)
+    assert inside is not None and inside.memory >= 3000 * MB
+    for s in (10, 55):
+        away = estimate(runs, s * 10 * MB)
+        assert away is not None and away.memory < 1300 * MB, (s, away)
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -307,6 +334,27 @@ def test_a_low_estimate_is_stopped_retried_with_more_and_learned(tmp_path: Path)
     assert after.memory_requested is not None and after.memory_requested > first.memory_used
     rows = history_rows(path, "grows")
     assert [r["failure"] for r in rows].count("memory") == first.attempts - 1
+
+
+def test_a_stopped_estimate_runs_again_at_the_highest_peak_its_key_reached(tmp_path: Path) -> None:
+    """A key whose runs took about 30M, once 300M: a job of it that needs 150M is estimated for
+    the many, stopped, and runs again with 300M at once (not 1.25 times more, eight times)."""
+    path = history_file(tmp_path)
+    data = sized_file(tmp_path / "in.dat", 1)
+    with History(path) as history:
+        history.add(
+            [
+                row("rare", ["tool"], MB + i * 40_000, (300 if i == 11 else 30 + i % 3) * MB, 1.0, 1.0, 0, None, None)
+                for i in range(30)
+            ]
+        )
+    with MemoryAwareExecutor(cpus=1, memory="1G", strict_memory=True, history=path) as ex:
+        big = Job(tool(data, "--base", "150", "--per-mb", "0", "--hold", "0.2")).with_key("rare").memory("auto")
+        result = ex.submit(big).result(timeout=60)
+    assert result.success and result.attempts == 2, (result.attempts, result.error)
+    assert result.memory_estimate == "neighbours" and result.memory_estimate_runs == 30
+    assert result.memory_requested == pytest.approx(300, abs=1)
+    assert [r["failure"] for r in history_rows(path, "rare")].count("memory") == 1
 
 
 def test_held_jobs_are_cancelled_with_the_queue(tmp_path: Path) -> None:
