@@ -361,7 +361,8 @@ class Core:
             return
         from mpmsub._learn.estimate import estimate
 
-        guess = estimate(self.runbook.gpu_runs(item.key), item.input_size)
+        # (The default rise, not one chosen by cost: a GPU stop is not an m="auto" miss.)
+        guess = estimate(self.runbook.gpu_runs(item.key), item.input_size, by_cost=False)
         if guess is not None:
             item.spec = dataclasses.replace(item.spec, gpu_memory=min(guess.memory, largest))
 
@@ -774,13 +775,11 @@ class AutoPlacement:
 
     def place(self, items: List[Item]) -> None:
         """Queue m="auto" jobs with their estimate where their key has runs; else hold them."""
-        from mpmsub._learn.estimate import estimate
-
         core = self.core
         for item in items:
             key = item.key or ""
-            runs = core.runbook.runs(key) if core.runbook is not None else []
-            guess = estimate(runs, item.input_size)
+            model = core.runbook.model(key) if core.runbook is not None else None
+            guess = None if model is None else model.at(item.input_size)
             if guess is not None:
                 item.spec = dataclasses.replace(item.spec, memory=min(guess.memory, core.most(item)), auto=False)
                 item.estimate = guess

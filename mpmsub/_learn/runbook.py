@@ -3,8 +3,9 @@ history once per key, and every run this executor ends, which also goes to the h
 thread (`_learn.history.Recorder`).
 
 Submitters read a key's past runs from disk (`load`, on their own thread: disk reads do not
-belong on the loop); the loop estimates from them (`runs`) and adds each run that ends (`learn`).
-A lock guards the runs of each key between them.
+belong on the loop); the loop estimates from them (`model`: what they say, kept until the key's
+runs change, so that a batch of many jobs of one key learns once) and adds each run that ends
+(`learn`). A lock guards the runs of each key between them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from mpmsub._result import ERROR, PICKLE, START
 from mpmsub._units import MB
 
 if TYPE_CHECKING:
-    from mpmsub._learn.estimate import Run
+    from mpmsub._learn.estimate import Model, Run
     from mpmsub._learn.history import Recorder
     from mpmsub._result import JobResult
     from mpmsub._spec import JobSpec
@@ -28,6 +29,8 @@ class RunBook:
         self._runs: Dict[str, List[Run]] = {}
         self._gpu_runs: Dict[str, List[Run]] = {}  # the same, GPU memory peaks (where NVML measured them)
         self._loaded: Set[str] = set()  # keys whose runs were read from the history
+        self._models: Dict[str, Optional[Model]] = {}  # what each key's runs say, while they do not change
+        self._changes: Dict[str, int] = {}  # how often each key's runs changed
         self._lock = threading.Lock()
 
     def load(self, key: str) -> None:
@@ -45,11 +48,27 @@ class RunBook:
         with self._lock:
             self._runs[key] = runs + self._runs.get(key, [])[known:]
             self._gpu_runs[key] = gpu_runs + self._gpu_runs.get(key, [])[known_gpu:]
+            self._changed(key)
 
-    def runs(self, key: str) -> List[Run]:
-        """The runs of `key` known now."""
+    def model(self, key: str) -> Optional[Model]:
+        """What the runs of `key` known now say (`_learn.estimate.learn`); None without any."""
+        from mpmsub._learn.estimate import learn
+
         with self._lock:
-            return list(self._runs.get(key, ()))
+            if key in self._models:
+                return self._models[key]
+            runs = list(self._runs.get(key, ()))
+            changes = self._changes.get(key, 0)
+        model = learn(runs)
+        with self._lock:
+            if self._changes.get(key, 0) == changes:  # (else runs came in meanwhile: learnt again next time)
+                self._models[key] = model
+        return model
+
+    def _changed(self, key: str) -> None:
+        """The runs of `key` changed (the lock held): what they say is to be learnt again."""
+        self._changes[key] = self._changes.get(key, 0) + 1
+        self._models.pop(key, None)
 
     def gpu_runs(self, key: str) -> List[Run]:
         """The runs of `key` known now whose GPU memory was measured, with that peak."""
@@ -86,6 +105,7 @@ class RunBook:
                         continue
                     kept = runs.setdefault(key, [])
                     kept.append(estimate.Run(input_size, figure, result.runtime))
+                    self._changed(key)
                     if len(kept) > 4 * estimate.WINDOW:  # an estimate looks at the last WINDOW
                         del kept[: -2 * estimate.WINDOW]
 

@@ -19,7 +19,7 @@ from support.fake_pynvml import ALLOCATE, install_fake_nvml
 
 import mpmsub
 from mpmsub._job import to_spec
-from mpmsub._learn.history import History
+from mpmsub._learn.history import History, row
 from mpmsub._report.trace import read as read_trace
 
 MB = 2**20
@@ -260,6 +260,23 @@ def test_gpu_memory_auto_learns_from_the_measured_runs(monkeypatch: pytest.Monke
     with History(str(tmp_path / "history.db")) as history:  # (closed: an open one warns on 3.13)
         rows = list(history.rows("basecaller"))
     assert [row["gpu_peak_bytes"] // MB for row in rows] == [int(r.gpu_memory_used or 0) for r in results]
+
+
+def test_gpu_memory_auto_keeps_room_for_a_rare_peak(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A GPU memory estimate keeps the usual neighbours and rise: a job stopped for its GPU
+    memory is no m="auto" miss sent straight to its key's highest peak, so a key whose runs took
+    about 100M of GPU memory, once 1000M among the smallest inputs, reserves the 1000M."""
+    fake_gpus_on_path(monkeypatch, tmp_path)
+    held = tmp_path / "gpu-memory"
+    install_fake_nvml(monkeypatch, held, devices=4, memory=A100_MIB * MB)
+    with History(str(tmp_path / "history.db")) as history:
+        gpu_peaks = [(1000 if i == 4 else 100 + i % 3) * MB for i in range(30)]
+        rows = [row("rare", ["t"], (i + 1) * MB, 50 * MB, 1.0, 1.0, 0, None, None, p) for i, p in enumerate(gpu_peaks)]
+        history.add(rows)
+    command = ["sh", "-c", f"\"{sys.executable}\" -c '{ALLOCATE}' {held} 50 0.1"]
+    with mpmsub.MemoryAwareExecutor(cpus=2, memory="1G", history=tmp_path / "history.db") as executor:
+        result = executor.submit(mpmsub.Job(command).gpu(1, memory="auto").with_key("rare")).result(timeout=60)
+    assert result.success and (result.gpu_memory_requested or 0) >= 1000, result.gpu_memory_requested
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "benchmarks"

@@ -84,6 +84,7 @@ ends = st.builds(
     requeue_need=sizes,
     most=st.integers(min_value=1, max_value=64 * GB),
     final=st.booleans(),
+    after_miss=st.just(0) | sizes,
 )
 
 
@@ -226,6 +227,11 @@ def test_grown_memory_examples() -> None:
     assert grown_memory(ended(memory=GB, peak=3 * GB, growth=2.0, auto=True)) == math.ceil(3 * GB * RETRY_GROWTH)
     assert grown_memory(ended(memory=3 * GB, peak=GB, growth=2.0, auto=True)) == math.ceil(3 * GB * RETRY_GROWTH)
     assert grown_memory(ended(memory=10 * GB, growth=2.0, most=16 * GB)) == 16 * GB  # capped
+    # ...or, where more, what its estimate says a miss goes to (capped; a fixed m ignores it).
+    assert grown_memory(ended(memory=GB, peak=GB, auto=True, after_miss=5 * GB)) == 5 * GB
+    assert grown_memory(ended(memory=GB, peak=GB, auto=True, after_miss=GB)) == math.ceil(GB * RETRY_GROWTH)
+    assert grown_memory(ended(memory=GB, peak=GB, auto=True, after_miss=20 * GB)) == 16 * GB
+    assert grown_memory(ended(memory=GB, peak=GB, growth=2.0, after_miss=5 * GB)) == 2 * GB
 
 
 @FAST
@@ -233,15 +239,17 @@ def test_grown_memory_examples() -> None:
 def test_grown_memory_grows_by_a_megabyte_at_least_unless_capped(end: Ended) -> None:
     grown = grown_memory(end)
     base = end.memory if end.memory is not None else end.peak
-    growth = end.growth
-    if end.auto:  # what it reached, grown by the estimate's retry rule
-        base, growth = max(end.memory or 0, end.peak), RETRY_GROWTH
+    growth, after = end.growth, 0
+    if end.auto:  # what it reached, grown by the estimate's retry rule, or its after_miss
+        base, growth, after = max(end.memory or 0, end.peak), RETRY_GROWTH, end.after_miss
     assert grown <= end.most
     if grown < end.most:
         assert grown >= base + MB
         assert grown >= math.ceil(base * growth)
+        assert grown >= after
+        assert grown in (base + MB, math.ceil(base * growth), after)
     else:
-        assert max(base + MB, math.ceil(base * growth)) >= end.most
+        assert max(base + MB, math.ceil(base * growth), after) >= end.most
 
 
 # -- shortage_stop -------------------------------------------------------------------------------
