@@ -359,10 +359,8 @@ class Core:
         largest = pool.largest
         if self.runbook is None or item.key is None or not pool.counted or largest is None:
             return
-        from mpmsub._learn.estimate import estimate
-
-        # (The default rise, not one chosen by cost: a GPU stop is not an m="auto" miss.)
-        guess = estimate(self.runbook.gpu_runs(item.key), item.input_size, by_cost=False)
+        model = self.runbook.model(item.key, gpu=True)
+        guess = None if model is None else model.at(item.input_size)
         if guess is not None:
             item.spec = dataclasses.replace(item.spec, gpu_memory=min(guess.memory, largest))
 

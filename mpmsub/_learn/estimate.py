@@ -9,7 +9,8 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from types import MappingProxyType
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mpmsub._units import MB
 
@@ -26,7 +27,7 @@ FIT_RUNS = 30  # the least runs a straight line is weighed against the neighbour
 MISS_COST = 2.0  # the cost of a run the line would have missed, in its allocation x runtime
 RETRY_GROWTH = 1.25  # an m="auto" run stopped for memory runs again with its peak times this, or
 # with what its key's runs of the nearest sizes reached rising as far as any run did, where that
-# is more, at most the key's highest peak (Estimate.after_miss).
+# is more, at most the highest peak of the window (Estimate.after_miss).
 # Outcomes whose peak says what the job needed (a memory stop: at least that much). A run that
 # was timed out, cancelled, killed by a signal or stopped for its neighbours' sake says little.
 LEARNED_FROM = (None, "exit", "memory")
@@ -57,10 +58,9 @@ class Estimate:
     `after_miss`: what a run given this estimate and stopped for memory runs again with at
     least (0 where that is not above the estimate): the highest peak of the runs of the nearest
     input sizes, following their trend to this size (either way), times the most any past run
-    rose above its neighbours',
-    at most the highest peak of all the runs. A key whose runs now and then need far more than
-    most sends such a run there at once, not in steps; a tool whose memory follows its input is
-    sent nowhere near its largest inputs' peaks."""
+    rose above its neighbours', at most the highest peak of the last WINDOW runs. A key whose
+    runs now and then need far more than most sends such a run there at once, not in steps; a
+    tool whose memory follows its input is sent nowhere near its largest inputs' peaks."""
 
     memory: int
     method: str
@@ -75,7 +75,7 @@ class Model:
 
     window: Tuple[Run, ...]  # the last WINDOW runs, by input size
     sizes: Tuple[int, ...]  # their input sizes, in that order
-    same: Dict[int, int]  # the highest peak of each input size, among all the runs
+    same: Mapping[int, int]  # the highest peak of each input size, among all the runs (read-only)
     highest: int  # the highest peak of the window
     usual: int  # the usual neighbours: this many on each side
     half: int  # the neighbours chosen: this many on each side...
@@ -94,13 +94,13 @@ class Model:
             else:
                 base, method = highest * (1 + MARGIN), "highest"
         else:
-            at = bisect.bisect_left(self.sizes, size)
-            near = window[max(0, at - self.half) : at + self.half] or window
+            i = bisect.bisect_left(self.sizes, size)
+            near = window[max(0, i - self.half) : i + self.half] or window
             base, method = self.rise * _reached(near, size), "neighbours"
             if self.line is not None:
                 slope, intercept, above = self.line
                 base, method = above * max(1.0, intercept + slope * size), "fit"
-            usual = window[max(0, at - self.usual) : at + self.usual] or window
+            usual = window[max(0, i - self.usual) : i + self.usual] or window
             reach = self.cover * _reached(usual, size, down=True)
         memory = math.ceil(max(base, self.same.get(size, 0) * (1 + MARGIN))) + FLOOR
         after = min(highest, math.ceil(reach))
@@ -132,14 +132,14 @@ def learn(runs: Sequence[Run], by_cost: bool = True) -> Optional[Model]:
     sizes = tuple(run.size for run in window)
     usual = max(NEIGHBOURS, int(NEIGHBOURS_SHARE * n)) // 2
     if sizes[0] == sizes[-1]:  # one input size: its highest peak is all there is
-        return Model(window, sizes, same, highest, usual, usual, 1.0, 1.0, None)
+        return Model(window, sizes, MappingProxyType(same), highest, usual, usual, 1.0, 1.0, None)
     tops = _tops(peaks, usual)
     rises = _rises(peaks, tops)
     half, rise = _choose(window, highest, usual, tops, rises, by_cost)
     line = None
     if n >= FIT_RUNS:
         line = _fit(window, _waste(window, [rises[min(1, n - 1)] * top for top in tops]))
-    return Model(window, sizes, same, highest, usual, half, rise, rises[0], line)
+    return Model(window, sizes, MappingProxyType(same), highest, usual, half, rise, rises[0], line)
 
 
 def retry_memory(allocation: int, peak: int, after_miss: int = 0) -> int:
@@ -164,7 +164,7 @@ def _choose(
     if not by_cost:
         return usual, default
     peaks = [run.peak for run in runs]
-    targets = [min(highest, rises[0] * top) for top in tops]  # where each run's miss would have gone
+    targets = [min(highest, rises[0] * top) for top in tops]  # about where each run's miss would have gone
     best = (_cost(runs, [default * top for top in tops], targets), usual, default)
     for half in (CLOSE, usual) if n > 2 * CLOSE else (usual,):
         near = tops if half == usual else _tops(peaks, half)

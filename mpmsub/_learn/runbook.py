@@ -30,6 +30,7 @@ class RunBook:
         self._gpu_runs: Dict[str, List[Run]] = {}  # the same, GPU memory peaks (where NVML measured them)
         self._loaded: Set[str] = set()  # keys whose runs were read from the history
         self._models: Dict[str, Optional[Model]] = {}  # what each key's runs say, while they do not change
+        self._gpu_models: Dict[str, Optional[Model]] = {}  # the same of their GPU memory
         self._changes: Dict[str, int] = {}  # how often each key's runs changed
         self._lock = threading.Lock()
 
@@ -50,30 +51,29 @@ class RunBook:
             self._gpu_runs[key] = gpu_runs + self._gpu_runs.get(key, [])[known_gpu:]
             self._changed(key)
 
-    def model(self, key: str) -> Optional[Model]:
-        """What the runs of `key` known now say (`_learn.estimate.learn`); None without any."""
+    def model(self, key: str, gpu: bool = False) -> Optional[Model]:
+        """What the runs of `key` known now say (`_learn.estimate.learn`); None without any.
+        `gpu`: what their GPU memory peaks say, with the default neighbours and rise (a GPU stop
+        does not run again as an m="auto" miss does)."""
         from mpmsub._learn.estimate import learn
 
+        models = self._gpu_models if gpu else self._models
         with self._lock:
-            if key in self._models:
-                return self._models[key]
-            runs = list(self._runs.get(key, ()))
+            if key in models:
+                return models[key]
+            runs = list((self._gpu_runs if gpu else self._runs).get(key, ()))
             changes = self._changes.get(key, 0)
-        model = learn(runs)
+        model = learn(runs, by_cost=not gpu)
         with self._lock:
             if self._changes.get(key, 0) == changes:  # (else runs came in meanwhile: learnt again next time)
-                self._models[key] = model
+                models[key] = model
         return model
 
     def _changed(self, key: str) -> None:
         """The runs of `key` changed (the lock held): what they say is to be learnt again."""
         self._changes[key] = self._changes.get(key, 0) + 1
         self._models.pop(key, None)
-
-    def gpu_runs(self, key: str) -> List[Run]:
-        """The runs of `key` known now whose GPU memory was measured, with that peak."""
-        with self._lock:
-            return list(self._gpu_runs.get(key, ()))
+        self._gpu_models.pop(key, None)
 
     def learn(self, key: Optional[str], spec: JobSpec, input_size: int, result: JobResult, requeued: bool) -> None:
         """Record a run that ended in the history, and in what this executor estimates from."""

@@ -193,18 +193,21 @@ def test_a_keys_runs_are_learnt_once_until_they_change() -> None:
     assert book.model("k") is None
     spec = to_spec(Job(["true"]))
 
-    def ended(peak_mb: float) -> Any:  # what the run book reads of a result
-        return SimpleNamespace(failure=None, memory_used=peak_mb, gpu_memory_used=None, runtime=1.0)
+    def ended(peak_mb: float) -> Any:  # what the run book reads of a result (GPU memory: a tenth)
+        return SimpleNamespace(failure=None, memory_used=peak_mb, gpu_memory_used=peak_mb / 10, runtime=1.0)
 
     for i in range(30):
         book.learn("k", spec, (i + 1) * MB, ended(100 + i), False)
-    first = book.model("k")
+    first, first_gpu = book.model("k"), book.model("k", gpu=True)
     assert first is not None and book.model("k") is first
+    assert first_gpu is not None and book.model("k", gpu=True) is first_gpu
     runs = [Run((i + 1) * MB, int((100 + i) * MB), 1.0) for i in range(30)]
     assert first.at(10 * MB) == estimate(runs, 10 * MB)
+    gpu_runs = [Run(run.size, int(run.peak / 10), 1.0) for run in runs]
+    assert first_gpu.at(10 * MB) == estimate(gpu_runs, 10 * MB, by_cost=False)
     book.learn("k", spec, 5 * MB, ended(900), False)
-    second = book.model("k")
-    assert second is not None and second is not first
+    second, second_gpu = book.model("k"), book.model("k", gpu=True)
+    assert second is not None and second is not first and second_gpu is not first_gpu
     assert second.at(5 * MB).memory >= 900 * MB * (1 + MARGIN)
 
 
@@ -377,7 +380,7 @@ def test_a_low_estimate_is_stopped_retried_with_more_and_learned(tmp_path: Path)
     assert [r["failure"] for r in rows].count("memory") == first.attempts - 1
 
 
-def test_a_stopped_estimate_runs_again_at_the_highest_peak_its_key_reached(tmp_path: Path) -> None:
+def test_a_stopped_estimate_runs_again_near_the_highest_peak_its_key_reached(tmp_path: Path) -> None:
     """A key whose runs took about 30M, once 300M: a job of it that needs 150M is estimated for
     the many, stopped, and runs again with about 300M at once (not 1.25 times more, five times)."""
     path = history_file(tmp_path)
