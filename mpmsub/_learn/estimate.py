@@ -96,12 +96,12 @@ class Model:
         else:
             i = bisect.bisect_left(self.sizes, size)
             near = window[max(0, i - self.half) : i + self.half] or window
-            base, method = self.rise * _reached(near, size), "neighbours"
+            usual = window[max(0, i - self.usual) : i + self.usual] or window
+            base, method = self.rise * _reached(near, size, _trend(near, usual, window)), "neighbours"
             if self.line is not None:
                 slope, intercept, above = self.line
                 base, method = above * max(1.0, intercept + slope * size), "fit"
-            usual = window[max(0, i - self.usual) : i + self.usual] or window
-            reach = self.cover * _reached(usual, size, down=True)
+            reach = self.cover * _reached(usual, size, _trend(usual, window), down=True)
         memory = math.ceil(max(base, self.same.get(size, 0) * (1 + MARGIN))) + FLOOR
         after = min(highest, math.ceil(reach))
         return Estimate(memory, method, len(window), after if after > memory else 0)
@@ -188,11 +188,19 @@ def _fit(runs: Sequence[Run], neighbours: float) -> Optional[Tuple[float, float,
     return None
 
 
-def _reached(near: Sequence[Run], size: int, down: bool = False) -> float:
-    """The highest peak of `near` runs, each following their trend upwards to `size` where it is
-    larger than theirs (and, `down`, downwards where it is smaller)."""
-    slope, _ = _line(near)
-    return max(run.peak + slope * (size - run.size if down else max(0, size - run.size)) for run in near)
+def _trend(*groups: Sequence[Run]) -> float:
+    """The slope of the least-squares line of the first group of runs with two input sizes or
+    more (the nearest runs may all have one)."""
+    for runs in groups:
+        if runs[0].size != runs[-1].size:
+            return _line(runs)[0]
+    return 0.0
+
+
+def _reached(near: Sequence[Run], size: int, trend: float, down: bool = False) -> float:
+    """The highest peak of `near` runs, each following the `trend` (a slope) upwards to `size`
+    where it is larger than theirs (and, `down`, downwards where it is smaller)."""
+    return max(run.peak + trend * (size - run.size if down else max(0, size - run.size)) for run in near)
 
 
 def _tops(peaks: Sequence[int], half: int) -> List[int]:

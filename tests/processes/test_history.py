@@ -19,7 +19,7 @@ from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import mpmsub
@@ -131,6 +131,8 @@ def test_an_estimate_is_never_below_the_largest_peak_seen_for_the_same_input_siz
 
 
 @given(st.lists(st.integers(1, 2000), min_size=2, max_size=60), st.integers(0, 3000))
+@example([1, 1, 1, 1, 2, 2, 2], 3)  # (the closest neighbours all of one size: found by CI)
+@example([1] * 10 + [2] * 15, 3)  # (the usual ones too)
 def test_a_linear_tool_is_covered_and_from_30_runs_followed_exactly(sizes_mb: List[int], query_mb: int) -> None:
     """A tool whose peak is a line of its input: the estimate covers the line at this input (and
     so every run), and where FIT_RUNS (30) runs or more show the line, it is the line's value
