@@ -95,12 +95,13 @@ class Model:
                 base, method = highest * (1 + MARGIN), "highest"
         else:
             i = bisect.bisect_left(self.sizes, size)
-            near = window[max(0, i - self.half) : i + self.half] or window
             usual = window[max(0, i - self.usual) : i + self.usual] or window
-            base, method = self.rise * _reached(near, size, _trend(near, usual, window)), "neighbours"
             if self.line is not None:
                 slope, intercept, above = self.line
                 base, method = above * max(1.0, intercept + slope * size), "fit"
+            else:
+                near = window[max(0, i - self.half) : i + self.half] or window
+                base, method = self.rise * _reached(near, size, _trend(near, usual, window)), "neighbours"
             reach = self.cover * _reached(usual, size, _trend(usual, window), down=True)
         memory = math.ceil(max(base, self.same.get(size, 0) * (1 + MARGIN))) + FLOOR
         after = min(highest, math.ceil(reach))

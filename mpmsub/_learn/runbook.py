@@ -105,9 +105,9 @@ class RunBook:
                         continue
                     kept = runs.setdefault(key, [])
                     kept.append(estimate.Run(input_size, figure, result.runtime))
-                    self._changed(key)
                     if len(kept) > 4 * estimate.WINDOW:  # an estimate looks at the last WINDOW
                         del kept[: -2 * estimate.WINDOW]
+                self._changed(key)
 
     def close(self) -> None:
         """No more runs: the writer thread finishes writing (joined by `join`)."""
